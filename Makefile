@@ -1,0 +1,38 @@
+# indexer: `make run` (demo) and `make test` (lint + tests) set themselves up.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install run test lint format bench clean
+
+help:  ## List the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## Create .venv and install indexer (editable) with dev tools
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## Generate a demo collection, build it and query it
+	$(BIN)/indexer demo --out build/demo
+
+test: lint  ## Lint, then run the whole test suite
+	$(BIN)/pytest
+
+lint: $(STAMP)  ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy indexer
+
+format: $(STAMP)  ## Apply ruff's formatting and fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## Benchmarks (placeholder until the throughput issue)
+	@echo "make bench: no benchmarks yet; the throughput issue adds bench/throughput.py"
+
+clean:  ## Remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,125 @@
+"""The collection directory on disk: its paths, the manifest, and preparing a build directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from indexer.errors import CollectionError, InputError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SHARDS = "shards"
+ERRORS = "errors.parquet"
+INDEX = "index"
+
+
+@dataclass(frozen=True)
+class CollectionPaths:
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def shards(self) -> Path:
+        return self.root / SHARDS
+
+    @property
+    def errors(self) -> Path:
+        return self.root / ERRORS
+
+    @property
+    def index(self) -> Path:
+        return self.root / INDEX
+
+    def shard_paths(self, manifest: dict[str, Any]) -> list[Path]:
+        return [self.shards / s["name"] for s in manifest["shards"]]
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of the collection at root; CollectionError when it is missing or broken."""
+    paths = CollectionPaths(root)
+    if not root.is_dir():
+        raise CollectionError(
+            f"no collection at {root}: build one with `indexer build SOURCE --out {root}`"
+        )
+    if not paths.manifest.is_file():
+        raise CollectionError(
+            f"{root} is not a finished collection (no {MANIFEST}): "
+            f"run `indexer build SOURCE --out {root}` to (re)build it"
+        )
+    try:
+        manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
+        version = manifest["schema_version"]
+        for field in ("model", "shards", "counts", "metric", "embedding_dim"):
+            manifest[field]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CollectionError(
+            f"{paths.manifest} is corrupt ({type(exc).__name__}: {exc}): rebuild the collection "
+            "with `indexer build ... --overwrite`"
+        ) from exc
+    if version != SCHEMA_VERSION:
+        raise CollectionError(
+            f"{root} has collection schema version {version}, this indexer reads version "
+            f"{SCHEMA_VERSION}: use a matching indexer release or rebuild the collection"
+        )
+    missing = [p.name for p in paths.shard_paths(manifest) if not p.is_file()]
+    if missing:
+        raise CollectionError(
+            f"{root} is missing {len(missing)} shard file(s) named in its manifest "
+            f"(e.g. {missing[0]}): rebuild the collection with `indexer build ... --overwrite`"
+        )
+    return manifest
+
+
+def prepare_build_dir(root: Path, overwrite: bool) -> CollectionPaths:
+    """A place to build: new, empty, an unfinished build, or (with overwrite) a collection."""
+    paths = CollectionPaths(root)
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--out {root} is a file: choose a directory")
+    if root.is_dir() and any(root.iterdir()):
+        if paths.manifest.exists() and not overwrite:
+            raise InputError(
+                f"{root} already holds a collection: pass --overwrite to rebuild it, "
+                "or choose another --out"
+            )
+        ours = {MANIFEST, SHARDS, ERRORS, INDEX}
+        strangers = [p.name for p in root.iterdir() if not _is_ours(p.name, ours)]
+        if strangers:
+            raise InputError(
+                f"--out {root} is not empty and is not a collection (it holds {strangers[0]!r}): "
+                "choose an empty or new directory"
+            )
+        _clear(paths)
+    root.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def _is_ours(name: str, ours: set[str]) -> bool:
+    return name in ours or any(name.startswith(o + ".") for o in ours)
+
+
+def _clear(paths: CollectionPaths) -> None:
+    """Remove a previous build: the manifest first, so nothing looks complete meanwhile."""
+    paths.manifest.unlink(missing_ok=True)
+    for child in paths.root.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

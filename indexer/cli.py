@@ -1,0 +1,311 @@
+"""The click command group: flags -> config -> library; typed errors -> messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from indexer import __version__
+from indexer.config import (
+    DEFAULT_MODEL,
+    METRICS,
+    BuildConfig,
+    IndexConfig,
+    LoaderConfig,
+    ModelConfig,
+    SourceSpec,
+)
+from indexer.errors import CollectionError, IndexerError, InputError, ModelError
+
+if TYPE_CHECKING:
+    from indexer.pipeline import BuildReport
+    from indexer.search import Hit
+
+EXIT_CODES: tuple[tuple[type[IndexerError], int], ...] = (
+    (InputError, 2),
+    (CollectionError, 3),
+    (ModelError, 4),
+    (IndexerError, 1),
+)
+
+
+def exit_code(exc: IndexerError) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(exc, cls))
+
+
+def run_library(fn: Callable[[], Any]) -> Any:
+    """Call into the library; a typed error becomes one line on stderr and its exit code."""
+    try:
+        return fn()
+    except IndexerError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(exit_code(exc))
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="indexer")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+def main(verbose: bool) -> None:
+    """Turn image folders and Hugging Face datasets into searchable embedding indexes."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@main.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Collection directory.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model name.")
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=True,
+    show_default=True,
+    help="Use timm's pretrained weights (fetched from the hub), or random ones.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Local weights (.safetensors, .pth, .bin); overrides --pretrained.",
+)
+@click.option("--seed", default=0, show_default=True, help="Seed for --no-pretrained weights.")
+@click.option(
+    "--normalize/--no-normalize",
+    default=True,
+    show_default=True,
+    help="L2-normalise embeddings (cosine similarity with --metric ip).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default="ip",
+    show_default=True,
+    help="Index metric: inner product or L2 distance.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0),
+    help="DataLoader worker processes decoding images.",
+)
+@click.option(
+    "--shard-size",
+    default=50_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Rows per Parquet shard.",
+)
+@click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
+@click.option("--image-column", help="Image column for hf: sources (default: the only one).")
+@click.option("--overwrite", is_flag=True, help="Rebuild an existing collection at --out.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
+def build(
+    sources: tuple[str, ...],
+    out: Path,
+    model: str,
+    pretrained: bool,
+    checkpoint: Path | None,
+    seed: int,
+    normalize: bool,
+    metric: str,
+    device: str,
+    batch_size: int,
+    workers: int,
+    shard_size: int,
+    split: str | None,
+    image_column: str | None,
+    overwrite: bool,
+    progress: bool | None,
+) -> None:
+    """Embed SOURCES (folders, or hf:DATASET) into a collection at --out and index it.
+
+    \b
+    Example:
+      indexer build ~/photos --out ~/photos.idx
+      indexer build hf:./my_dataset --split test --out ds.idx
+    """
+    cfg = BuildConfig(
+        sources=tuple(SourceSpec(s, split, image_column) for s in sources),
+        out=out,
+        model=ModelConfig(model, pretrained, checkpoint, seed, normalize, device),
+        loader=LoaderConfig(batch_size, workers, progress),
+        index=IndexConfig(metric=metric),
+        shard_size=shard_size,
+        overwrite=overwrite,
+    )
+    from indexer.pipeline import build as run_build
+
+    report = run_library(lambda: run_build(cfg))
+    click.echo(summarize(report))
+
+
+def summarize(report: BuildReport) -> str:
+    rate = report.items / report.seconds if report.seconds else 0.0
+    text = (
+        f"Built {report.root}: {report.embedded} embedded, {report.failed} failed, "
+        f"{report.shards} shard(s), {report.seconds:.1f}s ({rate:.1f} images/s)."
+    )
+    if report.failed:
+        text += f" Failures are listed in {report.root / 'errors.parquet'}."
+    recall = report.index.get("recall_at_k")
+    if recall is not None:
+        text += f" Index: {report.index['type']}, recall@{report.index['recall_k']} {recall:.3f}."
+    return text
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--index",
+    "root",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Collection directory made by `indexer build`.",
+)
+@click.option(
+    "-k", default=10, show_default=True, type=click.IntRange(1), help="Results per image."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def query(images: tuple[Path, ...], root: Path, k: int, as_json: bool, device: str) -> None:
+    """Find the K nearest items of the collection to each IMAGE.
+
+    The images are embedded with the recipe recorded in the collection's manifest.
+    """
+    from indexer.search import Searcher
+
+    def run() -> list[list[Hit]]:
+        searcher = Searcher(root, device)
+        return searcher.search(searcher.embed_files(list(images)), k)
+
+    results = run_library(run)
+    if as_json:
+        doc = [
+            {"query": str(img), "results": [h.to_dict() for h in hits]}
+            for img, hits in zip(images, results, strict=True)
+        ]
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    for img, hits in zip(images, results, strict=True):
+        click.echo(format_hits(str(img), hits))
+
+
+def format_hits(query_name: str, hits: list[Hit]) -> str:
+    lines = [f"query: {query_name}", f"{'rank':>4}  {'score':>7}  key"]
+    lines += [f"{h.rank:>4}  {h.score:>7.4f}  {h.key}" for h in hits]
+    return "\n".join(lines) + "\n"
+
+
+@main.command()
+@click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and index metadata.")
+def info(root: Path, as_json: bool) -> None:
+    """Describe the collection at DIR: model, weights, counts, shards and index."""
+    from indexer.catalog import read_manifest
+    from indexer.index import read_index_meta
+
+    manifest = run_library(lambda: read_manifest(root))
+    index_meta = read_index_meta(root)
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest, "index": index_meta}, indent=2))
+        return
+    click.echo(describe(root, manifest, index_meta))
+
+
+def describe(root: Path, manifest: dict[str, Any], index_meta: dict[str, Any] | None) -> str:
+    m, counts, dc = manifest["model"], manifest["counts"], manifest["model"]["data_config"]
+    weights = m["weights"]
+    ident = {
+        "pretrained": weights.get("tag"),
+        "checkpoint": weights.get("path"),
+        "random": f"seed {weights.get('seed')}",
+    }.get(weights["kind"])
+    lines = [
+        f"collection:  {root}",
+        f"created:     {manifest.get('created_at')} (indexer {manifest.get('indexer_version')})",
+        f"model:       {m['name']} (timm {m['timm_version']}, torch {m['torch_version']})",
+        f"weights:     {weights['kind']}: {ident}",
+        f"embedding:   {manifest['embedding_dim']}-d, "
+        f"{'L2-normalised' if manifest['normalized'] else 'raw'}, metric {manifest['metric']}",
+        f"preprocess:  {dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, "
+        f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}",
+        "sources:     " + ", ".join(_source_name(s) for s in manifest["sources"]),
+        f"items:       {counts['items']} "
+        f"({counts['embedded']} embedded, {counts['failed']} failed)",
+        f"shards:      {len(manifest['shards'])}",
+    ]
+    if index_meta is None:
+        lines.append(f"index:       missing: run `indexer index {root}`")
+    else:
+        recall = index_meta.get("recall_at_k")
+        lines.append(
+            f"index:       {index_meta['type']} ({index_meta['factory']}), "
+            f"{index_meta['ntotal']} vectors, built in {index_meta['build_seconds']}s, "
+            f"recall@{index_meta['recall_k']} "
+            f"{'n/a' if recall is None else f'{recall:.3f}'}"
+        )
+    return "\n".join(lines)
+
+
+def _source_name(source: dict[str, Any]) -> str:
+    if source["kind"] == "hf":
+        return f"hf:{source['name']} [{source['split']}] ({source['rows']} rows)"
+    return str(source["path"])
+
+
+@main.command(name="index")
+@click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
+def index_cmd(root: Path) -> None:
+    """Rebuild the FAISS index of DIR from its shards alone."""
+    from indexer.catalog import read_manifest
+    from indexer.index import build_index
+
+    def run() -> dict[str, Any]:
+        manifest = read_manifest(root)
+        return build_index(root, manifest, IndexConfig(metric=manifest["metric"]))
+
+    meta = run_library(run)
+    click.echo(
+        f"Indexed {root}: {meta['ntotal']} vectors, {meta['type']}, "
+        f"{meta['build_seconds']}s, recall@{meta['recall_k']} {meta['recall_at_k']}."
+    )
+
+
+@main.command()
+@click.option(
+    "--out",
+    default="build/demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the demo images and collection go.",
+)
+@click.option(
+    "--images",
+    "count",
+    default=300,
+    show_default=True,
+    type=click.IntRange(8),
+    help="How many scenes to generate.",
+)
+def demo(out: Path, count: int) -> None:
+    """Generate a small image collection, build it, and query it with near-duplicates."""
+    from indexer.demo import run_demo
+
+    result = run_library(lambda: run_demo(out, count))
+    if result.fallback:
+        click.echo(f"Pretrained weights unavailable ({result.fallback}); using --no-pretrained.")
+    click.echo(summarize(result.report))
+    for query_path, hits in zip(result.queries, result.hits, strict=True):
+        click.echo(format_hits(str(query_path), hits))

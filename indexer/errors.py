@@ -1,0 +1,27 @@
+"""Typed errors: IndexerError and the few subclasses the CLI maps to exit codes."""
+
+from __future__ import annotations
+
+
+class IndexerError(Exception):
+    """Base of every error the library raises on purpose; its message says what to do."""
+
+
+class InputError(IndexerError):
+    """A source, flag or file given by the user cannot be used as given."""
+
+
+class ModelError(IndexerError):
+    """The model or its weights cannot be created or loaded."""
+
+
+class WeightsUnavailableError(ModelError):
+    """Pretrained weights cannot be fetched (offline hub, unknown tag)."""
+
+
+class CollectionError(IndexerError):
+    """A collection directory is missing, incomplete or corrupt."""
+
+
+class RecipeMismatchError(CollectionError):
+    """The embedding recipe recorded in a collection cannot be reproduced here."""

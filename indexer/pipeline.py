@@ -1,0 +1,151 @@
+"""build = list -> plan -> load -> embed -> write -> index; nothing else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from indexer import __version__
+from indexer.catalog import SCHEMA_VERSION, CollectionPaths, prepare_build_dir, write_json_atomic
+from indexer.config import BuildConfig
+from indexer.errors import InputError
+from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
+from indexer.index import build_index
+from indexer.loader import Batch, iter_batches
+from indexer.model import Embedder, load_embedder
+from indexer.shards import (
+    ShardInfo,
+    ShardWriter,
+    embedding_array,
+    merge_metadata_schemas,
+    shard_schema,
+    write_errors,
+)
+from indexer.sources import Item, Source, list_items, open_sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    root: Path
+    items: int
+    embedded: int
+    failed: int
+    shards: int
+    seconds: float
+    index: dict[str, Any]
+
+
+def build(cfg: BuildConfig) -> BuildReport:
+    """Embed every item of the sources into a new collection at cfg.out and index it."""
+    start = time.perf_counter()
+    sources = open_sources(cfg.sources)
+    embedder = load_embedder(cfg.model)  # fails here, before any work, if weights are missing
+    paths = prepare_build_dir(cfg.out, cfg.overwrite)
+    items = list_items(sources)
+    if not items:
+        raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
+    metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
+    schema = shard_schema(embedder.dim, metadata)
+    shards, errors = embed_items(items, sources, embedder, schema, paths, cfg)
+    write_errors(paths.errors, errors)
+    manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
+    write_json_atomic(paths.manifest, manifest)
+    index_meta = build_index(cfg.out, manifest, cfg.index)
+    embedded = sum(s.rows for s in shards)
+    seconds = time.perf_counter() - start
+    log.info("built %s: %d embedded, %d failed, %.1fs", cfg.out, embedded, len(errors), seconds)
+    return BuildReport(cfg.out, len(items), embedded, len(errors), len(shards), seconds, index_meta)
+
+
+def embed_items(
+    items: list[Item],
+    sources: list[Source],
+    embedder: Embedder,
+    schema: pa.Schema,
+    paths: CollectionPaths,
+    cfg: BuildConfig,
+) -> tuple[list[ShardInfo], list[dict[str, str]]]:
+    """Stream batches through the model into shards; failed items become error rows."""
+    errors: list[dict[str, str]] = []
+    batches = iter_batches(items, sources, embedder.data_config, cfg.loader)
+    bar = tqdm(total=len(items), unit="img", disable=_no_bar(cfg.loader.progress))
+    with ShardWriter(paths.shards, schema, cfg.shard_size) as writer, bar:
+        for batch in batches:
+            if batch.pixels is not None:
+                vectors = embedder.embed(batch.pixels)
+                writer.write(batch_table(batch, vectors, items, sources, schema))
+            for position, stage, reason in batch.errors:
+                item = items[position]
+                errors.append(
+                    {
+                        "key": item.key,
+                        "source": sources[item.source].label,
+                        "stage": stage,
+                        "error": reason,
+                    }
+                )
+            bar.update(len(batch.positions) + len(batch.errors))
+        return writer.close(), errors
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: None = only on a terminal
+
+
+def batch_table(
+    batch: Batch, vectors: np.ndarray, items: list[Item], sources: list[Source], schema: pa.Schema
+) -> pa.Table:
+    """One row per good item of the batch; the id is the item's position in the listing."""
+    rows = [items[p] for p in batch.positions]
+    columns: dict[str, Any] = {
+        "id": pa.array(batch.positions, pa.int64()),
+        "key": [item.key for item in rows],
+        "source": [sources[item.source].label for item in rows],
+        "embedding": embedding_array(vectors),
+        "width": pa.array(batch.widths, pa.int32()),
+        "height": pa.array(batch.heights, pa.int32()),
+        "content_hash": batch.hashes,
+    }
+    for name in schema.names[len(columns) :]:
+        columns[name] = pa.array([m.get(name) for m in batch.metadata], schema.field(name).type)
+    return pa.table(columns)
+
+
+def make_manifest(
+    cfg: BuildConfig,
+    embedder: Embedder,
+    sources: list[Source],
+    shards: list[ShardInfo],
+    items: int,
+    failed: int,
+) -> dict[str, Any]:
+    """How every vector was made, from what, and where it is."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "indexer_version": __version__,
+        "model": embedder.recipe,
+        "decode": {
+            "mode": "exact",
+            "max_pixels": DEFAULT_MAX_PIXELS,
+            "alpha_background": list(BACKGROUND),
+            "exif_orientation": True,
+        },
+        "embedding_dim": embedder.dim,
+        "normalized": embedder.normalize,
+        "metric": cfg.index.metric,
+        "sources": [s.describe() for s in sources],
+        "counts": {"items": items, "embedded": sum(s.rows for s in shards), "failed": failed},
+        "shards": [{"name": s.name, "rows": s.rows} for s in shards],
+        "errors": "errors.parquet",
+    }

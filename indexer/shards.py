@@ -1,0 +1,162 @@
+"""Parquet shard schema, an atomic rotating shard writer, and readers for shards and errors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SHARD_PATTERN = "part-{:05d}.parquet"
+TMP_SUFFIX = ".tmp"
+ROW_GROUP_ROWS = 8192
+ERROR_SCHEMA = pa.schema(
+    [("key", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("error", pa.string())]
+)
+
+
+def shard_schema(dim: int, metadata: pa.Schema) -> pa.Schema:
+    """The shard columns: the contract's fixed ones, then the sources' metadata columns."""
+    fixed = [
+        pa.field("id", pa.int64(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("content_hash", pa.string()),
+    ]
+    return pa.schema(fixed + list(metadata))
+
+
+def merge_metadata_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for all sources' metadata; a column with two types is an error."""
+    return pa.unify_schemas(schemas) if schemas else pa.schema([])
+
+
+def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    rows: int
+
+
+class ShardWriter:
+    """Appends tables to part-NNNNN.parquet files of at most ``shard_size`` rows.
+
+    Each file is written under a .tmp name and renamed only once complete, so a reader (or a
+    crash) never sees a half-written shard.
+    """
+
+    def __init__(self, directory: Path, schema: pa.Schema, shard_size: int) -> None:
+        self.directory = directory
+        self.schema = schema
+        self.shard_size = shard_size
+        self.done: list[ShardInfo] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        table = table.select(self.schema.names).cast(self.schema)
+        while table.num_rows:
+            room = self.shard_size - self._rows - self._pending_rows
+            head, table = table.slice(0, room), table.slice(room)
+            self._pending.append(head)
+            self._pending_rows += head.num_rows
+            if self._pending_rows >= ROW_GROUP_ROWS:
+                self._flush()
+            if self._rows + self._pending_rows >= self.shard_size:
+                self._finish_shard()
+
+    def close(self) -> list[ShardInfo]:
+        self._finish_shard()
+        return self.done
+
+    def abort(self) -> None:
+        """Drop the shard in progress (its .tmp file); finished shards stay."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._tmp_path().unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _path(self) -> Path:
+        return self.directory / SHARD_PATTERN.format(len(self.done))
+
+    def _tmp_path(self) -> Path:
+        return self._path().with_name(self._path().name + TMP_SUFFIX)
+
+    def _flush(self) -> None:
+        if not self._pending_rows:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._tmp_path(), self.schema, compression="zstd")
+        self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
+        self._rows += self._pending_rows
+        self._pending, self._pending_rows = [], 0
+
+    def _finish_shard(self) -> None:
+        self._flush()
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        os.replace(self._tmp_path(), self._path())
+        self.done.append(ShardInfo(self._path().name, self._rows))
+        self._rows = 0
+
+
+def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64 [n], embeddings float32 [n, dim]) of one shard."""
+    table = pq.read_table(path, columns=["id", "embedding"])
+    ids = table.column("id").to_numpy()
+    emb = table.column("embedding").combine_chunks()
+    dim = emb.type.list_size
+    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return ids, np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def iter_embeddings(paths: list[Path]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for path in paths:
+        yield read_embeddings(path)
+
+
+def read_rows(paths: list[Path], ids: set[int]) -> dict[int, dict[str, Any]]:
+    """The non-embedding columns of the rows with these ids, read shard by shard."""
+    found: dict[int, dict[str, Any]] = {}
+    for path in paths:
+        id_col = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+        hits = np.flatnonzero(np.isin(id_col, np.fromiter(ids, dtype=np.int64)))
+        if not hits.size:
+            continue
+        names = [n for n in pq.read_schema(path).names if n != "embedding"]
+        table = pq.read_table(path, columns=names).take(pa.array(hits))
+        for row in table.to_pylist():
+            found[int(row["id"])] = row
+    return found
+
+
+def write_errors(path: Path, rows: list[dict[str, str]]) -> None:
+    """The errors table, written whole under a temporary name and renamed."""
+    table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,44 @@
+"""Pick a source implementation from a SOURCE argument (a folder, or ``hf:`` for datasets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from indexer.config import SourceSpec
+from indexer.sources.base import Item, Source
+
+HF_PREFIX = "hf:"
+
+__all__ = ["HF_PREFIX", "Item", "Source", "list_items", "open_source", "open_sources"]
+
+
+def open_source(spec: SourceSpec, label: str | None = None) -> Source:
+    """Open one source; heavy libraries are imported only for the kind that needs them."""
+    if spec.location.startswith(HF_PREFIX):
+        from indexer.sources.hf import HFSource
+
+        return HFSource(spec.location[len(HF_PREFIX) :], spec.split, spec.image_column, label)
+    from indexer.sources.folder import FolderSource
+
+    return FolderSource(Path(spec.location).expanduser(), label)
+
+
+def open_sources(specs: tuple[SourceSpec, ...]) -> list[Source]:
+    """Open every source, giving each a unique label (keys are prefixed by it when several)."""
+    sources = [open_source(spec) for spec in specs]
+    counts: dict[str, int] = {}
+    for src in sources:
+        counts[src.label] = counts.get(src.label, 0) + 1
+        if counts[src.label] > 1:
+            src.label = f"{src.label}-{counts[src.label]}"
+    return sources
+
+
+def list_items(sources: list[Source]) -> list[Item]:
+    """Every item of every source in order; keys carry the source label when there are several."""
+    prefixed = len(sources) > 1
+    items: list[Item] = []
+    for i, src in enumerate(sources):
+        for key, locator in src.keys_and_locators():
+            items.append(Item(f"{src.label}/{key}" if prefixed else key, i, locator))
+    return items

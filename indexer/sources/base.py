@@ -1,0 +1,39 @@
+"""What every source provides: a deterministic item listing and a way to read one item."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+
+@dataclass(frozen=True)
+class Item:
+    """One thing to embed: its key in the collection, its source and where to find it."""
+
+    key: str
+    source: int  # position of its source in the build's source list
+    locator: Any  # a path for folders, a row number for datasets
+
+
+class Source(Protocol):
+    """A collection of images; picklable so DataLoader workers can read from it."""
+
+    label: str
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description for the manifest."""
+        ...
+
+    def keys_and_locators(self) -> list[tuple[str, Any]]:
+        """Every item as (key, locator), in a deterministic order."""
+        ...
+
+    def metadata_schema(self) -> pa.Schema:
+        """The extra columns this source contributes to the shards."""
+        ...
+
+    def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
+        """The item's encoded image bytes and its metadata column values."""
+        ...

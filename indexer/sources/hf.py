@@ -1,0 +1,159 @@
+"""A Hugging Face ``datasets`` dataset: a save_to_disk folder, local data files, or a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from indexer.errors import InputError
+from indexer.hub import hub_unreachable_reason
+
+RESERVED_COLUMNS = frozenset(
+    {"id", "key", "source", "embedding", "width", "height", "content_hash"}
+)
+
+
+class HFSource:
+    """One split of a dataset; images are read as stored bytes (``decode=False``), decoded by us."""
+
+    def __init__(
+        self,
+        name: str,
+        split: str | None = None,
+        image_column: str | None = None,
+        label: str | None = None,
+    ) -> None:
+        import datasets
+
+        self.name = name
+        dataset = _load(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            self.split = _pick_split(name, list(dataset.keys()), split)
+            dataset = dataset[self.split]
+        else:
+            if split is not None and split != str(dataset.split or split):
+                raise InputError(f"dataset {name} has only split '{dataset.split}'; drop --split")
+            self.split = str(dataset.split or split or "train")
+        self.image_column = _pick_image_column(name, dataset.features, image_column)
+        self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
+        self.columns = _metadata_columns(self.dataset, self.image_column)
+        self.label = label or Path(name.rstrip("/")).name or name
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "hf",
+            "name": self.name,
+            "split": self.split,
+            "image_column": self.image_column,
+            "rows": len(self.dataset),
+            "fingerprint": self.dataset._fingerprint,
+            "label": self.label,
+        }
+
+    def keys_and_locators(self) -> list[tuple[str, Any]]:
+        return [(f"{self.split}/{row}", row) for row in range(len(self.dataset))]
+
+    def metadata_schema(self) -> pa.Schema:
+        schema = self.dataset.data.schema
+        return pa.schema([_rename(schema.field(name)) for name in self.columns])
+
+    def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
+        row = self.dataset[int(locator)]
+        image = row[self.image_column] or {}
+        data = image.get("bytes")
+        if data is None and image.get("path"):
+            with open(image["path"], "rb") as f:
+                data = f.read()
+        meta = {_column_name(name): row[name] for name in self.columns}
+        return data or b"", meta
+
+
+def _load(name: str) -> Any:
+    import datasets
+
+    path = Path(name).expanduser()
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            return datasets.load_from_disk(str(path))
+        if path.is_dir():
+            return datasets.load_dataset(str(path))
+        if path.exists():
+            raise InputError(f"hf:{name} is a file; pass the dataset's folder or a hub name")
+        if name.startswith((".", "/", "~")):
+            raise InputError(f"dataset folder {name} does not exist: check the path")
+        reason = hub_unreachable_reason()
+        if reason:
+            raise InputError(
+                f"dataset {name} is not a local folder and the hub is unreachable ({reason}): "
+                "pass a save_to_disk folder or a folder of data files"
+            )
+        return datasets.load_dataset(name)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"cannot open dataset {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _pick_split(name: str, splits: list[str], wanted: str | None) -> str:
+    if wanted is not None:
+        if wanted not in splits:
+            raise InputError(f"dataset {name} has no split '{wanted}'; choose one of {splits}")
+        return wanted
+    if len(splits) == 1:
+        return splits[0]
+    if "train" in splits:
+        return "train"
+    raise InputError(f"dataset {name} has splits {splits}: choose one with --split")
+
+
+def _pick_image_column(name: str, features: Any, wanted: str | None) -> str:
+    import datasets
+
+    image_columns = [col for col, f in features.items() if isinstance(f, datasets.Image)]
+    if wanted is not None:
+        if wanted not in features:
+            raise InputError(
+                f"dataset {name} has no column '{wanted}'; its columns are {list(features)}"
+            )
+        if wanted not in image_columns:
+            raise InputError(f"column '{wanted}' of dataset {name} is not an Image column")
+        return wanted
+    if len(image_columns) == 1:
+        return image_columns[0]
+    if not image_columns:
+        raise InputError(
+            f"dataset {name} has no Image column (columns: {list(features)}); "
+            "name the column holding images with --image-column"
+        )
+    raise InputError(
+        f"dataset {name} has several Image columns {image_columns}: choose one with --image-column"
+    )
+
+
+def _metadata_columns(dataset: Any, image_column: str) -> list[str]:
+    """Scalar columns (numbers, strings, bools, class labels) are kept as shard columns."""
+    schema = dataset.data.schema
+    keep = []
+    for field in schema:
+        if field.name == image_column:
+            continue
+        t = field.type
+        if (
+            pa.types.is_integer(t)
+            or pa.types.is_floating(t)
+            or pa.types.is_boolean(t)
+            or pa.types.is_string(t)
+            or pa.types.is_large_string(t)
+        ):
+            keep.append(field.name)
+    return keep
+
+
+def _column_name(name: str) -> str:
+    return f"source_{name}" if name in RESERVED_COLUMNS else name
+
+
+def _rename(field: pa.Field) -> pa.Field:
+    return pa.field(_column_name(field.name), field.type, nullable=True)
