@@ -1,0 +1,34 @@
+"""Shared fixtures: small generated images and a collection built once from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from indexer.synthetic import write_corpus
+from tests.helpers import BUILD_FLAGS, run_cli
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test touches the network; datasets' cache stays inside the test's temp space."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 scenes in four subfolders (JPEG and PNG) and 4 near-duplicates."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root, 24, duplicates=4, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def collection(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus built once with seeded random weights."""
+    out = tmp_path_factory.mktemp("coll") / "c"
+    result = run_cli("build", corpus, "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    return out

@@ -1,0 +1,186 @@
+"""Unit tests of the pieces: folder walk, model weights, shard writer, exact search, hub probe."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from indexer.config import ModelConfig, SourceSpec
+from indexer.errors import InputError, WeightsUnavailableError
+from indexer.hub import hub_unreachable_reason
+from indexer.index import exact_search, sample_vectors
+from indexer.model import (
+    classifier_prefix,
+    create_model,
+    create_pretrained,
+    read_state_dict,
+    resolve_device,
+    state_sha256,
+)
+from indexer.shards import ShardWriter, embedding_array, shard_schema
+from indexer.sources import list_items, open_sources
+from indexer.sources.folder import walk_images
+from tests.helpers import seeded_model
+
+
+def test_folder_walk_is_sorted_recursive_and_skips_hidden(tmp_path: Path) -> None:
+    for rel in [
+        "b/2.PNG",
+        "b/10.jpg",
+        "a.JpEg",
+        "c/d/e.webp",
+        ".hid/x.jpg",
+        "b/.x.jpg",
+        "notes.txt",
+        "z.tiff",
+        "y.gif",
+        "x.bmp",
+        "w.tif",
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    assert walk_images(tmp_path) == [
+        "a.JpEg",
+        "b/10.jpg",
+        "b/2.PNG",
+        "c/d/e.webp",
+        "w.tif",
+        "x.bmp",
+        "y.gif",
+        "z.tiff",
+    ]
+
+
+def test_several_sources_get_unique_labels_and_prefixed_keys(tmp_path: Path) -> None:
+    for parent in ("one", "two"):
+        (tmp_path / parent / "pics").mkdir(parents=True)
+        (tmp_path / parent / "pics" / "a.jpg").write_bytes(b"x")
+    specs = (SourceSpec(str(tmp_path / "one" / "pics")), SourceSpec(str(tmp_path / "two" / "pics")))
+    sources = open_sources(specs)
+    assert [s.label for s in sources] == ["pics", "pics-2"]
+    assert [i.key for i in list_items(sources)] == ["pics/a.jpg", "pics-2/a.jpg"]
+    assert [i.key for i in list_items(sources[:1])] == ["a.jpg"]
+
+
+def test_classifier_prefix_and_fingerprint_ignore_the_head() -> None:
+    a, b = seeded_model(0), seeded_model(0)
+    assert classifier_prefix(a) == "head.fc"
+    assert state_sha256(a) == state_sha256(b)
+    with torch.no_grad():
+        b.head.fc.weight.add_(1.0)
+    assert state_sha256(a) == state_sha256(b)
+    with torch.no_grad():
+        b.stem[0].weight.add_(1.0)
+    assert state_sha256(a) != state_sha256(b)
+
+
+def test_read_state_dict_unwraps_and_strips_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pth"
+    torch.save({"model": {"module.w": torch.ones(2)}, "epoch": 3}, path)
+    assert list(read_state_dict(path)) == ["w"]
+    with pytest.raises(InputError, match="does not exist"):
+        read_state_dict(tmp_path / "missing.pth")
+
+
+def test_random_weights_are_reproducible() -> None:
+    m1, w1 = create_model(ModelConfig(pretrained=False, seed=3))
+    m2, _ = create_model(ModelConfig(pretrained=False, seed=3))
+    assert w1 == {"kind": "random", "seed": 3}
+    assert state_sha256(m1) == state_sha256(m2)
+
+
+def test_pretrained_offline_fails_fast_with_advice() -> None:
+    with pytest.raises(WeightsUnavailableError, match=r"--checkpoint FILE.*--no-pretrained"):
+        create_pretrained("test_convnext.r160_in1k")
+
+
+def test_hub_probe_reports_a_closed_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert hub_unreachable_reason(f"http://127.0.0.1:{port}") is not None
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert hub_unreachable_reason(f"http://127.0.0.1:{server.getsockname()[1]}") is None
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(InputError, match="unknown device"):
+        resolve_device("tpu9")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def _table(ids: range, dim: int) -> pa.Table:
+    rng = np.random.default_rng(ids.start)
+    return pa.table(
+        {
+            "id": pa.array(list(ids), pa.int64()),
+            "key": [f"k{i}" for i in ids],
+            "source": ["s"] * len(ids),
+            "embedding": embedding_array(rng.normal(size=(len(ids), dim)).astype(np.float32)),
+            "width": pa.array([1] * len(ids), pa.int32()),
+            "height": pa.array([1] * len(ids), pa.int32()),
+            "content_hash": ["h"] * len(ids),
+        }
+    )
+
+
+def test_shard_writer_rotates_and_renames(tmp_path: Path) -> None:
+    schema = shard_schema(4, pa.schema([]))
+    with ShardWriter(tmp_path, schema, shard_size=10) as writer:
+        writer.write(_table(range(0, 7), 4))
+        writer.write(_table(range(7, 23), 4))
+        # two full shards are final; the last 3 rows are still buffered, not visible
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "part-00000.parquet",
+            "part-00001.parquet",
+        ]
+        done = writer.close()
+    assert [(s.name, s.rows) for s in done] == [
+        ("part-00000.parquet", 10),
+        ("part-00001.parquet", 10),
+        ("part-00002.parquet", 3),
+    ]
+    ids = pq.read_table(tmp_path).column("id").to_pylist()
+    assert sorted(ids) == list(range(23))
+
+
+def test_aborted_writer_leaves_no_temporary_file(tmp_path: Path) -> None:
+    schema = shard_schema(4, pa.schema([]))
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, schema, shard_size=10**6) as writer:
+        writer.write(_table(range(0, 9000), 4))  # one row group flushed to the .tmp file
+        assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet.tmp"]
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exact_search_matches_brute_force(tmp_path: Path) -> None:
+    schema = shard_schema(8, pa.schema([]))
+    with ShardWriter(tmp_path, schema, shard_size=40) as writer:
+        writer.write(_table(range(0, 100), 8))
+        shards = [tmp_path / s.name for s in writer.close()]
+    vectors = (
+        pq.read_table(tmp_path).sort_by("id").column("embedding").to_numpy(zero_copy_only=False)
+    )
+    allv = np.stack(vectors).astype(np.float32)
+    queries = sample_vectors(shards, [40, 40, 20], 15, seed=1)
+    assert queries.shape == (15, 8)
+    for metric in ("ip", "l2"):
+        found = exact_search(shards, queries, 5, metric)
+        if metric == "ip":
+            scores = queries @ allv.T
+        else:
+            scores = -((queries[:, None, :] - allv[None]) ** 2).sum(-1)
+        expected = np.argsort(-scores, axis=1, kind="stable")[:, :5]
+        np.testing.assert_array_equal(found, expected)
