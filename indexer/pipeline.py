@@ -50,10 +50,10 @@ def build(cfg: BuildConfig) -> BuildReport:
     start = time.perf_counter()
     sources = open_sources(cfg.sources)
     embedder = load_embedder(cfg.model)  # fails here, before any work, if weights are missing
-    paths = prepare_build_dir(cfg.out, cfg.overwrite)
     items = list_items(sources)
     if not items:
         raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
+    paths = prepare_build_dir(cfg.out, cfg.overwrite)  # only now is an old collection removed
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     schema = shard_schema(embedder.dim, metadata)
     shards, errors = embed_items(items, sources, embedder, schema, paths, cfg)

@@ -173,3 +173,21 @@ def test_pretrained_unavailable_fails_before_work(corpus: Path, tmp_path: Path) 
     assert "--checkpoint" in result.output and "--no-pretrained" in result.output
     assert result.output.count("\n") == 1
     assert not out.exists()
+
+
+def test_failed_overwrite_keeps_the_old_collection(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(collection, copy)
+    empty = tmp_path / "empty-source"
+    empty.mkdir()
+    for args, message in (
+        ([corpus, "--model", "nope_net", "--no-pretrained"], "unknown timm model"),
+        ([empty, "--no-pretrained"], "hold no images"),
+        ([corpus, "--pretrained"], "cannot be fetched"),
+    ):
+        result = run_cli("build", *args, "--out", copy, "--overwrite", "--workers", "0")
+        assert result.exit_code in (2, 4) and message in result.output, result.output
+    query = run_cli("query", corpus_images(corpus)[0], "--index", copy, "-k", "1")
+    assert query.exit_code == 0, query.output

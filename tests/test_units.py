@@ -184,3 +184,19 @@ def test_exact_search_matches_brute_force(tmp_path: Path) -> None:
             scores = -((queries[:, None, :] - allv[None]) ** 2).sum(-1)
         expected = np.argsort(-scores, axis=1, kind="stable")[:, :5]
         np.testing.assert_array_equal(found, expected)
+
+
+def test_non_utf8_file_name_gets_a_printable_key(tmp_path: Path) -> None:
+    import os
+
+    from indexer.sources.folder import FolderSource
+
+    os.mkdir(tmp_path / "src")
+    name = b"caf\xe9.jpg"  # Latin-1 bytes, invalid UTF-8
+    with open(os.path.join(os.fsencode(tmp_path / "src"), name), "wb") as f:
+        f.write(b"data")
+    source = FolderSource(tmp_path / "src")
+    [(key, locator)] = source.keys_and_locators()
+    assert key == "caf\\xe9.jpg"
+    key.encode("utf-8")
+    assert source.read(locator)[0] == b"data"

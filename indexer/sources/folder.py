@@ -34,7 +34,7 @@ class FolderSource:
         return {"kind": "folder", "path": str(self.root), "label": self.label}
 
     def keys_and_locators(self) -> list[tuple[str, Any]]:
-        return [(rel, rel) for rel in walk_images(self.root)]
+        return [(printable_key(rel), rel) for rel in walk_images(self.root)]
 
     def metadata_schema(self) -> pa.Schema:
         return pa.schema([])
@@ -42,6 +42,11 @@ class FolderSource:
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
         with open(self.root / locator, "rb") as f:
             return f.read(), {}
+
+
+def printable_key(rel: str) -> str:
+    """A UTF-8 key even for a non-UTF-8 file name (its odd bytes written as \\xNN escapes)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def walk_images(root: Path) -> list[str]:
