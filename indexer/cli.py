@@ -15,6 +15,7 @@ from indexer import __version__
 from indexer.config import (
     DEFAULT_MODEL,
     METRICS,
+    PRECISIONS,
     BuildConfig,
     IndexConfig,
     LoaderConfig,
@@ -92,6 +93,18 @@ def main(verbose: bool) -> None:
     help="Index metric: inner product or L2 distance.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=None,
+    help="Model arithmetic; default auto: bf16 on CUDA and CPUs with native bf16 "
+    "(fp32 with --exact-preprocessing).",
+)
+@click.option(
+    "--exact-preprocessing",
+    is_flag=True,
+    help="Reproduce timm's transform pixel for pixel (no JPEG draft), in fp32.",
+)
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option(
     "--workers",
@@ -121,6 +134,8 @@ def build(
     normalize: bool,
     metric: str,
     device: str,
+    precision: str | None,
+    exact_preprocessing: bool,
     batch_size: int,
     workers: int,
     shard_size: int,
@@ -139,8 +154,21 @@ def build(
     cfg = BuildConfig(
         sources=tuple(SourceSpec(s, split, image_column) for s in sources),
         out=out,
-        model=ModelConfig(model, pretrained, checkpoint, seed, normalize, device),
-        loader=LoaderConfig(batch_size, workers, progress),
+        model=ModelConfig(
+            name=model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            seed=seed,
+            normalize=normalize,
+            device=device,
+            precision=precision or ("fp32" if exact_preprocessing else "auto"),
+        ),
+        loader=LoaderConfig(
+            batch_size=batch_size,
+            workers=workers,
+            preprocessing="exact" if exact_preprocessing else "fast",
+            progress=progress,
+        ),
         index=IndexConfig(metric=metric),
         shard_size=shard_size,
         overwrite=overwrite,

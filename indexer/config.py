@@ -7,6 +7,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "test_convnext.r160_in1k"
 METRICS = ("ip", "l2")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class ModelConfig:
     seed: int = 0
     normalize: bool = True
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class LoaderConfig:
 
     batch_size: int = 64
     workers: int = 2
+    preprocessing: str = "fast"  # fast (JPEG draft, reduce) or exact (timm's transform)
     progress: bool | None = None  # None: show a bar only on a terminal
 
 

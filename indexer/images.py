@@ -1,4 +1,4 @@
-"""Decode one image to RGB and preprocess it to uint8 pixels; the same rules for build and query."""
+"""Decode one image to oriented RGB (EXIF, modes, size limit, JPEG draft); build and query alike."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import io
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -14,6 +13,7 @@ from PIL import Image, ImageOps
 # Pillow's own default limit: past it Pillow only warns (and errors at twice the value).
 DEFAULT_MAX_PIXELS = 89_478_485
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, as most viewers show it
+EXIF_ORIENTATION = 0x0112
 
 
 class DecodeError(Exception):
@@ -21,53 +21,43 @@ class DecodeError(Exception):
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """The model's resolved preprocessing (timm's data config), as recorded in the manifest."""
+class Decoded:
+    """An oriented RGB image, possibly reduced by a JPEG draft, and its full oriented size."""
 
-    input_size: tuple[int, int, int]
-    interpolation: str
-    crop_pct: float
-    crop_mode: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        return cls(
-            input_size=(int(d["input_size"][0]), int(d["input_size"][1]), int(d["input_size"][2])),
-            interpolation=str(d["interpolation"]),
-            crop_pct=float(d["crop_pct"]),
-            crop_mode=str(d.get("crop_mode") or "center"),
-            mean=(float(d["mean"][0]), float(d["mean"][1]), float(d["mean"][2])),
-            std=(float(d["std"][0]), float(d["std"][1]), float(d["std"][2])),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "input_size": list(self.input_size),
-            "interpolation": self.interpolation,
-            "crop_pct": self.crop_pct,
-            "crop_mode": self.crop_mode,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
+    image: Image.Image
+    width: int
+    height: int
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes to an oriented RGB image, or raise DecodeError with the reason."""
+DraftSize = Callable[[int, int], tuple[int, int]]
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: DraftSize | None = None
+) -> Decoded:
+    """Decode bytes to an oriented RGB image, or raise DecodeError with the reason.
+
+    ``draft`` maps the stored size to the smallest size the caller needs; a JPEG is then
+    decoded at a reduced scale (1/2, 1/4 or 1/8, in the DCT domain) no smaller than that.
+    """
     if not data:
         raise DecodeError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            if img.width * img.height > max_pixels:
+            width, height = img.size
+            if width * height > max_pixels:
                 raise DecodeError(
-                    f"image is {img.width}x{img.height}, over the limit of {max_pixels} pixels"
+                    f"image is {width}x{height}, over the limit of {max_pixels} pixels"
                 )
+            if draft is not None and img.format == "JPEG":
+                img.draft(img.mode, draft(width, height))
             img.seek(0)  # animated images: the first frame
             img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
+            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            return Decoded(to_rgb(ImageOps.exif_transpose(img)), width, height)
     except DecodeError:
         raise
     except Image.DecompressionBombWarning as exc:
@@ -104,19 +94,3 @@ def _wide_grey_to_rgb(img: Image.Image) -> Image.Image:
         scaled = arr.astype(np.float64) / 257.0  # 0..65535 -> 0..255
     grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
-
-
-def make_preprocess(cfg: DataConfig) -> Callable[[Image.Image], Any]:
-    """timm's own eval transform for this data config, ending in uint8 CHW (normalised later)."""
-    from timm.data import create_transform
-
-    return create_transform(
-        input_size=cfg.input_size,
-        is_training=False,
-        use_prefetcher=True,
-        interpolation=cfg.interpolation,
-        crop_pct=cfg.crop_pct,
-        crop_mode=cfg.crop_mode,
-        mean=cfg.mean,
-        std=cfg.std,
-    )

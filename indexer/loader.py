@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from indexer.config import LoaderConfig
-from indexer.images import DataConfig, DecodeError, decode_image, make_preprocess
+from indexer.images import DecodeError
+from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
-
-
-@dataclass
-class Prepared:
-    """One image ready for the model: uint8 CHW pixels and the decoded (oriented) size."""
-
-    pixels: torch.Tensor
-    width: int
-    height: int
-
-
-def prepare(data: bytes, preprocess: Callable[[Any], torch.Tensor]) -> Prepared:
-    """Decode and preprocess one image; raises DecodeError. Build and query both use this."""
-    img = decode_image(data)
-    pixels = preprocess(img)
-    return Prepared(pixels, img.width, img.height)
 
 
 @dataclass
@@ -47,25 +33,22 @@ class Batch:
 class ItemDataset(Dataset):
     """Reads and prepares items by position; never substitutes one item for another."""
 
-    def __init__(self, items: list[Item], sources: list[Source], data_config: DataConfig) -> None:
+    def __init__(self, items: list[Item], sources: list[Source], preprocess: Preprocessor) -> None:
         self.items = items
         self.sources = sources
-        self.data_config = data_config
-        self._preprocess: Callable[[Any], torch.Tensor] | None = None
+        self.preprocess = preprocess
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        if self._preprocess is None:  # built lazily, once per worker process
-            self._preprocess = make_preprocess(self.data_config)
         item = self.items[position]
         try:
             data, meta = self.sources[item.source].read(item.locator)
         except Exception as exc:  # a read failure is this item's error row, not the run's end
             return {"position": position, "error": ("read", _reason(exc))}
         try:
-            prepared = prepare(data, self._preprocess)
+            prepared = self.preprocess(data)
         except DecodeError as exc:
             return {"position": position, "error": ("decode", str(exc))}
         except Exception as exc:
@@ -99,16 +82,16 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         batch.metadata.append(s["meta"])
         good.append(s["pixels"])
     if good:
-        batch.pixels = torch.stack(good)
+        batch.pixels = torch.from_numpy(np.stack(good))  # uint8 NHWC
     return batch
 
 
 def iter_batches(
-    items: list[Item], sources: list[Source], data_config: DataConfig, cfg: LoaderConfig
+    items: list[Item], sources: list[Source], preprocess: Preprocessor, cfg: LoaderConfig
 ) -> Iterator[Batch]:
     """Batches in item order (DataLoader keeps order across workers)."""
     loader = DataLoader(
-        ItemDataset(items, sources, data_config),
+        ItemDataset(items, sources, preprocess),
         batch_size=cfg.batch_size,
         shuffle=False,
         num_workers=cfg.workers,

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.config import ModelConfig
+from indexer.config import PRECISIONS, ModelConfig
 from indexer.errors import InputError, ModelError, WeightsUnavailableError
 from indexer.hub import hub_unreachable_reason
-from indexer.images import DataConfig
+from indexer.preprocess import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class Embedder:
     """A headless model on a device that turns uint8 image batches into float32 embeddings."""
 
     def __init__(self, model: Any, recipe: dict[str, Any], device: torch.device) -> None:
-        self.model = model.eval().to(device)
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.recipe = recipe
         self.device = device
         self.data_config = DataConfig.from_dict(recipe["data_config"])
@@ -40,12 +40,15 @@ class Embedder:
         return int(self.recipe["embedding_dim"])
 
     def embed(self, images: torch.Tensor) -> np.ndarray:
-        """uint8 [N,3,H,W] -> float32 [N,dim]: ToTensor+Normalize as timm does, then the forward."""
-        x = images.to(self.device, non_blocking=True).float()
+        """uint8 [N,H,W,3] -> float32 [N,dim]: ToTensor+Normalize as timm does, then the forward.
+
+        The NHWC batch is viewed as NCHW with channels-last strides, the layout the model runs.
+        """
+        x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         amp = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.device.type == "cuda"
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if self.recipe["precision"] == "bf16"
             else nullcontext()
         )
         with torch.inference_mode(), amp:
@@ -60,7 +63,7 @@ def load_embedder(cfg: ModelConfig) -> Embedder:
     """Create the model as configured and describe how its vectors are made (the recipe)."""
     device = resolve_device(cfg.device)
     model, weights = create_model(cfg)
-    recipe = make_recipe(cfg, model, weights)
+    recipe = make_recipe(cfg, model, weights, resolve_precision(cfg.precision, device))
     return Embedder(model, recipe, device)
 
 
@@ -98,6 +101,26 @@ def embedder_from_recipe(recipe: dict[str, Any], device: str = "auto") -> Embedd
             f"{recipe.get('torch_version')}): install those versions, or rebuild the collection"
         )
     return Embedder(model, recipe, resolve_device(device))
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else float32."""
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision '{name}': use one of {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str) -> torch.device:
@@ -258,7 +281,7 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
 
 
 def make_recipe(
-    cfg: ModelConfig, model: torch.nn.Module, weights: dict[str, Any]
+    cfg: ModelConfig, model: torch.nn.Module, weights: dict[str, Any], precision: str
 ) -> dict[str, Any]:
     """How every vector of a collection is made; query reproduces exactly this."""
     import timm
@@ -272,6 +295,7 @@ def make_recipe(
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
         "forward": FORWARD,
+        "precision": precision,
         "embedding_dim": _probe_dim(model, data_config),
         "normalize": cfg.normalize,
         "data_config": data_config.to_dict(),

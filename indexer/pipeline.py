@@ -21,6 +21,7 @@ from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
 from indexer.index import build_index
 from indexer.loader import Batch, iter_batches
 from indexer.model import Embedder, load_embedder
+from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, Preprocessor
 from indexer.shards import (
     ShardInfo,
     ShardWriter,
@@ -77,7 +78,8 @@ def embed_items(
 ) -> tuple[list[ShardInfo], list[dict[str, str]]]:
     """Stream batches through the model into shards; failed items become error rows."""
     errors: list[dict[str, str]] = []
-    batches = iter_batches(items, sources, embedder.data_config, cfg.loader)
+    preprocess = Preprocessor(embedder.data_config, cfg.loader.preprocessing)
+    batches = iter_batches(items, sources, preprocess, cfg.loader)
     bar = tqdm(total=len(items), unit="img", disable=_no_bar(cfg.loader.progress))
     with ShardWriter(paths.shards, schema, cfg.shard_size) as writer, bar:
         for batch in batches:
@@ -136,7 +138,9 @@ def make_manifest(
         "indexer_version": __version__,
         "model": embedder.recipe,
         "decode": {
-            "mode": "exact",
+            "mode": cfg.loader.preprocessing,
+            "jpeg_draft_factor": DRAFT_FACTOR if cfg.loader.preprocessing == "fast" else None,
+            "reducing_gap": REDUCING_GAP if cfg.loader.preprocessing == "fast" else None,
             "max_pixels": DEFAULT_MAX_PIXELS,
             "alpha_background": list(BACKGROUND),
             "exif_orientation": True,

@@ -11,10 +11,10 @@ import torch
 
 from indexer.catalog import CollectionPaths, read_manifest
 from indexer.errors import CollectionError, InputError
-from indexer.images import DecodeError, make_preprocess
+from indexer.images import DecodeError
 from indexer.index import load_index
-from indexer.loader import prepare
 from indexer.model import Embedder, embedder_from_recipe
+from indexer.preprocess import Preprocessor
 from indexer.shards import read_rows
 
 
@@ -55,15 +55,14 @@ class Searcher:
 
     def embed_files(self, files: list[Path]) -> np.ndarray:
         """Embed query images with the collection's recipe; an unreadable one is an InputError."""
-        preprocess = make_preprocess(self.embedder.data_config)
+        preprocess = Preprocessor(self.embedder.data_config, self.manifest["decode"]["mode"])
         pixels = []
         for path in files:
             try:
-                data = path.read_bytes()
-                pixels.append(prepare(data, preprocess).pixels)
+                pixels.append(preprocess(path.read_bytes()).pixels)
             except (OSError, DecodeError) as exc:
                 raise InputError(f"cannot read query image {path}: {exc}") from exc
-        return self.embedder.embed(torch.stack(pixels))
+        return self.embedder.embed(torch.from_numpy(np.stack(pixels)))
 
     def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each vector, best first, with their shard rows."""

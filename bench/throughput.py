@@ -1,0 +1,256 @@
+"""Throughput: naive vs a DataLoader script vs `indexer build`, on the same images and weights.
+
+Prints images/s (process start and imports included for all three), the ratios, the fidelity of
+indexer's embeddings to the script's (cosine, self-retrieval), and the build's peak RSS at two
+corpus sizes. Run with `make bench`; `--quick` runs a smaller version for a smoke check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
+MODEL = "test_convnext.r160_in1k"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mb: float
+
+
+def run_timed(cmd: list[str]) -> Run:
+    """Run cmd, return wall seconds and the peak summed RSS of its process tree."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], tree_rss_kb(proc.pid))
+            done.wait(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-2000:]}")
+    return Run(seconds, peak[0] / 1024)
+
+
+def tree_rss_kb(root: int) -> int:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/statm") as f:
+                rss[int(entry)] = int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def write_checkpoint(path: Path) -> None:
+    if path.exists():
+        return
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model(MODEL, pretrained=False).state_dict(), str(path))
+
+
+def imagenet_corpus(work: Path) -> Path:
+    if SAMPLE.is_dir():
+        return SAMPLE
+    from indexer.synthetic import scene
+
+    out = work / "imagenet-synthetic"
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        for i in range(500):
+            scene(i, (500, 375)).save(out / f"{i:04d}.jpg", quality=90)
+    return out
+
+
+def camera_corpus(work: Path, source: Path, count: int) -> Path:
+    """count 4000x3000 JPEGs (quality 90) upscaled from real photos; made once."""
+    from PIL import Image
+
+    out = work / f"camera-{count}"
+    if out.is_dir() and len(list(out.iterdir())) == count:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    photos = sorted(source.iterdir())[:count]
+    for i, photo in enumerate(photos):
+        img = Image.open(photo).convert("RGB").resize((4000, 3000), Image.Resampling.BICUBIC)
+        img.save(out / f"IMG_{i:04d}.jpg", quality=90)
+    return out
+
+
+def small_corpus(work: Path, count: int) -> Path:
+    """count small generated JPEGs (96x72) in folders of 1000, made once."""
+    from PIL import Image
+
+    out = work / f"small-{count}"
+    marker = out / ".complete"
+    if marker.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    rng = np.random.default_rng(count)
+    for i in range(count):
+        folder = out / f"d{i // 1000:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, (1, 1, 3))
+        arr = np.clip(base + rng.normal(0, 40, (72, 96, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:06d}.jpg", quality=85)
+    marker.touch()
+    return out
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    table = pq.read_table(path, columns=["key", "embedding"])
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return dict(zip(table.column("key").to_pylist(), vectors, strict=True))
+
+
+def fidelity(indexer_dir: Path, script_file: Path) -> tuple[float, float, float]:
+    """(mean cosine, min cosine, share of images whose nearest script vector is their own)."""
+    ours, theirs = load(indexer_dir / "shards"), load(script_file)
+    keys = sorted(theirs)
+    a = np.stack([ours[k] for k in keys])
+    b = np.stack([theirs[k] for k in keys])
+    cos = (a * b).sum(1)
+    nearest = (a @ b.T).argmax(1)
+    return float(cos.mean()), float(cos.min()), float((nearest == np.arange(len(keys))).mean())
+
+
+def measure_corpus(name: str, images: Path, work: Path, ck: Path, naive: bool) -> list[str]:
+    n = sum(1 for p in images.rglob("*") if p.is_file())
+    out = work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    py = str(BIN / "python")
+    rates: dict[str, float] = {}
+    if naive:
+        rates["naive"] = (
+            n
+            / run_timed(
+                [py, str(HERE / "naive.py"), str(images), str(ck), str(out / "naive.parquet")]
+            ).seconds
+        )
+    rates["script"] = (
+        n
+        / run_timed(
+            [py, str(HERE / "script.py"), str(images), str(ck), str(out / "script.parquet")]
+        ).seconds
+    )
+    for mode, flags in (("indexer", []), ("indexer exact", ["--exact-preprocessing"])):
+        target = out / mode.replace(" ", "-")
+        cmd = [
+            str(BIN / "indexer"),
+            "build",
+            str(images),
+            "--out",
+            str(target),
+            "--checkpoint",
+            str(ck),
+            "--no-progress",
+            *flags,
+        ]
+        rates[mode] = n / run_timed(cmd).seconds
+    lines = [f"\n## {name}: {n} images ({images})"]
+    lines += [f"{k:>14}: {v:8.1f} images/s" for k, v in rates.items()]
+    lines.append(f"{'indexer/script':>14}: {rates['indexer'] / rates['script']:8.2f}x")
+    if naive:
+        lines.append(f"{'indexer/naive':>14}: {rates['indexer'] / rates['naive']:8.2f}x")
+    for mode in ("indexer", "indexer exact"):
+        mean, low, self_hit = fidelity(out / mode.replace(" ", "-"), out / "script.parquet")
+        lines.append(
+            f"{'fidelity':>14}: {mode:<13} cosine to script mean {mean:.6f} min {low:.6f}, "
+            f"nearest-is-self {self_hit:.1%}"
+        )
+    return lines
+
+
+def measure_memory(work: Path, ck: Path, sizes: list[int]) -> list[str]:
+    lines = ["\n## peak RSS of `indexer build` (process tree, small generated JPEGs)"]
+    peaks = []
+    for size in sizes:
+        images = small_corpus(work, size)
+        out = work / "out" / f"rss-{size}"
+        shutil.rmtree(out, ignore_errors=True)
+        run = run_timed(
+            [
+                str(BIN / "indexer"),
+                "build",
+                str(images),
+                "--out",
+                str(out),
+                "--checkpoint",
+                str(ck),
+                "--no-progress",
+            ]
+        )
+        peaks.append(run.peak_rss_mb)
+        lines.append(
+            f"{size:>8} images: peak {run.peak_rss_mb:7.0f} MB, {size / run.seconds:7.1f} images/s"
+        )
+    lines.append(f"{'ratio':>15}: {peaks[-1] / peaks[0]:.2f}x ({sizes[-1]} vs {sizes[0]})")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "bench")
+    parser.add_argument("--quick", action="store_true", help="smaller corpora, no naive run")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ck = args.work / "seed0.safetensors"
+    write_checkpoint(ck)
+    imagenet = imagenet_corpus(args.work)
+    camera = camera_corpus(args.work, imagenet, 20 if args.quick else 200)
+    lines = [f"# indexer throughput benchmark ({os.cpu_count()} CPUs, model {MODEL})"]
+    lines += measure_corpus("ImageNet-size JPEGs", imagenet, args.work, ck, not args.quick)
+    lines += measure_corpus("camera-size JPEGs (4000x3000)", camera, args.work, ck, not args.quick)
+    if not args.skip_memory:
+        sizes = [200, 2000] if args.quick else [2000, 20000]
+        lines += measure_memory(args.work, ck, sizes)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
