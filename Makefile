@@ -31,8 +31,8 @@ format: $(STAMP)  ## Apply ruff's formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## Benchmarks (placeholder until the throughput issue)
-	@echo "make bench: no benchmarks yet; the throughput issue adds bench/throughput.py"
+bench: $(STAMP)  ## Throughput and memory benchmark (about 10 minutes; see bench/)
+	$(BIN)/python bench/throughput.py
 
 clean:  ## Remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from indexer import __version__
+from indexer import __version__, configcache
 from indexer.catalog import SCHEMA_VERSION, CollectionPaths, prepare_build_dir, write_json_atomic
 from indexer.config import BuildConfig
 from indexer.errors import InputError
@@ -50,14 +51,17 @@ def build(cfg: BuildConfig) -> BuildReport:
     """Embed every item of the sources into a new collection at cfg.out and index it."""
     start = time.perf_counter()
     sources = open_sources(cfg.sources)
-    embedder = load_embedder(cfg.model)  # fails here, before any work, if weights are missing
     items = list_items(sources)
     if not items:
         raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
+    log.info("listed %d items from %d source(s)", len(items), len(sources))
+    embedder, batches = load_model_while_decoding(items, sources, cfg)
+    log.info("model %s ready (%s)", cfg.model.name, embedder.recipe["precision"])
     paths = prepare_build_dir(cfg.out, cfg.overwrite)  # only now is an old collection removed
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     schema = shard_schema(embedder.dim, metadata)
-    shards, errors = embed_items(items, sources, embedder, schema, paths, cfg)
+    shards, errors = embed_items(items, sources, batches, embedder, schema, paths, cfg)
+    log.info("embedded %d items into %d shard(s)", sum(s.rows for s in shards), len(shards))
     write_errors(paths.errors, errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     write_json_atomic(paths.manifest, manifest)
@@ -68,9 +72,40 @@ def build(cfg: BuildConfig) -> BuildReport:
     return BuildReport(cfg.out, len(items), embedded, len(errors), len(shards), seconds, index_meta)
 
 
+def load_model_while_decoding(
+    items: list[Item], sources: list[Source], cfg: BuildConfig
+) -> tuple[Embedder, Iterator[Batch]]:
+    """Start the loader with the model's remembered data config, then load the model.
+
+    Importing timm and creating the model take seconds; the workers decode meanwhile. If the
+    remembered config differs from the model's own, that work is discarded and decoding
+    restarts with the right one: the hint only saves time, it never decides the pixels.
+    """
+    hint = configcache.lookup(cfg.model.name)
+    early = None
+    if hint is not None:
+        early = iter_batches(
+            items, sources, Preprocessor(hint, cfg.loader.preprocessing), cfg.loader
+        )
+    try:
+        embedder = load_embedder(cfg.model)  # fails here, before anything is written
+    except BaseException:
+        del early  # shuts its workers down now rather than at garbage collection
+        raise
+    configcache.store(cfg.model.name, embedder.data_config)
+    if early is not None and hint == embedder.data_config:
+        return embedder, early
+    if early is not None:
+        log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
+        del early  # shuts its workers down
+    preprocess = Preprocessor(embedder.data_config, cfg.loader.preprocessing)
+    return embedder, iter_batches(items, sources, preprocess, cfg.loader)
+
+
 def embed_items(
     items: list[Item],
     sources: list[Source],
+    batches: Iterator[Batch],
     embedder: Embedder,
     schema: pa.Schema,
     paths: CollectionPaths,
@@ -78,8 +113,6 @@ def embed_items(
 ) -> tuple[list[ShardInfo], list[dict[str, str]]]:
     """Stream batches through the model into shards; failed items become error rows."""
     errors: list[dict[str, str]] = []
-    preprocess = Preprocessor(embedder.data_config, cfg.loader.preprocessing)
-    batches = iter_batches(items, sources, preprocess, cfg.loader)
     bar = tqdm(total=len(items), unit="img", disable=_no_bar(cfg.loader.progress))
     with ShardWriter(paths.shards, schema, cfg.shard_size) as writer, bar:
         for batch in batches:

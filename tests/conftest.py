@@ -12,9 +12,10 @@ from tests.helpers import BUILD_FLAGS, run_cli
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """No test touches the network; datasets' cache stays inside the test's temp space."""
+    """No test touches the network; the datasets and indexer caches stay in temp space."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-cache"))
+    monkeypatch.setenv("INDEXER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "indexer-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -191,3 +191,36 @@ def test_failed_overwrite_keeps_the_old_collection(
         assert result.exit_code in (2, 4) and message in result.output, result.output
     query = run_cli("query", corpus_images(corpus)[0], "--index", copy, "-k", "1")
     assert query.exit_code == 0, query.output
+
+
+def test_architecture_lists_every_module_with_its_docstring() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "ARCHITECTURE.md").read_text()
+    for path in sorted((repo / "indexer").rglob("*.py")):
+        rel = path.relative_to(repo).as_posix()
+        if rel == "indexer/__init__.py":
+            continue
+        first = path.read_text().splitlines()[0].strip('"')
+        assert f"| `{rel}` | {first} |" in text, rel
+
+
+def test_console_script_flushes_and_keeps_exit_codes(corpus: Path, tmp_path: Path) -> None:
+    """The installed `indexer` skips interpreter teardown; output and files must be complete."""
+    script = Path(sys.executable).parent / "indexer"
+    out = tmp_path / "c"
+    build = subprocess.run(
+        [script, "build", corpus / "group1", "--out", out, "--no-pretrained", "--workers", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    count = len(list((corpus / "group1").iterdir()))
+    assert build.stdout.startswith(f"Built {out}: {count} embedded, 0 failed")
+    image = sorted((corpus / "group1").iterdir())[0]
+    query = subprocess.run(
+        [script, "query", image, "--index", out, "--json"], capture_output=True, text=True
+    )
+    assert query.returncode == 0 and json.loads(query.stdout)[0]["results"][0]["key"] == image.name
+    missing = subprocess.run([script, "info", tmp_path / "nope"], capture_output=True, text=True)
+    assert missing.returncode == 3 and missing.stderr.startswith("Error: no collection")
+    usage = subprocess.run([script, "build"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Missing argument" in usage.stderr
