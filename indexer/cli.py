@@ -288,12 +288,14 @@ def describe(root: Path, manifest: dict[str, Any], index_meta: dict[str, Any] | 
     lines = [
         f"collection:  {root}",
         f"created:     {manifest.get('created_at')} (indexer {manifest.get('indexer_version')})",
-        f"model:       {m['name']} (timm {m['timm_version']}, torch {m['torch_version']})",
+        f"model:       {m['name']} (timm {m['timm_version']}, torch {m['torch_version']}, "
+        f"{m['precision']})",
         f"weights:     {weights['kind']}: {ident}",
         f"embedding:   {manifest['embedding_dim']}-d, "
         f"{'L2-normalised' if manifest['normalized'] else 'raw'}, metric {manifest['metric']}",
         f"preprocess:  {dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, "
-        f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}",
+        f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}, "
+        f"{manifest['decode']['mode']} decoding",
         "sources:     " + ", ".join(_source_name(s) for s in manifest["sources"]),
         f"items:       {counts['items']} "
         f"({counts['embedded']} embedded, {counts['failed']} failed)",

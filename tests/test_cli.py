@@ -89,7 +89,7 @@ def test_info_shows_recipe_counts_and_index(collection: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "test_convnext.r160_in1k" in result.output
     assert "random: seed 0" in result.output
-    assert "160x160 bicubic" in result.output
+    assert "160x160 bicubic" in result.output and "fast decoding" in result.output
     assert "recall@10 1.000" in result.output
     doc = json.loads(run_cli("info", collection, "--json").stdout)
     assert doc["index"]["ntotal"] == doc["manifest"]["counts"]["embedded"]
