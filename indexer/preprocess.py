@@ -105,6 +105,8 @@ class Preprocessor:
     """
 
     def __init__(self, cfg: DataConfig, mode: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if mode not in MODES:
+            raise ValueError(f"preprocessing mode must be one of {MODES}, not {mode!r}")
         self.cfg = cfg
         self.fast = mode == "fast"
         self.max_pixels = max_pixels
