@@ -16,6 +16,9 @@ MANIFEST = "manifest.json"
 SHARDS = "shards"
 ERRORS = "errors.parquet"
 INDEX = "index"
+LOCK = ".indexer.lock"
+RUNS = "runs.jsonl"
+KEEP = frozenset({LOCK, RUNS})  # the lock and the run history outlive rebuilds
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ def prepare_build_dir(root: Path, overwrite: bool) -> CollectionPaths:
                 f"{root} already holds a collection: pass --overwrite to rebuild it, "
                 "or choose another --out"
             )
-        ours = {MANIFEST, SHARDS, ERRORS, INDEX}
+        ours = {MANIFEST, SHARDS, ERRORS, INDEX, *KEEP}
         strangers = [p.name for p in root.iterdir() if not _is_ours(p.name, ours)]
         if strangers:
             raise InputError(
@@ -119,6 +122,8 @@ def _clear(paths: CollectionPaths) -> None:
     """Remove a previous build: the manifest first, so nothing looks complete meanwhile."""
     paths.manifest.unlink(missing_ok=True)
     for child in paths.root.iterdir():
+        if child.name in KEEP:
+            continue
         if child.is_dir():
             shutil.rmtree(child)
         else:

@@ -23,16 +23,26 @@ from indexer.config import (
     ModelConfig,
     SourceSpec,
 )
-from indexer.errors import CollectionError, IndexerError, InputError, ModelError
+from indexer.errors import (
+    CollectionError,
+    CollectionLockedError,
+    IndexerError,
+    InputError,
+    ModelError,
+    TooManyFailuresError,
+)
 
 if TYPE_CHECKING:
     from indexer.pipeline import BuildReport
     from indexer.search import Hit
 
+EXIT_PARTIAL = 5  # the build finished; some items failed, within the failure budget
 EXIT_CODES: tuple[tuple[type[IndexerError], int], ...] = (
     (InputError, 2),
     (CollectionError, 3),
     (ModelError, 4),
+    (TooManyFailuresError, 6),
+    (CollectionLockedError, 75),  # EX_TEMPFAIL: another run holds the collection; try later
     (IndexerError, 1),
 )
 
@@ -148,6 +158,19 @@ def main(verbose: bool) -> None:
 @click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
 @click.option("--image-column", help="Image column for hf: sources (default: the only one).")
 @click.option("--overwrite", is_flag=True, help="Rebuild an existing collection at --out.")
+@click.option(
+    "--max-failures",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Failure budget: a count (>= 1) or a fraction of the items (< 1). Within it "
+    "a run with failures exits 5 (partial); over it, 6.",
+)
+@click.option(
+    "--metrics-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write Prometheus textfile metrics of the run here (node_exporter).",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def build(
     sources: tuple[str, ...],
@@ -167,6 +190,8 @@ def build(
     split: str | None,
     image_column: str | None,
     overwrite: bool,
+    max_failures: float,
+    metrics_file: Path | None,
     progress: bool | None,
 ) -> None:
     """Embed SOURCES (folders, or hf:DATASET) into a collection at --out and index it.
@@ -197,11 +222,15 @@ def build(
         index=IndexConfig(metric=metric),
         shard_size=shard_size,
         overwrite=overwrite,
+        max_failures=max_failures,
+        metrics_file=metrics_file,
     )
     from indexer.pipeline import build as run_build
 
     report = run_library(lambda: run_build(cfg))
     click.echo(summarize(report))
+    if report.status == "partial":
+        sys.exit(EXIT_PARTIAL)
 
 
 def summarize(report: BuildReport) -> str:
@@ -265,16 +294,32 @@ def format_hits(query_name: str, hits: list[Hit]) -> str:
 @click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and index metadata.")
 def info(root: Path, as_json: bool) -> None:
-    """Describe the collection at DIR: model, weights, counts, shards and index."""
+    """Describe the collection at DIR: model, weights, counts, shards, index and last runs."""
     from indexer.catalog import read_manifest
+    from indexer.history import read_runs
     from indexer.index import read_index_meta
 
     manifest = run_library(lambda: read_manifest(root))
     index_meta = read_index_meta(root)
+    runs = read_runs(root)
     if as_json:
-        click.echo(json.dumps({"manifest": manifest, "index": index_meta}, indent=2))
+        doc = {"manifest": manifest, "index": index_meta, "runs": runs}
+        click.echo(json.dumps(doc, indent=2))
         return
     click.echo(describe(root, manifest, index_meta))
+    click.echo(describe_runs(runs))
+
+
+def describe_runs(runs: list[dict[str, Any]]) -> str:
+    lines = ["last runs:" if runs else "last runs:   none recorded"]
+    for run in reversed(runs):
+        c = run.get("counts") or {}
+        lines.append(
+            f"  {run['started']}  {run['command']:<6} {run['status']:<8} {run['seconds']:>8.1f}s  "
+            f"listed {c.get('listed', '-')}, new {c.get('new', '-')}, "
+            f"failed {c.get('failed', '-')}" + (f"  ({run['error']})" if run.get("error") else "")
+        )
+    return "\n".join(lines)
 
 
 def describe(root: Path, manifest: dict[str, Any], index_meta: dict[str, Any] | None) -> str:
@@ -324,14 +369,9 @@ def _source_name(source: dict[str, Any]) -> str:
 @click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
 def index_cmd(root: Path) -> None:
     """Rebuild the FAISS index of DIR from its shards alone."""
-    from indexer.catalog import read_manifest
-    from indexer.index import build_index
+    from indexer.pipeline import reindex
 
-    def run() -> dict[str, Any]:
-        manifest = read_manifest(root)
-        return build_index(root, manifest, IndexConfig(metric=manifest["metric"]))
-
-    meta = run_library(run)
+    meta = run_library(lambda: reindex(root))
     click.echo(
         f"Indexed {root}: {meta['ntotal']} vectors, {meta['type']}, "
         f"{meta['build_seconds']}s, recall@{meta['recall_k']} {meta['recall_at_k']}."

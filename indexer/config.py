@@ -63,3 +63,5 @@ class BuildConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     shard_size: int = 50_000
     overwrite: bool = False
+    max_failures: float = 0.05  # >= 1: a count of items; below 1: a fraction of the items
+    metrics_file: Path | None = None

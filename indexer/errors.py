@@ -23,5 +23,13 @@ class CollectionError(IndexerError):
     """A collection directory is missing, incomplete or corrupt."""
 
 
+class CollectionLockedError(IndexerError):
+    """Another run holds the collection's lock; try again later."""
+
+
+class TooManyFailuresError(IndexerError):
+    """More items failed than the failure budget allows."""
+
+
 class RecipeMismatchError(CollectionError):
     """The embedding recipe recorded in a collection cannot be reproduced here."""

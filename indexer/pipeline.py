@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,20 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from indexer import __version__, configcache
-from indexer.catalog import SCHEMA_VERSION, CollectionPaths, prepare_build_dir, write_json_atomic
-from indexer.config import BuildConfig
-from indexer.errors import InputError
+from indexer.catalog import (
+    SCHEMA_VERSION,
+    CollectionPaths,
+    prepare_build_dir,
+    read_manifest,
+    write_json_atomic,
+)
+from indexer.config import BuildConfig, IndexConfig
+from indexer.errors import CollectionLockedError, InputError, TooManyFailuresError
+from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
 from indexer.index import build_index
 from indexer.loader import Batch, iter_batches
+from indexer.lock import CollectionLock
 from indexer.model import Embedder, load_embedder
 from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, Preprocessor
 from indexer.shards import (
@@ -45,9 +54,69 @@ class BuildReport:
     shards: int
     seconds: float
     index: dict[str, Any]
+    status: str = "success"  # or "partial": some items failed, within the failure budget
 
 
 def build(cfg: BuildConfig) -> BuildReport:
+    """Build under the collection's lock, and record the run in its history (and metrics)."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise InputError(f"--out {cfg.out} is a file: choose a directory")
+    started, status, error = time.time(), "failed", None
+    report: BuildReport | None = None
+    try:
+        with CollectionLock(cfg.out, "build"):
+            report = build_unlocked(cfg)
+        status = judge(report.failed, report.items, cfg.max_failures)
+        if status == "failed":
+            raise TooManyFailuresError(
+                f"{report.failed} of {report.items} items failed, over the failure budget "
+                f"(--max-failures {cfg.max_failures:g}); the collection was written: see "
+                f"{cfg.out / 'errors.parquet'}"
+            )
+        report = replace(report, status=status)
+        return report
+    except CollectionLockedError as exc:
+        status, error = "locked", str(exc)
+        raise
+    except BaseException as exc:
+        error = error or f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        record = RunRecord("build", started, time.time(), status, run_counts(report), error)
+        append_run(cfg.out, record)
+        if cfg.metrics_file is not None:
+            write_metrics(cfg.metrics_file, cfg.out, record)
+
+
+def judge(failed: int, items: int, max_failures: float) -> str:
+    """success, partial (failures within the budget) or failed (over it)."""
+    if failed == 0:
+        return "success"
+    budget = int(max_failures) if max_failures >= 1 else math.floor(max_failures * items)
+    return "partial" if failed <= budget else "failed"
+
+
+def run_counts(report: BuildReport | None) -> dict[str, int]:
+    if report is None:
+        return {}
+    return {
+        "listed": report.items,
+        "new": report.embedded,
+        "changed": 0,
+        "unchanged": 0,
+        "deleted": 0,
+        "failed": report.failed,
+    }
+
+
+def reindex(root: Path, cfg: IndexConfig | None = None) -> dict[str, Any]:
+    """Rebuild the index of an existing collection from its shards, under its lock."""
+    with CollectionLock(root, "index"):
+        manifest = read_manifest(root)
+        return build_index(root, manifest, cfg or IndexConfig(metric=manifest["metric"]))
+
+
+def build_unlocked(cfg: BuildConfig) -> BuildReport:
     """Embed every item of the sources into a new collection at cfg.out and index it."""
     start = time.perf_counter()
     sources = open_sources(cfg.sources)

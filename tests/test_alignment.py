@@ -29,8 +29,10 @@ def mixed(corpus: Path, tmp_path: Path) -> Path:
 def test_errors_do_not_misalign_with_workers(mixed: Path, tmp_path: Path) -> None:
     out = tmp_path / "c"
     flags = ("--no-pretrained", "--workers", "2", "--batch-size", "3", "--no-progress")
-    result = run_cli("build", mixed, "--out", out, "--shard-size", "10", *flags)
-    assert result.exit_code == 0, result.output
+    result = run_cli(
+        "build", mixed, "--out", out, "--shard-size", "10", "--max-failures", "3", *flags
+    )
+    assert result.exit_code == 5, result.output  # partial: failures within the budget
     assert "3 failed" in result.output
     errors = pq.read_table(out / "errors.parquet").to_pylist()
     assert sorted(e["key"] for e in errors) == [
@@ -56,8 +58,9 @@ def test_unreadable_file_is_a_read_error(corpus: Path, tmp_path: Path) -> None:
     victim = root / "gone.jpg"
     victim.symlink_to(tmp_path / "nowhere.jpg")  # listed, then cannot be read
     out = tmp_path / "c"
-    result = run_cli("build", root, "--out", out, "--no-pretrained", "--workers", "0")
-    assert result.exit_code == 0, result.output
+    flags = ("--no-pretrained", "--workers", "0", "--max-failures", "0.2")
+    result = run_cli("build", root, "--out", out, *flags)
+    assert result.exit_code == 5, result.output
     errors = pq.read_table(out / "errors.parquet").to_pylist()
     assert [(e["key"], e["stage"]) for e in errors] == [("gone.jpg", "read")]
     assert "FileNotFoundError" in errors[0]["error"]

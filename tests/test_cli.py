@@ -172,7 +172,9 @@ def test_pretrained_unavailable_fails_before_work(corpus: Path, tmp_path: Path) 
     assert result.exit_code == 4
     assert "--checkpoint" in result.output and "--no-pretrained" in result.output
     assert result.output.count("\n") == 1
-    assert not out.exists()
+    assert sorted(p.name for p in out.iterdir()) == [".indexer.lock", "runs.jsonl"]
+    [run] = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert run["status"] == "failed" and "cannot be fetched" in run["error"]
 
 
 def test_failed_overwrite_keeps_the_old_collection(
