@@ -233,6 +233,52 @@ def build(
         sys.exit(EXIT_PARTIAL)
 
 
+@main.command(name="run")
+@click.argument("job", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def run_job(ctx: click.Context, job: Path) -> None:
+    """Run the build described by a JOB file (TOML; see jobs/README.md).
+
+    A job file holds `indexer build` settings under their flag names (sources, out, model,
+    batch_size, max_failures, ...): the same settings, written down, checked the same way.
+    """
+    from indexer.config import read_job
+
+    settings = run_library(lambda: read_job(job))
+    argv = run_library(lambda: job_argv(settings, job))
+    try:
+        sub = build.make_context("build", argv, parent=ctx)
+    except click.ClickException as exc:
+        click.echo(f"Error: job file {job}: {exc.format_message()}", err=True)
+        sys.exit(2)
+    with sub:
+        build.invoke(sub)
+
+
+def job_argv(settings: dict[str, Any], job: Path) -> list[str]:
+    """The `indexer build` command line a job file's settings stand for."""
+    options: list[str] = []
+    arguments: list[str] = []
+    left = dict(settings)
+    for param in build.params:
+        if param.name not in left:
+            continue
+        value = left.pop(param.name)
+        if isinstance(param, click.Argument):
+            arguments += [str(v) for v in (value if isinstance(value, list) else [value])]
+        elif isinstance(param, click.Option) and param.is_flag:
+            if not isinstance(value, bool):
+                raise InputError(f"job file {job}: setting '{param.name}' must be true or false")
+            if value or param.secondary_opts:
+                options.append(param.opts[0] if value else param.secondary_opts[0])
+        else:
+            options += [param.opts[0], str(value)]
+    if left:
+        known = ", ".join(p.name or "" for p in build.params)
+        raise InputError(f"job file {job} has unknown setting(s) {sorted(left)}; known: {known}")
+    return [*options, "--", *arguments]
+
+
 def summarize(report: BuildReport) -> str:
     rate = report.items / report.seconds if report.seconds else 0.0
     text = (

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from indexer.errors import InputError
 
 DEFAULT_MODEL = "test_convnext.r160_in1k"
 METRICS = ("ip", "l2")
@@ -65,3 +69,38 @@ class BuildConfig:
     overwrite: bool = False
     max_failures: float = 0.05  # >= 1: a count of items; below 1: a fraction of the items
     metrics_file: Path | None = None
+
+
+PATH_SETTINGS = ("out", "checkpoint", "metrics_file")
+
+
+def read_job(path: Path) -> dict[str, Any]:
+    """A job file's settings: the `indexer build` flags as TOML keys, paths relative to the file."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"cannot read job file {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"job file {path} is not valid TOML: {exc}") from exc
+    settings = {key.replace("-", "_"): value for key, value in raw.items()}
+    base = path.resolve().parent
+    for key in PATH_SETTINGS:
+        if isinstance(settings.get(key), str):
+            settings[key] = str(base / Path(settings[key]).expanduser())
+    if isinstance(settings.get("sources"), list):
+        settings["sources"] = [_resolve_source(base, s) for s in settings["sources"]]
+    return settings
+
+
+def _resolve_source(base: Path, source: Any) -> Any:
+    if not isinstance(source, str):
+        return source
+    if source.startswith("hf:"):
+        name = source[3:]
+        local = name.startswith((".", "/", "~"))
+        return f"hf:{base / Path(name).expanduser()}" if local else source
+    return str(base / Path(source).expanduser())
