@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,9 @@ ERRORS = "errors.parquet"
 INDEX = "index"
 LOCK = ".indexer.lock"
 RUNS = "runs.jsonl"
-KEEP = frozenset({LOCK, RUNS})  # the lock and the run history outlive rebuilds
+VERSIONS = "versions"
+CURRENT = "current"
+LAYOUT = frozenset({MANIFEST, SHARDS, ERRORS, INDEX, LOCK, RUNS, VERSIONS, CURRENT})
 
 
 @dataclass(frozen=True)
@@ -91,40 +92,42 @@ def read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def prepare_build_dir(root: Path, overwrite: bool) -> CollectionPaths:
-    """A place to build: new, empty, an unfinished build, or (with overwrite) a collection."""
-    paths = CollectionPaths(root)
+def open_version(root: Path) -> Path:
+    """The folder of the collection's published version, resolved once (CollectionError if none).
+
+    Readers take everything from this folder, so a build publishing meanwhile never mixes in.
+    """
+    if not root.is_dir():
+        raise CollectionError(
+            f"no collection at {root}: build one with `indexer build SOURCE --out {root}`"
+        )
+    current = root / CURRENT
+    if not current.exists() or not (current / MANIFEST).is_file():
+        raise CollectionError(
+            f"{root} is not a finished collection (no published version): "
+            f"run `indexer build SOURCE --out {root}` to build it"
+        )
+    return current.resolve()
+
+
+def check_build_dir(root: Path, overwrite: bool) -> None:
+    """--out must be new, empty, a collection (with overwrite), or an unfinished build."""
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file: choose a directory")
-    if root.is_dir() and any(root.iterdir()):
-        if paths.manifest.exists() and not overwrite:
-            raise InputError(
-                f"{root} already holds a collection: pass --overwrite to rebuild it, "
-                "or choose another --out"
-            )
-        ours = {MANIFEST, SHARDS, ERRORS, INDEX, *KEEP}
-        strangers = [p.name for p in root.iterdir() if not _is_ours(p.name, ours)]
-        if strangers:
-            raise InputError(
-                f"--out {root} is not empty and is not a collection (it holds {strangers[0]!r}): "
-                "choose an empty or new directory"
-            )
-        _clear(paths)
-    root.mkdir(parents=True, exist_ok=True)
-    return paths
+    if not root.is_dir():
+        return
+    if (root / CURRENT).exists() and not overwrite:
+        raise InputError(
+            f"{root} already holds a collection: pass --overwrite to rebuild it, "
+            "or choose another --out"
+        )
+    strangers = [p.name for p in root.iterdir() if not _is_ours(p.name)]
+    if strangers:
+        raise InputError(
+            f"--out {root} is not empty and is not a collection (it holds {strangers[0]!r}): "
+            "choose an empty or new directory"
+        )
 
 
-def _is_ours(name: str, ours: set[str]) -> bool:
-    return name in ours or any(name.startswith(o + ".") for o in ours)
-
-
-def _clear(paths: CollectionPaths) -> None:
-    """Remove a previous build: the manifest first, so nothing looks complete meanwhile."""
-    paths.manifest.unlink(missing_ok=True)
-    for child in paths.root.iterdir():
-        if child.name in KEEP:
-            continue
-        if child.is_dir():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+def _is_ours(name: str) -> bool:
+    return name in LAYOUT or name.startswith(f".{CURRENT}.tmp-")

@@ -167,6 +167,13 @@ def main(verbose: bool) -> None:
     "a run with failures exits 5 (partial); over it, 6.",
 )
 @click.option(
+    "--keep",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Published versions to keep; older ones are deleted after a build.",
+)
+@click.option(
     "--metrics-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write Prometheus textfile metrics of the run here (node_exporter).",
@@ -191,6 +198,7 @@ def build(
     image_column: str | None,
     overwrite: bool,
     max_failures: float,
+    keep: int,
     metrics_file: Path | None,
     progress: bool | None,
 ) -> None:
@@ -223,6 +231,7 @@ def build(
         shard_size=shard_size,
         overwrite=overwrite,
         max_failures=max_failures,
+        keep=keep,
         metrics_file=metrics_file,
     )
     from indexer.pipeline import build as run_build
@@ -341,12 +350,13 @@ def format_hits(query_name: str, hits: list[Hit]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest and index metadata.")
 def info(root: Path, as_json: bool) -> None:
     """Describe the collection at DIR: model, weights, counts, shards, index and last runs."""
-    from indexer.catalog import read_manifest
+    from indexer.catalog import open_version, read_manifest
     from indexer.history import read_runs
     from indexer.index import read_index_meta
 
-    manifest = run_library(lambda: read_manifest(root))
-    index_meta = read_index_meta(root)
+    version = run_library(lambda: open_version(root))
+    manifest = run_library(lambda: read_manifest(version))
+    index_meta = read_index_meta(version)
     runs = read_runs(root)
     if as_json:
         doc = {"manifest": manifest, "index": index_meta, "runs": runs}
@@ -377,7 +387,7 @@ def describe(root: Path, manifest: dict[str, Any], index_meta: dict[str, Any] | 
         "random": f"seed {weights.get('seed')}",
     }.get(weights["kind"])
     lines = [
-        f"collection:  {root}",
+        f"collection:  {root} (version {manifest.get('version')})",
         f"created:     {manifest.get('created_at')} (indexer {manifest.get('indexer_version')})",
         f"model:       {m['name']} (timm {m['timm_version']}, torch {m['torch_version']}, "
         f"{m['precision']})",
@@ -413,11 +423,18 @@ def _source_name(source: dict[str, Any]) -> str:
 
 @main.command(name="index")
 @click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
-def index_cmd(root: Path) -> None:
-    """Rebuild the FAISS index of DIR from its shards alone."""
+@click.option(
+    "--keep",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Published versions to keep; older ones are deleted.",
+)
+def index_cmd(root: Path, keep: int) -> None:
+    """Rebuild the FAISS index of DIR from its shards alone, as a new version."""
     from indexer.pipeline import reindex
 
-    meta = run_library(lambda: reindex(root))
+    meta = run_library(lambda: reindex(root, keep))
     click.echo(
         f"Indexed {root}: {meta['ntotal']} vectors, {meta['type']}, "
         f"{meta['build_seconds']}s, recall@{meta['recall_k']} {meta['recall_at_k']}."

@@ -68,6 +68,7 @@ class BuildConfig:
     shard_size: int = 50_000
     overwrite: bool = False
     max_failures: float = 0.05  # >= 1: a count of items; below 1: a fraction of the items
+    keep: int = 2  # published versions kept (older ones are deleted)
     metrics_file: Path | None = None
 
 

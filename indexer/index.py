@@ -113,19 +113,20 @@ def publish(paths: CollectionPaths, index: Any, meta: dict[str, Any]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_index(root: Path) -> tuple[Any, dict[str, Any]]:
-    """The FAISS index and its metadata; CollectionError says how to rebuild it."""
+def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index and metadata in root (a version of ``collection``); errors say the fix."""
     import faiss
 
     paths = CollectionPaths(root)
-    fix = f"rebuild it with `indexer index {root}`"
+    name = collection or root
+    fix = f"rebuild it with `indexer index {name}`"
     if not (paths.index / INDEX_FILE).is_file():
-        raise CollectionError(f"{root} has no index: {fix}")
+        raise CollectionError(f"{name} has no index: {fix}")
     try:
         meta = json.loads((paths.index / META_FILE).read_text(encoding="utf-8"))
         index = faiss.read_index(str(paths.index / INDEX_FILE))
     except Exception as exc:
-        raise CollectionError(f"the index in {root} is unreadable ({exc}): {fix}") from exc
+        raise CollectionError(f"the index in {name} is unreadable ({exc}): {fix}") from exc
     return index, meta
 
 

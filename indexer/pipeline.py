@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -17,9 +18,13 @@ from tqdm import tqdm
 
 from indexer import __version__, configcache
 from indexer.catalog import (
+    ERRORS,
+    MANIFEST,
     SCHEMA_VERSION,
+    SHARDS,
     CollectionPaths,
-    prepare_build_dir,
+    check_build_dir,
+    open_version,
     read_manifest,
     write_json_atomic,
 )
@@ -32,6 +37,7 @@ from indexer.loader import Batch, iter_batches
 from indexer.lock import CollectionLock
 from indexer.model import Embedder, load_embedder
 from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, Preprocessor
+from indexer.publish import prune, publish, start_version
 from indexer.shards import (
     ShardInfo,
     ShardWriter,
@@ -109,11 +115,23 @@ def run_counts(report: BuildReport | None) -> dict[str, int]:
     }
 
 
-def reindex(root: Path, cfg: IndexConfig | None = None) -> dict[str, Any]:
-    """Rebuild the index of an existing collection from its shards, under its lock."""
+def reindex(root: Path, keep: int = 2) -> dict[str, Any]:
+    """Publish a new version of the collection with the same shards and a rebuilt index."""
     with CollectionLock(root, "index"):
-        manifest = read_manifest(root)
-        return build_index(root, manifest, cfg or IndexConfig(metric=manifest["metric"]))
+        source = open_version(root)
+        manifest = read_manifest(source)
+        number, building = start_version(root)
+        (building / SHARDS).mkdir()
+        for shard in manifest["shards"]:  # shards are immutable: the versions share the files
+            os.link(source / SHARDS / shard["name"], building / SHARDS / shard["name"])
+        if (source / ERRORS).is_file():
+            os.link(source / ERRORS, building / ERRORS)
+        manifest = {**manifest, "version": number}
+        write_json_atomic(building / MANIFEST, manifest)
+        meta = build_index(building, manifest, IndexConfig(metric=manifest["metric"]))
+        publish(root, number, building)
+        prune(root, keep)
+        return meta
 
 
 def build_unlocked(cfg: BuildConfig) -> BuildReport:
@@ -124,17 +142,22 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
     if not items:
         raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
     log.info("listed %d items from %d source(s)", len(items), len(sources))
+    check_build_dir(cfg.out, cfg.overwrite)
     embedder, batches = load_model_while_decoding(items, sources, cfg)
     log.info("model %s ready (%s)", cfg.model.name, embedder.recipe["precision"])
-    paths = prepare_build_dir(cfg.out, cfg.overwrite)  # only now is an old collection removed
+    number, building = start_version(cfg.out)  # the published version stays untouched
+    paths = CollectionPaths(building)
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     schema = shard_schema(embedder.dim, metadata)
     shards, errors = embed_items(items, sources, batches, embedder, schema, paths, cfg)
     log.info("embedded %d items into %d shard(s)", sum(s.rows for s in shards), len(shards))
     write_errors(paths.errors, errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
+    manifest["version"] = number
     write_json_atomic(paths.manifest, manifest)
-    index_meta = build_index(cfg.out, manifest, cfg.index)
+    index_meta = build_index(building, manifest, cfg.index)
+    publish(cfg.out, number, building)
+    prune(cfg.out, cfg.keep)
     embedded = sum(s.rows for s in shards)
     seconds = time.perf_counter() - start
     log.info("built %s: %d embedded, %d failed, %.1fs", cfg.out, embedded, len(errors), seconds)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.catalog import CollectionPaths, read_manifest
+from indexer.catalog import CollectionPaths, open_version, read_manifest
 from indexer.errors import CollectionError, InputError
 from indexer.images import DecodeError
 from indexer.index import load_index
@@ -36,9 +36,10 @@ class Searcher:
 
     def __init__(self, root: Path, device: str = "auto") -> None:
         self.root = root
-        self.paths = CollectionPaths(root)
-        self.manifest = read_manifest(root)
-        self.index, self.index_meta = load_index(root)
+        self.version = open_version(root)  # everything below is read from this one version
+        self.paths = CollectionPaths(self.version)
+        self.manifest = read_manifest(self.version)
+        self.index, self.index_meta = load_index(self.version, root)
         self.device = device
         self._embedder: Embedder | None = None
         if int(self.index.ntotal) != int(self.manifest["counts"]["embedded"]):

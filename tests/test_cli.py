@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -98,17 +99,18 @@ def test_info_shows_recipe_counts_and_index(collection: Path) -> None:
 
 def test_index_rebuilds_from_shards_alone(collection: Path, tmp_path: Path, corpus: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(collection, copy)
+    shutil.copytree(collection, copy, symlinks=True)
     image = corpus_images(corpus)[5]
     before = json.loads(run_cli("query", image, "--index", copy, "--json").stdout)
-    shutil.rmtree(copy / "index")
+    shutil.rmtree(copy / "current" / "index")
     missing = run_cli("query", image, "--index", copy)
     assert missing.exit_code == 3 and f"indexer index {copy}" in missing.output
     result = run_cli("index", copy)
     assert result.exit_code == 0, result.output
     after = json.loads(run_cli("query", image, "--index", copy, "--json").stdout)
     assert [r["id"] for r in after[0]["results"]] == [r["id"] for r in before[0]["results"]]
-    assert not [p for p in copy.iterdir() if p.name.startswith("index.")]
+    assert os.readlink(copy / "current") == "versions/v000002"
+    assert sorted(p.name for p in (copy / "versions").iterdir()) == ["v000001", "v000002"]
 
 
 def test_shard_rotation(corpus: Path, tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_user_errors_are_one_line(tmp_path: Path, corpus: Path, collection: Path
 
 def test_corrupt_manifest_is_reported(collection: Path, tmp_path: Path, corpus: Path) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(collection, copy)
+    shutil.copytree(collection, copy, symlinks=True)
     (copy / "manifest.json").write_text("{not json")
     result = run_cli("query", corpus_images(corpus)[0], "--index", copy)
     assert result.exit_code == 3 and "corrupt" in result.output
@@ -181,7 +183,7 @@ def test_failed_overwrite_keeps_the_old_collection(
     collection: Path, corpus: Path, tmp_path: Path
 ) -> None:
     copy = tmp_path / "copy"
-    shutil.copytree(collection, copy)
+    shutil.copytree(collection, copy, symlinks=True)
     empty = tmp_path / "empty-source"
     empty.mkdir()
     for args, message in (

@@ -111,7 +111,7 @@ def test_query_refuses_when_weights_cannot_be_reproduced(collection: Path, tmp_p
     import shutil
 
     copy = tmp_path / "copy"
-    shutil.copytree(collection, copy)
+    shutil.copytree(collection, copy, symlinks=True)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["model"]["state_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
