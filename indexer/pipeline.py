@@ -242,6 +242,8 @@ def batch_table(
         "width": pa.array(batch.widths, pa.int32()),
         "height": pa.array(batch.heights, pa.int32()),
         "content_hash": batch.hashes,
+        "file_size": [item.fingerprint[0] if item.fingerprint else None for item in rows],
+        "mtime_ns": [item.fingerprint[1] if item.fingerprint else None for item in rows],
     }
     for name in schema.names[len(columns) :]:
         columns[name] = pa.array([m.get(name) for m in batch.metadata], schema.field(name).type)

@@ -30,6 +30,8 @@ def shard_schema(dim: int, metadata: pa.Schema) -> pa.Schema:
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("content_hash", pa.string()),
+        pa.field("file_size", pa.int64()),  # size and mtime at listing: what the next run
+        pa.field("mtime_ns", pa.int64()),  # compares to skip unchanged files (null: datasets)
     ]
     return pa.schema(fixed + list(metadata))
 

@@ -132,6 +132,8 @@ def _table(ids: range, dim: int) -> pa.Table:
             "width": pa.array([1] * len(ids), pa.int32()),
             "height": pa.array([1] * len(ids), pa.int32()),
             "content_hash": ["h"] * len(ids),
+            "file_size": pa.array([None] * len(ids), pa.int64()),
+            "mtime_ns": pa.array([None] * len(ids), pa.int64()),
         }
     )
 
@@ -196,7 +198,8 @@ def test_non_utf8_file_name_gets_a_printable_key(tmp_path: Path) -> None:
     with open(os.path.join(os.fsencode(tmp_path / "src"), name), "wb") as f:
         f.write(b"data")
     source = FolderSource(tmp_path / "src")
-    [(key, locator)] = source.keys_and_locators()
+    [(key, locator, fingerprint)] = source.keys_and_locators()
+    assert fingerprint is not None and fingerprint[0] == 4
     assert key == "caf\\xe9.jpg"
     key.encode("utf-8")
     assert source.read(locator)[0] == b"data"

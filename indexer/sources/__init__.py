@@ -39,6 +39,6 @@ def list_items(sources: list[Source]) -> list[Item]:
     prefixed = len(sources) > 1
     items: list[Item] = []
     for i, src in enumerate(sources):
-        for key, locator in src.keys_and_locators():
-            items.append(Item(f"{src.label}/{key}" if prefixed else key, i, locator))
+        for key, locator, fingerprint in src.keys_and_locators():
+            items.append(Item(f"{src.label}/{key}" if prefixed else key, i, locator, fingerprint))
     return items

@@ -15,6 +15,7 @@ class Item:
     key: str
     source: int  # position of its source in the build's source list
     locator: Any  # a path for folders, a row number for datasets
+    fingerprint: tuple[int, int] | None = None  # (size, mtime_ns) of a file, when it has one
 
 
 class Source(Protocol):
@@ -26,8 +27,8 @@ class Source(Protocol):
         """JSON-able description for the manifest."""
         ...
 
-    def keys_and_locators(self) -> list[tuple[str, Any]]:
-        """Every item as (key, locator), in a deterministic order."""
+    def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+        """Every item as (key, locator, fingerprint), in a deterministic order."""
         ...
 
     def metadata_schema(self) -> pa.Schema:

@@ -33,8 +33,15 @@ class FolderSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "path": str(self.root), "label": self.label}
 
-    def keys_and_locators(self) -> list[tuple[str, Any]]:
-        return [(printable_key(rel), rel) for rel in walk_images(self.root)]
+    def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+        return [(printable_key(rel), rel, self._fingerprint(rel)) for rel in walk_images(self.root)]
+
+    def _fingerprint(self, rel: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.root / rel)
+        except OSError:
+            return None  # unreadable now: it will be read, and fail, as an error row
+        return st.st_size, st.st_mtime_ns
 
     def metadata_schema(self) -> pa.Schema:
         return pa.schema([])

@@ -52,8 +52,8 @@ class HFSource:
             "label": self.label,
         }
 
-    def keys_and_locators(self) -> list[tuple[str, Any]]:
-        return [(f"{self.split}/{row}", row) for row in range(len(self.dataset))]
+    def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+        return [(f"{self.split}/{row}", row, None) for row in range(len(self.dataset))]
 
     def metadata_schema(self) -> pa.Schema:
         schema = self.dataset.data.schema
