@@ -76,7 +76,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError) as exc:
         raise CollectionError(
             f"{paths.manifest} is corrupt ({type(exc).__name__}: {exc}): rebuild the collection "
-            "with `indexer build ... --overwrite`"
+            "with `indexer build ... --rebuild`"
         ) from exc
     if version != SCHEMA_VERSION:
         raise CollectionError(
@@ -87,7 +87,7 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if missing:
         raise CollectionError(
             f"{root} is missing {len(missing)} shard file(s) named in its manifest "
-            f"(e.g. {missing[0]}): rebuild the collection with `indexer build ... --overwrite`"
+            f"(e.g. {missing[0]}): rebuild the collection with `indexer build ... --rebuild`"
         )
     return manifest
 
@@ -110,17 +110,12 @@ def open_version(root: Path) -> Path:
     return current.resolve()
 
 
-def check_build_dir(root: Path, overwrite: bool) -> None:
-    """--out must be new, empty, a collection (with overwrite), or an unfinished build."""
+def check_build_dir(root: Path) -> None:
+    """--out must be new, empty, a collection, or an unfinished build (not someone's folder)."""
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file: choose a directory")
     if not root.is_dir():
         return
-    if (root / CURRENT).exists() and not overwrite:
-        raise InputError(
-            f"{root} already holds a collection: pass --overwrite to rebuild it, "
-            "or choose another --out"
-        )
     strangers = [p.name for p in root.iterdir() if not _is_ours(p.name)]
     if strangers:
         raise InputError(

@@ -157,7 +157,12 @@ def main(verbose: bool) -> None:
 )
 @click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
 @click.option("--image-column", help="Image column for hf: sources (default: the only one).")
-@click.option("--overwrite", is_flag=True, help="Rebuild an existing collection at --out.")
+@click.option(
+    "--rebuild",
+    is_flag=True,
+    help="Re-embed everything (needed after changing the model, weights or "
+    "preprocessing); by default a build updates an existing collection incrementally.",
+)
 @click.option(
     "--max-failures",
     default=0.05,
@@ -196,7 +201,7 @@ def build(
     shard_size: int,
     split: str | None,
     image_column: str | None,
-    overwrite: bool,
+    rebuild: bool,
     max_failures: float,
     keep: int,
     metrics_file: Path | None,
@@ -229,7 +234,7 @@ def build(
         ),
         index=IndexConfig(metric=metric),
         shard_size=shard_size,
-        overwrite=overwrite,
+        rebuild=rebuild,
         max_failures=max_failures,
         keep=keep,
         metrics_file=metrics_file,
@@ -289,12 +294,21 @@ def job_argv(settings: dict[str, Any], job: Path) -> list[str]:
 
 
 def summarize(report: BuildReport) -> str:
-    rate = report.items / report.seconds if report.seconds else 0.0
+    c = report.counts
+    if report.index is None:
+        return (
+            f"Nothing changed in {report.root}: {c['unchanged']} items unchanged "
+            f"(version {report.version} stays), {report.seconds:.1f}s."
+        )
+    done = c["new"] + c["changed"]
+    rate = done / report.seconds if report.seconds else 0.0
     text = (
-        f"Built {report.root}: {report.embedded} embedded, {report.failed} failed, "
-        f"{report.shards} shard(s), {report.seconds:.1f}s ({rate:.1f} images/s)."
+        f"Built {report.root}: {report.rows} embedded, {c['failed']} failed "
+        f"({c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, "
+        f"{c['deleted']} deleted), version {report.version}, {report.shards} shard(s), "
+        f"{report.seconds:.1f}s ({rate:.1f} images/s)."
     )
-    if report.failed:
+    if c["failed"]:
         text += f" Failures are listed in {report.root / 'errors.parquet'}."
     recall = report.index.get("recall_at_k")
     if recall is not None:

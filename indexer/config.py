@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,7 @@ class BuildConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     shard_size: int = 50_000
-    overwrite: bool = False
+    rebuild: bool = False  # re-embed everything instead of updating incrementally
     max_failures: float = 0.05  # >= 1: a count of items; below 1: a fraction of the items
     keep: int = 2  # published versions kept (older ones are deleted)
     metrics_file: Path | None = None
@@ -105,3 +106,12 @@ def _resolve_source(base: Path, source: Any) -> Any:
         local = name.startswith((".", "/", "~"))
         return f"hf:{base / Path(name).expanduser()}" if local else source
     return str(base / Path(source).expanduser())
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file (weights identity), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

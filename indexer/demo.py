@@ -31,7 +31,7 @@ def run_demo(out: Path, count: int = 300, progress: bool | None = None) -> DemoR
         out=out / "collection",
         model=ModelConfig(pretrained=True),
         loader=LoaderConfig(progress=progress),
-        overwrite=True,
+        rebuild=True,
     )
     fallback = None
     try:

@@ -32,15 +32,23 @@ class Batch:
     hashes: list[str] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # position, stage, reason
+    reused: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # pos, hash, meta
 
 
 class ItemDataset(Dataset):
     """Reads and prepares items by position; never substitutes one item for another."""
 
-    def __init__(self, items: list[Item], sources: list[Source], preprocess: Preprocessor) -> None:
+    def __init__(
+        self,
+        items: list[Item],
+        sources: list[Source],
+        preprocess: Preprocessor,
+        known_hashes: frozenset[str] = frozenset(),
+    ) -> None:
         self.items = items
         self.sources = sources
         self.preprocess = preprocess
+        self.known_hashes = known_hashes  # bytes already embedded: their vector is reused
 
     def __len__(self) -> int:
         return len(self.items)
@@ -51,6 +59,9 @@ class ItemDataset(Dataset):
             data, meta = self.sources[item.source].read(item.locator)
         except Exception as exc:  # a read failure is this item's error row, not the run's end
             return {"position": position, "error": ("read", _reason(exc))}
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self.known_hashes:
+            return {"position": position, "reuse": digest, "meta": meta}
         try:
             prepared = self.preprocess(data)
         except DecodeError as exc:
@@ -62,7 +73,7 @@ class ItemDataset(Dataset):
             "pixels": prepared.pixels,
             "width": prepared.width,
             "height": prepared.height,
-            "hash": hashlib.sha256(data).hexdigest(),
+            "hash": digest,
             "meta": meta,
         }
 
@@ -78,6 +89,9 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         if "error" in s:
             stage, reason = s["error"]
             batch.errors.append((s["position"], stage, reason))
+            continue
+        if "reuse" in s:
+            batch.reused.append((s["position"], s["reuse"], s["meta"]))
             continue
         batch.positions.append(s["position"])
         batch.widths.append(s["width"])
@@ -96,16 +110,21 @@ def _lower_priority(_worker_id: int) -> None:
 
 
 def iter_batches(
-    items: list[Item], sources: list[Source], preprocess: Preprocessor, cfg: LoaderConfig
+    items: list[Item],
+    sources: list[Source],
+    preprocess: Preprocessor,
+    cfg: LoaderConfig,
+    known_hashes: frozenset[str] = frozenset(),
+    positions: list[int] | None = None,
 ) -> Iterator[Batch]:
     """Batches in item order (DataLoader keeps order across workers).
 
     Workers start, and decode up to ``PREFETCH`` batches each, as soon as this is called.
     """
     loader = DataLoader(
-        ItemDataset(items, sources, preprocess),
+        ItemDataset(items, sources, preprocess, known_hashes),
         batch_size=cfg.batch_size,
-        shuffle=False,
+        sampler=positions,  # None: every item, in order
         num_workers=cfg.workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),

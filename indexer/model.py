@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.config import PRECISIONS, ModelConfig
+from indexer.config import PRECISIONS, ModelConfig, file_sha256
 from indexer.errors import InputError, ModelError, WeightsUnavailableError
 from indexer.hub import hub_unreachable_reason
 from indexer.preprocess import DataConfig
@@ -320,12 +320,4 @@ def state_sha256(model: torch.nn.Module) -> str:
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()

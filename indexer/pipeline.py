@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from indexer import __version__, configcache
 from indexer.catalog import (
+    CURRENT,
     ERRORS,
     MANIFEST,
     SCHEMA_VERSION,
@@ -29,24 +30,42 @@ from indexer.catalog import (
     write_json_atomic,
 )
 from indexer.config import BuildConfig, IndexConfig
-from indexer.errors import CollectionLockedError, InputError, TooManyFailuresError
+from indexer.errors import (
+    CollectionLockedError,
+    InputError,
+    RecipeMismatchError,
+    TooManyFailuresError,
+)
 from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
 from indexer.index import build_index
-from indexer.loader import Batch, iter_batches
 from indexer.lock import CollectionLock
-from indexer.model import Embedder, load_embedder
-from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, Preprocessor
+from indexer.plan import (
+    Plan,
+    PrevRow,
+    check_request,
+    make_plan,
+    read_prev_rows,
+    request,
+    unchanged_datasets,
+)
+from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, DataConfig, Preprocessor
 from indexer.publish import prune, publish, start_version
 from indexer.shards import (
     ShardInfo,
     ShardWriter,
+    carry_over,
     embedding_array,
     merge_metadata_schemas,
+    rows_by_hash,
     shard_schema,
     write_errors,
 )
 from indexer.sources import Item, Source, list_items, open_sources
+
+if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
+    from indexer.loader import Batch
+    from indexer.model import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +73,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BuildReport:
     root: Path
-    items: int
-    embedded: int
-    failed: int
+    counts: dict[str, int]  # listed, new, changed, unchanged, deleted, failed
+    rows: int  # rows in the collection after the run
     shards: int
     seconds: float
-    index: dict[str, Any]
+    index: dict[str, Any] | None  # None when nothing changed and nothing was published
     status: str = "success"  # or "partial": some items failed, within the failure budget
+    version: int | None = None
 
 
 def build(cfg: BuildConfig) -> BuildReport:
@@ -72,10 +91,11 @@ def build(cfg: BuildConfig) -> BuildReport:
     try:
         with CollectionLock(cfg.out, "build"):
             report = build_unlocked(cfg)
-        status = judge(report.failed, report.items, cfg.max_failures)
+        failed, listed = report.counts["failed"], report.counts["listed"]
+        status = judge(failed, listed, cfg.max_failures)
         if status == "failed":
             raise TooManyFailuresError(
-                f"{report.failed} of {report.items} items failed, over the failure budget "
+                f"{failed} of {listed} items failed, over the failure budget "
                 f"(--max-failures {cfg.max_failures:g}); the collection was written: see "
                 f"{cfg.out / 'errors.parquet'}"
             )
@@ -88,7 +108,8 @@ def build(cfg: BuildConfig) -> BuildReport:
         error = error or f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        record = RunRecord("build", started, time.time(), status, run_counts(report), error)
+        counts = report.counts if report is not None else {}
+        record = RunRecord("build", started, time.time(), status, counts, error)
         append_run(cfg.out, record)
         if cfg.metrics_file is not None:
             write_metrics(cfg.metrics_file, cfg.out, record)
@@ -100,19 +121,6 @@ def judge(failed: int, items: int, max_failures: float) -> str:
         return "success"
     budget = int(max_failures) if max_failures >= 1 else math.floor(max_failures * items)
     return "partial" if failed <= budget else "failed"
-
-
-def run_counts(report: BuildReport | None) -> dict[str, int]:
-    if report is None:
-        return {}
-    return {
-        "listed": report.items,
-        "new": report.embedded,
-        "changed": 0,
-        "unchanged": 0,
-        "deleted": 0,
-        "failed": report.failed,
-    }
 
 
 def reindex(root: Path, keep: int = 2) -> dict[str, Any]:
@@ -134,38 +142,159 @@ def reindex(root: Path, keep: int = 2) -> dict[str, Any]:
         return meta
 
 
+@dataclass(frozen=True)
+class Previous:
+    """The published version a build updates (empty for a first build or --rebuild)."""
+
+    folder: Path | None
+    manifest: dict[str, Any] | None
+    rows: dict[str, PrevRow]
+
+    @classmethod
+    def of(cls, cfg: BuildConfig, sources: list[Source], asked: dict[str, Any]) -> Previous:
+        if cfg.rebuild or not (cfg.out / CURRENT).exists():
+            return cls(None, None, {})
+        folder = open_version(cfg.out)
+        manifest = read_manifest(folder)
+        check_request(asked, manifest, cfg.out)
+        return cls(folder, manifest, read_prev_rows(folder, manifest))
+
+    def next_id(self) -> int:
+        if self.manifest is None:
+            return 0
+        return int(
+            self.manifest.get("next_id", max((r.id for r in self.rows.values()), default=-1) + 1)
+        )
+
+
 def build_unlocked(cfg: BuildConfig) -> BuildReport:
-    """Embed every item of the sources into a new collection at cfg.out and index it."""
+    """list -> plan; then, only if something changed: load -> embed -> write -> index -> publish."""
     start = time.perf_counter()
     sources = open_sources(cfg.sources)
     items = list_items(sources)
     if not items:
         raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
-    log.info("listed %d items from %d source(s)", len(items), len(sources))
-    check_build_dir(cfg.out, cfg.overwrite)
-    embedder, batches = load_model_while_decoding(items, sources, cfg)
-    log.info("model %s ready (%s)", cfg.model.name, embedder.recipe["precision"])
-    number, building = start_version(cfg.out)  # the published version stays untouched
-    paths = CollectionPaths(building)
+    check_build_dir(cfg.out)
+    asked = request(cfg)
+    prev = Previous.of(cfg, sources, asked)
+    same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
+    plan = make_plan(items, sources, prev.rows, same, prev.next_id())
+    log.info("listed %d items: %d to check, %d unchanged, %d deleted",
+             len(items), len(plan.check), len(plan.keep), plan.deleted)  # fmt: skip
+    if prev.manifest is not None and plan.nothing_to_do:
+        counts = {**zero_counts(len(items)), "unchanged": len(plan.keep)}
+        return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
+                           time.perf_counter() - start, None,
+                           version=prev.manifest.get("version"))  # fmt: skip
+    return update(cfg, sources, items, plan, prev, asked, start)
+
+
+def zero_counts(listed: int) -> dict[str, int]:
+    return {"listed": listed, "new": 0, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0}
+
+
+def update(
+    cfg: BuildConfig,
+    sources: list[Source],
+    items: list[Item],
+    plan: Plan,
+    prev: Previous,
+    asked: dict[str, Any],
+    start: float,
+) -> BuildReport:
+    """Embed what the plan says, then write, index and publish a new version."""
+    known = frozenset(r.content_hash for r in prev.rows.values())
+    embedder, batches = load_model_while_decoding(items, sources, cfg, known, plan.check)
+    if prev.manifest is not None:
+        check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out)
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     schema = shard_schema(embedder.dim, metadata)
-    shards, errors = embed_items(items, sources, batches, embedder, schema, paths, cfg)
-    log.info("embedded %d items into %d shard(s)", sum(s.rows for s in shards), len(shards))
+    number, building = start_version(cfg.out)  # the published version stays untouched
+    paths = CollectionPaths(building)
+    paths.shards.mkdir()
+    carried = carry(prev, set(plan.keep.values()), paths, schema, cfg.out)
+    job = EmbedJob(items, sources, plan, embedder, schema, prefix=f"part-v{number:06d}")
+    new_shards, errors, reused = embed_items(job, batches, paths, cfg)
+    new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)
+    shards = carried + new_shards
     write_errors(paths.errors, errors)
+    counts = tally(plan, reused, errors, prev, items, len(items))
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
-    manifest["version"] = number
+    manifest.update(version=number, next_id=plan.next_id, request=asked)
     write_json_atomic(paths.manifest, manifest)
     index_meta = build_index(building, manifest, cfg.index)
     publish(cfg.out, number, building)
     prune(cfg.out, cfg.keep)
-    embedded = sum(s.rows for s in shards)
+    rows = sum(s.rows for s in shards)
     seconds = time.perf_counter() - start
-    log.info("built %s: %d embedded, %d failed, %.1fs", cfg.out, embedded, len(errors), seconds)
-    return BuildReport(cfg.out, len(items), embedded, len(errors), len(shards), seconds, index_meta)
+    log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
+    return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number)
+
+
+def carry(
+    prev: Previous, keep_ids: set[int], paths: CollectionPaths, schema: pa.Schema, root: Path
+) -> list[ShardInfo]:
+    if prev.folder is None or prev.manifest is None or not keep_ids:
+        return []
+    try:
+        return carry_over(prev.folder / SHARDS, prev.manifest["shards"], keep_ids, paths.shards,
+                          schema)  # fmt: skip
+    except ValueError as exc:
+        raise InputError(
+            f"the sources' columns differ from those of {root} ({exc}): pass --rebuild"
+        ) from exc
+
+
+def check_recipe(recipe: dict[str, Any], mode: str, manifest: dict[str, Any], root: Path) -> None:
+    """The loaded model must make vectors exactly as the published ones were made."""
+    built = manifest["model"]
+    fields = ("name", "state_sha256", "data_config", "normalize", "precision", "forward")
+    diff = [f for f in fields if built.get(f) != recipe.get(f)]
+    if manifest["decode"]["mode"] != mode:
+        diff.append("preprocessing")
+    if diff:
+        raise RecipeMismatchError(
+            f"the model loaded here differs from the one {root} was built with "
+            f"({', '.join(diff)}; built with timm {built.get('timm_version')}, torch "
+            f"{built.get('torch_version')}; here timm {recipe.get('timm_version')}, torch "
+            f"{recipe.get('torch_version')}): "
+            "pass --rebuild to re-embed everything"
+        )
+
+
+def tally(
+    plan: Plan,
+    reused: list[tuple[int, str, dict[str, Any]]],
+    errors: list[dict[str, str]],
+    prev: Previous,
+    items: list[Item],
+    listed: int,
+) -> dict[str, int]:
+    """What the run did, per listed item: new, changed, unchanged (incl. touched), failed."""
+    counts = {**zero_counts(listed), "unchanged": len(plan.keep), "deleted": plan.deleted}
+    failed_keys = {e["key"] for e in errors}
+    touched = {
+        p for p, digest, _ in reused
+        if p in plan.known and prev.rows[items[p].key].content_hash == digest
+    }  # fmt: skip
+    for position in plan.check:
+        if items[position].key in failed_keys:
+            counts["failed"] += 1
+        elif position in touched:
+            counts["unchanged"] += 1
+        elif position in plan.known:
+            counts["changed"] += 1
+        else:
+            counts["new"] += 1
+    return counts
 
 
 def load_model_while_decoding(
-    items: list[Item], sources: list[Source], cfg: BuildConfig
+    items: list[Item],
+    sources: list[Source],
+    cfg: BuildConfig,
+    known: frozenset[str],
+    positions: list[int],
 ) -> tuple[Embedder, Iterator[Batch]]:
     """Start the loader with the model's remembered data config, then load the model.
 
@@ -173,12 +302,15 @@ def load_model_while_decoding(
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
     """
+    from indexer.loader import iter_batches
+    from indexer.model import load_embedder
+
+    def start(data_config: DataConfig) -> Iterator[Batch]:
+        preprocess = Preprocessor(data_config, cfg.loader.preprocessing)
+        return iter_batches(items, sources, preprocess, cfg.loader, known, positions)
+
     hint = configcache.lookup(cfg.model.name)
-    early = None
-    if hint is not None:
-        early = iter_batches(
-            items, sources, Preprocessor(hint, cfg.loader.preprocessing), cfg.loader
-        )
+    early = start(hint) if hint is not None else None
     try:
         embedder = load_embedder(cfg.model)  # fails here, before anything is written
     except BaseException:
@@ -190,63 +322,101 @@ def load_model_while_decoding(
     if early is not None:
         log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
         del early  # shuts its workers down
-    preprocess = Preprocessor(embedder.data_config, cfg.loader.preprocessing)
-    return embedder, iter_batches(items, sources, preprocess, cfg.loader)
+    return embedder, start(embedder.data_config)
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """What the embedding loop writes: items, their planned ids, and how rows are made."""
+
+    items: list[Item]
+    sources: list[Source]
+    plan: Plan
+    embedder: Embedder
+    schema: pa.Schema
+    prefix: str
 
 
 def embed_items(
-    items: list[Item],
-    sources: list[Source],
-    batches: Iterator[Batch],
-    embedder: Embedder,
-    schema: pa.Schema,
-    paths: CollectionPaths,
-    cfg: BuildConfig,
-) -> tuple[list[ShardInfo], list[dict[str, str]]]:
-    """Stream batches through the model into shards; failed items become error rows."""
+    job: EmbedJob, batches: Iterator[Batch], paths: CollectionPaths, cfg: BuildConfig
+) -> tuple[list[ShardInfo], list[dict[str, str]], list[tuple[int, str, dict[str, Any]]]]:
+    """Stream batches through the model into new shards; failures become error rows, and
+    items whose bytes are already embedded are set aside to reuse their vectors."""
     errors: list[dict[str, str]] = []
-    bar = tqdm(total=len(items), unit="img", disable=_no_bar(cfg.loader.progress))
-    with ShardWriter(paths.shards, schema, cfg.shard_size) as writer, bar:
+    reused: list[tuple[int, str, dict[str, Any]]] = []
+    bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
+    writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
+    with writer, bar:
         for batch in batches:
             if batch.pixels is not None:
-                vectors = embedder.embed(batch.pixels)
-                writer.write(batch_table(batch, vectors, items, sources, schema))
+                vectors = job.embedder.embed(batch.pixels)
+                rows = [
+                    NewRow(p, h, w, ht, m)
+                    for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths,
+                                              batch.heights, batch.metadata, strict=True)
+                ]  # fmt: skip
+                writer.write(rows_table(job, rows, vectors))
             for position, stage, reason in batch.errors:
-                item = items[position]
-                errors.append(
-                    {
-                        "key": item.key,
-                        "source": sources[item.source].label,
-                        "stage": stage,
-                        "error": reason,
-                    }
-                )
-            bar.update(len(batch.positions) + len(batch.errors))
-        return writer.close(), errors
+                item = job.items[position]
+                label = job.sources[item.source].label
+                errors.append({"key": item.key, "source": label, "stage": stage, "error": reason})
+            reused += batch.reused
+            bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
+        return writer.close(), errors, reused
+
+
+def write_reused(
+    job: EmbedJob,
+    reused: list[tuple[int, str, dict[str, Any]]],
+    prev: Previous,
+    paths: CollectionPaths,
+    shard_size: int,
+) -> list[ShardInfo]:
+    """Rows for renamed, duplicated or touched files, with the vector already stored."""
+    if not reused or prev.folder is None or prev.manifest is None:
+        return []
+    shard_paths = CollectionPaths(prev.folder).shard_paths(prev.manifest)
+    stored = rows_by_hash(shard_paths, {digest for _, digest, _ in reused})
+    rows = [
+        NewRow(p, digest, stored[digest]["width"], stored[digest]["height"], meta)
+        for p, digest, meta in reused
+    ]
+    vectors = np.array([stored[r.hash]["embedding"] for r in rows], dtype=np.float32)
+    prefix = job.prefix.replace("part-", "reused-")
+    with ShardWriter(paths.shards, job.schema, shard_size, prefix=prefix) as writer:
+        writer.write(rows_table(job, rows, vectors))
+        return writer.close()
 
 
 def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress  # tqdm: None = only on a terminal
 
 
-def batch_table(
-    batch: Batch, vectors: np.ndarray, items: list[Item], sources: list[Source], schema: pa.Schema
-) -> pa.Table:
-    """One row per good item of the batch; the id is the item's position in the listing."""
-    rows = [items[p] for p in batch.positions]
+@dataclass(frozen=True)
+class NewRow:
+    position: int
+    hash: str
+    width: int
+    height: int
+    meta: dict[str, Any]
+
+
+def rows_table(job: EmbedJob, rows: list[NewRow], vectors: np.ndarray) -> pa.Table:
+    """Shard rows for items, with the ids the plan gave them."""
+    items = [job.items[r.position] for r in rows]
     columns: dict[str, Any] = {
-        "id": pa.array(batch.positions, pa.int64()),
-        "key": [item.key for item in rows],
-        "source": [sources[item.source].label for item in rows],
+        "id": pa.array([job.plan.ids[r.position] for r in rows], pa.int64()),
+        "key": [item.key for item in items],
+        "source": [job.sources[item.source].label for item in items],
         "embedding": embedding_array(vectors),
-        "width": pa.array(batch.widths, pa.int32()),
-        "height": pa.array(batch.heights, pa.int32()),
-        "content_hash": batch.hashes,
-        "file_size": [item.fingerprint[0] if item.fingerprint else None for item in rows],
-        "mtime_ns": [item.fingerprint[1] if item.fingerprint else None for item in rows],
+        "width": pa.array([r.width for r in rows], pa.int32()),
+        "height": pa.array([r.height for r in rows], pa.int32()),
+        "content_hash": [r.hash for r in rows],
+        "file_size": [item.fingerprint[0] if item.fingerprint else None for item in items],
+        "mtime_ns": [item.fingerprint[1] if item.fingerprint else None for item in items],
     }
-    for name in schema.names[len(columns) :]:
-        columns[name] = pa.array([m.get(name) for m in batch.metadata], schema.field(name).type)
+    for name in job.schema.names[len(columns) :]:
+        columns[name] = pa.array([r.meta.get(name) for r in rows], job.schema.field(name).type)
     return pa.table(columns)
 
 

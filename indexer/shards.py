@@ -12,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SHARD_PATTERN = "part-{:05d}.parquet"
 TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 8192
 ERROR_SCHEMA = pa.schema(
@@ -61,8 +60,11 @@ class ShardWriter:
     crash) never sees a half-written shard.
     """
 
-    def __init__(self, directory: Path, schema: pa.Schema, shard_size: int) -> None:
+    def __init__(
+        self, directory: Path, schema: pa.Schema, shard_size: int, prefix: str = "part"
+    ) -> None:
         self.directory = directory
+        self.prefix = prefix
         self.schema = schema
         self.shard_size = shard_size
         self.done: list[ShardInfo] = []
@@ -103,7 +105,7 @@ class ShardWriter:
             self.abort()
 
     def _path(self) -> Path:
-        return self.directory / SHARD_PATTERN.format(len(self.done))
+        return self.directory / f"{self.prefix}-{len(self.done):05d}.parquet"
 
     def _tmp_path(self) -> Path:
         return self._path().with_name(self._path().name + TMP_SUFFIX)
@@ -164,3 +166,43 @@ def write_errors(path: Path, rows: list[dict[str, str]]) -> None:
     tmp = path.with_name(path.name + TMP_SUFFIX)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
+
+
+def carry_over(
+    source: Path, shards: list[dict[str, Any]], keep_ids: set[int], target: Path,
+    schema: pa.Schema,
+) -> list[ShardInfo]:  # fmt: skip
+    """The kept rows of a version's shards in a new version: whole shards as hard links,
+    shards that lost rows rewritten with the rest (shards are immutable once published)."""
+    kept: list[ShardInfo] = []
+    wanted = np.fromiter(keep_ids, dtype=np.int64)
+    for shard in shards:
+        path = source / shard["name"]
+        if not pq.read_schema(path).equals(schema):
+            raise ValueError(f"shard {path} has another schema")
+        ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+        mask = np.isin(ids, wanted)
+        if mask.all():
+            os.link(path, target / shard["name"])
+            kept.append(ShardInfo(shard["name"], int(shard["rows"])))
+        elif mask.any():
+            table = pq.read_table(path).filter(pa.array(mask))
+            tmp = target / (shard["name"] + TMP_SUFFIX)
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+            os.replace(tmp, target / shard["name"])
+            kept.append(ShardInfo(shard["name"], table.num_rows))
+    return kept
+
+
+def rows_by_hash(paths: list[Path], hashes: set[str]) -> dict[str, dict[str, Any]]:
+    """One stored row (embedding included) for each content hash asked for."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if len(found) == len(hashes):
+            break
+        column = pq.read_table(path, columns=["content_hash"]).column("content_hash")
+        mask = np.isin(np.array(column.to_pylist(), dtype=object), list(hashes - found.keys()))
+        if mask.any():
+            for row in pq.read_table(path).filter(pa.array(mask)).to_pylist():
+                found.setdefault(row["content_hash"], row)
+    return found

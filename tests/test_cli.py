@@ -124,9 +124,9 @@ def test_shard_rotation(corpus: Path, tmp_path: Path) -> None:
         assert pq.read_metadata(out / "shards" / shard["name"]).num_rows == shard["rows"]
 
 
-def test_overwrite_rules(collection: Path, corpus: Path, tmp_path: Path) -> None:
+def test_rebuild_rules(collection: Path, corpus: Path, tmp_path: Path) -> None:
     again = run_cli("build", corpus, "--out", collection, *BUILD_FLAGS)
-    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert again.exit_code == 0 and again.output.startswith(f"Nothing changed in {collection}")
     stranger = tmp_path / "stuff"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
@@ -179,7 +179,7 @@ def test_pretrained_unavailable_fails_before_work(corpus: Path, tmp_path: Path) 
     assert run["status"] == "failed" and "cannot be fetched" in run["error"]
 
 
-def test_failed_overwrite_keeps_the_old_collection(
+def test_failed_rebuild_keeps_the_old_collection(
     collection: Path, corpus: Path, tmp_path: Path
 ) -> None:
     copy = tmp_path / "copy"
@@ -191,7 +191,7 @@ def test_failed_overwrite_keeps_the_old_collection(
         ([empty, "--no-pretrained"], "hold no images"),
         ([corpus, "--pretrained"], "cannot be fetched"),
     ):
-        result = run_cli("build", *args, "--out", copy, "--overwrite", "--workers", "0")
+        result = run_cli("build", *args, "--out", copy, "--rebuild", "--workers", "0")
         assert result.exit_code in (2, 4) and message in result.output, result.output
     query = run_cli("query", corpus_images(corpus)[0], "--index", copy, "-k", "1")
     assert query.exit_code == 0, query.output

@@ -63,7 +63,7 @@ def test_bad_job_files_are_one_line_errors(tmp_path: Path, text: str, message: s
 def test_shipped_example_and_configmap_are_valid_jobs(tmp_path: Path) -> None:
     params = parses(job_argv(read_job(JOBS / "example.toml"), JOBS / "example.toml"))
     assert params["sources"] == ("/data/photos",) and params["out"] == Path("/data/photos.idx")
-    assert params["overwrite"] is True and params["max_failures"] == 0.05
+    assert params["rebuild"] is False and params["max_failures"] == 0.05
     docs = list(yaml.safe_load_all((JOBS / "kubernetes" / "cronjob.yaml").read_text()))
     config_map, cron_job = docs
     assert cron_job["spec"]["concurrencyPolicy"] == "Forbid"

@@ -25,7 +25,7 @@ def test_each_build_publishes_a_version_and_old_ones_are_pruned(
 ) -> None:
     out = tmp_path / "c"
     for i in range(3):
-        flags = ("--overwrite",) if i else ()
+        flags = ("--rebuild",) if i else ()
         assert (
             run_cli("build", corpus / "group0", "--out", out, *flags, *BUILD_FLAGS).exit_code == 0
         )
@@ -34,7 +34,7 @@ def test_each_build_publishes_a_version_and_old_ones_are_pruned(
     for name in ("manifest.json", "shards", "index", "errors.parquet"):
         assert os.readlink(out / name) == f"current/{name}"
     assert pq.read_table(out / "shards").num_rows == len(list((corpus / "group0").iterdir()))
-    keep1 = ("--overwrite", "--keep", "1", *BUILD_FLAGS)
+    keep1 = ("--rebuild", "--keep", "1", *BUILD_FLAGS)
     assert run_cli("build", corpus / "group0", "--out", out, *keep1).exit_code == 0
     assert versions(out) == ["v000004"]
     assert "version 4" in run_cli("info", out).output
@@ -50,7 +50,7 @@ def test_a_failed_build_leaves_the_published_version(
         raise OSError("disk full")
 
     monkeypatch.setattr(pipeline, "build_index", broken_index)
-    result = run_cli("build", corpus / "group1", "--out", out, "--overwrite", *BUILD_FLAGS)
+    result = run_cli("build", corpus / "group1", "--out", out, "--rebuild", *BUILD_FLAGS)
     assert result.exit_code != 0
     assert os.readlink(out / "current") == "versions/v000001"
     keys = pq.read_table(out / "shards").column("key").to_pylist()
@@ -58,8 +58,7 @@ def test_a_failed_build_leaves_the_published_version(
     assert any(p.name.startswith(".building-") for p in (out / "versions").iterdir())
     monkeypatch.undo()
     assert (
-        run_cli("build", corpus / "group1", "--out", out, "--overwrite", *BUILD_FLAGS).exit_code
-        == 0
+        run_cli("build", corpus / "group1", "--out", out, "--rebuild", *BUILD_FLAGS).exit_code == 0
     )
     assert versions(out) == ["v000001", "v000002"]  # the leftover was cleared, numbers go on
 
@@ -76,7 +75,6 @@ def test_queries_during_builds_never_fail_or_mix(corpus: Path, tmp_path: Path) -
             out=out,
             model=ModelConfig(pretrained=False),
             loader=LoaderConfig(workers=0, progress=False),
-            overwrite=True,
         )
 
     pipeline.build(config(groups[0]))

@@ -1,0 +1,141 @@
+"""What a build must do: the listing compared with the published version, before any model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from indexer.config import BuildConfig, file_sha256
+from indexer.errors import InputError
+from indexer.sources import Item, Source
+
+PREV_COLUMNS = ["id", "key", "source", "file_size", "mtime_ns", "content_hash"]
+
+
+@dataclass(frozen=True)
+class PrevRow:
+    """A row of the published version, as far as planning needs it."""
+
+    id: int
+    source: str
+    fingerprint: tuple[int, int] | None
+    content_hash: str
+
+
+@dataclass
+class Plan:
+    """keep: unchanged items (position -> id). check: positions to read, hash and maybe embed."""
+
+    keep: dict[int, int] = field(default_factory=dict)
+    check: list[int] = field(default_factory=list)
+    ids: dict[int, int] = field(default_factory=dict)  # every listed position -> its id
+    known: set[int] = field(default_factory=set)  # positions whose key is in the published version
+    deleted: int = 0
+    next_id: int = 0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.check and not self.deleted
+
+
+def read_prev_rows(version: Path, manifest: dict[str, Any]) -> dict[str, PrevRow]:
+    """key -> PrevRow for every row of the published version (no embeddings are read)."""
+    rows: dict[str, PrevRow] = {}
+    for shard in manifest["shards"]:
+        table = pq.read_table(version / "shards" / shard["name"], columns=PREV_COLUMNS)
+        for r in table.to_pylist():
+            size, mtime = r["file_size"], r["mtime_ns"]
+            fingerprint = (size, mtime) if size is not None and mtime is not None else None
+            rows[r["key"]] = PrevRow(r["id"], r["source"], fingerprint, r["content_hash"])
+    return rows
+
+
+def unchanged_datasets(sources: list[Source], manifest: dict[str, Any]) -> set[str]:
+    """Labels of dataset sources whose fingerprint equals the one the version was built from."""
+    before = {
+        (s.get("label"), s.get("name"), s.get("split")): s.get("fingerprint")
+        for s in manifest["sources"]
+        if s.get("kind") == "hf"
+    }
+    same = set()
+    for source in sources:
+        d = source.describe()
+        if (
+            d["kind"] == "hf"
+            and before.get((d["label"], d["name"], d["split"])) == d["fingerprint"]
+        ):
+            same.add(source.label)
+    return same
+
+
+def make_plan(
+    items: list[Item],
+    sources: list[Source],
+    prev: dict[str, PrevRow],
+    same_datasets: set[str],
+    next_id: int,
+) -> Plan:
+    """Unchanged: same key, source and (size, mtime), or a row of an unchanged dataset."""
+    plan = Plan(next_id=next_id)
+    listed = set()
+    for position, item in enumerate(items):
+        listed.add(item.key)
+        label = sources[item.source].label
+        row = prev.get(item.key)
+        if row is None or row.source != label:
+            plan.ids[position] = plan.next_id
+            plan.next_id += 1
+            plan.check.append(position)
+            continue
+        plan.ids[position] = row.id
+        plan.known.add(position)
+        same_file = item.fingerprint is not None and item.fingerprint == row.fingerprint
+        if same_file or (item.fingerprint is None and label in same_datasets):
+            plan.keep[position] = row.id
+        else:
+            plan.check.append(position)
+    plan.deleted = sum(1 for key in prev if key not in listed)
+    return plan
+
+
+def request(cfg: BuildConfig) -> dict[str, Any]:
+    """The recipe the user asked for, comparable without loading the model."""
+    m = cfg.model
+    if m.checkpoint is not None:
+        if not m.checkpoint.is_file():
+            raise InputError(f"checkpoint {m.checkpoint} does not exist: check the path")
+        weights: dict[str, Any] = {"kind": "checkpoint", "sha256": file_sha256(m.checkpoint)}
+    elif m.pretrained:
+        weights = {"kind": "pretrained"}
+    else:
+        weights = {"kind": "random", "seed": m.seed}
+    return {
+        "model": m.name,
+        "weights": weights,
+        "normalize": m.normalize,
+        "precision": m.precision,
+        "preprocessing": cfg.loader.preprocessing,
+        "metric": cfg.index.metric,
+    }
+
+
+def check_request(asked: dict[str, Any], manifest: dict[str, Any], root: Path) -> None:
+    """Refuse to mix recipes in one collection."""
+    built = manifest.get("request")
+    if built == asked:
+        return
+    diff = sorted(k for k in asked if built is None or built.get(k) != asked.get(k))
+    raise InputError(
+        f"{root} was built with a different {', '.join(diff) or 'recipe'} "
+        f"(built: {_show(built, diff)}; asked: {_show(asked, diff)}): pass --rebuild to "
+        "re-embed everything with the new settings, or choose another --out"
+    )
+
+
+def _show(request: dict[str, Any] | None, keys: list[str]) -> str:
+    if request is None:
+        return "unknown"
+    return ", ".join(f"{k}={request.get(k)}" for k in keys)
