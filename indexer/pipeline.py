@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,13 +50,14 @@ from indexer.plan import (
     unchanged_datasets,
 )
 from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, DataConfig, Preprocessor
-from indexer.publish import prune, publish, start_version
+from indexer.publish import clear_salvage, prune, publish, salvage, start_version
 from indexer.shards import (
     ShardInfo,
     ShardWriter,
     carry_over,
     embedding_array,
     merge_metadata_schemas,
+    read_hashes,
     rows_by_hash,
     shard_schema,
     write_errors,
@@ -128,7 +129,8 @@ def reindex(root: Path, keep: int = 2) -> dict[str, Any]:
     with CollectionLock(root, "index"):
         source = open_version(root)
         manifest = read_manifest(source)
-        number, building = start_version(root)
+        salvage(root, manifest.get("request", {}))
+        number, building = start_version(root, manifest.get("request", {}))
         (building / SHARDS).mkdir()
         for shard in manifest["shards"]:  # shards are immutable: the versions share the files
             os.link(source / SHARDS / shard["name"], building / SHARDS / shard["name"])
@@ -149,6 +151,18 @@ class Previous:
     folder: Path | None
     manifest: dict[str, Any] | None
     rows: dict[str, PrevRow]
+    salvaged: list[Path] = field(default_factory=list)  # shards a killed run finished
+
+    def stored_shards(self) -> list[Path]:
+        """Every shard whose vectors may be reused: the published ones, then salvaged ones."""
+        published = []
+        if self.folder is not None and self.manifest is not None:
+            published = CollectionPaths(self.folder).shard_paths(self.manifest)
+        return published + self.salvaged
+
+    def known_hashes(self) -> frozenset[str]:
+        salvaged = {h for path in self.salvaged for h in read_hashes(path)}
+        return frozenset({r.content_hash for r in self.rows.values()} | salvaged)
 
     @classmethod
     def of(cls, cfg: BuildConfig, sources: list[Source], asked: dict[str, Any]) -> Previous:
@@ -177,20 +191,27 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
     check_build_dir(cfg.out)
     asked = request(cfg)
     prev = Previous.of(cfg, sources, asked)
+    salvaged = salvage(cfg.out, asked)  # finished shards of a killed run with the same recipe
     same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
     plan = make_plan(items, sources, prev.rows, same, prev.next_id())
     log.info("listed %d items: %d to check, %d unchanged, %d deleted",
              len(items), len(plan.check), len(plan.keep), plan.deleted)  # fmt: skip
     if prev.manifest is not None and plan.nothing_to_do:
+        clear_salvage(cfg.out)
         counts = {**zero_counts(len(items)), "unchanged": len(plan.keep)}
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
                            time.perf_counter() - start, None,
                            version=prev.manifest.get("version"))  # fmt: skip
-    return update(cfg, sources, items, plan, prev, asked, start)
+    return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start)
 
 
 def zero_counts(listed: int) -> dict[str, int]:
-    return {"listed": listed, "new": 0, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0}
+    """Per listed item: new, changed, unchanged, failed; plus deleted rows; plus vectors reused
+    by content hash (touched, renamed, duplicated files, and work a killed run finished)."""
+    return {
+        "listed": listed, "new": 0, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0,
+        "reused": 0,
+    }  # fmt: skip
 
 
 def update(
@@ -203,13 +224,14 @@ def update(
     start: float,
 ) -> BuildReport:
     """Embed what the plan says, then write, index and publish a new version."""
-    known = frozenset(r.content_hash for r in prev.rows.values())
-    embedder, batches = load_model_while_decoding(items, sources, cfg, known, plan.check)
+    embedder, batches = load_model_while_decoding(
+        items, sources, cfg, prev.known_hashes(), plan.check
+    )
     if prev.manifest is not None:
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out)
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     schema = shard_schema(embedder.dim, metadata)
-    number, building = start_version(cfg.out)  # the published version stays untouched
+    number, building = start_version(cfg.out, asked)  # the published version stays untouched
     paths = CollectionPaths(building)
     paths.shards.mkdir()
     carried = carry(prev, set(plan.keep.values()), paths, schema, cfg.out)
@@ -224,6 +246,7 @@ def update(
     write_json_atomic(paths.manifest, manifest)
     index_meta = build_index(building, manifest, cfg.index)
     publish(cfg.out, number, building)
+    clear_salvage(cfg.out)
     prune(cfg.out, cfg.keep)
     rows = sum(s.rows for s in shards)
     seconds = time.perf_counter() - start
@@ -271,12 +294,14 @@ def tally(
     listed: int,
 ) -> dict[str, int]:
     """What the run did, per listed item: new, changed, unchanged (incl. touched), failed."""
-    counts = {**zero_counts(listed), "unchanged": len(plan.keep), "deleted": plan.deleted}
+    counts = {**zero_counts(listed), "unchanged": len(plan.keep), "deleted": plan.deleted,
+              "reused": len(reused)}  # fmt: skip
     failed_keys = {e["key"] for e in errors}
     touched = {
         p for p, digest, _ in reused
         if p in plan.known and prev.rows[items[p].key].content_hash == digest
     }  # fmt: skip
+
     for position in plan.check:
         if items[position].key in failed_keys:
             counts["failed"] += 1
@@ -373,10 +398,9 @@ def write_reused(
     shard_size: int,
 ) -> list[ShardInfo]:
     """Rows for renamed, duplicated or touched files, with the vector already stored."""
-    if not reused or prev.folder is None or prev.manifest is None:
+    if not reused:
         return []
-    shard_paths = CollectionPaths(prev.folder).shard_paths(prev.manifest)
-    stored = rows_by_hash(shard_paths, {digest for _, digest, _ in reused})
+    stored = rows_by_hash(prev.stored_shards(), {digest for _, digest, _ in reused})
     rows = [
         NewRow(p, digest, stored[digest]["width"], stored[digest]["height"], meta)
         for p, digest, meta in reused

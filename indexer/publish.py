@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from indexer.catalog import CURRENT, ERRORS, INDEX, MANIFEST, SHARDS, VERSIONS
 from indexer.errors import CollectionError
 
 BUILDING_PREFIX = ".building-"
+SALVAGE = ".salvage"
+SALVAGEABLE = ("part-v", "reused-v")  # shards of newly embedded rows (not carried-over ones)
+REQUEST = ".request.json"
 # The contract's paths, each a fixed symlink into `current`: they all switch with it.
 LINKED = (MANIFEST, SHARDS, INDEX, ERRORS)
 VERSION_NAME = re.compile(r"^v(\d{6})$")
@@ -24,21 +30,64 @@ def version_numbers(root: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def start_version(root: Path) -> tuple[int, Path]:
-    """A fresh folder for the next version (leftovers of killed builds are removed first)."""
+def salvage(root: Path, request: dict[str, Any]) -> list[Path]:
+    """Finished new shards of killed builds, kept so a re-run does not embed them again.
+
+    A killed build leaves `.building-vN` (or a renamed `vN` never switched to). Its complete
+    shards of newly embedded rows move to `.salvage/<recipe digest>/`; the rest is deleted.
+    Only shards made with the recipe asked for now are returned.
+    """
+    folder = root / VERSIONS
+    if not folder.is_dir():
+        return []
+    current = (root / CURRENT).resolve() if (root / CURRENT).exists() else None
+    published = int(current.name[1:]) if current is not None else 0
+    leftovers = [p for p in folder.glob(f"{BUILDING_PREFIX}*")]
+    leftovers += [folder / f"v{n:06d}" for n in version_numbers(root) if n > published]
+    for leftover in leftovers:
+        _salvage_one(leftover, folder / SALVAGE)
+        shutil.rmtree(leftover, ignore_errors=True)
+    return sorted((folder / SALVAGE / recipe_digest(request)).glob("*.parquet"))
+
+
+def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
+    try:
+        asked = json.loads((leftover / REQUEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # killed before it embedded anything
+    target = salvage_dir / recipe_digest(asked)
+    target.mkdir(parents=True, exist_ok=True)
+    for shard in (leftover / SHARDS).glob("*.parquet"):
+        if shard.name.startswith(SALVAGEABLE):
+            os.replace(shard, target / f"{leftover.name}-{shard.name}")
+
+
+def recipe_digest(request: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def clear_salvage(root: Path) -> None:
+    shutil.rmtree(root / VERSIONS / SALVAGE, ignore_errors=True)
+
+
+def start_version(root: Path, request: dict[str, Any]) -> tuple[int, Path]:
+    """A fresh folder for the next version, marked with the recipe its new shards are made by.
+
+    Call salvage() first: it clears what killed builds left.
+    """
     folder = root / VERSIONS
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f"{BUILDING_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
     number = max(version_numbers(root), default=0) + 1
     building = folder / f"{BUILDING_PREFIX}v{number:06d}"
     building.mkdir()
+    (building / REQUEST).write_text(json.dumps(request, sort_keys=True), encoding="utf-8")
     return number, building
 
 
 def publish(root: Path, number: int, building: Path) -> Path:
     """Make the finished version visible: rename it into place, then swap `current` to it."""
     final = root / VERSIONS / f"v{number:06d}"
+    (building / REQUEST).unlink(missing_ok=True)
     os.replace(building, final)
     _fsync_dir(final.parent)
     tmp_link = root / f".{CURRENT}.tmp-{os.getpid()}"

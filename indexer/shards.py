@@ -206,3 +206,7 @@ def rows_by_hash(paths: list[Path], hashes: set[str]) -> dict[str, dict[str, Any
             for row in pq.read_table(path).filter(pa.array(mask)).to_pylist():
                 found.setdefault(row["content_hash"], row)
     return found
+
+
+def read_hashes(path: Path) -> list[str]:
+    return pq.read_table(path, columns=["content_hash"]).column("content_hash").to_pylist()

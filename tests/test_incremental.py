@@ -47,7 +47,9 @@ def test_each_kind_of_change(photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "c"
     first = build(photos, out)
     n = first["listed"]
-    assert first == {"listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0}
+    assert first == {
+        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0, "reused": 0
+    }  # fmt: skip
     before, ids_before = read_embeddings_by_key(out), ids_by_key(out)
 
     a = sorted((photos / "a").iterdir())
@@ -59,7 +61,8 @@ def test_each_kind_of_change(photos: Path, tmp_path: Path) -> None:
     shutil.copy(a[4], photos / "b" / ("copy" + a[4].suffix))  # duplicated
     counts = build(photos, out)
     assert counts == {
-        "listed": n + 1, "new": 3, "changed": 1, "unchanged": n - 3, "deleted": 2, "failed": 0
+        "listed": n + 1, "new": 3, "changed": 1, "unchanged": n - 3, "deleted": 2, "failed": 0,
+        "reused": 3,  # the touched, the renamed and the duplicated file: no model run for them
     }  # fmt: skip
 
     after, ids_after = read_embeddings_by_key(out), ids_by_key(out)

@@ -48,7 +48,7 @@ def test_history_records_each_run_and_survives_rebuilds(corpus: Path, tmp_path: 
     assert [r["status"] for r in history] == ["success", "failed", "success", "success"]
     n = len(list((corpus / "group0").iterdir()))
     assert history[0]["counts"] == {
-        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0
+        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0, "reused": 0
     }  # fmt: skip
     assert history[1]["error"].startswith("InputError") and "--rebuild" in history[1]["error"]
     assert history[2]["images_per_second"] > 0 and history[2]["seconds"] > 0
