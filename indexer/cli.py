@@ -157,6 +157,12 @@ def main(verbose: bool) -> None:
 )
 @click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
 @click.option("--image-column", help="Image column for hf: sources (default: the only one).")
+@click.option("--dry-run", is_flag=True, help="Print what a build would do; change nothing.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Read again the items that failed before, even if their files did not change.",
+)
 @click.option(
     "--rebuild",
     is_flag=True,
@@ -201,6 +207,8 @@ def build(
     shard_size: int,
     split: str | None,
     image_column: str | None,
+    dry_run: bool,
+    retry_failed: bool,
     rebuild: bool,
     max_failures: float,
     keep: int,
@@ -235,12 +243,25 @@ def build(
         index=IndexConfig(metric=metric),
         shard_size=shard_size,
         rebuild=rebuild,
+        retry_failed=retry_failed,
         max_failures=max_failures,
         keep=keep,
         metrics_file=metrics_file,
     )
     from indexer.pipeline import build as run_build
+    from indexer.pipeline import dry_run as plan_only
 
+    if dry_run:
+        plan = run_library(lambda: plan_only(cfg))
+        eta = plan["estimated_seconds"]
+        click.echo(
+            f"Dry run for {out}: {plan['listed']} listed; {plan['to_check']} to read "
+            f"(new or changed), {plan['unchanged']} unchanged, {plan['deleted']} to delete, "
+            f"{plan['failed_unchanged']} unchanged failures; estimated "
+            f"{'unknown (no earlier run)' if eta is None else f'{eta}s of embedding'}. "
+            "Nothing was changed."
+        )
+        return
     report = run_library(lambda: run_build(cfg))
     click.echo(summarize(report))
     if report.status == "partial":

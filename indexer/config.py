@@ -68,6 +68,7 @@ class BuildConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     shard_size: int = 50_000
     rebuild: bool = False  # re-embed everything instead of updating incrementally
+    retry_failed: bool = False  # read again files that failed and have not changed since
     max_failures: float = 0.05  # >= 1: a count of items; below 1: a fraction of the items
     keep: int = 2  # published versions kept (older ones are deleted)
     metrics_file: Path | None = None

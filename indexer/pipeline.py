@@ -36,7 +36,7 @@ from indexer.errors import (
     RecipeMismatchError,
     TooManyFailuresError,
 )
-from indexer.history import RunRecord, append_run, write_metrics
+from indexer.history import RunRecord, append_run, read_runs, write_metrics
 from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
 from indexer.index import build_index
 from indexer.lock import CollectionLock
@@ -45,6 +45,7 @@ from indexer.plan import (
     PrevRow,
     check_request,
     make_plan,
+    read_prev_errors,
     read_prev_rows,
     request,
     unchanged_datasets,
@@ -160,6 +161,9 @@ class Previous:
             published = CollectionPaths(self.folder).shard_paths(self.manifest)
         return published + self.salvaged
 
+    def errors(self) -> dict[str, dict[str, Any]]:
+        return read_prev_errors(self.folder) if self.folder is not None else {}
+
     def known_hashes(self) -> frozenset[str]:
         salvaged = {h for path in self.salvaged for h in read_hashes(path)}
         return frozenset({r.content_hash for r in self.rows.values()} | salvaged)
@@ -181,9 +185,17 @@ class Previous:
         )
 
 
-def build_unlocked(cfg: BuildConfig) -> BuildReport:
-    """list -> plan; then, only if something changed: load -> embed -> write -> index -> publish."""
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Planned:
+    sources: list[Source]
+    items: list[Item]
+    asked: dict[str, Any]
+    prev: Previous
+    plan: Plan
+
+
+def plan_build(cfg: BuildConfig) -> Planned:
+    """list -> plan: what a build would do, reading only listings and the published version."""
     sources = open_sources(cfg.sources)
     items = list_items(sources)
     if not items:
@@ -191,14 +203,46 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
     check_build_dir(cfg.out)
     asked = request(cfg)
     prev = Previous.of(cfg, sources, asked)
-    salvaged = salvage(cfg.out, asked)  # finished shards of a killed run with the same recipe
     same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
-    plan = make_plan(items, sources, prev.rows, same, prev.next_id())
+    prev_errors = None if cfg.retry_failed else prev.errors()
+    plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors)
+    return Planned(sources, items, asked, prev, plan)
+
+
+def dry_run(cfg: BuildConfig) -> dict[str, Any]:
+    """The plan's counts and a time estimate from the last runs; nothing is changed."""
+    planned = plan_build(cfg)
+    plan = planned.plan
+    rates = [r["images_per_second"] for r in read_runs(cfg.out, 20) if r.get("images_per_second")]
+    estimate = len(plan.check) / rates[-1] if rates and plan.check else None
+    return {
+        "listed": len(planned.items),
+        "to_check": len(plan.check),
+        "unchanged": len(plan.keep),
+        "deleted": plan.deleted,
+        "failed_unchanged": len(plan.kept_errors),
+        "estimated_seconds": None if estimate is None else round(estimate, 1),
+        "rebuild": planned.prev.manifest is None,
+    }
+
+
+def build_unlocked(cfg: BuildConfig) -> BuildReport:
+    """list -> plan; then, only if something changed: load -> embed -> write -> index -> publish."""
+    start = time.perf_counter()
+    planned = plan_build(cfg)
+    sources, items, asked, prev, plan = (
+        planned.sources, planned.items, planned.asked, planned.prev, planned.plan
+    )  # fmt: skip
+    salvaged = salvage(cfg.out, asked)  # finished shards of a killed run with the same recipe
     log.info("listed %d items: %d to check, %d unchanged, %d deleted",
              len(items), len(plan.check), len(plan.keep), plan.deleted)  # fmt: skip
     if prev.manifest is not None and plan.nothing_to_do:
         clear_salvage(cfg.out)
-        counts = {**zero_counts(len(items)), "unchanged": len(plan.keep)}
+        counts = {
+            **zero_counts(len(items)),
+            "unchanged": len(plan.keep),
+            "failed": len(plan.kept_errors),
+        }
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
                            time.perf_counter() - start, None,
                            version=prev.manifest.get("version"))  # fmt: skip
@@ -236,11 +280,13 @@ def update(
     paths.shards.mkdir()
     carried = carry(prev, set(plan.keep.values()), paths, schema, cfg.out)
     job = EmbedJob(items, sources, plan, embedder, schema, prefix=f"part-v{number:06d}")
-    new_shards, errors, reused = embed_items(job, batches, paths, cfg)
+    new_shards, new_errors, reused = embed_items(job, batches, paths, cfg)
+    errors = plan.kept_errors + new_errors
     new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)
     shards = carried + new_shards
     write_errors(paths.errors, errors)
-    counts = tally(plan, reused, errors, prev, items, len(items))
+    counts = tally(plan, reused, new_errors, prev, items, len(items))
+    counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
     write_json_atomic(paths.manifest, manifest)
@@ -288,7 +334,7 @@ def check_recipe(recipe: dict[str, Any], mode: str, manifest: dict[str, Any], ro
 def tally(
     plan: Plan,
     reused: list[tuple[int, str, dict[str, Any]]],
-    errors: list[dict[str, str]],
+    errors: list[dict[str, Any]],
     prev: Previous,
     items: list[Item],
     listed: int,
@@ -364,10 +410,10 @@ class EmbedJob:
 
 def embed_items(
     job: EmbedJob, batches: Iterator[Batch], paths: CollectionPaths, cfg: BuildConfig
-) -> tuple[list[ShardInfo], list[dict[str, str]], list[tuple[int, str, dict[str, Any]]]]:
+) -> tuple[list[ShardInfo], list[dict[str, Any]], list[tuple[int, str, dict[str, Any]]]]:
     """Stream batches through the model into new shards; failures become error rows, and
     items whose bytes are already embedded are set aside to reuse their vectors."""
-    errors: list[dict[str, str]] = []
+    errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
@@ -384,7 +430,9 @@ def embed_items(
             for position, stage, reason in batch.errors:
                 item = job.items[position]
                 label = job.sources[item.source].label
-                errors.append({"key": item.key, "source": label, "stage": stage, "error": reason})
+                size, mtime = item.fingerprint or (None, None)
+                errors.append({"key": item.key, "source": label, "stage": stage, "error": reason,
+                               "file_size": size, "mtime_ns": mtime})  # fmt: skip
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
         return writer.close(), errors, reused

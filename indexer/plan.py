@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from indexer.catalog import ERRORS
 from indexer.config import BuildConfig, file_sha256
 from indexer.errors import InputError
 from indexer.sources import Item, Source
@@ -35,6 +36,7 @@ class Plan:
     known: set[int] = field(default_factory=set)  # positions whose key is in the published version
     deleted: int = 0
     next_id: int = 0
+    kept_errors: list[dict[str, Any]] = field(default_factory=list)  # unchanged failed files
 
     @property
     def nothing_to_do(self) -> bool:
@@ -71,20 +73,39 @@ def unchanged_datasets(sources: list[Source], manifest: dict[str, Any]) -> set[s
     return same
 
 
+def read_prev_errors(version: Path) -> dict[str, dict[str, Any]]:
+    """key -> error row of the published version's errors table."""
+    path = version / ERRORS
+    if not path.is_file():
+        return {}
+    return {row["key"]: row for row in pq.read_table(path).to_pylist()}
+
+
 def make_plan(
     items: list[Item],
     sources: list[Source],
     prev: dict[str, PrevRow],
     same_datasets: set[str],
     next_id: int,
+    prev_errors: dict[str, dict[str, Any]] | None = None,
 ) -> Plan:
-    """Unchanged: same key, source and (size, mtime), or a row of an unchanged dataset."""
+    """Unchanged: same key, source and (size, mtime), or a row of an unchanged dataset.
+
+    A file that failed before and has not changed since stays failed without being read
+    again, unless ``prev_errors`` is None (--retry-failed).
+    """
     plan = Plan(next_id=next_id)
     listed = set()
     for position, item in enumerate(items):
         listed.add(item.key)
         label = sources[item.source].label
         row = prev.get(item.key)
+        failed = (prev_errors or {}).get(item.key)
+        if row is None and failed is not None and failed["source"] == label:
+            was = (failed.get("file_size"), failed.get("mtime_ns"))
+            if item.fingerprint is not None and item.fingerprint == was:
+                plan.kept_errors.append(failed)
+                continue
         if row is None or row.source != label:
             plan.ids[position] = plan.next_id
             plan.next_id += 1

@@ -15,7 +15,14 @@ import pyarrow.parquet as pq
 TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 8192
 ERROR_SCHEMA = pa.schema(
-    [("key", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("error", pa.string())]
+    [
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("error", pa.string()),
+        ("file_size", pa.int64()),  # as listed: a failed file left unchanged is not retried
+        ("mtime_ns", pa.int64()),
+    ]
 )
 
 
@@ -160,7 +167,7 @@ def read_rows(paths: list[Path], ids: set[int]) -> dict[int, dict[str, Any]]:
     return found
 
 
-def write_errors(path: Path, rows: list[dict[str, str]]) -> None:
+def write_errors(path: Path, rows: list[dict[str, Any]]) -> None:
     """The errors table, written whole under a temporary name and renamed."""
     table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
     tmp = path.with_name(path.name + TMP_SUFFIX)

@@ -115,3 +115,39 @@ def test_a_different_recipe_is_refused_until_rebuild(photos: Path, tmp_path: Pat
     counts = build(photos, out, "--seed", "1", "--rebuild")
     assert counts["new"] == counts["listed"]
     assert build(photos, out, "--seed", "1")["unchanged"] == counts["listed"]
+
+
+def test_unchanged_failures_are_not_retried_unless_asked(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    broken = photos / "a" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    flags = ("--max-failures", "1")
+    result = run_cli("build", photos, "--out", out, *BUILD_FLAGS, *flags)
+    assert result.exit_code == 5, result.output  # partial
+    again = run_cli("build", photos, "--out", out, *BUILD_FLAGS, *flags)
+    assert again.exit_code == 5 and again.output.startswith("Nothing changed"), again.output
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert [e["key"] for e in errors] == ["a/broken.jpg"]
+    retried = run_cli("build", photos, "--out", out, *BUILD_FLAGS, *flags, "--retry-failed")
+    assert retried.exit_code == 5 and "1 failed" in retried.output
+    assert os.readlink(out / "current") == "versions/v000002"
+    scene(7, (64, 48)).save(broken, "JPEG")  # fixed: now it embeds
+    fixed = build(photos, out, *flags)
+    assert fixed["new"] == 1 and fixed["failed"] == 0
+    assert pq.read_table(out / "errors.parquet").num_rows == 0
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    build(photos, out)
+    history = (out / "runs.jsonl").read_text()
+    scene(5, (64, 48)).save(photos / "a" / "new.png")
+    victim = sorted((photos / "b").iterdir())[0]
+    victim.unlink()
+    result = run_cli("build", photos, "--out", out, "--dry-run", *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "1 to read (new or changed)" in result.output and "1 to delete" in result.output
+    assert "Nothing was changed" in result.output and "s of embedding" in result.output
+    assert (out / "runs.jsonl").read_text() == history
+    assert os.readlink(out / "current") == "versions/v000001"
+    assert victim.relative_to(photos).as_posix() in ids_by_key(out)
