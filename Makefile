@@ -31,8 +31,9 @@ format: $(STAMP)  ## Apply ruff's formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## Throughput and memory benchmark (about 10 minutes; see bench/)
+bench: $(STAMP)  ## Throughput, memory and re-run benchmarks (about 7 minutes; see bench/)
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/rerun.py
 
 clean:  ## Remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

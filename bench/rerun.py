@@ -1,0 +1,58 @@
+"""Scheduled re-runs: a full build of 10k small JPEGs, then a re-run with nothing changed and one
+after 1% of the files changed, each as a fresh `indexer build` process; times and ratios."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import REPO, indexer_cmd, run_timed, small_corpus, write_checkpoint
+
+
+def change_files(images: Path, fraction: float, seed: int) -> int:
+    """Rewrite a fraction of the files with new pixels; the number changed."""
+    files = sorted(p for p in images.rglob("*.jpg"))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(files), size=max(1, int(len(files) * fraction)), replace=False)
+    for i in chosen:
+        arr = rng.integers(0, 256, (72, 96, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(files[i], quality=85)
+    return len(chosen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "bench")
+    parser.add_argument("--files", type=int, default=10_000)
+    args = parser.parse_args()
+    ck = args.work / "seed0.safetensors"
+    args.work.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(ck)
+    source = small_corpus(args.work, args.files)
+    images = args.work / f"rerun-{args.files}"  # a copy: the 1% change must not touch the cache
+    shutil.rmtree(images, ignore_errors=True)
+    shutil.copytree(source, images)
+    out = args.work / "out" / "rerun"
+    full = run_timed(indexer_cmd(images, out, ck)).seconds
+    cmd = [*indexer_cmd(images, args.work / "out" / "unused", ck)]
+    cmd[cmd.index("--out") + 1] = str(out)  # same collection, not cleared
+    noop = run_timed(cmd).seconds
+    changed = change_files(images, 0.01, seed=1)
+    one_percent = run_timed(cmd).seconds
+    print(f"# re-runs over {args.files} small JPEGs (each a fresh process, imports included)")
+    print(f"{'full build':>22}: {full:7.2f} s")
+    print(f"{'nothing changed':>22}: {noop:7.2f} s = {noop / full:6.1%} of full (target <= 3%)")
+    print(
+        f"{f'{changed} files changed':>22}: {one_percent:7.2f} s = "
+        f"{one_percent / full:6.1%} of full (target <= 5%)"
+    )
+
+
+if __name__ == "__main__":
+    main()
