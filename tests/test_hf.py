@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
@@ -127,3 +128,26 @@ def test_folder_and_dataset_together(saved: Path, corpus: Path, tmp_path: Path) 
     assert f"{corpus.name}/group0/scene0000.png" in keys and "pics/train/0" in keys
     assert set(table.column("source").to_pylist()) == {corpus.name, "pics"}
     assert table.column("label").null_count == 28  # folder rows have no dataset columns
+
+
+def test_an_unchanged_dataset_is_skipped_and_a_changed_one_rehashed(
+    corpus: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "ds"
+    ds = _dataset(corpus)
+    ds.save_to_disk(str(path))
+    out = tmp_path / "c"
+    assert run_cli("build", f"hf:{path}", "--out", out, *BUILD_FLAGS).exit_code == 0
+    again = run_cli("build", f"hf:{path}", "--out", out, *BUILD_FLAGS)
+    assert again.exit_code == 0 and again.output.startswith("Nothing changed"), again.output
+    before = read_embeddings_by_key(out)
+    changed = tmp_path / "ds2"
+    ds.select(range(10)).save_to_disk(str(changed))  # two rows fewer: a new fingerprint
+    shutil.rmtree(path)
+    changed.rename(path)
+    result = run_cli("build", f"hf:{path}", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "2 deleted" in result.output and "0 new" in result.output
+    after = read_embeddings_by_key(out)
+    assert sorted(after) == sorted(f"train/{i}" for i in range(10))
+    assert all(np.array_equal(after[k], before[k]) for k in after)

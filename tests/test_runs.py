@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,24 @@ def test_lock_of_a_killed_run_does_not_block(corpus: Path, tmp_path: Path) -> No
     holder.wait(timeout=30)
     result = run_cli("build", corpus / "group0", "--out", out, *BUILD_FLAGS)
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+def test_two_real_builds_one_wins_one_exits_locked(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    argv = ["build", str(corpus), "--out", str(out), "--no-pretrained", "--workers", "0",
+            "--batch-size", "1", "--no-progress"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.PIPE)
+    lock = out / ".indexer.lock"
+    for _ in range(600):  # until the first run holds the lock (it writes its name into it)
+        if lock.is_file() and lock.read_text():
+            break
+        first.poll()
+        assert first.returncode is None, "the first build ended before taking the lock"
+        threading.Event().wait(0.05)
+    second = run_cli("build", corpus, "--out", out, "--no-pretrained", "--workers", "0")
+    assert second.exit_code == 75 and "try again later" in second.output
+    assert first.wait(timeout=300) == 0
+    statuses = [r["status"] for r in runs(out)]
+    assert sorted(statuses) == ["locked", "success"]
