@@ -87,6 +87,15 @@ def entry() -> None:
     os._exit(code)
 
 
+keep_option = click.option(
+    "--keep",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Published versions to keep (at least 2 while queries run); older ones are deleted.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="indexer")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
@@ -177,13 +186,7 @@ def main(verbose: bool) -> None:
     help="Failure budget: a count (>= 1) or a fraction of the items (< 1). Within it "
     "a run with failures exits 5 (partial); over it, 6.",
 )
-@click.option(
-    "--keep",
-    default=2,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Published versions to keep; older ones are deleted after a build.",
-)
+@keep_option
 @click.option(
     "--metrics-file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -458,13 +461,7 @@ def _source_name(source: dict[str, Any]) -> str:
 
 @main.command(name="index")
 @click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
-@click.option(
-    "--keep",
-    default=2,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Published versions to keep; older ones are deleted.",
-)
+@keep_option
 def index_cmd(root: Path, keep: int) -> None:
     """Rebuild the FAISS index of DIR from its shards alone, as a new version."""
     from indexer.pipeline import reindex
