@@ -252,7 +252,7 @@ def build(
         metrics_file=metrics_file,
     )
     from indexer.pipeline import build as run_build
-    from indexer.pipeline import dry_run as plan_only
+    from indexer.plan import dry_run as plan_only
 
     if dry_run:
         plan = run_library(lambda: plan_only(cfg))

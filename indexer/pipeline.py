@@ -6,67 +6,53 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
-from indexer import __version__, configcache
+from indexer import __version__
 from indexer.catalog import (
-    CURRENT,
     ERRORS,
     MANIFEST,
     SCHEMA_VERSION,
     SHARDS,
     CollectionPaths,
-    check_build_dir,
     open_version,
     read_manifest,
     write_json_atomic,
 )
 from indexer.config import BuildConfig, IndexConfig
+from indexer.embed import EmbedJob, embed_items, load_model_while_decoding, write_reused
 from indexer.errors import (
     CollectionLockedError,
     InputError,
     RecipeMismatchError,
     TooManyFailuresError,
 )
-from indexer.history import RunRecord, append_run, read_runs, write_metrics
+from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
 from indexer.index import build_index
 from indexer.lock import CollectionLock
 from indexer.plan import (
     Plan,
-    PrevRow,
-    check_request,
-    make_plan,
-    read_prev_errors,
-    read_prev_rows,
-    request,
-    unchanged_datasets,
+    Previous,
+    plan_build,
 )
-from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP, DataConfig, Preprocessor
+from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP
 from indexer.publish import clear_salvage, prune, publish, salvage, start_version
 from indexer.shards import (
     ShardInfo,
-    ShardWriter,
     carry_over,
-    embedding_array,
     merge_metadata_schemas,
-    read_hashes,
-    rows_by_hash,
     shard_schema,
     write_errors,
 )
-from indexer.sources import Item, Source, list_items, open_sources
+from indexer.sources import Item, Source
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
-    from indexer.loader import Batch
     from indexer.model import Embedder
 
 log = logging.getLogger(__name__)
@@ -143,87 +129,6 @@ def reindex(root: Path, keep: int = 2) -> dict[str, Any]:
         publish(root, number, building)
         prune(root, keep)
         return meta
-
-
-@dataclass(frozen=True)
-class Previous:
-    """The published version a build updates (empty for a first build or --rebuild)."""
-
-    folder: Path | None
-    manifest: dict[str, Any] | None
-    rows: dict[str, PrevRow]
-    salvaged: list[Path] = field(default_factory=list)  # shards a killed run finished
-
-    def stored_shards(self) -> list[Path]:
-        """Every shard whose vectors may be reused: the published ones, then salvaged ones."""
-        published = []
-        if self.folder is not None and self.manifest is not None:
-            published = CollectionPaths(self.folder).shard_paths(self.manifest)
-        return published + self.salvaged
-
-    def errors(self) -> dict[str, dict[str, Any]]:
-        return read_prev_errors(self.folder) if self.folder is not None else {}
-
-    def known_hashes(self) -> frozenset[str]:
-        salvaged = {h for path in self.salvaged for h in read_hashes(path)}
-        return frozenset({r.content_hash for r in self.rows.values()} | salvaged)
-
-    @classmethod
-    def of(cls, cfg: BuildConfig, sources: list[Source], asked: dict[str, Any]) -> Previous:
-        if cfg.rebuild or not (cfg.out / CURRENT).exists():
-            return cls(None, None, {})
-        folder = open_version(cfg.out)
-        manifest = read_manifest(folder)
-        check_request(asked, manifest, cfg.out)
-        return cls(folder, manifest, read_prev_rows(folder, manifest))
-
-    def next_id(self) -> int:
-        if self.manifest is None:
-            return 0
-        return int(
-            self.manifest.get("next_id", max((r.id for r in self.rows.values()), default=-1) + 1)
-        )
-
-
-@dataclass(frozen=True)
-class Planned:
-    sources: list[Source]
-    items: list[Item]
-    asked: dict[str, Any]
-    prev: Previous
-    plan: Plan
-
-
-def plan_build(cfg: BuildConfig) -> Planned:
-    """list -> plan: what a build would do, reading only listings and the published version."""
-    sources = open_sources(cfg.sources)
-    items = list_items(sources)
-    if not items:
-        raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
-    check_build_dir(cfg.out)
-    asked = request(cfg)
-    prev = Previous.of(cfg, sources, asked)
-    same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
-    prev_errors = None if cfg.retry_failed else prev.errors()
-    plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors)
-    return Planned(sources, items, asked, prev, plan)
-
-
-def dry_run(cfg: BuildConfig) -> dict[str, Any]:
-    """The plan's counts and a time estimate from the last runs; nothing is changed."""
-    planned = plan_build(cfg)
-    plan = planned.plan
-    rates = [r["images_per_second"] for r in read_runs(cfg.out, 20) if r.get("images_per_second")]
-    estimate = len(plan.check) / rates[-1] if rates and plan.check else None
-    return {
-        "listed": len(planned.items),
-        "to_check": len(plan.check),
-        "unchanged": len(plan.keep),
-        "deleted": plan.deleted,
-        "failed_unchanged": len(plan.kept_errors),
-        "estimated_seconds": None if estimate is None else round(estimate, 1),
-        "rebuild": planned.prev.manifest is None,
-    }
 
 
 def build_unlocked(cfg: BuildConfig) -> BuildReport:
@@ -358,138 +263,6 @@ def tally(
         else:
             counts["new"] += 1
     return counts
-
-
-def load_model_while_decoding(
-    items: list[Item],
-    sources: list[Source],
-    cfg: BuildConfig,
-    known: frozenset[str],
-    positions: list[int],
-) -> tuple[Embedder, Iterator[Batch]]:
-    """Start the loader with the model's remembered data config, then load the model.
-
-    Importing timm and creating the model take seconds; the workers decode meanwhile. If the
-    remembered config differs from the model's own, that work is discarded and decoding
-    restarts with the right one: the hint only saves time, it never decides the pixels.
-    """
-    from indexer.loader import iter_batches
-    from indexer.model import load_embedder
-
-    def start(data_config: DataConfig) -> Iterator[Batch]:
-        preprocess = Preprocessor(data_config, cfg.loader.preprocessing)
-        return iter_batches(items, sources, preprocess, cfg.loader, known, positions)
-
-    hint = configcache.lookup(cfg.model.name)
-    early = start(hint) if hint is not None else None
-    try:
-        embedder = load_embedder(cfg.model)  # fails here, before anything is written
-    except BaseException:
-        del early  # shuts its workers down now rather than at garbage collection
-        raise
-    configcache.store(cfg.model.name, embedder.data_config)
-    if early is not None and hint == embedder.data_config:
-        return embedder, early
-    if early is not None:
-        log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
-        del early  # shuts its workers down
-    return embedder, start(embedder.data_config)
-
-
-@dataclass(frozen=True)
-class EmbedJob:
-    """What the embedding loop writes: items, their planned ids, and how rows are made."""
-
-    items: list[Item]
-    sources: list[Source]
-    plan: Plan
-    embedder: Embedder
-    schema: pa.Schema
-    prefix: str
-
-
-def embed_items(
-    job: EmbedJob, batches: Iterator[Batch], paths: CollectionPaths, cfg: BuildConfig
-) -> tuple[list[ShardInfo], list[dict[str, Any]], list[tuple[int, str, dict[str, Any]]]]:
-    """Stream batches through the model into new shards; failures become error rows, and
-    items whose bytes are already embedded are set aside to reuse their vectors."""
-    errors: list[dict[str, Any]] = []
-    reused: list[tuple[int, str, dict[str, Any]]] = []
-    bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
-    writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
-    with writer, bar:
-        for batch in batches:
-            if batch.pixels is not None:
-                vectors = job.embedder.embed(batch.pixels)
-                rows = [
-                    NewRow(p, h, w, ht, m)
-                    for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths,
-                                              batch.heights, batch.metadata, strict=True)
-                ]  # fmt: skip
-                writer.write(rows_table(job, rows, vectors))
-            for position, stage, reason in batch.errors:
-                item = job.items[position]
-                label = job.sources[item.source].label
-                size, mtime = item.fingerprint or (None, None)
-                errors.append({"key": item.key, "source": label, "stage": stage, "error": reason,
-                               "file_size": size, "mtime_ns": mtime})  # fmt: skip
-            reused += batch.reused
-            bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
-        return writer.close(), errors, reused
-
-
-def write_reused(
-    job: EmbedJob,
-    reused: list[tuple[int, str, dict[str, Any]]],
-    prev: Previous,
-    paths: CollectionPaths,
-    shard_size: int,
-) -> list[ShardInfo]:
-    """Rows for renamed, duplicated or touched files, with the vector already stored."""
-    if not reused:
-        return []
-    stored = rows_by_hash(prev.stored_shards(), {digest for _, digest, _ in reused})
-    rows = [
-        NewRow(p, digest, stored[digest]["width"], stored[digest]["height"], meta)
-        for p, digest, meta in reused
-    ]
-    vectors = np.array([stored[r.hash]["embedding"] for r in rows], dtype=np.float32)
-    prefix = job.prefix.replace("part-", "reused-")
-    with ShardWriter(paths.shards, job.schema, shard_size, prefix=prefix) as writer:
-        writer.write(rows_table(job, rows, vectors))
-        return writer.close()
-
-
-def _no_bar(progress: bool | None) -> bool | None:
-    return None if progress is None else not progress  # tqdm: None = only on a terminal
-
-
-@dataclass(frozen=True)
-class NewRow:
-    position: int
-    hash: str
-    width: int
-    height: int
-    meta: dict[str, Any]
-
-
-def rows_table(job: EmbedJob, rows: list[NewRow], vectors: np.ndarray) -> pa.Table:
-    """Shard rows for items, with the ids the plan gave them."""
-    items = [job.items[r.position] for r in rows]
-    columns: dict[str, Any] = {
-        "id": pa.array([job.plan.ids[r.position] for r in rows], pa.int64()),
-        "key": [item.key for item in items],
-        "source": [job.sources[item.source].label for item in items],
-        "embedding": embedding_array(vectors),
-        "width": pa.array([r.width for r in rows], pa.int32()),
-        "height": pa.array([r.height for r in rows], pa.int32()),
-        "content_hash": [r.hash for r in rows],
-        "file_size": [item.fingerprint[0] if item.fingerprint else None for item in items],
-        "mtime_ns": [item.fingerprint[1] if item.fingerprint else None for item in items],
-    }
-    for name in job.schema.names[len(columns) :]:
-        columns[name] = pa.array([r.meta.get(name) for r in rows], job.schema.field(name).type)
-    return pa.table(columns)
 
 
 def make_manifest(

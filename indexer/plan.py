@@ -8,10 +8,19 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from indexer.catalog import ERRORS
+from indexer.catalog import (
+    CURRENT,
+    ERRORS,
+    CollectionPaths,
+    check_build_dir,
+    open_version,
+    read_manifest,
+)
 from indexer.config import BuildConfig, file_sha256
 from indexer.errors import InputError
-from indexer.sources import Item, Source
+from indexer.history import read_runs
+from indexer.shards import read_hashes
+from indexer.sources import Item, Source, list_items, open_sources
 
 PREV_COLUMNS = ["id", "key", "source", "file_size", "mtime_ns", "content_hash"]
 
@@ -160,3 +169,84 @@ def _show(request: dict[str, Any] | None, keys: list[str]) -> str:
     if request is None:
         return "unknown"
     return ", ".join(f"{k}={request.get(k)}" for k in keys)
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The published version a build updates (empty for a first build or --rebuild)."""
+
+    folder: Path | None
+    manifest: dict[str, Any] | None
+    rows: dict[str, PrevRow]
+    salvaged: list[Path] = field(default_factory=list)  # shards a killed run finished
+
+    def stored_shards(self) -> list[Path]:
+        """Every shard whose vectors may be reused: the published ones, then salvaged ones."""
+        published = []
+        if self.folder is not None and self.manifest is not None:
+            published = CollectionPaths(self.folder).shard_paths(self.manifest)
+        return published + self.salvaged
+
+    def errors(self) -> dict[str, dict[str, Any]]:
+        return read_prev_errors(self.folder) if self.folder is not None else {}
+
+    def known_hashes(self) -> frozenset[str]:
+        salvaged = {h for path in self.salvaged for h in read_hashes(path)}
+        return frozenset({r.content_hash for r in self.rows.values()} | salvaged)
+
+    @classmethod
+    def of(cls, cfg: BuildConfig, sources: list[Source], asked: dict[str, Any]) -> Previous:
+        if cfg.rebuild or not (cfg.out / CURRENT).exists():
+            return cls(None, None, {})
+        folder = open_version(cfg.out)
+        manifest = read_manifest(folder)
+        check_request(asked, manifest, cfg.out)
+        return cls(folder, manifest, read_prev_rows(folder, manifest))
+
+    def next_id(self) -> int:
+        if self.manifest is None:
+            return 0
+        return int(
+            self.manifest.get("next_id", max((r.id for r in self.rows.values()), default=-1) + 1)
+        )
+
+
+@dataclass(frozen=True)
+class Planned:
+    sources: list[Source]
+    items: list[Item]
+    asked: dict[str, Any]
+    prev: Previous
+    plan: Plan
+
+
+def plan_build(cfg: BuildConfig) -> Planned:
+    """list -> plan: what a build would do, reading only listings and the published version."""
+    sources = open_sources(cfg.sources)
+    items = list_items(sources)
+    if not items:
+        raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
+    check_build_dir(cfg.out)
+    asked = request(cfg)
+    prev = Previous.of(cfg, sources, asked)
+    same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
+    prev_errors = None if cfg.retry_failed else prev.errors()
+    plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors)
+    return Planned(sources, items, asked, prev, plan)
+
+
+def dry_run(cfg: BuildConfig) -> dict[str, Any]:
+    """The plan's counts and a time estimate from the last runs; nothing is changed."""
+    planned = plan_build(cfg)
+    plan = planned.plan
+    rates = [r["images_per_second"] for r in read_runs(cfg.out, 20) if r.get("images_per_second")]
+    estimate = len(plan.check) / rates[-1] if rates and plan.check else None
+    return {
+        "listed": len(planned.items),
+        "to_check": len(plan.check),
+        "unchanged": len(plan.keep),
+        "deleted": plan.deleted,
+        "failed_unchanged": len(plan.kept_errors),
+        "estimated_seconds": None if estimate is None else round(estimate, 1),
+        "rebuild": planned.prev.manifest is None,
+    }

@@ -1,0 +1,158 @@
+"""The embedding step of a build: the model loaded while workers decode, batches into shards."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from indexer import configcache
+from indexer.catalog import CollectionPaths
+from indexer.config import BuildConfig
+from indexer.plan import Plan, Previous
+from indexer.preprocess import DataConfig, Preprocessor
+from indexer.shards import ShardInfo, ShardWriter, embedding_array, rows_by_hash
+from indexer.sources import Item, Source
+
+if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
+    from indexer.loader import Batch
+    from indexer.model import Embedder
+
+log = logging.getLogger(__name__)
+
+
+def load_model_while_decoding(
+    items: list[Item],
+    sources: list[Source],
+    cfg: BuildConfig,
+    known: frozenset[str],
+    positions: list[int],
+) -> tuple[Embedder, Iterator[Batch]]:
+    """Start the loader with the model's remembered data config, then load the model.
+
+    Importing timm and creating the model take seconds; the workers decode meanwhile. If the
+    remembered config differs from the model's own, that work is discarded and decoding
+    restarts with the right one: the hint only saves time, it never decides the pixels.
+    """
+    from indexer.loader import iter_batches
+    from indexer.model import load_embedder
+
+    def start(data_config: DataConfig) -> Iterator[Batch]:
+        preprocess = Preprocessor(data_config, cfg.loader.preprocessing)
+        return iter_batches(items, sources, preprocess, cfg.loader, known, positions)
+
+    hint = configcache.lookup(cfg.model.name)
+    early = start(hint) if hint is not None else None
+    try:
+        embedder = load_embedder(cfg.model)  # fails here, before anything is written
+    except BaseException:
+        del early  # shuts its workers down now rather than at garbage collection
+        raise
+    configcache.store(cfg.model.name, embedder.data_config)
+    if early is not None and hint == embedder.data_config:
+        return embedder, early
+    if early is not None:
+        log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
+        del early  # shuts its workers down
+    return embedder, start(embedder.data_config)
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """What the embedding loop writes: items, their planned ids, and how rows are made."""
+
+    items: list[Item]
+    sources: list[Source]
+    plan: Plan
+    embedder: Embedder
+    schema: pa.Schema
+    prefix: str
+
+
+def embed_items(
+    job: EmbedJob, batches: Iterator[Batch], paths: CollectionPaths, cfg: BuildConfig
+) -> tuple[list[ShardInfo], list[dict[str, Any]], list[tuple[int, str, dict[str, Any]]]]:
+    """Stream batches through the model into new shards; failures become error rows, and
+    items whose bytes are already embedded are set aside to reuse their vectors."""
+    errors: list[dict[str, Any]] = []
+    reused: list[tuple[int, str, dict[str, Any]]] = []
+    bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
+    writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
+    with writer, bar:
+        for batch in batches:
+            if batch.pixels is not None:
+                vectors = job.embedder.embed(batch.pixels)
+                rows = [
+                    NewRow(p, h, w, ht, m)
+                    for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths,
+                                              batch.heights, batch.metadata, strict=True)
+                ]  # fmt: skip
+                writer.write(rows_table(job, rows, vectors))
+            for position, stage, reason in batch.errors:
+                item = job.items[position]
+                label = job.sources[item.source].label
+                size, mtime = item.fingerprint or (None, None)
+                errors.append({"key": item.key, "source": label, "stage": stage, "error": reason,
+                               "file_size": size, "mtime_ns": mtime})  # fmt: skip
+            reused += batch.reused
+            bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
+        return writer.close(), errors, reused
+
+
+def write_reused(
+    job: EmbedJob,
+    reused: list[tuple[int, str, dict[str, Any]]],
+    prev: Previous,
+    paths: CollectionPaths,
+    shard_size: int,
+) -> list[ShardInfo]:
+    """Rows for renamed, duplicated or touched files, with the vector already stored."""
+    if not reused:
+        return []
+    stored = rows_by_hash(prev.stored_shards(), {digest for _, digest, _ in reused})
+    rows = [
+        NewRow(p, digest, stored[digest]["width"], stored[digest]["height"], meta)
+        for p, digest, meta in reused
+    ]
+    vectors = np.array([stored[r.hash]["embedding"] for r in rows], dtype=np.float32)
+    prefix = job.prefix.replace("part-", "reused-")
+    with ShardWriter(paths.shards, job.schema, shard_size, prefix=prefix) as writer:
+        writer.write(rows_table(job, rows, vectors))
+        return writer.close()
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: None = only on a terminal
+
+
+@dataclass(frozen=True)
+class NewRow:
+    position: int
+    hash: str
+    width: int
+    height: int
+    meta: dict[str, Any]
+
+
+def rows_table(job: EmbedJob, rows: list[NewRow], vectors: np.ndarray) -> pa.Table:
+    """Shard rows for items, with the ids the plan gave them."""
+    items = [job.items[r.position] for r in rows]
+    columns: dict[str, Any] = {
+        "id": pa.array([job.plan.ids[r.position] for r in rows], pa.int64()),
+        "key": [item.key for item in items],
+        "source": [job.sources[item.source].label for item in items],
+        "embedding": embedding_array(vectors),
+        "width": pa.array([r.width for r in rows], pa.int32()),
+        "height": pa.array([r.height for r in rows], pa.int32()),
+        "content_hash": [r.hash for r in rows],
+        "file_size": [item.fingerprint[0] if item.fingerprint else None for item in items],
+        "mtime_ns": [item.fingerprint[1] if item.fingerprint else None for item in items],
+    }
+    for name in job.schema.names[len(columns) :]:
+        columns[name] = pa.array([r.meta.get(name) for r in rows], job.schema.field(name).type)
+    return pa.table(columns)
