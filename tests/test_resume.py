@@ -40,13 +40,21 @@ def check_same_as_clean(out: Path, clean: dict[str, np.ndarray]) -> None:
     assert not list(out.rglob("*.tmp"))
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
-    src = tmp_path / "src"
+@pytest.fixture(scope="module")
+def clean_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    """A corpus and the embeddings of its uninterrupted build."""
+    src = tmp_path_factory.mktemp("resume") / "src"
     write_corpus(src, 40, duplicates=4, seed=11)
-    clean_dir = tmp_path / "clean"
+    clean_dir = src.parent / "clean"
     assert run_cli("build", src, "--out", clean_dir, *FLAGS).exit_code == 0
-    clean = read_embeddings_by_key(clean_dir)
+    return src, read_embeddings_by_key(clean_dir)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(
+    clean_build: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    src, clean = clean_build
     rng = np.random.default_rng(2026)
     for trial in range(4):
         out = tmp_path / f"trial{trial}"
@@ -61,12 +69,11 @@ def test_sigkill_at_random_moments_then_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_only_unfinished_work_is_redone(tmp_path: Path) -> None:
+def test_only_unfinished_work_is_redone(
+    clean_build: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
     """Killed right after its first finished shard, a build's vectors are reused, not redone."""
-    src = tmp_path / "src"
-    write_corpus(src, 40, duplicates=4, seed=11)
-    clean_dir = tmp_path / "clean"
-    assert run_cli("build", src, "--out", clean_dir, *FLAGS).exit_code == 0
+    src, clean = clean_build
     out = tmp_path / "killed"
     proc = start_build(src, out)
     finished: list[Path] = []
@@ -82,4 +89,4 @@ def test_only_unfinished_work_is_redone(tmp_path: Path) -> None:
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
     assert counts["reused"] >= 4  # at least the finished shard's rows: not embedded again
     assert counts["new"] == counts["listed"]
-    check_same_as_clean(out, read_embeddings_by_key(clean_dir))
+    check_same_as_clean(out, clean)
