@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from indexer.catalog import LOCK
-from indexer.errors import CollectionLockedError
+from indexer.errors import CollectionLockedError, InputError
 
 
 class CollectionLock:
@@ -28,8 +28,14 @@ class CollectionLock:
         self._fd: int | None = None
 
     def __enter__(self) -> CollectionLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(
+                f"cannot write to {self.path.parent} ({exc.strerror or exc}): "
+                "choose an --out you may write to"
+            ) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -109,3 +109,11 @@ def test_two_real_builds_one_wins_one_exits_locked(corpus: Path, tmp_path: Path)
     assert first.wait(timeout=300) == 0
     statuses = [r["status"] for r in runs(out)]
     assert sorted(statuses) == ["locked", "success"]
+
+
+def test_an_unwritable_out_is_a_one_line_error(corpus: Path, tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    result = run_cli("build", corpus / "group0", "--out", blocked / "c", *BUILD_FLAGS)
+    assert result.exit_code == 2 and "cannot write to" in result.output
+    assert result.output.count("\n") == 1
