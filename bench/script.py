@@ -1,6 +1,9 @@
 """Baseline 'script': a competent user's batch script with a DataLoader (2 workers, batch 64).
 
 Usage: python bench/script.py IMAGES_DIR CHECKPOINT OUT.parquet
+
+Self-contained on purpose, like a user's own script (it shares its model setup with naive.py
+as two users' scripts would): it imports nothing from indexer or from the bench.
 """
 
 import sys

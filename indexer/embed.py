@@ -71,7 +71,8 @@ class EmbedJob:
     plan: Plan
     embedder: Embedder
     schema: pa.Schema
-    prefix: str
+    prefix: str  # names of new shards of embedded rows: unique to this version
+    reused_prefix: str  # and of rows whose vector was reused by content hash
 
 
 def embed_items(
@@ -120,8 +121,7 @@ def write_reused(
         for p, digest, meta in reused
     ]
     vectors = np.array([stored[r.hash]["embedding"] for r in rows], dtype=np.float32)
-    prefix = job.prefix.replace("part-", "reused-")
-    with ShardWriter(paths.shards, job.schema, shard_size, prefix=prefix) as writer:
+    with ShardWriter(paths.shards, job.schema, shard_size, prefix=job.reused_prefix) as writer:
         writer.write(rows_table(job, rows, vectors))
         return writer.close()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     }
     counts = [int(s["rows"]) for s in manifest["shards"]]
     meta.update(measure(index, shard_paths, counts, metric, cfg))
-    publish(paths, index, meta)
+    save(paths, index, meta)
     return meta
 
 
@@ -97,20 +95,13 @@ def exact_search(shard_paths: list[Path], queries: np.ndarray, k: int, metric: s
     return best_ids
 
 
-def publish(paths: CollectionPaths, index: Any, meta: dict[str, Any]) -> None:
-    """Write into a fresh folder, then swap it in for the old index folder."""
+def save(paths: CollectionPaths, index: Any, meta: dict[str, Any]) -> None:
+    """Write the index into a version being built; the version's publish makes it visible."""
     import faiss
 
-    tmp = paths.root / f"{paths.index.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    write_json_atomic(tmp / META_FILE, meta)
-    old = paths.root / f"{paths.index.name}.old-{os.getpid()}"
-    if paths.index.exists():
-        os.replace(paths.index, old)
-    os.replace(tmp, paths.index)
-    shutil.rmtree(old, ignore_errors=True)
+    paths.index.mkdir()
+    faiss.write_index(index, str(paths.index / INDEX_FILE))
+    write_json_atomic(paths.index / META_FILE, meta)
 
 
 def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[str, Any]]:

@@ -42,7 +42,14 @@ from indexer.plan import (
     plan_build,
 )
 from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP
-from indexer.publish import clear_salvage, prune, publish, salvage, start_version
+from indexer.publish import (
+    clear_salvage,
+    new_shard_prefixes,
+    prune,
+    publish,
+    salvage,
+    start_version,
+)
 from indexer.shards import (
     ShardInfo,
     carry_over,
@@ -184,7 +191,8 @@ def update(
     paths = CollectionPaths(building)
     paths.shards.mkdir()
     carried = carry(prev, set(plan.keep.values()), paths, schema, cfg.out)
-    job = EmbedJob(items, sources, plan, embedder, schema, prefix=f"part-v{number:06d}")
+    prefix, reused_prefix = new_shard_prefixes(number)
+    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix)
     new_shards, new_errors, reused = embed_items(job, batches, paths, cfg)
     errors = plan.kept_errors + new_errors
     new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)

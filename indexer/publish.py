@@ -15,11 +15,17 @@ from indexer.errors import CollectionError
 
 BUILDING_PREFIX = ".building-"
 SALVAGE = ".salvage"
-SALVAGEABLE = ("part-v", "reused-v")  # shards of newly embedded rows (not carried-over ones)
+SALVAGEABLE = ("part-v", "reused-v")  # shards of newly embedded rows (see new_shard_prefixes)
 REQUEST = ".request.json"
 # The contract's paths, each a fixed symlink into `current`: they all switch with it.
 LINKED = (MANIFEST, SHARDS, INDEX, ERRORS)
 VERSION_NAME = re.compile(r"^v(\d{6})$")
+
+
+def new_shard_prefixes(number: int) -> tuple[str, str]:
+    """Name prefixes of version ``number``'s new shards: embedded rows, and reused vectors."""
+    embedded, reused = SALVAGEABLE
+    return f"{embedded}{number:06d}", f"{reused}{number:06d}"
 
 
 def version_numbers(root: Path) -> list[int]:
