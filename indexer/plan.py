@@ -116,6 +116,8 @@ def make_plan(
                 plan.kept_errors.append(failed)
                 continue
         if row is None or row.source != label:
+            if row is not None:
+                plan.deleted += 1  # the same key from another source: the old row goes
             plan.ids[position] = plan.next_id
             plan.next_id += 1
             plan.check.append(position)
@@ -127,7 +129,7 @@ def make_plan(
             plan.keep[position] = row.id
         else:
             plan.check.append(position)
-    plan.deleted = sum(1 for key in prev if key not in listed)
+    plan.deleted += sum(1 for key in prev if key not in listed)
     return plan
 
 

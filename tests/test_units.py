@@ -203,3 +203,36 @@ def test_non_utf8_file_name_gets_a_printable_key(tmp_path: Path) -> None:
     assert key == "caf\\xe9.jpg"
     key.encode("utf-8")
     assert source.read(locator)[0] == b"data"
+
+
+def test_plan_table() -> None:
+    from indexer.plan import PrevRow, make_plan
+    from indexer.sources.base import Item
+
+    class Src:
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+    prev = {
+        "same": PrevRow(0, "s", (1, 1), "h0"),
+        "touched": PrevRow(1, "s", (1, 1), "h1"),
+        "moved": PrevRow(2, "other", (1, 1), "h2"),
+        "gone": PrevRow(3, "s", (1, 1), "h3"),
+    }
+    items = [
+        Item("same", 0, "same", (1, 1)),
+        Item("touched", 0, "touched", (1, 2)),
+        Item("moved", 0, "moved", (1, 1)),
+        Item("new", 0, "new", (5, 5)),
+        Item("failed", 0, "failed", (7, 7)),
+    ]
+    errors = {"failed": {"key": "failed", "source": "s", "file_size": 7, "mtime_ns": 7}}
+    plan = make_plan(items, [Src("s")], prev, set(), next_id=10, prev_errors=errors)  # type: ignore[list-item]
+    assert plan.keep == {0: 0}
+    assert plan.check == [1, 2, 3]
+    assert plan.ids == {0: 0, 1: 1, 2: 10, 3: 11} and plan.next_id == 12
+    assert plan.known == {0, 1}
+    assert plan.deleted == 2  # "gone", and "moved" now comes from another source
+    assert [e["key"] for e in plan.kept_errors] == ["failed"]
+    retry = make_plan(items, [Src("s")], prev, set(), next_id=10, prev_errors=None)  # type: ignore[list-item]
+    assert retry.check == [1, 2, 3, 4] and not retry.kept_errors
