@@ -19,6 +19,7 @@ from indexer.config import (
     PRECISIONS,
     BuildConfig,
     IndexConfig,
+    IndexOverrides,
     LoaderConfig,
     ModelConfig,
     SourceSpec,
@@ -33,6 +34,7 @@ from indexer.errors import (
 )
 
 if TYPE_CHECKING:
+    from indexer.external import ExternalConfig
     from indexer.pipeline import BuildReport
     from indexer.search import Hit
 
@@ -94,6 +96,50 @@ keep_option = click.option(
     type=click.IntRange(1),
     help="Published versions to keep (at least 2 while queries run); older ones are deleted.",
 )
+
+
+def index_options(defaults: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--index-type, --max-index-memory, --target-recall (defaults None: keep the recorded)."""
+    keep = "" if defaults else " Default: what the collection was indexed with, else"
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option(
+            "--target-recall",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=0.95 if defaults else None,
+            show_default=defaults,
+            help="recall@10 the search parameter (nprobe, efSearch) is tuned to reach."
+            + (f"{keep} 0.95." if not defaults else ""),
+        )(fn)
+        fn = click.option(
+            "--max-index-memory",
+            default="16G" if defaults else None,
+            show_default=defaults,
+            help="Memory the index may hold (e.g. 512M, 16G); beyond it the choice "
+            "compresses vectors or keeps inverted lists on disk."
+            + (f"{keep} 16G." if not defaults else ""),
+        )(fn)
+        return click.option(
+            "--index-type",
+            default="auto" if defaults else None,
+            show_default=defaults,
+            help="auto (by size and memory), flat (exact), ivf, ivfsq, hnsw, or a FAISS "
+            "factory string such as IVF4096,SQ8." + (f"{keep} auto." if not defaults else ""),
+        )(fn)
+
+    return decorate
+
+
+def index_config(
+    metric: str, index_type: str, max_index_memory: str, target_recall: float
+) -> IndexConfig:
+    from indexer.choose import check_index_type, parse_size
+
+    run_library(lambda: check_index_type(index_type))
+    memory = run_library(lambda: parse_size(max_index_memory))
+    return IndexConfig(
+        metric=metric, index_type=index_type, max_memory=memory, target_recall=target_recall
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,6 +238,7 @@ def main(verbose: bool) -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Write Prometheus textfile metrics of the run here (node_exporter).",
 )
+@index_options(defaults=True)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def build(
     sources: tuple[str, ...],
@@ -216,6 +263,9 @@ def build(
     max_failures: float,
     keep: int,
     metrics_file: Path | None,
+    index_type: str,
+    max_index_memory: str,
+    target_recall: float,
     progress: bool | None,
 ) -> None:
     """Embed SOURCES (folders, or hf:DATASET) into a collection at --out and index it.
@@ -243,7 +293,7 @@ def build(
             preprocessing="exact" if exact_preprocessing else "fast",
             progress=progress,
         ),
-        index=IndexConfig(metric=metric),
+        index=index_config(metric, index_type, max_index_memory, target_recall),
         shard_size=shard_size,
         rebuild=rebuild,
         retry_failed=retry_failed,
@@ -324,6 +374,11 @@ def summarize(report: BuildReport) -> str:
             f"Nothing changed in {report.root}: {c['unchanged']} items unchanged "
             f"(version {report.version} stays), {report.seconds:.1f}s."
         )
+    if report.reindexed:
+        return (
+            f"No item changed in {report.root}; re-indexed with the new index settings as "
+            f"version {report.version}: {describe_index(report.index)}."
+        )
     done = c["new"] + c["changed"]
     rate = done / report.seconds if report.seconds else 0.0
     text = (
@@ -334,10 +389,18 @@ def summarize(report: BuildReport) -> str:
     )
     if c["failed"]:
         text += f" Failures are listed in {report.root / 'errors.parquet'}."
-    recall = report.index.get("recall_at_k")
-    if recall is not None:
-        text += f" Index: {report.index['type']}, recall@{report.index['recall_k']} {recall:.3f}."
+    text += f" Index: {describe_index(report.index)}."
+    if report.index.get("target_met") is False:
+        text += f" Warning: {below_target(report.index)}"
     return text
+
+
+def below_target(meta: dict[str, Any]) -> str:
+    return (
+        f"recall@{meta['recall_k']} {meta['recall_at_k']} stays below the target "
+        f"{meta['target_recall']} even at the slowest search setting: choose "
+        "--index-type ivf or flat (uncompressed vectors) or a lower --target-recall."
+    )
 
 
 @main.command()
@@ -354,16 +417,31 @@ def summarize(report: BuildReport) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def query(images: tuple[Path, ...], root: Path, k: int, as_json: bool, device: str) -> None:
+@click.option(
+    "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
+)
+@click.option("--ef", type=click.IntRange(1), help="HNSW efSearch (default: the tuned value).")
+def query(
+    images: tuple[Path, ...],
+    root: Path,
+    k: int,
+    as_json: bool,
+    device: str,
+    nprobe: int | None,
+    ef: int | None,
+) -> None:
     """Find the K nearest items of the collection to each IMAGE.
 
-    The images are embedded with the recipe recorded in the collection's manifest.
+    The images are embedded with the recipe recorded in the collection's manifest; the
+    index answers with the search parameters tuned when it was built (see `indexer info`).
     """
-    from indexer.search import Searcher
+    from indexer.search import Collection
+
+    params = {name: v for name, v in (("nprobe", nprobe), ("efSearch", ef)) if v is not None}
 
     def run() -> list[list[Hit]]:
-        searcher = Searcher(root, device)
-        return searcher.search(searcher.embed_files(list(images)), k)
+        collection = Collection(root, device, params)
+        return collection.hits(collection.embed_files(list(images)), k)
 
     results = run_library(run)
     if as_json:
@@ -417,24 +495,13 @@ def describe_runs(runs: list[dict[str, Any]]) -> str:
 
 
 def describe(root: Path, manifest: dict[str, Any], index_meta: dict[str, Any] | None) -> str:
-    m, counts, dc = manifest["model"], manifest["counts"], manifest["model"]["data_config"]
-    weights = m["weights"]
-    ident = {
-        "pretrained": weights.get("tag"),
-        "checkpoint": weights.get("path"),
-        "random": f"seed {weights.get('seed')}",
-    }.get(weights["kind"])
+    counts = manifest["counts"]
     lines = [
         f"collection:  {root} (version {manifest.get('version')})",
         f"created:     {manifest.get('created_at')} (indexer {manifest.get('indexer_version')})",
-        f"model:       {m['name']} (timm {m['timm_version']}, torch {m['torch_version']}, "
-        f"{m['precision']})",
-        f"weights:     {weights['kind']}: {ident}",
+        *describe_model(manifest),
         f"embedding:   {manifest['embedding_dim']}-d, "
         f"{'L2-normalised' if manifest['normalized'] else 'raw'}, metric {manifest['metric']}",
-        f"preprocess:  {dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, "
-        f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}, "
-        f"{manifest['decode']['mode']} decoding",
         "sources:     " + ", ".join(_source_name(s) for s in manifest["sources"]),
         f"items:       {counts['items']} "
         f"({counts['embedded']} embedded, {counts['failed']} failed)",
@@ -443,33 +510,156 @@ def describe(root: Path, manifest: dict[str, Any], index_meta: dict[str, Any] | 
     if index_meta is None:
         lines.append(f"index:       missing: run `indexer index {root}`")
     else:
-        recall = index_meta.get("recall_at_k")
+        lines.append(f"index:       {describe_index(index_meta)}")
+        met = "met" if index_meta.get("target_met", True) else "NOT met"
         lines.append(
-            f"index:       {index_meta['type']} ({index_meta['factory']}), "
-            f"{index_meta['ntotal']} vectors, built in {index_meta['build_seconds']}s, "
-            f"recall@{index_meta['recall_k']} "
-            f"{'n/a' if recall is None else f'{recall:.3f}'}"
+            f"             chosen because: {index_meta.get('reason', 'n/a')}; target recall "
+            f"{index_meta.get('target_recall', 'n/a')} {met}"
         )
     return "\n".join(lines)
 
 
+def describe_model(manifest: dict[str, Any]) -> list[str]:
+    m = manifest["model"]
+    if m is None:
+        return ["model:       none: vectors indexed from Parquet (query with vectors)"]
+    weights, dc = m["weights"], m["data_config"]
+    ident = {
+        "pretrained": weights.get("tag"),
+        "checkpoint": weights.get("path"),
+        "random": f"seed {weights.get('seed')}",
+    }.get(weights["kind"])
+    return [
+        f"model:       {m['name']} (timm {m['timm_version']}, torch {m['torch_version']}, "
+        f"{m['precision']})",
+        f"weights:     {weights['kind']}: {ident}",
+        f"preprocess:  {dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, "
+        f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}, "
+        f"{manifest['decode']['mode']} decoding",
+    ]
+
+
 def _source_name(source: dict[str, Any]) -> str:
+    if source["kind"] == "parquet":
+        return f"{source['path']} ({source['rows']} rows)"
     if source["kind"] == "hf":
         return f"hf:{source['name']} [{source['split']}] ({source['rows']} rows)"
     return str(source["path"])
 
 
 @main.command(name="index")
-@click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
+@click.argument("paths", metavar="DIR | PARQUET...", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--from-parquet",
+    is_flag=True,
+    help="Index embeddings made elsewhere: the arguments are Parquet files or folders of them.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), help="Collection to create (--from-parquet)."
+)
+@click.option("--embedding-column", default="embedding", show_default=True, help="List of floats.")
+@click.option("--key-column", default="key", show_default=True, help="Unique string or int.")
+@click.option(
+    "--normalize", is_flag=True, help="L2-normalise the vectors on the way in (--from-parquet)."
+)
+@click.option(
+    "--metric", type=click.Choice(METRICS), default="ip", show_default=True,
+    help="Index metric (--from-parquet; a collection keeps its own).",
+)  # fmt: skip
+@click.option(
+    "--shard-size", default=50_000, show_default=True, type=click.IntRange(1),
+    help="Rows per Parquet shard (--from-parquet).",
+)  # fmt: skip
+@index_options(defaults=False)
 @keep_option
-def index_cmd(root: Path, keep: int) -> None:
-    """Rebuild the FAISS index of DIR from its shards alone, as a new version."""
-    from indexer.pipeline import reindex
+def index_cmd(
+    paths: tuple[Path, ...],
+    from_parquet: bool,
+    out: Path | None,
+    embedding_column: str,
+    key_column: str,
+    normalize: bool,
+    metric: str,
+    shard_size: int,
+    index_type: str | None,
+    max_index_memory: str | None,
+    target_recall: float | None,
+    keep: int,
+) -> None:
+    """Rebuild the index of collection DIR from its shards, as a new version; or, with
+    --from-parquet, make a collection of embeddings made elsewhere and index it.
 
-    meta = run_library(lambda: reindex(root, keep))
-    click.echo(
-        f"Indexed {root}: {meta['ntotal']} vectors, {meta['type']}, "
-        f"{meta['build_seconds']}s, recall@{meta['recall_k']} {meta['recall_at_k']}."
+    \b
+    Examples:
+      indexer index photos.idx --index-type hnsw
+      indexer index --from-parquet embeddings/ --out vectors.idx --key-column path
+    """
+    from indexer.choose import check_index_type, parse_size
+
+    if index_type is not None:
+        run_library(lambda: check_index_type(index_type))
+    memory = None if max_index_memory is None else run_library(lambda: parse_size(max_index_memory))
+    overrides = IndexOverrides(index_type, memory, target_recall)
+    if from_parquet:
+        cfg = _external_config(paths, out, embedding_column, key_column, normalize, metric,
+                               shard_size, overrides, keep)  # fmt: skip
+        from indexer.external import index_parquet
+
+        meta = run_library(lambda: index_parquet(cfg))
+        where = out
+    else:
+        if len(paths) != 1 or out is not None:
+            raise click.UsageError(
+                "give one collection DIR (or --from-parquet PARQUET... --out DIR)"
+            )
+        from indexer.pipeline import reindex
+
+        meta = run_library(lambda: reindex(paths[0], keep, overrides))
+        where = paths[0]
+    click.echo(f"Indexed {where}: {describe_index(meta)}.")
+    if meta.get("target_met") is False:
+        click.echo(f"Warning: {below_target(meta)}", err=True)
+
+
+def _external_config(
+    paths: tuple[Path, ...],
+    out: Path | None,
+    embedding_column: str,
+    key_column: str,
+    normalize: bool,
+    metric: str,
+    shard_size: int,
+    overrides: IndexOverrides,
+    keep: int,
+) -> ExternalConfig:
+    from indexer.external import ExternalConfig
+
+    if not paths or out is None:
+        raise click.UsageError("--from-parquet needs Parquet files or folders, and --out DIR")
+    return ExternalConfig(
+        paths=paths,
+        out=out,
+        embedding_column=embedding_column,
+        key_column=key_column,
+        normalize=normalize,
+        shard_size=shard_size,
+        index=overrides.resolve(metric, None),
+        keep=keep,
+    )
+
+
+def describe_index(meta: dict[str, Any]) -> str:
+    """One line: type, size, build time, tuned parameters, recall, speed, bytes."""
+    params = ", ".join(f"{k}={v}" for k, v in (meta.get("params") or {}).items())
+    recall = meta.get("recall_at_k")
+    qps = meta.get("queries_per_second")
+    return (
+        f"{meta['type']} ({meta['factory']}{', on disk' if meta.get('on_disk') else ''}"
+        f"{'; ' + params if params else ''}), {meta['ntotal']} vectors, "
+        f"built in {meta['build_seconds']}s, recall@{meta.get('recall_k')} "
+        f"{'n/a' if recall is None else f'{recall:.3f}'}"
+        f"{'' if qps is None else f', {qps:,.0f} queries/s'}, "
+        f"{meta.get('bytes', 0) / 2**20:.1f} MiB"
     )
 
 

@@ -47,14 +47,45 @@ class LoaderConfig:
     progress: bool | None = None  # None: show a bar only on a terminal
 
 
+DEFAULT_INDEX_MEMORY = 16 * 1024**3  # generous: the budget only steers collections past ~50M
+
+
 @dataclass(frozen=True)
 class IndexConfig:
-    """How the FAISS index is built over the shards."""
+    """How the FAISS index is chosen, built over the shards and tuned."""
 
     metric: str = "ip"
-    recall_queries: int = 200
+    index_type: str = "auto"  # auto, flat, ivf, ivfsq, hnsw, or a FAISS factory string
+    max_memory: int = DEFAULT_INDEX_MEMORY  # bytes the index may hold in memory
+    target_recall: float = 0.95  # recall@k the search parameter is tuned to reach
+    recall_queries: int = 1000  # stored vectors used as queries to measure and tune
     recall_k: int = 10
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class IndexOverrides:
+    """Index settings given for `indexer index DIR`; None keeps what the collection recorded."""
+
+    index_type: str | None = None
+    max_memory: int | None = None
+    target_recall: float | None = None
+
+    def resolve(self, metric: str, recorded: dict[str, Any] | None) -> IndexConfig:
+        before = recorded or {}
+        base = IndexConfig(metric=metric)
+        return IndexConfig(
+            metric=metric,
+            index_type=_first(self.index_type, before.get("requested"), base.index_type),
+            max_memory=_first(self.max_memory, before.get("max_memory"), base.max_memory),
+            target_recall=_first(
+                self.target_recall, before.get("target_recall"), base.target_recall
+            ),
+        )
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
 from indexer.errors import WeightsUnavailableError
 from indexer.pipeline import BuildReport, build
-from indexer.search import Hit, Searcher
+from indexer.search import Collection, Hit
 from indexer.synthetic import near_duplicate, scene, write_corpus
 
 
@@ -40,8 +40,8 @@ def run_demo(out: Path, count: int = 300, progress: bool | None = None) -> DemoR
         fallback = str(exc)
         report = build(replace(cfg, model=replace(cfg.model, pretrained=False)))
     queries = write_queries(out / "queries", seed=7)
-    searcher = Searcher(cfg.out)
-    hits = searcher.search(searcher.embed_files(queries), k=5)
+    collection = Collection(cfg.out)
+    hits = collection.hits(collection.embed_files(queries), k=5)
     return DemoResult(images, report, queries, hits, fallback)
 
 

@@ -1,111 +1,226 @@
-"""Build, measure, save and load the FAISS index, from the shards alone."""
+"""Build the FAISS index from the shards in bounded memory, tune it, save it and load it."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from indexer.catalog import CollectionPaths, write_json_atomic
+from indexer.choose import IndexChoice, choose_index, train_size
 from indexer.config import IndexConfig
-from indexer.errors import CollectionError
+from indexer.errors import CollectionError, InputError
 from indexer.shards import iter_embeddings
+from indexer.tune import Probe, Tuning, exact_neighbours, tune
 
 INDEX_FILE = "index.faiss"
+LISTS_FILE = "lists.ivfdata"  # on-disk inverted lists, beside the index file
 META_FILE = "meta.json"
+EF_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Vectors:
+    """The vectors to index: shard files (read one at a time), their row counts, dim, metric."""
+
+    paths: list[Path]
+    counts: list[int]
+    dim: int
+    metric: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return iter_embeddings(self.paths)
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of n stored rows drawn without replacement, one shard at a time."""
+        rng = np.random.default_rng(seed)
+        chosen = np.sort(rng.choice(self.total, size=min(n, self.total), replace=False))
+        ids, picked, offset = [], [], 0
+        for (shard_ids, vectors), count in zip(self.batches(), self.counts, strict=True):
+            local = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
+            ids.append(shard_ids[local])
+            picked.append(vectors[local])
+            offset += count
+        if not picked:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return np.concatenate(ids), np.ascontiguousarray(np.concatenate(picked), np.float32)
 
 
 def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[str, Any]:
-    """Exact search over every shard vector, ids = the shards' ``id`` column; then publish."""
+    """Choose, train, fill, tune and save the index of the version at root; its metadata."""
+    paths = CollectionPaths(root)
+    counts = [int(s["rows"]) for s in manifest["shards"]]
+    vectors = Vectors(paths.shard_paths(manifest), counts, int(manifest["embedding_dim"]),
+                      manifest["metric"])  # fmt: skip
+    choice = choose_index(vectors.total, vectors.dim, cfg.max_memory, cfg.index_type)
+    paths.index.mkdir()
+    start = time.perf_counter()
+    index = new_index(choice, vectors)
+    trained = train(index, vectors, choice, cfg.seed)
+    if choice.on_disk:
+        fill_on_disk(index, vectors, paths.index, cfg.max_memory)
+    else:
+        fill(index, vectors)
+    build_seconds = time.perf_counter() - start
+    probe = make_probe(vectors, cfg)
+    tuning = measure_and_tune(index, probe, cfg.target_recall)
+    tune_seconds = time.perf_counter() - start - build_seconds
     import faiss
 
-    paths = CollectionPaths(root)
-    shard_paths = paths.shard_paths(manifest)
-    dim, metric = int(manifest["embedding_dim"]), manifest["metric"]
-    start = time.perf_counter()
-    flat = faiss.IndexFlatIP(dim) if metric == "ip" else faiss.IndexFlatL2(dim)
-    index = faiss.IndexIDMap2(flat)
-    for ids, vectors in iter_embeddings(shard_paths):
-        index.add_with_ids(vectors, ids)
-    build_seconds = time.perf_counter() - start
-    meta: dict[str, Any] = {
-        "type": "flat",
-        "factory": "IDMap2,Flat",
-        "metric": metric,
-        "dim": dim,
+    faiss.write_index(index, str(paths.index / INDEX_FILE))
+    meta = {
+        "type": choice.kind,
+        "factory": choice.factory,
+        "reason": choice.reason,
+        "metric": vectors.metric,
+        "dim": vectors.dim,
         "ntotal": int(index.ntotal),
-        "build_seconds": round(build_seconds, 4),
+        "nlist": search_param(index)[1] if search_param(index)[0] == "nprobe" else None,
+        "on_disk": choice.on_disk,
+        "max_memory": cfg.max_memory,
+        "requested": cfg.index_type,
+        "train_vectors": trained,
+        "build_seconds": round(build_seconds, 3),
+        "tune_seconds": round(tune_seconds, 3),
+        **tuning.to_meta(cfg.target_recall, probe),
+        "bytes": sum(p.stat().st_size for p in paths.index.iterdir()),
         "shards": manifest["shards"],
     }
-    counts = [int(s["rows"]) for s in manifest["shards"]]
-    meta.update(measure(index, shard_paths, counts, metric, cfg))
-    save(paths, index, meta)
+    write_json_atomic(paths.index / META_FILE, meta)
     return meta
 
 
-def measure(
-    index: Any, shard_paths: list[Path], counts: list[int], metric: str, cfg: IndexConfig
-) -> dict[str, Any]:
-    """recall@k of the index against exact search, on stored vectors used as queries."""
-    total = int(index.ntotal)
-    if total == 0:
-        return {"recall_at_k": None, "recall_k": cfg.recall_k, "recall_queries": 0}
-    k = min(cfg.recall_k, total)
-    queries = sample_vectors(shard_paths, counts, min(cfg.recall_queries, total), cfg.seed)
-    truth = exact_search(shard_paths, queries, k, metric)
-    start = time.perf_counter()
-    _, found = index.search(queries, k)
-    seconds = time.perf_counter() - start
-    hits = sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist(), strict=True))
-    return {
-        "recall_at_k": round(hits / (len(queries) * k), 6),
-        "recall_k": k,
-        "recall_queries": len(queries),
-        "queries_per_second": round(len(queries) / max(seconds, 1e-9), 1),
-    }
-
-
-def sample_vectors(shard_paths: list[Path], counts: list[int], n: int, seed: int) -> np.ndarray:
-    """n stored vectors drawn without replacement, reading one shard at a time."""
-    chosen = np.sort(np.random.default_rng(seed).choice(sum(counts), size=n, replace=False))
-    picked, offset = [], 0
-    for (_, vectors), count in zip(iter_embeddings(shard_paths), counts, strict=True):
-        local = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
-        picked.append(vectors[local])
-        offset += count
-    return np.ascontiguousarray(np.concatenate(picked), dtype=np.float32)
-
-
-def exact_search(shard_paths: list[Path], queries: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Brute-force top-k ids, streamed over shards (the ground truth for recall)."""
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
-    for ids, vectors in iter_embeddings(shard_paths):
-        scores = queries @ vectors.T
-        if metric == "l2":
-            scores = 2 * scores - (vectors * vectors).sum(1)[None, :]  # -||q-v||^2 + ||q||^2
-        all_scores = np.concatenate([best_scores, scores], axis=1)
-        all_ids = np.concatenate([best_ids, np.broadcast_to(ids, scores.shape)], axis=1)
-        top = np.argsort(-all_scores, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(all_scores, top, 1)
-        best_ids = np.take_along_axis(all_ids, top, 1)
-    return best_ids
-
-
-def save(paths: CollectionPaths, index: Any, meta: dict[str, Any]) -> None:
-    """Write the index into a version being built; the version's publish makes it visible."""
+def metric_code(metric: str) -> int:
     import faiss
 
-    paths.index.mkdir()
-    faiss.write_index(index, str(paths.index / INDEX_FILE))
-    write_json_atomic(paths.index / META_FILE, meta)
+    return int(faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2)
+
+
+def new_index(choice: IndexChoice, vectors: Vectors) -> Any:
+    """An empty index from the choice's factory string, able to take the shards' own ids."""
+    import faiss
+
+    try:
+        index = faiss.index_factory(vectors.dim, choice.factory, metric_code(vectors.metric))
+    except RuntimeError as exc:
+        raise InputError(
+            f"FAISS cannot build {choice.factory!r} for {vectors.dim}-d vectors "
+            f"({str(exc).strip().splitlines()[-1]}): pick another --index-type"
+        ) from exc
+    ids_native = faiss.try_extract_index_ivf(index) is not None
+    if not ids_native and not isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        index = faiss.IndexIDMap(index)
+    return index
+
+
+def train(index: Any, vectors: Vectors, choice: IndexChoice, seed: int) -> int:
+    """Train on a sample drawn from the shards; the number of training vectors (0: none)."""
+    if index.is_trained:
+        return 0
+    n = train_size(vectors.total, choice.nlist)
+    _, sample = vectors.sample(n, seed)
+    try:
+        index.train(sample)
+    except RuntimeError as exc:
+        raise InputError(
+            f"{choice.factory} cannot be trained on this collection's {vectors.total} vectors "
+            f"({str(exc).strip().splitlines()[-1]}): use --index-type auto or flat"
+        ) from exc
+    return len(sample)
+
+
+def fill(index: Any, vectors: Vectors) -> None:
+    """Add shard by shard with the shards' ids: memory = the index plus one shard."""
+    for ids, batch in vectors.batches():
+        index.add_with_ids(batch, ids)
+
+
+def fill_on_disk(index: Any, vectors: Vectors, folder: Path, max_memory: int) -> None:
+    """Add in blocks that fit the budget, each saved; then merge them into on-disk lists."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    per_vector = faiss.extract_index_ivf(index).code_size + 8
+    block_rows = max(1, max_memory // 2 // per_vector)
+    blocks: list[str] = []
+    block, rows = faiss.clone_index(index), 0
+    for ids, batch in vectors.batches():
+        block.add_with_ids(batch, ids)
+        rows += len(ids)
+        if rows >= block_rows:
+            blocks.append(_save_block(block, folder, len(blocks)))
+            block, rows = faiss.clone_index(index), 0
+    if rows or not blocks:
+        blocks.append(_save_block(block, folder, len(blocks)))
+    with native_output_silenced():  # FAISS printf()s each resize of the lists file
+        merge_ondisk(index, blocks, str(folder / LISTS_FILE))
+    for name in blocks:
+        Path(name).unlink()
+
+
+def _save_block(block: Any, folder: Path, number: int) -> str:
+    import faiss
+
+    name = str(folder / f".block-{number:05d}.faiss")
+    faiss.write_index(block, name)
+    return name
+
+
+def make_probe(vectors: Vectors, cfg: IndexConfig) -> Probe | None:
+    """Stored vectors as queries and their exact neighbours; None below two vectors."""
+    if vectors.total < 2:
+        return None
+    k = min(cfg.recall_k, vectors.total - 1)
+    ids, queries = vectors.sample(cfg.recall_queries, cfg.seed + 1)
+    truth = exact_neighbours(vectors.batches(), ids, queries, k, vectors.metric)
+    return Probe(ids, queries, truth, k)
+
+
+def measure_and_tune(index: Any, probe: Probe | None, target: float) -> Tuning:
+    if probe is None:
+        return Tuning(None, None, None, None, None, True)
+    param, limit = search_param(index)
+    return tune(index, param, limit, probe, target)
+
+
+def search_param(index: Any) -> tuple[str | None, int]:
+    """The parameter trading speed for recall, and its largest useful value."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return "nprobe", int(ivf.nlist)
+    inner = index
+    if isinstance(index, faiss.IndexIDMap | faiss.IndexIDMap2):
+        inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch", EF_LIMIT
+    return None, 0
+
+
+def apply_params(index: Any, params: dict[str, int]) -> None:
+    """Set tuned (or overriding) search parameters on a loaded index."""
+    from indexer.tune import set_param
+
+    for name, value in params.items():
+        set_param(index, name, int(value))
 
 
 def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[str, Any]]:
-    """The FAISS index and metadata in root (a version of ``collection``); errors say the fix."""
+    """The FAISS index of root (a version of ``collection``), tuned parameters applied."""
     import faiss
 
     paths = CollectionPaths(root)
@@ -115,10 +230,30 @@ def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[st
         raise CollectionError(f"{name} has no index: {fix}")
     try:
         meta = json.loads((paths.index / META_FILE).read_text(encoding="utf-8"))
-        index = faiss.read_index(str(paths.index / INDEX_FILE))
+        with native_output_silenced():  # on-disk lists: FAISS printf()s the path it resolves
+            index = faiss.read_index(str(paths.index / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except Exception as exc:
         raise CollectionError(f"the index in {name} is unreadable ({exc}): {fix}") from exc
+    apply_params(index, meta.get("params") or {})
     return index, meta
+
+
+@contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Send what native code prints to stdout to /dev/null (it would corrupt --json output)."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def read_index_meta(root: Path) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from indexer.catalog import (
     read_manifest,
     write_json_atomic,
 )
-from indexer.config import BuildConfig, IndexConfig
+from indexer.config import BuildConfig, IndexConfig, IndexOverrides
 from indexer.embed import EmbedJob, embed_items, load_model_while_decoding, write_reused
 from indexer.errors import (
     CollectionLockedError,
@@ -34,7 +34,7 @@ from indexer.errors import (
 )
 from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
-from indexer.index import build_index
+from indexer.index import build_index, read_index_meta
 from indexer.lock import CollectionLock
 from indexer.plan import (
     Plan,
@@ -75,6 +75,7 @@ class BuildReport:
     index: dict[str, Any] | None  # None when nothing changed and nothing was published
     status: str = "success"  # or "partial": some items failed, within the failure budget
     version: int | None = None
+    reindexed: bool = False  # nothing changed, but the index settings did: only re-indexed
 
 
 def build(cfg: BuildConfig) -> BuildReport:
@@ -118,24 +119,41 @@ def judge(failed: int, items: int, max_failures: float) -> str:
     return "partial" if failed <= budget else "failed"
 
 
-def reindex(root: Path, keep: int = 2) -> dict[str, Any]:
+def reindex(root: Path, keep: int = 2, overrides: IndexOverrides | None = None) -> dict[str, Any]:
     """Publish a new version of the collection with the same shards and a rebuilt index."""
     with CollectionLock(root, "index"):
         source = open_version(root)
         manifest = read_manifest(source)
-        salvage(root, manifest.get("request", {}))
-        number, building = start_version(root, manifest.get("request", {}))
-        (building / SHARDS).mkdir()
-        for shard in manifest["shards"]:  # shards are immutable: the versions share the files
-            os.link(source / SHARDS / shard["name"], building / SHARDS / shard["name"])
-        if (source / ERRORS).is_file():
-            os.link(source / ERRORS, building / ERRORS)
-        manifest = {**manifest, "version": number}
-        write_json_atomic(building / MANIFEST, manifest)
-        meta = build_index(building, manifest, IndexConfig(metric=manifest["metric"]))
-        publish(root, number, building)
-        prune(root, keep)
-        return meta
+        cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], read_index_meta(source))
+        return reindex_unlocked(root, source, manifest, cfg, keep)
+
+
+def reindex_unlocked(
+    root: Path, source: Path, manifest: dict[str, Any], cfg: IndexConfig, keep: int
+) -> dict[str, Any]:
+    """A new version sharing the published one's shards (hard links), with a new index."""
+    salvage(root, manifest.get("request", {}))
+    number, building = start_version(root, manifest.get("request", {}))
+    (building / SHARDS).mkdir()
+    for shard in manifest["shards"]:  # shards are immutable: the versions share the files
+        os.link(source / SHARDS / shard["name"], building / SHARDS / shard["name"])
+    if (source / ERRORS).is_file():
+        os.link(source / ERRORS, building / ERRORS)
+    manifest = {**manifest, "version": number}
+    write_json_atomic(building / MANIFEST, manifest)
+    meta = build_index(building, manifest, cfg)
+    publish(root, number, building)
+    prune(root, keep)
+    return meta
+
+
+def index_settings_changed(cfg: IndexConfig, recorded: dict[str, Any] | None) -> bool:
+    """Whether the published index was built with other settings than those asked now."""
+    if recorded is None:
+        return True
+    asked = (cfg.index_type, cfg.max_memory, cfg.target_recall)
+    return asked != (recorded.get("requested"), recorded.get("max_memory"),
+                     recorded.get("target_recall"))  # fmt: skip
 
 
 def build_unlocked(cfg: BuildConfig) -> BuildReport:
@@ -148,16 +166,20 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
     salvaged = salvage(cfg.out, asked)  # finished shards of a killed run with the same recipe
     log.info("listed %d items: %d to check, %d unchanged, %d deleted",
              len(items), len(plan.check), len(plan.keep), plan.deleted)  # fmt: skip
-    if prev.manifest is not None and plan.nothing_to_do:
+    if prev.manifest is not None and prev.folder is not None and plan.nothing_to_do:
         clear_salvage(cfg.out)
         counts = {
             **zero_counts(len(items)),
             "unchanged": len(plan.keep),
             "failed": len(plan.kept_errors),
         }
+        index, version = None, prev.manifest.get("version")
+        if index_settings_changed(cfg.index, read_index_meta(prev.folder)):
+            index = reindex_unlocked(cfg.out, prev.folder, prev.manifest, cfg.index, cfg.keep)
+            version = int(open_version(cfg.out).name[1:])
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
-                           time.perf_counter() - start, None,
-                           version=prev.manifest.get("version"))  # fmt: skip
+                           time.perf_counter() - start, index, version=version,
+                           reindexed=index is not None)  # fmt: skip
     return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start)
 
 

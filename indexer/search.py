@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from indexer.catalog import CollectionPaths, open_version, read_manifest
 from indexer.errors import CollectionError, InputError
-from indexer.images import DecodeError
-from indexer.index import load_index
-from indexer.model import Embedder, embedder_from_recipe
-from indexer.preprocess import Preprocessor
+from indexer.index import apply_params, load_index, search_param
 from indexer.shards import read_rows
+
+if TYPE_CHECKING:
+    from indexer.model import Embedder
 
 
 @dataclass(frozen=True)
@@ -31,45 +32,166 @@ class Hit:
         return {"rank": self.rank, "key": self.key, "score": self.score, "id": self.id, **extra}
 
 
-class Searcher:
-    """A collection opened for queries; the model is recreated from the manifest on first use."""
+class Collection:
+    """A collection's published version, opened for queries from Python or the CLI.
 
-    def __init__(self, root: Path, device: str = "auto") -> None:
-        self.root = root
-        self.version = open_version(root)  # everything below is read from this one version
+    >>> c = Collection.open("photos.idx")
+    >>> scores, keys = c.search(vectors, k=10)        # (n, k) float32 and (n, k) keys
+    >>> scores, keys = c.search_images(["a.jpg"], k=5)
+
+    Everything is read from the version current at open(), so a build publishing meanwhile
+    never mixes in. The model is recreated from the manifest on the first image query.
+    """
+
+    def __init__(
+        self, root: Path | str, device: str = "auto", params: dict[str, int] | None = None
+    ) -> None:
+        self.root = Path(root)
+        self.version = open_version(self.root)
         self.paths = CollectionPaths(self.version)
         self.manifest = read_manifest(self.version)
-        self.index, self.index_meta = load_index(self.version, root)
+        self.index, self.index_meta = load_index(self.version, self.root)
         self.device = device
         self._embedder: Embedder | None = None
+        self._keys: tuple[np.ndarray, pa.Array] | None = None
         if int(self.index.ntotal) != int(self.manifest["counts"]["embedded"]):
             raise CollectionError(
-                f"the index in {root} holds {self.index.ntotal} vectors but the shards hold "
-                f"{self.manifest['counts']['embedded']}: rebuild it with `indexer index {root}`"
+                f"the index in {self.root} holds {self.index.ntotal} vectors but the shards "
+                f"hold {self.manifest['counts']['embedded']}: rebuild it with "
+                f"`indexer index {self.root}`"
             )
+        if params:
+            self.set_search_params(params)
+
+    @classmethod
+    def open(
+        cls, root: Path | str, device: str = "auto", params: dict[str, int] | None = None
+    ) -> Collection:
+        return cls(root, device, params)
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embedding_dim"])
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        """The tuned search parameters in use (e.g. {'nprobe': 12}); {} for exact search."""
+        return dict(self.index_meta.get("params") or {})
+
+    def set_search_params(self, params: dict[str, int]) -> None:
+        """Override the tuned nprobe or efSearch; an index without that parameter refuses."""
+        own = search_param(self.index)[0]
+        for name, value in params.items():
+            if name != own:
+                raise InputError(
+                    f"the index of {self.root} is {self.index_meta['type']} "
+                    f"({self.index_meta['factory']}): it has no {name} to set"
+                    + (f"; it takes {own}" if own else "")
+                )
+            if value < 1:
+                raise InputError(f"{name} must be at least 1")
+        apply_params(self.index, params)
+        self.index_meta = {**self.index_meta, "params": {**self.search_params, **params}}
 
     @property
     def embedder(self) -> Embedder:
+        if self.manifest["model"] is None:
+            raise InputError(
+                f"{self.root} holds vectors indexed from Parquet, with no model to embed "
+                "images: query it with vectors (Collection.search)"
+            )
         if self._embedder is None:
+            from indexer.model import embedder_from_recipe
+
             self._embedder = embedder_from_recipe(self.manifest["model"], self.device)
         return self._embedder
 
     def embed_files(self, files: list[Path]) -> np.ndarray:
         """Embed query images with the collection's recipe; an unreadable one is an InputError."""
+        import torch
+
+        from indexer.images import DecodeError
+        from indexer.preprocess import Preprocessor
+
         preprocess = Preprocessor(self.embedder.data_config, self.manifest["decode"]["mode"])
         pixels = []
         for path in files:
             try:
-                pixels.append(preprocess(path.read_bytes()).pixels)
+                pixels.append(preprocess(Path(path).read_bytes()).pixels)
             except (OSError, DecodeError) as exc:
                 raise InputError(f"cannot read query image {path}: {exc}") from exc
         return self.embedder.embed(torch.from_numpy(np.stack(pixels)))
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
-        """Top-k hits for each vector, best first, with their shard rows."""
+    def prepare(self, vectors: np.ndarray) -> np.ndarray:
+        """Query vectors as the index wants them: float32 (n, dim), normalised if the
+        collection's vectors are."""
+        array = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+        if array.ndim != 2 or array.shape[1] != self.dim:
+            raise InputError(
+                f"query vectors have shape {np.shape(vectors)}; {self.root} holds "
+                f"{self.dim}-d vectors: pass an (n, {self.dim}) array"
+            )
+        if not np.isfinite(array).all():
+            raise InputError("query vectors hold NaN or infinite values")
+        if self.manifest["normalized"]:
+            array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+        return np.ascontiguousarray(array)
+
+    def search_ids(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each (n, k); an id of -1 means fewer than k items exist."""
         if k < 1:
             raise InputError("-k must be at least 1")
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        scores, ids = self.index.search(self.prepare(vectors), k)
+        return scores, ids
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, keys) of the k nearest items per vector, best first; each (n, k).
+
+        Scores are inner products (higher is closer) or, for metric l2, squared distances
+        (lower is closer). Missing results (k above the collection's size) are NaN and None.
+        """
+        scores, ids = self.search_ids(vectors, k)
+        keys = self.keys_of(ids)
+        scores = scores.astype(np.float32)
+        scores[ids < 0] = np.nan
+        return scores, keys
+
+    def search_images(self, images: list[Path | str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """search() for image files, embedded with the collection's own recipe."""
+        return self.search(self.embed_files([Path(p) for p in images]), k)
+
+    def keys_of(self, ids: np.ndarray) -> np.ndarray:
+        """Keys for an array of ids (object array of the same shape; None for -1)."""
+        sorted_ids, keys = self._key_map()
+        flat = ids.ravel()
+        out = np.full(flat.shape, None, dtype=object)
+        valid = flat >= 0
+        pos = np.searchsorted(sorted_ids, flat[valid])
+        pos = np.minimum(pos, max(len(sorted_ids) - 1, 0))
+        if valid.any() and not np.array_equal(sorted_ids[pos], flat[valid]):
+            raise CollectionError(
+                f"the index in {self.root} names ids missing from the shards: "
+                f"rebuild it with `indexer index {self.root}`"
+            )
+        out[valid] = keys.take(pa.array(pos)).to_numpy(zero_copy_only=False)
+        return out.reshape(ids.shape)
+
+    def _key_map(self) -> tuple[np.ndarray, pa.Array]:
+        """Every id (sorted) and its key: read once, ids and keys only (no vectors)."""
+        if self._keys is None:
+            tables = [
+                pq.read_table(p, columns=["id", "key"])
+                for p in self.paths.shard_paths(self.manifest)
+            ]
+            table = pa.concat_tables(tables) if tables else pa.table({"id": [], "key": []})
+            order = np.argsort(table.column("id").to_numpy(), kind="stable")
+            ids = table.column("id").to_numpy()[order]
+            self._keys = (ids, table.column("key").combine_chunks().take(pa.array(order)))
+        return self._keys
+
+    def hits(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """Top-k hits for each vector, best first, with their shard rows (the CLI's view)."""
+        scores, ids = self.search_ids(vectors, k)
         wanted = {int(i) for i in ids.ravel() if i >= 0}
         rows = read_rows(self.paths.shard_paths(self.manifest), wanted)
         if wanted - rows.keys():
@@ -79,11 +201,10 @@ class Searcher:
             )
         results = []
         for score_row, id_row in zip(scores.tolist(), ids.tolist(), strict=True):
+            found = [(s, i) for s, i in zip(score_row, id_row, strict=True) if i >= 0]
             hits = [
                 Hit(rank, float(score), int(i), rows[i]["key"], rows[i])
-                for rank, (score, i) in enumerate(
-                    ((s, i) for s, i in zip(score_row, id_row, strict=True) if i >= 0), start=1
-                )
+                for rank, (score, i) in enumerate(found, start=1)
             ]
             results.append(hits)
         return results

@@ -42,6 +42,19 @@ def shard_schema(dim: int, metadata: pa.Schema) -> pa.Schema:
     return pa.schema(fixed + list(metadata))
 
 
+FIXED_COLUMNS = frozenset(shard_schema(1, pa.schema([])).names)
+
+
+def metadata_name(name: str) -> str:
+    """A source column's name in the shards: source_NAME where NAME is a fixed column's."""
+    return f"source_{name}" if name in FIXED_COLUMNS else name
+
+
+def metadata_field(source_field: pa.Field) -> pa.Field:
+    """A source's column as a shard column: nullable, renamed by metadata_name."""
+    return pa.field(metadata_name(source_field.name), source_field.type, nullable=True)
+
+
 def merge_metadata_schemas(schemas: list[pa.Schema]) -> pa.Schema:
     """One schema for all sources' metadata; a column with two types is an error."""
     return pa.unify_schemas(schemas) if schemas else pa.schema([])

@@ -44,3 +44,33 @@ def read_embeddings_by_key(root: Path) -> dict[str, np.ndarray]:
     table = ds.dataset(root / "shards", format="parquet").to_table(columns=["key", "embedding"])
     vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
     return dict(zip(table.column("key").to_pylist(), vectors, strict=True))
+
+
+def clustered_vectors(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
+    """Unit vectors around `clusters` random centres (fixed by dim and clusters, not seed)."""
+    centres = np.random.default_rng(1000 + clusters).standard_normal((clusters, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    points = centres[rng.integers(0, clusters, n)] + spread * rng.standard_normal((n, dim))
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def write_vectors(
+    path: Path, vectors: np.ndarray, keys: list[str], fixed: bool = True, **extra: list
+) -> Path:
+    """A Parquet file of (key, embedding[, extra columns]) as another tool would write it:
+    a fixed-size list of float32, or a variable list of float64."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fixed:
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+    else:
+        emb = pa.array([[float(v) for v in row] for row in vectors], pa.list_(pa.float64()))
+    pq.write_table(pa.table({"key": keys, "embedding": emb, **extra}), path)
+    return path
+
+
+def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Row numbers of the k largest inner products per query (numpy brute force)."""
+    return np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :k]

@@ -12,7 +12,7 @@ import pytest
 
 import indexer.pipeline as pipeline
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
-from indexer.search import Searcher
+from indexer.search import Collection
 from tests.helpers import BUILD_FLAGS, run_cli
 
 
@@ -85,8 +85,8 @@ def test_queries_during_builds_never_fail_or_mix(corpus: Path, tmp_path: Path) -
     def query_loop() -> None:
         while not stop.is_set():
             try:
-                searcher = Searcher(out)
-                found = {hit.key for hit in searcher.search(vector, k=10)[0]}
+                searcher = Collection(out)
+                found = {hit.key for hit in searcher.hits(vector, k=10)[0]}
                 assert searcher.index.ntotal == searcher.manifest["counts"]["embedded"]
                 assert found in keys, f"mixed or partial result: {sorted(found)}"
                 seen.append(searcher.manifest["version"])

@@ -14,7 +14,6 @@ import torch
 from indexer.config import ModelConfig, SourceSpec
 from indexer.errors import InputError, WeightsUnavailableError
 from indexer.hub import hub_unreachable_reason
-from indexer.index import exact_search, sample_vectors
 from indexer.model import (
     classifier_prefix,
     create_model,
@@ -165,27 +164,6 @@ def test_aborted_writer_leaves_no_temporary_file(tmp_path: Path) -> None:
         assert [p.name for p in tmp_path.iterdir()] == ["part-00000.parquet.tmp"]
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
-
-
-def test_exact_search_matches_brute_force(tmp_path: Path) -> None:
-    schema = shard_schema(8, pa.schema([]))
-    with ShardWriter(tmp_path, schema, shard_size=40) as writer:
-        writer.write(_table(range(0, 100), 8))
-        shards = [tmp_path / s.name for s in writer.close()]
-    vectors = (
-        pq.read_table(tmp_path).sort_by("id").column("embedding").to_numpy(zero_copy_only=False)
-    )
-    allv = np.stack(vectors).astype(np.float32)
-    queries = sample_vectors(shards, [40, 40, 20], 15, seed=1)
-    assert queries.shape == (15, 8)
-    for metric in ("ip", "l2"):
-        found = exact_search(shards, queries, 5, metric)
-        if metric == "ip":
-            scores = queries @ allv.T
-        else:
-            scores = -((queries[:, None, :] - allv[None]) ** 2).sum(-1)
-        expected = np.argsort(-scores, axis=1, kind="stable")[:, :5]
-        np.testing.assert_array_equal(found, expected)
 
 
 def test_non_utf8_file_name_gets_a_printable_key(tmp_path: Path) -> None:

@@ -9,10 +9,7 @@ import pyarrow as pa
 
 from indexer.errors import InputError
 from indexer.hub import hub_unreachable_reason
-
-RESERVED_COLUMNS = frozenset(
-    {"id", "key", "source", "embedding", "width", "height", "content_hash"}
-)
+from indexer.shards import metadata_field, metadata_name
 
 
 class HFSource:
@@ -57,7 +54,7 @@ class HFSource:
 
     def metadata_schema(self) -> pa.Schema:
         schema = self.dataset.data.schema
-        return pa.schema([_rename(schema.field(name)) for name in self.columns])
+        return pa.schema([metadata_field(schema.field(name)) for name in self.columns])
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
         row = self.dataset[int(locator)]
@@ -66,7 +63,7 @@ class HFSource:
         if data is None and image.get("path"):
             with open(image["path"], "rb") as f:
                 data = f.read()
-        meta = {_column_name(name): row[name] for name in self.columns}
+        meta = {metadata_name(name): row[name] for name in self.columns}
         return data or b"", meta
 
 
@@ -149,11 +146,3 @@ def _metadata_columns(dataset: Any, image_column: str) -> list[str]:
         ):
             keep.append(field.name)
     return keep
-
-
-def _column_name(name: str) -> str:
-    return f"source_{name}" if name in RESERVED_COLUMNS else name
-
-
-def _rename(field: pa.Field) -> pa.Field:
-    return pa.field(_column_name(field.name), field.type, nullable=True)

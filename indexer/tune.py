@@ -1,0 +1,196 @@
+"""Measure an index's recall@k against exact search and tune nprobe/efSearch to a target recall."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+TIMING_ROUNDS = 3
+TIMING_BUDGET = 1.0  # seconds: stop timing rounds once this much was spent
+CONFIDENCE_Z = 2.0  # tuning asks the recall's ~97.5% lower bound (mean - 2 SE) to reach target
+PLATEAU = 0.001  # recall gained by doubling below this, twice running: the index can do no better
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Stored vectors used as queries, with their exact neighbours (themselves left out)."""
+
+    ids: np.ndarray  # (n,) the queries' own ids
+    queries: np.ndarray  # (n, dim) float32
+    truth: np.ndarray  # (n, k) exact neighbour ids, best first, the query's own id excluded
+    k: int
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The tuned search parameter and what it measured."""
+
+    param: str | None  # nprobe, efSearch, or None (nothing to tune)
+    value: int | None
+    recall: float | None
+    recall_low: float | None  # lower confidence bound of recall (what must reach the target)
+    queries_per_second: float | None
+    target_met: bool
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+    def to_meta(self, target: float, probe: Probe | None) -> dict[str, Any]:
+        return {
+            "params": {} if self.param is None else {self.param: self.value},
+            "recall_at_k": None if self.recall is None else round(self.recall, 4),
+            "recall_lower_bound": None if self.recall_low is None else round(self.recall_low, 4),
+            "recall_k": None if probe is None else probe.k,
+            "recall_queries": 0 if probe is None else len(probe.ids),
+            "target_recall": target,
+            "target_met": self.target_met,
+            "queries_per_second": self.queries_per_second,
+            "tuning": self.curve,
+        }
+
+
+def exact_neighbours(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    query_ids: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+) -> np.ndarray:
+    """Brute-force top-k ids per query over streamed (ids, vectors) batches, self excluded."""
+    n = len(queries)
+    best_s = np.full((n, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((n, 0), dtype=np.int64)
+    for ids, vectors in batches:
+        scores = queries @ vectors.T
+        if metric == "l2":  # rank by -||q - v||^2 + ||q||^2
+            scores = 2 * scores - np.einsum("ij,ij->i", vectors, vectors)[None, :]
+        scores[ids[None, :] == query_ids[:, None]] = -np.inf
+        take = min(k, scores.shape[1])
+        top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+        cand_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
+        cand_i = np.concatenate([best_i, ids[top]], axis=1)
+        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+    best_i[~np.isfinite(best_s)] = -1
+    return best_i
+
+
+def query_recalls(found: np.ndarray, probe: Probe) -> np.ndarray:
+    """Per query: the share of its exact neighbours found among the first k results that are
+    not the query itself."""
+    out = np.ones(len(probe.ids))
+    rows = zip(probe.ids.tolist(), found.tolist(), probe.truth.tolist(), strict=True)
+    for n, (own, row, truth) in enumerate(rows):
+        wanted = {t for t in truth if t >= 0}
+        got = [i for i in row if i != own and i >= 0][: probe.k]
+        out[n] = len(wanted.intersection(got)) / len(wanted) if wanted else 1.0
+    return out
+
+
+def recall_at_k(found: np.ndarray, probe: Probe) -> float:
+    return float(query_recalls(found, probe).mean())
+
+
+def recall_bounds(recalls: np.ndarray) -> tuple[float, float]:
+    """Mean recall and its lower confidence bound (queries are the independent samples)."""
+    mean = float(recalls.mean())
+    if len(recalls) < 2:
+        return mean, mean
+    return mean, mean - CONFIDENCE_Z * float(recalls.std(ddof=1)) / len(recalls) ** 0.5
+
+
+def queries_per_second(
+    search: Callable[[np.ndarray, int], Any], queries: np.ndarray, k: int
+) -> float:
+    """Batch queries/s, best of up to TIMING_ROUNDS within TIMING_BUDGET (machines are noisy)."""
+    best, spent = float("inf"), 0.0
+    for _ in range(TIMING_ROUNDS):
+        start = time.perf_counter()
+        search(queries, k)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+        if spent > TIMING_BUDGET:
+            break
+    return round(len(queries) / max(best, 1e-9), 1)
+
+
+def candidates(param: str, limit: int) -> Iterator[int]:
+    """Doubling values of the search parameter, from the cheapest useful one up to limit."""
+    value = 1 if param == "nprobe" else 16
+    while value < limit:
+        yield value
+        value *= 2
+    yield limit
+
+
+def tune(index: Any, param: str | None, limit: int, probe: Probe, target: float) -> Tuning:
+    """The smallest parameter value whose recall@k lower bound reaches target (doubling, then
+    bisection); with nothing to tune, the index's recall measured once."""
+    if param is None:
+        start = time.perf_counter()
+        found = index.search(probe.queries, probe.k + 1)[1]
+        qps = round(len(probe.queries) / max(time.perf_counter() - start, 1e-9), 1)
+        rec, low = recall_bounds(query_recalls(found, probe))
+        return Tuning(None, None, rec, low, qps, low >= target)
+    measured: dict[int, tuple[float, float]] = {}
+
+    def measure(value: int) -> tuple[float, float]:
+        if value not in measured:
+            set_param(index, param, value)
+            found = index.search(probe.queries, probe.k + 1)[1]
+            measured[value] = recall_bounds(query_recalls(found, probe))
+        return measured[value]
+
+    passing = _first_passing(measure, candidates(param, limit), target)
+    if passing is None:
+        best = max(measured, key=lambda v: (measured[v][1], -v))
+        return _finish(index, param, best, measured, probe, met=False)
+    floor = 0 if param == "nprobe" else probe.k  # efSearch below k is never used
+    lower = max((v for v in measured if v < passing), default=floor)
+    while passing - lower > 1:  # recall grows with the parameter: bisect to the smallest
+        middle = (lower + passing) // 2
+        lower, passing = (middle, passing) if measure(middle)[1] < target else (lower, middle)
+    return _finish(index, param, passing, measured, probe, met=True)
+
+
+def _first_passing(
+    measure: Callable[[int], tuple[float, float]], values: Iterator[int], target: float
+) -> int | None:
+    previous, flat_steps = -1.0, 0
+    for value in values:
+        rec, low = measure(value)
+        if low >= target:
+            return value
+        flat_steps = flat_steps + 1 if rec - previous < PLATEAU else 0
+        if flat_steps >= 2:
+            return None
+        previous = rec
+    return None
+
+
+def _finish(
+    index: Any,
+    param: str,
+    value: int,
+    measured: dict[int, tuple[float, float]],
+    probe: Probe,
+    *,
+    met: bool,
+) -> Tuning:
+    set_param(index, param, value)
+    qps = queries_per_second(index.search, probe.queries, probe.k)
+    curve = [
+        {param: v, "recall": round(r, 4), "recall_low": round(low, 4)}
+        for v, (r, low) in sorted(measured.items())
+    ]
+    rec, low = measured[value]
+    return Tuning(param, value, rec, low, qps, met, curve)
+
+
+def set_param(index: Any, param: str, value: int) -> None:
+    """Set nprobe or efSearch through any wrapper (id map, pre-transform, refine)."""
+    import faiss
+
+    faiss.ParameterSpace().set_index_parameter(index, param, value)
