@@ -20,6 +20,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import BIN, REPO, SAMPLE, run_timed, write_checkpoint
 
 FILE_ROWS = 100_000
+VARIANTS = (  # name, output folder suffix, `indexer index` flags
+    ("indexer flat (exact)", "flat", ("--index-type", "flat")),
+    ("indexer auto", "auto", ()),
+    ("indexer auto @0.99", "auto99", ("--target-recall", "0.99")),
+    ("indexer hnsw", "hnsw", ("--index-type", "hnsw")),
+    ("indexer IVF4096,PQ16", "pq", ("--index-type", "IVF4096,PQ16")),
+    ("indexer auto, 128M", "budget128", ("--max-index-memory", "128M")),  # floats do not fit
+    ("indexer auto, 32M", "budget32", ("--max-index-memory", "32M")),  # nor SQ8: lists on disk
+)
 ROUNDS = 3
 AUTOFAISS_SCRIPT = r"""
 import json, sys, time
@@ -51,6 +60,7 @@ class Result:
     qps: float
     bytes: int
     detail: str
+    peak_mb: float | None = None  # the process tree's peak PSS (indexer runs)
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int, spread: float) -> np.ndarray:
@@ -131,13 +141,15 @@ def run_indexer(
         "1",
         *flags,
     ]
-    seconds = run_timed(cmd).seconds
+    run = run_timed(cmd, memory=True)
     collection = Collection.open(out)
     found, qps = search_qps(collection, queries, truth.shape[1])
     meta = collection.index_meta
     params = ", ".join(f"{k}={v}" for k, v in meta["params"].items()) or "-"
     detail = f"{meta['factory']} {params}; own estimate recall {meta['recall_at_k']}"
-    return Result(name, seconds, recall(found, truth), qps, meta["bytes"], detail)
+    return Result(
+        name, run.seconds, recall(found, truth), qps, meta["bytes"], detail, run.peak_rss_mb
+    )
 
 
 def run_autofaiss(python: Path, work: Path, files: tuple[Path, Path, Path]) -> Result | None:
@@ -169,13 +181,14 @@ def print_table(results: list[Result], exact_qps: float) -> None:
     auto_fa = next((r for r in results if r.name == "autofaiss"), None)
     print(
         f"{'index':<22} {'build s':>8} {'recall@10':>9} {'queries/s':>10} {'x exact':>8} "
-        f"{'x autofaiss':>11} {'MiB':>7}  detail"
+        f"{'x autofaiss':>11} {'index MiB':>9} {'peak MiB':>8}  detail"
     )
     for r in results:
         vs_fa = f"{r.qps / auto_fa.qps:10.1f}x" if auto_fa else f"{'-':>11}"
+        peak = f"{r.peak_mb:8.0f}" if r.peak_mb is not None else f"{'-':>8}"
         print(
             f"{r.name:<22} {r.build_seconds:8.1f} {r.recall:9.4f} {r.qps:10.0f} "
-            f"{r.qps / exact_qps:7.1f}x {vs_fa} {r.bytes / 2**20:7.1f}  {r.detail}"
+            f"{r.qps / exact_qps:7.1f}x {vs_fa} {r.bytes / 2**20:9.1f} {peak}  {r.detail}"
         )
 
 
@@ -323,25 +336,8 @@ def main() -> None:
         f"{args.queries} unseen queries in one batch, recall@10 against exact search"
     )
     results = [
-        run_indexer(
-            "indexer flat (exact)",
-            folder,
-            work / "index-flat",
-            queries,
-            truth,
-            "--index-type",
-            "flat",
-        ),
-        run_indexer("indexer auto", folder, work / "index-auto", queries, truth),
-        run_indexer(
-            "indexer auto @0.99",
-            folder,
-            work / "index-auto99",
-            queries,
-            truth,
-            "--target-recall",
-            "0.99",
-        ),
+        run_indexer(name, folder, work / f"index-{slug}", queries, truth, *flags)
+        for name, slug, flags in VARIANTS
     ]
     python = find_autofaiss(args.autofaiss_python)
     fa = run_autofaiss(python, work, files) if python else None

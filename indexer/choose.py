@@ -13,7 +13,7 @@ from indexer.errors import InputError
 # "Index choice" has the measurements behind every constant in this module).
 EXACT_BELOW = 100_000
 TRAIN_PER_LIST = 50  # k-means training vectors per inverted list (FAISS warns below 39)
-MAX_TRAIN = 200_000  # more training vectors cost build time without better recall at 1M
+HNSW_QUANTIZER_LISTS = 16_384  # from here on vectors find their lists through an HNSW graph
 HNSW_M = 32
 INDEX_TYPES = ("auto", "flat", "ivf", "ivfsq", "hnsw")
 ID_BYTES = 8  # an int64 id per vector, stored in the inverted lists or the id map
@@ -100,7 +100,8 @@ def _ivf(
     if on_disk is None:
         on_disk = in_memory > max_memory
     memory = centroids if on_disk else in_memory
-    factory = f"IVF{nlist},{'SQ8' if sq8 else 'Flat'}"
+    quantizer = f"_HNSW{HNSW_M}" if nlist >= HNSW_QUANTIZER_LISTS else ""
+    factory = f"IVF{nlist}{quantizer},{'SQ8' if sq8 else 'Flat'}"
     return IndexChoice("ivfsq" if sq8 else "ivf", factory, nlist, on_disk, memory, why)
 
 
@@ -122,5 +123,5 @@ def _factory(n: int, factory: str) -> IndexChoice:
 
 
 def train_size(n: int, nlist: int | None) -> int:
-    """Vectors sampled to train: TRAIN_PER_LIST per list, at most MAX_TRAIN and n."""
-    return min(n, (nlist or 1) * TRAIN_PER_LIST, MAX_TRAIN)
+    """Vectors sampled to train: TRAIN_PER_LIST per list, at most n."""
+    return min(n, (nlist or 1) * TRAIN_PER_LIST)

@@ -44,10 +44,8 @@ class Vectors:
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         return iter_embeddings(self.paths)
 
-    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, vectors) of n stored rows drawn without replacement, one shard at a time."""
-        rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(self.total, size=min(n, self.total), replace=False))
+    def read(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the rows at these sorted positions, read one shard at a time."""
         ids, picked, offset = [], [], 0
         for (shard_ids, vectors), count in zip(self.batches(), self.counts, strict=True):
             local = chosen[(chosen >= offset) & (chosen < offset + count)] - offset
@@ -57,6 +55,22 @@ class Vectors:
         if not picked:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         return np.concatenate(ids), np.ascontiguousarray(np.concatenate(picked), np.float32)
+
+
+def draw_positions(total: int, n: int, seed: int, avoid: np.ndarray | None = None) -> np.ndarray:
+    """n sorted row positions in [0, total) drawn without replacement; not in `avoid` (sorted)
+    while enough others exist."""
+    rng = np.random.default_rng(seed)
+    n = min(n, total)
+    if avoid is None or total - len(avoid) < n:
+        return np.sort(rng.choice(total, size=n, replace=False))
+    if total - len(avoid) < 2 * n:
+        return np.sort(rng.choice(np.setdiff1d(np.arange(total), avoid), size=n, replace=False))
+    picked = np.zeros(0, np.int64)
+    while len(picked) < n:  # rejection: most draws land outside `avoid`
+        draw = rng.choice(total, size=2 * n, replace=False)
+        picked = np.union1d(picked, draw[~np.isin(draw, avoid)])
+    return np.sort(rng.choice(picked, size=n, replace=False))
 
 
 def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[str, Any]:
@@ -70,12 +84,13 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     start = time.perf_counter()
     index = new_index(choice, vectors)
     trained = train(index, vectors, choice, cfg.seed)
+    trained_count = len(trained)
     if choice.on_disk:
         fill_on_disk(index, vectors, paths.index, cfg.max_memory)
     else:
         fill(index, vectors)
     build_seconds = time.perf_counter() - start
-    probe = make_probe(vectors, cfg)
+    probe = make_probe(vectors, cfg, trained)
     tuning = measure_and_tune(index, probe, cfg.target_recall)
     tune_seconds = time.perf_counter() - start - build_seconds
     import faiss
@@ -92,7 +107,7 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
         "on_disk": choice.on_disk,
         "max_memory": cfg.max_memory,
         "requested": cfg.index_type,
-        "train_vectors": trained,
+        "train_vectors": trained_count,
         "build_seconds": round(build_seconds, 3),
         "tune_seconds": round(tune_seconds, 3),
         **tuning.to_meta(cfg.target_recall, probe),
@@ -126,12 +141,12 @@ def new_index(choice: IndexChoice, vectors: Vectors) -> Any:
     return index
 
 
-def train(index: Any, vectors: Vectors, choice: IndexChoice, seed: int) -> int:
-    """Train on a sample drawn from the shards; the number of training vectors (0: none)."""
+def train(index: Any, vectors: Vectors, choice: IndexChoice, seed: int) -> np.ndarray:
+    """Train on a sample drawn from the shards; the positions of the rows it used."""
     if index.is_trained:
-        return 0
-    n = train_size(vectors.total, choice.nlist)
-    _, sample = vectors.sample(n, seed)
+        return np.zeros(0, np.int64)
+    chosen = draw_positions(vectors.total, train_size(vectors.total, choice.nlist), seed)
+    _, sample = vectors.read(chosen)
     try:
         index.train(sample)
     except RuntimeError as exc:
@@ -139,7 +154,7 @@ def train(index: Any, vectors: Vectors, choice: IndexChoice, seed: int) -> int:
             f"{choice.factory} cannot be trained on this collection's {vectors.total} vectors "
             f"({str(exc).strip().splitlines()[-1]}): use --index-type auto or flat"
         ) from exc
-    return len(sample)
+    return chosen
 
 
 def fill(index: Any, vectors: Vectors) -> None:
@@ -179,12 +194,14 @@ def _save_block(block: Any, folder: Path, number: int) -> str:
     return name
 
 
-def make_probe(vectors: Vectors, cfg: IndexConfig) -> Probe | None:
-    """Stored vectors as queries and their exact neighbours; None below two vectors."""
+def make_probe(vectors: Vectors, cfg: IndexConfig, trained: np.ndarray) -> Probe | None:
+    """Stored vectors as queries (held out of the training sample where the collection allows)
+    and their exact neighbours, the query itself left out; None below two vectors."""
     if vectors.total < 2:
         return None
     k = min(cfg.recall_k, vectors.total - 1)
-    ids, queries = vectors.sample(cfg.recall_queries, cfg.seed + 1)
+    chosen = draw_positions(vectors.total, cfg.recall_queries, cfg.seed + 1, trained)
+    ids, queries = vectors.read(chosen)
     truth = exact_neighbours(vectors.batches(), ids, queries, k, vectors.metric)
     return Probe(ids, queries, truth, k)
 

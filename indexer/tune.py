@@ -11,7 +11,7 @@ import numpy as np
 
 TIMING_ROUNDS = 3
 TIMING_BUDGET = 1.0  # seconds: stop timing rounds once this much was spent
-CONFIDENCE_Z = 2.0  # tuning asks the recall's ~97.5% lower bound (mean - 2 SE) to reach target
+CONFIDENCE_Z = 3.0  # tuning asks the recall's lower bound (mean - 3 SE) to reach the target
 PLATEAU = 0.001  # recall gained by doubling below this, twice running: the index can do no better
 
 

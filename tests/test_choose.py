@@ -24,8 +24,10 @@ G, M = 1024**3, 1024**2
         (1_000_000, 64, 200 * M, "auto", "ivfsq", "IVF4096,SQ8", False),  # floats: 264 MB
         (1_000_000, 64, 50 * M, "auto", "ivf", "IVF4096,Flat", True),  # SQ8 too: 72 MB
         (50_000, 64, 1 * M, "auto", "ivf", "IVF512,Flat", True),  # even exact would not fit
-        (10**9, 64, 16 * G, "auto", "ivf", "IVF131072,Flat", True),
-        (100_000_000, 64, 16 * G, "auto", "ivfsq", "IVF32768,SQ8", False),
+        (10**9, 64, 16 * G, "auto", "ivf", "IVF131072_HNSW32,Flat", True),
+        (10**9, 64, 100 * G, "auto", "ivfsq", "IVF131072_HNSW32,SQ8", False),
+        (100_000_000, 64, 16 * G, "auto", "ivfsq", "IVF32768_HNSW32,SQ8", False),
+        (10_000_000, 64, 16 * G, "auto", "ivf", "IVF16384_HNSW32,Flat", False),
         (1000, 64, 16 * G, "flat", "flat", "IDMap,Flat", False),
         (1000, 64, 16 * G, "ivf", "ivf", "IVF16,Flat", False),
         (1000, 64, 10_000, "ivf", "ivf", "IVF16,Flat", True),  # asked for, over budget: disk
@@ -67,8 +69,8 @@ def test_parse_size_refuses_non_sizes(bad: str) -> None:
 
 @pytest.mark.parametrize(
     ("n", "nlist", "train"),
-    [(1, 1, 1), (49, 1, 49), (1000, 16, 800), (100_000, 1024, 51_200), (1_000_000, 4096, 200_000),
-     (10**9, 131072, 200_000)],
+    [(1, 1, 1), (49, 1, 49), (1000, 16, 800), (100_000, 1024, 51_200), (1_000_000, 4096, 204_800),
+     (10**9, 131072, 6_553_600)],
 )  # fmt: skip
 def test_lists_and_training_sample(n: int, nlist: int, train: int) -> None:
     assert nlist_for(n) == nlist
@@ -83,7 +85,7 @@ def test_candidates_double_up_to_the_limit() -> None:
 def test_recall_bounds() -> None:
     assert recall_bounds(np.ones(50)) == (1.0, 1.0)
     mean, low = recall_bounds(np.array([1.0, 0.0] * 50))
-    assert mean == 0.5 and low == pytest.approx(0.5 - 2 * 0.5025 / 10, abs=1e-3)
+    assert mean == 0.5 and low == pytest.approx(0.5 - 3 * 0.5025 / 10, abs=1e-3)
 
 
 def _batches(vectors: np.ndarray, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -140,3 +142,19 @@ def test_tune_reports_a_target_it_cannot_reach() -> None:
     truth = exact_neighbours([(ids, vectors)], ids[rows], vectors[rows], 10, "ip")
     tuning = tune(index, "efSearch", 16, Probe(ids[rows], vectors[rows], truth, 10), 1.01)
     assert not tuning.target_met and tuning.value == 16
+
+
+@pytest.mark.parametrize(
+    ("total", "n", "avoid", "disjoint"),
+    [(1000, 50, np.arange(0, 1000, 5), True), (100, 30, np.arange(50), True),
+     (100, 60, np.arange(50), False), (10, 20, None, False), (1_000_000, 1000, None, False)],
+)  # fmt: skip
+def test_draw_positions(total: int, n: int, avoid: np.ndarray | None, disjoint: bool) -> None:
+    from indexer.index import draw_positions
+
+    drawn = draw_positions(total, n, seed=3, avoid=avoid)
+    assert len(drawn) == min(n, total) == len(set(drawn.tolist()))
+    assert (np.diff(drawn) > 0).all() and drawn.min() >= 0 and drawn.max() < total
+    if disjoint:
+        assert not np.isin(drawn, avoid).any()
+    np.testing.assert_array_equal(drawn, draw_positions(total, n, seed=3, avoid=avoid))

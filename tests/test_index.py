@@ -138,7 +138,7 @@ def test_ids_map_back_to_keys_across_shards_for_every_index_type(tmp_path: Path)
     index_parquet(tmp_path / "v.parquet", "--out", out, "--shard-size", 250)
     near = vectors[::30] + 0.002 * np.random.default_rng(5).standard_normal((100, 16))
     expected = keys[::30]
-    for kind in ("flat", "ivf", "ivfsq", "hnsw", "IVF16,SQ8"):
+    for kind in ("flat", "ivf", "ivfsq", "hnsw", "IVF16,SQ8", "IVF32_HNSW32,Flat"):
         result = run_cli("index", out, "--index-type", kind)
         assert result.exit_code == 0, result.output
         collection = Collection.open(out)

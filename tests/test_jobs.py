@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -31,10 +32,13 @@ def test_a_job_equals_the_same_build_flags(corpus: Path, tmp_path: Path) -> None
     (job_dir / "pics.toml").write_text(
         f'sources = ["{corpus / "group2"}"]\nout = "../out/pics.idx"\n'
         "pretrained = false\nworkers = 0\nbatch-size = 4\nprogress = false\n"
+        'index_type = "hnsw"\nmax_index_memory = "1G"\ntarget_recall = 0.9\n'
     )
     result = run_cli("run", job_dir / "pics.toml")
     assert result.exit_code == 0, result.output
     from_job = tmp_path / "out" / "pics.idx"  # relative to the job file, not the cwd
+    meta = json.loads((from_job / "index" / "meta.json").read_text())
+    assert (meta["type"], meta["max_memory"], meta["target_recall"]) == ("hnsw", 1024**3, 0.9)
     flags = run_cli("build", corpus / "group2", "--out", tmp_path / "flags", *BUILD_FLAGS)
     assert flags.exit_code == 0
     a, b = read_embeddings_by_key(from_job), read_embeddings_by_key(tmp_path / "flags")
