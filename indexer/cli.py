@@ -34,7 +34,6 @@ from indexer.errors import (
 )
 
 if TYPE_CHECKING:
-    from indexer.external import ExternalConfig
     from indexer.pipeline import BuildReport
     from indexer.search import Hit
 
@@ -601,10 +600,12 @@ def index_cmd(
     memory = None if max_index_memory is None else run_library(lambda: parse_size(max_index_memory))
     overrides = IndexOverrides(index_type, memory, target_recall)
     if from_parquet:
-        cfg = _external_config(paths, out, embedding_column, key_column, normalize, metric,
-                               shard_size, overrides, keep)  # fmt: skip
-        from indexer.external import index_parquet
+        from indexer.external import ExternalConfig, index_parquet
 
+        if not paths or out is None:
+            raise click.UsageError("--from-parquet needs Parquet files or folders, and --out DIR")
+        cfg = ExternalConfig(paths, out, embedding_column, key_column, normalize, shard_size,
+                             overrides.resolve(metric, None), keep)  # fmt: skip
         meta = run_library(lambda: index_parquet(cfg))
         where = out
     else:
@@ -619,33 +620,6 @@ def index_cmd(
     click.echo(f"Indexed {where}: {describe_index(meta)}.")
     if meta.get("target_met") is False:
         click.echo(f"Warning: {below_target(meta)}", err=True)
-
-
-def _external_config(
-    paths: tuple[Path, ...],
-    out: Path | None,
-    embedding_column: str,
-    key_column: str,
-    normalize: bool,
-    metric: str,
-    shard_size: int,
-    overrides: IndexOverrides,
-    keep: int,
-) -> ExternalConfig:
-    from indexer.external import ExternalConfig
-
-    if not paths or out is None:
-        raise click.UsageError("--from-parquet needs Parquet files or folders, and --out DIR")
-    return ExternalConfig(
-        paths=paths,
-        out=out,
-        embedding_column=embedding_column,
-        key_column=key_column,
-        normalize=normalize,
-        shard_size=shard_size,
-        index=overrides.resolve(metric, None),
-        keep=keep,
-    )
 
 
 def describe_index(meta: dict[str, Any]) -> str:

@@ -15,7 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer import __version__
-from indexer.catalog import SCHEMA_VERSION, CollectionPaths, check_build_dir, write_json_atomic
+from indexer.catalog import (
+    CURRENT,
+    SCHEMA_VERSION,
+    CollectionPaths,
+    check_build_dir,
+    open_version,
+    read_manifest,
+    write_json_atomic,
+)
 from indexer.config import IndexConfig
 from indexer.errors import InputError
 from indexer.index import build_index
@@ -134,6 +142,7 @@ def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
     except pa.ArrowException as exc:
         raise InputError(f"the files' other columns disagree on types ({exc})") from exc
     check_build_dir(cfg.out)
+    _refuse_image_collection(cfg.out)
     request = {"from_parquet": True, "embedding_column": cfg.embedding_column,
                "key_column": cfg.key_column, "normalize": cfg.normalize}  # fmt: skip
     with CollectionLock(cfg.out, "index"):
@@ -151,6 +160,14 @@ def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
         prune(cfg.out, cfg.keep)
     log.info("copied %d vectors in %.1fs", copied.rows, copy_seconds)
     return {**meta, "copy_seconds": round(copy_seconds, 3)}
+
+
+def _refuse_image_collection(out: Path) -> None:
+    if (out / CURRENT).exists() and read_manifest(open_version(out))["model"] is not None:
+        raise InputError(
+            f"--out {out} holds images embedded by `indexer build`; vectors from Parquet "
+            "would replace them: choose another --out"
+        )
 
 
 @dataclass

@@ -228,6 +228,14 @@ def test_query_search_parameter_overrides(collection: Path, corpus: Path, tmp_pa
     assert Collection.open(copy).search_params == {"efSearch": tuned}
 
 
+def test_from_parquet_never_replaces_an_image_collection(collection: Path, tmp_path: Path) -> None:
+    write_vectors(tmp_path / "v.parquet", np.eye(4, dtype=np.float32), keys_for(4))
+    before = (collection / "current").resolve()
+    result = run_cli("index", "--from-parquet", tmp_path / "v.parquet", "--out", collection)
+    assert result.exit_code == 2 and "choose another --out" in result.output, result.output
+    assert (collection / "current").resolve() == before
+
+
 def test_index_from_parquet_does_not_import_torch(tmp_path: Path) -> None:
     write_vectors(tmp_path / "v.parquet", np.eye(4, dtype=np.float32), keys_for(4))
     script = (
