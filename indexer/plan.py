@@ -159,6 +159,11 @@ def check_request(asked: dict[str, Any], manifest: dict[str, Any], root: Path) -
     built = manifest.get("request")
     if built == asked:
         return
+    if manifest.get("model") is None:
+        raise InputError(
+            f"{root} holds vectors indexed from Parquet (`indexer index --from-parquet`), "
+            "not images: build into another --out"
+        )
     diff = sorted(k for k in asked if built is None or built.get(k) != asked.get(k))
     raise InputError(
         f"{root} was built with a different {', '.join(diff) or 'recipe'} "

@@ -236,6 +236,17 @@ def test_from_parquet_never_replaces_an_image_collection(collection: Path, tmp_p
     assert (collection / "current").resolve() == before
 
 
+def test_an_external_collection_refuses_images(corpus: Path, tmp_path: Path) -> None:
+    write_vectors(tmp_path / "v.parquet", np.eye(4, dtype=np.float32), keys_for(4))
+    out = tmp_path / "ext.idx"
+    index_parquet(tmp_path / "v.parquet", "--out", out)
+    image = sorted(corpus.rglob("*.jpg"))[0]
+    query = run_cli("query", image, "--index", out)
+    assert query.exit_code == 2 and "query it with vectors" in query.output, query.output
+    build = run_cli("build", corpus, "--out", out, *BUILD_FLAGS)
+    assert build.exit_code == 2 and "build into another --out" in build.output, build.output
+
+
 def test_index_from_parquet_does_not_import_torch(tmp_path: Path) -> None:
     write_vectors(tmp_path / "v.parquet", np.eye(4, dtype=np.float32), keys_for(4))
     script = (
