@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from indexer.pipeline import BuildReport
     from indexer.search import Hit
 
+DECODE_HOOK_ENV = "INDEXER_TEST_DECODE_HOOK"  # module:function run before each decode (tests)
 EXIT_PARTIAL = 5  # the build finished; some items failed, within the failure budget
 EXIT_CODES: tuple[tuple[type[IndexerError], int], ...] = (
     (InputError, 2),
@@ -209,6 +210,15 @@ def main(verbose: bool) -> None:
     type=click.IntRange(1),
     help="Rows per Parquet shard.",
 )
+@click.option(
+    "--decode-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds one image may take to read and decode in a worker; past it (or if the "
+    "decoder crashes) the image is recorded as failed and the run goes on. 0: no limit. "
+    "Needs --workers >= 1.",
+)
 @click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
 @click.option("--image-column", help="Image column for hf: sources (default: the only one).")
 @click.option("--dry-run", is_flag=True, help="Print what a build would do; change nothing.")
@@ -254,6 +264,7 @@ def build(
     batch_size: int,
     workers: int,
     shard_size: int,
+    decode_timeout: float,
     split: str | None,
     image_column: str | None,
     dry_run: bool,
@@ -291,6 +302,8 @@ def build(
             workers=workers,
             preprocessing="exact" if exact_preprocessing else "fast",
             progress=progress,
+            decode_timeout=decode_timeout,
+            decode_hook=os.environ.get(DECODE_HOOK_ENV) or None,
         ),
         index=index_config(metric, index_type, max_index_memory, target_recall),
         shard_size=shard_size,

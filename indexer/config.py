@@ -45,6 +45,8 @@ class LoaderConfig:
     workers: int = 2
     preprocessing: str = "fast"  # fast (JPEG draft, reduce) or exact (timm's transform)
     progress: bool | None = None  # None: show a bar only on a terminal
+    decode_timeout: float = 60.0  # seconds one item may take in a worker; 0: no limit
+    decode_hook: str | None = None  # "module:function" called with each key first (tests)
 
 
 DEFAULT_INDEX_MEMORY = 16 * 1024**3  # generous: the budget only steers collections past ~50M

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
+import importlib
+import logging
+import multiprocessing
 import os
-from collections.abc import Iterator
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from indexer.config import LoaderConfig
 from indexer.images import DecodeError
 from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
 
+log = logging.getLogger(__name__)
 PREFETCH = 4  # batches per worker decoded ahead (uint8, ~77 KB an image at 160x160)
 WORKER_NICE = 5  # measured: -0.3 s of 3.7 s on 500 photos, 2 cores (the import goes first)
+GRACE = 5.0  # seconds an isolated decode may outlive its own alarm before it is killed
 
 
 @dataclass
@@ -44,17 +52,35 @@ class ItemDataset(Dataset):
         sources: list[Source],
         preprocess: Preprocessor,
         known_hashes: frozenset[str] = frozenset(),
+        decode_timeout: float = 0.0,
+        hook: str | None = None,
     ) -> None:
         self.items = items
         self.sources = sources
         self.preprocess = preprocess
         self.known_hashes = known_hashes  # bytes already embedded: their vector is reused
+        self.decode_timeout = decode_timeout
+        self.hook = hook
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
+        """One item; in a worker process an alarm kills the worker if it takes too long
+        (iter_batches then isolates the batch, so the item alone fails)."""
+        armed = self.decode_timeout > 0 and get_worker_info() is not None
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
+        try:
+            return self._prepare(position)
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _prepare(self, position: int) -> dict[str, Any]:
         item = self.items[position]
+        if self.hook:
+            _resolve_hook(self.hook)(item.key)
         try:
             data, meta = self.sources[item.source].read(item.locator)
         except Exception as exc:  # a read failure is this item's error row, not the run's end
@@ -82,6 +108,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _resolve_hook(spec: str) -> Callable[[str], None]:
+    module, _, name = spec.partition(":")
+    hook: Callable[[str], None] = getattr(importlib.import_module(module), name)
+    return hook
+
+
 def collate(samples: list[dict[str, Any]]) -> Batch:
     batch = Batch()
     good = []
@@ -104,9 +136,11 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
     return batch
 
 
-def _lower_priority(_worker_id: int) -> None:
-    """Decoding fills the cores the main process leaves idle (importing, then the model)."""
+def _init_worker(_worker_id: int) -> None:
+    """Decoding fills the cores the main process leaves idle (importing, then the model); the
+    decode alarm's default action ends the worker, whatever native code it is stuck in."""
     os.nice(WORKER_NICE)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
 
 
 def iter_batches(
@@ -119,17 +153,102 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Batches in item order (DataLoader keeps order across workers).
 
-    Workers start, and decode up to ``PREFETCH`` batches each, as soon as this is called.
+    Workers start, and decode up to ``PREFETCH`` batches each, as soon as this is called. A
+    worker that crashes (a segfault in a native decoder) or hangs past ``decode_timeout``
+    costs only its item: the batch being waited for is decoded again item by item, each in
+    a process of its own, the item that kills its process becomes an error row, and a new
+    loader goes on with the rest.
     """
+    timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
+    dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook)
+    todo = list(range(len(items))) if positions is None else list(positions)
+    return _resilient(dataset, todo, cfg, _loader(dataset, todo, cfg))
+
+
+def _loader(dataset: ItemDataset, todo: list[int], cfg: LoaderConfig) -> Iterator[Batch]:
     loader = DataLoader(
-        ItemDataset(items, sources, preprocess, known_hashes),
+        dataset,
         batch_size=cfg.batch_size,
-        sampler=positions,  # None: every item, in order
+        sampler=todo,
         num_workers=cfg.workers,
         collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=PREFETCH if cfg.workers > 0 else None,
         persistent_workers=False,
-        worker_init_fn=_lower_priority,
+        worker_init_fn=_init_worker,
     )
-    return iter(loader)
+    batches = iter(loader)
+    if cfg.workers > 0 and threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler raises a dead worker's error wherever the main thread is
+        # (inside the model, say); without it the loader notices within 5 s while we wait
+        # for a batch, where _resilient can act on it.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return batches
+
+
+def _resilient(
+    dataset: ItemDataset, todo: list[int], cfg: LoaderConfig, current: Iterator[Batch]
+) -> Iterator[Batch]:
+    done = 0  # items of `todo` yielded so far (batches come in order, batch_size each)
+    while True:
+        try:
+            for batch in current:
+                done += cfg.batch_size
+                yield batch
+            return
+        except RuntimeError as exc:
+            if "exited unexpectedly" not in str(exc) and "killed by signal" not in str(exc):
+                raise
+        del current  # the broken loader's other workers are shut down
+        chunk = todo[done : done + cfg.batch_size]
+        log.warning("a decoding worker died; decoding %d items one by one", len(chunk))
+        yield collate([isolated(dataset, position, cfg.decode_timeout) for position in chunk])
+        done += len(chunk)
+        if done >= len(todo):
+            return
+        current = _loader(dataset, todo[done:], cfg)
+
+
+def isolated(dataset: ItemDataset, position: int, timeout: float) -> dict[str, Any]:
+    """dataset[position] in a forked process of its own: a crash or hang fails this item only."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_decode_child, args=(dataset, position, timeout, send))
+    child.start()
+    send.close()
+    limit = timeout + GRACE if timeout > 0 else None
+    result = None
+    if receive.poll(limit):
+        try:
+            result = receive.recv()
+        except EOFError:  # the process died before it could answer
+            result = None
+    child.join(GRACE)
+    if child.is_alive():
+        child.kill()
+        child.join()
+    if result is not None:
+        return result
+    return {"position": position, "error": ("decode", _death(child.exitcode, timeout))}
+
+
+def _decode_child(dataset: ItemDataset, position: int, timeout: float, send: Any) -> None:
+    faulthandler.disable()  # a crash here is expected and reported as the item's error
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    if timeout > 0:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        result = dataset._prepare(position)
+    except BaseException as exc:  # anything the dataset did not already turn into an error
+        result = {"position": position, "error": ("decode", _reason(exc))}
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    send.send(result)
+    send.close()
+
+
+def _death(exitcode: int | None, timeout: float) -> str:
+    if exitcode == -signal.SIGALRM or exitcode is None:
+        return f"decoding took longer than {timeout:g}s (--decode-timeout); the item was skipped"
+    if exitcode is not None and exitcode < 0:
+        return f"the decoder crashed ({signal.Signals(-exitcode).name}); the item was skipped"
+    return f"the decoding process exited with code {exitcode}; the item was skipped"
