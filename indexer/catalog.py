@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from indexer.errors import CollectionError, InputError
 
 SCHEMA_VERSION = 1
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.parquet$")  # no paths: nothing outside
 MANIFEST = "manifest.json"
 SHARDS = "shards"
 ERRORS = "errors.parquet"
@@ -78,6 +80,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"{paths.manifest} is corrupt ({type(exc).__name__}: {exc}): rebuild the collection "
             "with `indexer build ... --rebuild`"
         ) from exc
+    unsafe = [s["name"] for s in manifest["shards"] if not SHARD_NAME.match(str(s.get("name")))]
+    if unsafe:
+        raise CollectionError(
+            f"{paths.manifest} names a shard {unsafe[0]!r} that is not a plain file in shards/: "
+            "refusing to read it; rebuild the collection with `indexer build ... --rebuild`"
+        )
     if version != SCHEMA_VERSION:
         raise CollectionError(
             f"{root} has collection schema version {version}, this indexer reads version "

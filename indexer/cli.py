@@ -651,6 +651,38 @@ def describe_index(meta: dict[str, Any]) -> str:
 
 
 @main.command()
+@click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild what is damaged: the index, or the items of damaged shards (embedded again).",
+)
+@keep_option
+def verify(root: Path, repair: bool, keep: int) -> None:
+    """Check the collection at DIR against its manifest: every shard's checksum, rows and ids,
+    and the index's checksums and ids. Exit 0 when whole, 3 when damaged."""
+    from indexer.verify import repair as mend
+    from indexer.verify import verify as check
+
+    report = run_library(lambda: check(root))
+    if not report.problems:
+        click.echo(f"{root} is whole: {report.shards} shard(s), {report.rows} rows, and the index.")
+        return
+    click.echo(f"{root} is damaged ({report.version.name}):")
+    for problem in report.problems:
+        click.echo(f"  {problem}")
+    if not repair:
+        click.echo(f"Run `indexer verify --repair {root}` to rebuild what is damaged.", err=True)
+        sys.exit(3)
+    click.echo(run_library(lambda: mend(report, keep)))
+    after = run_library(lambda: check(root))
+    if after.problems:
+        click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)
+        sys.exit(3)
+    click.echo(f"{root} is whole again: {after.shards} shard(s), {after.rows} rows, and the index.")
+
+
+@main.command()
 @click.option(
     "--out",
     default="build/demo",

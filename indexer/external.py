@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -17,15 +18,15 @@ import pyarrow.parquet as pq
 from indexer import __version__
 from indexer.catalog import (
     CURRENT,
+    MANIFEST,
     SCHEMA_VERSION,
     CollectionPaths,
     check_build_dir,
     open_version,
-    read_manifest,
     write_json_atomic,
 )
 from indexer.config import IndexConfig
-from indexer.errors import InputError
+from indexer.errors import CollectionError, InputError
 from indexer.index import build_index
 from indexer.lock import CollectionLock
 from indexer.publish import prune, publish, salvage, start_version
@@ -163,7 +164,16 @@ def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
 
 
 def _refuse_image_collection(out: Path) -> None:
-    if (out / CURRENT).exists() and read_manifest(open_version(out))["model"] is not None:
+    if not (out / CURRENT).exists():
+        return
+    try:  # the manifest alone: a damaged collection may be re-made from its Parquet files
+        model = json.loads((open_version(out) / MANIFEST).read_text(encoding="utf-8"))["model"]
+    except (OSError, ValueError, KeyError, CollectionError) as exc:
+        raise InputError(
+            f"--out {out} holds a collection whose manifest is unreadable ({exc}): choose "
+            "another --out"
+        ) from exc
+    if model is not None:
         raise InputError(
             f"--out {out} holds images embedded by `indexer build`; vectors from Parquet "
             "would replace them: choose another --out"
@@ -199,7 +209,7 @@ def copy_vectors(
                 copied.rows += batch.num_rows
         shards = writer.close()
     keys.check(paths.shard_paths({"shards": [{"name": s.name} for s in shards]}))
-    copied.shards = [{"name": s.name, "rows": s.rows} for s in shards]
+    copied.shards = [s.to_manifest() for s in shards]
     return copied
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from indexer.catalog import CollectionPaths, write_json_atomic
 from indexer.choose import IndexChoice, choose_index, train_size
-from indexer.config import IndexConfig
+from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.shards import iter_embeddings
 from indexer.tune import Probe, Tuning, exact_neighbours, tune
@@ -112,10 +112,37 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
         "tune_seconds": round(tune_seconds, 3),
         **tuning.to_meta(cfg.target_recall, probe),
         "bytes": sum(p.stat().st_size for p in paths.index.iterdir()),
+        "files": index_files(paths.index),
         "shards": manifest["shards"],
     }
     write_json_atomic(paths.index / META_FILE, meta)
     return meta
+
+
+def index_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each file of the index (meta.json aside): what verify checks."""
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.name != META_FILE
+    }
+
+
+def check_index_files(
+    folder: Path, recorded: dict[str, dict[str, Any]], hashed: set[str]
+) -> list[str]:
+    """What differs from the recorded sizes (and sha256, for the files named in `hashed`);
+    [] when all match."""
+    problems = []
+    for name, want in recorded.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, not {want['bytes']}")
+        elif name in hashed and file_sha256(path) != want["sha256"]:
+            problems.append(f"{name} differs from its checksum")
+    return problems
 
 
 def metric_code(metric: str) -> int:
@@ -247,6 +274,16 @@ def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[st
         raise CollectionError(f"{name} has no index: {fix}")
     try:
         meta = json.loads((paths.index / META_FILE).read_text(encoding="utf-8"))
+        # every file's size, the index file's checksum (a lists file's: `indexer verify`)
+        damaged = check_index_files(paths.index, meta.get("files") or {}, {INDEX_FILE})
+    except (OSError, ValueError) as exc:
+        raise CollectionError(f"the index metadata in {name} is unreadable ({exc}): {fix}") from exc
+    if damaged:
+        raise CollectionError(
+            f"the index in {name} is damaged ({'; '.join(damaged)}): "
+            f"run `indexer verify --repair {name}`"
+        )
+    try:
         with native_output_silenced():  # on-disk lists: FAISS printf()s the path it resolves
             index = faiss.read_index(str(paths.index / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except Exception as exc:

@@ -129,17 +129,25 @@ def reindex(root: Path, keep: int = 2, overrides: IndexOverrides | None = None) 
 
 
 def reindex_unlocked(
-    root: Path, source: Path, manifest: dict[str, Any], cfg: IndexConfig, keep: int
+    root: Path,
+    source: Path,
+    manifest: dict[str, Any],
+    cfg: IndexConfig,
+    keep: int,
+    drop: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, Any]:
-    """A new version sharing the published one's shards (hard links), with a new index."""
+    """A new version sharing the published one's shards (hard links; those named in `drop`
+    left out, with their rows), with a new index."""
     salvage(root, manifest.get("request", {}))
     number, building = start_version(root, manifest.get("request", {}))
     (building / SHARDS).mkdir()
-    for shard in manifest["shards"]:  # shards are immutable: the versions share the files
+    shards = [s for s in manifest["shards"] if s["name"] not in drop]
+    for shard in shards:  # shards are immutable: the versions share the files
         os.link(source / SHARDS / shard["name"], building / SHARDS / shard["name"])
     if (source / ERRORS).is_file():
         os.link(source / ERRORS, building / ERRORS)
-    manifest = {**manifest, "version": number}
+    counts = {**manifest["counts"], "embedded": sum(int(s["rows"]) for s in shards)}
+    manifest = {**manifest, "version": number, "shards": shards, "counts": counts}
     write_json_atomic(building / MANIFEST, manifest)
     meta = build_index(building, manifest, cfg)
     publish(root, number, building)
@@ -322,6 +330,6 @@ def make_manifest(
         "metric": cfg.index.metric,
         "sources": [s.describe() for s in sources],
         "counts": {"items": items, "embedded": sum(s.rows for s in shards), "failed": failed},
-        "shards": [{"name": s.name, "rows": s.rows} for s in shards],
+        "shards": [s.to_manifest() for s in shards],
         "errors": "errors.parquet",
     }

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from indexer.config import file_sha256
+
 TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 8192
 ERROR_SCHEMA = pa.schema(
@@ -71,6 +73,10 @@ def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
 class ShardInfo:
     name: str
     rows: int
+    sha256: str | None = None  # of the finished file: `indexer verify` checks it
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"name": self.name, "rows": self.rows, "sha256": self.sha256}
 
 
 class ShardWriter:
@@ -134,7 +140,9 @@ class ShardWriter:
         if not self._pending_rows:
             return
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._tmp_path(), self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(
+                self._tmp_path(), self.schema, compression="zstd", write_page_checksum=True
+            )
         self._writer.write_table(pa.concat_tables(self._pending), row_group_size=ROW_GROUP_ROWS)
         self._rows += self._pending_rows
         self._pending, self._pending_rows = [], 0
@@ -145,14 +153,15 @@ class ShardWriter:
             return
         self._writer.close()
         self._writer = None
+        digest = file_sha256(self._tmp_path())
         os.replace(self._tmp_path(), self._path())
-        self.done.append(ShardInfo(self._path().name, self._rows))
+        self.done.append(ShardInfo(self._path().name, self._rows, digest))
         self._rows = 0
 
 
 def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [n], embeddings float32 [n, dim]) of one shard."""
-    table = pq.read_table(path, columns=["id", "embedding"])
+    table = pq.read_table(path, columns=["id", "embedding"], page_checksum_verification=True)
     ids = table.column("id").to_numpy()
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
@@ -204,13 +213,15 @@ def carry_over(
         mask = np.isin(ids, wanted)
         if mask.all():
             os.link(path, target / shard["name"])
-            kept.append(ShardInfo(shard["name"], int(shard["rows"])))
+            kept.append(ShardInfo(shard["name"], int(shard["rows"]), shard.get("sha256")))
         elif mask.any():
             table = pq.read_table(path).filter(pa.array(mask))
             tmp = target / (shard["name"] + TMP_SUFFIX)
-            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
+                           write_page_checksum=True)  # fmt: skip
+            digest = file_sha256(tmp)
             os.replace(tmp, target / shard["name"])
-            kept.append(ShardInfo(shard["name"], table.num_rows))
+            kept.append(ShardInfo(shard["name"], table.num_rows, digest))
     return kept
 
 

@@ -1,0 +1,206 @@
+"""Check a collection against its manifest (checksums, rows, ids, index); repair the damage."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from indexer.catalog import MANIFEST, SHARD_NAME, SHARDS, CollectionPaths, open_version
+from indexer.config import (
+    BuildConfig,
+    IndexOverrides,
+    LoaderConfig,
+    ModelConfig,
+    SourceSpec,
+    file_sha256,
+)
+from indexer.errors import CollectionError, InputError
+from indexer.index import INDEX_FILE, check_index_files, read_index_meta
+
+
+@dataclass(frozen=True)
+class Problem:
+    part: str  # shard, shards, index
+    name: str
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"{self.part} {self.name}" if self.name else self.part
+        return f"{where}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class Report:
+    root: Path
+    version: Path
+    shards: int
+    rows: int
+    problems: list[Problem]
+
+
+def verify(root: Path) -> Report:
+    """Every shard against its recorded checksum and row count, ids unique, and the index
+    against its checksums, its size and the shards' ids."""
+    version = open_version(root)
+    try:
+        manifest = json.loads((version / MANIFEST).read_text(encoding="utf-8"))
+        shards, dim = manifest["shards"], int(manifest["embedding_dim"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CollectionError(
+            f"the manifest of {root} is unreadable ({exc}): the collection cannot be verified; "
+            "rebuild it with `indexer build ... --rebuild`"
+        ) from exc
+    problems: list[Problem] = []
+    ids: list[np.ndarray] = []
+    for shard in shards:
+        problems += check_shard(version / SHARDS, shard, dim, ids)
+    every = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if len(np.unique(every)) != len(every):
+        problems.append(Problem("shards", "", f"{len(every) - len(np.unique(every))} ids repeat"))
+    embedded = int(manifest["counts"]["embedded"])
+    if not any(p.part == "shard" for p in problems) and len(every) != embedded:
+        problems.append(Problem("shards", "", f"{len(every)} rows, the manifest says {embedded}"))
+    if not any(p.part == "shard" for p in problems):
+        problems += check_index(version, every)
+    return Report(root, version, len(shards), len(every), problems)
+
+
+def check_shard(
+    folder: Path, shard: dict[str, Any], dim: int, ids: list[np.ndarray]
+) -> list[Problem]:
+    """One shard: present, its checksum, readable (page checksums too), rows, vector size."""
+    name = str(shard.get("name"))
+    path = folder / name
+    if not SHARD_NAME.match(name):
+        return [Problem("shard", name, "not a plain file name in shards/ (refused)")]
+    if not path.is_file():
+        return [Problem("shard", name, "missing")]
+    if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+        return [Problem("shard", name, "its bytes differ from the recorded checksum (damaged)")]
+    try:
+        table = pq.read_table(path, columns=["id", "embedding"], page_checksum_verification=True)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        return [Problem("shard", name, f"unreadable ({type(exc).__name__}: {exc})")]
+    if table.num_rows != int(shard.get("rows", -1)):
+        said = shard.get("rows")
+        return [Problem("shard", name, f"{table.num_rows} rows, the manifest says {said}")]
+    emb = table.schema.field("embedding").type
+    if getattr(emb, "list_size", None) != dim:
+        return [Problem("shard", name, f"embeddings are {emb}, not {dim} floats")]
+    ids.append(table.column("id").to_numpy())
+    return []
+
+
+def check_index(version: Path, shard_ids: np.ndarray) -> list[Problem]:
+    import faiss
+
+    from indexer.index import native_output_silenced
+
+    folder = CollectionPaths(version).index
+    meta = read_index_meta(version)
+    if meta is None:
+        return [Problem("index", "", "missing, or its meta.json is unreadable")]
+    recorded = meta.get("files") or {}
+    damaged = check_index_files(folder, recorded, set(recorded))
+    if damaged:
+        return [Problem("index", "", "; ".join(damaged))]
+    try:
+        with native_output_silenced():
+            index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except Exception as exc:
+        return [Problem("index", "", f"unreadable ({exc})")]
+    stored = np.sort(index_ids(index))
+    if len(stored) != len(shard_ids) or not np.array_equal(stored, np.sort(shard_ids)):
+        missing = len(np.setdiff1d(shard_ids, stored))
+        unknown = len(np.setdiff1d(stored, shard_ids))
+        return [Problem("index", "", f"its ids differ from the shards' ({missing} shard rows "
+                                     f"not in it, {unknown} ids not in the shards)")]  # fmt: skip
+    return []
+
+
+def index_ids(index: Any) -> np.ndarray:
+    """Every id an index holds: an IVF's lists, or an id map's."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    lists: Any = ivf.invlists
+    parts = [np.zeros(0, np.int64)]
+    for number in range(ivf.nlist):
+        size = lists.list_size(number)
+        if size:
+            pointer = lists.get_ids(number)
+            parts.append(faiss.rev_swig_ptr(pointer, size).astype(np.int64))
+            lists.release_ids(number, pointer)
+    return np.concatenate(parts)
+
+
+def repair(report: Report, keep: int) -> str:
+    """Rebuild what verify found damaged: the index alone, or, when shards are damaged, a
+    version without them whose items are then embedded (or copied) again."""
+    from indexer.catalog import read_manifest
+    from indexer.lock import CollectionLock
+    from indexer.pipeline import build, reindex_unlocked
+
+    parts = {p.part for p in report.problems}
+    if "shards" in parts:
+        raise InputError(
+            f"{report.root}'s shards disagree with each other or the manifest: "
+            "rebuild it with `indexer build ... --rebuild`"
+        )
+    bad = {p.name for p in report.problems if p.part == "shard"}
+    manifest = _raw_manifest(report.version)
+    if bad and manifest["model"] is None:
+        from indexer.external import index_parquet
+
+        index_parquet(external_config(report.root, manifest, keep))
+        return f"Copied the vectors of {report.root} again from its Parquet files and indexed them."
+    with CollectionLock(report.root, "repair"):
+        cfg = IndexOverrides().resolve(manifest["metric"], read_index_meta(report.version))
+        reindex_unlocked(report.root, report.version, manifest, cfg, keep, drop=bad)
+    if not bad:
+        return f"Rebuilt the index of {report.root} from its shards."
+    build(build_config(report.root, read_manifest(open_version(report.root)), keep))
+    return f"Dropped {len(bad)} damaged shard(s) of {report.root} and embedded their items again."
+
+
+def _raw_manifest(version: Path) -> dict[str, Any]:
+    manifest: dict[str, Any] = json.loads((version / MANIFEST).read_text(encoding="utf-8"))
+    return manifest
+
+
+def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig:
+    """The `indexer build` that made this collection, from what its manifest recorded."""
+    asked, weights = manifest["request"], manifest["model"]["weights"]
+    sources = tuple(
+        SourceSpec(f"hf:{s['name']}", s["split"], s["image_column"])
+        if s["kind"] == "hf" else SourceSpec(s["path"])
+        for s in manifest["sources"]
+    )  # fmt: skip
+    model = ModelConfig(
+        name=asked["model"],
+        pretrained=weights["kind"] == "pretrained",
+        checkpoint=Path(weights["path"]) if weights["kind"] == "checkpoint" else None,
+        seed=int(weights.get("seed") or 0),
+        normalize=asked["normalize"],
+        precision=asked["precision"],
+    )
+    loader = LoaderConfig(preprocessing=asked["preprocessing"], progress=False)
+    index = IndexOverrides().resolve(asked["metric"], read_index_meta(open_version(root)))
+    return BuildConfig(sources, root, model, loader, index, keep=keep)
+
+
+def external_config(root: Path, manifest: dict[str, Any], keep: int) -> Any:
+    from indexer.external import ExternalConfig
+
+    asked = manifest["request"]
+    paths = tuple(Path(s["path"]) for s in manifest["sources"])
+    index = IndexOverrides().resolve(manifest["metric"], read_index_meta(open_version(root)))
+    return ExternalConfig(paths, root, asked["embedding_column"], asked["key_column"],
+                          asked["normalize"], index=index, keep=keep)  # fmt: skip
