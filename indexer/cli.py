@@ -14,6 +14,7 @@ import click
 
 from indexer import __version__
 from indexer.config import (
+    DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
     METRICS,
     PRECISIONS,
@@ -219,6 +220,24 @@ def main(verbose: bool) -> None:
     "decoder crashes) the image is recorded as failed and the run goes on. 0: no limit. "
     "Needs --workers >= 1.",
 )
+@click.option(
+    "--max-image-pixels",
+    default=DEFAULT_MAX_PIXELS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Larger images (by their header) are recorded as failed, never decoded.",
+)
+@click.option(
+    "--allow-truncated",
+    is_flag=True,
+    help="Embed truncated files with their missing part grey (default: a failure).",
+)
+@click.option(
+    "--follow-symlinks",
+    is_flag=True,
+    help="Read symlinked files and folders that point outside the source folder "
+    "(default: only links inside it are followed).",
+)
 @click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
 @click.option("--image-column", help="Image column for hf: sources (default: the only one).")
 @click.option("--dry-run", is_flag=True, help="Print what a build would do; change nothing.")
@@ -265,6 +284,9 @@ def build(
     workers: int,
     shard_size: int,
     decode_timeout: float,
+    max_image_pixels: int,
+    allow_truncated: bool,
+    follow_symlinks: bool,
     split: str | None,
     image_column: str | None,
     dry_run: bool,
@@ -286,7 +308,7 @@ def build(
       indexer build hf:./my_dataset --split test --out ds.idx
     """
     cfg = BuildConfig(
-        sources=tuple(SourceSpec(s, split, image_column) for s in sources),
+        sources=tuple(SourceSpec(s, split, image_column, follow_symlinks) for s in sources),
         out=out,
         model=ModelConfig(
             name=model,
@@ -303,6 +325,8 @@ def build(
             preprocessing="exact" if exact_preprocessing else "fast",
             progress=progress,
             decode_timeout=decode_timeout,
+            max_pixels=max_image_pixels,
+            allow_truncated=allow_truncated,
             decode_hook=os.environ.get(DECODE_HOOK_ENV) or None,
         ),
         index=index_config(metric, index_type, max_index_memory, target_recall),

@@ -11,6 +11,7 @@ from typing import Any
 from indexer.errors import InputError
 
 DEFAULT_MODEL = "test_convnext.r160_in1k"
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit (it only warns); enforced as an error
 METRICS = ("ip", "l2")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -22,6 +23,7 @@ class SourceSpec:
     location: str
     split: str | None = None
     image_column: str | None = None
+    follow_symlinks: bool = False  # folders: also follow links that point outside the folder
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class LoaderConfig:
     preprocessing: str = "fast"  # fast (JPEG draft, reduce) or exact (timm's transform)
     progress: bool | None = None  # None: show a bar only on a terminal
     decode_timeout: float = 60.0  # seconds one item may take in a worker; 0: no limit
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    allow_truncated: bool = False  # decode truncated files (missing part grey) instead of failing
     decode_hook: str | None = None  # "module:function" called with each key first (tests)
 
 

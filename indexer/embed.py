@@ -43,7 +43,9 @@ def load_model_while_decoding(
     from indexer.model import load_embedder
 
     def start(data_config: DataConfig) -> Iterator[Batch]:
-        preprocess = Preprocessor(data_config, cfg.loader.preprocessing)
+        loader = cfg.loader
+        preprocess = Preprocessor(data_config, loader.preprocessing, loader.max_pixels,
+                                  loader.allow_truncated)  # fmt: skip
         return iter_batches(items, sources, preprocess, cfg.loader, known, positions)
 
     hint = configcache.lookup(cfg.model.name)

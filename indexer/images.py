@@ -8,10 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
-# Pillow's own default limit: past it Pillow only warns (and errors at twice the value).
-DEFAULT_MAX_PIXELS = 89_478_485
+from indexer.config import DEFAULT_MAX_PIXELS
+
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, as most viewers show it
 EXIF_ORIENTATION = 0x0112
 
@@ -33,15 +33,28 @@ DraftSize = Callable[[int, int], tuple[int, int]]
 
 
 def decode_image(
-    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft: DraftSize | None = None
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: DraftSize | None = None,
+    allow_truncated: bool = False,
 ) -> Decoded:
     """Decode bytes to an oriented RGB image, or raise DecodeError with the reason.
 
     ``draft`` maps the stored size to the smallest size the caller needs; a JPEG is then
     decoded at a reduced scale (1/2, 1/4 or 1/8, in the DCT domain) no smaller than that.
+    A truncated file is an error unless ``allow_truncated`` (then its missing part is grey).
     """
     if not data:
         raise DecodeError("empty file")
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+    try:
+        return _decode(data, max_pixels, draft)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

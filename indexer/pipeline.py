@@ -33,7 +33,7 @@ from indexer.errors import (
     TooManyFailuresError,
 )
 from indexer.history import RunRecord, append_run, write_metrics
-from indexer.images import BACKGROUND, DEFAULT_MAX_PIXELS
+from indexer.images import BACKGROUND
 from indexer.index import build_index, read_index_meta
 from indexer.lock import CollectionLock
 from indexer.plan import (
@@ -321,7 +321,8 @@ def make_manifest(
             "mode": cfg.loader.preprocessing,
             "jpeg_draft_factor": DRAFT_FACTOR if cfg.loader.preprocessing == "fast" else None,
             "reducing_gap": REDUCING_GAP if cfg.loader.preprocessing == "fast" else None,
-            "max_pixels": DEFAULT_MAX_PIXELS,
+            "max_pixels": cfg.loader.max_pixels,
+            "allow_truncated": cfg.loader.allow_truncated,
             "alpha_background": list(BACKGROUND),
             "exif_orientation": True,
         },

@@ -104,18 +104,26 @@ class Preprocessor:
     (Pillow computes each output pixel from the same filter window either way).
     """
 
-    def __init__(self, cfg: DataConfig, mode: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        mode: str,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_truncated: bool = False,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"preprocessing mode must be one of {MODES}, not {mode!r}")
         self.cfg = cfg
         self.fast = mode == "fast"
         self.max_pixels = max_pixels
+        self.allow_truncated = allow_truncated
         self._timm_transform: Any = None
 
     def __call__(self, data: bytes) -> Prepared:
         if not self.cfg.geometry_supported:
             return self._with_timm(data)
-        decoded = decode_image(data, self.max_pixels, self._draft_size if self.fast else None)
+        draft = self._draft_size if self.fast else None
+        decoded = decode_image(data, self.max_pixels, draft, self.allow_truncated)
         img = decoded.image
         fx, fy = img.width / decoded.width, img.height / decoded.height
         x0, y0, x1, y1 = crop_box(decoded.width, decoded.height, self.cfg)
@@ -141,6 +149,6 @@ class Preprocessor:
                 input_size=c.input_size, interpolation=c.interpolation, crop_pct=c.crop_pct,
                 crop_mode=c.crop_mode, mean=c.mean, std=c.std, use_prefetcher=True,
             )  # fmt: skip
-        decoded = decode_image(data, self.max_pixels)
+        decoded = decode_image(data, self.max_pixels, None, self.allow_truncated)
         chw = self._timm_transform(decoded.image)
         return Prepared(chw.permute(1, 2, 0).numpy(), decoded.width, decoded.height)

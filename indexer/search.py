@@ -113,7 +113,9 @@ class Collection:
         from indexer.images import DecodeError
         from indexer.preprocess import Preprocessor
 
-        preprocess = Preprocessor(self.embedder.data_config, self.manifest["decode"]["mode"])
+        rules = self.manifest["decode"]
+        preprocess = Preprocessor(self.embedder.data_config, rules["mode"], rules["max_pixels"],
+                                  bool(rules.get("allow_truncated")))  # fmt: skip
         pixels = []
         for path in files:
             try:

@@ -20,7 +20,7 @@ def open_source(spec: SourceSpec, label: str | None = None) -> Source:
         return HFSource(spec.location[len(HF_PREFIX) :], spec.split, spec.image_column, label)
     from indexer.sources.folder import FolderSource
 
-    return FolderSource(Path(spec.location).expanduser(), label)
+    return FolderSource(Path(spec.location).expanduser(), label, spec.follow_symlinks)
 
 
 def open_sources(specs: tuple[SourceSpec, ...]) -> list[Source]:

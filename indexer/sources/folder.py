@@ -18,9 +18,14 @@ def is_image_name(name: str) -> bool:
 
 
 class FolderSource:
-    """Every image file below ``root``; hidden files and folders are skipped."""
+    """Every image file below ``root``; hidden files and folders are skipped.
 
-    def __init__(self, root: Path, label: str | None = None) -> None:
+    Symbolic links are followed when they point inside ``root`` (a folder reached twice is
+    walked once, so a cycle never loops); links pointing outside are listed but fail to read,
+    and outside folders are not walked, unless ``follow_symlinks``.
+    """
+
+    def __init__(self, root: Path, label: str | None = None, follow_symlinks: bool = False) -> None:
         if not root.exists():
             raise InputError(f"source folder {root} does not exist: check the path")
         if not root.is_dir():
@@ -29,12 +34,14 @@ class FolderSource:
             )
         self.root = root.resolve()
         self.label = label or self.root.name or "root"
+        self.follow_symlinks = follow_symlinks
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "path": str(self.root), "label": self.label}
 
     def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
-        return [(printable_key(rel), rel, self._fingerprint(rel)) for rel in walk_images(self.root)]
+        listed = walk_images(self.root, self.follow_symlinks)
+        return [(printable_key(rel), rel, self._fingerprint(rel)) for rel in listed]
 
     def _fingerprint(self, rel: str) -> tuple[int, int] | None:
         try:
@@ -47,7 +54,13 @@ class FolderSource:
         return pa.schema([])
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
-        with open(self.root / locator, "rb") as f:
+        path = self.root / locator
+        real = os.path.realpath(path)
+        if not self.follow_symlinks and os.path.exists(real) and not _inside(real, self.root):
+            raise PermissionError(
+                "it is a symlink to a file outside the source folder (pass --follow-symlinks)"
+            )
+        with open(path, "rb") as f:
             return f.read(), {}
 
 
@@ -56,10 +69,19 @@ def printable_key(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def walk_images(root: Path) -> list[str]:
-    """Relative POSIX paths of image files below root, sorted by path components."""
+def _inside(real: str, root: Path) -> bool:
+    return real == str(root) or real.startswith(str(root) + os.sep)
+
+
+def walk_images(root: Path, follow_symlinks: bool = False) -> list[str]:
+    """Relative POSIX paths of image files below root, sorted by path components.
+
+    Each real folder is walked once (the first path reaching it), so symlink cycles end;
+    folders outside root are walked only with follow_symlinks.
+    """
     found: list[str] = []
     stack = [""]
+    seen = {os.path.realpath(root)}
     while stack:
         rel_dir = stack.pop()
         try:
@@ -71,10 +93,20 @@ def walk_images(root: Path) -> list[str]:
             if entry.name.startswith("."):
                 continue
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if entry.is_dir(follow_symlinks=False):
-                subdirs.append(rel)
+            if _is_dir(entry):
+                real = os.path.realpath(entry.path)
+                if real not in seen and (follow_symlinks or _inside(real, root)):
+                    seen.add(real)
+                    subdirs.append(rel)
             elif is_image_name(entry.name):
                 found.append(rel)
         stack.extend(reversed(subdirs))
     found.sort(key=lambda p: p.split("/"))
     return found
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink; a broken or looping one is not a folder
+    except OSError:
+        return False
