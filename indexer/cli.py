@@ -424,7 +424,12 @@ def summarize(report: BuildReport) -> str:
         f"{report.seconds:.1f}s ({rate:.1f} images/s)."
     )
     if c["failed"]:
-        text += f" Failures are listed in {report.root / 'errors.parquet'}."
+        from indexer.failures import describe_reasons
+
+        text += (
+            f" Failed: {describe_reasons(report.failures)}; listed in "
+            f"{report.root / 'errors.parquet'}."
+        )
     text += f" Index: {describe_index(report.index)}."
     if report.index.get("target_met") is False:
         text += f" Warning: {below_target(report.index)}"

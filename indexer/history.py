@@ -24,6 +24,7 @@ class RunRecord:
     status: str
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
 
     def to_json(self) -> dict[str, Any]:
         seconds = max(self.ended - self.started, 0.0)

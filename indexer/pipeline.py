@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from indexer.errors import (
     RecipeMismatchError,
     TooManyFailuresError,
 )
+from indexer.failures import count_reasons
 from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND
 from indexer.index import build_index, read_index_meta
@@ -76,6 +77,7 @@ class BuildReport:
     status: str = "success"  # or "partial": some items failed, within the failure budget
     version: int | None = None
     reindexed: bool = False  # nothing changed, but the index settings did: only re-indexed
+    failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
 
 
 def build(cfg: BuildConfig) -> BuildReport:
@@ -105,7 +107,8 @@ def build(cfg: BuildConfig) -> BuildReport:
         raise
     finally:
         counts = report.counts if report is not None else {}
-        record = RunRecord("build", started, time.time(), status, counts, error)
+        failures = report.failures if report is not None else {}
+        record = RunRecord("build", started, time.time(), status, counts, error, failures)
         append_run(cfg.out, record)
         if cfg.metrics_file is not None:
             write_metrics(cfg.metrics_file, cfg.out, record)
@@ -187,7 +190,8 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
             version = int(open_version(cfg.out).name[1:])
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
                            time.perf_counter() - start, index, version=version,
-                           reindexed=index is not None)  # fmt: skip
+                           reindexed=index is not None,
+                           failures=count_reasons(plan.kept_errors))  # fmt: skip
     return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start)
 
 
@@ -240,7 +244,8 @@ def update(
     rows = sum(s.rows for s in shards)
     seconds = time.perf_counter() - start
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
-    return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number)
+    return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
+                       failures=count_reasons(errors))  # fmt: skip
 
 
 def carry(

@@ -14,3 +14,15 @@ def hostile(key: str) -> None:
     if "hang" in key:
         while True:
             time.sleep(1)
+
+
+def vanishing(key: str) -> None:
+    """Delete or rewrite a file between listing and reading (INDEXER_TEST_ROOT holds them)."""
+    root = os.environ["INDEXER_TEST_ROOT"]
+    if "vanish" in key:
+        os.unlink(os.path.join(root, key))
+    if "rewrite" in key:
+        with open(os.environ["INDEXER_TEST_REPLACEMENT"], "rb") as f:
+            data = f.read()
+        with open(os.path.join(root, key), "wb") as f:
+            f.write(data)
