@@ -76,6 +76,7 @@ def draw_positions(total: int, n: int, seed: int, avoid: np.ndarray | None = Non
 def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[str, Any]:
     """Choose, train, fill, tune and save the index of the version at root; its metadata."""
     paths = CollectionPaths(root)
+    check_shard_checksums(paths, manifest)
     counts = [int(s["rows"]) for s in manifest["shards"]]
     vectors = Vectors(paths.shard_paths(manifest), counts, int(manifest["embedding_dim"]),
                       manifest["metric"])  # fmt: skip
@@ -117,6 +118,17 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     }
     write_json_atomic(paths.index / META_FILE, meta)
     return meta
+
+
+def check_shard_checksums(paths: CollectionPaths, manifest: dict[str, Any]) -> None:
+    """Refuse to index a shard whose bytes differ from its recorded sha256 (~1 s per GB)."""
+    for shard in manifest["shards"]:
+        path = paths.shards / shard["name"]
+        if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+            raise CollectionError(
+                f"shard {shard['name']} is damaged or unreadable (its checksum differs from the "
+                "manifest's): run `indexer verify --repair` on its collection"
+            )
 
 
 def index_files(folder: Path) -> dict[str, dict[str, Any]]:

@@ -229,10 +229,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state: Any = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # torch's refusal of pickled code is a paragraph: keep its gist
+        gist = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise ModelError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}): "
-            "pass a .safetensors file or a .pth/.bin state dict"
+            f"cannot read checkpoint {path} ({type(exc).__name__}: {gist}): "
+            "pass a .safetensors file or a .pth/.bin state dict of tensors"
         ) from exc
     for wrapper in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

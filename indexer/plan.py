@@ -19,7 +19,7 @@ from indexer.catalog import (
 from indexer.config import BuildConfig, file_sha256
 from indexer.errors import InputError
 from indexer.history import read_runs
-from indexer.shards import read_hashes
+from indexer.shards import read_hashes, read_shard
 from indexer.sources import Item, Source, list_items, open_sources
 
 PREV_COLUMNS = ["id", "key", "source", "file_size", "mtime_ns", "content_hash"]
@@ -56,7 +56,7 @@ def read_prev_rows(version: Path, manifest: dict[str, Any]) -> dict[str, PrevRow
     """key -> PrevRow for every row of the published version (no embeddings are read)."""
     rows: dict[str, PrevRow] = {}
     for shard in manifest["shards"]:
-        table = pq.read_table(version / "shards" / shard["name"], columns=PREV_COLUMNS)
+        table = read_shard(version / "shards" / shard["name"], PREV_COLUMNS)
         for r in table.to_pylist():
             size, mtime = r["file_size"], r["mtime_ns"]
             fingerprint = (size, mtime) if size is not None and mtime is not None else None

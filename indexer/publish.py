@@ -51,6 +51,9 @@ def salvage(root: Path, request: dict[str, Any]) -> list[Path]:
     leftovers = [p for p in folder.glob(f"{BUILDING_PREFIX}*")]
     leftovers += [folder / f"v{n:06d}" for n in version_numbers(root) if n > published]
     for leftover in leftovers:
+        if leftover.is_symlink():  # never ours: nothing is taken from where it points
+            leftover.unlink()
+            continue
         _salvage_one(leftover, folder / SALVAGE)
         shutil.rmtree(leftover, ignore_errors=True)
     return sorted((folder / SALVAGE / recipe_digest(request)).glob("*.parquet"))

@@ -8,12 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from indexer.catalog import CollectionPaths, open_version, read_manifest
 from indexer.errors import CollectionError, InputError
 from indexer.index import apply_params, load_index, search_param
-from indexer.shards import read_rows
+from indexer.shards import read_rows, read_shard
 
 if TYPE_CHECKING:
     from indexer.model import Embedder
@@ -181,10 +180,7 @@ class Collection:
     def _key_map(self) -> tuple[np.ndarray, pa.Array]:
         """Every id (sorted) and its key: read once, ids and keys only (no vectors)."""
         if self._keys is None:
-            tables = [
-                pq.read_table(p, columns=["id", "key"])
-                for p in self.paths.shard_paths(self.manifest)
-            ]
+            tables = [read_shard(p, ["id", "key"]) for p in self.paths.shard_paths(self.manifest)]
             table = pa.concat_tables(tables) if tables else pa.table({"id": [], "key": []})
             order = np.argsort(table.column("id").to_numpy(), kind="stable")
             ids = table.column("id").to_numpy()[order]

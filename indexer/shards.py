@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.config import file_sha256
+from indexer.errors import CollectionError
 
 TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 8192
@@ -159,9 +160,21 @@ class ShardWriter:
         self._rows = 0
 
 
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """A shard (or some of its columns), its page checksums verified: a damaged shard is a
+    CollectionError naming the fix, never rows read as if whole."""
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise CollectionError(
+            f"shard {path} is damaged or unreadable ({exc}): run `indexer verify --repair` "
+            "on its collection"
+        ) from exc
+
+
 def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [n], embeddings float32 [n, dim]) of one shard."""
-    table = pq.read_table(path, columns=["id", "embedding"], page_checksum_verification=True)
+    table = read_shard(path, ["id", "embedding"])
     ids = table.column("id").to_numpy()
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
@@ -178,12 +191,12 @@ def read_rows(paths: list[Path], ids: set[int]) -> dict[int, dict[str, Any]]:
     """The non-embedding columns of the rows with these ids, read shard by shard."""
     found: dict[int, dict[str, Any]] = {}
     for path in paths:
-        id_col = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+        id_col = read_shard(path, ["id"]).column("id").to_numpy()
         hits = np.flatnonzero(np.isin(id_col, np.fromiter(ids, dtype=np.int64)))
         if not hits.size:
             continue
         names = [n for n in pq.read_schema(path).names if n != "embedding"]
-        table = pq.read_table(path, columns=names).take(pa.array(hits))
+        table = read_shard(path, names).take(pa.array(hits))
         for row in table.to_pylist():
             found[int(row["id"])] = row
     return found
@@ -209,13 +222,13 @@ def carry_over(
         path = source / shard["name"]
         if not pq.read_schema(path).equals(schema):
             raise ValueError(f"shard {path} has another schema")
-        ids = pq.read_table(path, columns=["id"]).column("id").to_numpy()
+        ids = read_shard(path, ["id"]).column("id").to_numpy()
         mask = np.isin(ids, wanted)
         if mask.all():
             os.link(path, target / shard["name"])
             kept.append(ShardInfo(shard["name"], int(shard["rows"]), shard.get("sha256")))
         elif mask.any():
-            table = pq.read_table(path).filter(pa.array(mask))
+            table = read_shard(path).filter(pa.array(mask))
             tmp = target / (shard["name"] + TMP_SUFFIX)
             pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
                            write_page_checksum=True)  # fmt: skip
@@ -231,13 +244,13 @@ def rows_by_hash(paths: list[Path], hashes: set[str]) -> dict[str, dict[str, Any
     for path in paths:
         if len(found) == len(hashes):
             break
-        column = pq.read_table(path, columns=["content_hash"]).column("content_hash")
+        column = read_shard(path, ["content_hash"]).column("content_hash")
         mask = np.isin(np.array(column.to_pylist(), dtype=object), list(hashes - found.keys()))
         if mask.any():
-            for row in pq.read_table(path).filter(pa.array(mask)).to_pylist():
+            for row in read_shard(path).filter(pa.array(mask)).to_pylist():
                 found.setdefault(row["content_hash"], row)
     return found
 
 
 def read_hashes(path: Path) -> list[str]:
-    return pq.read_table(path, columns=["content_hash"]).column("content_hash").to_pylist()
+    return list(read_shard(path, ["content_hash"]).column("content_hash").to_pylist())

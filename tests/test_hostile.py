@@ -52,6 +52,14 @@ def gif_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def ycck() -> bytes:
+    """A 4-channel JPEG whose Adobe marker says YCCK (transform 2): libjpeg's YCCK path."""
+    data = bytearray(encode(scene(seed=6).convert("CMYK"), "JPEG"))
+    adobe = data.index(b"Adobe")
+    data[adobe + 11] = 2  # 'Adobe', version (2 bytes), flags0 (2), flags1 (2), transform
+    return bytes(data)
+
+
 def frames(fmt: str) -> bytes:
     first, *rest = [scene(64, 48, seed=i) for i in range(3)]
     return encode(first, fmt, save_all=True, append_images=rest, duration=100, loop=0)
@@ -82,6 +90,7 @@ def write_hostile(root: Path, outside: Path) -> dict[str, str]:
         "pixel-1x1.png": (encode(scene(1, 1), "PNG"), OK),
         "tall-1x20000.png": (encode(scene(1, 20_000), "PNG"), OK),
         "cmyk-adobe.jpg": (encode(scene(seed=3).convert("CMYK"), "JPEG"), OK),
+        "ycck.jpg": (ycck(), OK),
         "grey16.png": (encode(grey16, "PNG"), OK),
         "palette-alpha.png": (encode(palette, "PNG"), OK),
         "la.png": (encode(scene(seed=4).convert("LA"), "PNG"), OK),

@@ -59,6 +59,8 @@ def test_a_damaged_shard_is_found_and_its_items_embedded_again(sharded: Path) ->
     found = run_cli("verify", sharded)
     assert found.exit_code == 3, found.output
     assert f"shard {victim}: its bytes differ from the recorded checksum" in found.output
+    reindex = run_cli("index", sharded)  # page checksums: never indexed as if whole
+    assert reindex.exit_code == 3 and "damaged or unreadable" in reindex.output, reindex.output
     mended = run_cli("verify", "--repair", sharded)
     assert mended.exit_code == 0 and "embedded their items again" in mended.output, mended.output
     after = read_embeddings_by_key(sharded)
