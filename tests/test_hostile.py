@@ -223,3 +223,35 @@ def test_max_image_pixels_is_enforced_and_recorded(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_failure_reasons(stage: str, error: str, reason: str) -> None:
     assert reason_of(stage, error) == reason
+
+
+def test_dataset_rows_follow_the_same_rules(tmp_path: Path) -> None:
+    import datasets
+
+    good = encode(scene(), "JPEG", quality=90)
+    rows = {
+        "good": good,
+        "truncated": good[: len(good) // 2],
+        "html": b"<html>nope</html>",
+        "bomb": png_claiming(100_000, 100_000),
+        "empty": b"",
+        "ycck": ycck(),
+    }
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": b, "path": None} for b in rows.values()], "name": list(rows)},
+        features=datasets.Features({"image": datasets.Image(), "name": datasets.Value("string")}),
+    )
+    ds.save_to_disk(str(tmp_path / "ds"))
+    out = tmp_path / "c"
+    result = run_cli("build", f"hf:{tmp_path / 'ds'}", "--out", out, "--no-pretrained",
+                     "--no-progress", "--workers", "2", "--max-failures", "4")  # fmt: skip
+    assert result.exit_code == 5, result.output
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    reasons = {e["key"]: reason_of(e["stage"], e["error"]) for e in errors}
+    assert reasons == {"train/1": "truncated", "train/2": "not an image", "train/3": "too large",
+                       "train/4": "empty file"}  # fmt: skip
+    stored = pq.read_table(out / "shards").to_pylist()
+    assert sorted((r["key"], r["name"]) for r in stored) == [
+        ("train/0", "good"),
+        ("train/5", "ycck"),
+    ]
