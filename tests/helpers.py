@@ -74,3 +74,12 @@ def write_vectors(
 def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Row numbers of the k largest inner products per query (numpy brute force)."""
     return np.argsort(-(queries @ base.T), axis=1, kind="stable")[:, :k]
+
+
+def copy_of(collection: Path, tmp_path: Path) -> Path:
+    """A private copy of a built collection (its version symlinks kept) to change freely."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(collection, copy, symlinks=True)
+    return copy

@@ -16,6 +16,7 @@ from indexer.errors import InputError
 from tests.helpers import (
     BUILD_FLAGS,
     clustered_vectors,
+    copy_of,
     exact_top_k,
     run_cli,
     write_vectors,
@@ -175,10 +176,8 @@ def test_on_disk_lists_survive_publishing_and_a_new_process(tmp_path: Path) -> N
 def test_index_dir_keeps_recorded_settings_and_build_reindexes_when_they_change(
     collection: Path, tmp_path: Path
 ) -> None:
-    import shutil
 
-    copy = tmp_path / "c"
-    shutil.copytree(collection, copy, symlinks=True)
+    copy = copy_of(collection, tmp_path)
     assert run_cli("index", copy, "--index-type", "hnsw", "--target-recall", "0.99").exit_code == 0
     assert run_cli("index", copy).exit_code == 0
     meta = Collection.open(copy).index_meta
@@ -216,10 +215,8 @@ def test_query_search_parameter_overrides(collection: Path, corpus: Path, tmp_pa
     image = sorted(corpus.rglob("*.jpg"))[0]
     flat = run_cli("query", image, "--index", collection, "--nprobe", "2")
     assert flat.exit_code == 2 and "has no nprobe" in flat.output, flat.output
-    import shutil
 
-    copy = tmp_path / "c"
-    shutil.copytree(collection, copy, symlinks=True)
+    copy = copy_of(collection, tmp_path)
     assert run_cli("index", copy, "--index-type", "hnsw").exit_code == 0
     tuned = Collection.open(copy).index_meta["params"]["efSearch"]
     wide = run_cli("query", image, "--index", copy, "--ef", "64", "--json")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from indexer.config import file_sha256
-from tests.helpers import BUILD_FLAGS, run_cli
+from tests.helpers import BUILD_FLAGS, copy_of, run_cli
 
 
 class Payload:
@@ -40,8 +39,7 @@ def test_a_pickled_payload_in_weights_is_never_run(corpus: Path, tmp_path: Path)
 def test_a_collection_pointing_at_a_payload_refuses_to_query(
     collection: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "c"
-    shutil.copytree(collection, copy, symlinks=True)
+    copy = copy_of(collection, tmp_path)
     marker = tmp_path / "pwned"
     evil = evil_checkpoint(tmp_path / "evil.pth", marker)
     manifest_path = (copy / "current").resolve() / "manifest.json"
@@ -58,8 +56,7 @@ def test_a_collection_pointing_at_a_payload_refuses_to_query(
 def test_leftover_build_folders_that_are_links_are_not_followed(
     collection: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "c"
-    shutil.copytree(collection, copy, symlinks=True)
+    copy = copy_of(collection, tmp_path)
     precious = tmp_path / "precious"
     (precious / "shards").mkdir(parents=True)
     (precious / "shards" / "part-v000009-00000.parquet").write_bytes(b"keep me")

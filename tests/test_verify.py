@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli, write_vectors
+from tests.helpers import BUILD_FLAGS, copy_of, read_embeddings_by_key, run_cli, write_vectors
 
 
 @pytest.fixture
@@ -85,8 +84,7 @@ def test_a_damaged_external_collection_is_copied_again(tmp_path: Path) -> None:
 
 
 def test_a_manifest_cannot_point_outside_the_collection(collection: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "c"
-    shutil.copytree(collection, copy, symlinks=True)
+    copy = copy_of(collection, tmp_path)
     manifest_path = (copy / "current").resolve() / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["shards"][0]["name"] = "../../../../outside.parquet"
