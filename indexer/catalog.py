@@ -21,7 +21,8 @@ LOCK = ".indexer.lock"
 RUNS = "runs.jsonl"
 VERSIONS = "versions"
 CURRENT = "current"
-LAYOUT = frozenset({MANIFEST, SHARDS, ERRORS, INDEX, LOCK, RUNS, VERSIONS, CURRENT})
+PARTS = "parts"  # parts/IIIII-of-NNNNN/: collections of one partition each (indexer.parts)
+LAYOUT = frozenset({MANIFEST, SHARDS, ERRORS, INDEX, LOCK, RUNS, VERSIONS, CURRENT, PARTS})
 
 
 @dataclass(frozen=True)

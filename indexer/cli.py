@@ -267,6 +267,12 @@ def main(verbose: bool) -> None:
     help="Write Prometheus textfile metrics of the run here (node_exporter).",
 )
 @index_options(defaults=True)
+@click.option(
+    "--partition",
+    metavar="I/N",
+    help="Build only part I of N (0 <= I < N, chosen by a hash of each key) into "
+    "DIR/parts/; N such runs (an array job) then `indexer index DIR` merges and indexes them.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def build(
     sources: tuple[str, ...],
@@ -298,6 +304,7 @@ def build(
     index_type: str,
     max_index_memory: str,
     target_recall: float,
+    partition: str | None,
     progress: bool | None,
 ) -> None:
     """Embed SOURCES (folders, or hf:DATASET) into a collection at --out and index it.
@@ -307,6 +314,8 @@ def build(
       indexer build ~/photos --out ~/photos.idx
       indexer build hf:./my_dataset --split test --out ds.idx
     """
+    from indexer.parts import parse_partition
+
     cfg = BuildConfig(
         sources=tuple(SourceSpec(s, split, image_column, follow_symlinks) for s in sources),
         out=out,
@@ -336,6 +345,7 @@ def build(
         max_failures=max_failures,
         keep=keep,
         metrics_file=metrics_file,
+        partition=None if partition is None else run_library(lambda: parse_partition(partition)),
     )
     from indexer.pipeline import build as run_build
     from indexer.plan import dry_run as plan_only
@@ -430,6 +440,8 @@ def summarize(report: BuildReport) -> str:
             f" Failed: {describe_reasons(report.failures)}; listed in "
             f"{report.root / 'errors.parquet'}."
         )
+    if report.index.get("part"):
+        return text + f" A part: `indexer index {report.root.parent.parent}` merges the parts."
     text += f" Index: {describe_index(report.index)}."
     if report.index.get("target_met") is False:
         text += f" Warning: {below_target(report.index)}"
@@ -655,10 +667,15 @@ def index_cmd(
             raise click.UsageError(
                 "give one collection DIR (or --from-parquet PARQUET... --out DIR)"
             )
+        from indexer.parts import merge
         from indexer.pipeline import reindex
 
-        meta = run_library(lambda: reindex(paths[0], keep, overrides))
-        where = paths[0]
+        root = paths[0]
+        if (root / "parts").is_dir():  # a partitioned build: assemble its parts, then index
+            meta = run_library(lambda: merge(root, keep, overrides))
+        else:
+            meta = run_library(lambda: reindex(root, keep, overrides))
+        where = root
     click.echo(f"Indexed {where}: {describe_index(meta)}.")
     if meta.get("target_met") is False:
         click.echo(f"Warning: {below_target(meta)}", err=True)

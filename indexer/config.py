@@ -109,6 +109,7 @@ class BuildConfig:
     max_failures: float = 0.05  # >= 1: a count of items; below 1: a fraction of the items
     keep: int = 2  # published versions kept (older ones are deleted)
     metrics_file: Path | None = None
+    partition: tuple[int, int] | None = None  # (I, N): only part I of N; `out` is that part's
 
 
 PATH_SETTINGS = ("out", "checkpoint", "metrics_file")

@@ -20,6 +20,7 @@ from indexer.catalog import (
     SCHEMA_VERSION,
     SHARDS,
     CollectionPaths,
+    check_build_dir,
     open_version,
     read_manifest,
     write_json_atomic,
@@ -37,6 +38,7 @@ from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND
 from indexer.index import build_index, read_index_meta
 from indexer.lock import CollectionLock
+from indexer.parts import part_dir
 from indexer.plan import (
     Plan,
     Previous,
@@ -80,10 +82,16 @@ class BuildReport:
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
 
 
+PART_INDEX = {"type": "none", "part": True}  # a part is indexed when the parts are merged
+
+
 def build(cfg: BuildConfig) -> BuildReport:
     """Build under the collection's lock, and record the run in its history (and metrics)."""
     if cfg.out.exists() and not cfg.out.is_dir():
         raise InputError(f"--out {cfg.out} is a file: choose a directory")
+    if cfg.partition is not None:  # the part is a collection of its own inside --out
+        check_build_dir(cfg.out)
+        cfg = replace(cfg, out=part_dir(cfg.out, cfg.partition))
     started, status, error = time.time(), "failed", None
     report: BuildReport | None = None
     try:
@@ -185,7 +193,8 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
             "failed": len(plan.kept_errors),
         }
         index, version = None, prev.manifest.get("version")
-        if index_settings_changed(cfg.index, read_index_meta(prev.folder)):
+        recorded = read_index_meta(prev.folder)
+        if cfg.partition is None and index_settings_changed(cfg.index, recorded):
             index = reindex_unlocked(cfg.out, prev.folder, prev.manifest, cfg.index, cfg.keep)
             version = int(open_version(cfg.out).name[1:])
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
@@ -237,7 +246,7 @@ def update(
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
     write_json_atomic(paths.manifest, manifest)
-    index_meta = build_index(building, manifest, cfg.index)
+    index_meta = build_index(building, manifest, cfg.index) if cfg.partition is None else PART_INDEX
     publish(cfg.out, number, building)
     clear_salvage(cfg.out)
     prune(cfg.out, cfg.keep)

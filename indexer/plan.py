@@ -19,6 +19,7 @@ from indexer.catalog import (
 from indexer.config import BuildConfig, file_sha256
 from indexer.errors import InputError
 from indexer.history import read_runs
+from indexer.parts import in_partition
 from indexer.shards import read_hashes, read_shard
 from indexer.sources import Item, Source, list_items, open_sources
 
@@ -44,8 +45,10 @@ class Plan:
     ids: dict[int, int] = field(default_factory=dict)  # every listed position -> its id
     known: set[int] = field(default_factory=set)  # positions whose key is in the published version
     deleted: int = 0
-    next_id: int = 0
+    next_id: int = 0  # the next local number; a new row's id is next_id * stride + offset
     kept_errors: list[dict[str, Any]] = field(default_factory=list)  # unchanged failed files
+    stride: int = 1  # part I of N: ids I, I+N, I+2N, ... (unique across the merged parts)
+    offset: int = 0
 
     @property
     def nothing_to_do(self) -> bool:
@@ -97,13 +100,15 @@ def make_plan(
     same_datasets: set[str],
     next_id: int,
     prev_errors: dict[str, dict[str, Any]] | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> Plan:
     """Unchanged: same key, source and (size, mtime), or a row of an unchanged dataset.
 
     A file that failed before and has not changed since stays failed without being read
     again, unless ``prev_errors`` is None (--retry-failed).
     """
-    plan = Plan(next_id=next_id)
+    offset, stride = partition or (0, 1)
+    plan = Plan(next_id=next_id, stride=stride, offset=offset)
     listed = set()
     for position, item in enumerate(items):
         listed.add(item.key)
@@ -118,7 +123,7 @@ def make_plan(
         if row is None or row.source != label:
             if row is not None:
                 plan.deleted += 1  # the same key from another source: the old row goes
-            plan.ids[position] = plan.next_id
+            plan.ids[position] = plan.next_id * plan.stride + plan.offset
             plan.next_id += 1
             plan.check.append(position)
             continue
@@ -233,12 +238,16 @@ def plan_build(cfg: BuildConfig) -> Planned:
     items = list_items(sources)
     if not items:
         raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
+    if cfg.partition is not None:
+        items = [item for item in items if in_partition(item.key, cfg.partition)]
+        if not items:
+            raise InputError(f"part {cfg.partition[0]}/{cfg.partition[1]} holds no items")
     check_build_dir(cfg.out)
     asked = request(cfg)
     prev = Previous.of(cfg, sources, asked)
     same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
     prev_errors = None if cfg.retry_failed else prev.errors()
-    plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors)
+    plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors, cfg.partition)
     return Planned(sources, items, asked, prev, plan)
 
 

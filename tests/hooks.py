@@ -26,3 +26,10 @@ def vanishing(key: str) -> None:
             data = f.read()
         with open(os.path.join(root, key), "wb") as f:
             f.write(data)
+
+
+def killer(key: str) -> None:
+    """SIGKILL the process at the sixth item it reads (a build killed mid-run)."""
+    killer.seen = getattr(killer, "seen", 0) + 1  # type: ignore[attr-defined]
+    if killer.seen == 6:  # type: ignore[attr-defined]
+        os.kill(os.getpid(), signal.SIGKILL)

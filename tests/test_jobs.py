@@ -93,3 +93,16 @@ def test_cron_wrapper_skips_quietly_when_locked(corpus: Path, tmp_path: Path) ->
     done = subprocess.run([script, job], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "with status 0" in done.stdout, done.stderr
     assert (tmp_path / "c" / "manifest.json").is_file()
+
+
+def test_shipped_partition_examples(tmp_path: Path) -> None:
+    parts, merge = yaml.safe_load_all((JOBS / "kubernetes" / "indexed-job.yaml").read_text())
+    spec = parts["spec"]
+    assert spec["completionMode"] == "Indexed"
+    command = spec["template"]["spec"]["containers"][0]["args"][0]
+    assert f'--partition "${{JOB_COMPLETION_INDEX}}/{spec["completions"]}"' in command
+    assert merge["spec"]["template"]["spec"]["containers"][0]["command"][:2] == ["indexer", "index"]
+    script = JOBS / "slurm" / "indexer-array.sh"
+    assert os.access(script, os.X_OK)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert '--partition "$index/$count"' in script.read_text()

@@ -1,0 +1,147 @@
+"""Partitions for array jobs: which items part I of N takes, where it lives, and the merge."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from indexer.catalog import (
+    CURRENT,
+    ERRORS,
+    PARTS,
+    SHARDS,
+    CollectionPaths,
+    open_version,
+    read_manifest,
+    write_json_atomic,
+)
+from indexer.config import IndexOverrides
+from indexer.errors import InputError
+from indexer.shards import ERROR_SCHEMA, write_errors
+
+PART_NAME = re.compile(r"^(\d{5})-of-(\d{5})$")
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 0 <= I < N; InputError otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match.group(1)) < int(match.group(2)):
+        raise InputError(
+            f"--partition {text!r} is not I/N with 0 <= I < N (e.g. 0/8 ... 7/8, as a Slurm "
+            "array or Kubernetes Indexed Job index)"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def in_partition(key: str, partition: tuple[int, int]) -> bool:
+    """Whether a key belongs to part I of N: by a hash of the key alone, so the split is the
+    same in every run and whatever order the items are listed in."""
+    index, count = partition
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count == index
+
+
+def part_dir(root: Path, partition: tuple[int, int]) -> Path:
+    index, count = partition
+    return root / PARTS / f"{index:05d}-of-{count:05d}"
+
+
+def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dict[str, Any]:
+    """One new version of root holding every part's shards (hard links) and errors; indexed."""
+    from indexer.index import build_index, read_index_meta
+    from indexer.lock import CollectionLock
+    from indexer.publish import prune, publish, salvage, start_version
+
+    parts = finished_parts(root)
+    manifests = [read_manifest(open_version(p)) for p in parts]
+    requests = {json.dumps(m.get("request"), sort_keys=True) for m in manifests}
+    if len(requests) > 1:
+        raise InputError(
+            f"the parts of {root} were built with different settings: rebuild the odd ones "
+            "with the same `indexer build ... --partition I/N` flags"
+        )
+    with CollectionLock(root, "merge"):
+        request = manifests[0].get("request", {})
+        salvage(root, request)
+        number, building = start_version(root, request)
+        paths = CollectionPaths(building)
+        paths.shards.mkdir()
+        shards = _link_shards(parts, manifests, paths.shards)
+        write_errors(paths.errors, _errors(parts))
+        manifest = _merged_manifest(manifests, shards, number)
+        write_json_atomic(paths.manifest, manifest)
+        recorded = read_index_meta(open_version(root)) if (root / CURRENT).exists() else None
+        cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], recorded)
+        meta = build_index(building, manifest, cfg)
+        publish(root, number, building)
+        prune(root, keep)
+    return meta
+
+
+def finished_parts(root: Path) -> list[Path]:
+    """Every part of the same N, each with a published version; InputError naming the rest."""
+    folder = root / PARTS
+    found = {}
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        match = PART_NAME.match(entry.name)
+        if match:
+            found[(int(match.group(1)), int(match.group(2)))] = entry
+    counts = {count for _, count in found}
+    if len(counts) != 1:
+        raise InputError(
+            f"{folder} holds parts of {sorted(counts) or 'no'} partitionings: build every part "
+            "with the same N (`indexer build ... --partition I/N`)"
+        )
+    count = counts.pop()
+    missing = [i for i in range(count) if not (found.get((i, count), folder) / CURRENT).exists()]
+    if missing:
+        raise InputError(
+            f"part(s) {', '.join(f'{i}/{count}' for i in missing[:5])} of {root} have not "
+            f"finished: run `indexer build ... --partition I/{count}` for them, then merge"
+        )
+    return [found[(i, count)] for i in range(count)]
+
+
+def _link_shards(
+    parts: list[Path], manifests: list[dict[str, Any]], target: Path
+) -> list[dict[str, Any]]:
+    shards = []
+    for number, (part, manifest) in enumerate(zip(parts, manifests, strict=True)):
+        version = open_version(part)
+        for shard in manifest["shards"]:
+            name = f"p{number:05d}-{shard['name']}"
+            os.link(version / SHARDS / shard["name"], target / name)
+            shards.append({**shard, "name": name})
+    return shards
+
+
+def _errors(parts: list[Path]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for part in parts:
+        path = open_version(part) / ERRORS
+        if path.is_file():
+            rows += pq.read_table(path).cast(ERROR_SCHEMA).to_pylist()
+    return rows
+
+
+def _merged_manifest(
+    manifests: list[dict[str, Any]], shards: list[dict[str, Any]], number: int
+) -> dict[str, Any]:
+    fields = ("items", "embedded", "failed")
+    counts = {k: sum(int(m["counts"][k]) for m in manifests) for k in fields}
+    # part I of N numbers its rows I, I+N, I+2N, ...: below its next local number times N
+    next_id = max(int(m.get("next_id", 0)) for m in manifests) * len(manifests)
+    return {
+        **manifests[0],
+        "shards": shards,
+        "counts": counts,
+        "version": number,
+        "next_id": next_id,
+        "parts": len(manifests),
+    }
