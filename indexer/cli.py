@@ -16,9 +16,11 @@ from indexer import __version__
 from indexer.config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
+    ENGINES,
     METRICS,
     PRECISIONS,
     BuildConfig,
+    EngineConfig,
     IndexConfig,
     IndexOverrides,
     LoaderConfig,
@@ -273,6 +275,17 @@ def main(verbose: bool) -> None:
     help="Build only part I of N (0 <= I < N, chosen by a hash of each key) into "
     "DIR/parts/; N such runs (an array job) then `indexer index DIR` merges and indexes them.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="local",
+    show_default=True,
+    help="local: this machine's DataLoader; ray: Ray Data (pip install 'indexer[ray]').",
+)
+@click.option("--ray-address", help="Ray cluster to join (default: start a local Ray).")
+@click.option(
+    "--concurrency", type=click.IntRange(1), help="Ray: embedding actors, one model each."
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a tty).")
 def build(
     sources: tuple[str, ...],
@@ -305,6 +318,9 @@ def build(
     max_index_memory: str,
     target_recall: float,
     partition: str | None,
+    engine: str,
+    ray_address: str | None,
+    concurrency: int | None,
     progress: bool | None,
 ) -> None:
     """Embed SOURCES (folders, or hf:DATASET) into a collection at --out and index it.
@@ -346,6 +362,7 @@ def build(
         keep=keep,
         metrics_file=metrics_file,
         partition=None if partition is None else run_library(lambda: parse_partition(partition)),
+        engine=EngineConfig(engine, ray_address, concurrency),
     )
     from indexer.pipeline import build as run_build
     from indexer.plan import dry_run as plan_only

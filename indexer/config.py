@@ -69,6 +69,18 @@ class IndexConfig:
     seed: int = 0
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where decoding and embedding run: this machine's DataLoader, or Ray Data."""
+
+    kind: str = "local"
+    address: str | None = None  # ray: a cluster to join; None starts a local Ray
+    concurrency: int | None = None  # ray: embedding actors (one model each); None: 1
+
+
 @dataclass(frozen=True)
 class IndexOverrides:
     """Index settings given for `indexer index DIR`; None keeps what the collection recorded."""
@@ -110,6 +122,7 @@ class BuildConfig:
     keep: int = 2  # published versions kept (older ones are deleted)
     metrics_file: Path | None = None
     partition: tuple[int, int] | None = None  # (I, N): only part I of N; `out` is that part's
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 PATH_SETTINGS = ("out", "checkpoint", "metrics_file")

@@ -42,6 +42,12 @@ def load_model_while_decoding(
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
+    if cfg.engine.kind == "ray":  # Ray decodes and embeds; the driver's model gives the recipe
+        from indexer.rayengine import ray_batches
+
+        embedder = load_embedder(cfg.model)
+        return embedder, ray_batches(items, sources, cfg, known, positions, embedder)
+
     def start(data_config: DataConfig) -> Iterator[Batch]:
         loader = cfg.loader
         preprocess = Preprocessor(data_config, loader.preprocessing, loader.max_pixels,
@@ -88,8 +94,11 @@ def embed_items(
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar:
         for batch in batches:
-            if batch.pixels is not None:
-                vectors = job.embedder.embed(batch.pixels)
+            if batch.positions:
+                vectors = batch.vectors
+                if vectors is None:
+                    assert batch.pixels is not None
+                    vectors = job.embedder.embed(batch.pixels)
                 rows = [
                     NewRow(p, h, w, ht, m)
                     for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from indexer.config import DEFAULT_MAX_PIXELS
 
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, as most viewers show it
 EXIF_ORIENTATION = 0x0112
+BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 class DecodeError(Exception):
@@ -76,7 +78,8 @@ def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
     except Image.DecompressionBombWarning as exc:
         raise DecodeError(f"image too large: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for bad data; all mean "cannot decode"
-        raise DecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        text = BUFFER_REPR.sub("the file", str(exc))  # the same reason in every run
+        raise DecodeError(f"cannot decode image: {type(exc).__name__}: {text}") from exc
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -41,6 +41,7 @@ class Batch:
     metadata: list[dict[str, Any]] = field(default_factory=list)
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # position, stage, reason
     reused: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # pos, hash, meta
+    vectors: np.ndarray | None = None  # already embedded (the Ray engine); else embed pixels
 
 
 class ItemDataset(Dataset):

@@ -106,3 +106,12 @@ def test_shipped_partition_examples(tmp_path: Path) -> None:
     assert os.access(script, os.X_OK)
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     assert '--partition "$index/$count"' in script.read_text()
+
+
+def test_shipped_rayjob_runs_the_ray_engine() -> None:
+    (doc,) = yaml.safe_load_all((JOBS / "kubernetes" / "rayjob.yaml").read_text())
+    assert doc["kind"] == "RayJob"
+    entry = doc["spec"]["entrypoint"].split()
+    assert entry[:2] == ["indexer", "build"]
+    params = parses(entry[2:])  # the flags exist and their values are valid
+    assert params["engine"] == "ray" and params["concurrency"] == 4
