@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -83,3 +85,13 @@ def copy_of(collection: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "copy"
     shutil.copytree(collection, copy, symlinks=True)
     return copy
+
+
+def edit_manifest(collection: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    """Change the published version's manifest in place (to play a collection from elsewhere)."""
+    import json
+
+    path = (collection / "current").resolve() / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))

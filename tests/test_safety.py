@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from indexer.config import file_sha256
-from tests.helpers import BUILD_FLAGS, copy_of, run_cli
+from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, run_cli
 
 
 class Payload:
@@ -42,11 +41,8 @@ def test_a_collection_pointing_at_a_payload_refuses_to_query(
     copy = copy_of(collection, tmp_path)
     marker = tmp_path / "pwned"
     evil = evil_checkpoint(tmp_path / "evil.pth", marker)
-    manifest_path = (copy / "current").resolve() / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["model"]["weights"] = {"kind": "checkpoint", "path": str(evil),
-                                    "sha256": file_sha256(evil)}  # fmt: skip
-    manifest_path.write_text(json.dumps(manifest))
+    weights = {"kind": "checkpoint", "path": str(evil), "sha256": file_sha256(evil)}
+    edit_manifest(copy, lambda manifest: manifest["model"].update(weights=weights))
     image = sorted(corpus.rglob("*.jpg"))[0]
     result = run_cli("query", image, "--index", copy)
     assert result.exit_code == 4 and "cannot read checkpoint" in result.output, result.output

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import BUILD_FLAGS, copy_of, read_embeddings_by_key, run_cli, write_vectors
+from tests.helpers import (
+    BUILD_FLAGS,
+    copy_of,
+    edit_manifest,
+    read_embeddings_by_key,
+    run_cli,
+    write_vectors,
+)
 
 
 @pytest.fixture
@@ -85,10 +92,7 @@ def test_a_damaged_external_collection_is_copied_again(tmp_path: Path) -> None:
 
 def test_a_manifest_cannot_point_outside_the_collection(collection: Path, tmp_path: Path) -> None:
     copy = copy_of(collection, tmp_path)
-    manifest_path = (copy / "current").resolve() / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["shards"][0]["name"] = "../../../../outside.parquet"
-    manifest_path.write_text(json.dumps(manifest))
+    edit_manifest(copy, lambda m: m["shards"][0].update(name="../../../../outside.parquet"))
     for args in (("info", copy), ("index", copy)):
         result = run_cli(*args)
         assert result.exit_code == 3 and "not a plain file" in result.output, result.output
