@@ -38,7 +38,7 @@ from indexer.errors import (
 
 if TYPE_CHECKING:
     from indexer.pipeline import BuildReport
-    from indexer.search import Hit
+    from indexer.search import Hit, QueryResult
 
 DECODE_HOOK_ENV = "INDEXER_TEST_DECODE_HOOK"  # module:function run before each decode (tests)
 EXIT_PARTIAL = 5  # the build finished; some items failed, within the failure budget
@@ -474,7 +474,7 @@ def below_target(meta: dict[str, Any]) -> str:
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1)
 @click.option(
     "--index",
     "root",
@@ -482,47 +482,91 @@ def below_target(meta: dict[str, Any]) -> str:
     type=click.Path(path_type=Path),
     help="Collection directory made by `indexer build`.",
 )
+@click.option("--id", "ids", multiple=True, help="Query with a stored item, by key (repeatable).")
 @click.option(
-    "-k", default=10, show_default=True, type=click.IntRange(1), help="Results per image."
+    "-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query."
+)
+@click.option(
+    "--threshold", type=float, help="Keep results with score >= T (ip) or distance <= T (l2)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--jsonl", is_flag=True, help="Print one JSON line per query.")
+@click.option(
+    "--paths-only", is_flag=True, help="Print each result's absolute path (or key), one a line."
+)
+@click.option(
+    "--grid",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also draw a PNG: each query beside its results, labelled with rank, score and key.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
 )
 @click.option("--ef", type=click.IntRange(1), help="HNSW efSearch (default: the tuned value).")
 def query(
-    images: tuple[Path, ...],
+    images: tuple[str, ...],
     root: Path,
+    ids: tuple[str, ...],
     k: int,
+    threshold: float | None,
     as_json: bool,
+    jsonl: bool,
+    paths_only: bool,
+    grid: Path | None,
     device: str,
     nprobe: int | None,
     ef: int | None,
 ) -> None:
-    """Find the K nearest items of the collection to each IMAGE.
+    """Find the K nearest items to each IMAGE (files, folders or glob patterns) or stored item.
 
-    The images are embedded with the recipe recorded in the collection's manifest; the
-    index answers with the search parameters tuned when it was built (see `indexer info`).
+    The images are embedded with the recipe recorded in the collection's manifest; `--id KEY`
+    uses the stored vector, without embedding. The index answers with the search parameters
+    tuned when it was built (see `indexer info`).
+
+    \b
+    Examples:
+      indexer query beach.jpg --index photos.idx -k 5
+      indexer query 'new/*.jpg' --index photos.idx --jsonl
+      indexer query --id holidays/IMG_0042.jpg --index photos.idx --paths-only | xargs open
     """
-    from indexer.search import Collection
+    if sum((as_json, jsonl, paths_only)) > 1:
+        raise click.UsageError("choose one of --json, --jsonl and --paths-only")
+    from indexer.search import Collection, expand_images
 
     params = {name: v for name, v in (("nprobe", nprobe), ("efSearch", ef)) if v is not None}
 
-    def run() -> list[list[Hit]]:
+    def run() -> tuple[Collection, list[QueryResult]]:
         collection = Collection(root, device, params)
-        return collection.hits(collection.embed_files(list(images)), k)
+        files = expand_images(list(images))
+        return collection, collection.query(files, list(ids), k, threshold)
 
-    results = run_library(run)
-    if as_json:
-        doc = [
-            {"query": str(img), "results": [h.to_dict() for h in hits]}
-            for img, hits in zip(images, results, strict=True)
+    collection, results = run_library(run)
+    if grid is not None:
+        from indexer.grid import Cell, draw_sheet
+
+        rows = [
+            [Cell(r.path, ("query", _short(r.name)))]
+            + [Cell(collection.path_of(h.key), (f"#{h.rank} {h.score:.3f}", h.key)) for h in r.hits]
+            for r in results
         ]
-        click.echo(json.dumps(doc, indent=2, default=str))
-        return
-    for img, hits in zip(images, results, strict=True):
-        click.echo(format_hits(str(img), hits))
+        draw_sheet(rows, grid)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2, default=str))
+    elif jsonl:
+        for r in results:
+            click.echo(json.dumps(r.to_dict(), default=str))
+    elif paths_only:
+        for r in results:
+            for h in r.hits:
+                click.echo(str(collection.path_of(h.key) or h.key))
+    else:
+        for r in results:
+            click.echo(format_hits(r.name, r.hits))
+
+
+def _short(name: str) -> str:
+    return Path(name).name or name
 
 
 def format_hits(query_name: str, hits: list[Hit]) -> str:
@@ -711,6 +755,56 @@ def describe_index(meta: dict[str, Any]) -> str:
         f"{'' if qps is None else f', {qps:,.0f} queries/s'}, "
         f"{meta.get('bytes', 0) / 2**20:.1f} MiB"
     )
+
+
+@main.command()
+@click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--threshold",
+    default=0.95,
+    show_default=True,
+    type=float,
+    help="Near-duplicates: score >= T (ip; cosine when normalised) or distance <= T (l2).",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Parquet file of the groups: group, key, score.",
+)
+@click.option(
+    "-k", default=10, show_default=True, type=click.IntRange(2), help="Neighbours per item."
+)
+@click.option(
+    "--grid",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also draw a PNG of the largest groups.",
+)
+def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) -> None:
+    """Find groups of near-duplicate items in DIR with its index (a self k-NN join)."""
+    from indexer.dedup import find_duplicates, write_groups
+    from indexer.search import Collection
+
+    def run() -> tuple[Collection, Any]:
+        collection = Collection(root)
+        return collection, find_duplicates(collection, threshold, k)
+
+    collection, groups = run_library(run)
+    write_groups(groups, out)
+    sizes = [len(g) for g in groups.members]
+    click.echo(
+        f"{len(sizes)} group(s) of near-duplicates, {groups.items} items"
+        + (f" (largest {sizes[0]})" if sizes else "")
+        + f", threshold {threshold:g}: written to {out}."
+    )
+    if grid is not None:
+        from indexer.grid import Cell, draw_sheet
+
+        rows = [
+            [Cell(collection.path_of(key), (f"group {n} {s:.3f}", key)) for key, s in members[:8]]
+            for n, members in enumerate(groups.members[:12])
+        ]
+        draw_sheet(rows, grid)
 
 
 @main.command()

@@ -187,6 +187,65 @@ class Collection:
             self._keys = (ids, table.column("key").combine_chunks().take(pa.array(order)))
         return self._keys
 
+    def vectors_of(self, keys: list[str]) -> np.ndarray:
+        """The stored vectors of items, by key (no re-embedding); InputError for an unknown key."""
+        wanted, found = set(keys), {}
+        for path in self.paths.shard_paths(self.manifest):
+            table = read_shard(path, ["key", "embedding"])
+            mask = np.isin(np.array(table.column("key").to_pylist(), dtype=object), list(wanted))
+            for row in table.filter(pa.array(mask)).to_pylist():
+                found[row["key"]] = np.asarray(row["embedding"], np.float32)
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise InputError(
+                f"{self.root} holds no item {missing[0]!r}: give a key as `indexer query` shows it"
+            )
+        return np.stack([found[k] for k in keys])
+
+    def path_of(self, key: str) -> Path | None:
+        """The absolute path of an item's file, for items of folder sources (else None)."""
+        sources = self.manifest["sources"]
+        label, rel = key.split("/", 1) if len(sources) > 1 and "/" in key else (None, key)
+        for source in sources:
+            if source["kind"] == "folder" and (label is None or source.get("label") == label):
+                return Path(source["path"]) / rel
+        return None
+
+    def query(
+        self,
+        images: list[Path] | None = None,
+        ids: list[str] | None = None,
+        k: int = 10,
+        threshold: float | None = None,
+    ) -> list[QueryResult]:
+        """Nearest items to each image (embedded with the collection's recipe) and to each
+        stored item given by key, as result rows with their shard columns."""
+        images, ids = list(images or []), list(ids or [])
+        if not images and not ids:
+            raise InputError("nothing to query: give images, a folder, a glob, or --id KEY")
+        parts = []
+        if images:
+            parts.append(self.embed_files(images))
+        if ids:
+            parts.append(self.vectors_of(ids))
+        found = self.hits(np.concatenate(parts), k)
+        metric = self.manifest["metric"]
+        names = [(str(p), p) for p in images] + [(key, None) for key in ids]
+        results = []
+        for (name, path), hits in zip(names, found, strict=True):
+            if path is None:  # a stored item: show its own file when it has one
+                path = self.path_of(name)
+            results.append(QueryResult(name, path, keep_above(hits, threshold, metric)))
+        return results
+
+    def query_frame(self, *args: Any, **kwargs: Any) -> Any:
+        """query() as a pandas DataFrame: one row per hit, with a `query` column."""
+        import pandas as pd
+
+        rows = [{"query": r.name, **h.to_dict()} for r in self.query(*args, **kwargs)
+                for h in r.hits]  # fmt: skip
+        return pd.DataFrame(rows)
+
     def hits(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each vector, best first, with their shard rows (the CLI's view)."""
         scores, ids = self.search_ids(vectors, k)
@@ -206,3 +265,43 @@ class Collection:
             ]
             results.append(hits)
         return results
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query (an image file or a stored item's key) and its hits, best first."""
+
+    name: str
+    path: Path | None  # the query image, when there is a file to show
+    hits: list[Hit]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.name, "results": [h.to_dict() for h in self.hits]}
+
+
+def expand_images(args: list[str]) -> list[Path]:
+    """Query arguments as image files: files as given, folders walked, glob patterns expanded."""
+    import glob
+
+    from indexer.sources.folder import walk_images
+
+    files: list[Path] = []
+    for arg in args:
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            files += [path / rel for rel in walk_images(path.resolve())]
+        elif path.exists() or not glob.has_magic(arg):
+            files.append(path)
+        else:
+            matched = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            if not matched:
+                raise InputError(f"no file matches {arg!r}: check the pattern")
+            files += [p for p in matched if p.is_file()]
+    return files
+
+
+def keep_above(hits: list[Hit], threshold: float | None, metric: str) -> list[Hit]:
+    """Hits at least as close as threshold: score >= t for ip, distance <= t for l2."""
+    if threshold is None:
+        return hits
+    return [h for h in hits if (h.score >= threshold if metric == "ip" else h.score <= threshold)]

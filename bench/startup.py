@@ -1,0 +1,63 @@
+"""Fast start: `indexer --help`, and `indexer query` of one image against the bare cost of
+importing torch and timm and creating the model; best of several fresh processes, ratios."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import BIN, MODEL, REPO, imagenet_corpus, run_timed, write_checkpoint
+
+BARE = f"import torch, timm; timm.create_model({MODEL!r}, pretrained=False)"
+
+
+def best(cmd: list[str], rounds: int) -> float:
+    return min(run_timed(cmd).seconds for _ in range(rounds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", type=Path, default=REPO / "build" / "bench")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ck = args.work / "seed0.safetensors"
+    write_checkpoint(ck)
+    images = imagenet_corpus(args.work)
+    out = args.work / "out" / "startup"
+    if not (out / "manifest.json").exists():
+        run_timed(
+            [
+                str(BIN / "indexer"),
+                "build",
+                str(images),
+                "--out",
+                str(out),
+                "--checkpoint",
+                str(ck),
+                "--no-progress",
+            ]
+        )
+    image = sorted(p for p in images.rglob("*") if p.is_file())[0]
+    indexer = str(BIN / "indexer")
+    python_only = best([sys.executable, "-c", "pass"], args.rounds)
+    help_s = best([indexer, "--help"], args.rounds)
+    bare = best([sys.executable, "-c", BARE], args.rounds)
+    query = best([indexer, "query", str(image), "--index", str(out), "-k", "10"], args.rounds)
+    print(f"# fast start (best of {args.rounds} fresh processes)")
+    print(f"{'python -c pass':>34}: {python_only:6.3f} s")
+    print(
+        f"{'indexer --help':>34}: {help_s:6.3f} s  (target < 0.3 s: "
+        f"{'met' if help_s < 0.3 else 'NOT met'})"
+    )
+    print(f"{'import torch+timm, create model':>34}: {bare:6.3f} s")
+    print(
+        f"{'indexer query, one image':>34}: {query:6.3f} s = {query / bare:.2f}x the bare cost "
+        f"(target <= 1.3x: {'met' if query <= 1.3 * bare else 'NOT met'})"
+    )
+
+
+if __name__ == "__main__":
+    main()

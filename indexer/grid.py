@@ -1,0 +1,61 @@
+"""Contact sheets: each query image beside its results, or duplicate groups, labelled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageOps
+
+CELL = 160  # thumbnail side, pixels
+LABEL = 34  # label band under each thumbnail
+PAD = 6
+BACKGROUND = (255, 255, 255)
+PLACEHOLDER = (200, 200, 200)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One picture of the sheet: the file to show (None: a placeholder) and its label lines."""
+
+    path: Path | None
+    lines: tuple[str, ...]
+
+
+def thumbnail(path: Path | None) -> Image.Image:
+    """The image fitted into a CELL square, or a grey placeholder when it cannot be read."""
+    tile = Image.new("RGB", (CELL, CELL), PLACEHOLDER)
+    try:
+        if path is None:
+            raise OSError("no file")
+        from indexer.images import decode_image
+
+        image = decode_image(path.read_bytes()).image
+        image = ImageOps.contain(image, (CELL, CELL))
+        tile.paste(image, ((CELL - image.width) // 2, (CELL - image.height) // 2))
+    except Exception:  # a missing or broken file is drawn as a labelled placeholder
+        ImageDraw.Draw(tile).text((CELL // 2 - 24, CELL // 2 - 6), "missing", fill=(90, 90, 90))
+    return tile
+
+
+def draw_sheet(rows: list[list[Cell]], out: Path) -> tuple[int, int]:
+    """Write a PNG with one row of cells per list; its size (width, height)."""
+    columns = max((len(r) for r in rows), default=1)
+    width = columns * (CELL + PAD) + PAD
+    height = max(len(rows), 1) * (CELL + LABEL + PAD) + PAD
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for r, row in enumerate(rows):
+        top = PAD + r * (CELL + LABEL + PAD)
+        for c, cell in enumerate(row):
+            left = PAD + c * (CELL + PAD)
+            sheet.paste(thumbnail(cell.path), (left, top))
+            for n, line in enumerate(cell.lines[:2]):
+                draw.text((left + 2, top + CELL + 2 + 14 * n), _fit(line), fill=(0, 0, 0))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, "PNG")
+    return width, height
+
+
+def _fit(text: str, limit: int = 26) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1) :]
