@@ -18,6 +18,7 @@ from indexer.config import (
     DEFAULT_MODEL,
     ENGINES,
     METRICS,
+    POOLINGS,
     PRECISIONS,
     BuildConfig,
     EngineConfig,
@@ -185,6 +186,19 @@ def main(verbose: bool) -> None:
     show_default=True,
     help="Index metric: inner product or L2 distance.",
 )
+@click.option(
+    "--pooling",
+    type=click.Choice(POOLINGS),
+    default="head",
+    show_default=True,
+    help="head: the model's own pre-logits; avg, max or gem (generalised mean, p=3) over the "
+    "last feature map (or --feature-stage's).",
+)
+@click.option(
+    "--feature-stage",
+    type=click.IntRange(0),
+    help="Pool this stage's feature map (timm feature extraction) instead of the last one.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--precision",
@@ -296,6 +310,8 @@ def build(
     seed: int,
     normalize: bool,
     metric: str,
+    pooling: str,
+    feature_stage: int | None,
     device: str,
     precision: str | None,
     exact_preprocessing: bool,
@@ -343,6 +359,8 @@ def build(
             normalize=normalize,
             device=device,
             precision=precision or ("fp32" if exact_preprocessing else "auto"),
+            pooling=pooling,
+            feature_stage=feature_stage,
         ),
         loader=LoaderConfig(
             batch_size=batch_size,

@@ -14,6 +14,7 @@ DEFAULT_MODEL = "test_convnext.r160_in1k"
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit (it only warns); enforced as an error
 METRICS = ("ip", "l2")
 PRECISIONS = ("auto", "fp32", "bf16")
+POOLINGS = ("head", "avg", "max", "gem")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ModelConfig:
     normalize: bool = True
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
+    pooling: str = "head"  # head: the model's own pre-logits; avg, max, gem: over a feature map
+    feature_stage: int | None = None  # pool this stage's map (timm feature extraction) instead
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class Embedder:
         self.device = device
         self.data_config = DataConfig.from_dict(recipe["data_config"])
         self.normalize = bool(recipe["normalize"])
+        self.pooling = str(recipe.get("pooling", "head"))
+        self.stage: int | None = recipe.get("feature_stage")
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.data_config.mean, device=device).view(shape) * 255.0
         self._std = torch.tensor(self.data_config.std, device=device).view(shape) * 255.0
@@ -52,11 +54,55 @@ class Embedder:
             else nullcontext()
         )
         with torch.inference_mode(), amp:
-            out = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+            out = embed_forward(self.model, x, self.pooling, self.stage)
         out = out.float().flatten(1)
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=1)
         return out.cpu().numpy()
+
+
+GEM_P = 3.0
+GEM_EPS = 1e-6
+
+
+def embed_forward(model: Any, x: torch.Tensor, pooling: str, stage: int | None) -> torch.Tensor:
+    """The embedding computation a recipe names (see forward_name)."""
+    if stage is not None:
+        fmap = model.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
+        return pool(fmap, pooling)
+    features = model.forward_features(x)
+    if pooling == "head":
+        return model.forward_head(features, pre_logits=True)
+    return pool(features, pooling)
+
+
+def pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    """avg, max or GeM (p=3) over a feature map's positions: NCHW maps, or NLC token sequences."""
+    dims = (2, 3) if fmap.ndim == 4 else (1,)
+    if pooling == "avg":
+        return fmap.mean(dims)
+    if pooling == "max":
+        return fmap.amax(dims)
+    return fmap.float().clamp(min=GEM_EPS).pow(GEM_P).mean(dims).pow(1.0 / GEM_P)
+
+
+def forward_name(pooling: str, stage: int | None) -> str:
+    if stage is not None:
+        return f"{pooling}(forward_intermediates(x, indices=[{stage}]))"
+    return FORWARD if pooling == "head" else f"{pooling}(forward_features(x))"
+
+
+def check_pooling(model: Any, pooling: str, stage: int | None) -> None:
+    """InputError for a stage the model does not have, or a stage with --pooling head."""
+    if stage is None:
+        return
+    if pooling == "head":
+        raise InputError("--feature-stage pools a feature map: add --pooling avg, max or gem")
+    stages = len(getattr(model, "feature_info", []) or [])
+    if not 0 <= stage < stages:
+        raise InputError(
+            f"--feature-stage {stage}: this model has feature stages 0 to {stages - 1}"
+        )
 
 
 def load_embedder(cfg: ModelConfig) -> Embedder:
@@ -92,6 +138,8 @@ def embedder_from_recipe(recipe: dict[str, Any], device: str = "auto") -> Embedd
         seed=int(weights.get("seed", 0)),
         normalize=bool(recipe["normalize"]),
         device=device,
+        pooling=recipe.get("pooling", "head"),
+        feature_stage=recipe.get("feature_stage"),
     )
     model, _ = create_model(cfg)
     if state_sha256(model) != recipe["state_sha256"]:
@@ -289,26 +337,27 @@ def make_recipe(
     from timm.data import resolve_model_data_config
 
     data_config = DataConfig.from_dict(resolve_model_data_config(model))
+    check_pooling(model, cfg.pooling, cfg.feature_stage)
     return {
         "name": cfg.name,
         "weights": weights,
         "state_sha256": state_sha256(model),
         "timm_version": timm.__version__,
         "torch_version": torch.__version__,
-        "forward": FORWARD,
+        "forward": forward_name(cfg.pooling, cfg.feature_stage),
+        "pooling": cfg.pooling,
+        "feature_stage": cfg.feature_stage,
         "precision": precision,
-        "embedding_dim": _probe_dim(model, data_config),
+        "embedding_dim": _probe_dim(model, data_config, cfg.pooling, cfg.feature_stage),
         "normalize": cfg.normalize,
         "data_config": data_config.to_dict(),
     }
 
 
-def _probe_dim(model: Any, data_config: DataConfig) -> int:
+def _probe_dim(model: Any, data_config: DataConfig, pooling: str, stage: int | None) -> int:
     x = torch.zeros((1, *data_config.input_size))
     with torch.inference_mode():
-        return int(
-            model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).shape[1]
-        )
+        return int(embed_forward(model, x, pooling, stage).flatten(1).shape[1])
 
 
 def state_sha256(model: torch.nn.Module) -> str:

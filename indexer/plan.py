@@ -138,6 +138,9 @@ def make_plan(
     return plan
 
 
+REQUEST_DEFAULTS: dict[str, Any] = {"pooling": "head", "feature_stage": None}
+
+
 def request(cfg: BuildConfig) -> dict[str, Any]:
     """The recipe the user asked for, comparable without loading the model."""
     m = cfg.model
@@ -154,6 +157,8 @@ def request(cfg: BuildConfig) -> dict[str, Any]:
         "weights": weights,
         "normalize": m.normalize,
         "precision": m.precision,
+        "pooling": m.pooling,
+        "feature_stage": m.feature_stage,
         "preprocessing": cfg.loader.preprocessing,
         "metric": cfg.index.metric,
     }
@@ -162,6 +167,8 @@ def request(cfg: BuildConfig) -> dict[str, Any]:
 def check_request(asked: dict[str, Any], manifest: dict[str, Any], root: Path) -> None:
     """Refuse to mix recipes in one collection."""
     built = manifest.get("request")
+    if built is not None:  # settings added since a collection was built take their defaults
+        built = {**REQUEST_DEFAULTS, **built}
     if built == asked:
         return
     if manifest.get("model") is None:

@@ -190,6 +190,8 @@ def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig
         seed=int(weights.get("seed") or 0),
         normalize=asked["normalize"],
         precision=asked["precision"],
+        pooling=asked.get("pooling", "head"),
+        feature_stage=asked.get("feature_stage"),
     )
     loader = LoaderConfig(preprocessing=asked["preprocessing"], progress=False)
     index = IndexOverrides().resolve(asked["metric"], read_index_meta(open_version(root)))
