@@ -37,6 +37,7 @@ bench: $(STAMP)  ## Throughput, memory and re-run benchmarks (about 7 minutes; s
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/heads.py
 
 bench-index: $(STAMP)  ## Index benchmark: 1M x 64 vectors vs exact and autofaiss (~8 minutes)
 	@# autofaiss pins numpy<2, which pyarrow 18+ refuses: it gets a venv of its own.

@@ -195,6 +195,14 @@ def main(verbose: bool) -> None:
     "last feature map (or --feature-stage's).",
 )
 @click.option(
+    "--labels",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Store the classifier's top-K classes (index, name, probability) per item, from the "
+    "same forward pass; needs a model with its classifier.",
+)
+@click.option(
     "--feature-stage",
     type=click.IntRange(0),
     help="Pool this stage's feature map (timm feature extraction) instead of the last one.",
@@ -311,6 +319,7 @@ def build(
     normalize: bool,
     metric: str,
     pooling: str,
+    labels: int,
     feature_stage: int | None,
     device: str,
     precision: str | None,
@@ -361,6 +370,7 @@ def build(
             precision=precision or ("fp32" if exact_preprocessing else "auto"),
             pooling=pooling,
             feature_stage=feature_stage,
+            labels=labels,
         ),
         loader=LoaderConfig(
             batch_size=batch_size,
@@ -507,6 +517,9 @@ def below_target(meta: dict[str, Any]) -> str:
 @click.option(
     "--threshold", type=float, help="Keep results with score >= T (ip) or distance <= T (l2)."
 )
+@click.option(
+    "--where", help="Keep results whose predicted label is this: label=NAME (built with --labels)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--jsonl", is_flag=True, help="Print one JSON line per query.")
 @click.option(
@@ -528,6 +541,7 @@ def query(
     ids: tuple[str, ...],
     k: int,
     threshold: float | None,
+    where: str | None,
     as_json: bool,
     jsonl: bool,
     paths_only: bool,
@@ -557,7 +571,7 @@ def query(
     def run() -> tuple[Collection, list[QueryResult]]:
         collection = Collection(root, device, params)
         files = expand_images(list(images))
-        return collection, collection.query(files, list(ids), k, threshold)
+        return collection, collection.query(files, list(ids), k, threshold, where)
 
     collection, results = run_library(run)
     if grid is not None:
@@ -606,11 +620,17 @@ def info(root: Path, as_json: bool) -> None:
     manifest = run_library(lambda: read_manifest(version))
     index_meta = read_index_meta(version)
     runs = read_runs(root)
+    from indexer.catalog import CollectionPaths
+    from indexer.shards import top_labels
+
+    labels = top_labels(CollectionPaths(version).shard_paths(manifest))
     if as_json:
-        doc = {"manifest": manifest, "index": index_meta, "runs": runs}
+        doc = {"manifest": manifest, "index": index_meta, "runs": runs, "top_labels": labels}
         click.echo(json.dumps(doc, indent=2))
         return
     click.echo(describe(root, manifest, index_meta))
+    if labels:
+        click.echo("labels:      " + ", ".join(f"{name} {count}" for name, count in labels))
     click.echo(describe_runs(runs))
 
 

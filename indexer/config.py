@@ -40,6 +40,7 @@ class ModelConfig:
     precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     pooling: str = "head"  # head: the model's own pre-logits; avg, max, gem: over a feature map
     feature_stage: int | None = None  # pool this stage's map (timm feature extraction) instead
+    labels: int = 0  # store the classifier's top-K classes per item (0: none)
 
 
 @dataclass(frozen=True)

@@ -95,14 +95,17 @@ def embed_items(
     with writer, bar:
         for batch in batches:
             if batch.positions:
-                vectors = batch.vectors
+                vectors, labels = batch.vectors, batch.labels
                 if vectors is None:
                     assert batch.pixels is not None
-                    vectors = job.embedder.embed(batch.pixels)
+                    vectors, labels = job.embedder.embed_with_labels(batch.pixels)
+                metas = batch.metadata
+                if labels:
+                    metas = [{**m, **lab} for m, lab in zip(metas, labels, strict=True)]
                 rows = [
                     NewRow(p, h, w, ht, m)
                     for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths,
-                                              batch.heights, batch.metadata, strict=True)
+                                              batch.heights, metas, strict=True)
                 ]  # fmt: skip
                 writer.write(rows_table(job, rows, vectors))
             for position, stage, reason in batch.errors:
@@ -127,10 +130,12 @@ def write_reused(
     if not reused:
         return []
     stored = rows_by_hash(prev.stored_shards(), {digest for _, digest, _ in reused})
+    carried = ("label_index", "label_name", "label_prob")  # the stored vector's labels too
     rows = [
-        NewRow(p, digest, stored[digest]["width"], stored[digest]["height"], meta)
+        NewRow(p, digest, stored[digest]["width"], stored[digest]["height"],
+               {**meta, **{c: stored[digest][c] for c in carried if c in stored[digest]}})
         for p, digest, meta in reused
-    ]
+    ]  # fmt: skip
     vectors = np.array([stored[r.hash]["embedding"] for r in rows], dtype=np.float32)
     with ShardWriter(paths.shards, job.schema, shard_size, prefix=job.reused_prefix) as writer:
         writer.write(rows_table(job, rows, vectors))

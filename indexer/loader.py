@@ -42,6 +42,7 @@ class Batch:
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # position, stage, reason
     reused: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # pos, hash, meta
     vectors: np.ndarray | None = None  # already embedded (the Ray engine); else embed pixels
+    labels: list[dict[str, Any]] = field(default_factory=list)  # with vectors, when asked for
 
 
 class ItemDataset(Dataset):

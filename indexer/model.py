@@ -33,6 +33,8 @@ class Embedder:
         self.normalize = bool(recipe["normalize"])
         self.pooling = str(recipe.get("pooling", "head"))
         self.stage: int | None = recipe.get("feature_stage")
+        self.labels = int(recipe.get("labels") or 0)
+        self._names = class_names(recipe.get("label_set"))
         shape = (1, 3, 1, 1)
         self._mean = torch.tensor(self.data_config.mean, device=device).view(shape) * 255.0
         self._std = torch.tensor(self.data_config.std, device=device).view(shape) * 255.0
@@ -46,6 +48,13 @@ class Embedder:
 
         The NHWC batch is viewed as NCHW with channels-last strides, the layout the model runs.
         """
+        return self.embed_with_labels(images, labels=False)[0]
+
+    def embed_with_labels(
+        self, images: torch.Tensor, labels: bool = True
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Embeddings and, per image, the classifier's top-K (label_index, label_name,
+        label_prob), from the same forward pass (the head applied to the same features)."""
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         amp = (
@@ -53,27 +62,77 @@ class Embedder:
             if self.recipe["precision"] == "bf16"
             else nullcontext()
         )
+        want = labels and self.labels > 0
         with torch.inference_mode(), amp:
-            out = embed_forward(self.model, x, self.pooling, self.stage)
+            out, logits = embed_forward(self.model, x, self.pooling, self.stage, want)
         out = out.float().flatten(1)
         if self.normalize:
             out = torch.nn.functional.normalize(out, dim=1)
-        return out.cpu().numpy()
+        rows = self._top(logits) if logits is not None else []
+        return out.cpu().numpy(), rows
+
+    def _top(self, logits: torch.Tensor) -> list[dict[str, Any]]:
+        probs, indices = logits.float().softmax(-1).topk(self.labels, dim=-1)
+        rows = []
+        for p, i in zip(probs.cpu().tolist(), indices.cpu().tolist(), strict=True):
+            names = [self._names[n] for n in i] if self._names else None
+            rows.append({"label_index": i, "label_name": names, "label_prob": p})
+        return rows
 
 
 GEM_P = 3.0
 GEM_EPS = 1e-6
 
 
-def embed_forward(model: Any, x: torch.Tensor, pooling: str, stage: int | None) -> torch.Tensor:
-    """The embedding computation a recipe names (see forward_name)."""
+def embed_forward(
+    model: Any, x: torch.Tensor, pooling: str, stage: int | None, logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The embedding computation a recipe names (see forward_name), and, if asked, the
+    classifier's logits from the same trunk pass."""
     if stage is not None:
-        fmap = model.forward_intermediates(x, indices=[stage], intermediates_only=True)[0]
-        return pool(fmap, pooling)
-    features = model.forward_features(x)
-    if pooling == "head":
-        return model.forward_head(features, pre_logits=True)
-    return pool(features, pooling)
+        final, maps = model.forward_intermediates(x, indices=[stage], intermediates_only=False)
+        embedding = pool(maps[0], pooling)
+    else:
+        final = model.forward_features(x)
+        embedding = (
+            model.forward_head(final, pre_logits=True)
+            if pooling == "head"
+            else pool(final, pooling)
+        )
+    return embedding, (model.forward_head(final) if logits else None)
+
+
+def class_names(label_set: str | None) -> list[str] | None:
+    """Short class names (e.g. 'tench') of a timm ImageNet subset, or None when unknown."""
+    if not label_set:
+        return None
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo(label_set)
+    return [info.index_to_description(i).split(",")[0] for i in range(info.num_classes())]
+
+
+def label_set_of(model: Any) -> str | None:
+    from timm.data import infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    return str(subset) if subset else None
+
+
+def check_labels(model: Any, k: int, weights: dict[str, Any]) -> None:
+    """--labels needs a real classifier: the model has one, and a checkpoint carried it."""
+    if not k:
+        return
+    classes = int(getattr(model, "num_classes", 0) or 0)
+    if classes == 0:
+        raise ModelError("--labels needs a model with a classifier: this one has none")
+    if weights["kind"] == "checkpoint" and not weights.get("head"):
+        raise ModelError(
+            f"--labels: checkpoint {weights['path']} has no classifier head for this model; "
+            "its predictions would be random: pass a checkpoint with its head, or drop --labels"
+        )
+    if k > classes:
+        raise InputError(f"--labels {k}: the classifier has {classes} classes")
 
 
 def pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -140,6 +199,7 @@ def embedder_from_recipe(recipe: dict[str, Any], device: str = "auto") -> Embedd
         device=device,
         pooling=recipe.get("pooling", "head"),
         feature_stage=recipe.get("feature_stage"),
+        labels=int(recipe.get("labels") or 0),
     )
     model, _ = create_model(cfg)
     if state_sha256(model) != recipe["state_sha256"]:
@@ -195,11 +255,12 @@ def create_model(cfg: ModelConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     torch.manual_seed(cfg.seed)  # the classifier (and --no-pretrained) init is reproducible
     if cfg.checkpoint is not None:
         model = _timm_create(cfg.name, pretrained=False)
-        load_checkpoint(model, cfg.checkpoint)
+        head = load_checkpoint(model, cfg.checkpoint)
         weights: dict[str, Any] = {
             "kind": "checkpoint",
             "path": str(cfg.checkpoint.resolve()),
             "sha256": file_sha256(cfg.checkpoint),
+            "head": head,
         }
     elif cfg.pretrained:
         model = create_pretrained(cfg.name)
@@ -308,8 +369,9 @@ def _is_classifier_key(key: str, prefix: str | None) -> bool:
     return prefix is not None and (key == prefix or key.startswith(prefix + "."))
 
 
-def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """Load weights; the classifier may be absent or of another class count, nothing else may."""
+def load_checkpoint(model: torch.nn.Module, path: Path) -> bool:
+    """Load weights; the classifier may be absent or of another class count, nothing else may.
+    Whether the classifier was loaded."""
     state = read_state_dict(path)
     prefix = classifier_prefix(model)
     own = model.state_dict()
@@ -327,6 +389,7 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
             f"keys, e.g. {bad}): pass the --model it was trained for"
         )
     model.load_state_dict(state, strict=False)
+    return prefix is not None and any(_is_classifier_key(k, prefix) for k in state)
 
 
 def make_recipe(
@@ -338,6 +401,7 @@ def make_recipe(
 
     data_config = DataConfig.from_dict(resolve_model_data_config(model))
     check_pooling(model, cfg.pooling, cfg.feature_stage)
+    check_labels(model, cfg.labels, weights)
     return {
         "name": cfg.name,
         "weights": weights,
@@ -347,6 +411,8 @@ def make_recipe(
         "forward": forward_name(cfg.pooling, cfg.feature_stage),
         "pooling": cfg.pooling,
         "feature_stage": cfg.feature_stage,
+        "labels": cfg.labels,
+        "label_set": label_set_of(model) if cfg.labels else None,
         "precision": precision,
         "embedding_dim": _probe_dim(model, data_config, cfg.pooling, cfg.feature_stage),
         "normalize": cfg.normalize,
@@ -357,7 +423,7 @@ def make_recipe(
 def _probe_dim(model: Any, data_config: DataConfig, pooling: str, stage: int | None) -> int:
     x = torch.zeros((1, *data_config.input_size))
     with torch.inference_mode():
-        return int(embed_forward(model, x, pooling, stage).flatten(1).shape[1])
+        return int(embed_forward(model, x, pooling, stage)[0].flatten(1).shape[1])
 
 
 def state_sha256(model: torch.nn.Module) -> str:

@@ -54,6 +54,7 @@ from indexer.publish import (
     start_version,
 )
 from indexer.shards import (
+    LABEL_SCHEMA,
     ShardInfo,
     carry_over,
     merge_metadata_schemas,
@@ -229,6 +230,8 @@ def update(
     if prev.manifest is not None:
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out)
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
+    if embedder.labels:  # label columns follow the sources' columns
+        metadata = pa.unify_schemas([metadata, LABEL_SCHEMA])
     schema = shard_schema(embedder.dim, metadata)
     number, building = start_version(cfg.out, asked)  # the published version stays untouched
     paths = CollectionPaths(building)

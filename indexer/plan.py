@@ -138,7 +138,7 @@ def make_plan(
     return plan
 
 
-REQUEST_DEFAULTS: dict[str, Any] = {"pooling": "head", "feature_stage": None}
+REQUEST_DEFAULTS: dict[str, Any] = {"pooling": "head", "feature_stage": None, "labels": 0}
 
 
 def request(cfg: BuildConfig) -> dict[str, Any]:
@@ -159,6 +159,7 @@ def request(cfg: BuildConfig) -> dict[str, Any]:
         "precision": m.precision,
         "pooling": m.pooling,
         "feature_stage": m.feature_stage,
+        "labels": m.labels,
         "preprocessing": cfg.loader.preprocessing,
         "metric": cfg.index.metric,
     }

@@ -109,11 +109,15 @@ class EmbedActor:
 
         good = batch["status"] == OK
         vectors = np.zeros((len(good), self.embedder.dim), np.float32)
+        labels = np.array([""] * len(good), object)
         if good.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
-            vectors[good] = self.embedder.embed(pixels)
+            vectors[good], rows = self.embedder.embed_with_labels(pixels)
+            if rows:
+                labels[good] = [json.dumps(r) for r in rows]
         out = {k: v for k, v in batch.items() if k != "pixels"}
         out["vector"] = vectors
+        out["labels"] = labels
         return out
 
 
@@ -134,6 +138,8 @@ def to_batch(batch: dict[str, np.ndarray]) -> Batch:
             result.heights.append(int(batch["height"][n]))
             result.hashes.append(str(batch["hash"][n]))
             result.metadata.append(meta)
+            if batch["labels"][n]:
+                result.labels.append(json.loads(batch["labels"][n]))
             good.append(n)
     if good:
         result.vectors = np.asarray(batch["vector"][good], np.float32)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -217,9 +217,12 @@ class Collection:
         ids: list[str] | None = None,
         k: int = 10,
         threshold: float | None = None,
+        where: str | None = None,
     ) -> list[QueryResult]:
         """Nearest items to each image (embedded with the collection's recipe) and to each
-        stored item given by key, as result rows with their shard columns."""
+        stored item given by key, as result rows with their shard columns; `where`
+        ("label=NAME") keeps those whose top predicted label is NAME."""
+        label = self._where(where)
         images, ids = list(images or []), list(ids or [])
         if not images and not ids:
             raise InputError("nothing to query: give images, a folder, a glob, or --id KEY")
@@ -228,15 +231,31 @@ class Collection:
             parts.append(self.embed_files(images))
         if ids:
             parts.append(self.vectors_of(ids))
-        found = self.hits(np.concatenate(parts), k)
+        wide = k if label is None else min(int(self.index.ntotal), max(20 * k, 200))
+        found = self.hits(np.concatenate(parts), max(wide, 1))
         metric = self.manifest["metric"]
         names = [(str(p), p) for p in images] + [(key, None) for key in ids]
         results = []
         for (name, path), hits in zip(names, found, strict=True):
             if path is None:  # a stored item: show its own file when it has one
                 path = self.path_of(name)
+            if label is not None:
+                hits = [h for h in hits if (h.columns.get("label_name") or [None])[0] == label]
+                hits = [replace(h, rank=n) for n, h in enumerate(hits[:k], start=1)]
             results.append(QueryResult(name, path, keep_above(hits, threshold, metric)))
         return results
+
+    def _where(self, where: str | None) -> str | None:
+        if where is None:
+            return None
+        field, _, value = where.partition("=")
+        if field.strip() != "label" or not value.strip():
+            raise InputError(f"--where {where!r}: write it as label=NAME (e.g. label=tench)")
+        if not (self.manifest["model"] or {}).get("labels"):
+            raise InputError(
+                f"{self.root} has no predicted labels: build it with --labels K to filter by them"
+            )
+        return value.strip()
 
     def query_frame(self, *args: Any, **kwargs: Any) -> Any:
         """query() as a pandas DataFrame: one row per hit, with a `query` column."""

@@ -45,7 +45,14 @@ def shard_schema(dim: int, metadata: pa.Schema) -> pa.Schema:
     return pa.schema(fixed + list(metadata))
 
 
-FIXED_COLUMNS = frozenset(shard_schema(1, pa.schema([])).names)
+LABEL_SCHEMA = pa.schema(
+    [
+        pa.field("label_index", pa.list_(pa.int32())),  # the classifier's top-K, best first
+        pa.field("label_name", pa.list_(pa.string())),  # null when the classes have no names
+        pa.field("label_prob", pa.list_(pa.float32())),
+    ]
+)
+FIXED_COLUMNS = frozenset(shard_schema(1, pa.schema([])).names) | frozenset(LABEL_SCHEMA.names)
 
 
 def metadata_name(name: str) -> str:
@@ -254,3 +261,20 @@ def rows_by_hash(paths: list[Path], hashes: set[str]) -> dict[str, dict[str, Any
 
 def read_hashes(path: Path) -> list[str]:
     return list(read_shard(path, ["content_hash"]).column("content_hash").to_pylist())
+
+
+def top_labels(paths: list[Path], n: int = 5) -> list[tuple[str, int]]:
+    """The most frequent top-1 predicted labels (names, else indices) and their counts."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for path in paths:
+        names = pq.read_schema(path).names
+        if "label_index" not in names:
+            return []
+        table = read_shard(path, ["label_index", "label_name"])
+        for index, name in zip(table.column("label_index").to_pylist(),
+                               table.column("label_name").to_pylist(), strict=True):  # fmt: skip
+            if index:
+                counts[name[0] if name else str(index[0])] += 1
+    return counts.most_common(n)
