@@ -42,7 +42,8 @@ def compare(name: str, files: list[Path], **options: object) -> None:
         )  # type: ignore[arg-type]
         out, labels = gpu.embed_with_labels(batch)
         cos = np.sum(ref * out, axis=1)
-        same = sum(a["label_index"][0] == b["label_index"][0] for a, b in zip(ref_labels, labels))
+        pairs = zip(ref_labels, labels, strict=True)
+        same = sum(a["label_index"][0] == b["label_index"][0] for a, b in pairs)
         extra = f", top-1 labels equal {same}/{len(labels)}" if labels else ""
         print(
             f"{name:>22} cuda {precision}: cosine to cpu fp32 min {cos.min():.5f} "
