@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BIN, REPO, SAMPLE, run_timed, write_checkpoint
+from throughput import BIN, REPO, SAMPLE, indexer_cmd, run_timed, write_checkpoint
 
 FILE_ROWS = 100_000
 VARIANTS = (  # name, output folder suffix, `indexer index` flags
@@ -233,20 +233,7 @@ def real_embeddings(work: Path) -> None:
     ck = work / "seed0.safetensors"
     write_checkpoint(ck)
     out = work / "index-real"
-    run_timed(
-        [
-            str(BIN / "indexer"),
-            "build",
-            str(images),
-            "--out",
-            str(out),
-            "--checkpoint",
-            str(ck),
-            "--no-progress",
-            "--keep",
-            "1",
-        ]
-    )
+    run_timed(indexer_cmd(images, out, ck, "--keep", "1"))
     print(
         f"# real embeddings: {images.name} through a seeded {ck.name} (stored vectors as queries)"
     )

@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BIN, MODEL, REPO, imagenet_corpus, run_timed, write_checkpoint
+from throughput import (
+    BIN,
+    MODEL,
+    REPO,
+    imagenet_corpus,
+    indexer_cmd,
+    run_timed,
+    write_checkpoint,
+)
 
 BARE = f"import torch, timm; timm.create_model({MODEL!r}, pretrained=False)"
 
@@ -28,18 +36,7 @@ def main() -> None:
     images = imagenet_corpus(args.work)
     out = args.work / "out" / "startup"
     if not (out / "manifest.json").exists():
-        run_timed(
-            [
-                str(BIN / "indexer"),
-                "build",
-                str(images),
-                "--out",
-                str(out),
-                "--checkpoint",
-                str(ck),
-                "--no-progress",
-            ]
-        )
+        run_timed(indexer_cmd(images, out, ck))
     image = sorted(p for p in images.rglob("*") if p.is_file())[0]
     indexer = str(BIN / "indexer")
     python_only = best([sys.executable, "-c", "pass"], args.rounds)
