@@ -60,7 +60,22 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of the collection at root; CollectionError when it is missing or broken."""
+    """The manifest of the collection at root, every shard it names present; CollectionError
+    when it is missing or broken."""
+    manifest = parse_manifest(root)
+    paths = CollectionPaths(root)
+    missing = [p.name for p in paths.shard_paths(manifest) if not p.is_file()]
+    if missing:
+        raise CollectionError(
+            f"{root} is missing {len(missing)} shard file(s) named in its manifest "
+            f"(e.g. {missing[0]}): rebuild the collection with `indexer build ... --rebuild`"
+        )
+    return manifest
+
+
+def parse_manifest(root: Path) -> dict[str, Any]:
+    """The manifest's JSON, checked (fields, schema version, plain shard names), without
+    looking at the shards (verify and repair read a damaged collection's manifest too)."""
     paths = CollectionPaths(root)
     if not root.is_dir():
         raise CollectionError(
@@ -91,12 +106,6 @@ def read_manifest(root: Path) -> dict[str, Any]:
         raise CollectionError(
             f"{root} has collection schema version {version}, this indexer reads version "
             f"{SCHEMA_VERSION}: use a matching indexer release or rebuild the collection"
-        )
-    missing = [p.name for p in paths.shard_paths(manifest) if not p.is_file()]
-    if missing:
-        raise CollectionError(
-            f"{root} is missing {len(missing)} shard file(s) named in its manifest "
-            f"(e.g. {missing[0]}): rebuild the collection with `indexer build ... --rebuild`"
         )
     return manifest
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -18,11 +17,11 @@ import pyarrow.parquet as pq
 from indexer import __version__
 from indexer.catalog import (
     CURRENT,
-    MANIFEST,
     SCHEMA_VERSION,
     CollectionPaths,
     check_build_dir,
     open_version,
+    parse_manifest,
     write_json_atomic,
 )
 from indexer.config import IndexConfig
@@ -167,8 +166,8 @@ def _refuse_image_collection(out: Path) -> None:
     if not (out / CURRENT).exists():
         return
     try:  # the manifest alone: a damaged collection may be re-made from its Parquet files
-        model = json.loads((open_version(out) / MANIFEST).read_text(encoding="utf-8"))["model"]
-    except (OSError, ValueError, KeyError, CollectionError) as exc:
+        model = parse_manifest(open_version(out))["model"]
+    except CollectionError as exc:
         raise InputError(
             f"--out {out} holds a collection whose manifest is unreadable ({exc}): choose "
             "another --out"
