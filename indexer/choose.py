@@ -50,6 +50,15 @@ def check_index_type(name: str) -> None:
         _factory(0, name)
 
 
+def parse_index_flags(
+    index_type: str | None, max_memory: str | None
+) -> tuple[str | None, int | None]:
+    """--index-type checked and --max-index-memory in bytes (None stays None: not given)."""
+    if index_type is not None:
+        check_index_type(index_type)
+    return index_type, None if max_memory is None else parse_size(max_memory)
+
+
 def choose_index(n: int, dim: int, max_memory: int, requested: str = "auto") -> IndexChoice:
     """The index for n vectors of dim floats within max_memory bytes, as requested."""
     if requested == "auto":

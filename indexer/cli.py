@@ -137,10 +137,9 @@ def index_options(defaults: bool) -> Callable[[Callable[..., Any]], Callable[...
 def index_config(
     metric: str, index_type: str, max_index_memory: str, target_recall: float
 ) -> IndexConfig:
-    from indexer.choose import check_index_type, parse_size
+    from indexer.choose import parse_index_flags
 
-    run_library(lambda: check_index_type(index_type))
-    memory = run_library(lambda: parse_size(max_index_memory))
+    _, memory = run_library(lambda: parse_index_flags(index_type, max_index_memory))
     return IndexConfig(
         metric=metric, index_type=index_type, max_memory=memory, target_recall=target_recall
     )
@@ -746,11 +745,9 @@ def index_cmd(
       indexer index photos.idx --index-type hnsw
       indexer index --from-parquet embeddings/ --out vectors.idx --key-column path
     """
-    from indexer.choose import check_index_type, parse_size
+    from indexer.choose import parse_index_flags
 
-    if index_type is not None:
-        run_library(lambda: check_index_type(index_type))
-    memory = None if max_index_memory is None else run_library(lambda: parse_size(max_index_memory))
+    _, memory = run_library(lambda: parse_index_flags(index_type, max_index_memory))
     overrides = IndexOverrides(index_type, memory, target_recall)
     if from_parquet:
         from indexer.external import ExternalConfig, index_parquet
@@ -766,11 +763,12 @@ def index_cmd(
             raise click.UsageError(
                 "give one collection DIR (or --from-parquet PARQUET... --out DIR)"
             )
+        from indexer.catalog import PARTS
         from indexer.parts import merge
         from indexer.pipeline import reindex
 
         root = paths[0]
-        if (root / "parts").is_dir():  # a partitioned build: assemble its parts, then index
+        if (root / PARTS).is_dir():  # a partitioned build: assemble its parts, then index
             meta = run_library(lambda: merge(root, keep, overrides))
         else:
             meta = run_library(lambda: reindex(root, keep, overrides))

@@ -158,3 +158,14 @@ def test_draw_positions(total: int, n: int, avoid: np.ndarray | None, disjoint: 
     if disjoint:
         assert not np.isin(drawn, avoid).any()
     np.testing.assert_array_equal(drawn, draw_positions(total, n, seed=3, avoid=avoid))
+
+
+def test_parse_index_flags() -> None:
+    from indexer.choose import parse_index_flags
+
+    assert parse_index_flags(None, None) == (None, None)  # not given: keep what was recorded
+    assert parse_index_flags("IVF64,SQ8", "1G") == ("IVF64,SQ8", G)
+    with pytest.raises(InputError, match="--index-type"):
+        parse_index_flags("bogus", None)
+    with pytest.raises(InputError, match="--max-index-memory"):
+        parse_index_flags(None, "lots")
