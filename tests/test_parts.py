@@ -41,6 +41,21 @@ def test_every_key_is_in_exactly_one_part_whatever_the_order() -> None:
     ][::-1]
 
 
+def test_the_split_is_the_same_in_every_process() -> None:
+    """Parts run as separate processes: the split must not depend on Python's hash seed."""
+    keys = [f"dir/img{i}.jpg" for i in range(200)]
+    script = (
+        "import sys; from indexer.parts import in_partition; "
+        "print([i for i in range(200) if in_partition(f'dir/img{i}.jpg', (1, 4))])"
+    )
+    runs = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+        for seed in ("1", "2")
+    }  # fmt: skip
+    assert runs == {f"{[i for i, k in enumerate(keys) if in_partition(k, (1, 4))]}\n"}
+
+
 def _broken(corpus: Path, tmp_path: Path) -> Path:
     import shutil
 

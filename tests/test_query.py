@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -81,12 +82,21 @@ def test_grid_is_a_png_of_the_expected_size(collection: Path, corpus: Path, tmp_
 def test_missing_result_images_are_placeholders(
     collection: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    from indexer.grid import Cell, draw_sheet
+    from indexer.grid import CELL, PAD, PLACEHOLDER, Cell, draw_sheet
 
-    size = draw_sheet([[Cell(tmp_path / "gone.jpg", ("#1", "gone")), Cell(None, ("x",))]],
-                      tmp_path / "g.png")  # fmt: skip
+    real = corpus / "group0" / "scene0004.jpg"
+    cells = [Cell(real, ("#1", "real")), Cell(tmp_path / "gone.jpg", ("#2", "gone")),
+             Cell(None, ("x",))]  # fmt: skip
+    size = draw_sheet([cells], tmp_path / "g.png")
     with Image.open(tmp_path / "g.png") as image:
         assert image.size == size
+        pixels = np.asarray(image.convert("RGB"))
+    tiles = [pixels[PAD : PAD + CELL, PAD + n * (CELL + PAD) : PAD + n * (CELL + PAD) + CELL]
+             for n in range(3)]  # fmt: skip
+    grey = [float((t == PLACEHOLDER).all(axis=2).mean()) for t in tiles]
+    assert grey[1] > 0.95 and grey[2] > 0.95  # placeholders (with their "missing" label)
+    assert grey[1] < 1.0  # the label is drawn on it
+    assert grey[0] < 0.5  # the real image is shown
 
 
 def test_dedup_finds_the_planted_near_duplicates(collection: Path, tmp_path: Path) -> None:
