@@ -170,10 +170,7 @@ class Collection:
         pos = np.searchsorted(sorted_ids, flat[valid])
         pos = np.minimum(pos, max(len(sorted_ids) - 1, 0))
         if valid.any() and not np.array_equal(sorted_ids[pos], flat[valid]):
-            raise CollectionError(
-                f"the index in {self.root} names ids missing from the shards: "
-                f"rebuild it with `indexer index {self.root}`"
-            )
+            raise self._stale_index()
         out[valid] = keys.take(pa.array(pos)).to_numpy(zero_copy_only=False)
         return out.reshape(ids.shape)
 
@@ -265,16 +262,19 @@ class Collection:
                 for h in r.hits]  # fmt: skip
         return pd.DataFrame(rows)
 
+    def _stale_index(self) -> CollectionError:
+        return CollectionError(
+            f"the index in {self.root} names ids missing from the shards: "
+            f"rebuild it with `indexer index {self.root}`"
+        )
+
     def hits(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each vector, best first, with their shard rows (the CLI's view)."""
         scores, ids = self.search_ids(vectors, k)
         wanted = {int(i) for i in ids.ravel() if i >= 0}
         rows = read_rows(self.paths.shard_paths(self.manifest), wanted)
         if wanted - rows.keys():
-            raise CollectionError(
-                f"the index in {self.root} names ids missing from the shards: "
-                f"rebuild it with `indexer index {self.root}`"
-            )
+            raise self._stale_index()
         results = []
         for score_row, id_row in zip(scores.tolist(), ids.tolist(), strict=True):
             found = [(s, i) for s, i in zip(score_row, id_row, strict=True) if i >= 0]
