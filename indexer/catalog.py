@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ RUNS = "runs.jsonl"
 VERSIONS = "versions"
 CURRENT = "current"
 PARTS = "parts"  # parts/IIIII-of-NNNNN/: collections of one partition each (indexer.parts)
+MAX_ID = 2**62  # ids are int64; part I of N numbers rows up to next_id * N
+VERSION_NAME = re.compile(r"^v(\d{6})$")
 LAYOUT = frozenset({MANIFEST, SHARDS, ERRORS, INDEX, LOCK, RUNS, VERSIONS, CURRENT, PARTS})
 
 
@@ -50,27 +51,27 @@ class CollectionPaths:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from indexer.safeio import write_bytes_atomic
+
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
     """The manifest of the collection at root, every shard it names present; CollectionError
     when it is missing or broken."""
     manifest = parse_manifest(root)
-    paths = CollectionPaths(root)
-    missing = [p.name for p in paths.shard_paths(manifest) if not p.is_file()]
+    check_shard_files(root, manifest)
+    return manifest
+
+
+def check_shard_files(root: Path, manifest: dict[str, Any]) -> None:
+    """Every shard the manifest names is a file in root/shards (CollectionError otherwise)."""
+    missing = [p.name for p in CollectionPaths(root).shard_paths(manifest) if not p.is_file()]
     if missing:
         raise CollectionError(
             f"{root} is missing {len(missing)} shard file(s) named in its manifest "
-            f"(e.g. {missing[0]}): rebuild the collection with `indexer build ... --rebuild`"
+            f"(e.g. {missing[0]}): run `indexer verify --repair {root.parent.parent}`"
         )
-    return manifest
 
 
 def parse_manifest(root: Path) -> dict[str, Any]:
@@ -96,6 +97,7 @@ def parse_manifest(root: Path) -> dict[str, Any]:
             f"{paths.manifest} is corrupt ({type(exc).__name__}: {exc}): rebuild the collection "
             "with `indexer build ... --rebuild`"
         ) from exc
+    check_manifest_fields(manifest, paths.manifest)
     unsafe = [s["name"] for s in manifest["shards"] if not SHARD_NAME.match(str(s.get("name")))]
     if unsafe:
         raise CollectionError(
@@ -108,6 +110,47 @@ def parse_manifest(root: Path) -> dict[str, Any]:
             f"{SCHEMA_VERSION}: use a matching indexer release or rebuild the collection"
         )
     return manifest
+
+
+def check_manifest_fields(manifest: Any, path: Path) -> None:
+    """The fields readers rely on, of their types; CollectionError naming the first wrong one."""
+    problem = first_bad_field(manifest)
+    if problem:
+        raise CollectionError(
+            f"{path} is corrupt ({problem}): rebuild the collection with "
+            "`indexer build ... --rebuild` (or restore it from a copy)"
+        )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def first_bad_field(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest's types, or None (a small pure check)."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    if not _is_count(manifest.get("embedding_dim")) or manifest["embedding_dim"] == 0:
+        return "embedding_dim is not a positive integer"
+    if manifest.get("metric") not in ("ip", "l2"):
+        return "metric is not ip or l2"
+    if "next_id" in manifest and not (
+        _is_count(manifest["next_id"]) and manifest["next_id"] < MAX_ID
+    ):
+        return "next_id is not an integer from 0 to 2**62"
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not all(_is_count(counts.get(k)) for k in ("embedded",)):
+        return "counts.embedded is not a non-negative integer"
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
+        return "shards is not a list of objects"
+    if not all(_is_count(s.get("rows")) for s in shards):
+        return "a shard's rows is not a non-negative integer"
+    if not isinstance(manifest.get("sources", []), list):
+        return "sources is not a list"
+    if manifest.get("model") is not None and not isinstance(manifest["model"], dict):
+        return "model is not an object"
+    return None
 
 
 def open_version(root: Path) -> Path:
@@ -125,21 +168,47 @@ def open_version(root: Path) -> Path:
             f"{root} is not a finished collection (no published version): "
             f"run `indexer build SOURCE --out {root}` to build it"
         )
-    return current.resolve()
+    return published_folder(root)
+
+
+def published_folder(root: Path) -> Path:
+    """Where `current` points, which must be DIR/versions/vNNNNNN (CollectionError otherwise)."""
+    target = (root / CURRENT).resolve()
+    inside = target.parent == (root / VERSIONS).resolve() and VERSION_NAME.match(target.name)
+    if not inside or not target.is_dir():
+        raise CollectionError(
+            f"{root / CURRENT} points at {target}, not at a version in {root / VERSIONS}: the "
+            "collection was tampered with; point it back (ln -sfn versions/vNNNNNN "
+            f"{root / CURRENT}) or rebuild the collection"
+        )
+    return target
+
+
+def version_number(folder: Path) -> int:
+    """N of a version folder vNNNNNN."""
+    match = VERSION_NAME.match(folder.name)
+    if match is None:
+        raise CollectionError(f"{folder} is not a collection version (vNNNNNN)")
+    return int(match.group(1))
 
 
 def check_build_dir(root: Path) -> None:
     """--out must be new, empty, a collection, or an unfinished build (not someone's folder)."""
     if root.exists() and not root.is_dir():
         raise InputError(f"--out {root} is a file: choose a directory")
-    if not root.is_dir():
-        return
+    if not root.is_dir() or is_collection(root):
+        return  # a collection may hold files of its owner's (a dedup result): they stay
     strangers = [p.name for p in root.iterdir() if not _is_ours(p.name)]
     if strangers:
         raise InputError(
             f"--out {root} is not empty and is not a collection (it holds {strangers[0]!r}): "
             "choose an empty or new directory"
         )
+
+
+def is_collection(root: Path) -> bool:
+    """Whether root already holds a collection (published, or versions under way)."""
+    return (root / CURRENT).is_symlink() and (root / VERSIONS).is_dir()
 
 
 def _is_ours(name: str) -> bool:

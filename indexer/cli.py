@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from indexer.errors import (
     CollectionLockedError,
     IndexerError,
     InputError,
+    Interrupted,
     ModelError,
     TooManyFailuresError,
 )
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
     from indexer.search import Hit, QueryResult
 
 DECODE_HOOK_ENV = "INDEXER_TEST_DECODE_HOOK"  # module:function run before each decode (tests)
+REPAIR_HOOK_ENV = "INDEXER_TEST_REPAIR_HOOK"  # module:function run before repair locks (tests)
 EXIT_PARTIAL = 5  # the build finished; some items failed, within the failure budget
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 EXIT_CODES: tuple[tuple[type[IndexerError], int], ...] = (
     (InputError, 2),
     (CollectionError, 3),
@@ -51,6 +55,15 @@ EXIT_CODES: tuple[tuple[type[IndexerError], int], ...] = (
     (CollectionLockedError, 75),  # EX_TEMPFAIL: another run holds the collection; try later
     (IndexerError, 1),
 )
+
+
+def load_hook(spec: str) -> Callable[[], None]:
+    """A test hook named module:function."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    hook: Callable[[], None] = getattr(importlib.import_module(module), name)
+    return hook
 
 
 def exit_code(exc: IndexerError) -> int:
@@ -64,9 +77,18 @@ def run_library(fn: Callable[[], Any]) -> Any:
     except IndexerError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exit_code(exc))
+    except Interrupted:
+        click.echo("Terminated (SIGTERM): stopped cleanly; nothing half-written was published.",
+                   err=True)  # fmt: skip
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    """SIGTERM (systemd, Kubernetes, timeout) unwinds like Ctrl-C: locks freed, run recorded."""
+    raise Interrupted("terminated by SIGTERM")
 
 
 def entry() -> None:
@@ -75,6 +97,7 @@ def entry() -> None:
     With torch and timm loaded, Python's shutdown takes about a second; every file has been
     written, closed and renamed by the time a command returns, so nothing is lost by skipping it.
     """
+    signal.signal(signal.SIGTERM, raise_interrupted)
     try:
         main()
         code: int = 0
@@ -434,7 +457,14 @@ def run_job(ctx: click.Context, job: Path) -> None:
 
 
 def job_argv(settings: dict[str, Any], job: Path) -> list[str]:
-    """The `indexer build` command line a job file's settings stand for."""
+    """The `indexer build` command line a job file's settings stand for.
+
+    Each value must have the TOML type of its flag (config.toml_kind of the click type): a list
+    of strings for SOURCES, true or false for flags, integers, numbers or strings for the rest;
+    click then checks the values themselves (ranges, choices) as it does the flags'.
+    """
+    from indexer.config import setting_text, toml_kind
+
     options: list[str] = []
     arguments: list[str] = []
     left = dict(settings)
@@ -442,15 +472,15 @@ def job_argv(settings: dict[str, Any], job: Path) -> list[str]:
         if param.name not in left:
             continue
         value = left.pop(param.name)
+        many = param.multiple or param.nargs != 1
+        texts = setting_text(job, param.name, value, toml_kind(param.type), many)
         if isinstance(param, click.Argument):
-            arguments += [str(v) for v in (value if isinstance(value, list) else [value])]
+            arguments += texts
         elif isinstance(param, click.Option) and param.is_flag:
-            if not isinstance(value, bool):
-                raise InputError(f"job file {job}: setting '{param.name}' must be true or false")
             if value or param.secondary_opts:
                 options.append(param.opts[0] if value else param.secondary_opts[0])
         else:
-            options += [param.opts[0], str(value)]
+            options += [item for text in texts for item in (param.opts[0], text)]
     if left:
         known = ", ".join(p.name or "" for p in build.params)
         raise InputError(f"job file {job} has unknown setting(s) {sorted(left)}; known: {known}")
@@ -568,6 +598,10 @@ def query(
     params = {name: v for name, v in (("nprobe", nprobe), ("efSearch", ef)) if v is not None}
 
     def run() -> tuple[Collection, list[QueryResult]]:
+        from indexer.safeio import check_writable
+
+        if grid is not None:
+            check_writable(grid, "--grid")  # refused before the work, not after it
         collection = Collection(root, device, params)
         files = expand_images(list(images))
         return collection, collection.query(files, list(ids), k, threshold, where)
@@ -581,12 +615,12 @@ def query(
             + [Cell(collection.path_of(h.key), (f"#{h.rank} {h.score:.3f}", h.key)) for h in r.hits]
             for r in results
         ]
-        draw_sheet(rows, grid)
+        run_library(lambda: draw_sheet(rows, grid))
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in results], indent=2, default=str))
+        click.echo(json_text([r.to_dict() for r in results], indent=2))
     elif jsonl:
         for r in results:
-            click.echo(json.dumps(r.to_dict(), default=str))
+            click.echo(json_text(r.to_dict()))
     elif paths_only:
         for r in results:
             for h in r.hits:
@@ -594,6 +628,24 @@ def query(
     else:
         for r in results:
             click.echo(format_hits(r.name, r.hits))
+
+
+def json_text(doc: Any, indent: int | None = None) -> str:
+    """JSON that strict UTF-8 readers accept: undecodable bytes of file names as \\xNN text."""
+    return json.dumps(_printable(doc), indent=indent, default=str)
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_printable(v) for v in value]
+    return value
 
 
 def _short(name: str) -> str:
@@ -625,7 +677,7 @@ def info(root: Path, as_json: bool) -> None:
     labels = top_labels(CollectionPaths(version).shard_paths(manifest))
     if as_json:
         doc = {"manifest": manifest, "index": index_meta, "runs": runs, "top_labels": labels}
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json_text(doc, indent=2))
         return
     click.echo(describe(root, manifest, index_meta))
     if labels:
@@ -822,11 +874,16 @@ def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) ->
     from indexer.search import Collection
 
     def run() -> tuple[Collection, Any]:
+        from indexer.safeio import check_writable
+
+        check_writable(out, "--out")  # refused before the work, not after it
+        if grid is not None:
+            check_writable(grid, "--grid")
         collection = Collection(root)
         return collection, find_duplicates(collection, threshold, k)
 
     collection, groups = run_library(run)
-    write_groups(groups, out)
+    run_library(lambda: write_groups(groups, out))
     sizes = [len(g) for g in groups.members]
     click.echo(
         f"{len(sizes)} group(s) of near-duplicates, {groups.items} items"
@@ -840,7 +897,7 @@ def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) ->
             [Cell(collection.path_of(key), (f"group {n} {s:.3f}", key)) for key, s in members[:8]]
             for n, members in enumerate(groups.members[:12])
         ]
-        draw_sheet(rows, grid)
+        run_library(lambda: draw_sheet(rows, grid))
 
 
 @main.command()
@@ -867,7 +924,8 @@ def verify(root: Path, repair: bool, keep: int) -> None:
     if not repair:
         click.echo(f"Run `indexer verify --repair {root}` to rebuild what is damaged.", err=True)
         sys.exit(3)
-    click.echo(run_library(lambda: mend(report, keep)))
+    hook = os.environ.get(REPAIR_HOOK_ENV)
+    click.echo(run_library(lambda: mend(root, keep, load_hook(hook) if hook else None)))
     after = run_library(lambda: check(root))
     if after.problems:
         click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)

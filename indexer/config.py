@@ -127,41 +127,163 @@ class BuildConfig:
     metrics_file: Path | None = None
     partition: tuple[int, int] | None = None  # (I, N): only part I of N; `out` is that part's
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # repair: damaged shards of the published version; their items are embedded again
+    drop_shards: frozenset[str] = frozenset()
 
 
 PATH_SETTINGS = ("out", "checkpoint", "metrics_file")
 
 
 def read_job(path: Path) -> dict[str, Any]:
-    """A job file's settings: the `indexer build` flags as TOML keys, paths relative to the file."""
+    """A job file's settings: the `indexer build` flags as TOML keys, paths relative to the file.
+
+    Keys are returned with underscores (`batch-size` and `batch_size` are one setting, and giving
+    both is an error); the values' types are checked against the flags by `cli.job_argv`.
+    """
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read job file {path}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8-sig")  # an editor's byte-order mark is still UTF-8
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(
+            f"job file {path} is not UTF-8 text ({exc.reason} at line {line}, "
+            f"byte {exc.start}): save it as UTF-8"
+        ) from exc
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"job file {path} is not valid TOML: {exc}") from exc
-    settings = {key.replace("-", "_"): value for key, value in raw.items()}
+    settings = _one_spelling_each(path, raw)
     base = path.resolve().parent
     for key in PATH_SETTINGS:
         if isinstance(settings.get(key), str):
-            settings[key] = str(base / Path(settings[key]).expanduser())
+            settings[key] = _resolve_path(path, base, key, settings[key])
     if isinstance(settings.get("sources"), list):
-        settings["sources"] = [_resolve_source(base, s) for s in settings["sources"]]
+        settings["sources"] = [_resolve_source(path, base, s) for s in settings["sources"]]
     return settings
 
 
-def _resolve_source(base: Path, source: Any) -> Any:
+def _one_spelling_each(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """The settings under underscored names; a setting given under two spellings is an error."""
+    spellings: dict[str, list[str]] = {}
+    for key in raw:
+        spellings.setdefault(key.replace("-", "_"), []).append(key)
+    for name, keys in spellings.items():
+        if len(keys) > 1:
+            given = " and ".join(f"'{k}'" for k in keys)
+            raise InputError(f"job file {path} gives setting '{name}' twice, as {given}: keep one")
+    return {key.replace("-", "_"): value for key, value in raw.items()}
+
+
+def _resolve_path(job: Path, base: Path, key: str, value: str) -> str:
+    if not value:  # Path("") is ".": the job file's own folder
+        raise InputError(f"job file {job}: setting '{key}' must not be empty")
+    return str(base / Path(value).expanduser())
+
+
+def _resolve_source(job: Path, base: Path, source: Any) -> Any:
     if not isinstance(source, str):
-        return source
+        return source  # job_argv refuses it, naming the expected type
     if source.startswith("hf:"):
         name = source[3:]
         local = name.startswith((".", "/", "~"))
         return f"hf:{base / Path(name).expanduser()}" if local else source
-    return str(base / Path(source).expanduser())
+    return _resolve_path(job, base, "sources", source)
+
+
+SETTING_KINDS = {
+    "boolean": "true or false",
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+}
+
+
+def toml_kind(param_type: object) -> str:
+    """The TOML type a job file gives for a click parameter type (a key of SETTING_KINDS).
+
+    Flags are booleans, INT and IntRange integers, FLOAT and FloatRange numbers (an integer or a
+    float); every other type (text, Choice, Path, ...) is a string, as on a command line.
+    """
+    import click
+
+    if isinstance(param_type, click.types.BoolParamType):
+        return "boolean"
+    if isinstance(param_type, click.types.IntParamType):
+        return "integer"
+    if isinstance(param_type, click.types.FloatParamType):
+        return "number"
+    return "string"
+
+
+def setting_text(job: Path, name: str, value: Any, kind: str, many: bool = False) -> list[str]:
+    """A job-file value as command-line text (one item, or one per list element); an
+    InputError naming the setting and the type it must have when its TOML type differs."""
+    if many:
+        if isinstance(value, list) and all(_is_kind(v, kind) for v in value):
+            return [_text(v) for v in value]
+        plural = {"boolean": "booleans", "number": "numbers"}.get(kind, f"{kind}s")
+        if isinstance(value, list):
+            wrong = next(v for v in value if not _is_kind(v, kind))
+            got = f"a list holding {_toml_type(wrong)}"
+        else:
+            got = _toml_type(value)
+        hint = f": write {name} = [{_quoted(value)}]" if isinstance(value, str) else ""
+        raise InputError(
+            f"job file {job}: setting '{name}' must be a list of {plural}, not {got}{hint}"
+        )
+    if not _is_kind(value, kind):
+        raise InputError(
+            f"job file {job}: setting '{name}' must be {SETTING_KINDS[kind]}, "
+            f"not {_toml_type(value)}"
+        )
+    return [_text(value)]
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _quoted(value: str) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def _toml_type(value: Any) -> str:
+    """How TOML names a parsed value's type, for error messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return "a date or time"
 
 
 def file_sha256(path: Path) -> str:

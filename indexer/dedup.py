@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.errors import InputError
-from indexer.search import Collection
+from indexer.safeio import os_errors_as, write_bytes_atomic
+from indexer.search import Collection, capped_k, check_threshold
 from indexer.shards import iter_embeddings
 
 DEDUP_SCHEMA = pa.schema([("group", pa.int64()), ("key", pa.string()), ("score", pa.float32())])
@@ -29,8 +30,10 @@ class Groups:
 
 def find_duplicates(collection: Collection, threshold: float, k: int = 10) -> Groups:
     """Pairs closer than threshold among each item's k nearest, joined into groups."""
-    if k < 2:
+    if capped_k(k, 2**62) < 2:
         raise InputError("-k must be at least 2 to find duplicates")
+    check_threshold(threshold)
+    k = capped_k(k, max(int(collection.index.ntotal), 1))  # more neighbours than items: none
     ip = collection.manifest["metric"] == "ip"  # scores: similarities, else distances
     pick = max if ip else min
     parent: dict[int, int] = {}
@@ -85,7 +88,8 @@ def write_groups(groups: Groups, out: Path) -> None:
     """Parquet: group, key, score; one row per member of a group of two or more."""
     rows = [{"group": n, "key": key, "score": score}
             for n, members in enumerate(groups.members) for key, score in members]  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=DEDUP_SCHEMA), tmp)
-    tmp.replace(out)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=DEDUP_SCHEMA), sink)
+    with os_errors_as(f"writing the groups to {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out, sink.getvalue().to_pybytes())

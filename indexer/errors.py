@@ -33,3 +33,11 @@ class TooManyFailuresError(IndexerError):
 
 class RecipeMismatchError(CollectionError):
     """The embedding recipe recorded in a collection cannot be reproduced here."""
+
+
+class StorageError(IndexerError):
+    """Writing failed on the storage's side (disk full, quota, I/O error); nothing was published."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM arrived: unwind like Ctrl-C (locks released, the run recorded), then exit 143."""

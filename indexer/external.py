@@ -29,6 +29,7 @@ from indexer.errors import CollectionError, InputError
 from indexer.index import build_index
 from indexer.lock import CollectionLock
 from indexer.publish import prune, publish, salvage, start_version
+from indexer.safeio import os_errors_as
 from indexer.shards import ShardWriter, embedding_array, metadata_field, shard_schema, write_errors
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,14 @@ def _dim(meta: pq.ParquetFile, emb: pa.DataType, column: str, path: Path) -> int
 
 def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
     """Copy the vectors into a new version of the collection at cfg.out, index it, publish it."""
+    check_build_dir(cfg.out)
+    _refuse_image_collection(cfg.out)
+    with os_errors_as(f"indexing into {cfg.out}"), CollectionLock(cfg.out, "index"):
+        return index_parquet_unlocked(cfg)
+
+
+def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
+    """index_parquet() for a caller that holds the collection's lock (repair)."""
     files = [inspect(p, cfg) for p in parquet_files(cfg.paths)]
     dims = {f.dim for f in files if f.rows}
     if len(dims) > 1:
@@ -141,23 +150,20 @@ def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
         )
     except pa.ArrowException as exc:
         raise InputError(f"the files' other columns disagree on types ({exc})") from exc
-    check_build_dir(cfg.out)
-    _refuse_image_collection(cfg.out)
     request = {"from_parquet": True, "embedding_column": cfg.embedding_column,
                "key_column": cfg.key_column, "normalize": cfg.normalize}  # fmt: skip
-    with CollectionLock(cfg.out, "index"):
-        salvage(cfg.out, request)  # clears what a killed run left
-        number, building = start_version(cfg.out, request)
-        paths = CollectionPaths(building)
-        start = time.perf_counter()
-        copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata))
-        write_errors(paths.errors, [])
-        manifest = external_manifest(cfg, files, copied, dim, number, request)
-        write_json_atomic(paths.manifest, manifest)
-        copy_seconds = time.perf_counter() - start
-        meta = build_index(building, manifest, cfg.index)
-        publish(cfg.out, number, building)
-        prune(cfg.out, cfg.keep)
+    salvage(cfg.out, request)  # clears what a killed run left
+    number, building = start_version(cfg.out, request)
+    paths = CollectionPaths(building)
+    start = time.perf_counter()
+    copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata))
+    write_errors(paths.errors, [])
+    manifest = external_manifest(cfg, files, copied, dim, number, request)
+    write_json_atomic(paths.manifest, manifest)
+    copy_seconds = time.perf_counter() - start
+    meta = build_index(building, manifest, cfg.index)
+    publish(cfg.out, number, building)
+    prune(cfg.out, cfg.keep)
     log.info("copied %d vectors in %.1fs", copied.rows, copy_seconds)
     return {**meta, "copy_seconds": round(copy_seconds, 3)}
 

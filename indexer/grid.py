@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
+
+from indexer.safeio import os_errors_as, write_bytes_atomic
 
 CELL = 160  # thumbnail side, pixels
 LABEL = 34  # label band under each thumbnail
@@ -52,8 +55,11 @@ def draw_sheet(rows: list[list[Cell]], out: Path) -> tuple[int, int]:
             sheet.paste(thumbnail(cell.path), (left, top))
             for n, line in enumerate(cell.lines[:2]):
                 draw.text((left + 2, top + CELL + 2 + 14 * n), _fit(line), fill=(0, 0, 0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out, "PNG")
+    buffer = io.BytesIO()
+    sheet.save(buffer, "PNG")
+    with os_errors_as(f"writing the grid {out}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out, buffer.getvalue(), sync=False)
     return width, height
 
 

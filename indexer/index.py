@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import sys
@@ -94,9 +95,8 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     probe = make_probe(vectors, cfg, trained)
     tuning = measure_and_tune(index, probe, cfg.target_recall)
     tune_seconds = time.perf_counter() - start - build_seconds
-    import faiss
 
-    faiss.write_index(index, str(paths.index / INDEX_FILE))
+    write_index(index, paths.index / INDEX_FILE)
     meta = {
         "type": choice.kind,
         "factory": choice.factory,
@@ -118,6 +118,41 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     }
     write_json_atomic(paths.index / META_FILE, meta)
     return meta
+
+
+def write_index(index: Any, path: Path) -> None:
+    """faiss.write_index, its C++ write errors raised as the OSError they are (ENOSPC, ...)."""
+    import faiss
+
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as exc:
+        text = str(exc)
+        code = next((c for c in WRITE_ERRNOS if os.strerror(c) in text), errno.EIO)
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO)
+
+
+def index_mismatch(meta: dict[str, Any], manifest: dict[str, Any]) -> str | None:
+    """Why an index's metadata does not belong to this manifest (None when it does): the
+    shards it was built from (names, rows, checksums), its size and its vector length."""
+
+    def ident(shards: Any) -> list[tuple[Any, ...]]:
+        return [(s.get("name"), s.get("rows"), s.get("sha256")) for s in shards or []
+                if isinstance(s, dict)]  # fmt: skip
+
+    if not isinstance(meta.get("shards"), list) or ident(meta["shards"]) != ident(
+        manifest["shards"]
+    ):
+        return "it was not built from this version's shards (its record of them differs)"
+    if meta.get("ntotal") != manifest["counts"]["embedded"]:
+        said = manifest["counts"]["embedded"]
+        return f"it holds {meta.get('ntotal')} vectors, the manifest says {said}"
+    if meta.get("dim") not in (None, manifest["embedding_dim"]):
+        return f"its vectors are {meta.get('dim')}-d, the manifest's {manifest['embedding_dim']}-d"
+    return None
 
 
 def check_shard_checksums(paths: CollectionPaths, manifest: dict[str, Any]) -> None:
@@ -226,10 +261,9 @@ def fill_on_disk(index: Any, vectors: Vectors, folder: Path, max_memory: int) ->
 
 
 def _save_block(block: Any, folder: Path, number: int) -> str:
-    import faiss
 
     name = str(folder / f".block-{number:05d}.faiss")
-    faiss.write_index(block, name)
+    write_index(block, Path(name))
     return name
 
 
@@ -275,8 +309,11 @@ def apply_params(index: Any, params: dict[str, int]) -> None:
         set_param(index, name, int(value))
 
 
-def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[str, Any]]:
-    """The FAISS index of root (a version of ``collection``), tuned parameters applied."""
+def load_index(
+    root: Path, manifest: dict[str, Any], collection: Path | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The FAISS index of root (a version of ``collection``), tuned parameters applied; refused
+    when it does not belong to the manifest's shards."""
     import faiss
 
     paths = CollectionPaths(root)
@@ -286,13 +323,19 @@ def load_index(root: Path, collection: Path | None = None) -> tuple[Any, dict[st
         raise CollectionError(f"{name} has no index: {fix}")
     try:
         meta = json.loads((paths.index / META_FILE).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
         # every file's size, the index file's checksum (a lists file's: `indexer verify`)
         damaged = check_index_files(paths.index, meta.get("files") or {}, {INDEX_FILE})
-    except (OSError, ValueError) as exc:
-        raise CollectionError(f"the index metadata in {name} is unreadable ({exc}): {fix}") from exc
-    if damaged:
+        mismatch = index_mismatch(meta, manifest)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CollectionError(
-            f"the index in {name} is damaged ({'; '.join(damaged)}): "
+            f"the index metadata in {name} is unreadable ({exc}): run `indexer verify --repair "
+            f"{name}`"
+        ) from exc
+    if damaged or mismatch:
+        raise CollectionError(
+            f"the index in {name} is damaged or not its own ({mismatch or '; '.join(damaged)}): "
             f"run `indexer verify --repair {name}`"
         )
     try:
@@ -327,7 +370,7 @@ def read_index_meta(root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        return meta
-    except ValueError:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
+    return meta if isinstance(meta, dict) else None

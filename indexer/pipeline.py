@@ -53,6 +53,7 @@ from indexer.publish import (
     salvage,
     start_version,
 )
+from indexer.safeio import os_errors_as
 from indexer.shards import (
     LABEL_SCHEMA,
     ShardInfo,
@@ -88,15 +89,13 @@ PART_INDEX = {"type": "none", "part": True}  # a part is indexed when the parts 
 
 def build(cfg: BuildConfig) -> BuildReport:
     """Build under the collection's lock, and record the run in its history (and metrics)."""
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise InputError(f"--out {cfg.out} is a file: choose a directory")
+    check_build_dir(cfg.out)  # refused before anything is written into someone's folder
     if cfg.partition is not None:  # the part is a collection of its own inside --out
-        check_build_dir(cfg.out)
         cfg = replace(cfg, out=part_dir(cfg.out, cfg.partition))
     started, status, error = time.time(), "failed", None
     report: BuildReport | None = None
     try:
-        with CollectionLock(cfg.out, "build"):
+        with os_errors_as(f"building {cfg.out}"), CollectionLock(cfg.out, "build"):
             report = build_unlocked(cfg)
         failed, listed = report.counts["failed"], report.counts["listed"]
         status = judge(failed, listed, cfg.max_failures)
@@ -111,6 +110,9 @@ def build(cfg: BuildConfig) -> BuildReport:
     except CollectionLockedError as exc:
         status, error = "locked", str(exc)
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Interrupted)
+        status, error = "interrupted", str(exc) or type(exc).__name__
+        raise
     except BaseException as exc:
         error = error or f"{type(exc).__name__}: {exc}"
         raise
@@ -118,7 +120,7 @@ def build(cfg: BuildConfig) -> BuildReport:
         counts = report.counts if report is not None else {}
         failures = report.failures if report is not None else {}
         record = RunRecord("build", started, time.time(), status, counts, error, failures)
-        append_run(cfg.out, record)
+        append_run(cfg.out, record)  # never raises: a failure here must not hide the first
         if cfg.metrics_file is not None:
             write_metrics(cfg.metrics_file, cfg.out, record)
 
@@ -133,7 +135,7 @@ def judge(failed: int, items: int, max_failures: float) -> str:
 
 def reindex(root: Path, keep: int = 2, overrides: IndexOverrides | None = None) -> dict[str, Any]:
     """Publish a new version of the collection with the same shards and a rebuilt index."""
-    with CollectionLock(root, "index"):
+    with os_errors_as(f"indexing {root}"), CollectionLock(root, "index"):
         source = open_version(root)
         manifest = read_manifest(source)
         cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], read_index_meta(source))
@@ -186,7 +188,8 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
     salvaged = salvage(cfg.out, asked)  # finished shards of a killed run with the same recipe
     log.info("listed %d items: %d to check, %d unchanged, %d deleted",
              len(items), len(plan.check), len(plan.keep), plan.deleted)  # fmt: skip
-    if prev.manifest is not None and prev.folder is not None and plan.nothing_to_do:
+    unchanged = plan.nothing_to_do and not cfg.drop_shards  # a repair always publishes
+    if prev.manifest is not None and prev.folder is not None and unchanged:
         clear_salvage(cfg.out)
         counts = {
             **zero_counts(len(items)),

@@ -13,8 +13,9 @@ from indexer.catalog import (
     ERRORS,
     CollectionPaths,
     check_build_dir,
+    check_shard_files,
     open_version,
-    read_manifest,
+    parse_manifest,
 )
 from indexer.config import BuildConfig, file_sha256
 from indexer.errors import InputError
@@ -219,7 +220,11 @@ class Previous:
         if cfg.rebuild or not (cfg.out / CURRENT).exists():
             return cls(None, None, {})
         folder = open_version(cfg.out)
-        manifest = read_manifest(folder)
+        manifest = parse_manifest(folder)
+        if cfg.drop_shards:  # repair: their rows count as never embedded
+            kept = [s for s in manifest["shards"] if s["name"] not in cfg.drop_shards]
+            manifest = {**manifest, "shards": kept}
+        check_shard_files(folder, manifest)
         check_request(asked, manifest, cfg.out)
         return cls(folder, manifest, read_prev_rows(folder, manifest))
 

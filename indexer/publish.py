@@ -5,12 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from indexer.catalog import CURRENT, ERRORS, INDEX, MANIFEST, SHARDS, VERSIONS
+from indexer.catalog import (
+    CURRENT,
+    ERRORS,
+    INDEX,
+    MANIFEST,
+    SHARDS,
+    VERSION_NAME,
+    VERSIONS,
+    published_folder,
+    version_number,
+)
 from indexer.errors import CollectionError
 
 BUILDING_PREFIX = ".building-"
@@ -19,7 +28,6 @@ SALVAGEABLE = ("part-v", "reused-v")  # shards of newly embedded rows (see new_s
 REQUEST = ".request.json"
 # The contract's paths, each a fixed symlink into `current`: they all switch with it.
 LINKED = (MANIFEST, SHARDS, INDEX, ERRORS)
-VERSION_NAME = re.compile(r"^v(\d{6})$")
 
 
 def new_shard_prefixes(number: int) -> tuple[str, str]:
@@ -46,8 +54,7 @@ def salvage(root: Path, request: dict[str, Any]) -> list[Path]:
     folder = root / VERSIONS
     if not folder.is_dir():
         return []
-    current = (root / CURRENT).resolve() if (root / CURRENT).exists() else None
-    published = int(current.name[1:]) if current is not None else 0
+    published = version_number(published_folder(root)) if (root / CURRENT).exists() else 0
     leftovers = [p for p in folder.glob(f"{BUILDING_PREFIX}*")]
     leftovers += [folder / f"v{n:06d}" for n in version_numbers(root) if n > published]
     for leftover in leftovers:
@@ -64,10 +71,16 @@ def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
         asked = json.loads((leftover / REQUEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # killed before it embedded anything
+    match = VERSION_NAME.match(leftover.name.removeprefix(BUILDING_PREFIX))
+    if match is None:
+        return
+    # only what this version embedded itself: shards linked from the published version (an
+    # interrupted re-index or repair) are not new work, and may be the damaged ones
+    own = new_shard_prefixes(int(match.group(1)))
     target = salvage_dir / recipe_digest(asked)
     target.mkdir(parents=True, exist_ok=True)
     for shard in (leftover / SHARDS).glob("*.parquet"):
-        if shard.name.startswith(SALVAGEABLE):
+        if shard.name.startswith(own):
             os.replace(shard, target / f"{leftover.name}-{shard.name}")
 
 
@@ -115,7 +128,7 @@ def publish(root: Path, number: int, building: Path) -> Path:
 
 def prune(root: Path, keep: int) -> list[int]:
     """Delete all but the newest ``keep`` versions (never the current one); the numbers removed."""
-    current = (root / CURRENT).resolve() if (root / CURRENT).exists() else None
+    current = published_folder(root) if (root / CURRENT).exists() else None
     numbers = version_numbers(root)
     doomed = numbers[: max(len(numbers) - max(keep, 1), 0)]
     removed = []

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +18,8 @@ from indexer.shards import read_rows, read_shard
 
 if TYPE_CHECKING:
     from indexer.model import Embedder
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,21 +50,41 @@ class Collection:
         self, root: Path | str, device: str = "auto", params: dict[str, int] | None = None
     ) -> None:
         self.root = Path(root)
+        self.device = device
+        self._embedder: Embedder | None = None
+        self._params = dict(params or {})
+        self._open()
+
+    def _open(self) -> None:
+        """Read the published version: manifest, index (refused unless it is this version's)."""
         self.version = open_version(self.root)
         self.paths = CollectionPaths(self.version)
         self.manifest = read_manifest(self.version)
-        self.index, self.index_meta = load_index(self.version, self.root)
-        self.device = device
-        self._embedder: Embedder | None = None
+        self.index, self.index_meta = load_index(self.version, self.manifest, self.root)
         self._keys: tuple[np.ndarray, pa.Array] | None = None
-        if int(self.index.ntotal) != int(self.manifest["counts"]["embedded"]):
+        if self._params:
+            self.set_search_params(self._params)
+
+    def _again_if_pruned(self, work: Callable[[], T]) -> T:
+        """Run work; if the version it reads was deleted under it (a build published with
+        --keep 1 meanwhile), open the new published version and run it once more."""
+        try:
+            return work()
+        except (CollectionError, OSError) as exc:
+            if self.version.is_dir():
+                if isinstance(exc, OSError):
+                    raise CollectionError(f"cannot read {self.root}: {exc}") from exc
+                raise
+        old = self.version.name
+        self._open()
+        try:
+            return work()
+        except (CollectionError, OSError) as exc:
             raise CollectionError(
-                f"the index in {self.root} holds {self.index.ntotal} vectors but the shards "
-                f"hold {self.manifest['counts']['embedded']}: rebuild it with "
-                f"`indexer index {self.root}`"
-            )
-        if params:
-            self.set_search_params(params)
+                f"{self.root}'s version {old} was deleted while it was read, and then its "
+                f"next one too ({exc}): keep at least 2 versions (--keep 2) when queries run "
+                "during builds"
+            ) from exc
 
     @classmethod
     def open(
@@ -139,9 +163,8 @@ class Collection:
         return np.ascontiguousarray(array)
 
     def search_ids(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids), each (n, k); an id of -1 means fewer than k items exist."""
-        if k < 1:
-            raise InputError("-k must be at least 1")
+        """(scores, ids), each (n, min(k, size)); an id of -1 means fewer results were found."""
+        k = capped_k(k, int(self.index.ntotal))
         scores, ids = self.index.search(self.prepare(vectors), k)
         return scores, ids
 
@@ -149,8 +172,12 @@ class Collection:
         """(scores, keys) of the k nearest items per vector, best first; each (n, k).
 
         Scores are inner products (higher is closer) or, for metric l2, squared distances
-        (lower is closer). Missing results (k above the collection's size) are NaN and None.
+        (lower is closer). k is capped at the collection's size; results an approximate index
+        did not find are NaN and None.
         """
+        return self._again_if_pruned(lambda: self._search(vectors, k))
+
+    def _search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self.search_ids(vectors, k)
         keys = self.keys_of(ids)
         scores = scores.astype(np.float32)
@@ -219,6 +246,18 @@ class Collection:
         """Nearest items to each image (embedded with the collection's recipe) and to each
         stored item given by key, as result rows with their shard columns; `where`
         ("label=NAME") keeps those whose top predicted label is NAME."""
+        return self._again_if_pruned(lambda: self._query(images, ids, k, threshold, where))
+
+    def _query(
+        self,
+        images: list[Path] | None,
+        ids: list[str] | None,
+        k: int,
+        threshold: float | None,
+        where: str | None,
+    ) -> list[QueryResult]:
+        k = capped_k(k, max(int(self.index.ntotal), 1))
+        check_threshold(threshold)
         label = self._where(where)
         images, ids = list(images or []), list(ids or [])
         if not images and not ids:
@@ -270,6 +309,9 @@ class Collection:
 
     def hits(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each vector, best first, with their shard rows (the CLI's view)."""
+        return self._again_if_pruned(lambda: self._hits(vectors, k))
+
+    def _hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
         scores, ids = self.search_ids(vectors, k)
         wanted = {int(i) for i in ids.ravel() if i >= 0}
         rows = read_rows(self.paths.shard_paths(self.manifest), wanted)
@@ -317,6 +359,25 @@ def expand_images(args: list[str]) -> list[Path]:
                 raise InputError(f"no file matches {arg!r}: check the pattern")
             files += [p for p in matched if p.is_file()]
     return files
+
+
+def capped_k(k: Any, size: int) -> int:
+    """k as an int, at least 1, at most the collection's size (the rest would be empty)."""
+    import operator
+
+    try:
+        value = operator.index(k)
+    except TypeError:
+        raise InputError(f"k must be a whole number, not {k!r}") from None
+    if value < 1:
+        raise InputError(f"k must be at least 1 (got {value})")
+    return max(min(value, size), 1)
+
+
+def check_threshold(threshold: float | None) -> None:
+    """A threshold must be a finite number: NaN would match nothing and say nothing."""
+    if threshold is not None and not math.isfinite(threshold):
+        raise InputError(f"--threshold {threshold} is not a finite number: give one like 0.9")
 
 
 def keep_above(hits: list[Hit], threshold: float | None, metric: str) -> list[Hit]:

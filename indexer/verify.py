@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexer.catalog import SHARDS, CollectionPaths, open_version, parse_manifest
+from indexer.catalog import PARTS, SHARDS, CollectionPaths, open_version, parse_manifest
 from indexer.config import (
+    DEFAULT_MAX_PIXELS,
     BuildConfig,
     IndexOverrides,
     LoaderConfig,
@@ -18,8 +20,10 @@ from indexer.config import (
     SourceSpec,
     file_sha256,
 )
-from indexer.errors import InputError
-from indexer.index import INDEX_FILE, check_index_files, read_index_meta
+from indexer.errors import IndexerError, InputError
+from indexer.index import INDEX_FILE, check_index_files, index_mismatch, read_index_meta
+from indexer.parts import PART_NAME
+from indexer.safeio import os_errors_as
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class Report:
 
 
 def verify(root: Path) -> Report:
-    """Every shard against its recorded checksum and row count, ids unique, and the index
-    against its checksums, its size and the shards' ids."""
+    """Every shard against its recorded checksum and row count, ids unique and below next_id,
+    and the index against its checksums, its size, its record of the shards and their ids."""
     version = open_version(root)
     manifest = parse_manifest(version)
     shards, dim = manifest["shards"], int(manifest["embedding_dim"])
@@ -53,14 +57,35 @@ def verify(root: Path) -> Report:
     for shard in shards:
         problems += check_shard(version / SHARDS, shard, dim, ids)
     every = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    if len(np.unique(every)) != len(every):
-        problems.append(Problem("shards", "", f"{len(every) - len(np.unique(every))} ids repeat"))
+    problems += check_ids(every, id_bound(root, manifest))
     embedded = int(manifest["counts"]["embedded"])
     if not any(p.part == "shard" for p in problems) and len(every) != embedded:
         problems.append(Problem("shards", "", f"{len(every)} rows, the manifest says {embedded}"))
     if not any(p.part == "shard" for p in problems):
-        problems += check_index(version, every)
+        problems += check_index(version, manifest, every)
     return Report(root, version, len(shards), len(every), problems)
+
+
+def id_bound(root: Path, manifest: dict[str, Any]) -> int | None:
+    """Every id is below this: next_id, times N for part I of N (ids I, I+N, ...)."""
+    if "next_id" not in manifest:
+        return None  # collections from before next_id was recorded
+    part = PART_NAME.match(root.name) if root.parent.name == PARTS else None
+    return int(manifest["next_id"]) * (int(part.group(2)) if part else 1)
+
+
+def check_ids(ids: np.ndarray, bound: int | None) -> list[Problem]:
+    """Ids unique, none negative, all below the bound (a small pure check)."""
+    problems = []
+    repeated = len(ids) - len(np.unique(ids))
+    if repeated:
+        problems.append(Problem("shards", "", f"{repeated} ids repeat"))
+    if len(ids) and int(ids.min()) < 0:
+        problems.append(Problem("shards", "", f"{int((ids < 0).sum())} ids are negative"))
+    if bound is not None and len(ids) and int(ids.max()) >= bound:
+        beyond = int((ids >= bound).sum())
+        problems.append(Problem("shards", "", f"{beyond} ids are not below next_id ({bound})"))
+    return problems
 
 
 def check_shard(
@@ -87,7 +112,7 @@ def check_shard(
     return []
 
 
-def check_index(version: Path, shard_ids: np.ndarray) -> list[Problem]:
+def check_index(version: Path, manifest: dict[str, Any], shard_ids: np.ndarray) -> list[Problem]:
     import faiss
 
     from indexer.index import native_output_silenced
@@ -96,6 +121,9 @@ def check_index(version: Path, shard_ids: np.ndarray) -> list[Problem]:
     meta = read_index_meta(version)
     if meta is None:
         return [Problem("index", "", "missing, or its meta.json is unreadable")]
+    mismatch = index_mismatch(meta, manifest)
+    if mismatch:
+        return [Problem("index", "", mismatch)]
     recorded = meta.get("files") or {}
     damaged = check_index_files(folder, recorded, set(recorded))
     if damaged:
@@ -132,43 +160,56 @@ def index_ids(index: Any) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def repair(report: Report, keep: int) -> str:
-    """Rebuild what verify found damaged: the index alone, or, when shards are damaged, a
-    version without them whose items are then embedded (or copied) again."""
-    from indexer.catalog import read_manifest
+def repair(root: Path, keep: int, before_lock: Callable[[], None] | None = None) -> str:
+    """Under the lock from the start: check the published version again, then publish one
+    version with every item (the index rebuilt; damaged shards' items embedded or copied
+    again). If it cannot finish, nothing is published and the damage stays reported."""
     from indexer.lock import CollectionLock
-    from indexer.pipeline import build, reindex_unlocked
 
-    parts = {p.part for p in report.problems}
-    if "shards" in parts:
+    if before_lock is not None:
+        before_lock()  # tests: a build may publish here, between the caller's check and ours
+    with os_errors_as(f"repairing {root}"), CollectionLock(root, "repair"):
+        report = verify(root)  # what is published now, not what the caller saw
+        if not report.problems:
+            return f"{root} needs no repair now: its published version is whole."
+        try:
+            return mend(report, keep)
+        except IndexerError as exc:
+            raise type(exc)(f"nothing was repaired and the damage remains: {exc}") from exc
+
+
+def mend(report: Report, keep: int) -> str:
+    """Repair what report found, holding the lock: one version published, or none."""
+    from indexer.pipeline import build_unlocked, reindex_unlocked
+
+    if {p.part for p in report.problems} & {"shards"}:
         raise InputError(
             f"{report.root}'s shards disagree with each other or the manifest: "
             "rebuild it with `indexer build ... --rebuild`"
         )
-    bad = {p.name for p in report.problems if p.part == "shard"}
+    bad = frozenset(p.name for p in report.problems if p.part == "shard")
     manifest = parse_manifest(report.version)
     if bad and manifest["model"] is None:
-        from indexer.external import index_parquet
+        from indexer.external import index_parquet_unlocked
 
-        index_parquet(external_config(report.root, manifest, keep))
+        index_parquet_unlocked(external_config(report.root, manifest, keep))
         return f"Copied the vectors of {report.root} again from its Parquet files and indexed them."
-    with CollectionLock(report.root, "repair"):
-        cfg = IndexOverrides().resolve(manifest["metric"], read_index_meta(report.version))
-        reindex_unlocked(report.root, report.version, manifest, cfg, keep, drop=bad)
     if not bad:
+        cfg = IndexOverrides().resolve(manifest["metric"], read_index_meta(report.version))
+        reindex_unlocked(report.root, report.version, manifest, cfg, keep)
         return f"Rebuilt the index of {report.root} from its shards."
-    build(build_config(report.root, read_manifest(open_version(report.root)), keep))
-    return f"Dropped {len(bad)} damaged shard(s) of {report.root} and embedded their items again."
+    build_unlocked(replace(build_config(report.root, manifest, keep), drop_shards=bad))
+    return (
+        f"Embedded the items of {len(bad)} damaged shard(s) of {report.root} again and "
+        "published them with the rest as one version."
+    )
 
 
 def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig:
     """The `indexer build` that made this collection, from what its manifest recorded."""
     asked, weights = manifest["request"], manifest["model"]["weights"]
-    sources = tuple(
-        SourceSpec(f"hf:{s['name']}", s["split"], s["image_column"])
-        if s["kind"] == "hf" else SourceSpec(s["path"])
-        for s in manifest["sources"]
-    )  # fmt: skip
+    sources = tuple(source_spec(s) for s in manifest["sources"])
+    decode = manifest["decode"]
     model = ModelConfig(
         name=asked["model"],
         pretrained=weights["kind"] == "pretrained",
@@ -178,10 +219,23 @@ def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig
         precision=asked["precision"],
         pooling=asked.get("pooling", "head"),
         feature_stage=asked.get("feature_stage"),
+        labels=int(asked.get("labels") or 0),
     )
-    loader = LoaderConfig(preprocessing=asked["preprocessing"], progress=False)
+    loader = LoaderConfig(
+        preprocessing=asked["preprocessing"],
+        progress=False,
+        max_pixels=int(decode.get("max_pixels") or DEFAULT_MAX_PIXELS),
+        allow_truncated=bool(decode.get("allow_truncated")),
+    )
     index = IndexOverrides().resolve(asked["metric"], read_index_meta(open_version(root)))
     return BuildConfig(sources, root, model, loader, index, keep=keep)
+
+
+def source_spec(source: dict[str, Any]) -> SourceSpec:
+    """The SOURCE argument a manifest's source entry was built from."""
+    if source["kind"] == "hf":
+        return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"])
+    return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")))
 
 
 def external_config(root: Path, manifest: dict[str, Any], keep: int) -> Any:

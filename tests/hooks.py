@@ -1,4 +1,4 @@
-"""Decode hooks the tests inject (INDEXER_TEST_DECODE_HOOK): a native crash and an endless hang."""
+"""Hooks the tests inject (INDEXER_TEST_*_HOOK): crashes, hangs, slow items, a paused repair."""
 
 from __future__ import annotations
 
@@ -33,3 +33,17 @@ def killer(key: str) -> None:
     killer.seen = getattr(killer, "seen", 0) + 1  # type: ignore[attr-defined]
     if killer.seen == 6:  # type: ignore[attr-defined]
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow(key: str) -> None:
+    """Take half a second per item (a build that is still running when the test acts)."""
+    time.sleep(0.5)
+
+
+def pause_before_repair() -> None:
+    """Say so in INDEXER_TEST_PAUSED, then wait for INDEXER_TEST_RESUME to exist (2 min max)."""
+    with open(os.environ["INDEXER_TEST_PAUSED"], "w") as f:
+        f.write("paused")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.environ["INDEXER_TEST_RESUME"]) and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from indexer.cli import build, job_argv, main
-from indexer.config import read_job
+from indexer.config import read_job, setting_text, toml_kind
+from indexer.errors import InputError
 from indexer.lock import CollectionLock
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
@@ -49,7 +50,8 @@ def test_a_job_equals_the_same_build_flags(corpus: Path, tmp_path: Path) -> None
     ("text", "message"),
     [
         ('sources = ["x"]\nout = "o"\nbogus = 1\n', "unknown setting(s) ['bogus']"),
-        ('sources = ["x"]\nout = "o"\nworkers = "many"\n', "Invalid value for '--workers'"),
+        ('sources = ["x"]\nout = "o"\nworkers = -1\n', "Invalid value for '--workers'"),
+        ('sources = ["x"]\nout = "o"\nmetric = "cos"\n', "Invalid value for '--metric'"),
         ('out = "o"\n', "Missing argument 'SOURCES...'"),
         ('sources = ["x"]\nout = "o"\npretrained = "yes"\n', "must be true or false"),
         ("sources = [\n", "not valid TOML"),
@@ -62,6 +64,181 @@ def test_bad_job_files_are_one_line_errors(tmp_path: Path, text: str, message: s
     assert result.exit_code == 2, result.output
     assert result.output.startswith("Error: ") and message in result.output
     assert result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (b'out = "\xff"\n', "is not UTF-8 text (invalid start byte at line 1, byte 7): save it as"),
+        (
+            'sources = ["x"]\nout = "o"\nbatch-size = 1\nbatch_size = 2\n',
+            "gives setting 'batch_size' twice, as 'batch-size' and 'batch_size': keep one",
+        ),
+        (
+            'sources = "../src"\nout = "o"\n',
+            "setting 'sources' must be a list of strings, not a string: "
+            'write sources = ["../src"]',
+        ),
+        ('sources = ["x", 1]\nout = "o"\n', "'sources' must be a list of strings, not a list"),
+        ('sources = ["x"]\nout = ["o"]\n', "setting 'out' must be a string, not an array"),
+        ('sources = ["x"]\nout = ""\n', "setting 'out' must not be empty"),
+        ('sources = [""]\nout = "o"\n', "setting 'sources' must not be empty"),
+        ('sources = ["x"]\nout = "o"\ncheckpoint = 1\n', "'checkpoint' must be a string"),
+        ('sources = ["x"]\nout = "o"\nmetrics_file = {}\n', "'metrics_file' must be a string"),
+        ('sources = ["x"]\nout = "o"\nsplit = 1\n', "'split' must be a string, not an integer"),
+        ('sources = ["x"]\nout = "o"\nworkers = "2"\n', "'workers' must be an integer, not a"),
+        (
+            'sources = ["x"]\nout = "o"\nworkers = 2.0\n',
+            "'workers' must be an integer, not a float",
+        ),
+        ('sources = ["x"]\nout = "o"\nseed = 1.5\n', "'seed' must be an integer, not a float"),
+        ('sources = ["x"]\nout = "o"\nbatch-size = true\n', "'batch_size' must be an integer"),
+        ('sources = ["x"]\nout = "o"\nmax_failures = "0.1"\n', "'max_failures' must be a number"),
+        ('sources = ["x"]\nout = "o"\ntarget_recall = true\n', "'target_recall' must be a number"),
+        ('sources = ["x"]\nout = "o"\nmetric = 1\n', "'metric' must be a string, not an integer"),
+        ('sources = ["x"]\nout = "o"\nrebuild = 1\n', "'rebuild' must be true or false"),
+    ],
+)
+def test_wrong_types_are_refused_before_anything_is_created(
+    tmp_path: Path, text: str | bytes, message: str
+) -> None:
+    jobs = tmp_path / "jobs"
+    jobs.mkdir()
+    job = jobs / "job.toml"
+    if isinstance(text, bytes):
+        job.write_bytes(text)
+    else:
+        job.write_text(text)
+    result = run_cli("run", job)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"Error: job file {job}") and message in result.output
+    assert result.output.count("\n") == 1
+    assert sorted(tmp_path.rglob("*")) == [jobs, job]  # no `out`, however it was spelled
+
+
+@pytest.mark.parametrize(
+    ("param_type", "kind"),
+    [
+        (click.BOOL, "boolean"),
+        (click.INT, "integer"),
+        (click.IntRange(1), "integer"),
+        (click.IntRange(0, 9, clamp=True), "integer"),
+        (click.FLOAT, "number"),
+        (click.FloatRange(0, 1, min_open=True), "number"),
+        (click.STRING, "string"),
+        (click.Choice(["ip", "l2"]), "string"),
+        (click.Path(path_type=Path), "string"),
+        (click.UUID, "string"),
+        (click.DateTime(), "string"),
+    ],
+)
+def test_toml_kind_of_click_types(param_type: click.ParamType, kind: str) -> None:
+    assert toml_kind(param_type) == kind
+
+
+def test_build_flags_have_the_expected_toml_kinds() -> None:
+    kinds = {p.name: toml_kind(p.type) for p in build.params}
+    expected = {
+        "integer": "batch_size workers shard_size seed keep labels max_image_pixels concurrency "
+        "feature_stage",
+        "number": "max_failures decode_timeout target_recall",
+        "string": "sources out checkpoint metrics_file model split image_column metric precision "
+        "engine partition max_index_memory device",
+        "boolean": "pretrained normalize rebuild progress dry_run exact_preprocessing",
+    }
+    for kind, names in expected.items():
+        assert {n: kinds[n] for n in names.split()} == dict.fromkeys(names.split(), kind)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "many", "expected"),
+    [
+        (True, "boolean", False, ["true"]),
+        (3, "integer", False, ["3"]),
+        (3, "number", False, ["3"]),
+        (0.25, "number", False, ["0.25"]),
+        ("x y", "string", False, ["x y"]),
+        (["a", "b"], "string", True, ["a", "b"]),
+        ([], "string", True, []),
+        (1, "boolean", False, "must be true or false, not an integer"),
+        (False, "integer", False, "must be an integer, not a boolean"),
+        (1.0, "integer", False, "must be an integer, not a float"),
+        ("3", "integer", False, "must be an integer, not a string"),
+        (True, "number", False, "must be a number, not a boolean"),
+        ("0.5", "number", False, "must be a number, not a string"),
+        (["x"], "string", False, "must be a string, not an array"),
+        ({"a": 1}, "string", False, "must be a string, not a table"),
+        ("a", "string", True, 'must be a list of strings, not a string: write s = ["a"]'),
+        (["a", 2], "string", True, "must be a list of strings, not a list holding an integer"),
+        ([1, True], "integer", True, "must be a list of integers, not a list holding a boolean"),
+    ],
+)
+def test_setting_text(value: object, kind: str, many: bool, expected: list[str] | str) -> None:
+    job = Path("j.toml")
+    if isinstance(expected, list):
+        assert setting_text(job, "s", value, kind, many) == expected
+    else:
+        with pytest.raises(InputError) as info:
+            setting_text(job, "s", value, kind, many)
+        assert str(info.value) == f"job file j.toml: setting 's' {expected}"
+
+
+def test_read_job_resolves_paths_against_the_job_folder(tmp_path: Path) -> None:
+    job = tmp_path / "jobs" / "job.toml"
+    job.parent.mkdir()
+    job.write_text(
+        'sources = ["../pics", "/abs", "hf:./ds", "hf:user/name"]\nout = "o.idx"\n'
+        'checkpoint = "w/model.safetensors"\nmetrics-file = "../m.prom"\nmodel = "./not/a/path"\n'
+    )
+    settings = read_job(job)
+    base = job.parent
+    assert settings == {
+        "sources": [str(base / "../pics"), "/abs", f"hf:{base / 'ds'}", "hf:user/name"],
+        "out": str(base / "o.idx"),
+        "checkpoint": str(base / "w/model.safetensors"),
+        "metrics_file": str(base / "../m.prom"),
+        "model": "./not/a/path",  # not a path setting: as written
+    }
+    params = parses(job_argv(settings, job))
+    assert params["out"] == base / "o.idx" and params["metrics_file"] == base / "../m.prom"
+    assert params["sources"] == tuple(settings["sources"])
+
+
+def test_read_job_accepts_a_utf8_byte_order_mark(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_bytes('\ufeffsources = ["é"]\nout = "o"\n'.encode())
+    assert read_job(job)["sources"] == [str(tmp_path / "é")]
+
+
+def test_read_job_names_the_line_of_a_non_utf8_byte(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_bytes('sources = ["x"]\nout = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(InputError) as info:
+        read_job(job)
+    assert str(info.value) == (
+        f"job file {job} is not UTF-8 text (invalid continuation byte at line 2, byte 26): "
+        "save it as UTF-8"
+    )
+
+
+def test_read_job_refuses_a_setting_under_three_spellings(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text("max-index-memory = '1G'\nmax_index_memory = '2G'\nmax-index_memory = '3G'\n")
+    with pytest.raises(InputError, match="'max-index-memory' and 'max_index_memory' and 'max-i"):
+        read_job(job)
+
+
+def test_numbers_and_integers_reach_click_as_typed(tmp_path: Path) -> None:
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'sources = ["s"]\nout = "o"\nmax_failures = 3\ndecode_timeout = 0\ntarget_recall = 0.5\n'
+        'seed = 7\nfeature-stage = 2\nmetric = "l2"\nprogress = false\nsplit = "--test"\n'
+    )
+    params = parses(job_argv(read_job(job), job))
+    numbers = (params["max_failures"], params["decode_timeout"], params["target_recall"])
+    assert numbers == (3.0, 0.0, 0.5)
+    assert (params["seed"], params["feature_stage"], params["metric"]) == (7, 2, "l2")
+    assert params["progress"] is False and params["split"] == "--test"
 
 
 def test_shipped_example_and_configmap_are_valid_jobs(tmp_path: Path) -> None:

@@ -68,7 +68,9 @@ def test_a_damaged_shard_is_found_and_its_items_embedded_again(sharded: Path) ->
     reindex = run_cli("index", sharded)  # page checksums: never indexed as if whole
     assert reindex.exit_code == 3 and "damaged or unreadable" in reindex.output, reindex.output
     mended = run_cli("verify", "--repair", sharded)
-    assert mended.exit_code == 0 and "embedded their items again" in mended.output, mended.output
+    assert mended.exit_code == 0 and "Embedded the items of 1 damaged shard(s)" in mended.output, (
+        mended.output
+    )
     after = read_embeddings_by_key(sharded)
     assert after.keys() == before.keys()
     assert all(np.allclose(after[k], before[k], atol=1e-6) for k in before)

@@ -37,7 +37,12 @@ class FolderSource:
         self.follow_symlinks = follow_symlinks
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "folder", "path": str(self.root), "label": self.label}
+        return {
+            "kind": "folder",
+            "path": str(self.root),
+            "label": self.label,
+            "follow_symlinks": self.follow_symlinks,
+        }
 
     def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
         listed = walk_images(self.root, self.follow_symlinks)

@@ -1,0 +1,76 @@
+"""Files written safely: never through a planted symlink, atomically, OS errors as typed errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from indexer.errors import IndexerError, InputError, StorageError
+
+# the caller chose a place it may not write to: bad input (exit 2), not a fault of the disk
+NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
+                          errno.EISDIR, errno.ELOOP})  # fmt: skip
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def os_error(exc: OSError, doing: str) -> IndexerError:
+    """An OSError met while `doing` something, as one actionable line (typed by its cause)."""
+    reason = exc.strerror or str(exc)
+    where = f"{exc.filename}: {reason}" if exc.filename is not None else reason
+    if exc.errno in FULL:
+        return StorageError(
+            f"{doing} failed: {where}: free some space (or raise the quota) and run "
+            "again; the published version is unchanged"
+        )
+    if exc.errno in NOT_WRITABLE:
+        return InputError(
+            f"{doing} failed: {where}: choose a location you may write to (or fix "
+            "its permissions); the published version is unchanged"
+        )
+    return StorageError(f"{doing} failed: {where}; the published version is unchanged")
+
+
+@contextmanager
+def os_errors_as(doing: str) -> Iterator[None]:
+    """Turn an OSError raised inside into a typed IndexerError saying what was being done."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, doing) from exc
+
+
+def write_bytes_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write to a fresh temporary beside path (O_EXCL, O_NOFOLLOW), then rename it over path.
+
+    A symlink planted at the temporary name is refused (never written through); one at path
+    itself is replaced, not followed.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: InputError naming flag."""
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder: give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(
+            f"{flag} {path}: {parent} is not a folder you may write to: choose another path"
+        )

@@ -1,0 +1,117 @@
+"""Repair is a build: under the lock from its check on, one publish with every item, or none."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from indexer.verify import repair, verify
+from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+
+INDEXER = str(Path(sys.executable).parent / "indexer")
+
+
+def _source(corpus: Path, tmp_path: Path, groups: tuple[str, ...]) -> Path:
+    src = tmp_path / "src"
+    for group in groups:
+        shutil.copytree(corpus / group, src / group, dirs_exist_ok=True)
+    return src
+
+
+def _damage_index(root: Path) -> None:
+    path = (root / "current").resolve() / "index" / "index.faiss"
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _damage_shard(root: Path) -> str:
+    shard = sorted(((root / "current").resolve() / "shards").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.unlink()  # it may be hard-linked into another version
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the repair never reached its pause"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_build_published_between_repairs_check_and_lock_is_kept(
+    corpus: Path, tmp_path: Path
+) -> None:
+    src = _source(corpus, tmp_path, ("group0",))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    _damage_index(out)
+    paused, resume = tmp_path / "paused", tmp_path / "resume"
+    env = {**os.environ, "INDEXER_TEST_REPAIR_HOOK": "tests.hooks:pause_before_repair",
+           "INDEXER_TEST_PAUSED": str(paused), "INDEXER_TEST_RESUME": str(resume),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # fmt: skip
+    proc = subprocess.Popen([INDEXER, "verify", "--repair", str(out)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for(paused, proc)  # repair has seen the damaged version and not yet locked
+        shutil.copytree(corpus / "group1", src / "group1")
+        built = run_cli("build", src, "--out", out, *BUILD_FLAGS)
+        assert built.exit_code == 0 and "version 2" in built.output, built.output
+        resume.touch()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "needs no repair now" in stdout and "Traceback" not in stderr
+    keys = read_embeddings_by_key(out).keys()
+    expected = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
+    assert set(keys) == expected  # the build's items all stayed
+    assert not verify(out).problems
+    assert os.readlink(out / "current") == "versions/v000002"
+
+
+def test_repair_of_a_stale_report_checks_again(corpus: Path, tmp_path: Path) -> None:
+    src = _source(corpus, tmp_path, ("group2",))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    _damage_index(out)
+    assert verify(out).problems  # what the caller saw
+    shutil.copytree(corpus / "group3", src / "group3")
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    rows = len(read_embeddings_by_key(out))
+    assert "needs no repair now" in repair(out, keep=2)
+    assert len(read_embeddings_by_key(out)) == rows
+
+
+@pytest.mark.slow
+def test_a_repair_that_cannot_finish_publishes_nothing(corpus: Path, tmp_path: Path) -> None:
+    src = _source(corpus, tmp_path, ("group0", "group1"))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--shard-size", "4").exit_code == 0
+    before = read_embeddings_by_key(out)
+    victim = _damage_shard(out)
+    moved = src.rename(tmp_path / "moved")  # the source is gone: nothing to embed again from
+    failed = run_cli("verify", "--repair", out)
+    assert failed.exit_code == 2, failed.output
+    assert "nothing was repaired and the damage remains" in failed.output
+    assert "Traceback" not in failed.output
+    assert os.readlink(out / "current") == "versions/v000001"  # nothing published
+    still = run_cli("verify", out)
+    assert still.exit_code == 3 and victim in still.output
+    moved.rename(src)
+    mended = run_cli("verify", "--repair", out)
+    assert mended.exit_code == 0 and "is whole again" in mended.output, mended.output
+    assert os.readlink(out / "current") == "versions/v000002"  # one publish
+    after = read_embeddings_by_key(out)
+    assert after.keys() == before.keys()
+    assert not verify(out).problems
