@@ -163,6 +163,8 @@ def open_version(root: Path) -> Path:
             f"no collection at {root}: build one with `indexer build SOURCE --out {root}`"
         )
     current = root / CURRENT
+    if current.exists():
+        published_folder(root)  # refuse a `current` that points outside versions/ first
     if not current.exists() or not (current / MANIFEST).is_file():
         raise CollectionError(
             f"{root} is not a finished collection (no published version): "

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.preprocess import DataConfig
+from indexer.safeio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 FILENAME = "data-configs.json"
@@ -56,8 +57,7 @@ def store(model_name: str, cfg: DataConfig) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _read(path)
         data[_key(model_name)] = cfg.to_dict()
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps(data, indent=1, sort_keys=True)
+        write_bytes_atomic(path, text.encode("utf-8"), sync=False)
     except OSError as exc:
         log.info("cannot write the data config cache %s: %s", path, exc)

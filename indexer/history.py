@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
+import stat
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from indexer.catalog import RUNS
+from indexer.errors import InputError
 
-STATUSES = ("success", "partial", "failed", "locked")
+log = logging.getLogger(__name__)
+
+STATUSES = ("success", "partial", "failed", "locked", "interrupted")
 
 
 @dataclass
@@ -43,29 +50,82 @@ def _iso(ts: float) -> str:
 
 
 def append_run(root: Path, record: RunRecord) -> None:
-    """Append one line with a single O_APPEND write, so concurrent writers never interleave."""
-    if not root.is_dir():
-        return  # nothing was started there: no collection to keep a history for
+    """Append one line with a single O_APPEND write; a failure is logged, never raised.
+
+    Callers record a run in a ``finally:`` block, where raising would mask the run's own error.
+    """
+    path = root / RUNS
     line = json.dumps(record.to_json(), sort_keys=True) + "\n"
-    fd = os.open(root / RUNS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode("utf-8"))
-    finally:
+        if not root.is_dir():
+            return  # nothing was started there: no collection to keep a history for
+        fd = _open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, line.encode("utf-8"))
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.warning("run not recorded in %s: %s", path, exc.strerror or exc)
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """fd of the regular file at path, never through a symlink, never blocking on a FIFO."""
+    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(exc.errno, "a symbolic link: remove it", str(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file: remove it", str(path))
+    return fd
 
 
 def read_runs(root: Path, last: int = 5) -> list[dict[str, Any]]:
-    """The last runs, oldest first; unreadable lines (a torn write) are skipped."""
+    """The last runs, oldest first; lines that are not run records are skipped with a warning."""
     path = root / RUNS
-    if not path.is_file():
+    try:
+        with os.fdopen(_open_regular(path, os.O_RDONLY), encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
         return []
-    runs = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines()[-last:]:
-        try:
-            runs.append(json.loads(line))
-        except ValueError:
-            continue
-    return runs
+    except OSError as exc:
+        log.warning("run history %s not read: %s", path, exc.strerror or exc)
+        return []
+    runs: list[dict[str, Any]] = []
+    for number in range(len(lines), 0, -1):
+        if len(runs) == last:
+            break
+        run = _parse_run(lines[number - 1])
+        if run is None:
+            log.warning("%s line %d is not a run record: skipped", path, number)
+        else:
+            runs.append(run)
+    return runs[::-1]
+
+
+def _parse_run(line: str) -> dict[str, Any] | None:
+    """The run a history line records, or None if it is not JSON of a run's shape."""
+    try:
+        run = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(run, dict):
+        return None
+    fields_ok = (
+        all(isinstance(run.get(name), str) for name in ("command", "status", "started"))
+        and _is_number(run.get("seconds"))
+        and isinstance(run.get("counts"), (dict, type(None)))
+        and isinstance(run.get("error"), (str, type(None)))
+        and (run.get("images_per_second") is None or _is_number(run["images_per_second"]))
+    )
+    return run if fields_ok else None
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_metrics(path: Path, root: Path, record: RunRecord) -> None:
@@ -89,7 +149,27 @@ def write_metrics(path: Path, root: Path, record: RunRecord) -> None:
         f'indexer_last_run_items{{{labels},state="{state}"}} {count}'
         for state, count in sorted(record.counts.items())
     ]
+    try:
+        _replace_text(path, "\n".join(lines) + "\n")
+    except OSError as exc:
+        raise InputError(
+            f"cannot write metrics file {path} ({exc.strerror or exc}): "
+            "choose a --metrics-file in a folder you may write to"
+        ) from None
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a fresh temporary file (never through a link) and rename it over path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    tmp.unlink(missing_ok=True)  # a stale one of ours, or a planted link: never written through
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -29,6 +29,7 @@ from indexer.config import BuildConfig, IndexConfig, IndexOverrides
 from indexer.embed import EmbedJob, embed_items, load_model_while_decoding, write_reused
 from indexer.errors import (
     CollectionLockedError,
+    IndexerError,
     InputError,
     RecipeMismatchError,
     TooManyFailuresError,
@@ -53,7 +54,7 @@ from indexer.publish import (
     salvage,
     start_version,
 )
-from indexer.safeio import os_errors_as
+from indexer.safeio import check_writable, os_errors_as
 from indexer.shards import (
     LABEL_SCHEMA,
     ShardInfo,
@@ -90,6 +91,8 @@ PART_INDEX = {"type": "none", "part": True}  # a part is indexed when the parts 
 def build(cfg: BuildConfig) -> BuildReport:
     """Build under the collection's lock, and record the run in its history (and metrics)."""
     check_build_dir(cfg.out)  # refused before anything is written into someone's folder
+    if cfg.metrics_file is not None:
+        check_writable(cfg.metrics_file, "--metrics-file")  # before the work, not after it
     if cfg.partition is not None:  # the part is a collection of its own inside --out
         cfg = replace(cfg, out=part_dir(cfg.out, cfg.partition))
     started, status, error = time.time(), "failed", None
@@ -122,7 +125,12 @@ def build(cfg: BuildConfig) -> BuildReport:
         record = RunRecord("build", started, time.time(), status, counts, error, failures)
         append_run(cfg.out, record)  # never raises: a failure here must not hide the first
         if cfg.metrics_file is not None:
-            write_metrics(cfg.metrics_file, cfg.out, record)
+            try:
+                write_metrics(cfg.metrics_file, cfg.out, record)
+            except IndexerError as exc:
+                if error is None:
+                    raise
+                log.warning("%s", exc)  # the run's own error is the one to report
 
 
 def judge(failed: int, items: int, max_failures: float) -> str:

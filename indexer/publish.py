@@ -21,6 +21,7 @@ from indexer.catalog import (
     version_number,
 )
 from indexer.errors import CollectionError
+from indexer.safeio import write_bytes_atomic
 
 BUILDING_PREFIX = ".building-"
 SALVAGE = ".salvage"
@@ -102,7 +103,7 @@ def start_version(root: Path, request: dict[str, Any]) -> tuple[int, Path]:
     number = max(version_numbers(root), default=0) + 1
     building = folder / f"{BUILDING_PREFIX}v{number:06d}"
     building.mkdir()
-    (building / REQUEST).write_text(json.dumps(request, sort_keys=True), encoding="utf-8")
+    write_bytes_atomic(building / REQUEST, json.dumps(request, sort_keys=True).encode("utf-8"))
     return number, building
 
 

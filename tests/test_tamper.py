@@ -1,0 +1,115 @@
+"""A tampered collection is refused in one line, never answered from: index, current, next_id."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from indexer.catalog import first_bad_field
+from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, run_cli
+
+
+def _one_clean_line(output: str) -> None:
+    assert "Traceback" not in output
+    assert len([line for line in output.splitlines() if line.startswith("Error:")]) == 1
+
+
+@pytest.fixture(scope="module")
+def other(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second collection of as many items, made from other images."""
+    from indexer.synthetic import write_corpus
+
+    src = tmp_path_factory.mktemp("other-src")
+    write_corpus(src, 24, duplicates=4, seed=11)
+    out = tmp_path_factory.mktemp("other") / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    return out
+
+
+def test_another_collections_index_is_refused_and_repaired(
+    collection: Path, other: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    theirs, ours = (other / "current").resolve() / "index", (copy / "current").resolve() / "index"
+    assert (
+        json.loads((theirs / "meta.json").read_text())["ntotal"]
+        == json.loads((ours / "meta.json").read_text())["ntotal"]
+    )  # same size and dim: only the shard record tells them apart
+    shutil.rmtree(ours)
+    shutil.copytree(theirs, ours)
+    query = run_cli("query", "--id", "group0/scene0004.jpg", "--index", copy)
+    assert query.exit_code == 3 and "not its own" in query.output, query.output
+    _one_clean_line(query.output)
+    found = run_cli("verify", copy)
+    assert found.exit_code == 3 and "not built from this version's shards" in found.output
+    mended = run_cli("verify", "--repair", copy)
+    assert mended.exit_code == 0 and "whole again" in mended.output, mended.output
+    again = run_cli("query", "--id", "group0/scene0004.jpg", "--index", copy, "-k", "1")
+    assert again.exit_code == 0 and "group0/scene0004.jpg" in again.output.splitlines()[2]
+
+
+def test_current_pointing_outside_its_versions_is_refused(
+    collection: Path, other: Path, tmp_path: Path, corpus: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    for target in ((other / "current").resolve(), Path("/etc")):
+        (copy / "current").unlink()
+        (copy / "current").symlink_to(target)
+        for args in (("query", "--id", "group0/scene0004.jpg", "--index", copy),
+                     ("verify", copy), ("info", copy)):  # fmt: skip
+            result = run_cli(*args)
+            assert result.exit_code == 3 and "tampered" in result.output, (args, result.output)
+            _one_clean_line(result.output)
+    rebuild = run_cli("build", corpus, "--out", copy, *BUILD_FLAGS, "--rebuild")
+    assert rebuild.exit_code == 3 and "tampered" in rebuild.output, rebuild.output
+    _one_clean_line(rebuild.output)
+    assert sorted(os.listdir("/etc"))  # untouched, still readable
+
+
+@pytest.mark.parametrize("next_id", [-1, "abc", None, 2**63 - 1, 1.5, True])
+def test_a_bad_next_id_is_a_one_line_error_everywhere(
+    collection: Path, corpus: Path, tmp_path: Path, next_id: object
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, lambda m: m.update(next_id=next_id))
+    for args in (("info", copy), ("verify", copy), ("index", copy),
+                 ("query", "--id", "group0/scene0004.jpg", "--index", copy),
+                 ("build", corpus, "--out", copy, *BUILD_FLAGS)):  # fmt: skip
+        result = run_cli(*args)
+        assert result.exit_code == 3 and "next_id" in result.output, (args, result.output)
+        _one_clean_line(result.output)
+
+
+def test_ids_at_or_beyond_next_id_are_found_by_verify(collection: Path, tmp_path: Path) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, lambda m: m.update(next_id=3))
+    found = run_cli("verify", copy)
+    assert found.exit_code == 3 and "ids are not below next_id (3)" in found.output
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"embedding_dim": "64"}, "embedding_dim"),
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"metric": "cosine"}, "metric"),
+        ({"next_id": -5}, "next_id"),
+        ({"counts": {"embedded": -1}}, "counts.embedded"),
+        ({"shards": {"a": 1}}, "shards"),
+        ({"shards": [{"name": "a.parquet", "rows": "7"}]}, "rows"),
+        ({"sources": "x"}, "sources"),
+        ({"model": "timm"}, "model"),
+        ({}, None),
+    ],
+)
+def test_manifest_fields_are_checked(change: dict[str, object], problem: str | None) -> None:
+    manifest = {
+        "embedding_dim": 64, "metric": "ip", "next_id": 3, "counts": {"embedded": 1},
+        "shards": [{"name": "a.parquet", "rows": 1}], "sources": [], "model": None,
+    }  # fmt: skip
+    found = first_bad_field({**manifest, **change})
+    assert (found is None) if problem is None else (problem in str(found))
