@@ -816,11 +816,12 @@ def index_cmd(
                 "give one collection DIR (or --from-parquet PARQUET... --out DIR)"
             )
         from indexer.catalog import PARTS
-        from indexer.parts import merge
+        from indexer.parts import merge, merge_needed
         from indexer.pipeline import reindex
 
         root = paths[0]
-        if (root / PARTS).is_dir():  # a partitioned build: assemble its parts, then index
+        parted = (root / PARTS).is_dir() and any((root / PARTS).iterdir())
+        if parted and run_library(lambda: merge_needed(root)):  # assemble new parts, index
             meta = run_library(lambda: merge(root, keep, overrides))
         else:
             meta = run_library(lambda: reindex(root, keep, overrides))

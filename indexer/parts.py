@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -53,28 +54,29 @@ def part_dir(root: Path, partition: tuple[int, int]) -> Path:
 
 
 def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dict[str, Any]:
-    """One new version of root holding every part's shards (hard links) and errors; indexed."""
+    """One new version of root holding every part's shards (hard links) and errors; indexed.
+
+    Holds root's lock and every part's, so no part changes while it is read."""
     from indexer.index import build_index, read_index_meta
     from indexer.lock import CollectionLock
     from indexer.publish import prune, publish, salvage, start_version
 
-    parts = finished_parts(root)
-    manifests = [read_manifest(open_version(p)) for p in parts]
-    requests = {json.dumps(m.get("request"), sort_keys=True) for m in manifests}
-    if len(requests) > 1:
-        raise InputError(
-            f"the parts of {root} were built with different settings: rebuild the odd ones "
-            "with the same `indexer build ... --partition I/N` flags"
-        )
-    with CollectionLock(root, "merge"):
+    with ExitStack() as held:
+        held.enter_context(CollectionLock(root, "merge"))
+        parts = finished_parts(root)
+        for part in parts:
+            held.enter_context(CollectionLock(part, "merge"))
+        versions = [open_version(p) for p in parts]
+        manifests = [read_manifest(v) for v in versions]
+        check_parts_agree(root, manifests)
         request = manifests[0].get("request", {})
         salvage(root, request)
         number, building = start_version(root, request)
         paths = CollectionPaths(building)
         paths.shards.mkdir()
-        shards = _link_shards(parts, manifests, paths.shards)
-        write_errors(paths.errors, _errors(parts))
-        manifest = _merged_manifest(manifests, shards, number)
+        shards = _link_shards(versions, manifests, paths.shards)
+        write_errors(paths.errors, _errors(versions))
+        manifest = _merged_manifest(manifests, shards, number, versions)
         write_json_atomic(paths.manifest, manifest)
         recorded = read_index_meta(open_version(root)) if (root / CURRENT).exists() else None
         cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], recorded)
@@ -82,6 +84,53 @@ def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dic
         publish(root, number, building)
         prune(root, keep)
     return meta
+
+
+def check_parts_agree(root: Path, manifests: list[dict[str, Any]]) -> None:
+    """The parts must share one recipe and the same sources, else InputError naming the odd one."""
+    for field, what in (("request", "settings"), ("sources", "sources")):
+        first = _comparable(manifests[0], field)
+        odd = next((n for n, m in enumerate(manifests) if _comparable(m, field) != first), None)
+        if odd is not None:
+            raise InputError(
+                f"part {odd} of {root} was built with other {what} than part 0 ({field}: "
+                f"{_comparable(manifests[odd], field)} vs {first}): build every part with the "
+                "same `indexer build SOURCE... --partition I/N` command"
+            )
+
+
+def _comparable(manifest: dict[str, Any], field: str) -> str:
+    value = manifest.get(field)
+    if field == "sources":  # what names the source, not what was listed in it this time
+        value = [{k: v for k, v in s.items() if k not in ("rows", "fingerprint")}
+                 for s in value or []]  # fmt: skip
+    return json.dumps(value, sort_keys=True)
+
+
+def merge_needed(root: Path) -> bool:
+    """Whether `indexer index DIR` should merge DIR's parts (True) or re-index the published
+    version (False: it already holds exactly these parts). InputError when the published
+    version was built whole after the parts: merging them would bring old data back."""
+    if not (root / CURRENT).exists():
+        return True
+    published = read_manifest(open_version(root))
+    parts = finished_parts(root)
+    stamps = [_part_stamp(p) for p in parts]
+    if "part_versions" in published:
+        return bool(published["part_versions"] != stamps)
+    if all(str(s["created_at"]) > str(published.get("created_at")) for s in stamps):
+        return True
+    raise InputError(
+        f"{root} was built whole after its parts in {root / PARTS} were: merging them would "
+        f"bring back older data; remove {root / PARTS} (the parts are not needed), or rebuild "
+        "every part before merging"
+    )
+
+
+def _part_stamp(part: Path) -> dict[str, Any]:
+    """What identifies a part's published version: its folder name and creation time."""
+    version = open_version(part)
+    return {"version": version.name, "created_at": read_manifest(version).get("created_at")}
 
 
 def finished_parts(root: Path) -> list[Path]:
@@ -109,11 +158,10 @@ def finished_parts(root: Path) -> list[Path]:
 
 
 def _link_shards(
-    parts: list[Path], manifests: list[dict[str, Any]], target: Path
+    versions: list[Path], manifests: list[dict[str, Any]], target: Path
 ) -> list[dict[str, Any]]:
     shards = []
-    for number, (part, manifest) in enumerate(zip(parts, manifests, strict=True)):
-        version = open_version(part)
+    for number, (version, manifest) in enumerate(zip(versions, manifests, strict=True)):
         for shard in manifest["shards"]:
             name = f"p{number:05d}-{shard['name']}"
             os.link(version / SHARDS / shard["name"], target / name)
@@ -121,17 +169,20 @@ def _link_shards(
     return shards
 
 
-def _errors(parts: list[Path]) -> list[dict[str, Any]]:
+def _errors(versions: list[Path]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for part in parts:
-        path = open_version(part) / ERRORS
+    for version in versions:
+        path = version / ERRORS
         if path.is_file():
             rows += pq.read_table(path).cast(ERROR_SCHEMA).to_pylist()
     return rows
 
 
 def _merged_manifest(
-    manifests: list[dict[str, Any]], shards: list[dict[str, Any]], number: int
+    manifests: list[dict[str, Any]],
+    shards: list[dict[str, Any]],
+    number: int,
+    versions: list[Path],
 ) -> dict[str, Any]:
     fields = ("items", "embedded", "failed")
     counts = {k: sum(int(m["counts"][k]) for m in manifests) for k in fields}
@@ -144,4 +195,8 @@ def _merged_manifest(
         "version": number,
         "next_id": next_id,
         "parts": len(manifests),
+        "part_versions": [
+            {"version": v.name, "created_at": m.get("created_at")}
+            for v, m in zip(versions, manifests, strict=True)
+        ],
     }

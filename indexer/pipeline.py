@@ -17,6 +17,7 @@ from indexer import __version__
 from indexer.catalog import (
     ERRORS,
     MANIFEST,
+    PARTS,
     SCHEMA_VERSION,
     SHARDS,
     CollectionPaths,
@@ -95,6 +96,12 @@ def build(cfg: BuildConfig) -> BuildReport:
         check_writable(cfg.metrics_file, "--metrics-file")  # before the work, not after it
     if cfg.partition is not None:  # the part is a collection of its own inside --out
         cfg = replace(cfg, out=part_dir(cfg.out, cfg.partition))
+    elif (cfg.out / PARTS).is_dir() and any((cfg.out / PARTS).iterdir()):
+        raise InputError(
+            f"{cfg.out} is built in parts ({cfg.out / PARTS}): build it with --partition I/N "
+            f"and merge with `indexer index {cfg.out}`, or remove {cfg.out / PARTS} to build "
+            "it whole"
+        )
     started, status, error = time.time(), "failed", None
     report: BuildReport | None = None
     try:

@@ -249,6 +249,7 @@ def plan_build(cfg: BuildConfig) -> Planned:
     """list -> plan: what a build would do, reading only listings and the published version."""
     sources = open_sources(cfg.sources)
     items = list_items(sources)
+    check_unique_keys(items, sources)
     if not items:
         raise InputError("the sources hold no images: check the paths (hidden files are skipped)")
     if cfg.partition is not None:
@@ -262,6 +263,20 @@ def plan_build(cfg: BuildConfig) -> Planned:
     prev_errors = None if cfg.retry_failed else prev.errors()
     plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors, cfg.partition)
     return Planned(sources, items, asked, prev, plan)
+
+
+def check_unique_keys(items: list[Item], sources: list[Source]) -> None:
+    """Refuse, before any work, a listing in which two items share a key (naming both)."""
+    seen: dict[str, Item] = {}
+    for item in items:
+        first = seen.setdefault(item.key, item)
+        if first is not item:
+            where = [f"{sources[i.source].describe().get('path') or sources[i.source].label}"
+                     f" ({i.locator})" for i in (first, item)]  # fmt: skip
+            raise InputError(
+                f"two items have the key {item.key!r}: {where[0]} and {where[1]}; rename one, "
+                "or give the sources distinct folder names"
+            )
 
 
 def dry_run(cfg: BuildConfig) -> dict[str, Any]:

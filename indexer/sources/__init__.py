@@ -26,12 +26,24 @@ def open_source(spec: SourceSpec, label: str | None = None) -> Source:
 def open_sources(specs: tuple[SourceSpec, ...]) -> list[Source]:
     """Open every source, giving each a unique label (keys are prefixed by it when several)."""
     sources = [open_source(spec) for spec in specs]
-    counts: dict[str, int] = {}
-    for src in sources:
-        counts[src.label] = counts.get(src.label, 0) + 1
-        if counts[src.label] > 1:
-            src.label = f"{src.label}-{counts[src.label]}"
+    labels = unique_labels([src.label for src in sources])
+    for src, label in zip(sources, labels, strict=True):
+        src.label = label
     return sources
+
+
+def unique_labels(names: list[str]) -> list[str]:
+    """Each name kept where it is the first of its kind; a repeat becomes NAME-N with the
+    smallest N >= 2 that is no source's own name nor taken (a/pics, b/pics, c/pics-2 ->
+    pics, pics-3, pics-2), so no two sources share a label and no key is shared."""
+    natural, taken, labels = set(names), set(), []
+    for name in names:
+        label, n = name, 2
+        while label in taken or (label != name and label in natural):
+            label, n = f"{name}-{n}", n + 1
+        taken.add(label)
+        labels.append(label)
+    return labels
 
 
 def list_items(sources: list[Source]) -> list[Item]:

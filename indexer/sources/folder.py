@@ -70,8 +70,24 @@ class FolderSource:
 
 
 def printable_key(rel: str) -> str:
-    """A UTF-8 key even for a non-UTF-8 file name (its odd bytes written as \\xNN escapes)."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A UTF-8 key even for a non-UTF-8 file name: its odd bytes written as \\xNN escapes and
+    its backslashes doubled, so no two names share a key (the byte 0xFF and a file literally
+    named \\xff get different keys)."""
+    escaped = rel.replace("\\", "\\\\")
+    return escaped.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def key_to_relpath(key: str) -> str:
+    """The file name a key stands for: printable_key undone (a str holding its odd bytes)."""
+    import re
+
+    def undo(match: re.Match[str]) -> str:
+        text = match.group(0)
+        return "\\" if text == "\\\\" else bytes([int(text[2:], 16)]).decode(
+            "utf-8", "surrogateescape"
+        )
+
+    return re.sub(r"\\\\|\\x[0-9a-f]{2}", undo, key)
 
 
 def _inside(real: str, root: Path) -> bool:
