@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.errors import CollectionError, InputError
+from indexer.manifestcheck import first_bad_field
 
 SCHEMA_VERSION = 1
 SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.parquet$")  # no paths: nothing outside
@@ -21,9 +22,7 @@ RUNS = "runs.jsonl"
 VERSIONS = "versions"
 CURRENT = "current"
 PARTS = "parts"  # parts/IIIII-of-NNNNN/: collections of one partition each (indexer.parts)
-MAX_ID = 2**62  # ids are int64; part I of N numbers rows up to next_id * N
 VERSION_NAME = re.compile(r"^v(\d{6})$")
-LAYOUT = frozenset({MANIFEST, SHARDS, ERRORS, INDEX, LOCK, RUNS, VERSIONS, CURRENT, PARTS})
 
 
 @dataclass(frozen=True)
@@ -87,12 +86,11 @@ def parse_manifest(root: Path) -> dict[str, Any]:
             f"{root} is not a finished collection (no {MANIFEST}): "
             f"run `indexer build SOURCE --out {root}` to (re)build it"
         )
+    from indexer.safeio import read_regular_text
+
     try:
-        manifest = json.loads(paths.manifest.read_text(encoding="utf-8"))
-        version = manifest["schema_version"]
-        for field in ("model", "shards", "counts", "metric", "embedding_dim"):
-            manifest[field]
-    except (ValueError, KeyError, TypeError) as exc:
+        manifest = json.loads(read_regular_text(paths.manifest))
+    except (OSError, ValueError) as exc:
         raise CollectionError(
             f"{paths.manifest} is corrupt ({type(exc).__name__}: {exc}): rebuild the collection "
             "with `indexer build ... --rebuild`"
@@ -104,10 +102,11 @@ def parse_manifest(root: Path) -> dict[str, Any]:
             f"{paths.manifest} names a shard {unsafe[0]!r} that is not a plain file in shards/: "
             "refusing to read it; rebuild the collection with `indexer build ... --rebuild`"
         )
-    if version != SCHEMA_VERSION:
+    if manifest["schema_version"] != SCHEMA_VERSION:
         raise CollectionError(
-            f"{root} has collection schema version {version}, this indexer reads version "
-            f"{SCHEMA_VERSION}: use a matching indexer release or rebuild the collection"
+            f"{root} has collection schema version {manifest['schema_version']}, this indexer "
+            f"reads version {SCHEMA_VERSION}: use a matching indexer release or rebuild the "
+            "collection"
         )
     return manifest
 
@@ -120,37 +119,6 @@ def check_manifest_fields(manifest: Any, path: Path) -> None:
             f"{path} is corrupt ({problem}): rebuild the collection with "
             "`indexer build ... --rebuild` (or restore it from a copy)"
         )
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def first_bad_field(manifest: Any) -> str | None:
-    """What is wrong with a parsed manifest's types, or None (a small pure check)."""
-    if not isinstance(manifest, dict):
-        return "not a JSON object"
-    if not _is_count(manifest.get("embedding_dim")) or manifest["embedding_dim"] == 0:
-        return "embedding_dim is not a positive integer"
-    if manifest.get("metric") not in ("ip", "l2"):
-        return "metric is not ip or l2"
-    if "next_id" in manifest and not (
-        _is_count(manifest["next_id"]) and manifest["next_id"] < MAX_ID
-    ):
-        return "next_id is not an integer from 0 to 2**62"
-    counts = manifest.get("counts")
-    if not isinstance(counts, dict) or not all(_is_count(counts.get(k)) for k in ("embedded",)):
-        return "counts.embedded is not a non-negative integer"
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(isinstance(s, dict) for s in shards):
-        return "shards is not a list of objects"
-    if not all(_is_count(s.get("rows")) for s in shards):
-        return "a shard's rows is not a non-negative integer"
-    if not isinstance(manifest.get("sources", []), list):
-        return "sources is not a list"
-    if manifest.get("model") is not None and not isinstance(manifest["model"], dict):
-        return "model is not an object"
-    return None
 
 
 def open_version(root: Path) -> Path:
@@ -175,6 +143,11 @@ def open_version(root: Path) -> Path:
 
 def published_folder(root: Path) -> Path:
     """Where `current` points, which must be DIR/versions/vNNNNNN (CollectionError otherwise)."""
+    if (root / VERSIONS).is_symlink():
+        raise CollectionError(
+            f"{root / VERSIONS} is a symbolic link, not the collection's own folder: the "
+            "collection was tampered with; restore it from a copy or rebuild it elsewhere"
+        )
     target = (root / CURRENT).resolve()
     inside = target.parent == (root / VERSIONS).resolve() and VERSION_NAME.match(target.name)
     if not inside or not target.is_dir():
@@ -200,7 +173,7 @@ def check_build_dir(root: Path) -> None:
         raise InputError(f"--out {root} is a file: choose a directory")
     if not root.is_dir() or is_collection(root):
         return  # a collection may hold files of its owner's (a dedup result): they stay
-    strangers = [p.name for p in root.iterdir() if not _is_ours(p.name)]
+    strangers = [p.name for p in root.iterdir() if not _is_ours(p)]
     if strangers:
         raise InputError(
             f"--out {root} is not empty and is not a collection (it holds {strangers[0]!r}): "
@@ -213,5 +186,16 @@ def is_collection(root: Path) -> bool:
     return (root / CURRENT).is_symlink() and (root / VERSIONS).is_dir()
 
 
-def _is_ours(name: str) -> bool:
-    return name in LAYOUT or name.startswith(f".{CURRENT}.tmp-")
+def _is_ours(path: Path) -> bool:
+    """What an unfinished build of ours leaves: each layout name of its own kind (a user's
+    manifest.json file or index/ folder is not ours)."""
+    name = path.name
+    if name.startswith(f".{CURRENT}.tmp-") or name in (CURRENT, MANIFEST, SHARDS, INDEX, ERRORS):
+        return path.is_symlink()
+    if name in (VERSIONS, PARTS):
+        return path.is_dir() and not path.is_symlink()
+    if name == LOCK:
+        return path.is_file() and not path.is_symlink()
+    if name == RUNS:  # written only after the lock was taken there
+        return path.is_file() and not path.is_symlink() and (path.parent / LOCK).is_file()
+    return False

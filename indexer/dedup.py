@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from indexer.errors import InputError
 from indexer.safeio import os_errors_as, write_bytes_atomic
-from indexer.search import Collection, capped_k, check_threshold
+from indexer.search import Collection, capped_k, check_threshold, within
 from indexer.shards import iter_embeddings
 
 DEDUP_SCHEMA = pa.schema([("group", pa.int64()), ("key", pa.string()), ("score", pa.float32())])
@@ -34,8 +34,8 @@ def find_duplicates(collection: Collection, threshold: float, k: int = 10) -> Gr
         raise InputError("-k must be at least 2 to find duplicates")
     check_threshold(threshold)
     k = capped_k(k, max(int(collection.index.ntotal), 1))  # more neighbours than items: none
-    ip = collection.manifest["metric"] == "ip"  # scores: similarities, else distances
-    pick = max if ip else min
+    metric = collection.manifest["metric"]  # ip: scores are similarities, l2: distances
+    pick = max if metric == "ip" else min
     parent: dict[int, int] = {}
     best: dict[int, float] = {}
     paths = collection.paths.shard_paths(collection.manifest)
@@ -43,8 +43,7 @@ def find_duplicates(collection: Collection, threshold: float, k: int = 10) -> Gr
         scores, found = collection.index.search(vectors, k)
         for own, row_scores, row_ids in zip(ids.tolist(), scores, found, strict=True):
             for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
-                near = score >= threshold if ip else score <= threshold
-                if other >= 0 and other != own and near:
+                if other >= 0 and other != own and within(score, threshold, metric):
                     _union(parent, own, int(other))
                     for item in (own, int(other)):
                         best[item] = pick(best.get(item, score), score)

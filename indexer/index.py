@@ -20,13 +20,14 @@ from indexer.catalog import CollectionPaths, write_json_atomic
 from indexer.choose import IndexChoice, choose_index, train_size
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
+from indexer.safeio import read_regular_text
 from indexer.shards import iter_embeddings
 from indexer.tune import Probe, Tuning, exact_neighbours, tune
 
 INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"  # on-disk inverted lists, beside the index file
 META_FILE = "meta.json"
-EF_LIMIT = 4096
+EF_LIMIT = 4096  # the largest efSearch: tuning stops there, and a larger one is refused
 
 
 @dataclass(frozen=True)
@@ -301,12 +302,40 @@ def search_param(index: Any) -> tuple[str | None, int]:
     return None, 0
 
 
-def apply_params(index: Any, params: dict[str, int]) -> None:
-    """Set tuned (or overriding) search parameters on a loaded index."""
+def apply_params(index: Any, params: dict[str, Any]) -> dict[str, int]:
+    """Set tuned (or overriding) search parameters on a loaded index, each checked and
+    bounded first (checked_param); the values set."""
     from indexer.tune import set_param
 
+    own, limit = search_param(index)
+    applied = {}
     for name, value in params.items():
-        set_param(index, name, int(value))
+        if name != own:
+            raise InputError(
+                f"this index has no {name} to set" + (f"; it takes {own}" if own else "")
+            )
+        applied[name] = checked_param(name, value, limit)
+    for name, value in applied.items():
+        set_param(index, name, value)
+    return applied
+
+
+def checked_param(name: str, value: Any, limit: int) -> int:
+    """A search parameter as a whole number of at least 1: nprobe above the index's nlist
+    (limit) is nlist, the same search; efSearch above limit (EF_LIMIT) is refused."""
+    import operator
+
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a whole number, not {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be a whole number, not {value!r}") from None
+    if number < 1:
+        raise InputError(f"{name} must be at least 1 (got {number})")
+    if number > limit and name != "nprobe":
+        raise InputError(f"{name} must be at most {limit} (got {number}): give 1 to {limit}")
+    return min(number, limit)
 
 
 def load_index(
@@ -322,7 +351,7 @@ def load_index(
     if not (paths.index / INDEX_FILE).is_file():
         raise CollectionError(f"{name} has no index: {fix}")
     try:
-        meta = json.loads((paths.index / META_FILE).read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_text(paths.index / META_FILE))
         if not isinstance(meta, dict):
             raise ValueError("not a JSON object")
         # every file's size, the index file's checksum (a lists file's: `indexer verify`)
@@ -370,7 +399,7 @@ def read_index_meta(root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular_text(path))
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None

@@ -254,12 +254,13 @@ def update(
     number, building = start_version(cfg.out, asked)  # the published version stays untouched
     paths = CollectionPaths(building)
     paths.shards.mkdir()
-    carried = carry(prev, set(plan.keep.values()), paths, schema, cfg.out)
+    carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
     prefix, reused_prefix = new_shard_prefixes(number)
     job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix)
     new_shards, new_errors, reused = embed_items(job, batches, paths, cfg)
     errors = plan.kept_errors + new_errors
     new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)
+    check_recovered(prev.lost, sum(s.rows for s in new_shards), cfg.out)
     shards = carried + new_shards
     write_errors(paths.errors, errors)
     counts = tally(plan, reused, new_errors, prev, items, len(items))
@@ -276,6 +277,18 @@ def update(
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors))  # fmt: skip
+
+
+def check_recovered(lost: int, embedded: int, root: Path) -> None:
+    """A repair publishes only if it embedded at least as many items as the damaged shards
+    held: fewer means some can no longer be read from the sources, and they would be lost."""
+    if embedded < lost:
+        raise InputError(
+            f"the damaged shards of {root} held {lost} rows but only {embedded} of their items "
+            "could be embedded again from the sources (moved, deleted or now unreadable): "
+            "restore them and run the repair again, or rebuild with `indexer build ... "
+            "--rebuild`"
+        )
 
 
 def carry(

@@ -50,6 +50,11 @@ class Plan:
     kept_errors: list[dict[str, Any]] = field(default_factory=list)  # unchanged failed files
     stride: int = 1  # part I of N: ids I, I+N, I+2N, ... (unique across the merged parts)
     offset: int = 0
+    retained: set[int] = field(default_factory=set)  # ids kept though not listed (a repair)
+
+    def kept_ids(self) -> set[int]:
+        """Ids of the published rows the new version carries over."""
+        return set(self.keep.values()) | self.retained
 
     @property
     def nothing_to_do(self) -> bool:
@@ -139,6 +144,31 @@ def make_plan(
     return plan
 
 
+def make_repair_plan(
+    items: list[Item],
+    sources: list[Source],
+    prev: dict[str, PrevRow],
+    next_id: int,
+    prev_errors: dict[str, dict[str, Any]],
+) -> Plan:
+    """A repair keeps every intact row as it is (listed or not, changed or not) and embeds
+    only the listed items no intact row or recorded failure holds: those of the damaged shards
+    (and any added since)."""
+    plan = Plan(next_id=next_id, retained={row.id for row in prev.values()})
+    for position, item in enumerate(items):
+        row, failed = prev.get(item.key), prev_errors.get(item.key)
+        if row is not None:
+            plan.keep[position] = plan.ids[position] = row.id
+            plan.known.add(position)
+        elif failed is not None and failed["source"] == sources[item.source].label:
+            plan.kept_errors.append(failed)
+        else:
+            plan.ids[position] = plan.next_id
+            plan.next_id += 1
+            plan.check.append(position)
+    return plan
+
+
 REQUEST_DEFAULTS: dict[str, Any] = {"pooling": "head", "feature_stage": None, "labels": 0}
 
 
@@ -200,6 +230,7 @@ class Previous:
     manifest: dict[str, Any] | None
     rows: dict[str, PrevRow]
     salvaged: list[Path] = field(default_factory=list)  # shards a killed run finished
+    lost: int = 0  # a repair: rows of the damaged shards left out, to be embedded again
 
     def stored_shards(self) -> list[Path]:
         """Every shard whose vectors may be reused: the published ones, then salvaged ones."""
@@ -221,12 +252,16 @@ class Previous:
             return cls(None, None, {})
         folder = open_version(cfg.out)
         manifest = parse_manifest(folder)
+        lost = 0
         if cfg.drop_shards:  # repair: their rows count as never embedded
             kept = [s for s in manifest["shards"] if s["name"] not in cfg.drop_shards]
+            lost = sum(int(s["rows"]) for s in manifest["shards"]) - sum(
+                int(s["rows"]) for s in kept
+            )
             manifest = {**manifest, "shards": kept}
         check_shard_files(folder, manifest)
         check_request(asked, manifest, cfg.out)
-        return cls(folder, manifest, read_prev_rows(folder, manifest))
+        return cls(folder, manifest, read_prev_rows(folder, manifest), lost=lost)
 
     def next_id(self) -> int:
         if self.manifest is None:
@@ -261,7 +296,11 @@ def plan_build(cfg: BuildConfig) -> Planned:
     prev = Previous.of(cfg, sources, asked)
     same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
     prev_errors = None if cfg.retry_failed else prev.errors()
-    plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors, cfg.partition)
+    if cfg.drop_shards:
+        plan = make_repair_plan(items, sources, prev.rows, prev.next_id(), prev.errors())
+    else:
+        plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors,
+                         cfg.partition)  # fmt: skip
     return Planned(sources, items, asked, prev, plan)
 
 

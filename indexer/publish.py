@@ -31,6 +31,9 @@ REQUEST = ".request.json"
 LINKED = (MANIFEST, SHARDS, INDEX, ERRORS)
 
 
+MAX_VERSION = 999_999  # vNNNNNN
+
+
 def new_shard_prefixes(number: int) -> tuple[str, str]:
     """Name prefixes of version ``number``'s new shards: embedded rows, and reused vectors."""
     embedded, reused = SALVAGEABLE
@@ -41,8 +44,13 @@ def version_numbers(root: Path) -> list[int]:
     folder = root / VERSIONS
     if not folder.is_dir():
         return []
-    found = (VERSION_NAME.match(p.name) for p in folder.iterdir())
+    found = (VERSION_NAME.match(p.name) for p in folder.iterdir() if _own_dir(p))
     return sorted(int(m.group(1)) for m in found if m)
+
+
+def _own_dir(path: Path) -> bool:
+    """A real folder (not a link, not a file someone left there)."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def salvage(root: Path, request: dict[str, Any]) -> list[Path]:
@@ -99,8 +107,15 @@ def start_version(root: Path, request: dict[str, Any]) -> tuple[int, Path]:
     Call salvage() first: it clears what killed builds left.
     """
     folder = root / VERSIONS
+    if folder.is_symlink():
+        raise CollectionError(f"{folder} is a symbolic link: remove it (refusing to write there)")
     folder.mkdir(parents=True, exist_ok=True)
     number = max(version_numbers(root), default=0) + 1
+    if number > MAX_VERSION:
+        raise CollectionError(
+            f"{folder} already holds version {number - 1}, the last one a name can hold: "
+            "rebuild the collection into a new --out"
+        )
     building = folder / f"{BUILDING_PREFIX}v{number:06d}"
     building.mkdir()
     write_bytes_atomic(building / REQUEST, json.dumps(request, sort_keys=True).encode("utf-8"))
@@ -109,6 +124,12 @@ def start_version(root: Path, request: dict[str, Any]) -> tuple[int, Path]:
 
 def publish(root: Path, number: int, building: Path) -> Path:
     """Make the finished version visible: rename it into place, then swap `current` to it."""
+    blocked = [root / n for n in LINKED if (root / n).exists() and not (root / n).is_symlink()]
+    if blocked:  # checked before the switch: a refused publish changes nothing
+        raise CollectionError(
+            f"{blocked[0]} is in the way of the collection layout (it must be the link "
+            f"{CURRENT}/{blocked[0].name}): move it away and run again"
+        )
     final = root / VERSIONS / f"v{number:06d}"
     (building / REQUEST).unlink(missing_ok=True)
     os.replace(building, final)
@@ -117,14 +138,18 @@ def publish(root: Path, number: int, building: Path) -> Path:
     tmp_link.unlink(missing_ok=True)
     tmp_link.symlink_to(Path(VERSIONS) / final.name)
     os.replace(tmp_link, root / CURRENT)  # the atomic switch
-    for name in LINKED:
-        link = root / name
-        if not link.is_symlink():
-            if link.exists():
-                raise CollectionError(f"{link} is in the way of the collection layout: move it")
-            link.symlink_to(Path(CURRENT) / name)
+    for name in LINKED:  # each a fixed link into current; one pointing elsewhere is reset
+        if not (root / name).is_symlink() or os.readlink(root / name) != f"{CURRENT}/{name}":
+            _replace_link(root / name, Path(CURRENT) / name)
     _fsync_dir(root)
     return final
+
+
+def _replace_link(link: Path, target: Path) -> None:
+    tmp = link.with_name(f".{CURRENT}.tmp-{os.getpid()}-{link.name}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
 
 
 def prune(root: Path, keep: int) -> list[int]:

@@ -74,3 +74,14 @@ def check_writable(path: Path, flag: str) -> None:
         raise InputError(
             f"{flag} {path}: {parent} is not a folder you may write to: choose another path"
         )
+
+
+def read_regular_text(path: Path) -> str:
+    """A regular file's text; a FIFO, device or folder there is refused without blocking."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read().decode("utf-8")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from indexer.model import Embedder
 
 T = TypeVar("T")
+SCORE_TOLERANCE = 1e-6  # thresholds compare with this slack: float32 rounds identical items
+WHERE_FIRST = 200  # a filtered query first asks for this many neighbours (or 20k), then doubles
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Collection:
         self.manifest = read_manifest(self.version)
         self.index, self.index_meta = load_index(self.version, self.manifest, self.root)
         self._keys: tuple[np.ndarray, pa.Array] | None = None
+        self._labels: tuple[np.ndarray, np.ndarray] | None = None
         if self._params:
             self.set_search_params(self._params)
 
@@ -102,19 +105,18 @@ class Collection:
         return dict(self.index_meta.get("params") or {})
 
     def set_search_params(self, params: dict[str, int]) -> None:
-        """Override the tuned nprobe or efSearch; an index without that parameter refuses."""
+        """Override the tuned nprobe or efSearch; an index without that parameter refuses.
+        nprobe above the index's nlist is nlist; efSearch above EF_LIMIT (4096) is refused."""
         own = search_param(self.index)[0]
-        for name, value in params.items():
+        for name in params:
             if name != own:
                 raise InputError(
                     f"the index of {self.root} is {self.index_meta['type']} "
                     f"({self.index_meta['factory']}): it has no {name} to set"
                     + (f"; it takes {own}" if own else "")
                 )
-            if value < 1:
-                raise InputError(f"{name} must be at least 1")
-        apply_params(self.index, params)
-        self.index_meta = {**self.index_meta, "params": {**self.search_params, **params}}
+        applied = apply_params(self.index, params)
+        self.index_meta = {**self.index_meta, "params": {**self.search_params, **applied}}
 
     @property
     def embedder(self) -> Embedder:
@@ -245,7 +247,8 @@ class Collection:
     ) -> list[QueryResult]:
         """Nearest items to each image (embedded with the collection's recipe) and to each
         stored item given by key, as result rows with their shard columns; `where`
-        ("label=NAME") keeps those whose top predicted label is NAME."""
+        ("label=NAME") keeps those whose top predicted label is NAME, searching wider until k
+        are found."""
         return self._again_if_pruned(lambda: self._query(images, ids, k, threshold, where))
 
     def _query(
@@ -267,19 +270,61 @@ class Collection:
             parts.append(self.embed_files(images))
         if ids:
             parts.append(self.vectors_of(ids))
-        wide = k if label is None else min(int(self.index.ntotal), max(20 * k, 200))
-        found = self.hits(np.concatenate(parts), max(wide, 1))
+        vectors = np.concatenate(parts)
+        found = self.hits(vectors, k) if label is None else self._labelled(vectors, k, label)
         metric = self.manifest["metric"]
         names = [(str(p), p) for p in images] + [(key, None) for key in ids]
         results = []
         for (name, path), hits in zip(names, found, strict=True):
             if path is None:  # a stored item: show its own file when it has one
                 path = self.path_of(name)
-            if label is not None:
-                hits = [h for h in hits if (h.columns.get("label_name") or [None])[0] == label]
-                hits = [replace(h, rank=n) for n, h in enumerate(hits[:k], start=1)]
             results.append(QueryResult(name, path, keep_above(hits, threshold, metric)))
         return results
+
+    def _labelled(self, vectors: np.ndarray, k: int, label: str) -> list[list[Hit]]:
+        """The k nearest hits whose top label is `label`: the search widens (doubling) until
+        each query has k of them or searched the whole collection; rows are read for those."""
+        total = int(self.index.ntotal)
+        scores = np.full((len(vectors), k), np.nan, np.float32)
+        ids = np.full((len(vectors), k), -1, np.int64)
+        todo = np.arange(len(vectors))
+        for width in widths(k, total):
+            found_s, found_i = self.search_ids(vectors[todo], width)
+            match = (found_i >= 0) & (self._top_labels(found_i) == label)
+            enough = (match.sum(axis=1) >= k) | (width >= total)
+            for row, s_row, i_row, m in zip(todo[enough], found_s[enough], found_i[enough],
+                                            match[enough], strict=True):  # fmt: skip
+                picked = np.flatnonzero(m)[:k]
+                scores[row, : len(picked)], ids[row, : len(picked)] = s_row[picked], i_row[picked]
+            todo = todo[~enough]
+            if not len(todo):
+                break
+        return self._as_hits(scores, ids)
+
+    def _top_labels(self, ids: np.ndarray) -> np.ndarray:
+        """Each id's top predicted label (object array of the same shape; None for -1)."""
+        sorted_ids, labels = self._label_map()
+        out = np.full(ids.shape, None, dtype=object)
+        if len(sorted_ids):
+            pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+            out[ids >= 0] = labels[pos[ids >= 0]]
+        return out
+
+    def _label_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every id (sorted) and its top predicted label: read once, two columns only."""
+        if self._labels is None:
+            import pyarrow.compute as pc
+
+            paths = self.paths.shard_paths(self.manifest)
+            tables = [read_shard(p, ["id", "label_name"]) for p in paths]
+            if not tables:
+                return np.zeros(0, np.int64), np.zeros(0, object)
+            table = pa.concat_tables(tables)
+            order = np.argsort(table.column("id").to_numpy(), kind="stable")
+            top = pc.list_element(table.column("label_name").combine_chunks(), 0)
+            self._labels = (table.column("id").to_numpy()[order],
+                            top.to_numpy(zero_copy_only=False)[order])  # fmt: skip
+        return self._labels
 
     def _where(self, where: str | None) -> str | None:
         if where is None:
@@ -312,7 +357,10 @@ class Collection:
         return self._again_if_pruned(lambda: self._hits(vectors, k))
 
     def _hits(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        scores, ids = self.search_ids(vectors, k)
+        return self._as_hits(*self.search_ids(vectors, k))
+
+    def _as_hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """Search results (ids of -1 left out) as hits, ranked, with their shard rows."""
         wanted = {int(i) for i in ids.ravel() if i >= 0}
         rows = read_rows(self.paths.shard_paths(self.manifest), wanted)
         if wanted - rows.keys():
@@ -384,4 +432,21 @@ def keep_above(hits: list[Hit], threshold: float | None, metric: str) -> list[Hi
     """Hits at least as close as threshold: score >= t for ip, distance <= t for l2."""
     if threshold is None:
         return hits
-    return [h for h in hits if (h.score >= threshold if metric == "ip" else h.score <= threshold)]
+    return [h for h in hits if within(h.score, threshold, metric)]
+
+
+def within(score: float, threshold: float, metric: str) -> bool:
+    """score >= threshold (ip) or <= threshold (l2), give or take float32 rounding: identical
+    vectors score 0.99999994, not 1 (SCORE_TOLERANCE, relative to the threshold above 1)."""
+    slack = SCORE_TOLERANCE * max(1.0, abs(threshold))
+    return score >= threshold - slack if metric == "ip" else score <= threshold + slack
+
+
+def widths(k: int, total: int) -> Iterator[int]:
+    """How many neighbours a filtered query asks for, try after try: WHERE_FIRST (or 20k)
+    first, then doubling, ending at the whole collection."""
+    width = max(1, min(total, max(WHERE_FIRST, 20 * k)))
+    yield width
+    while width < total:
+        width = min(total, 2 * width)
+        yield width

@@ -14,6 +14,15 @@ TIMING_BUDGET = 1.0  # seconds: stop timing rounds once this much was spent
 CONFIDENCE_Z = 3.0  # tuning asks the recall's lower bound (mean - 3 SE) to reach the target
 EXACT_BLOCK = 8192  # stored vectors scored at once: ~100 MB of scratch for 1000 queries
 PLATEAU = 0.001  # recall gained by doubling below this, twice running: the index can do no better
+TIE_TOLERANCE = 1e-5  # a neighbour this near the k-th (relative to the scores' scale) ties with it
+TIES_KEPT = 4  # ties with the k-th neighbour are looked for among the exact top (1 + 4) * k
+
+
+class Neighbours(np.ndarray):
+    """Exact neighbour ids (n, k), best first, carrying `ties`: (n, t) other ids exactly as near
+    as each row's k-th (within TIE_TOLERANCE), -1 padded. Returning one of those is no miss."""
+
+    ties: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,11 @@ class Probe:
     queries: np.ndarray  # (n, dim) float32
     truth: np.ndarray  # (n, k) exact neighbour ids, best first, the query's own id excluded
     k: int
+
+    @property
+    def ties(self) -> np.ndarray | None:
+        """(n, t) ids tied with each query's k-th neighbour (exact_neighbours' Neighbours)."""
+        return getattr(self.truth, "ties", None)
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,35 @@ def exact_neighbours(
     k: int,
     metric: str,
 ) -> np.ndarray:
-    """Brute-force top-k ids per query over streamed (ids, vectors) batches, self excluded."""
+    """Brute-force top-k ids per query over streamed (ids, vectors) batches, self excluded;
+    the ids tied with each k-th neighbour come along as the result's `ties` (Neighbours)."""
+    best_s, best_i = _exact_top(batches, query_ids, queries, k * (1 + TIES_KEPT), metric)
+    scale = np.maximum(np.einsum("ij,ij->i", queries, queries), 1e-30)
+    truth = np.ascontiguousarray(best_i[:, :k]).view(Neighbours)
+    truth.ties = tied_ids(best_s, best_i, k, scale)
+    return truth
+
+
+def tied_ids(scores: np.ndarray, ids: np.ndarray, k: int, scale: np.ndarray) -> np.ndarray:
+    """Of candidates ranked best first, the ids after the k-th whose score equals the k-th's
+    within TIE_TOLERANCE of the scale (the scores', or the query's squared norm); -1 padded."""
+    if scores.shape[1] <= k:
+        return np.full((len(scores), 0), -1, dtype=np.int64)
+    rest = scores[:, k:]
+    kth = scores[:, k - 1 : k]
+    scale = np.maximum(np.maximum(np.abs(scores[:, :1]), np.abs(kth)), scale[:, None])
+    tied = np.isfinite(rest) & (rest >= kth - TIE_TOLERANCE * scale)
+    return np.where(tied, ids[:, k:], -1)
+
+
+def _exact_top(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    query_ids: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) of the top k per query, best first (-1 ids past the collection's end)."""
     n = len(queries)
     best_s = np.full((n, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((n, 0), dtype=np.int64)
@@ -75,18 +117,20 @@ def exact_neighbours(
         order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
         best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
     best_i[~np.isfinite(best_s)] = -1
-    return best_i
+    return best_s, best_i
 
 
 def query_recalls(found: np.ndarray, probe: Probe) -> np.ndarray:
     """Per query: the share of its exact neighbours found among the first k results that are
-    not the query itself."""
+    not the query itself; one tied with the k-th (probe.ties) counts as found: ties are ties."""
     out = np.ones(len(probe.ids))
-    rows = zip(probe.ids.tolist(), found.tolist(), probe.truth.tolist(), strict=True)
-    for n, (own, row, truth) in enumerate(rows):
+    ties = probe.ties if probe.ties is not None else np.full((len(probe.ids), 0), -1)
+    rows = zip(probe.ids.tolist(), found.tolist(), probe.truth.tolist(), ties.tolist(), strict=True)
+    for n, (own, row, truth, tied) in enumerate(rows):
         wanted = {t for t in truth if t >= 0}
+        accepted = wanted.union(t for t in tied if t >= 0)
         got = [i for i in row if i != own and i >= 0][: probe.k]
-        out[n] = len(wanted.intersection(got)) / len(wanted) if wanted else 1.0
+        out[n] = min(1.0, len(accepted.intersection(got)) / len(wanted)) if wanted else 1.0
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.catalog import first_bad_field
+from indexer.manifestcheck import first_bad_field
 from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, run_cli
 
 
@@ -91,25 +91,47 @@ def test_ids_at_or_beyond_next_id_are_found_by_verify(collection: Path, tmp_path
     assert found.exit_code == 3 and "ids are not below next_id (3)" in found.output
 
 
+MODEL = {
+    "name": "m", "weights": {"kind": "random", "seed": 0}, "normalize": True,
+    "precision": "fp32", "label_set": None,
+    "data_config": {"input_size": [3, 160, 160], "mean": [0.5] * 3, "std": [0.5] * 3,
+                    "crop_pct": 0.95, "interpolation": "bicubic", "crop_mode": "center"},
+}  # fmt: skip
+GOOD = {
+    "schema_version": 1, "embedding_dim": 64, "metric": "ip", "next_id": 3,
+    "counts": {"embedded": 1}, "shards": [{"name": "a.parquet", "rows": 1}],
+    "sources": [{"kind": "folder", "path": "/x", "label": "x"}], "model": MODEL,
+    "decode": {"mode": "fast", "max_pixels": 100}, "request": {"model": "m"},
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
+        ({}, None),
+        ({"model": None, "decode": None}, None),
+        ({"schema_version": "1"}, "schema_version"),
         ({"embedding_dim": "64"}, "embedding_dim"),
         ({"embedding_dim": 0}, "embedding_dim"),
         ({"metric": "cosine"}, "metric"),
         ({"next_id": -5}, "next_id"),
+        ({"next_id": None}, "next_id"),
         ({"counts": {"embedded": -1}}, "counts.embedded"),
         ({"shards": {"a": 1}}, "shards"),
-        ({"shards": [{"name": "a.parquet", "rows": "7"}]}, "rows"),
+        ({"shards": [{"name": "a.parquet", "rows": "7"}]}, "shards"),
         ({"sources": "x"}, "sources"),
+        ({"sources": ["a"]}, "sources"),
+        ({"sources": [{"path": "/x", "label": "x"}]}, "sources"),
+        ({"sources": [{"kind": "folder", "path": 5}]}, "sources"),
+        ({"request": "x"}, "request"),
         ({"model": "timm"}, "model"),
-        ({}, None),
+        ({"model": {**MODEL, "name": 5}}, "model.name"),
+        ({"model": {k: v for k, v in MODEL.items() if k != "weights"}}, "model.weights"),
+        ({"model": {**MODEL, "data_config": {"input_size": "x"}}}, "input_size"),
+        ({"model": {**MODEL, "label_set": 7}}, "label_set"),
+        ({"decode": None}, "decode.mode"),
     ],
 )
 def test_manifest_fields_are_checked(change: dict[str, object], problem: str | None) -> None:
-    manifest = {
-        "embedding_dim": 64, "metric": "ip", "next_id": 3, "counts": {"embedded": 1},
-        "shards": [{"name": "a.parquet", "rows": 1}], "sources": [], "model": None,
-    }  # fmt: skip
-    found = first_bad_field({**manifest, **change})
-    assert (found is None) if problem is None else (problem in str(found))
+    found = first_bad_field({**GOOD, **change})
+    assert (found is None) if problem is None else (problem in str(found)), found

@@ -83,8 +83,10 @@ def key_to_relpath(key: str) -> str:
 
     def undo(match: re.Match[str]) -> str:
         text = match.group(0)
-        return "\\" if text == "\\\\" else bytes([int(text[2:], 16)]).decode(
-            "utf-8", "surrogateescape"
+        return (
+            "\\"
+            if text == "\\\\"
+            else bytes([int(text[2:], 16)]).decode("utf-8", "surrogateescape")
         )
 
     return re.sub(r"\\\\|\\x[0-9a-f]{2}", undo, key)

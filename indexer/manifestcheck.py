@@ -1,0 +1,108 @@
+"""The manifest's field types, checked from a table: tampering is one line, never a crash."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+MAX_ID = 2**62  # ids are int64; part I of N numbers rows up to next_id * N
+MISSING = object()
+
+
+def _get(doc: Any, path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(doc, dict) or part not in doc:
+            return MISSING
+        doc = doc[part]
+    return doc
+
+
+def count(value: Any) -> bool:
+    """A non-negative int (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def positive(value: Any) -> bool:
+    return count(value) and value > 0
+
+
+def number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def text(value: Any) -> bool:
+    return isinstance(value, str) and "\0" not in value
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is MISSING or value is None or check(value)
+
+
+def numbers(n: int, check: Callable[[Any], bool] = number) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and len(value) == n and all(map(check, value))
+
+
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda value: any(value == c and type(value) is type(c) for c in choices)
+
+
+def source_ok(source: Any) -> bool:
+    """One entry of `sources`: its kind and what names it."""
+    if not isinstance(source, dict) or not text(source.get("label", "")):
+        return False
+    named = {"folder": "path", "parquet": "path", "hf": "name"}.get(str(source.get("kind")))
+    return named is not None and text(source.get(named))
+
+
+def shard_ok(shard: Any) -> bool:
+    return isinstance(shard, dict) and count(shard.get("rows"))
+
+
+# (field, check, what it must be); model.* rows apply only when model is not null
+COMMON: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("schema_version", positive, "a positive integer"),
+    ("embedding_dim", positive, "a positive integer"),
+    ("metric", one_of("ip", "l2"), "ip or l2"),
+    ("normalized", optional(one_of(True, False)), "true or false"),
+    ("next_id", lambda v: v is MISSING or (count(v) and v < MAX_ID), "an integer from 0 to 2**62"),
+    ("counts.embedded", count, "a non-negative integer"),
+    ("shards", lambda v: isinstance(v, list) and all(map(shard_ok, v)), "a list of shards"),
+    ("sources", lambda v: isinstance(v, list) and all(map(source_ok, v)), "a list of sources"),
+    ("request", optional(lambda v: isinstance(v, dict)), "an object"),
+    ("model", lambda v: v is None or isinstance(v, dict), "an object or null"),
+)
+MODEL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("model.name", text, "a timm model name"),
+    ("model.weights.kind", one_of("pretrained", "checkpoint", "random"), "a weights kind"),
+    ("model.weights.seed", optional(count), "a non-negative integer"),
+    ("model.weights.path", optional(text), "a path"),
+    ("model.normalize", one_of(True, False), "true or false"),
+    ("model.precision", one_of("fp32", "bf16"), "fp32 or bf16"),
+    ("model.pooling", optional(text), "a pooling name"),
+    ("model.feature_stage", optional(count), "a stage number"),
+    ("model.labels", optional(count), "a non-negative integer"),
+    ("model.label_set", optional(text), "a label set name"),
+    ("model.data_config.input_size", numbers(3, positive), "3 positive integers"),
+    ("model.data_config.mean", numbers(3), "3 numbers"),
+    ("model.data_config.std", numbers(3), "3 numbers"),
+    ("model.data_config.crop_pct", number, "a number"),
+    ("model.data_config.interpolation", text, "an interpolation name"),
+    ("model.data_config.crop_mode", text, "a crop mode"),
+    ("decode.mode", one_of("fast", "exact"), "fast or exact"),
+    ("decode.max_pixels", optional(positive), "a positive integer"),
+    ("request.model", optional(text), "a timm model name"),  # absent in old collections
+    ("request.weights.kind", optional(one_of("pretrained", "checkpoint", "random")), "a kind"),
+    ("request.preprocessing", optional(one_of("fast", "exact")), "fast or exact"),
+)
+
+
+def first_bad_field(manifest: Any) -> str | None:
+    """What is wrong with a parsed manifest's types, or None (a small pure check)."""
+    if not isinstance(manifest, dict):
+        return "not a JSON object"
+    rows = COMMON + (MODEL if isinstance(manifest.get("model"), dict) else ())
+    for field, check, what in rows:
+        if not check(_get(manifest, field)):
+            return f"{field} is not {what}"
+    return None
