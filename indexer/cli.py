@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -116,6 +117,16 @@ def entry() -> None:
     os._exit(code)
 
 
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (which compare false with every bound)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 keep_option = click.option(
     "--keep",
     default=2,
@@ -132,7 +143,7 @@ def index_options(defaults: bool) -> Callable[[Callable[..., Any]], Callable[...
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn = click.option(
             "--target-recall",
-            type=click.FloatRange(0, 1, min_open=True),
+            type=FiniteFloat(0, 1, min_open=True),
             default=0.95 if defaults else None,
             show_default=defaults,
             help="recall@10 the search parameter (nprobe, efSearch) is tuned to reach."
@@ -261,7 +272,7 @@ def main(verbose: bool) -> None:
     "--decode-timeout",
     default=60.0,
     show_default=True,
-    type=click.FloatRange(0),
+    type=FiniteFloat(0),
     help="Seconds one image may take to read and decode in a worker; past it (or if the "
     "decoder crashes) the image is recorded as failed and the run goes on. 0: no limit. "
     "Needs --workers >= 1.",
@@ -302,7 +313,7 @@ def main(verbose: bool) -> None:
     "--max-failures",
     default=0.05,
     show_default=True,
-    type=click.FloatRange(0),
+    type=FiniteFloat(0),
     help="Failure budget: a count (>= 1) or a fraction of the items (< 1). Within it "
     "a run with failures exits 5 (partial); over it, 6.",
 )
@@ -632,7 +643,7 @@ def query(
 
 def json_text(doc: Any, indent: int | None = None) -> str:
     """JSON that strict UTF-8 readers accept: undecodable bytes of file names as \\xNN text."""
-    return json.dumps(_printable(doc), indent=indent, default=str)
+    return json.dumps(_printable(doc), indent=indent, default=str, allow_nan=False)
 
 
 def _printable(value: Any) -> Any:
@@ -641,6 +652,8 @@ def _printable(value: Any) -> Any:
             return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
             return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN or Infinity
     if isinstance(value, dict):
         return {_printable(k): _printable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

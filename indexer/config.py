@@ -240,9 +240,10 @@ def setting_text(job: Path, name: str, value: Any, kind: str, many: bool = False
             f"job file {job}: setting '{name}' must be a list of {plural}, not {got}{hint}"
         )
     if not _is_kind(value, kind):
+        nul = kind == "string" and isinstance(value, str)
+        got = "one holding a NUL character" if nul else _toml_type(value)
         raise InputError(
-            f"job file {job}: setting '{name}' must be {SETTING_KINDS[kind]}, "
-            f"not {_toml_type(value)}"
+            f"job file {job}: setting '{name}' must be {SETTING_KINDS[kind]}, not {got}"
         )
     return [_text(value)]
 
@@ -254,7 +255,7 @@ def _is_kind(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str)
+    return isinstance(value, str) and "\0" not in value  # no path or name holds a NUL
 
 
 def _text(value: Any) -> str:

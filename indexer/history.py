@@ -64,8 +64,9 @@ def append_run(root: Path, record: RunRecord) -> None:
             os.write(fd, line.encode("utf-8"))
         finally:
             os.close(fd)
-    except OSError as exc:
-        log.warning("run not recorded in %s: %s", path, exc.strerror or exc)
+    except OSError as exc:  # after a failed run its error is the one line to show
+        level = logging.INFO if record.error else logging.WARNING
+        log.log(level, "run not recorded in %s: %s", path, exc.strerror or exc)
 
 
 def _open_regular(path: Path, flags: int) -> int:

@@ -44,7 +44,14 @@ class Vectors:
         return sum(self.counts)
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        return iter_embeddings(self.paths)
+        """Each shard's (ids, vectors), checked against the manifest's vector length."""
+        for path, (ids, vectors) in zip(self.paths, iter_embeddings(self.paths), strict=True):
+            if vectors.shape[1] != self.dim:
+                raise CollectionError(
+                    f"shard {path} holds {vectors.shape[1]}-d vectors, the manifest says "
+                    f"{self.dim}-d: the collection was tampered with; run `indexer verify`"
+                )
+            yield ids, vectors
 
     def read(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of the rows at these sorted positions, read one shard at a time."""
@@ -126,7 +133,8 @@ def write_index(index: Any, path: Path) -> None:
     import faiss
 
     try:
-        faiss.write_index(index, str(path))
+        with native_output_silenced((1, 2)):  # FAISS prints its own half-line on a write error
+            faiss.write_index(index, str(path))
     except RuntimeError as exc:
         text = str(exc)
         code = next((c for c in WRITE_ERRNOS if os.strerror(c) in text), errno.EIO)
@@ -181,10 +189,14 @@ def check_index_files(
 ) -> list[str]:
     """What differs from the recorded sizes (and sha256, for the files named in `hashed`);
     [] when all match."""
-    problems = []
+    if not isinstance(recorded, dict) or not all(
+        isinstance(w, dict) and "bytes" in w and "sha256" in w for w in recorded.values()
+    ):
+        return ["its record of files and checksums is malformed"]
+    problems = [] if INDEX_FILE in recorded else [f"no checksum is recorded for {INDEX_FILE}"]
     for name, want in recorded.items():
-        path = folder / name
-        if not path.is_file():
+        path = folder / str(name)
+        if "/" in str(name) or not path.is_file():
             problems.append(f"{name} is missing")
         elif path.stat().st_size != want["bytes"]:
             problems.append(f"{name} has {path.stat().st_size} bytes, not {want['bytes']}")
@@ -377,20 +389,24 @@ def load_index(
 
 
 @contextmanager
-def native_output_silenced() -> Iterator[None]:
-    """Send what native code prints to stdout to /dev/null (it would corrupt --json output)."""
+def native_output_silenced(fds: tuple[int, ...] = (1,)) -> Iterator[None]:
+    """Send what native code prints to these fds (stdout: it would corrupt --json output) to
+    /dev/null."""
     libc = ctypes.CDLL(None)
     sys.stdout.flush()
+    sys.stderr.flush()
     libc.fflush(None)
-    saved = os.dup(1)
+    saved = [os.dup(fd) for fd in fds]
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(devnull, 1)
+        for fd in fds:
+            os.dup2(devnull, fd)
         yield
     finally:
         libc.fflush(None)
-        os.dup2(saved, 1)
-        os.close(saved)
+        for fd, copy in zip(fds, saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
         os.close(devnull)
 
 

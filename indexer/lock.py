@@ -103,8 +103,9 @@ class CollectionLock:
                 f"cannot write to {self.path.parent} ({exc.strerror or exc}): "
                 "choose an --out you may write to"
             ) from exc
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)  # a hard link: writing the holder there would clobber another file
             raise self._not_a_file()
         return fd
 
@@ -128,7 +129,10 @@ class CollectionLock:
         )
 
     def _not_a_file(self) -> InputError:
-        return InputError(f"{self.path} is not a regular file: remove it and run again")
+        return InputError(
+            f"{self.path} is not a regular file of its own (a FIFO, folder or hard link): "
+            "remove it and run again"
+        )
 
 
 def _write_holder(fd: int, text: str) -> None:

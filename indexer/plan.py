@@ -18,7 +18,7 @@ from indexer.catalog import (
     parse_manifest,
 )
 from indexer.config import BuildConfig, file_sha256
-from indexer.errors import InputError
+from indexer.errors import CollectionError, InputError
 from indexer.history import read_runs
 from indexer.parts import in_partition
 from indexer.shards import read_hashes, read_shard
@@ -71,6 +71,21 @@ def read_prev_rows(version: Path, manifest: dict[str, Any]) -> dict[str, PrevRow
             fingerprint = (size, mtime) if size is not None and mtime is not None else None
             rows[r["key"]] = PrevRow(r["id"], r["source"], fingerprint, r["content_hash"])
     return rows
+
+
+def check_prev_ids(
+    rows: dict[str, PrevRow], manifest: dict[str, Any], cfg: BuildConfig, folder: Path
+) -> None:
+    """The published ids must be unique and below next_id (times N for part I of N), or new
+    rows would take ids already in use: refuse, naming verify."""
+    ids = [row.id for row in rows.values()]
+    stride = cfg.partition[1] if cfg.partition else 1
+    bound = int(manifest.get("next_id", max(ids, default=-1) + 1)) * stride
+    if len(set(ids)) != len(ids) or any(i < 0 or i >= bound for i in ids):
+        raise CollectionError(
+            f"the ids in {folder} repeat or are not below its next_id ({bound}): the collection "
+            "was tampered with; run `indexer verify` on it, and rebuild with --rebuild"
+        )
 
 
 def unchanged_datasets(sources: list[Source], manifest: dict[str, Any]) -> set[str]:
@@ -261,7 +276,9 @@ class Previous:
             manifest = {**manifest, "shards": kept}
         check_shard_files(folder, manifest)
         check_request(asked, manifest, cfg.out)
-        return cls(folder, manifest, read_prev_rows(folder, manifest), lost=lost)
+        rows = read_prev_rows(folder, manifest)
+        check_prev_ids(rows, manifest, cfg, folder)
+        return cls(folder, manifest, rows, lost=lost)
 
     def next_id(self) -> int:
         if self.manifest is None:

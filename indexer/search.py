@@ -230,11 +230,13 @@ class Collection:
 
     def path_of(self, key: str) -> Path | None:
         """The absolute path of an item's file, for items of folder sources (else None)."""
+        from indexer.sources.folder import key_to_relpath
+
         sources = self.manifest["sources"]
         label, rel = key.split("/", 1) if len(sources) > 1 and "/" in key else (None, key)
         for source in sources:
             if source["kind"] == "folder" and (label is None or source.get("label") == label):
-                return Path(source["path"]) / rel
+                return Path(source["path"]) / key_to_relpath(rel)
         return None
 
     def query(

@@ -83,6 +83,7 @@ def copy_of(collection: Path, tmp_path: Path) -> Path:
     import shutil
 
     copy = tmp_path / "copy"
+    copy.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(collection, copy, symlinks=True)
     return copy
 

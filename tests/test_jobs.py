@@ -81,6 +81,7 @@ def test_bad_job_files_are_one_line_errors(tmp_path: Path, text: str, message: s
         ),
         ('sources = ["x", 1]\nout = "o"\n', "'sources' must be a list of strings, not a list"),
         ('sources = ["x"]\nout = ["o"]\n', "setting 'out' must be a string, not an array"),
+        ('sources = ["x"]\nout = "a\\u0000b"\n', "'out' must be a string, not one holding a NUL"),
         ('sources = ["x"]\nout = ""\n', "setting 'out' must not be empty"),
         ('sources = [""]\nout = "o"\n', "setting 'sources' must not be empty"),
         ('sources = ["x"]\nout = "o"\ncheckpoint = 1\n', "'checkpoint' must be a string"),

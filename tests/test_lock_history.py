@@ -162,7 +162,7 @@ def test_a_symlinked_lock_file_is_refused_and_not_written_through(
 def test_a_lock_path_that_is_not_a_file_is_refused(tmp_path: Path, make: MakeNode) -> None:
     make(tmp_path / ".indexer.lock")
     with (
-        pytest.raises(InputError, match="not a regular file: remove it"),
+        pytest.raises(InputError, match="not a regular file of its own"),
         CollectionLock(tmp_path, "build"),
     ):
         pass
@@ -302,3 +302,15 @@ def test_info_survives_a_damaged_history(collection: Path, tmp_path: Path) -> No
     assert result.exit_code == 0, result.output
     assert "last runs:" in result.output and " build " in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_hard_linked_lock_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.link(victim, tmp_path / ".indexer.lock")
+    with (
+        pytest.raises(InputError, match="hard link"),
+        CollectionLock(tmp_path, "build"),
+    ):
+        pass
+    assert victim.read_text() == "keep me"

@@ -102,3 +102,40 @@ def test_a_refused_build_leaves_nothing_in_out(corpus: Path, tmp_path: Path) -> 
     result = run_cli("build", corpus / "group0", "--out", photos, *BUILD_FLAGS)
     assert result.exit_code == 2 and "is not empty and is not a collection" in result.output
     assert sorted(p.name for p in photos.iterdir()) == before
+
+
+def test_a_folder_with_files_named_like_the_layout_is_not_ours(
+    corpus: Path, tmp_path: Path
+) -> None:
+    mine = tmp_path / "mine"
+    (mine / "index").mkdir(parents=True)
+    (mine / "manifest.json").write_text("{}")
+    (mine / "runs.jsonl").write_text("my line\n")
+    (mine / "index" / "index.html").write_text("page")
+    before = sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*"))
+    result = run_cli("build", corpus / "group0", "--out", mine, *BUILD_FLAGS)
+    assert result.exit_code == 2 and "is not a collection" in result.output, result.output
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == before
+    assert (mine / "runs.jsonl").read_text() == "my line\n"
+
+
+@pytest.mark.parametrize("flag", ["--max-failures", "--decode-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_flags_that_are_no_finite_number_are_refused(
+    corpus: Path, tmp_path: Path, flag: str, value: str
+) -> None:
+    result = run_cli("build", corpus, "--out", tmp_path / "c", *BUILD_FLAGS, flag, value)
+    assert result.exit_code == 2 and "not a finite number" in result.output, result.output
+    assert not (tmp_path / "c").exists()
+    index = run_cli("index", tmp_path / "c", "--target-recall", value)
+    assert index.exit_code == 2
+
+
+def test_info_json_is_strict_even_with_odd_history(collection: Path, tmp_path: Path) -> None:
+    copy = copy_of(collection, tmp_path)
+    line = json.loads((copy / "runs.jsonl").read_text().splitlines()[-1])
+    with open(copy / "runs.jsonl", "a") as f:
+        f.write(json.dumps({**line, "seconds": float("nan")}) + "\n")
+    result = run_cli("info", copy, "--json")
+    assert result.exit_code == 0, result.output
+    json.loads(result.output, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from indexer.verify import repair, verify
@@ -115,3 +117,37 @@ def test_a_repair_that_cannot_finish_publishes_nothing(corpus: Path, tmp_path: P
     after = read_embeddings_by_key(out)
     assert after.keys() == before.keys()
     assert not verify(out).problems
+
+
+def test_intact_rows_stay_though_their_files_are_gone(corpus: Path, tmp_path: Path) -> None:
+    src = _source(corpus, tmp_path, ("group0", "group1"))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--shard-size", "4").exit_code == 0
+    before = read_embeddings_by_key(out)
+    victim = _damage_shard(out)  # the first shard: its items are embedded again
+    shards = sorted(((out / "current").resolve() / "shards").glob("*.parquet"))
+    intact = pq.read_table(shards[-1], columns=["key"]).column("key").to_pylist()
+    for key in intact:
+        (src / key).unlink()  # rows of an intact shard whose files are gone
+    mended = run_cli("verify", "--repair", out)
+    assert mended.exit_code == 0 and "whole again" in mended.output, mended.output
+    after = read_embeddings_by_key(out)
+    assert after.keys() == before.keys()  # nothing lost, nothing added
+    assert all(np.allclose(after[k], before[k], atol=1e-6) for k in before)
+    assert victim not in {p.name for p in ((out / "current").resolve() / "shards").iterdir()}
+
+
+def test_a_repair_that_would_lose_damaged_items_publishes_nothing(
+    corpus: Path, tmp_path: Path
+) -> None:
+    src = _source(corpus, tmp_path, ("group0", "group1"))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--shard-size", "4").exit_code == 0
+    shard = sorted(((out / "current").resolve() / "shards").glob("*.parquet"))[0]
+    lost = pq.read_table(shard, columns=["key"]).column("key").to_pylist()[0]
+    _damage_shard(out)
+    (src / lost).unlink()  # one of the damaged shard's items can no longer be read
+    failed = run_cli("verify", "--repair", out)
+    assert failed.exit_code == 2 and "could be embedded again" in failed.output, failed.output
+    assert os.readlink(out / "current") == "versions/v000001"
+    assert run_cli("verify", out).exit_code == 3

@@ -135,3 +135,100 @@ GOOD = {
 def test_manifest_fields_are_checked(change: dict[str, object], problem: str | None) -> None:
     found = first_bad_field({**GOOD, **change})
     assert (found is None) if problem is None else (problem in str(found)), found
+
+
+def test_a_versions_link_to_another_collection_is_refused(
+    collection: Path, other: Path, tmp_path: Path, corpus: Path
+) -> None:
+    theirs = copy_of(other, tmp_path / "theirs")
+    copy = copy_of(collection, tmp_path / "ours")
+    shutil.rmtree(copy / "versions")
+    (copy / "versions").symlink_to(theirs / "versions")
+    for args in (("verify", copy), ("build", corpus, "--out", copy, *BUILD_FLAGS, "--rebuild",
+                                    "--keep", "1")):  # fmt: skip
+        result = run_cli(*args)
+        assert result.exit_code == 3 and "symbolic link" in result.output, result.output
+        _one_clean_line(result.output)
+    assert run_cli("verify", theirs).exit_code == 0  # untouched
+
+
+def test_a_next_id_below_the_ids_is_refused_by_builds(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, lambda m: m.update(next_id=10))
+    result = run_cli("build", corpus, "--out", copy, *BUILD_FLAGS)
+    assert result.exit_code == 3 and "not below its next_id" in result.output, result.output
+    assert os.readlink(copy / "current") == "versions/v000001"
+
+
+def test_a_stray_file_among_the_versions_is_ignored(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    (copy / "versions" / "v999999").touch()
+    result = run_cli("build", corpus, "--out", copy, *BUILD_FLAGS, "--rebuild")
+    assert result.exit_code == 0, result.output
+    assert os.readlink(copy / "current") == "versions/v000002"
+    assert run_cli("info", copy).exit_code == 0
+
+
+def test_a_file_in_place_of_a_layout_link_is_refused_before_the_switch(
+    collection: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    (copy / "errors.parquet").unlink()
+    (copy / "errors.parquet").write_bytes(b"mine")
+    result = run_cli("index", copy)
+    assert result.exit_code == 3 and "in the way" in result.output, result.output
+    assert os.readlink(copy / "current") == "versions/v000001"
+    assert (copy / "errors.parquet").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["model"].pop("weights"),
+        lambda m: m.pop("decode"),
+        lambda m: m.update(sources=["a"]),
+        lambda m: m.update(request="x"),
+        lambda m: m["model"].update(name=5),
+        lambda m: m["model"]["data_config"].update(input_size="x"),
+        lambda m: m["model"].update(label_set=7),
+        lambda m: m.update(schema_version="1"),
+    ],
+)
+def test_a_tampered_model_is_one_line_everywhere(
+    collection: Path, corpus: Path, tmp_path: Path, edit: object
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, edit)  # type: ignore[arg-type]
+    for args in (("info", copy), ("verify", "--repair", copy),
+                 ("query", sorted(corpus.rglob("*.jpg"))[0], "--index", copy),
+                 ("build", corpus, "--out", copy, *BUILD_FLAGS)):  # fmt: skip
+        result = run_cli(*args)
+        assert result.exit_code == 3 and "is corrupt" in result.output, (args, result.output)
+        _one_clean_line(result.output)
+
+
+def test_an_index_without_its_checksums_is_refused(collection: Path, tmp_path: Path) -> None:
+    copy = copy_of(collection, tmp_path)
+    meta = (copy / "current").resolve() / "index" / "meta.json"
+    doc = json.loads(meta.read_text())
+    doc.pop("files")
+    meta.write_text(json.dumps(doc))
+    query = run_cli("query", "--id", "group0/scene0004.jpg", "--index", copy)
+    assert query.exit_code == 3 and "no checksum is recorded" in query.output, query.output
+    assert run_cli("verify", copy).exit_code == 3
+
+
+def test_a_fifo_in_place_of_the_index_metadata_does_not_hang(
+    collection: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    meta = (copy / "current").resolve() / "index" / "meta.json"
+    meta.unlink()
+    os.mkfifo(meta)
+    query = run_cli("query", "--id", "group0/scene0004.jpg", "--index", copy)
+    assert query.exit_code == 3 and "not a regular file" in query.output, query.output
+    assert run_cli("verify", copy).exit_code == 3
