@@ -22,7 +22,7 @@ from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.safeio import read_regular_text
 from indexer.shards import iter_embeddings
-from indexer.tune import Probe, Tuning, exact_neighbours, tune
+from indexer.tune import Probe, Tuning, exact_neighbours_and_ties, tune
 
 INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"  # on-disk inverted lists, beside the index file
@@ -288,8 +288,8 @@ def make_probe(vectors: Vectors, cfg: IndexConfig, trained: np.ndarray) -> Probe
     k = min(cfg.recall_k, vectors.total - 1)
     chosen = draw_positions(vectors.total, cfg.recall_queries, cfg.seed + 1, trained)
     ids, queries = vectors.read(chosen)
-    truth = exact_neighbours(vectors.batches(), ids, queries, k, vectors.metric)
-    return Probe(ids, queries, truth, k)
+    truth, ties = exact_neighbours_and_ties(vectors.batches(), ids, queries, k, vectors.metric)
+    return Probe(ids, queries, truth, k, ties)
 
 
 def measure_and_tune(index: Any, probe: Probe | None, target: float) -> Tuning:

@@ -18,13 +18,6 @@ TIE_TOLERANCE = 1e-5  # a neighbour this near the k-th (relative to the scores' 
 TIES_KEPT = 4  # ties with the k-th neighbour are looked for among the exact top (1 + 4) * k
 
 
-class Neighbours(np.ndarray):
-    """Exact neighbour ids (n, k), best first, carrying `ties`: (n, t) other ids exactly as near
-    as each row's k-th (within TIE_TOLERANCE), -1 padded. Returning one of those is no miss."""
-
-    ties: np.ndarray
-
-
 @dataclass(frozen=True)
 class Probe:
     """Stored vectors used as queries, with their exact neighbours (themselves left out)."""
@@ -33,11 +26,7 @@ class Probe:
     queries: np.ndarray  # (n, dim) float32
     truth: np.ndarray  # (n, k) exact neighbour ids, best first, the query's own id excluded
     k: int
-
-    @property
-    def ties(self) -> np.ndarray | None:
-        """(n, t) ids tied with each query's k-th neighbour (exact_neighbours' Neighbours)."""
-        return getattr(self.truth, "ties", None)
+    ties: np.ndarray | None = None  # (n, t) other ids as near as each k-th; -1 padded
 
 
 @dataclass(frozen=True)
@@ -73,13 +62,22 @@ def exact_neighbours(
     k: int,
     metric: str,
 ) -> np.ndarray:
-    """Brute-force top-k ids per query over streamed (ids, vectors) batches, self excluded;
-    the ids tied with each k-th neighbour come along as the result's `ties` (Neighbours)."""
+    """Brute-force top-k ids per query over streamed (ids, vectors) batches, self excluded."""
+    return exact_neighbours_and_ties(batches, query_ids, queries, k, metric)[0]
+
+
+def exact_neighbours_and_ties(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    query_ids: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """exact_neighbours, and the ids tied with each k-th neighbour (tied_ids): returning one of
+    those instead is no miss."""
     best_s, best_i = _exact_top(batches, query_ids, queries, k * (1 + TIES_KEPT), metric)
     scale = np.maximum(np.einsum("ij,ij->i", queries, queries), 1e-30)
-    truth = np.ascontiguousarray(best_i[:, :k]).view(Neighbours)
-    truth.ties = tied_ids(best_s, best_i, k, scale)
-    return truth
+    return np.ascontiguousarray(best_i[:, :k]), tied_ids(best_s, best_i, k, scale)
 
 
 def tied_ids(scores: np.ndarray, ids: np.ndarray, k: int, scale: np.ndarray) -> np.ndarray:

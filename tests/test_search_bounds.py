@@ -15,7 +15,7 @@ from indexer.errors import InputError
 from indexer.index import EF_LIMIT, checked_param
 from indexer.search import widths, within
 from indexer.synthetic import write_corpus
-from indexer.tune import Probe, exact_neighbours, query_recalls, tied_ids
+from indexer.tune import Probe, exact_neighbours_and_ties, query_recalls, tied_ids
 from tests.helpers import BUILD_FLAGS, clustered_vectors, exact_top_k, run_cli, write_vectors
 
 
@@ -142,8 +142,9 @@ def test_tied_ids(scores: list[float], k: int, scale: float, expected: list[int]
 def test_ties_with_the_kth_neighbour_are_found_neighbours(metric: str) -> None:
     vectors = tied_groups(3, 5)  # groups of 5: each query has 4 equal neighbours
     ids = np.arange(len(vectors), dtype=np.int64) + 100
-    truth = exact_neighbours([(ids, vectors)], ids[[0, 5]], vectors[[0, 5]], 2, metric)
-    probe = Probe(ids[[0, 5]], vectors[[0, 5]], truth, 2)
+    truth, ties = exact_neighbours_and_ties([(ids, vectors)], ids[[0, 5]], vectors[[0, 5]], 2,
+                                            metric)  # fmt: skip
+    probe = Probe(ids[[0, 5]], vectors[[0, 5]], truth, 2, ties)
     assert probe.ties is not None
     assert set(truth[0]) | set(probe.ties[0]) - {-1} == {101, 102, 103, 104}
     table = [  # what a search returned (the query first), and its recall
