@@ -24,17 +24,25 @@ from indexer.catalog import (
     parse_manifest,
     write_json_atomic,
 )
-from indexer.config import IndexConfig
+from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.index import build_index
 from indexer.lock import CollectionLock
 from indexer.publish import prune, publish, salvage, start_version
 from indexer.safeio import os_errors_as
-from indexer.shards import ShardWriter, embedding_array, metadata_field, shard_schema, write_errors
+from indexer.shards import (
+    ShardWriter,
+    embedding_array,
+    merge_metadata_schemas,
+    metadata_fields,
+    shard_schema,
+    write_errors,
+)
 
 log = logging.getLogger(__name__)
 READ_ROWS = 65_536
 UNIT_TOLERANCE = 1e-3  # vectors this close to norm 1 count as already normalised
+REBUILD = "rebuild it with `indexer index --from-parquet PARQUET... --out {out}`"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class ExternalConfig:
     shard_size: int = 50_000
     index: IndexConfig = field(default_factory=IndexConfig)
     keep: int = 2
+    expect: tuple[str, ...] = ()  # repair: the sha256 each of paths (files) must still have
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,9 @@ class InputFile:
     rows: int
     dim: int
     metadata: dict[str, pa.Field]  # source column name -> its shard column
+    size: int = 0  # size, mtime and sha256 when inspected: what the copy is proven to be of
+    mtime_ns: int = 0
+    sha256: str = ""
 
 
 def parquet_files(paths: tuple[Path, ...]) -> list[Path]:
@@ -93,11 +105,12 @@ def inspect(path: Path, cfg: ExternalConfig) -> InputFile:
     _check_types(path, schema, cfg)
     dim = _dim(meta, schema.field(cfg.embedding_column).type, cfg.embedding_column, path)
     taken = {cfg.embedding_column, cfg.key_column}
-    carried = {
-        f.name: metadata_field(f) for f in schema
-        if f.name not in taken and not pa.types.is_nested(f.type)
-    }  # fmt: skip
-    return InputFile(path, meta.metadata.num_rows, dim, carried)
+    carried = metadata_fields(
+        [f for f in schema if f.name not in taken and not pa.types.is_nested(f.type)]
+    )
+    st = path.stat()  # before hashing: a change from here on fails check_unchanged
+    return InputFile(path, meta.metadata.num_rows, dim, carried, st.st_size, st.st_mtime_ns,
+                     file_sha256(path))  # fmt: skip
 
 
 def _check_types(path: Path, schema: pa.Schema, cfg: ExternalConfig) -> None:
@@ -135,7 +148,7 @@ def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
 
 def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     """index_parquet() for a caller that holds the collection's lock (repair)."""
-    files = [inspect(p, cfg) for p in parquet_files(cfg.paths)]
+    files = _recorded_files(cfg) if cfg.expect else _input_files(cfg)
     dims = {f.dim for f in files if f.rows}
     if len(dims) > 1:
         raise InputError(
@@ -144,12 +157,7 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     dim = dims.pop() if dims else 0
     if dim == 0:
         raise InputError("the Parquet files hold no vectors: check the paths")
-    try:
-        metadata = pa.unify_schemas(
-            [pa.schema(list(f.metadata.values())) for f in files], promote_options="permissive"
-        )
-    except pa.ArrowException as exc:
-        raise InputError(f"the files' other columns disagree on types ({exc})") from exc
+    metadata = merge_metadata_schemas([pa.schema(list(f.metadata.values())) for f in files])
     request = {"from_parquet": True, "embedding_column": cfg.embedding_column,
                "key_column": cfg.key_column, "normalize": cfg.normalize}  # fmt: skip
     salvage(cfg.out, request)  # clears what a killed run left
@@ -157,6 +165,7 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     paths = CollectionPaths(building)
     start = time.perf_counter()
     copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata))
+    check_unchanged(files)
     write_errors(paths.errors, [])
     manifest = external_manifest(cfg, files, copied, dim, number, request)
     write_json_atomic(paths.manifest, manifest)
@@ -166,6 +175,49 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     prune(cfg.out, cfg.keep)
     log.info("copied %d vectors in %.1fs", copied.rows, copy_seconds)
     return {**meta, "copy_seconds": round(copy_seconds, 3)}
+
+
+def _input_files(cfg: ExternalConfig) -> list[InputFile]:
+    return [inspect(path, cfg) for path in parquet_files(cfg.paths)]
+
+
+def _recorded_files(cfg: ExternalConfig) -> list[InputFile]:
+    """Repair: the files the collection was copied from, each proven the same by its sha256."""
+    rebuild = REBUILD.format(out=cfg.out)
+    files = []
+    for path, digest in zip(cfg.paths, cfg.expect, strict=True):
+        if not path.is_file():
+            raise InputError(f"{path}, which {cfg.out} was copied from, is gone: {rebuild}")
+        file = inspect(path, cfg)
+        if file.sha256 != digest:
+            raise InputError(
+                f"{path} changed since {cfg.out} was copied from it (its sha256 differs), so "
+                f"its vectors cannot be copied again: {rebuild}"
+            )
+        files.append(file)
+    return files
+
+
+def recorded_checksums(out: Path, sources: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The sha256 of each file a collection's manifest says it was copied from."""
+    for source in sources:
+        if not source.get("sha256"):
+            raise InputError(
+                f"the manifest of {out} records no checksum of {source.get('path')} (it "
+                "predates them), so its vectors cannot be proven the same: "
+                + REBUILD.format(out=out)
+            )
+    return tuple(str(source["sha256"]) for source in sources)
+
+
+def check_unchanged(files: list[InputFile]) -> None:
+    """Each file still has the size and mtime it had when hashed, before its rows were read."""
+    for file in files:
+        st = file.path.stat()
+        if (st.st_size, st.st_mtime_ns) != (file.size, file.mtime_ns):
+            raise InputError(
+                f"{file.path} changed while its vectors were copied: index again once it is written"
+            )
 
 
 def _refuse_image_collection(out: Path) -> None:
@@ -202,13 +254,14 @@ def copy_vectors(
         for file in files:
             for batch, first_row in _batches(file.path):
                 column = batch.column(cfg.embedding_column)
-                vectors = to_matrix(column, file.dim, file.path, first_row)
-                norms = np.linalg.norm(vectors, axis=1)
+                given = to_matrix(column, file.dim, file.path, first_row)
                 if cfg.normalize:
-                    vectors /= np.maximum(norms, 1e-12)[:, None]
+                    vectors = unit_rows(given, file.path, first_row)
                 else:
+                    vectors = as_float32(given, file.path, first_row)
+                    norms = np.linalg.norm(vectors, axis=1)
                     copied.all_unit &= bool(np.all(np.abs(norms - 1) < UNIT_TOLERANCE))
-                key_col = batch.column(cfg.key_column).cast(pa.string())
+                key_col = key_strings(batch.column(cfg.key_column), file.path, first_row)
                 keys.add(key_col)
                 writer.write(_table(batch, vectors, key_col, copied.rows, file, schema))
                 copied.rows += batch.num_rows
@@ -225,11 +278,27 @@ def _batches(path: Path) -> Iterator[tuple[pa.RecordBatch, int]]:
         first += batch.num_rows
 
 
-def to_matrix(column: pa.Array, dim: int, path: Path, first_row: int) -> np.ndarray:
-    """A list column as an (n, dim) float32 matrix; nulls, other lengths and NaN are errors."""
+def _first_null(column: pa.Array) -> int:
+    return int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+
+
+def key_strings(column: pa.Array, path: Path, first_row: int) -> pa.Array:
+    """The key column as strings; a null key is an error."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if column.null_count:
-        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(
+            f"{path} row {first_row + _first_null(column)} has no key (null): drop that row, "
+            "fill its key, or name another column with --key-column"
+        )
+    return column.cast(pa.string())
+
+
+def to_matrix(column: pa.Array, dim: int, path: Path, first_row: int) -> np.ndarray:
+    """A list column as an (n, dim) matrix of its own float type; nulls, other lengths and
+    NaN are errors."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if column.null_count:
+        row = first_row + _first_null(column)
         raise InputError(f"{path} row {row} has no embedding (null): drop or fill that row")
     if not pa.types.is_fixed_size_list(column.type):
         lengths = np.diff(column.offsets.to_numpy())
@@ -239,12 +308,49 @@ def to_matrix(column: pa.Array, dim: int, path: Path, first_row: int) -> np.ndar
                 f"{path} row {first_row + int(wrong[0])} has a vector of length "
                 f"{int(lengths[wrong[0]])}, the others {dim}: fix or drop that row"
             )
-    values = column.flatten().to_numpy(zero_copy_only=False)
-    vectors = np.array(values, dtype=np.float32).reshape(-1, dim)
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
     bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
     if bad.size:
         raise InputError(f"{path} row {first_row + int(bad[0])} has NaN or infinite values")
     return vectors
+
+
+def unit_rows(vectors: np.ndarray, path: Path, first_row: int) -> np.ndarray:
+    """The rows L2-normalised, as float32. Each row is first divided by its largest absolute
+    value, so no finite nonzero row overflows or underflows to zero; a zero row is an error."""
+    wide = vectors.astype(np.result_type(vectors.dtype, np.float32), copy=False)
+    peak = np.abs(wide).max(axis=1)
+    zero = np.flatnonzero(peak == 0)
+    if zero.size:
+        raise InputError(
+            f"{path} row {first_row + int(zero[0])} is all zeros: a zero vector has no "
+            "direction to normalise; drop that row or index without --normalize"
+        )
+    scaled = wide / peak[:, None]
+    scaled /= np.linalg.norm(scaled, axis=1)[:, None]
+    return scaled.astype(np.float32, copy=False)
+
+
+def as_float32(vectors: np.ndarray, path: Path, first_row: int) -> np.ndarray:
+    """The rows as float32, as given; a row that float32 cannot hold (float64 values over
+    its range, or so small that the whole row rounds to 0) is an error."""
+    if vectors.dtype == np.float32:
+        return vectors
+    with np.errstate(over="ignore", under="ignore"):
+        narrow = vectors.astype(np.float32)
+    over = np.flatnonzero(~np.isfinite(narrow).all(axis=1))
+    if over.size:
+        raise InputError(
+            f"{path} row {first_row + int(over[0])} has values beyond float32's range "
+            "(3.4e38): scale the vectors, or pass --normalize"
+        )
+    lost = np.flatnonzero(vectors.any(axis=1) & ~narrow.any(axis=1))
+    if lost.size:
+        raise InputError(
+            f"{path} row {first_row + int(lost[0])}'s values all round to 0 in float32: "
+            "scale the vectors, or pass --normalize"
+        )
+    return narrow
 
 
 def _table(
@@ -340,6 +446,9 @@ def _describe(file: InputFile, cfg: ExternalConfig) -> dict[str, Any]:
         "kind": "parquet",
         "path": str(file.path.resolve()),
         "rows": file.rows,
+        "size": file.size,
+        "mtime_ns": file.mtime_ns,
+        "sha256": file.sha256,  # repair copies the file again only while this still holds
         "embedding_column": cfg.embedding_column,
         "key_column": cfg.key_column,
     }

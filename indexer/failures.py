@@ -18,7 +18,8 @@ REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("symlink loop", ("Too many levels of symbolic links",)),
     ("not found", ("FileNotFoundError", "No such file")),
     ("permission denied", ("Permission denied",)),
-    ("is a folder", ("IsADirectoryError",)),
+    ("is a folder", ("IsADirectoryError", "(a folder)")),
+    ("not a regular file", ("is not a regular file",)),
 )
 
 

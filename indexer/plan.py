@@ -299,7 +299,7 @@ class Planned:
 
 def plan_build(cfg: BuildConfig) -> Planned:
     """list -> plan: what a build would do, reading only listings and the published version."""
-    sources = open_sources(cfg.sources)
+    sources = open_sources(cfg.sources, cfg.loader.max_pixels)
     items = list_items(sources)
     check_unique_keys(items, sources)
     if not items:

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.config import file_sha256
-from indexer.errors import CollectionError
+from indexer.errors import CollectionError, InputError
 
 TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 8192
@@ -60,14 +60,76 @@ def metadata_name(name: str) -> str:
     return f"source_{name}" if name in FIXED_COLUMNS else name
 
 
+def metadata_names(names: list[str]) -> dict[str, str]:
+    """Each of one source's column names -> its shard column, all distinct: a fixed column's
+    name becomes source_NAME, or source_NAME_2, _3, ... when the source has that name too."""
+    taken = {name for name in names if name not in FIXED_COLUMNS}
+    renamed: dict[str, str] = {}
+    for name in names:
+        if name in FIXED_COLUMNS:
+            new, n = metadata_name(name), 1
+            while new in taken:
+                n += 1
+                new = f"{metadata_name(name)}_{n}"
+            taken.add(new)
+            renamed[name] = new
+        else:
+            renamed[name] = name
+    return renamed
+
+
+def metadata_fields(fields: list[pa.Field]) -> dict[str, pa.Field]:
+    """One source's columns (name -> field) as shard columns: nullable, named by metadata_names."""
+    names = metadata_names([f.name for f in fields])
+    return {f.name: pa.field(names[f.name], f.type, nullable=True) for f in fields}
+
+
 def metadata_field(source_field: pa.Field) -> pa.Field:
     """A source's column as a shard column: nullable, renamed by metadata_name."""
     return pa.field(metadata_name(source_field.name), source_field.type, nullable=True)
 
 
 def merge_metadata_schemas(schemas: list[pa.Schema]) -> pa.Schema:
-    """One schema for all sources' metadata; a column with two types is an error."""
-    return pa.unify_schemas(schemas) if schemas else pa.schema([])
+    """One schema for all sources' metadata. A column's types are widened where no value can
+    change (int32 and int64, float32 and float64, string and large_string, null and any);
+    other pairs (string and int64, int64 and float64, uint64 and int64) are an InputError."""
+    merged: dict[str, pa.DataType] = {}
+    for schema in schemas:
+        for f in schema:
+            merged[f.name] = _widen(f.name, merged[f.name], f.type) if f.name in merged else f.type
+    return pa.schema([pa.field(name, t, nullable=True) for name, t in merged.items()])
+
+
+def _widen(name: str, a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if not _lossless(a, b):
+        raise InputError(
+            f"column {name!r} is {a} in one source and {b} in another: give it one type in "
+            "every source (cast or rename it in one), or build them into separate collections"
+        )
+    one = pa.unify_schemas([pa.schema([(name, a)]), pa.schema([(name, b)])],
+                           promote_options="permissive")  # fmt: skip
+    return one.field(name).type
+
+
+def _lossless(a: pa.DataType, b: pa.DataType) -> bool:
+    """Whether one type holds every value of both (a is not b, neither is null)."""
+    strings = (pa.types.is_string, pa.types.is_large_string)
+    kinds = (pa.types.is_signed_integer, pa.types.is_unsigned_integer, pa.types.is_floating)
+    if any(kind(a) and kind(b) for kind in kinds):
+        return True
+    if any(s(a) for s in strings) and any(s(b) for s in strings):
+        return True
+    unsigned = a if pa.types.is_unsigned_integer(a) else b
+    signed = b if unsigned is a else a
+    return (
+        pa.types.is_unsigned_integer(unsigned)
+        and pa.types.is_signed_integer(signed)
+        and unsigned.bit_width < 64
+    )
 
 
 def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:

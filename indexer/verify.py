@@ -182,13 +182,15 @@ def mend(report: Report, keep: int) -> str:
     """Repair what report found, holding the lock: one version published, or none."""
     from indexer.pipeline import build_unlocked, reindex_unlocked
 
+    manifest = parse_manifest(report.version)
     if {p.part for p in report.problems} & {"shards"}:
+        again = ("`indexer index --from-parquet PARQUET... --out DIR`" if manifest["model"] is None
+                 else "`indexer build ... --rebuild`")  # fmt: skip
         raise InputError(
-            f"{report.root}'s shards disagree with each other or the manifest: "
-            "rebuild it with `indexer build ... --rebuild`"
+            f"{report.root}'s shards disagree with each other or the manifest: rebuild it with "
+            f"{again}"
         )
     bad = frozenset(p.name for p in report.problems if p.part == "shard")
-    manifest = parse_manifest(report.version)
     if bad and manifest["model"] is None:
         from indexer.external import index_parquet_unlocked
 
@@ -239,10 +241,13 @@ def source_spec(source: dict[str, Any]) -> SourceSpec:
 
 
 def external_config(root: Path, manifest: dict[str, Any], keep: int) -> Any:
-    from indexer.external import ExternalConfig
+    """The `indexer index --from-parquet` that made this collection, from its manifest; the
+    recorded files must still hold what was copied (their sha256), or repair is refused."""
+    from indexer.external import ExternalConfig, recorded_checksums
 
-    asked = manifest["request"]
-    paths = tuple(Path(s["path"]) for s in manifest["sources"])
+    asked, sources = manifest["request"], manifest["sources"]
+    expect = recorded_checksums(root, sources)
+    paths = tuple(Path(s["path"]) for s in sources)
     index = IndexOverrides().resolve(manifest["metric"], read_index_meta(open_version(root)))
     return ExternalConfig(paths, root, asked["embedding_column"], asked["key_column"],
-                          asked["normalize"], index=index, keep=keep)  # fmt: skip
+                          asked["normalize"], index=index, keep=keep, expect=expect)  # fmt: skip

@@ -18,7 +18,7 @@ from PIL import Image
 from indexer.failures import reason_of
 from indexer.search import Collection
 from indexer.sources.folder import walk_images
-from tests.helpers import run_cli
+from tests.helpers import BUILD_FLAGS, run_cli
 
 OK = "embedded"
 
@@ -255,3 +255,19 @@ def test_dataset_rows_follow_the_same_rules(tmp_path: Path) -> None:
         ("train/0", "good"),
         ("train/5", "ycck"),
     ]
+
+
+def test_a_fifo_or_device_named_like_an_image_fails_alone(corpus: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    good = sorted(corpus.rglob("*.jpg"))[0]
+    (src / "good.jpg").write_bytes(good.read_bytes())
+    os.mkfifo(src / "pipe.jpg")
+    (src / "zero.jpg").symlink_to("/dev/zero")
+    out = tmp_path / "c"
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--follow-symlinks",
+                     "--max-failures", "2")  # fmt: skip
+    assert result.exit_code == 5, result.output  # partial: the two failed, nothing hung
+    assert "2 not a regular file" in result.output
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sorted(e["key"] for e in errors) == ["pipe.jpg", "zero.jpg"]

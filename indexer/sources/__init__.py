@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from indexer.config import SourceSpec
+from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec
 from indexer.sources.base import Item, Source
 
 HF_PREFIX = "hf:"
@@ -12,20 +12,27 @@ HF_PREFIX = "hf:"
 __all__ = ["HF_PREFIX", "Item", "Source", "list_items", "open_source", "open_sources"]
 
 
-def open_source(spec: SourceSpec, label: str | None = None) -> Source:
-    """Open one source; heavy libraries are imported only for the kind that needs them."""
+def open_source(
+    spec: SourceSpec, label: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Source:
+    """Open one source; heavy libraries are imported only for the kind that needs them.
+    Image files are read up to what an image of max_pixels can need, regular files only."""
     if spec.location.startswith(HF_PREFIX):
         from indexer.sources.hf import HFSource
 
-        return HFSource(spec.location[len(HF_PREFIX) :], spec.split, spec.image_column, label)
+        name = spec.location[len(HF_PREFIX) :]
+        return HFSource(name, spec.split, spec.image_column, label, max_pixels)
     from indexer.sources.folder import FolderSource
 
-    return FolderSource(Path(spec.location).expanduser(), label, spec.follow_symlinks)
+    root = Path(spec.location).expanduser()
+    return FolderSource(root, label, spec.follow_symlinks, max_pixels)
 
 
-def open_sources(specs: tuple[SourceSpec, ...]) -> list[Source]:
+def open_sources(
+    specs: tuple[SourceSpec, ...], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Source]:
     """Open every source, giving each a unique label (keys are prefixed by it when several)."""
-    sources = [open_source(spec) for spec in specs]
+    sources = [open_source(spec, None, max_pixels) for spec in specs]
     labels = unique_labels([src.label for src in sources])
     for src, label in zip(sources, labels, strict=True):
         src.label = label

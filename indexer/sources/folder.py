@@ -8,7 +8,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
+from indexer.images import byte_limit, read_image_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -25,7 +27,13 @@ class FolderSource:
     and outside folders are not walked, unless ``follow_symlinks``.
     """
 
-    def __init__(self, root: Path, label: str | None = None, follow_symlinks: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        label: str | None = None,
+        follow_symlinks: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
         if not root.exists():
             raise InputError(f"source folder {root} does not exist: check the path")
         if not root.is_dir():
@@ -35,6 +43,7 @@ class FolderSource:
         self.root = root.resolve()
         self.label = label or self.root.name or "root"
         self.follow_symlinks = follow_symlinks
+        self.max_bytes = byte_limit(max_pixels)  # no FIFO, device or endless file is read
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -65,8 +74,7 @@ class FolderSource:
             raise PermissionError(
                 "it is a symlink to a file outside the source folder (pass --follow-symlinks)"
             )
-        with open(path, "rb") as f:
-            return f.read(), {}
+        return read_image_file(path, self.max_bytes), {}
 
 
 def printable_key(rel: str) -> str:

@@ -7,13 +7,19 @@ from typing import Any
 
 import pyarrow as pa
 
+from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.hub import hub_unreachable_reason
-from indexer.shards import metadata_field, metadata_name
+from indexer.images import byte_limit, read_image_file
+from indexer.shards import metadata_names
 
 
 class HFSource:
-    """One split of a dataset; images are read as stored bytes (``decode=False``), decoded by us."""
+    """One split of a dataset; images are read as stored bytes (``decode=False``), decoded by us.
+
+    An image stored as a path is read like a folder's file: a regular file only, and no more
+    bytes than an image of ``max_pixels`` pixels can need.
+    """
 
     def __init__(
         self,
@@ -21,6 +27,7 @@ class HFSource:
         split: str | None = None,
         image_column: str | None = None,
         label: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         import datasets
 
@@ -30,12 +37,11 @@ class HFSource:
             self.split = _pick_split(name, list(dataset.keys()), split)
             dataset = dataset[self.split]
         else:
-            if split is not None and split != str(dataset.split or split):
-                raise InputError(f"dataset {name} has only split '{dataset.split}'; drop --split")
-            self.split = str(dataset.split or split or "train")
+            self.split = _only_split(name, dataset.split, split)
         self.image_column = _pick_image_column(name, dataset.features, image_column)
         self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
-        self.columns = _metadata_columns(self.dataset, self.image_column)
+        self.columns = metadata_names(_metadata_columns(self.dataset, self.image_column))
+        self.max_bytes = byte_limit(max_pixels)
         self.label = label or Path(name.rstrip("/")).name or name
 
     def describe(self) -> dict[str, Any]:
@@ -54,16 +60,18 @@ class HFSource:
 
     def metadata_schema(self) -> pa.Schema:
         schema = self.dataset.data.schema
-        return pa.schema([metadata_field(schema.field(name)) for name in self.columns])
+        return pa.schema(
+            [pa.field(new, schema.field(name).type, nullable=True)
+             for name, new in self.columns.items()]
+        )  # fmt: skip
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
         row = self.dataset[int(locator)]
         image = row[self.image_column] or {}
         data = image.get("bytes")
         if data is None and image.get("path"):
-            with open(image["path"], "rb") as f:
-                data = f.read()
-        meta = {metadata_name(name): row[name] for name in self.columns}
+            data = read_image_file(image["path"], self.max_bytes)
+        meta = {new: row[name] for name, new in self.columns.items()}
         return data or b"", meta
 
 
@@ -103,6 +111,16 @@ def _pick_split(name: str, splits: list[str], wanted: str | None) -> str:
     if "train" in splits:
         return "train"
     raise InputError(f"dataset {name} has splits {splits}: choose one with --split")
+
+
+def _only_split(name: str, split: Any, wanted: str | None) -> str:
+    """A dataset without splits: its one split is named as saved, else 'train'."""
+    only = str(split) if split else "train"
+    if wanted is not None and wanted != only:
+        raise InputError(
+            f"dataset {name} has no split '{wanted}'; its only split is '{only}': drop --split"
+        )
+    return only
 
 
 def _pick_image_column(name: str, features: Any, wanted: str | None) -> str:
