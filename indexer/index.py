@@ -332,9 +332,8 @@ def apply_params(index: Any, params: dict[str, Any]) -> dict[str, int]:
     return applied
 
 
-def checked_param(name: str, value: Any, limit: int) -> int:
-    """A search parameter as a whole number of at least 1: nprobe above the index's nlist
-    (limit) is nlist, the same search; efSearch above limit (EF_LIMIT) is refused."""
+def whole_number(name: str, value: Any) -> int:
+    """value as an int of at least 1 (numpy ints welcome; bools, floats and text refused)."""
     import operator
 
     if isinstance(value, bool):
@@ -345,6 +344,13 @@ def checked_param(name: str, value: Any, limit: int) -> int:
         raise InputError(f"{name} must be a whole number, not {value!r}") from None
     if number < 1:
         raise InputError(f"{name} must be at least 1 (got {number})")
+    return number
+
+
+def checked_param(name: str, value: Any, limit: int) -> int:
+    """A search parameter as a whole number of at least 1: nprobe above the index's nlist
+    (limit) is nlist, the same search; efSearch above limit (EF_LIMIT) is refused."""
+    number = whole_number(name, value)
     if number > limit and name != "nprobe":
         raise InputError(f"{name} must be at most {limit} (got {number}): give 1 to {limit}")
     return min(number, limit)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from indexer.catalog import CollectionPaths, open_version, read_manifest
 from indexer.errors import CollectionError, InputError
-from indexer.index import apply_params, load_index, search_param
+from indexer.index import apply_params, load_index, search_param, whole_number
 from indexer.shards import read_rows, read_shard
 
 if TYPE_CHECKING:
@@ -413,15 +413,7 @@ def expand_images(args: list[str]) -> list[Path]:
 
 def capped_k(k: Any, size: int) -> int:
     """k as an int, at least 1, at most the collection's size (the rest would be empty)."""
-    import operator
-
-    try:
-        value = operator.index(k)
-    except TypeError:
-        raise InputError(f"k must be a whole number, not {k!r}") from None
-    if value < 1:
-        raise InputError(f"k must be at least 1 (got {value})")
-    return max(min(value, size), 1)
+    return max(min(whole_number("k", k), size), 1)
 
 
 def check_threshold(threshold: float | None) -> None:
