@@ -22,6 +22,8 @@ RUNS = "runs.jsonl"
 VERSIONS = "versions"
 CURRENT = "current"
 PARTS = "parts"  # parts/IIIII-of-NNNNN/: collections of one partition each (indexer.parts)
+BUILDING_PREFIX = ".building-"  # versions/.building-vNNNNNN: a version being written
+SALVAGE = ".salvage"  # versions/.salvage/: finished shards of killed builds
 VERSION_NAME = re.compile(r"^v(\d{6})$")
 
 
@@ -81,6 +83,11 @@ def parse_manifest(root: Path) -> dict[str, Any]:
         raise CollectionError(
             f"no collection at {root}: build one with `indexer build SOURCE --out {root}`"
         )
+    if paths.manifest.exists() and not paths.manifest.is_file():
+        raise CollectionError(
+            f"{paths.manifest} is not a regular file: the collection was tampered with; "
+            "restore it from a copy or rebuild it"
+        )
     if not paths.manifest.is_file():
         raise CollectionError(
             f"{root} is not a finished collection (no {MANIFEST}): "
@@ -133,6 +140,11 @@ def open_version(root: Path) -> Path:
     current = root / CURRENT
     if current.exists():
         published_folder(root)  # refuse a `current` that points outside versions/ first
+        if (current / MANIFEST).exists() and not (current / MANIFEST).is_file():
+            raise CollectionError(
+                f"{current / MANIFEST} is not a regular file: the collection was tampered "
+                "with; restore it from a copy or rebuild it"
+            )
     if not current.exists() or not (current / MANIFEST).is_file():
         raise CollectionError(
             f"{root} is not a finished collection (no published version): "
@@ -181,6 +193,15 @@ def check_build_dir(root: Path) -> None:
         )
 
 
+def _is_our_version(entry: Path) -> bool:
+    """A folder a build of ours made inside versions/ (a user's notes there are not)."""
+    if entry.is_symlink() or not entry.is_dir():
+        return False
+    if entry.name.startswith((BUILDING_PREFIX, SALVAGE)):
+        return True
+    return bool(VERSION_NAME.match(entry.name)) and (entry / MANIFEST).is_file()
+
+
 def is_collection(root: Path) -> bool:
     """Whether root already holds a collection (published, or versions under way)."""
     return (root / CURRENT).is_symlink() and (root / VERSIONS).is_dir()
@@ -192,8 +213,14 @@ def _is_ours(path: Path) -> bool:
     name = path.name
     if name.startswith(f".{CURRENT}.tmp-") or name in (CURRENT, MANIFEST, SHARDS, INDEX, ERRORS):
         return path.is_symlink()
-    if name in (VERSIONS, PARTS):
+    if name == PARTS:
         return path.is_dir() and not path.is_symlink()
+    if name == VERSIONS:  # what unfinished builds leave: building folders, salvage, versions
+        return (
+            path.is_dir()
+            and not path.is_symlink()
+            and all(_is_our_version(entry) for entry in path.iterdir())
+        )
     if name == LOCK:
         return path.is_file() and not path.is_symlink()
     if name == RUNS:  # written only after the lock was taken there

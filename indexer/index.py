@@ -38,6 +38,7 @@ class Vectors:
     counts: list[int]
     dim: int
     metric: str
+    id_bound: int | None = None  # every id is below it (the manifest's next_id), when known
 
     @property
     def total(self) -> int:
@@ -50,6 +51,15 @@ class Vectors:
                 raise CollectionError(
                     f"shard {path} holds {vectors.shape[1]}-d vectors, the manifest says "
                     f"{self.dim}-d: the collection was tampered with; run `indexer verify`"
+                )
+            if (
+                self.id_bound is not None
+                and len(ids)
+                and not 0 <= ids.min() <= ids.max() < self.id_bound
+            ):
+                raise CollectionError(
+                    f"shard {path} holds ids outside [0, next_id={self.id_bound}): the "
+                    "collection was tampered with; run `indexer verify`"
                 )
             yield ids, vectors
 
@@ -88,7 +98,7 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     check_shard_checksums(paths, manifest)
     counts = [int(s["rows"]) for s in manifest["shards"]]
     vectors = Vectors(paths.shard_paths(manifest), counts, int(manifest["embedding_dim"]),
-                      manifest["metric"])  # fmt: skip
+                      manifest["metric"], manifest.get("next_id"))  # fmt: skip
     choice = choose_index(vectors.total, vectors.dim, cfg.max_memory, cfg.index_type)
     paths.index.mkdir()
     start = time.perf_counter()
@@ -159,6 +169,8 @@ def index_mismatch(meta: dict[str, Any], manifest: dict[str, Any]) -> str | None
     if meta.get("ntotal") != manifest["counts"]["embedded"]:
         said = manifest["counts"]["embedded"]
         return f"it holds {meta.get('ntotal')} vectors, the manifest says {said}"
+    if meta.get("metric") != manifest["metric"]:
+        return f"its metric is {meta.get('metric')}, the manifest's {manifest['metric']}"
     if meta.get("dim") not in (None, manifest["embedding_dim"]):
         return f"its vectors are {meta.get('dim')}-d, the manifest's {manifest['embedding_dim']}-d"
     return None
@@ -288,7 +300,7 @@ def make_probe(vectors: Vectors, cfg: IndexConfig, trained: np.ndarray) -> Probe
     k = min(cfg.recall_k, vectors.total - 1)
     chosen = draw_positions(vectors.total, cfg.recall_queries, cfg.seed + 1, trained)
     ids, queries = vectors.read(chosen)
-    truth, ties = exact_neighbours_and_ties(vectors.batches(), ids, queries, k, vectors.metric)
+    truth, ties = exact_neighbours_and_ties(vectors.batches, ids, queries, k, vectors.metric)
     return Probe(ids, queries, truth, k, ties)
 
 

@@ -73,6 +73,22 @@ def read_prev_rows(version: Path, manifest: dict[str, Any]) -> dict[str, PrevRow
     return rows
 
 
+def damaged_keys(folder: Path, shards: list[dict[str, Any]]) -> frozenset[str] | None:
+    """The keys of damaged shards, read from their key column alone (its pages' checksums
+    verified, every row there); None when any of them cannot be read whole."""
+    keys: set[str] = set()
+    for shard in shards:
+        try:
+            table = pq.read_table(folder / "shards" / shard["name"], columns=["key"],
+                                  page_checksum_verification=True)  # fmt: skip
+        except Exception:  # pyarrow raises several types for a damaged file
+            return None
+        if table.num_rows != int(shard["rows"]):
+            return None
+        keys.update(table.column("key").to_pylist())
+    return frozenset(keys)
+
+
 def check_prev_ids(
     rows: dict[str, PrevRow], manifest: dict[str, Any], cfg: BuildConfig, folder: Path
 ) -> None:
@@ -165,10 +181,12 @@ def make_repair_plan(
     prev: dict[str, PrevRow],
     next_id: int,
     prev_errors: dict[str, dict[str, Any]],
+    wanted: frozenset[str] | None = None,
 ) -> Plan:
     """A repair keeps every intact row as it is (listed or not, changed or not) and embeds
-    only the listed items no intact row or recorded failure holds: those of the damaged shards
-    (and any added since)."""
+    the damaged shards' items: exactly those `wanted` keys when they could be read (each must
+    be listed, else InputError), otherwise every listed item no intact row or recorded failure
+    holds (items added since included)."""
     plan = Plan(next_id=next_id, retained={row.id for row in prev.values()})
     for position, item in enumerate(items):
         row, failed = prev.get(item.key), prev_errors.get(item.key)
@@ -177,10 +195,16 @@ def make_repair_plan(
             plan.known.add(position)
         elif failed is not None and failed["source"] == sources[item.source].label:
             plan.kept_errors.append(failed)
-        else:
+        elif wanted is None or item.key in wanted:
             plan.ids[position] = plan.next_id
             plan.next_id += 1
             plan.check.append(position)
+    missing = sorted((wanted or frozenset()) - {items[p].key for p in plan.check})
+    if missing:
+        raise InputError(
+            f"{len(missing)} item(s) of the damaged shards are no longer in the sources (e.g. "
+            f"{missing[0]!r}): restore them and repair again, or rebuild with --rebuild"
+        )
     return plan
 
 
@@ -246,6 +270,7 @@ class Previous:
     rows: dict[str, PrevRow]
     salvaged: list[Path] = field(default_factory=list)  # shards a killed run finished
     lost: int = 0  # a repair: rows of the damaged shards left out, to be embedded again
+    lost_keys: frozenset[str] | None = None  # their keys, where the key pages are still whole
 
     def stored_shards(self) -> list[Path]:
         """Every shard whose vectors may be reused: the published ones, then salvaged ones."""
@@ -267,18 +292,17 @@ class Previous:
             return cls(None, None, {})
         folder = open_version(cfg.out)
         manifest = parse_manifest(folder)
-        lost = 0
+        lost, lost_keys = 0, None
         if cfg.drop_shards:  # repair: their rows count as never embedded
-            kept = [s for s in manifest["shards"] if s["name"] not in cfg.drop_shards]
-            lost = sum(int(s["rows"]) for s in manifest["shards"]) - sum(
-                int(s["rows"]) for s in kept
-            )
-            manifest = {**manifest, "shards": kept}
+            dropped = [s for s in manifest["shards"] if s["name"] in cfg.drop_shards]
+            lost = sum(int(s["rows"]) for s in dropped)
+            lost_keys = damaged_keys(folder, dropped)
+            manifest = {**manifest, "shards": [s for s in manifest["shards"] if s not in dropped]}
         check_shard_files(folder, manifest)
         check_request(asked, manifest, cfg.out)
         rows = read_prev_rows(folder, manifest)
         check_prev_ids(rows, manifest, cfg, folder)
-        return cls(folder, manifest, rows, lost=lost)
+        return cls(folder, manifest, rows, lost=lost, lost_keys=lost_keys)
 
     def next_id(self) -> int:
         if self.manifest is None:
@@ -314,7 +338,8 @@ def plan_build(cfg: BuildConfig) -> Planned:
     same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
     prev_errors = None if cfg.retry_failed else prev.errors()
     if cfg.drop_shards:
-        plan = make_repair_plan(items, sources, prev.rows, prev.next_id(), prev.errors())
+        plan = make_repair_plan(items, sources, prev.rows, prev.next_id(), prev.errors(),
+                                prev.lost_keys)  # fmt: skip
     else:
         plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors,
                          cfg.partition)  # fmt: skip

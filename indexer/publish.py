@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from indexer.catalog import (
+    BUILDING_PREFIX,
     CURRENT,
     ERRORS,
     INDEX,
     MANIFEST,
+    SALVAGE,
     SHARDS,
     VERSION_NAME,
     VERSIONS,
@@ -23,8 +25,6 @@ from indexer.catalog import (
 from indexer.errors import CollectionError
 from indexer.safeio import write_bytes_atomic
 
-BUILDING_PREFIX = ".building-"
-SALVAGE = ".salvage"
 SALVAGEABLE = ("part-v", "reused-v")  # shards of newly embedded rows (see new_shard_prefixes)
 REQUEST = ".request.json"
 # The contract's paths, each a fixed symlink into `current`: they all switch with it.

@@ -108,6 +108,9 @@ class Collection:
         """Override the tuned nprobe or efSearch; an index without that parameter refuses.
         nprobe above the index's nlist is nlist; efSearch above EF_LIMIT (4096) is refused."""
         own = search_param(self.index)[0]
+        if not isinstance(params, dict):
+            raise InputError(f"search parameters must be a dict such as {{'nprobe': 8}}, not "
+                             f"{params!r}")  # fmt: skip
         for name in params:
             if name != own:
                 raise InputError(
@@ -291,7 +294,7 @@ class Collection:
         ids = np.full((len(vectors), k), -1, np.int64)
         todo = np.arange(len(vectors))
         for width in widths(k, total):
-            found_s, found_i = self.search_ids(vectors[todo], width)
+            found_s, found_i = self._search_wide(vectors[todo], width)
             match = (found_i >= 0) & (self._top_labels(found_i) == label)
             enough = (match.sum(axis=1) >= k) | (width >= total)
             for row, s_row, i_row, m in zip(todo[enough], found_s[enough], found_i[enough],
@@ -302,6 +305,22 @@ class Collection:
             if not len(todo):
                 break
         return self._as_hits(scores, ids)
+
+    def _search_wide(self, vectors: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """search_ids; at the whole collection's width on an approximate index (which would
+        still scan only nprobe lists or efSearch candidates), an exact scan of the shards."""
+        if width < int(self.index.ntotal) or search_param(self.index)[0] is None:
+            return self.search_ids(vectors, width)
+        from indexer.shards import iter_embeddings
+        from indexer.tune import exact_top
+
+        queries = self.prepare(vectors)
+        batches = iter_embeddings(self.paths.shard_paths(self.manifest))
+        scores, ids = exact_top(batches, np.full(len(queries), -1), queries, width,
+                                self.manifest["metric"])  # fmt: skip
+        if self.manifest["metric"] == "l2":  # exact_top ranks by |q|^2 - distance^2
+            scores = np.einsum("ij,ij->i", queries, queries)[:, None] - scores
+        return scores.astype(np.float32), ids
 
     def _top_labels(self, ids: np.ndarray) -> np.ndarray:
         """Each id's top predicted label (object array of the same shape; None for -1)."""

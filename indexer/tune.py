@@ -67,32 +67,65 @@ def exact_neighbours(
 
 
 def exact_neighbours_and_ties(
-    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    batches: Iterable[tuple[np.ndarray, np.ndarray]] | Callable[[], Iterable[Any]],
     query_ids: np.ndarray,
     queries: np.ndarray,
     k: int,
     metric: str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """exact_neighbours, and the ids tied with each k-th neighbour (tied_ids): returning one of
-    those instead is no miss."""
-    best_s, best_i = _exact_top(batches, query_ids, queries, k * (1 + TIES_KEPT), metric)
+    those instead is no miss. Given a callable for the batches, the queries whose candidates
+    are tied to the last are searched again with four times as many, until the ties end."""
+    again = batches if callable(batches) else None
+    first: Any = again() if again is not None else batches
+    pool = k * (1 + TIES_KEPT)
+    best_s, best_i = exact_top(first, query_ids, queries, pool, metric)
     scale = np.maximum(np.einsum("ij,ij->i", queries, queries), 1e-30)
-    return np.ascontiguousarray(best_i[:, :k]), tied_ids(best_s, best_i, k, scale)
+    ties = tied_ids(best_s, best_i, k, scale)
+    rows = _saturated(ties, pool, k)
+    while again is not None and len(rows):
+        pool *= 4
+        wide_s, wide_i = exact_top(again(), query_ids[rows], queries[rows], pool, metric)
+        if wide_i.shape[1] < pool:  # the whole collection is in: nothing further to look at
+            again = None
+        wider = tied_ids(wide_s, wide_i, k, scale[rows], start=0)  # another k-th may be first
+        ties = _pad(ties, wider.shape[1])
+        ties[rows] = _pad(wider, ties.shape[1])
+        rows = rows[_saturated(wider, pool, k)]
+    return np.ascontiguousarray(best_i[:, :k]), ties
 
 
-def tied_ids(scores: np.ndarray, ids: np.ndarray, k: int, scale: np.ndarray) -> np.ndarray:
-    """Of candidates ranked best first, the ids after the k-th whose score equals the k-th's
-    within TIE_TOLERANCE of the scale (the scores', or the query's squared norm); -1 padded."""
-    if scores.shape[1] <= k:
+def _saturated(ties: np.ndarray, pool: int, k: int) -> np.ndarray:
+    """Rows whose every candidate after the k-th is tied: more ties may lie beyond the pool."""
+    if ties.shape[1] < pool - k or not ties.shape[1]:
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(ties[:, -1] >= 0)
+
+
+def _pad(array: np.ndarray, width: int) -> np.ndarray:
+    """array widened to `width` columns with -1 (never narrowed)."""
+    if array.shape[1] >= width:
+        return array
+    return np.pad(array, ((0, 0), (0, width - array.shape[1])), constant_values=-1)
+
+
+def tied_ids(
+    scores: np.ndarray, ids: np.ndarray, k: int, scale: np.ndarray, start: int | None = None
+) -> np.ndarray:
+    """Of candidates ranked best first, the ids from position `start` (default: after the
+    k-th) whose score equals the k-th's within TIE_TOLERANCE of the scale (the scores', or the
+    query's squared norm); -1 padded."""
+    start = k if start is None else start
+    if scores.shape[1] <= start:
         return np.full((len(scores), 0), -1, dtype=np.int64)
-    rest = scores[:, k:]
+    rest = scores[:, start:]
     kth = scores[:, k - 1 : k]
     scale = np.maximum(np.maximum(np.abs(scores[:, :1]), np.abs(kth)), scale[:, None])
     tied = np.isfinite(rest) & (rest >= kth - TIE_TOLERANCE * scale)
-    return np.where(tied, ids[:, k:], -1)
+    return np.where(tied, ids[:, start:], -1)
 
 
-def _exact_top(
+def exact_top(
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
     query_ids: np.ndarray,
     queries: np.ndarray,

@@ -135,3 +135,18 @@ def test_a_merge_waits_for_no_part_being_rebuilt(corpus: Path, tmp_path: Path) -
     assert merged.exit_code == 75 and "being updated" in merged.output, merged.output
     assert not (out / "current").exists()
     assert run_cli("index", out).exit_code == 0
+
+
+def test_a_source_folder_with_an_undecodable_name(corpus: Path, tmp_path: Path) -> None:
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/p\xff"))
+    shutil.copytree(corpus / "group0", odd)
+    literal = tmp_path / "lit" / "p\\xff"  # a folder literally named p\xff
+    shutil.copytree(corpus / "group1", literal)
+    out = tmp_path / "c"
+    result = run_cli("build", odd, literal, "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    keys = read_embeddings_by_key(out).keys()
+    labels = {key.split("/")[0] for key in keys}
+    assert labels == {"p\\xff", "p\\\\xff"}  # escaped like file names: distinct
+    again = run_cli("build", odd, literal, "--out", out, *BUILD_FLAGS)
+    assert "Nothing changed" in again.output and not verify(out).problems

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from indexer.errors import InputError
@@ -112,6 +113,9 @@ def test_a_folder_with_files_named_like_the_layout_is_not_ours(
     (mine / "manifest.json").write_text("{}")
     (mine / "runs.jsonl").write_text("my line\n")
     (mine / "index" / "index.html").write_text("page")
+    for number in (1, 2):  # notes of the user's in folders named like our versions
+        (mine / "versions" / f"v00000{number}").mkdir(parents=True)
+        (mine / "versions" / f"v00000{number}" / "notes.txt").write_text("mine")
     before = sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*"))
     result = run_cli("build", corpus / "group0", "--out", mine, *BUILD_FLAGS)
     assert result.exit_code == 2 and "is not a collection" in result.output, result.output
@@ -139,3 +143,29 @@ def test_info_json_is_strict_even_with_odd_history(collection: Path, tmp_path: P
     result = run_cli("info", copy, "--json")
     assert result.exit_code == 0, result.output
     json.loads(result.output, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+
+
+def test_search_parameters_must_be_a_dict(collection: Path) -> None:
+    c = Collection.open(collection)
+    for bad in (None, "nprobe=3", [("nprobe", 3)]):
+        with pytest.raises(InputError, match="must be a dict"):
+            c.set_search_params(bad)  # type: ignore[arg-type]
+
+
+def test_where_on_an_approximate_index_searches_the_whole_collection(
+    corpus: Path, tmp_path: Path
+) -> None:
+    flat = tmp_path / "flat"
+    built = run_cli("build", corpus, "--out", flat, *BUILD_FLAGS, "--labels", "1")
+    assert built.exit_code == 0, built.output
+    ivf = copy_of(flat, tmp_path / "ivf")
+    assert run_cli("index", ivf, "--index-type", "IVF4,Flat").exit_code == 0
+    table = pq.read_table(flat / "shards", columns=["key", "label_name"]).to_pylist()
+    labels = sorted({row["label_name"][0] for row in table})
+    query = ("query", "--id", "group0/scene0004.jpg", "-k", "3", "--json")
+    for label in labels:
+        want = run_cli(*query, "--index", flat, "--where", f"label={label}")
+        got = run_cli(*query, "--index", ivf, "--where", f"label={label}", "--nprobe", "1")
+        assert got.exit_code == want.exit_code == 0, got.output
+        keys = [[h["key"] for h in json.loads(r.output)[0]["results"]] for r in (want, got)]
+        assert keys[0] == keys[1] and keys[0], (label, keys)

@@ -145,9 +145,30 @@ def test_a_repair_that_would_lose_damaged_items_publishes_nothing(
     assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--shard-size", "4").exit_code == 0
     shard = sorted(((out / "current").resolve() / "shards").glob("*.parquet"))[0]
     lost = pq.read_table(shard, columns=["key"]).column("key").to_pylist()[0]
-    _damage_shard(out)
+    size = shard.stat().st_size
+    shard.unlink()
+    shard.write_bytes(b"\0" * size)  # not even its keys can be read: only their count is known
     (src / lost).unlink()  # one of the damaged shard's items can no longer be read
     failed = run_cli("verify", "--repair", out)
     assert failed.exit_code == 2 and "could be embedded again" in failed.output, failed.output
     assert os.readlink(out / "current") == "versions/v000001"
     assert run_cli("verify", out).exit_code == 3
+
+
+def test_a_new_file_never_stands_in_for_a_lost_damaged_item(corpus: Path, tmp_path: Path) -> None:
+    src = _source(corpus, tmp_path, ("group0", "group1"))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--shard-size", "4").exit_code == 0
+    shard = sorted(((out / "current").resolve() / "shards").glob("*.parquet"))[0]
+    keys = pq.read_table(shard, columns=["key"]).column("key").to_pylist()
+    _damage_shard(out)
+    (src / keys[0]).rename(tmp_path / "aside.png")  # a damaged item is gone...
+    shutil.copy(sorted(corpus.rglob("*.png"))[-1], src / "group0" / "zz-new.png")  # ...one is new
+    failed = run_cli("verify", "--repair", out)
+    assert failed.exit_code == 2 and "no longer in the sources" in failed.output, failed.output
+    assert keys[0] in failed.output and os.readlink(out / "current") == "versions/v000001"
+    (tmp_path / "aside.png").rename(src / keys[0])
+    mended = run_cli("verify", "--repair", out)
+    assert mended.exit_code == 0, mended.output
+    after = read_embeddings_by_key(out)
+    assert set(keys) <= after.keys() and "group0/zz-new.png" not in after  # repair only

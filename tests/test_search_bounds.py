@@ -166,6 +166,16 @@ def test_recall_of_an_exact_search_over_tied_vectors_is_one(tmp_path: Path, kind
         assert meta["params"] == {"nprobe": 1}, meta
 
 
+def test_recall_counts_ties_far_past_the_first_candidates(tmp_path: Path) -> None:
+    """200 identical vectors among 500: ties reach far beyond the first (1 + 4) * k."""
+    vectors = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors[:200] = vectors[0]
+    out = indexed(tmp_path, vectors, "flat", "--index-type", "flat")
+    meta = json.loads((out / "index" / "meta.json").read_text())
+    assert meta["recall_at_k"] == 1.0 and meta["target_met"], meta
+
+
 # 3. thresholds compare with a float32 tolerance: exact duplicates meet --threshold 1 (or 0)
 
 

@@ -232,3 +232,32 @@ def test_a_fifo_in_place_of_the_index_metadata_does_not_hang(
     query = run_cli("query", "--id", "group0/scene0004.jpg", "--index", copy)
     assert query.exit_code == 3 and "not a regular file" in query.output, query.output
     assert run_cli("verify", copy).exit_code == 3
+
+
+def test_a_manifest_metric_that_is_not_the_indexs_is_refused(
+    collection: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, lambda m: m.update(metric="l2"))
+    for args in (("verify", copy), ("dedup", copy, "--out", tmp_path / "d.parquet"),
+                 ("query", "--id", "group0/scene0004.jpg", "--index", copy)):  # fmt: skip
+        result = run_cli(*args)
+        assert result.exit_code == 3 and "metric" in result.output, (args, result.output)
+    assert not (tmp_path / "d.parquet").exists()
+
+
+def test_reindexing_refuses_ids_past_next_id(collection: Path, tmp_path: Path) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, lambda m: m.update(next_id=3))
+    result = run_cli("index", copy)
+    assert result.exit_code == 3 and "outside [0, next_id=3)" in result.output, result.output
+    assert os.readlink(copy / "current") == "versions/v000001"
+
+
+def test_a_fifo_manifest_is_called_tampering(collection: Path, tmp_path: Path) -> None:
+    copy = copy_of(collection, tmp_path)
+    manifest = (copy / "current").resolve() / "manifest.json"
+    manifest.unlink()
+    os.mkfifo(manifest)
+    result = run_cli("info", copy)
+    assert result.exit_code == 3 and "not a regular file" in result.output, result.output

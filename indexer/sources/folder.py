@@ -41,7 +41,7 @@ class FolderSource:
                 f"source {root} is a file, not a folder: pass the folder that holds the images"
             )
         self.root = root.resolve()
-        self.label = label or self.root.name or "root"
+        self.label = label or printable_key(self.root.name) or "root"  # escaped like keys
         self.follow_symlinks = follow_symlinks
         self.max_bytes = byte_limit(max_pixels)  # no FIFO, device or endless file is read
 

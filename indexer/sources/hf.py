@@ -12,6 +12,7 @@ from indexer.errors import InputError
 from indexer.hub import hub_unreachable_reason
 from indexer.images import byte_limit, read_image_file
 from indexer.shards import metadata_names
+from indexer.sources.folder import printable_key
 
 
 class HFSource:
@@ -42,7 +43,7 @@ class HFSource:
         self.dataset = dataset.cast_column(self.image_column, datasets.Image(decode=False))
         self.columns = metadata_names(_metadata_columns(self.dataset, self.image_column))
         self.max_bytes = byte_limit(max_pixels)
-        self.label = label or Path(name.rstrip("/")).name or name
+        self.label = label or printable_key(Path(name.rstrip("/")).name or name)
 
     def describe(self) -> dict[str, Any]:
         return {
