@@ -123,7 +123,7 @@ def merge_needed(root: Path) -> bool:
     raise InputError(
         f"{root} was built whole after its parts in {root / PARTS} were: merging them would "
         f"bring back older data; remove {root / PARTS} (the parts are not needed), or rebuild "
-        "every part before merging"
+        "every part (`indexer build ... --partition I/N --rebuild`) before merging"
     )
 
 
