@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import stat
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,45 +16,10 @@ from indexer.config import DEFAULT_MAX_PIXELS
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, as most viewers show it
 EXIF_ORIENTATION = 0x0112
 BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
-BYTES_PER_PIXEL = 8  # 16-bit RGBA stored uncompressed: the largest file an image can need
-HEADROOM = 1 << 20  # headers, metadata and colour profiles on top
 
 
 class DecodeError(Exception):
     """An image could not be decoded; the message is stored in the errors table."""
-
-
-class FileRefused(OSError):
-    """An image file that is not read: not a regular file, or larger than any image can be."""
-
-
-def byte_limit(max_pixels: int) -> int:
-    """The most bytes a file holding an image of at most max_pixels pixels needs."""
-    return max_pixels * BYTES_PER_PIXEL + HEADROOM
-
-
-def read_image_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
-    """A regular file's bytes (links followed). A device, FIFO, socket or folder is refused
-    without being read, a file over max_bytes without reading more than max_bytes + 1."""
-    _check_regular(os.stat(path), path, max_bytes)
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)  # a FIFO never blocks
-    with os.fdopen(os.open(path, flags), "rb") as f:
-        _check_regular(os.fstat(f.fileno()), path, max_bytes)  # replaced since the stat?
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise FileRefused(f"{os.fspath(path)} grew over the limit of {max_bytes} bytes")
-    return data
-
-
-def _check_regular(st: os.stat_result, path: str | os.PathLike[str], max_bytes: int) -> None:
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a device, FIFO or socket"
-        raise FileRefused(f"{os.fspath(path)} is not a regular file ({kind})")
-    if st.st_size > max_bytes:
-        raise FileRefused(
-            f"{os.fspath(path)} is {st.st_size} bytes, over the limit of {max_bytes} bytes "
-            "(more than an image within the pixel limit needs)"
-        )
 
 
 @dataclass(frozen=True)

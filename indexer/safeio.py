@@ -1,14 +1,18 @@
-"""Files written safely: never through a planted symlink, atomically, OS errors as typed errors."""
+"""Safe file I/O: no planted link or FIFO followed, reads bounded, writes atomic, errors typed."""
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from indexer.errors import IndexerError, InputError, StorageError
+
+BYTES_PER_PIXEL = 8  # 16-bit RGBA stored uncompressed: the largest file an image can need
+HEADROOM = 1 << 20  # headers, metadata and colour profiles on top
 
 # the caller chose a place it may not write to: bad input (exit 2), not a fault of the disk
 NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR,
@@ -78,10 +82,41 @@ def check_writable(path: Path, flag: str) -> None:
 
 def read_regular_text(path: Path) -> str:
     """A regular file's text; a FIFO, device or folder there is refused without blocking."""
-    import stat
-
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         return f.read().decode("utf-8")
+
+
+class FileRefused(OSError):
+    """An image file that is not read: not a regular file, or larger than any image can be."""
+
+
+def byte_limit(max_pixels: int) -> int:
+    """The most bytes a file holding an image of at most max_pixels pixels needs."""
+    return max_pixels * BYTES_PER_PIXEL + HEADROOM
+
+
+def read_image_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """A regular file's bytes (links followed). A device, FIFO, socket or folder is refused
+    without being read, a file over max_bytes without reading more than max_bytes + 1."""
+    _check_regular(os.stat(path), path, max_bytes)
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)  # a FIFO never blocks
+    with os.fdopen(os.open(path, flags), "rb") as f:
+        _check_regular(os.fstat(f.fileno()), path, max_bytes)  # replaced since the stat?
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileRefused(f"{os.fspath(path)} grew over the limit of {max_bytes} bytes")
+    return data
+
+
+def _check_regular(st: os.stat_result, path: str | os.PathLike[str], max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a device, FIFO or socket"
+        raise FileRefused(f"{os.fspath(path)} is not a regular file ({kind})")
+    if st.st_size > max_bytes:
+        raise FileRefused(
+            f"{os.fspath(path)} is {st.st_size} bytes, over the limit of {max_bytes} bytes "
+            "(more than an image within the pixel limit needs)"
+        )

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
-from indexer.images import byte_limit, read_image_file
+from indexer.safeio import byte_limit, read_image_file
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 

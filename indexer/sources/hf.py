@@ -10,7 +10,7 @@ import pyarrow as pa
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.hub import hub_unreachable_reason
-from indexer.images import byte_limit, read_image_file
+from indexer.safeio import byte_limit, read_image_file
 from indexer.shards import metadata_names
 from indexer.sources.folder import printable_key
 
