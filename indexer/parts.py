@@ -48,6 +48,12 @@ def in_partition(key: str, partition: tuple[int, int]) -> bool:
     return int.from_bytes(digest, "big") % count == index
 
 
+def part_of(folder: Path) -> tuple[int, int] | None:
+    """(I, N) when folder is part I of N of a partitioned collection (DIR/parts/IIIII-of-NNNNN)."""
+    match = PART_NAME.match(folder.name) if folder.parent.name == PARTS else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def part_dir(root: Path, partition: tuple[int, int]) -> Path:
     index, count = partition
     return root / PARTS / f"{index:05d}-of-{count:05d}"

@@ -86,6 +86,7 @@ class BuildReport:
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
 
 
+REPAIR_KEEPS = ("parts", "part_versions")  # a merged collection stays one of its parts
 PART_INDEX = {"type": "none", "part": True}  # a part is indexed when the parts are merged
 
 
@@ -267,6 +268,8 @@ def update(
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
+    if cfg.drop_shards and prev.manifest is not None:  # a repair restores: provenance stays
+        manifest.update({k: prev.manifest[k] for k in REPAIR_KEEPS if k in prev.manifest})
     write_json_atomic(paths.manifest, manifest)
     index_meta = build_index(building, manifest, cfg.index) if cfg.partition is None else PART_INDEX
     publish(cfg.out, number, building)

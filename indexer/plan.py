@@ -73,20 +73,21 @@ def read_prev_rows(version: Path, manifest: dict[str, Any]) -> dict[str, PrevRow
     return rows
 
 
-def damaged_keys(folder: Path, shards: list[dict[str, Any]]) -> frozenset[str] | None:
-    """The keys of damaged shards, read from their key column alone (its pages' checksums
-    verified, every row there); None when any of them cannot be read whole."""
-    keys: set[str] = set()
+def damaged_keys(folder: Path, shards: list[dict[str, Any]]) -> dict[str, int] | None:
+    """key -> id of the damaged shards' rows, read from those two columns alone (their pages'
+    checksums verified, every row there); None when any of them cannot be read whole."""
+    found: dict[str, int] = {}
     for shard in shards:
         try:
-            table = pq.read_table(folder / "shards" / shard["name"], columns=["key"],
+            table = pq.read_table(folder / "shards" / shard["name"], columns=["key", "id"],
                                   page_checksum_verification=True)  # fmt: skip
         except Exception:  # pyarrow raises several types for a damaged file
             return None
         if table.num_rows != int(shard["rows"]):
             return None
-        keys.update(table.column("key").to_pylist())
-    return frozenset(keys)
+        found.update(zip(table.column("key").to_pylist(), table.column("id").to_pylist(),
+                         strict=True))  # fmt: skip
+    return found
 
 
 def check_prev_ids(
@@ -181,13 +182,16 @@ def make_repair_plan(
     prev: dict[str, PrevRow],
     next_id: int,
     prev_errors: dict[str, dict[str, Any]],
-    wanted: frozenset[str] | None = None,
+    wanted: dict[str, int] | None = None,
+    partition: tuple[int, int] | None = None,
 ) -> Plan:
     """A repair keeps every intact row as it is (listed or not, changed or not) and embeds
-    the damaged shards' items: exactly those `wanted` keys when they could be read (each must
-    be listed, else InputError), otherwise every listed item no intact row or recorded failure
-    holds (items added since included)."""
-    plan = Plan(next_id=next_id, retained={row.id for row in prev.values()})
+    the damaged shards' items: exactly those `wanted` keys, each with its old id, when they
+    could be read (each must be listed, else InputError); otherwise every listed item no
+    intact row or recorded failure holds (items added since included), with new ids."""
+    offset, stride = partition or (0, 1)
+    plan = Plan(next_id=next_id, stride=stride, offset=offset,
+                retained={row.id for row in prev.values()})  # fmt: skip
     for position, item in enumerate(items):
         row, failed = prev.get(item.key), prev_errors.get(item.key)
         if row is not None:
@@ -195,11 +199,14 @@ def make_repair_plan(
             plan.known.add(position)
         elif failed is not None and failed["source"] == sources[item.source].label:
             plan.kept_errors.append(failed)
-        elif wanted is None or item.key in wanted:
-            plan.ids[position] = plan.next_id
+        elif wanted is not None and item.key in wanted:
+            plan.ids[position] = wanted[item.key]  # ids stay with their keys
+            plan.check.append(position)
+        elif wanted is None:
+            plan.ids[position] = plan.next_id * plan.stride + plan.offset
             plan.next_id += 1
             plan.check.append(position)
-    missing = sorted((wanted or frozenset()) - {items[p].key for p in plan.check})
+    missing = sorted(set(wanted or ()) - {items[p].key for p in plan.check})
     if missing:
         raise InputError(
             f"{len(missing)} item(s) of the damaged shards are no longer in the sources (e.g. "
@@ -270,7 +277,7 @@ class Previous:
     rows: dict[str, PrevRow]
     salvaged: list[Path] = field(default_factory=list)  # shards a killed run finished
     lost: int = 0  # a repair: rows of the damaged shards left out, to be embedded again
-    lost_keys: frozenset[str] | None = None  # their keys, where the key pages are still whole
+    lost_keys: dict[str, int] | None = None  # their keys and ids, where those pages are whole
 
     def stored_shards(self) -> list[Path]:
         """Every shard whose vectors may be reused: the published ones, then salvaged ones."""
@@ -339,7 +346,7 @@ def plan_build(cfg: BuildConfig) -> Planned:
     prev_errors = None if cfg.retry_failed else prev.errors()
     if cfg.drop_shards:
         plan = make_repair_plan(items, sources, prev.rows, prev.next_id(), prev.errors(),
-                                prev.lost_keys)  # fmt: skip
+                                prev.lost_keys, cfg.partition)  # fmt: skip
     else:
         plan = make_plan(items, sources, prev.rows, same, prev.next_id(), prev_errors,
                          cfg.partition)  # fmt: skip

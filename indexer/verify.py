@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from indexer.catalog import PARTS, SHARDS, CollectionPaths, open_version, parse_manifest
+from indexer.catalog import SHARDS, CollectionPaths, open_version, parse_manifest
 from indexer.config import (
     DEFAULT_MAX_PIXELS,
     BuildConfig,
@@ -22,7 +22,7 @@ from indexer.config import (
 )
 from indexer.errors import IndexerError, InputError
 from indexer.index import INDEX_FILE, check_index_files, index_mismatch, read_index_meta
-from indexer.parts import PART_NAME
+from indexer.parts import part_of
 from indexer.safeio import os_errors_as
 
 
@@ -61,8 +61,8 @@ def verify(root: Path) -> Report:
     embedded = int(manifest["counts"]["embedded"])
     if not any(p.part == "shard" for p in problems) and len(every) != embedded:
         problems.append(Problem("shards", "", f"{len(every)} rows, the manifest says {embedded}"))
-    if not any(p.part == "shard" for p in problems):
-        problems += check_index(version, manifest, every)
+    if not any(p.part == "shard" for p in problems) and part_of(root) is None:
+        problems += check_index(version, manifest, every)  # a part is indexed when merged
     return Report(root, version, len(shards), len(every), problems)
 
 
@@ -70,8 +70,8 @@ def id_bound(root: Path, manifest: dict[str, Any]) -> int | None:
     """Every id is below this: next_id, times N for part I of N (ids I, I+N, ...)."""
     if "next_id" not in manifest:
         return None  # collections from before next_id was recorded
-    part = PART_NAME.match(root.name) if root.parent.name == PARTS else None
-    return int(manifest["next_id"]) * (int(part.group(2)) if part else 1)
+    part = part_of(root)
+    return int(manifest["next_id"]) * (part[1] if part else 1)
 
 
 def check_ids(ids: np.ndarray, bound: int | None) -> list[Problem]:
@@ -230,7 +230,7 @@ def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig
         allow_truncated=bool(decode.get("allow_truncated")),
     )
     index = IndexOverrides().resolve(asked["metric"], read_index_meta(open_version(root)))
-    return BuildConfig(sources, root, model, loader, index, keep=keep)
+    return BuildConfig(sources, root, model, loader, index, keep=keep, partition=part_of(root))
 
 
 def source_spec(source: dict[str, Any]) -> SourceSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -172,3 +173,61 @@ def test_a_new_file_never_stands_in_for_a_lost_damaged_item(corpus: Path, tmp_pa
     assert mended.exit_code == 0, mended.output
     after = read_embeddings_by_key(out)
     assert set(keys) <= after.keys() and "group0/zz-new.png" not in after  # repair only
+
+
+def _ids_by_key(root: Path) -> dict[str, int]:
+    table = pq.read_table(root / "shards", columns=["key", "id"])
+    return dict(zip(table.column("key").to_pylist(), table.column("id").to_pylist(), strict=True))
+
+
+def test_repaired_items_keep_their_ids(corpus: Path, tmp_path: Path) -> None:
+    src = _source(corpus, tmp_path, ("group0", "group1"))
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--shard-size", "4").exit_code == 0
+    before = _ids_by_key(out)
+    next_id = json.loads((out / "manifest.json").read_text())["next_id"]
+    _damage_shard(out)
+    assert run_cli("verify", "--repair", out).exit_code == 0
+    assert _ids_by_key(out) == before  # ids stay with their keys
+    assert json.loads((out / "manifest.json").read_text())["next_id"] == next_id
+
+
+def _parted(corpus: Path, tmp_path: Path) -> tuple[Path, Path]:
+    src = _source(corpus, tmp_path, ("group0", "group1"))
+    out = tmp_path / "c"
+    for i in range(2):
+        part = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--partition", f"{i}/2",
+                       "--shard-size", "3")  # fmt: skip
+        assert part.exit_code == 0, part.output
+    assert run_cli("index", out).exit_code == 0
+    return src, out
+
+
+@pytest.mark.slow
+def test_a_repaired_merge_still_takes_newer_parts(corpus: Path, tmp_path: Path) -> None:
+    src, out = _parted(corpus, tmp_path)
+    before = _ids_by_key(out)
+    _damage_shard(out)
+    assert run_cli("verify", "--repair", out).exit_code == 0
+    assert _ids_by_key(out) == before
+    shutil.copy(sorted(corpus.rglob("*.png"))[-1], src / "group0" / "zz-new.png")
+    for i in range(2):
+        assert (
+            run_cli("build", src, "--out", out, *BUILD_FLAGS, "--partition", f"{i}/2").exit_code
+            == 0
+        )
+    merged = run_cli("index", out)
+    assert merged.exit_code == 0, merged.output
+    assert "group0/zz-new.png" in _ids_by_key(out) and not verify(out).problems
+
+
+def test_a_part_folder_is_repaired_with_its_own_ids(corpus: Path, tmp_path: Path) -> None:
+    _, out = _parted(corpus, tmp_path)
+    part = out / "parts" / "00000-of-00002"
+    before = _ids_by_key(part)
+    _damage_shard(part)
+    assert run_cli("verify", part).exit_code == 3
+    mended = run_cli("verify", "--repair", part)
+    assert mended.exit_code == 0 and "whole again" in mended.output, mended.output
+    assert _ids_by_key(part) == before and all(i % 2 == 0 for i in before.values())
+    assert run_cli("index", out).exit_code == 0 and not verify(out).problems
