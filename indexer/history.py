@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
-import stat
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,6 +13,7 @@ from typing import Any
 
 from indexer.catalog import RUNS
 from indexer.errors import InputError
+from indexer.safeio import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def append_run(root: Path, record: RunRecord) -> None:
     try:
         if not root.is_dir():
             return  # nothing was started there: no collection to keep a history for
-        fd = _open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, own=True)
         try:
             os.write(fd, line.encode("utf-8"))
         finally:
@@ -69,26 +68,11 @@ def append_run(root: Path, record: RunRecord) -> None:
         log.log(level, "run not recorded in %s: %s", path, exc.strerror or exc)
 
 
-def _open_regular(path: Path, flags: int) -> int:
-    """fd of the regular file at path, never through a symlink, never blocking on a FIFO."""
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(exc.errno, "a symbolic link: remove it", str(path)) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "not a regular file: remove it", str(path))
-    return fd
-
-
 def read_runs(root: Path, last: int = 5) -> list[dict[str, Any]]:
     """The last runs, oldest first; lines that are not run records are skipped with a warning."""
     path = root / RUNS
     try:
-        with os.fdopen(_open_regular(path, os.O_RDONLY), encoding="utf-8", errors="replace") as f:
+        with os.fdopen(open_regular(path, os.O_RDONLY), encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         return []

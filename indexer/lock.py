@@ -7,7 +7,6 @@ import fcntl
 import json
 import os
 import socket
-import stat
 import sys
 import threading
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from typing import ClassVar
 
 from indexer.catalog import LOCK
 from indexer.errors import CollectionLockedError, InputError
+from indexer.safeio import open_regular
 
 FileKey = tuple[int, int]  # (st_dev, st_ino) of a lock file
 
@@ -86,28 +86,22 @@ class CollectionLock:
             raise self._locked(holder)
 
     def _open(self) -> int:
-        """The lock file, opened without following a link and without blocking on a FIFO."""
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        """The lock file: regular, its own (no link of any kind), opened without blocking."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, flags, 0o644)
+            return open_regular(self.path, os.O_RDWR | os.O_CREAT, own=True)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise InputError(
                     f"{self.path} is a symbolic link: remove it (the indexer never writes "
                     "through a link it did not create)"
                 ) from None
-            if exc.errno == errno.EISDIR:
+            if exc.errno in (errno.EISDIR, errno.EINVAL):
                 raise self._not_a_file() from None
             raise InputError(
                 f"cannot write to {self.path.parent} ({exc.strerror or exc}): "
                 "choose an --out you may write to"
             ) from exc
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            os.close(fd)  # a hard link: writing the holder there would clobber another file
-            raise self._not_a_file()
-        return fd
 
     def _lock(self, fd: int) -> FileKey:
         """Take the record lock on fd; CollectionLockedError naming the holder if taken."""

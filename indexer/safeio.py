@@ -80,12 +80,28 @@ def check_writable(path: Path, flag: str) -> None:
         )
 
 
+def open_regular(path: Path, flags: int, follow: bool = False, own: bool = False) -> int:
+    """fd of the regular file at path (created 0644 with O_CREAT), never blocking on a FIFO;
+    not through a symlink unless `follow`; with `own`, refused when hard-linked elsewhere (a
+    write there would change another file). OSError (ELOOP, EINVAL) names what is wrong."""
+    flags |= os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise OSError(exc.errno, "a symbolic link: remove it", str(path)) from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or (own and st.st_nlink != 1):
+        os.close(fd)
+        what = "a hard link to another file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise OSError(errno.EINVAL, f"{what}: remove it", str(path))
+    return fd
+
+
 def read_regular_text(path: Path) -> str:
     """A regular file's text; a FIFO, device or folder there is refused without blocking."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
+    with os.fdopen(open_regular(path, os.O_RDONLY, follow=True), "rb") as f:
         return f.read().decode("utf-8")
 
 

@@ -314,3 +314,15 @@ def test_a_hard_linked_lock_file_is_refused_and_left_alone(tmp_path: Path) -> No
     ):
         pass
     assert victim.read_text() == "keep me"
+
+
+def test_a_hard_linked_history_is_never_appended_to(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    assert run_cli("build", corpus / "group0", "--out", out, *BUILD_FLAGS).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    (out / "runs.jsonl").unlink()
+    os.link(victim, out / "runs.jsonl")
+    result = run_cli("build", corpus / "group0", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert victim.read_text() == "keep me\n"
