@@ -22,6 +22,7 @@ from indexer.config import (
     METRICS,
     POOLINGS,
     PRECISIONS,
+    RUNTIMES,
     BuildConfig,
     EngineConfig,
     IndexConfig,
@@ -242,6 +243,14 @@ def main(verbose: bool) -> None:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="auto",
+    show_default=True,
+    help="What embeds images: auto (the collection's portable ONNX model on CPU when it has "
+    "one, torch on CUDA), torch, onnx (onnxruntime) or openvino.",
+)
+@click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
     default=None,
@@ -355,6 +364,7 @@ def build(
     labels: int,
     feature_stage: int | None,
     device: str,
+    runtime: str,
     precision: str | None,
     exact_preprocessing: bool,
     batch_size: int,
@@ -404,6 +414,7 @@ def build(
             pooling=pooling,
             feature_stage=feature_stage,
             labels=labels,
+            runtime=runtime,
         ),
         loader=LoaderConfig(
             batch_size=batch_size,
@@ -572,6 +583,14 @@ def below_target(meta: dict[str, Any]) -> str:
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="auto",
+    show_default=True,
+    help="What embeds images: auto (the collection's portable ONNX model on CPU when it has "
+    "one, torch on CUDA), torch, onnx (onnxruntime) or openvino.",
+)
+@click.option(
     "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
 )
 @click.option("--ef", type=click.IntRange(1), help="HNSW efSearch (default: the tuned value).")
@@ -587,6 +606,7 @@ def query(
     paths_only: bool,
     grid: Path | None,
     device: str,
+    runtime: str,
     nprobe: int | None,
     ef: int | None,
 ) -> None:
@@ -613,7 +633,7 @@ def query(
 
         if grid is not None:
             check_writable(grid, "--grid")  # refused before the work, not after it
-        collection = Collection(root, device, params)
+        collection = Collection(root, device, params, runtime)
         files = expand_images(list(images))
         return collection, collection.query(files, list(ids), k, threshold, where)
 
@@ -705,7 +725,9 @@ def describe_runs(runs: list[dict[str, Any]]) -> str:
         lines.append(
             f"  {run['started']}  {run['command']:<6} {run['status']:<8} {run['seconds']:>8.1f}s  "
             f"listed {c.get('listed', '-')}, new {c.get('new', '-')}, "
-            f"failed {c.get('failed', '-')}" + (f"  ({run['error']})" if run.get("error") else "")
+            f"failed {c.get('failed', '-')}"
+            + (f", {run['runtime']}" if run.get("runtime") else "")
+            + (f"  ({run['error']})" if run.get("error") else "")
         )
     return "\n".join(lines)
 
@@ -752,7 +774,21 @@ def describe_model(manifest: dict[str, Any]) -> list[str]:
         f"preprocess:  {dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, "
         f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}, "
         f"{manifest['decode']['mode']} decoding",
+        describe_portable(manifest),
     ]
+
+
+def describe_portable(manifest: dict[str, Any]) -> str:
+    record = manifest.get("portable_model")
+    if record is None:
+        why = manifest.get("portable_model_reason") or "built before models were exported"
+        return f"portable:    none ({why}): queries run torch"
+    fidelity = record.get("fidelity") or {}
+    return (
+        f"portable:    {record['path']} (ONNX opset {record.get('opset')}, exported with torch "
+        f"{record.get('torch_version')}; cosine to torch min {fidelity.get('min_cosine', 0):.6f}, "
+        f"mean {fidelity.get('mean_cosine', 0):.6f} on {fidelity.get('images')} images)"
+    )
 
 
 def _source_name(source: dict[str, Any]) -> str:

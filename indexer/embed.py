@@ -14,6 +14,7 @@ from tqdm import tqdm
 from indexer import configcache
 from indexer.catalog import CollectionPaths
 from indexer.config import BuildConfig
+from indexer.errors import CollectionError, InputError
 from indexer.plan import Plan, Previous
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.shards import ShardInfo, ShardWriter, embedding_array, rows_by_hash
@@ -21,7 +22,7 @@ from indexer.sources import Item, Source
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     from indexer.loader import Batch
-    from indexer.model import Embedder
+    from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ def load_model_while_decoding(
     cfg: BuildConfig,
     known: frozenset[str],
     positions: list[int],
-) -> tuple[Embedder, Iterator[Batch]]:
-    """Start the loader with the model's remembered data config, then load the model.
+    prev: Previous,
+) -> tuple[Runtime, Iterator[Batch]]:
+    """The collection's portable model when it can embed (no timm: its data config is the
+    recorded one); else start the loader with torch's remembered data config, then load it.
 
     Importing timm and creating the model take seconds; the workers decode meanwhile. If the
     remembered config differs from the model's own, that work is discarded and decoding
@@ -42,6 +45,12 @@ def load_model_while_decoding(
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
+    portable = portable_runtime(cfg, prev)
+    if portable is not None:
+        loader = cfg.loader
+        preprocess = Preprocessor(portable.data_config, loader.preprocessing, loader.max_pixels,
+                                  loader.allow_truncated)  # fmt: skip
+        return portable, iter_batches(items, sources, preprocess, loader, known, positions)
     if cfg.engine.kind == "ray":  # Ray decodes and embeds; the driver's model gives the recipe
         from indexer.rayengine import ray_batches
 
@@ -70,6 +79,31 @@ def load_model_while_decoding(
     return embedder, start(embedder.data_config)
 
 
+def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
+    """The published version's portable model, where --runtime and the device choose it (None:
+    torch). With auto, a damaged model file means torch, which exports it again."""
+    from indexer.model import resolve_device
+    from indexer.portable import load_portable
+    from indexer.runtime import choose_runtime, why_not_portable
+
+    asked = cfg.model.runtime
+    if cfg.engine.kind == "ray":  # its actors create the torch model themselves
+        if asked not in ("auto", "torch"):
+            raise InputError(f"--engine ray embeds with torch: drop --runtime {asked}")
+        return None
+    cuda = resolve_device(cfg.model.device).type == "cuda"
+    choice = choose_runtime(asked, cuda, why_not_portable(prev.manifest))
+    if choice == "torch" or prev.folder is None or prev.manifest is None:
+        return None
+    try:
+        return load_portable(prev.folder, prev.manifest, choice)
+    except CollectionError as exc:
+        if asked != "auto":
+            raise
+        log.warning("%s; embedding with torch, which exports the model again", exc)
+        return None
+
+
 @dataclass(frozen=True)
 class EmbedJob:
     """What the embedding loop writes: items, their planned ids, and how rows are made."""
@@ -77,19 +111,34 @@ class EmbedJob:
     items: list[Item]
     sources: list[Source]
     plan: Plan
-    embedder: Embedder
+    embedder: Runtime
     schema: pa.Schema
     prefix: str  # names of new shards of embedded rows: unique to this version
     reused_prefix: str  # and of rows whose vector was reused by content hash
 
 
+@dataclass(frozen=True)
+class Embedded:
+    """What the embedding loop made: new shards, error rows, items whose stored vector is
+    reused, and the first images embedded (the portable model is checked on them)."""
+
+    shards: list[ShardInfo]
+    errors: list[dict[str, Any]]
+    reused: list[tuple[int, str, dict[str, Any]]]
+    sample: np.ndarray | None
+
+
+SAMPLE = 64  # images kept for the portable model's fidelity check
+
+
 def embed_items(
     job: EmbedJob, batches: Iterator[Batch], paths: CollectionPaths, cfg: BuildConfig
-) -> tuple[list[ShardInfo], list[dict[str, Any]], list[tuple[int, str, dict[str, Any]]]]:
+) -> Embedded:
     """Stream batches through the model into new shards; failures become error rows, and
     items whose bytes are already embedded are set aside to reuse their vectors."""
     errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
+    sample: np.ndarray | None = None
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar:
@@ -98,6 +147,8 @@ def embed_items(
                 vectors, labels = batch.vectors, batch.labels
                 if vectors is None:
                     assert batch.pixels is not None
+                    if sample is None:
+                        sample = np.array(batch.pixels[:SAMPLE])
                     vectors, labels = job.embedder.embed_with_labels(batch.pixels)
                 metas = batch.metadata
                 if labels:
@@ -116,7 +167,7 @@ def embed_items(
                                "file_size": size, "mtime_ns": mtime})  # fmt: skip
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
-        return writer.close(), errors, reused
+        return Embedded(writer.close(), errors, reused, sample)
 
 
 def write_reused(

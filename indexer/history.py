@@ -31,6 +31,7 @@ class RunRecord:
     counts: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
+    runtime: str | None = None  # what embedded images: torch, onnxruntime, openvino
 
     def to_json(self) -> dict[str, Any]:
         seconds = max(self.ended - self.started, 0.0)

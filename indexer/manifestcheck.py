@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 MAX_ID = 2**62  # ids are int64; part I of N numbers rows up to next_id * N
 MISSING = object()
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.onnx$")  # a plain name in the version
 
 
 def _get(doc: Any, path: str) -> Any:
@@ -97,11 +99,33 @@ MODEL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
+def hexdigest(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in HEX for c in value)
+
+
+def label_names(value: Any) -> bool:
+    return value is MISSING or (isinstance(value, list) and all(map(text, value)))
+
+
+HEX = frozenset("0123456789abcdef")
+# the exported model: a plain file name in the version (never a path out of it), its checksum
+PORTABLE: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("portable_model.path", lambda v: text(v) and bool(MODEL_NAME.match(v)), "a plain .onnx name"),
+    ("portable_model.sha256", hexdigest, "a sha256 hex digest"),
+    ("portable_model.opset", positive, "a positive integer"),
+    ("portable_model.label_names", label_names, "a list of names"),
+    ("portable_model.fidelity.min_cosine", number, "a number"),
+    ("portable_model_reason", optional(text), "a line of text"),
+)
+
+
 def first_bad_field(manifest: Any) -> str | None:
     """What is wrong with a parsed manifest's types, or None (a small pure check)."""
     if not isinstance(manifest, dict):
         return "not a JSON object"
     rows = COMMON + (MODEL if isinstance(manifest.get("model"), dict) else ())
+    if "portable_model" in manifest:
+        rows += PORTABLE
     for field, check, what in rows:
         if not check(_get(manifest, field)):
             return f"{field} is not {what}"

@@ -14,6 +14,7 @@ import torch
 from indexer.config import PRECISIONS, ModelConfig, file_sha256
 from indexer.errors import InputError, ModelError, WeightsUnavailableError
 from indexer.hub import hub_unreachable_reason
+from indexer.portable import Exported
 from indexer.preprocess import DataConfig
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ CACHE_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_
 
 class Embedder:
     """A headless model on a device that turns uint8 image batches into float32 embeddings."""
+
+    name = "torch"  # the runtime, as run records name it
 
     def __init__(self, model: Any, recipe: dict[str, Any], device: torch.device) -> None:
         self.model = model.eval().to(device, memory_format=torch.channels_last)
@@ -43,7 +46,7 @@ class Embedder:
     def dim(self) -> int:
         return int(self.recipe["embedding_dim"])
 
-    def embed(self, images: torch.Tensor) -> np.ndarray:
+    def embed(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 [N,H,W,3] -> float32 [N,dim]: ToTensor+Normalize as timm does, then the forward.
 
         The NHWC batch is viewed as NCHW with channels-last strides, the layout the model runs.
@@ -51,10 +54,12 @@ class Embedder:
         return self.embed_with_labels(images, labels=False)[0]
 
     def embed_with_labels(
-        self, images: torch.Tensor, labels: bool = True
+        self, images: torch.Tensor | np.ndarray, labels: bool = True
     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Embeddings and, per image, the classifier's top-K (label_index, label_name,
         label_prob), from the same forward pass (the head applied to the same features)."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
         x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         x = (x - self._mean) / self._std
         amp = (
@@ -70,6 +75,13 @@ class Embedder:
             out = torch.nn.functional.normalize(out, dim=1)
         rows = self._top(logits) if logits is not None else []
         return out.cpu().numpy(), rows
+
+    def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
+        """This computation exported to folder/model.onnx, if it reproduces torch fp32 on the
+        sample images; else nothing stored and the reason."""
+        from indexer.export import export_portable
+
+        return export_portable(self, sample, folder)
 
     def _top(self, logits: torch.Tensor) -> list[dict[str, Any]]:
         probs, indices = logits.float().softmax(-1).topk(self.labels, dim=-1)

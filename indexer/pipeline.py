@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +47,7 @@ from indexer.plan import (
     Previous,
     plan_build,
 )
+from indexer.portable import Exported
 from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP
 from indexer.publish import (
     clear_salvage,
@@ -55,6 +57,7 @@ from indexer.publish import (
     salvage,
     start_version,
 )
+from indexer.runtime import carry_portable, with_portable
 from indexer.safeio import check_writable, os_errors_as
 from indexer.shards import (
     LABEL_SCHEMA,
@@ -67,7 +70,7 @@ from indexer.shards import (
 from indexer.sources import Item, Source
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
-    from indexer.model import Embedder
+    from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,7 @@ class BuildReport:
     version: int | None = None
     reindexed: bool = False  # nothing changed, but the index settings did: only re-indexed
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
+    runtime: str | None = None  # what embedded: torch, onnxruntime, openvino (None: nothing)
 
 
 REPAIR_KEEPS = ("parts", "part_versions")  # a merged collection stays one of its parts
@@ -130,7 +134,9 @@ def build(cfg: BuildConfig) -> BuildReport:
     finally:
         counts = report.counts if report is not None else {}
         failures = report.failures if report is not None else {}
-        record = RunRecord("build", started, time.time(), status, counts, error, failures)
+        runtime = report.runtime if report is not None else None
+        record = RunRecord("build", started, time.time(), status, counts, error, failures,
+                           runtime)  # fmt: skip
         append_run(cfg.out, record)  # never raises: a failure here must not hide the first
         if cfg.metrics_file is not None:
             try:
@@ -165,9 +171,10 @@ def reindex_unlocked(
     cfg: IndexConfig,
     keep: int,
     drop: frozenset[str] | set[str] = frozenset(),
+    reexport: Callable[[Path], Exported] | None = None,
 ) -> dict[str, Any]:
     """A new version sharing the published one's shards (hard links; those named in `drop`
-    left out, with their rows), with a new index."""
+    left out, with their rows) and portable model (or `reexport`'s), with a new index."""
     salvage(root, manifest.get("request", {}))
     number, building = start_version(root, manifest.get("request", {}))
     (building / SHARDS).mkdir()
@@ -177,12 +184,29 @@ def reindex_unlocked(
     if (source / ERRORS).is_file():
         os.link(source / ERRORS, building / ERRORS)
     counts = {**manifest["counts"], "embedded": sum(int(s["rows"]) for s in shards)}
-    manifest = {**manifest, "version": number, "shards": shards, "counts": counts}
+    portable = (
+        carried_portable(source, manifest, building) if reexport is None else reexport(building)
+    )
+    manifest = with_portable({**manifest, "version": number, "shards": shards, "counts": counts},
+                             portable)  # fmt: skip
     write_json_atomic(building / MANIFEST, manifest)
     meta = build_index(building, manifest, cfg)
     publish(root, number, building)
     prune(root, keep)
     return meta
+
+
+def carried_portable(source: Path, manifest: dict[str, Any], building: Path) -> Exported:
+    """The published version's portable model linked into the new version (or its absence)."""
+    if manifest.get("model") is None:
+        return Exported(None)
+    record = carry_portable(source, manifest, manifest["model"], building)
+    if record is not None:
+        return Exported(record)
+    reason = manifest.get("portable_model_reason") or (
+        "the previous version's model file was damaged" if "portable_model" in manifest else None
+    )
+    return Exported(None, reason)
 
 
 def index_settings_changed(cfg: IndexConfig, recorded: dict[str, Any] | None) -> bool:
@@ -244,7 +268,7 @@ def update(
 ) -> BuildReport:
     """Embed what the plan says, then write, index and publish a new version."""
     embedder, batches = load_model_while_decoding(
-        items, sources, cfg, prev.known_hashes(), plan.check
+        items, sources, cfg, prev.known_hashes(), plan.check, prev
     )
     if prev.manifest is not None:
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out)
@@ -258,7 +282,8 @@ def update(
     carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
     prefix, reused_prefix = new_shard_prefixes(number)
     job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix)
-    new_shards, new_errors, reused = embed_items(job, batches, paths, cfg)
+    embedded = embed_items(job, batches, paths, cfg)
+    new_shards, new_errors, reused = embedded.shards, embedded.errors, embedded.reused
     errors = plan.kept_errors + new_errors
     new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)
     check_recovered(prev.lost, sum(s.rows for s in new_shards), cfg.out)
@@ -268,6 +293,7 @@ def update(
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
+    manifest = with_portable(manifest, portable_for(embedder, prev, embedded.sample, building))
     if cfg.drop_shards and prev.manifest is not None:  # a repair restores: provenance stays
         manifest.update({k: prev.manifest[k] for k in REPAIR_KEEPS if k in prev.manifest})
     write_json_atomic(paths.manifest, manifest)
@@ -279,7 +305,16 @@ def update(
     seconds = time.perf_counter() - start
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
-                       failures=count_reasons(errors))  # fmt: skip
+                       failures=count_reasons(errors), runtime=embedder.name)  # fmt: skip
+
+
+def portable_for(embedder: Runtime, prev: Previous, sample: Any, building: Path) -> Exported:
+    """The new version's portable model: the previous version's, linked, when it is of this
+    recipe; else the runtime's own (torch exports and checks it on the build's images)."""
+    record = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
+    if record is not None:
+        return Exported(record)
+    return embedder.portable_model(sample, building)
 
 
 def check_recovered(lost: int, embedded: int, root: Path) -> None:
@@ -356,7 +391,7 @@ def tally(
 
 def make_manifest(
     cfg: BuildConfig,
-    embedder: Embedder,
+    embedder: Runtime,
     sources: list[Source],
     shards: list[ShardInfo],
     items: int,

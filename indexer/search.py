@@ -17,7 +17,7 @@ from indexer.index import apply_params, load_index, search_param, whole_number
 from indexer.shards import read_rows, read_shard
 
 if TYPE_CHECKING:
-    from indexer.model import Embedder
+    from indexer.runtime import Runtime
 
 T = TypeVar("T")
 SCORE_TOLERANCE = 1e-6  # thresholds compare with this slack: float32 rounds identical items
@@ -49,11 +49,16 @@ class Collection:
     """
 
     def __init__(
-        self, root: Path | str, device: str = "auto", params: dict[str, int] | None = None
+        self,
+        root: Path | str,
+        device: str = "auto",
+        params: dict[str, int] | None = None,
+        runtime: str = "auto",
     ) -> None:
         self.root = Path(root)
         self.device = device
-        self._embedder: Embedder | None = None
+        self.runtime = runtime  # auto: the portable model on CPU when there is one, else torch
+        self._embedder: Runtime | None = None
         self._params = dict(params or {})
         self._open()
 
@@ -91,9 +96,13 @@ class Collection:
 
     @classmethod
     def open(
-        cls, root: Path | str, device: str = "auto", params: dict[str, int] | None = None
+        cls,
+        root: Path | str,
+        device: str = "auto",
+        params: dict[str, int] | None = None,
+        runtime: str = "auto",
     ) -> Collection:
-        return cls(root, device, params)
+        return cls(root, device, params, runtime)
 
     @property
     def dim(self) -> int:
@@ -122,22 +131,20 @@ class Collection:
         self.index_meta = {**self.index_meta, "params": {**self.search_params, **applied}}
 
     @property
-    def embedder(self) -> Embedder:
+    def embedder(self) -> Runtime:
         if self.manifest["model"] is None:
             raise InputError(
                 f"{self.root} holds vectors indexed from Parquet, with no model to embed "
                 "images: query it with vectors (Collection.search)"
             )
-        if self._embedder is None:
-            from indexer.model import embedder_from_recipe
+        if self._embedder is None or self._embedder.recipe != self.manifest["model"]:
+            from indexer.runtime import query_runtime
 
-            self._embedder = embedder_from_recipe(self.manifest["model"], self.device)
+            self._embedder = query_runtime(self.runtime, self.device, self.version, self.manifest)
         return self._embedder
 
     def embed_files(self, files: list[Path]) -> np.ndarray:
         """Embed query images with the collection's recipe; an unreadable one is an InputError."""
-        import torch
-
         from indexer.images import DecodeError
         from indexer.preprocess import Preprocessor
 
@@ -150,7 +157,7 @@ class Collection:
                 pixels.append(preprocess(Path(path).read_bytes()).pixels)
             except (OSError, DecodeError) as exc:
                 raise InputError(f"cannot read query image {path}: {exc}") from exc
-        return self.embedder.embed(torch.from_numpy(np.stack(pixels)))
+        return self.embedder.embed(np.stack(pixels))
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """Query vectors as the index wants them: float32 (n, dim), normalised if the

@@ -1,0 +1,198 @@
+"""Export a build's embedding computation to ONNX, checked against torch on the build's images."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexer.configcache import cache_dir
+from indexer.model import Embedder, class_names, embed_forward
+from indexer.portable import MODEL_FILE, OUTPUTS, Exported, PortableEmbedder
+from indexer.safeio import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+OPSET = 18
+EXPORTER = "torch.onnx.export(dynamo=False)"
+FIDELITY_MIN = 0.9999  # per-image cosine to torch fp32 below which the model is not stored
+LABELS_TOLERANCE = 1e-3  # largest difference of a class probability
+CHECK_IMAGES = 64  # the build's first images the export is checked on
+CACHE = "exports"
+
+
+class _Portable(torch.nn.Module):
+    """uint8 NHWC in; the recipe's embedding (and class probabilities) out, in fp32."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(embedder.model).float().cpu().eval()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", embedder._mean.detach().float().cpu())
+        self.register_buffer("std", embedder._std.detach().float().cpu())
+        self.pooling, self.stage = embedder.pooling, embedder.stage
+        self.normalize, self.labels = embedder.normalize, embedder.labels > 0
+
+    def forward(self, images: torch.Tensor) -> Any:
+        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
+        out, logits = embed_forward(self.model, x, self.pooling, self.stage, self.labels)
+        out = out.float().flatten(1)
+        if self.normalize:
+            out = torch.nn.functional.normalize(out, dim=1)
+        if logits is not None:
+            return out, logits.float().softmax(-1)
+        return out
+
+
+def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path) -> Exported:
+    """Export the embedder's computation into version/model.onnx if it reproduces torch fp32
+    on the sample images (cosine >= FIDELITY_MIN each); else store nothing and say why."""
+    try:
+        wrapper = _Portable(embedder)
+        images = sample if sample is not None and len(sample) else fallback_images(embedder)
+        model, record = _cached_or_exported(wrapper, embedder, images[:CHECK_IMAGES])
+    except FidelityError as exc:
+        return Exported(None, str(exc))
+    except Exception as exc:  # an exporter's failure costs only the portable model
+        log.debug("export failed", exc_info=True)
+        gist = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+        return Exported(None, f"export failed: {type(exc).__name__}: {gist}"[:300])
+    write_bytes_atomic(version / MODEL_FILE, model)
+    return Exported(record)
+
+
+class FidelityError(Exception):
+    """The exported model does not reproduce torch closely enough to be used."""
+
+
+def check_fidelity(
+    wrapper: _Portable, model: bytes, embedder: Embedder, images: np.ndarray
+) -> dict[str, Any]:
+    """The manifest record, once onnxruntime's vectors match torch fp32's on every image."""
+    with torch.inference_mode():
+        expected = wrapper(torch.from_numpy(images))
+    want_vectors = (expected[0] if isinstance(expected, tuple) else expected).numpy()
+    names = class_names(embedder.recipe.get("label_set")) if embedder.labels else None
+    record = _record(model, embedder, names)
+    portable = PortableEmbedder(model, embedder.recipe, record)
+    got, rows = portable.embed_with_labels(images)
+    cosines = _cosines(want_vectors, got)
+    if not np.all(cosines >= FIDELITY_MIN):
+        raise FidelityError(
+            f"the exported model reproduces torch only to cosine {cosines.min():.6f} "
+            f"(needs {FIDELITY_MIN}) on the build's images"
+        )
+    if isinstance(expected, tuple):
+        _check_labels(expected[1].numpy(), rows)
+    record["fidelity"] = {
+        "images": len(images),
+        "min_cosine": float(cosines.min()),
+        "mean_cosine": float(cosines.mean()),
+        "reference": "torch fp32",
+    }
+    return record
+
+
+def _check_labels(probs: np.ndarray, rows: list[dict[str, Any]]) -> None:
+    got = np.array([r["label_prob"] for r in rows])
+    want = np.take_along_axis(probs, np.array([r["label_index"] for r in rows]), 1)
+    if np.abs(got - want).max(initial=0.0) > LABELS_TOLERANCE:
+        raise FidelityError("the exported model's class probabilities differ from torch's")
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    dots = (a64 * b64).sum(axis=1)
+    return np.where(norms > 0, dots / np.maximum(norms, 1e-300), 1.0)
+
+
+def _record(model: bytes, embedder: Embedder, names: list[str] | None) -> dict[str, Any]:
+    import timm
+
+    _, height, width = embedder.data_config.input_size
+    record: dict[str, Any] = {
+        "path": MODEL_FILE,
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "format": "onnx",
+        "opset": OPSET,
+        "exporter": EXPORTER,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", height, width, 3]},
+        "outputs": list(OUTPUTS[: 2 if embedder.labels else 1]),
+    }
+    if names is not None:
+        record["label_names"] = names
+    return record
+
+
+def _export(wrapper: _Portable, images: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    outputs = list(OUTPUTS[: 2 if wrapper.labels else 1])
+    example = torch.from_numpy(np.ascontiguousarray(images[:2]))
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            buffer,  # type: ignore[arg-type]  # the legacy exporter writes to file objects
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
+        )
+    return buffer.getvalue()
+
+
+def _cached_or_exported(
+    wrapper: _Portable, embedder: Embedder, images: np.ndarray
+) -> tuple[bytes, dict[str, Any]]:
+    """An earlier export of exactly this computation (same weights, versions, recipe), else a
+    new one, remembered; with its record. Either must pass the fidelity check on these
+    images: a stale or corrupt cache entry never decides a vector (it is exported again)."""
+    path = cache_dir() / CACHE / f"{cache_key(embedder)}.onnx"
+    try:
+        cached = path.read_bytes()
+        return cached, check_fidelity(wrapper, cached, embedder, images)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # unreadable, corrupt or not this computation: export again
+        log.warning("the cached export %s is not usable (%s); exporting again", path, exc)
+    model = _export(wrapper, images)
+    record = check_fidelity(wrapper, model, embedder, images)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, model, sync=False)
+    except OSError as exc:
+        log.info("cannot remember the export in %s: %s", path, exc)
+    return model, record
+
+
+def cache_key(embedder: Embedder) -> str:
+    """What makes an export the same: the weights' fingerprint, the recipe, the versions."""
+    r = embedder.recipe
+    identity = {k: r.get(k) for k in ("name", "state_sha256", "timm_version", "torch_version",
+                                      "forward", "pooling", "feature_stage", "labels",
+                                      "normalize", "data_config", "embedding_dim")}  # fmt: skip
+    identity.update(opset=OPSET, exporter=EXPORTER)
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def fallback_images(embedder: Embedder, count: int = 16) -> np.ndarray:
+    """Generated scenes at the model's input size, when the build has no pixels of its own
+    at hand (the Ray engine, a repair of the model file)."""
+    from indexer.synthetic import scene
+
+    _, height, width = embedder.data_config.input_size
+    return np.stack([np.asarray(scene(seed, (width, height))) for seed in range(count)])

@@ -1,0 +1,155 @@
+"""The exported model outside torch: a collection's ONNX file run by onnxruntime or OpenVINO."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.errors import CollectionError, InputError
+from indexer.preprocess import DataConfig
+
+MODEL_FILE = "model.onnx"
+BACKENDS = ("onnxruntime", "openvino")
+INPUT = "images"  # uint8 [N, H, W, 3], the DataLoader's batches as they are
+OUTPUTS = ("embedding", "probs")  # probs only when the recipe stores --labels
+MAX_MODEL_BYTES = 4 << 30
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A version's portable model (its manifest record) or why none was stored (reason)."""
+
+    record: dict[str, Any] | None
+    reason: str | None = None
+
+
+class PortableEmbedder:
+    """The collection's own exported model: uint8 image batches in, float32 embeddings out,
+    computed exactly as the recipe says (normalisation, trunk, pooling, labels, L2 norm)."""
+
+    def __init__(self, model: bytes, recipe: dict[str, Any], record: dict[str, Any],
+                 backend: str = "onnxruntime", source: Path | None = None) -> None:  # fmt: skip
+        if backend not in BACKENDS:
+            raise InputError(f"unknown portable runtime {backend!r}: use {' or '.join(BACKENDS)}")
+        self.name = backend
+        self.recipe = recipe
+        self.data_config = DataConfig.from_dict(recipe["data_config"])
+        self.normalize = bool(recipe["normalize"])
+        self.labels = int(recipe.get("labels") or 0)
+        self._names: list[str] | None = record.get("label_names")
+        self._record, self._source, self._bytes = record, source, model
+        self._run = _onnxruntime(model) if backend == "onnxruntime" else _openvino(model)
+
+    @property
+    def dim(self) -> int:
+        return int(self.recipe["embedding_dim"])
+
+    def embed(self, images: Any) -> np.ndarray:
+        """uint8 [N,H,W,3] (a numpy array, or a CPU tensor) -> float32 [N,dim]."""
+        return self.embed_with_labels(images, labels=False)[0]
+
+    def embed_with_labels(
+        self, images: Any, labels: bool = True
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        batch = np.ascontiguousarray(np.asarray(images), dtype=np.uint8)
+        outputs = self._run(batch)
+        vectors = np.asarray(outputs[0], dtype=np.float32).reshape(len(batch), -1)
+        rows = self._top(np.asarray(outputs[1])) if labels and self.labels else []
+        return vectors, rows
+
+    def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
+        """The model this runtime runs, stored in folder as it is (a hard link to its file)."""
+        from indexer.safeio import write_bytes_atomic
+
+        if self._source is not None:
+            os.link(self._source, folder / MODEL_FILE)
+        else:
+            write_bytes_atomic(folder / MODEL_FILE, self._bytes)
+        return Exported({**self._record, "path": MODEL_FILE})
+
+    def _top(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        order = np.argsort(-probs, axis=1, kind="stable")[:, : self.labels]
+        rows = []
+        for p, i in zip(np.take_along_axis(probs, order, 1).tolist(), order.tolist(), strict=True):
+            names = [self._names[n] for n in i] if self._names else None
+            rows.append({"label_index": i, "label_name": names, "label_prob": p})
+        return rows
+
+
+def _onnxruntime(model: bytes) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise InputError(
+            "the onnxruntime package is not installed: pip install onnxruntime, or use "
+            "--runtime torch"
+        ) from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # warnings about unused initialisers are not the user's
+    try:
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise CollectionError(f"onnxruntime cannot load the portable model: {_gist(exc)}") from exc
+    names = [o.name for o in session.get_outputs()]
+    return lambda batch: session.run(names, {INPUT: batch})
+
+
+def _openvino(model: bytes) -> Any:
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise InputError(
+            "the openvino package is not installed: pip install openvino, or use --runtime onnx"
+        ) from exc
+    try:
+        core = ov.Core()
+        compiled = core.compile_model(core.read_model(model, b""), "CPU",
+                                      {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
+    except Exception as exc:
+        raise CollectionError(f"OpenVINO cannot load the portable model: {_gist(exc)}") from exc
+    request = compiled.create_infer_request()
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        result = request.infer({INPUT: batch})
+        return [np.array(result[out]) for out in compiled.outputs]
+
+    return run
+
+
+def _gist(exc: BaseException) -> str:
+    return next(
+        (line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__
+    )
+
+
+def read_model(version: Path, record: dict[str, Any]) -> bytes:
+    """The model file's bytes, refused unless they are the ones the manifest records."""
+    path = version / str(record["path"])
+    from indexer.safeio import FileRefused, read_image_file
+
+    try:
+        data = read_image_file(path, MAX_MODEL_BYTES)
+    except (OSError, FileRefused) as exc:
+        raise CollectionError(
+            f"the portable model {path} cannot be read ({exc}): run `indexer verify --repair "
+            f"{version.parent.parent}`, or query with --runtime torch"
+        ) from exc
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CollectionError(
+            f"the portable model {path} differs from the one its manifest records (sha256): "
+            f"run `indexer verify --repair {version.parent.parent}`, or query with --runtime torch"
+        )
+    return data
+
+
+def load_portable(version: Path, manifest: dict[str, Any], backend: str) -> PortableEmbedder:
+    """The collection's portable model on a CPU runtime, its bytes checked first."""
+    record = manifest["portable_model"]
+    data = read_model(version, record)
+    source = version / str(record["path"])
+    return PortableEmbedder(data, manifest["model"], record, backend, source)

@@ -1,0 +1,140 @@
+"""The runtime seam: what embeds images (torch and timm, or the portable model), and which runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from indexer.config import RUNTIMES
+from indexer.errors import CollectionError, InputError
+from indexer.portable import MODEL_FILE, Exported
+from indexer.preprocess import DataConfig
+
+log = logging.getLogger(__name__)
+BACKENDS = {"onnx": "onnxruntime", "openvino": "openvino"}
+DEFAULT_PORTABLE = "onnx"  # measured (bench/runtimes.py): as fast as OpenVINO here, imports faster
+RECIPE_FIELDS = ("name", "state_sha256", "forward", "pooling", "feature_stage", "labels",
+                 "normalize", "data_config", "embedding_dim")  # fmt: skip
+
+
+class Runtime(Protocol):
+    """What embeds uint8 image batches as a recipe says; torch (model.Embedder) and the
+    portable model (portable.PortableEmbedder) both provide it."""
+
+    name: str  # recorded in each run: torch, onnxruntime or openvino
+    recipe: dict[str, Any]
+    data_config: DataConfig
+    normalize: bool
+    labels: int
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, images: Any) -> np.ndarray: ...
+
+    def embed_with_labels(
+        self, images: Any, labels: bool = True
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]: ...
+
+    def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
+        """Store this computation as folder/model.onnx (checked on the sample images)."""
+        ...
+
+
+def choose_runtime(asked: str, cuda: bool, unusable: str | None) -> str:
+    """torch, onnxruntime or openvino, for what was asked (auto, torch, onnx, openvino), on a
+    CUDA device or not, given why the collection's portable model cannot serve (None: it can)."""
+    if asked not in RUNTIMES:
+        raise InputError(f"unknown runtime {asked!r}: use one of {', '.join(RUNTIMES)}")
+    if asked == "torch" or (asked == "auto" and (cuda or unusable is not None)):
+        return "torch"
+    if asked == "auto":
+        return BACKENDS[DEFAULT_PORTABLE]
+    if cuda:
+        raise InputError(f"--runtime {asked} runs on the CPU: use --device cpu, or --runtime auto")
+    if unusable is not None:
+        raise InputError(f"--runtime {asked}: {unusable}: use --runtime torch (or auto)")
+    return BACKENDS[asked]
+
+
+def why_not_portable(manifest: dict[str, Any] | None) -> str | None:
+    """None when the manifest records a portable model (stored only once it passed its
+    fidelity check), else why there is none, in a line."""
+    if manifest is None:
+        return "there is no published version yet (a first build runs torch and exports one)"
+    if manifest.get("model") is None:
+        return "the collection holds vectors indexed from Parquet, with no model"
+    if "portable_model" in manifest:
+        return None
+    reason = manifest.get("portable_model_reason") or "it was built before models were exported"
+    return f"the collection has no portable model ({reason})"
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA driver is loaded and not hidden from this process (told without torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def wants_cuda(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and gpu_visible())
+
+
+def query_runtime(asked: str, device: str, version: Path, manifest: dict[str, Any]) -> Runtime:
+    """The runtime that embeds query images for this published version."""
+    choice = choose_runtime(asked, wants_cuda(device), why_not_portable(manifest))
+    if choice != "torch":
+        from indexer.portable import load_portable
+
+        try:
+            return load_portable(version, manifest, choice)
+        except CollectionError as exc:
+            if asked != "auto":
+                raise
+            log.warning("%s; embedding with torch instead", exc)
+    from indexer.model import embedder_from_recipe
+
+    return embedder_from_recipe(manifest["model"], device)
+
+
+def same_recipe(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two recipes compute the same vectors (the fields a portable model bakes in)."""
+    return a is not None and b is not None and all(a.get(f) == b.get(f) for f in RECIPE_FIELDS)
+
+
+def carry_portable(
+    previous: Path | None, manifest: dict[str, Any] | None, recipe: dict[str, Any], folder: Path
+) -> dict[str, Any] | None:
+    """Link the previous version's portable model into folder when it is of this recipe and
+    its bytes are the recorded ones; its record, or None when it cannot be carried."""
+    if previous is None or manifest is None or "portable_model" not in manifest:
+        return None
+    if not same_recipe(manifest.get("model"), recipe):
+        return None
+    from indexer.portable import read_model
+
+    record = manifest["portable_model"]
+    try:
+        read_model(previous, record)  # damaged: not carried; a torch run exports it again
+    except CollectionError as exc:
+        log.warning("%s", exc)
+        return None
+    os.link(previous / str(record["path"]), folder / MODEL_FILE)
+    return {**record, "path": MODEL_FILE}
+
+
+def with_portable(manifest: dict[str, Any], exported: Exported) -> dict[str, Any]:
+    """The manifest with its portable_model record, or the line saying why there is none."""
+    out = {
+        k: v for k, v in manifest.items() if k not in ("portable_model", "portable_model_reason")
+    }
+    if exported.record is not None:
+        out["portable_model"] = exported.record
+    elif exported.reason:
+        out["portable_model_reason"] = exported.reason
+    return out
