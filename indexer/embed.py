@@ -148,7 +148,7 @@ def embed_items(
                 if vectors is None:
                     assert batch.pixels is not None
                     if sample is None:
-                        sample = np.array(batch.pixels[:SAMPLE])
+                        sample = batch.pixels[:SAMPLE].numpy().copy()
                     vectors, labels = job.embedder.embed_with_labels(batch.pixels)
                 metas = batch.metadata
                 if labels:

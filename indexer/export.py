@@ -57,8 +57,10 @@ def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path
     on the sample images (cosine >= FIDELITY_MIN each); else store nothing and say why."""
     try:
         wrapper = _Portable(embedder)
-        images = sample if sample is not None and len(sample) else fallback_images(embedder)
+        own = sample is not None and len(sample) > 0
+        images = sample if sample is not None and own else fallback_images(embedder)
         model, record = _cached_or_exported(wrapper, embedder, images[:CHECK_IMAGES])
+        record["fidelity"]["images_from"] = "the build" if own else "generated scenes"
     except FidelityError as exc:
         return Exported(None, str(exc))
     except Exception as exc:  # an exporter's failure costs only the portable model

@@ -24,6 +24,8 @@ from indexer.catalog import (
 )
 from indexer.config import IndexOverrides
 from indexer.errors import InputError
+from indexer.portable import Exported
+from indexer.runtime import with_portable
 from indexer.shards import ERROR_SCHEMA, write_errors
 
 PART_NAME = re.compile(r"^(\d{5})-of-(\d{5})$")
@@ -83,6 +85,7 @@ def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dic
         shards = _link_shards(versions, manifests, paths.shards)
         write_errors(paths.errors, _errors(versions))
         manifest = _merged_manifest(manifests, shards, number, versions)
+        manifest = with_portable(manifest, _merged_portable(versions, manifests, building))
         write_json_atomic(paths.manifest, manifest)
         recorded = read_index_meta(open_version(root)) if (root / CURRENT).exists() else None
         cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], recorded)
@@ -173,6 +176,20 @@ def _link_shards(
             os.link(version / SHARDS / shard["name"], target / name)
             shards.append({**shard, "name": name})
     return shards
+
+
+def _merged_portable(
+    versions: list[Path], manifests: list[dict[str, Any]], building: Path
+) -> Exported:
+    """The parts' portable model (one recipe, so one model): the first whole one, linked."""
+    from indexer.runtime import carry_portable
+
+    for version, manifest in zip(versions, manifests, strict=True):
+        record = carry_portable(version, manifest, manifests[0]["model"], building)
+        if record is not None:
+            return Exported(record)
+    reasons = [m.get("portable_model_reason") for m in manifests]
+    return Exported(None, next((r for r in reasons if r), "no part holds a whole model file"))
 
 
 def _errors(versions: list[Path]) -> list[dict[str, Any]]:

@@ -23,12 +23,13 @@ from indexer.config import (
 from indexer.errors import IndexerError, InputError
 from indexer.index import INDEX_FILE, check_index_files, index_mismatch, read_index_meta
 from indexer.parts import part_of
+from indexer.portable import Exported
 from indexer.safeio import os_errors_as
 
 
 @dataclass(frozen=True)
 class Problem:
-    part: str  # shard, shards, index
+    part: str  # shard, shards, index, model
     name: str
     detail: str
 
@@ -63,7 +64,25 @@ def verify(root: Path) -> Report:
         problems.append(Problem("shards", "", f"{len(every)} rows, the manifest says {embedded}"))
     if not any(p.part == "shard" for p in problems) and part_of(root) is None:
         problems += check_index(version, manifest, every)  # a part is indexed when merged
+    problems += check_portable(version, manifest)
     return Report(root, version, len(shards), len(every), problems)
+
+
+def check_portable(version: Path, manifest: dict[str, Any]) -> list[Problem]:
+    """The portable model file, when the manifest records one: present, its recorded bytes."""
+    record = manifest.get("portable_model")
+    if record is None:
+        return []
+    from indexer.errors import CollectionError
+    from indexer.portable import read_model
+
+    try:
+        read_model(version, record)
+    except CollectionError:
+        path = version / str(record["path"])
+        state = "its bytes differ from the recorded checksum" if path.is_file() else "missing"
+        return [Problem("model", str(record["path"]), f"{state} (damaged)")]
+    return []
 
 
 def id_bound(root: Path, manifest: dict[str, Any]) -> int | None:
@@ -198,13 +217,33 @@ def mend(report: Report, keep: int) -> str:
         return f"Copied the vectors of {report.root} again from its Parquet files and indexed them."
     if not bad:
         cfg = IndexOverrides().resolve(manifest["metric"], read_index_meta(report.version))
-        reindex_unlocked(report.root, report.version, manifest, cfg, keep)
-        return f"Rebuilt the index of {report.root} from its shards."
+        model = any(p.part == "model" for p in report.problems)
+        reindex_unlocked(report.root, report.version, manifest, cfg, keep,
+                         reexport=reexport(manifest) if model else None)  # fmt: skip
+        return f"Rebuilt the index of {report.root} from its shards" + (
+            " and exported its model again." if model else "."
+        )
     build_unlocked(replace(build_config(report.root, manifest, keep), drop_shards=bad))
     return (
         f"Embedded the items of {len(bad)} damaged shard(s) of {report.root} again and "
         "published them with the rest as one version."
     )
+
+
+def reexport(manifest: dict[str, Any]) -> Callable[[Path], Exported]:
+    """Export the recorded recipe's model again into a version (checked on generated images);
+    if the model cannot be recreated here, the version has none and says why."""
+
+    def export(folder: Path) -> Exported:
+        from indexer.model import embedder_from_recipe
+
+        try:
+            embedder = embedder_from_recipe(manifest["model"], "cpu")
+        except IndexerError as exc:
+            return Exported(None, f"the model file was damaged and cannot be exported again: {exc}")
+        return embedder.portable_model(None, folder)
+
+    return export
 
 
 def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig:

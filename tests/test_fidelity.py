@@ -100,11 +100,13 @@ def test_query_refuses_a_changed_or_missing_checkpoint(corpus: Path, tmp_path: P
     ok = run_cli("query", image, "--index", out, "--json")
     assert ok.exit_code == 0 and json.loads(ok.stdout)[0]["results"][0]["score"] > 0.9999
     save_file(_state(4, head=True), str(path))
-    changed = run_cli("query", image, "--index", out)
+    changed = run_cli("query", image, "--index", out, "--runtime", "torch")
     assert changed.exit_code == 3 and "has changed" in changed.output
     path.unlink()
-    gone = run_cli("query", image, "--index", out)
+    gone = run_cli("query", image, "--index", out, "--runtime", "torch")
     assert gone.exit_code == 3 and "is gone" in gone.output
+    portable = run_cli("query", image, "--index", out, "--json")  # the model travels along
+    assert json.loads(portable.stdout) == json.loads(ok.stdout)
 
 
 def test_query_refuses_when_weights_cannot_be_reproduced(collection: Path, tmp_path: Path) -> None:
@@ -116,7 +118,7 @@ def test_query_refuses_when_weights_cannot_be_reproduced(collection: Path, tmp_p
     manifest["model"]["state_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
     image = next(iter(sorted(Path(manifest["sources"][0]["path"]).rglob("*.png"))))
-    result = run_cli("query", image, "--index", copy)
+    result = run_cli("query", image, "--index", copy, "--runtime", "torch")
     assert result.exit_code == 3 and "differ" in result.output
 
 

@@ -31,7 +31,7 @@ def _umount(path: Path) -> None:
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     disk = tmp_path / "disk"
     disk.mkdir()
-    if shutil.which("mount") is None or not _mount("-t", "tmpfs", "-o", "size=400k", "tmpfs",
+    if shutil.which("mount") is None or not _mount("-t", "tmpfs", "-o", "size=3m", "tmpfs",
                                                    str(disk)):  # fmt: skip
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield disk

@@ -44,7 +44,7 @@ def test_a_collection_pointing_at_a_payload_refuses_to_query(
     weights = {"kind": "checkpoint", "path": str(evil), "sha256": file_sha256(evil)}
     edit_manifest(copy, lambda manifest: manifest["model"].update(weights=weights))
     image = sorted(corpus.rglob("*.jpg"))[0]
-    result = run_cli("query", image, "--index", copy)
+    result = run_cli("query", image, "--index", copy, "--runtime", "torch")
     assert result.exit_code == 4 and "cannot read checkpoint" in result.output, result.output
     assert not marker.exists()
 
