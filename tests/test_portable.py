@@ -1,0 +1,301 @@
+"""The portable model: exported with the build, checked, stored, carried, verified, and run
+without torch or timm (queries) or without timm (incremental builds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer import export
+from indexer.config import ModelConfig
+from indexer.errors import InputError
+from indexer.model import load_embedder
+from indexer.portable import MODEL_FILE, PortableEmbedder
+from indexer.runtime import choose_runtime
+from indexer.search import Collection
+from indexer.synthetic import scene
+from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, read_embeddings_by_key, run_cli
+
+INDEXER = str(Path(sys.executable).parent / "indexer")
+NO_PORTABLE = "the collection has no portable model (x)"
+
+
+@pytest.mark.parametrize(
+    ("asked", "cuda", "unusable", "chosen"),
+    [
+        ("auto", False, None, "onnxruntime"),
+        ("auto", True, None, "torch"),
+        ("auto", False, NO_PORTABLE, "torch"),
+        ("torch", False, None, "torch"),
+        ("onnx", False, None, "onnxruntime"),
+        ("openvino", False, None, "openvino"),
+        ("onnx", True, None, "runs on the CPU"),
+        ("onnx", False, NO_PORTABLE, "no portable model"),
+        ("tensorrt", False, None, "unknown runtime"),
+    ],
+)
+def test_choose_runtime(asked: str, cuda: bool, unusable: str | None, chosen: str) -> None:
+    if chosen in ("onnxruntime", "openvino", "torch"):
+        assert choose_runtime(asked, cuda, unusable) == chosen
+    else:
+        with pytest.raises(InputError, match=chosen):
+            choose_runtime(asked, cuda, unusable)
+
+
+def _images(count: int, size: int = 160) -> np.ndarray:
+    return np.stack([np.asarray(scene(s, (size, size))) for s in range(count)])
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {},
+        {"labels": 3},
+        {"pooling": "gem", "feature_stage": 1},
+        {"normalize": False, "pooling": "max"},
+    ],
+)
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_model_computes_what_torch_does(
+    recipe: dict, backend: str, tmp_path: Path
+) -> None:
+    embedder = load_embedder(ModelConfig(pretrained=False, precision="fp32", **recipe))
+    images = _images(12)
+    exported = embedder.portable_model(images[:8], tmp_path)
+    assert exported.record is not None, exported.reason
+    assert exported.record["fidelity"]["min_cosine"] >= export.FIDELITY_MIN
+    portable = PortableEmbedder((tmp_path / MODEL_FILE).read_bytes(), embedder.recipe,
+                                exported.record, backend)  # fmt: skip
+    want, want_labels = embedder.embed_with_labels(torch.from_numpy(images[8:]))
+    got, got_labels = portable.embed_with_labels(images[8:])  # images it was not checked on
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+    assert [r["label_index"] for r in got_labels] == [r["label_index"] for r in want_labels]
+    assert [r["label_name"] for r in got_labels] == [r["label_name"] for r in want_labels]
+
+
+def test_a_model_below_the_fidelity_bound_is_not_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embedder = load_embedder(ModelConfig(pretrained=False))
+    monkeypatch.setattr(export, "FIDELITY_MIN", 1.5)  # no cosine reaches it
+    exported = embedder.portable_model(_images(4), tmp_path)
+    assert exported.record is None and "reproduces torch only to cosine" in str(exported.reason)
+    assert not (tmp_path / MODEL_FILE).exists()
+
+
+def test_a_corrupt_cached_export_never_decides(tmp_path: Path) -> None:
+    embedder = load_embedder(ModelConfig(pretrained=False))
+    images = _images(4)
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    first = embedder.portable_model(images, tmp_path / "a")
+    assert first.record is not None
+    cached = next((Path(os.environ["INDEXER_CACHE_DIR"]) / export.CACHE).glob("*.onnx"))
+    other = load_embedder(ModelConfig(pretrained=False, seed=5))
+    other.portable_model(images, tmp_path / "b")  # another seed: another cache entry
+    for planted in (b"not a model", (tmp_path / "b" / MODEL_FILE).read_bytes()):
+        cached.write_bytes(planted)  # garbage, then another model's export under this key
+        again = embedder.portable_model(images, tmp_path / "c")
+        assert again.record is not None and again.record["sha256"] == first.record["sha256"]
+        (tmp_path / "c" / MODEL_FILE).unlink()
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_build_stores_the_model_in_the_version(collection: Path) -> None:
+    import hashlib
+
+    manifest = _manifest(collection)
+    record = manifest["portable_model"]
+    model = (collection / "current" / record["path"]).read_bytes()
+    assert record["path"] == MODEL_FILE and hashlib.sha256(model).hexdigest() == record["sha256"]
+    assert record["opset"] == export.OPSET and record["input"]["shape"] == ["batch", 160, 160, 3]
+    assert record["torch_version"] == torch.__version__ and record["timm_version"]
+    assert record["fidelity"]["min_cosine"] >= 0.9999
+    assert record["fidelity"]["images_from"] == "the build"
+    info = run_cli("info", collection)
+    assert "portable:    model.onnx (ONNX opset 18" in info.output
+
+
+def _blocker(tmp_path: Path, modules: tuple[str, ...]) -> dict[str, str]:
+    """An environment in which importing these modules fails, as if they were not installed."""
+    folder = tmp_path / "blocker"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for name in {modules!r}:\n"
+        "    sys.modules[name] = None  # import fails; find_spec says: not installed\n"
+    )
+    return {**os.environ, "PYTHONPATH": str(folder)}
+
+
+def _by_key(doc: list[dict]) -> list[list[tuple[str, float]]]:
+    return [[(r["key"], r["score"]) for r in q["results"]] for q in doc]
+
+
+def _same_answers(got: list[dict], want: list[dict]) -> None:
+    for g, w in zip(_by_key(got), _by_key(want), strict=True):
+        assert [k for k, _ in g] == [k for k, _ in w]
+        assert np.allclose([s for _, s in g], [s for _, s in w], atol=1e-4)
+
+
+def test_query_needs_neither_torch_nor_timm(collection: Path, corpus: Path, tmp_path: Path) -> None:
+    images = [str(p) for p in sorted(corpus.rglob("*.jpg"))[:3]]
+    torch_path = run_cli("query", *images, "--index", collection, "--json", "--runtime", "torch")
+    assert torch_path.exit_code == 0, torch_path.output
+    env = _blocker(tmp_path, ("torch", "timm", "torchvision"))
+    argv = [INDEXER, "query", *images, "--index", str(collection), "--json", "-k", "10"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _same_answers(json.loads(done.stdout), json.loads(torch_path.stdout))
+    refused = subprocess.run([*argv, "--runtime", "torch"], env=env, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert refused.returncode != 0  # the blocker is real: the torch path cannot run there
+    api = (
+        "import json, sys\nfrom indexer.search import Collection\n"
+        "c = Collection(sys.argv[1])\nscores, keys = c.search_images(sys.argv[2:], k=5)\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+        "print(json.dumps([[[k, float(s)] for k, s in zip(ks, ss)] for ks, ss in zip(keys, scores)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", api, str(collection), *images], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    want = [[(k, s) for k, s in row] for row in _by_key(json.loads(torch_path.stdout))]
+    for got_row, want_row in zip(json.loads(done.stdout), want, strict=True):
+        assert [k for k, _ in got_row] == [k for k, _ in want_row[:5]]
+        assert np.allclose([s for _, s in got_row], [s for _, s in want_row[:5]], atol=1e-4)
+
+
+def test_openvino_answers_as_onnxruntime_does(collection: Path, corpus: Path) -> None:
+    image = sorted(corpus.rglob("*.png"))[0]
+    runs = [run_cli("query", image, "--index", collection, "--json", "--runtime", r)
+            for r in ("onnx", "openvino", "torch")]  # fmt: skip
+    assert all(r.exit_code == 0 for r in runs), [r.output for r in runs]
+    docs = [json.loads(r.stdout) for r in runs]
+    _same_answers(docs[0], docs[2])
+    _same_answers(docs[1], docs[2])
+
+
+def test_incremental_build_runs_the_stored_model_without_timm(corpus: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(corpus / "group0", src / "group0")
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    shutil.copytree(corpus / "group1", src / "group1")
+    env = _blocker(tmp_path, ("timm", "torchvision"))
+    argv = [INDEXER, "build", str(src), "--out", str(out), *BUILD_FLAGS]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["runtime"] for r in runs] == ["torch", "onnxruntime"]
+    v1, v2 = (
+        (out / "versions" / "v000001" / MODEL_FILE),
+        (out / "versions" / "v000002" / MODEL_FILE),
+    )
+    assert v1.stat().st_ino == v2.stat().st_ino  # carried over as a hard link, not exported
+    reference = tmp_path / "ref"
+    assert (
+        run_cli("build", src, "--out", reference, *BUILD_FLAGS, "--runtime", "torch").exit_code == 0
+    )
+    got, want = read_embeddings_by_key(out), read_embeddings_by_key(reference)
+    assert got.keys() == want.keys()
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in got) < 1e-5
+    assert not subprocess.run(
+        [INDEXER, "verify", str(out)], env=env, capture_output=True, timeout=120
+    ).returncode
+
+
+def test_runtime_onnx_needs_a_portable_model(corpus: Path, tmp_path: Path) -> None:
+    first = run_cli("build", corpus, "--out", tmp_path / "c", *BUILD_FLAGS, "--runtime", "onnx")
+    assert first.exit_code == 2 and "no published version yet" in first.output
+    assert "--runtime torch" in first.output
+
+
+def test_a_collection_without_a_portable_model_says_why(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+
+    def drop(manifest: dict) -> None:
+        del manifest["portable_model"]
+        manifest["portable_model_reason"] = "export failed: RuntimeError: unsupported op"
+
+    edit_manifest(copy, drop)
+    info = run_cli("info", copy)
+    assert "portable:    none (export failed: RuntimeError: unsupported op)" in info.output
+    image = sorted(corpus.rglob("*.jpg"))[0]
+    auto = run_cli("query", image, "--index", copy, "--json")
+    assert auto.exit_code == 0  # torch answers
+    onnx = run_cli("query", image, "--index", copy, "--runtime", "onnx")
+    assert onnx.exit_code == 2 and "unsupported op" in onnx.output
+
+
+@pytest.mark.parametrize("path", ["../../model.onnx", "/etc/passwd", "model.pt", ""])
+def test_a_tampered_model_path_is_refused(collection: Path, tmp_path: Path, path: str) -> None:
+    copy = copy_of(collection, tmp_path)
+    edit_manifest(copy, lambda m: m["portable_model"].update(path=path))
+    result = run_cli("query", "--id", "group0/scene0000.png", "--index", copy)
+    assert result.exit_code == 3 and "portable_model.path" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_damaged_model_is_found_and_exported_again(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    model = copy / "current" / MODEL_FILE
+    original = model.read_bytes()
+    model.unlink()  # versions share it by hard link: write a new file, never through
+    model.write_bytes(original[:-100] + b"\0" * 100)
+    image = sorted(corpus.rglob("*.jpg"))[0]
+    refused = run_cli("query", image, "--index", copy, "--runtime", "onnx")
+    assert refused.exit_code == 3 and "verify --repair" in refused.output
+    auto = run_cli("query", image, "--index", copy, "--json")  # auto: torch, with a warning
+    assert auto.exit_code == 0, auto.output
+    checked = run_cli("verify", copy)
+    assert checked.exit_code != 0 and "model model.onnx: its bytes differ" in checked.output
+    repaired = run_cli("verify", "--repair", copy)
+    assert repaired.exit_code == 0 and "exported its model again" in repaired.output
+    assert run_cli("verify", copy).exit_code == 0
+    record = _manifest(copy)["portable_model"]
+    assert record["fidelity"]["images_from"] == "generated scenes"
+    assert (copy / "current" / MODEL_FILE).read_bytes() == original  # the same export
+    again = run_cli("query", image, "--index", copy, "--json", "--runtime", "onnx")
+    _same_answers(json.loads(again.stdout), json.loads(auto.stdout))
+
+
+def test_a_missing_model_is_not_carried_and_repair_restores_it(
+    collection: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    (copy / "current" / MODEL_FILE).unlink()
+    assert "model model.onnx: missing" in run_cli("verify", copy).output
+    reindexed = run_cli("index", copy)  # a re-index carries no damaged model along
+    assert reindexed.exit_code == 0, reindexed.output
+    assert "portable_model" not in _manifest(copy)
+    assert "damaged" in _manifest(copy)["portable_model_reason"]
+
+
+def test_reindex_and_merge_carry_the_model(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "parts"
+    for i in range(2):
+        part = run_cli("build", corpus, "--out", out, *BUILD_FLAGS, "--partition", f"{i}/2")
+        assert part.exit_code == 0, part.output
+    merged = run_cli("index", out)
+    assert merged.exit_code == 0, merged.output
+    record = _manifest(out)["portable_model"]
+    assert (out / "current" / MODEL_FILE).is_file() and run_cli("verify", out).exit_code == 0
+    reindexed = run_cli("index", out, "--index-type", "flat")
+    assert reindexed.exit_code == 0 and _manifest(out)["portable_model"] == record
+    inodes = {p.stat().st_ino for p in (out / "versions").glob("v*/" + MODEL_FILE)}
+    assert len(inodes) == 1
