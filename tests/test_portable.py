@@ -20,7 +20,6 @@ from indexer.errors import InputError
 from indexer.model import load_embedder
 from indexer.portable import MODEL_FILE, PortableEmbedder
 from indexer.runtime import choose_runtime
-from indexer.search import Collection
 from indexer.synthetic import scene
 from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, read_embeddings_by_key, run_cli
 
@@ -165,7 +164,8 @@ def test_query_needs_neither_torch_nor_timm(collection: Path, corpus: Path, tmp_
         "import json, sys\nfrom indexer.search import Collection\n"
         "c = Collection(sys.argv[1])\nscores, keys = c.search_images(sys.argv[2:], k=5)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
-        "print(json.dumps([[[k, float(s)] for k, s in zip(ks, ss)] for ks, ss in zip(keys, scores)]))"
+        "rows = [[[k, float(s)] for k, s in zip(ks, ss)] for ks, ss in zip(keys, scores)]\n"
+        "print(json.dumps(rows))"
     )
     done = subprocess.run([sys.executable, "-c", api, str(collection), *images], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
