@@ -1,5 +1,6 @@
-"""Fast start: `indexer --help`, and `indexer query` of one image against the bare cost of
-importing torch and timm and creating the model; best of several fresh processes, ratios."""
+"""Fast start: `indexer --help`, and `indexer query` of one image (the portable model, and
+torch) against the bare cost of importing torch and timm and creating the model; best of
+several fresh processes, ratios."""
 
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def main() -> None:
     python_only = best([sys.executable, "-c", "pass"], args.rounds)
     help_s = best([indexer, "--help"], args.rounds)
     bare = best([sys.executable, "-c", BARE], args.rounds)
-    query = best([indexer, "query", str(image), "--index", str(out), "-k", "10"], args.rounds)
+    argv = [indexer, "query", str(image), "--index", str(out), "-k", "10"]
+    query = best(argv, args.rounds)
+    query_torch = best([*argv, "--runtime", "torch"], args.rounds)
     print(f"# fast start (best of {args.rounds} fresh processes)")
     print(f"{'python -c pass':>34}: {python_only:6.3f} s")
     print(
@@ -52,7 +55,12 @@ def main() -> None:
     print(f"{'import torch+timm, create model':>34}: {bare:6.3f} s")
     print(
         f"{'indexer query, one image':>34}: {query:6.3f} s = {query / bare:.2f}x the bare cost "
-        f"(target <= 1.3x: {'met' if query <= 1.3 * bare else 'NOT met'})"
+        f"(portable model; target <= 0.25x: {'met' if query <= 0.25 * bare else 'NOT met'})"
+    )
+    print(
+        f"{'indexer query --runtime torch':>34}: {query_torch:6.3f} s = "
+        f"{query_torch / bare:.2f}x the bare cost (target <= 1.3x: "
+        f"{'met' if query_torch <= 1.3 * bare else 'NOT met'})"
     )
 
 

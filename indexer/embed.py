@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,10 +22,27 @@ from indexer.shards import ShardInfo, ShardWriter, embedding_array, rows_by_hash
 from indexer.sources import Item, Source
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
-    from indexer.loader import Batch
+    import torch
+
     from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """What the DataLoader yields: good rows (aligned by position) and failed rows."""
+
+    positions: list[int] = field(default_factory=list)
+    pixels: torch.Tensor | None = None
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[tuple[int, str, str]] = field(default_factory=list)  # position, stage, reason
+    reused: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # pos, hash, meta
+    vectors: np.ndarray | None = None  # already embedded (the Ray engine); else embed pixels
+    labels: list[dict[str, Any]] = field(default_factory=list)  # with vectors, when asked for
 
 
 def load_model_while_decoding(
@@ -35,13 +53,19 @@ def load_model_while_decoding(
     positions: list[int],
     prev: Previous,
 ) -> tuple[Runtime, Iterator[Batch]]:
-    """The collection's portable model when it can embed (no timm: its data config is the
-    recorded one); else start the loader with torch's remembered data config, then load it.
+    """What embeds, and the batches: nothing, when every item to read holds stored bytes; the
+    collection's portable model when it can embed (no timm: its data config is the recorded
+    one); else torch, its loader started with the remembered data config while it loads.
 
     Importing timm and creating the model take seconds; the workers decode meanwhile. If the
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
     """
+    stored = already_stored(items, sources, positions, prev)
+    if stored is not None and prev.manifest is not None:
+        from indexer.runtime import RecordedRecipe
+
+        return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)])
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
@@ -77,6 +101,32 @@ def load_model_while_decoding(
         log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
         del early  # shuts its workers down
     return embedder, start(embedder.data_config)
+
+
+PRECHECK_ITEMS = 1000  # at most this many items are hashed here before a model is loaded
+
+
+def already_stored(
+    items: list[Item], sources: list[Source], positions: list[int], prev: Previous
+) -> list[tuple[int, str, dict[str, Any]]] | None:
+    """When every item the plan must read holds bytes already stored (touched, renamed or
+    copied files), those items with their hashes, read here: the run then needs no model, no
+    torch and no workers. None as soon as one does not (or cannot be read here)."""
+    if prev.manifest is None or not positions or len(positions) > PRECHECK_ITEMS:
+        return None
+    known = prev.known_hashes()
+    found = []
+    for position in positions:
+        item = items[position]
+        try:
+            data, meta = sources[item.source].read(item.locator)
+        except Exception:  # the loader reads it again and makes its error row
+            return None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest not in known:
+            return None
+        found.append((position, digest, meta))
+    return found
 
 
 def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:

@@ -305,7 +305,8 @@ def update(
     seconds = time.perf_counter() - start
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
-                       failures=count_reasons(errors), runtime=embedder.name)  # fmt: skip
+                       failures=count_reasons(errors),
+                       runtime=None if embedder.name == "none" else embedder.name)  # fmt: skip
 
 
 def portable_for(embedder: Runtime, prev: Previous, sample: Any, building: Path) -> Exported:

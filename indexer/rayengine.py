@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from indexer.config import BuildConfig, ModelConfig
+from indexer.embed import Batch
 from indexer.errors import ModelError
-from indexer.loader import Batch, ItemDataset
+from indexer.loader import ItemDataset
 from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
 

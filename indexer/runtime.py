@@ -45,6 +45,35 @@ class Runtime(Protocol):
         ...
 
 
+class RecordedRecipe:
+    """The published version's recipe for a run that embeds nothing (every file it reads holds
+    bytes already stored: touched, renamed or copied): no model or runtime is loaded."""
+
+    name = "none"
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.recipe = manifest["model"]
+        self.data_config = DataConfig.from_dict(self.recipe["data_config"])
+        self.normalize = bool(self.recipe["normalize"])
+        self.labels = int(self.recipe.get("labels") or 0)
+        self._reason = manifest.get("portable_model_reason")
+
+    @property
+    def dim(self) -> int:
+        return int(self.recipe["embedding_dim"])
+
+    def embed(self, images: Any) -> np.ndarray:
+        raise RuntimeError("a run of stored vectors embeds nothing")
+
+    def embed_with_labels(
+        self, images: Any, labels: bool = True
+    ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        raise RuntimeError("a run of stored vectors embeds nothing")
+
+    def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
+        return Exported(None, self._reason or "the previous version's model file was damaged")
+
+
 def choose_runtime(asked: str, cuda: bool, unusable: str | None) -> str:
     """torch, onnxruntime or openvino, for what was asked (auto, torch, onnx, openvino), on a
     CUDA device or not, given why the collection's portable model cannot serve (None: it can)."""

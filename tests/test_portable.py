@@ -299,3 +299,29 @@ def test_reindex_and_merge_carry_the_model(corpus: Path, tmp_path: Path) -> None
     assert reindexed.exit_code == 0 and _manifest(out)["portable_model"] == record
     inodes = {p.stat().st_ino for p in (out / "versions").glob("v*/" + MODEL_FILE)}
     assert len(inodes) == 1
+
+
+def test_touched_and_copied_files_load_no_model(corpus: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(corpus / "group0", src / "group0")
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    before = read_embeddings_by_key(out)
+    files = sorted((src / "group0").iterdir())
+    for path in files[:3]:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    shutil.copy(files[3], src / "group0" / "copy.jpg")
+    env = _blocker(tmp_path, ("torch", "timm", "torchvision", "onnxruntime", "openvino"))
+    argv = [INDEXER, "build", str(src), "--out", str(out), *BUILD_FLAGS]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    last = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert last["runtime"] is None and last["counts"]["reused"] == 4
+    after = read_embeddings_by_key(out)
+    assert set(after) == set(before) | {"group0/copy.jpg"}
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    assert np.array_equal(after["group0/copy.jpg"], before[files[3].relative_to(src).as_posix()])
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Nothing changed" in again.stdout  # new mtimes recorded
+    assert run_cli("verify", out).exit_code == 0
+    assert "portable_model" in _manifest(out)
