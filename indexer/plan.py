@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from indexer.catalog import (
     CURRENT,
     ERRORS,
@@ -21,7 +19,7 @@ from indexer.config import BuildConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.history import read_runs
 from indexer.parts import in_partition
-from indexer.shards import read_hashes, read_shard
+from indexer.shards import read_hashes, read_parquet, read_shard
 from indexer.sources import Item, Source, list_items, open_sources
 
 PREV_COLUMNS = ["id", "key", "source", "file_size", "mtime_ns", "content_hash"]
@@ -79,8 +77,7 @@ def damaged_keys(folder: Path, shards: list[dict[str, Any]]) -> dict[str, int] |
     found: dict[str, int] = {}
     for shard in shards:
         try:
-            table = pq.read_table(folder / "shards" / shard["name"], columns=["key", "id"],
-                                  page_checksum_verification=True)  # fmt: skip
+            table = read_parquet(folder / "shards" / shard["name"], ["key", "id"])
         except Exception:  # pyarrow raises several types for a damaged file
             return None
         if table.num_rows != int(shard["rows"]):
@@ -128,7 +125,7 @@ def read_prev_errors(version: Path) -> dict[str, dict[str, Any]]:
     path = version / ERRORS
     if not path.is_file():
         return {}
-    return {row["key"]: row for row in pq.read_table(path).to_pylist()}
+    return {row["key"]: row for row in read_parquet(path).to_pylist()}
 
 
 def make_plan(

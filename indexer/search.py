@@ -14,7 +14,7 @@ import pyarrow as pa
 from indexer.catalog import CollectionPaths, open_version, read_manifest
 from indexer.errors import CollectionError, InputError
 from indexer.index import apply_params, load_index, search_param, whole_number
-from indexer.shards import read_rows, read_shard
+from indexer.shards import as_numpy, positions, read_rows, read_shard
 
 if TYPE_CHECKING:
     from indexer.runtime import Runtime
@@ -210,7 +210,7 @@ class Collection:
         pos = np.minimum(pos, max(len(sorted_ids) - 1, 0))
         if valid.any() and not np.array_equal(sorted_ids[pos], flat[valid]):
             raise self._stale_index()
-        out[valid] = keys.take(pa.array(pos)).to_numpy(zero_copy_only=False)
+        out[valid] = keys.take(positions(pos)).to_pylist()
         return out.reshape(ids.shape)
 
     def _key_map(self) -> tuple[np.ndarray, pa.Array]:
@@ -218,9 +218,9 @@ class Collection:
         if self._keys is None:
             tables = [read_shard(p, ["id", "key"]) for p in self.paths.shard_paths(self.manifest)]
             table = pa.concat_tables(tables) if tables else pa.table({"id": [], "key": []})
-            order = np.argsort(table.column("id").to_numpy(), kind="stable")
-            ids = table.column("id").to_numpy()[order]
-            self._keys = (ids, table.column("key").combine_chunks().take(pa.array(order)))
+            order = np.argsort(as_numpy(table.column("id")), kind="stable")
+            ids = as_numpy(table.column("id"))[order]
+            self._keys = (ids, table.column("key").combine_chunks().take(positions(order)))
         return self._keys
 
     def vectors_of(self, keys: list[str]) -> np.ndarray:
@@ -348,9 +348,9 @@ class Collection:
             if not tables:
                 return np.zeros(0, np.int64), np.zeros(0, object)
             table = pa.concat_tables(tables)
-            order = np.argsort(table.column("id").to_numpy(), kind="stable")
+            order = np.argsort(as_numpy(table.column("id")), kind="stable")
             top = pc.list_element(table.column("label_name").combine_chunks(), 0)
-            self._labels = (table.column("id").to_numpy()[order],
+            self._labels = (as_numpy(table.column("id"))[order],
                             top.to_numpy(zero_copy_only=False)[order])  # fmt: skip
         return self._labels
 

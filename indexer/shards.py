@@ -229,11 +229,42 @@ class ShardWriter:
         self._rows = 0
 
 
+def read_parquet(path: Path | str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, page checksums verified. Unlike pq.read_table it does not import
+    pyarrow.dataset, which imports pandas (half a second of every query's start-up)."""
+    with pq.ParquetFile(path, page_checksum_verification=True) as f:
+        return f.read(columns=columns)
+
+
+NUMPY_TYPES = {pa.int64(): np.int64, pa.int32(): np.int32, pa.float32(): np.float32,
+               pa.float64(): np.float64}  # fmt: skip
+
+
+def as_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as numpy. pyarrow's to_numpy() imports pandas when it is installed
+    (0.4 s of a query's start-up); this reads the buffers of null-free columns directly."""
+    dtype = NUMPY_TYPES.get(column.type)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if dtype is None or column.null_count:
+        return column.to_numpy(zero_copy_only=False)
+    size = np.dtype(dtype).itemsize
+    parts = [
+        np.frombuffer(c.buffers()[1], dtype, len(c), c.offset * size) for c in chunks if len(c)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def positions(values: np.ndarray) -> pa.Array:
+    """Row numbers for take(), wrapped without pa.array (which imports pandas, see as_numpy)."""
+    data = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
+
+
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     """A shard (or some of its columns), its page checksums verified: a damaged shard is a
     CollectionError naming the fix, never rows read as if whole."""
     try:
-        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+        return read_parquet(path, columns)
     except (OSError, pa.ArrowException) as exc:
         raise CollectionError(
             f"shard {path} is damaged or unreadable ({exc}): run `indexer verify --repair` "
@@ -244,10 +275,10 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
 def read_embeddings(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids int64 [n], embeddings float32 [n, dim]) of one shard."""
     table = read_shard(path, ["id", "embedding"])
-    ids = table.column("id").to_numpy()
+    ids = as_numpy(table.column("id"))
     emb = table.column("embedding").combine_chunks()
     dim = emb.type.list_size
-    vectors = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    vectors = as_numpy(emb.flatten()).reshape(-1, dim)
     return ids, np.ascontiguousarray(vectors, dtype=np.float32)
 
 
@@ -260,12 +291,12 @@ def read_rows(paths: list[Path], ids: set[int]) -> dict[int, dict[str, Any]]:
     """The non-embedding columns of the rows with these ids, read shard by shard."""
     found: dict[int, dict[str, Any]] = {}
     for path in paths:
-        id_col = read_shard(path, ["id"]).column("id").to_numpy()
+        id_col = as_numpy(read_shard(path, ["id"]).column("id"))
         hits = np.flatnonzero(np.isin(id_col, np.fromiter(ids, dtype=np.int64)))
         if not hits.size:
             continue
         names = [n for n in pq.read_schema(path).names if n != "embedding"]
-        table = read_shard(path, names).take(pa.array(hits))
+        table = read_shard(path, names).take(positions(hits))
         for row in table.to_pylist():
             found[int(row["id"])] = row
     return found
@@ -291,7 +322,7 @@ def carry_over(
         path = source / shard["name"]
         if not pq.read_schema(path).equals(schema):
             raise ValueError(f"shard {path} has another schema")
-        ids = read_shard(path, ["id"]).column("id").to_numpy()
+        ids = as_numpy(read_shard(path, ["id"]).column("id"))
         mask = np.isin(ids, wanted)
         if mask.all():
             os.link(path, target / shard["name"])

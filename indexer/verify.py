@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from indexer.catalog import SHARDS, CollectionPaths, open_version, parse_manifest
 from indexer.config import (
@@ -25,6 +24,7 @@ from indexer.index import INDEX_FILE, check_index_files, index_mismatch, read_in
 from indexer.parts import part_of
 from indexer.portable import Exported
 from indexer.safeio import os_errors_as
+from indexer.shards import read_parquet
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def check_shard(
     if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
         return [Problem("shard", name, "its bytes differ from the recorded checksum (damaged)")]
     try:
-        table = pq.read_table(path, columns=["id", "embedding"], page_checksum_verification=True)
+        table = read_parquet(path, ["id", "embedding"])
     except Exception as exc:  # pyarrow raises several types for a broken file
         return [Problem("shard", name, f"unreadable ({type(exc).__name__}: {exc})")]
     if table.num_rows != int(shard.get("rows", -1)):
