@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 AUTOFAISS_VENV := build/autofaiss-venv
 
-.PHONY: help install run test lint format bench bench-index clean
+.PHONY: help install run test lint format bench bench-index slim-check clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,9 +35,21 @@ format: $(STAMP)  ## Apply ruff's formatting and fixes
 
 bench: $(STAMP)  ## Throughput, memory and re-run benchmarks (about 7 minutes; see bench/)
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/runtimes.py
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/heads.py
+
+SLIM := build/slim
+slim-check: $(STAMP)  ## Query a portable collection from a venv without torch or timm (downloads ~440 MB)
+	$(BIN)/indexer demo --out build/slim-demo --images 60
+	rm -rf $(SLIM) && $(PYTHON) -m venv $(SLIM)
+	$(SLIM)/bin/pip install --quiet numpy pyarrow faiss-cpu pillow click tqdm onnxruntime
+	$(SLIM)/bin/pip install --quiet --no-deps .
+	! $(SLIM)/bin/python -c "import torch" 2>/dev/null
+	! $(SLIM)/bin/python -c "import timm" 2>/dev/null
+	$(SLIM)/bin/indexer query --index build/slim-demo/collection -k 3 \
+	  "$$(ls build/slim-demo/images/*/* | head -1)"
 
 bench-index: $(STAMP)  ## Index benchmark: 1M x 64 vectors vs exact and autofaiss (~8 minutes)
 	@# autofaiss pins numpy<2, which pyarrow 18+ refuses: it gets a venv of its own.

@@ -60,6 +60,8 @@ def main() -> None:
     cmd = [*indexer_cmd(images, args.work / "out" / "unused", ck)]
     cmd[cmd.index("--out") + 1] = str(out)  # same collection, not cleared
     full_runtime = last_runtime(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    export_s = (manifest.get("portable_model") or {}).get("export_seconds")
     noop = run_timed(cmd).seconds
     touched = touch_files(images, 20)
     touch = run_timed(cmd).seconds
@@ -68,6 +70,10 @@ def main() -> None:
     one_percent = run_timed(cmd).seconds
     print(f"# re-runs over {args.files} small JPEGs (each a fresh process, imports included)")
     print(f"{'full build':>22}: {full:7.2f} s ({full_runtime})")
+    if export_s is not None:
+        print(f"{'of which the export':>22}: {export_s:7.2f} s = {export_s / full:6.1%} of full")
+    else:
+        print(f"{'portable model':>22}: none ({manifest.get('portable_model_reason')})")
     print(f"{'nothing changed':>22}: {noop:7.2f} s = {noop / full:6.1%} of full (target <= 3%)")
     print(
         f"{f'{touched} files touched':>22}: {touch:7.2f} s = {touch / full:6.1%} of full "

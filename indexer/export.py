@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,12 +56,14 @@ class _Portable(torch.nn.Module):
 def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path) -> Exported:
     """Export the embedder's computation into version/model.onnx if it reproduces torch fp32
     on the sample images (cosine >= FIDELITY_MIN each); else store nothing and say why."""
+    started = time.perf_counter()
     try:
         wrapper = _Portable(embedder)
         own = sample is not None and len(sample) > 0
         images = sample if sample is not None and own else fallback_images(embedder)
         model, record = _cached_or_exported(wrapper, embedder, images[:CHECK_IMAGES])
         record["fidelity"]["images_from"] = "the build" if own else "generated scenes"
+        record["export_seconds"] = round(time.perf_counter() - started, 3)
     except FidelityError as exc:
         return Exported(None, str(exc))
     except Exception as exc:  # an exporter's failure costs only the portable model
