@@ -56,7 +56,7 @@ class RecordedRecipe:
         self.data_config = DataConfig.from_dict(self.recipe["data_config"])
         self.normalize = bool(self.recipe["normalize"])
         self.labels = int(self.recipe.get("labels") or 0)
-        self._reason = manifest.get("portable_model_reason")
+        self._reason = why_not_portable(manifest) or "the previous version's model file was damaged"
 
     @property
     def dim(self) -> int:
@@ -71,7 +71,7 @@ class RecordedRecipe:
         raise RuntimeError("a run of stored vectors embeds nothing")
 
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
-        return Exported(None, self._reason or "the previous version's model file was damaged")
+        return Exported(None, self._reason)
 
 
 def choose_runtime(asked: str, cuda: bool, unusable: str | None) -> str:

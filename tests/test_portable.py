@@ -325,3 +325,25 @@ def test_touched_and_copied_files_load_no_model(corpus: Path, tmp_path: Path) ->
     assert again.returncode == 0 and "Nothing changed" in again.stdout  # new mtimes recorded
     assert run_cli("verify", out).exit_code == 0
     assert "portable_model" in _manifest(out)
+
+
+def test_incremental_labels_from_the_stored_model_equal_torch(corpus: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    shutil.copytree(corpus / "group0", src / "group0")
+    out, ref = tmp_path / "c", tmp_path / "ref"
+    flags = (*BUILD_FLAGS, "--labels", "3", "--pooling", "gem")
+    assert run_cli("build", src, "--out", out, *flags).exit_code == 0
+    shutil.copytree(corpus / "group1", src / "group1")
+    assert run_cli("build", src, "--out", out, *flags).exit_code == 0
+    assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["runtime"] == "onnxruntime"
+    assert run_cli("build", src, "--out", ref, *flags, "--runtime", "torch").exit_code == 0
+
+    def labels(root: Path) -> dict[str, tuple]:
+        table = pq.read_table(root / "shards", columns=["key", "label_index", "label_name"])
+        return {r["key"]: (r["label_index"], r["label_name"]) for r in table.to_pylist()}
+
+    got, want = labels(out), labels(ref)
+    assert got.keys() == want.keys() and all(got[k][1] for k in got)
+    assert sum(got[k] == want[k] for k in got) == len(got)
