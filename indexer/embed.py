@@ -6,6 +6,7 @@ import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from indexer.catalog import CollectionPaths
 from indexer.config import BuildConfig
 from indexer.errors import CollectionError, InputError
 from indexer.plan import Plan, Previous
+from indexer.portable import Exported
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.shards import ShardInfo, ShardWriter, embedding_array, rows_by_hash
 from indexer.sources import Item, Source
@@ -165,20 +167,55 @@ class EmbedJob:
     schema: pa.Schema
     prefix: str  # names of new shards of embedded rows: unique to this version
     reused_prefix: str  # and of rows whose vector was reused by content hash
+    switch: bool = False  # export after the first batch and embed the rest with it
 
 
 @dataclass(frozen=True)
 class Embedded:
     """What the embedding loop made: new shards, error rows, items whose stored vector is
-    reused, and the first images embedded (the portable model is checked on them)."""
+    reused, the first images embedded (a portable model is checked on them), the portable
+    model exported during the run (if it was), and the runtimes that embedded."""
 
     shards: list[ShardInfo]
     errors: list[dict[str, Any]]
     reused: list[tuple[int, str, dict[str, Any]]]
     sample: np.ndarray | None
+    exported: Exported | None = None
+    runtime: str | None = None
 
 
 SAMPLE = 64  # images kept for the portable model's fidelity check
+
+
+class Embedding:
+    """The run's runtime. With `switch` (torch on the CPU, --runtime auto), torch embeds the
+    first batch, exports the portable model checked on it into the version, and the portable
+    model, 1.35x faster here, embeds the rest; if the export fails, torch goes on."""
+
+    def __init__(self, runtime: Runtime, switch: bool, folder: Path) -> None:
+        self.runtime, self.switch, self.folder = runtime, switch, folder
+        self.sample: np.ndarray | None = None
+        self.exported: Exported | None = None
+        self.used: list[str] = []
+
+    def __call__(self, pixels: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        if self.sample is None:
+            self.sample = np.array(np.asarray(pixels)[:SAMPLE])
+        if self.runtime.name not in self.used:
+            self.used.append(self.runtime.name)
+        out = self.runtime.embed_with_labels(pixels)
+        if self.switch and self.exported is None:
+            self.exported = self.runtime.portable_model(self.sample, self.folder)
+            if self.exported.record is not None:
+                from indexer.portable import load_portable
+
+                manifest = {"model": self.runtime.recipe, "portable_model": self.exported.record}
+                self.runtime = load_portable(self.folder, manifest, "onnxruntime")
+        return out
+
+    @property
+    def names(self) -> str | None:
+        return "+".join(self.used) or None
 
 
 def embed_items(
@@ -188,7 +225,7 @@ def embed_items(
     items whose bytes are already embedded are set aside to reuse their vectors."""
     errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
-    sample: np.ndarray | None = None
+    embed = Embedding(job.embedder, job.switch, paths.root)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar:
@@ -197,9 +234,7 @@ def embed_items(
                 vectors, labels = batch.vectors, batch.labels
                 if vectors is None:
                     assert batch.pixels is not None
-                    if sample is None:
-                        sample = batch.pixels[:SAMPLE].numpy().copy()
-                    vectors, labels = job.embedder.embed_with_labels(batch.pixels)
+                    vectors, labels = embed(batch.pixels)
                 metas = batch.metadata
                 if labels:
                     metas = [{**m, **lab} for m, lab in zip(metas, labels, strict=True)]
@@ -217,7 +252,8 @@ def embed_items(
                                "file_size": size, "mtime_ns": mtime})  # fmt: skip
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
-        return Embedded(writer.close(), errors, reused, sample)
+        return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
+                        embed.names)  # fmt: skip
 
 
 def write_reused(

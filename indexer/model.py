@@ -32,6 +32,7 @@ class Embedder:
         self.model = model.eval().to(device, memory_format=torch.channels_last)
         self.recipe = recipe
         self.device = device
+        self.on_cuda = device.type == "cuda"
         self.data_config = DataConfig.from_dict(recipe["data_config"])
         self.normalize = bool(recipe["normalize"])
         self.pooling = str(recipe.get("pooling", "head"))

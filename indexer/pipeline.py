@@ -57,7 +57,7 @@ from indexer.publish import (
     salvage,
     start_version,
 )
-from indexer.runtime import carry_portable, with_portable
+from indexer.runtime import absent_reason, carry_portable, switches_to_portable, with_portable
 from indexer.safeio import check_writable, os_errors_as
 from indexer.shards import (
     LABEL_SCHEMA,
@@ -203,10 +203,7 @@ def carried_portable(source: Path, manifest: dict[str, Any], building: Path) -> 
     record = carry_portable(source, manifest, manifest["model"], building)
     if record is not None:
         return Exported(record)
-    reason = manifest.get("portable_model_reason") or (
-        "the previous version's model file was damaged" if "portable_model" in manifest else None
-    )
-    return Exported(None, reason)
+    return Exported(None, absent_reason(manifest))
 
 
 def index_settings_changed(cfg: IndexConfig, recorded: dict[str, Any] | None) -> bool:
@@ -281,7 +278,9 @@ def update(
     paths.shards.mkdir()
     carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
     prefix, reused_prefix = new_shard_prefixes(number)
-    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix)
+    carried_model = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
+    switch = carried_model is None and switches_to_portable(cfg.model.runtime, embedder)
+    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, switch)
     embedded = embed_items(job, batches, paths, cfg)
     new_shards, new_errors, reused = embedded.shards, embedded.errors, embedded.reused
     errors = plan.kept_errors + new_errors
@@ -293,7 +292,11 @@ def update(
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
-    manifest = with_portable(manifest, portable_for(embedder, prev, embedded.sample, building))
+    portable = (
+        Exported(carried_model) if carried_model is not None
+        else embedded.exported or embedder.portable_model(embedded.sample, building)
+    )  # fmt: skip
+    manifest = with_portable(manifest, portable)
     if cfg.drop_shards and prev.manifest is not None:  # a repair restores: provenance stays
         manifest.update({k: prev.manifest[k] for k in REPAIR_KEEPS if k in prev.manifest})
     write_json_atomic(paths.manifest, manifest)
@@ -306,16 +309,7 @@ def update(
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors),
-                       runtime=None if embedder.name == "none" else embedder.name)  # fmt: skip
-
-
-def portable_for(embedder: Runtime, prev: Previous, sample: Any, building: Path) -> Exported:
-    """The new version's portable model: the previous version's, linked, when it is of this
-    recipe; else the runtime's own (torch exports and checks it on the build's images)."""
-    record = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
-    if record is not None:
-        return Exported(record)
-    return embedder.portable_model(sample, building)
+                       runtime=embedded.runtime)  # fmt: skip
 
 
 def check_recovered(lost: int, embedded: int, root: Path) -> None:

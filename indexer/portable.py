@@ -37,6 +37,7 @@ class PortableEmbedder:
         if backend not in BACKENDS:
             raise InputError(f"unknown portable runtime {backend!r}: use {' or '.join(BACKENDS)}")
         self.name = backend
+        self.on_cuda = False
         self.recipe = recipe
         self.data_config = DataConfig.from_dict(recipe["data_config"])
         self.normalize = bool(recipe["normalize"])

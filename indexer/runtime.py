@@ -30,6 +30,7 @@ class Runtime(Protocol):
     data_config: DataConfig
     normalize: bool
     labels: int
+    on_cuda: bool  # torch on a CUDA device (a portable runtime is on the CPU)
 
     @property
     def dim(self) -> int: ...
@@ -50,13 +51,14 @@ class RecordedRecipe:
     bytes already stored: touched, renamed or copied): no model or runtime is loaded."""
 
     name = "none"
+    on_cuda = False
 
     def __init__(self, manifest: dict[str, Any]) -> None:
         self.recipe = manifest["model"]
         self.data_config = DataConfig.from_dict(self.recipe["data_config"])
         self.normalize = bool(self.recipe["normalize"])
         self.labels = int(self.recipe.get("labels") or 0)
-        self._reason = why_not_portable(manifest) or "the previous version's model file was damaged"
+        self._reason = absent_reason(manifest)
 
     @property
     def dim(self) -> int:
@@ -90,6 +92,12 @@ def choose_runtime(asked: str, cuda: bool, unusable: str | None) -> str:
     return BACKENDS[asked]
 
 
+def switches_to_portable(asked: str, runtime: Runtime) -> bool:
+    """Whether a run embedding with torch exports the portable model after its first batch
+    and embeds the rest with it: with --runtime auto, on the CPU."""
+    return asked == "auto" and runtime.name == "torch" and not runtime.on_cuda
+
+
 def why_not_portable(manifest: dict[str, Any] | None) -> str | None:
     """None when the manifest records a portable model (stored only once it passed its
     fidelity check), else why there is none, in a line."""
@@ -99,8 +107,14 @@ def why_not_portable(manifest: dict[str, Any] | None) -> str | None:
         return "the collection holds vectors indexed from Parquet, with no model"
     if "portable_model" in manifest:
         return None
-    reason = manifest.get("portable_model_reason") or "it was built before models were exported"
-    return f"the collection has no portable model ({reason})"
+    return f"the collection has no portable model ({absent_reason(manifest)})"
+
+
+def absent_reason(manifest: dict[str, Any]) -> str:
+    """Why a new version made from this one carries no portable model (its file not carried)."""
+    if "portable_model" in manifest:
+        return "the previous version's model file was damaged"
+    return str(manifest.get("portable_model_reason") or "built before models were exported")
 
 
 def gpu_visible() -> bool:

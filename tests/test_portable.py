@@ -347,3 +347,22 @@ def test_incremental_labels_from_the_stored_model_equal_torch(corpus: Path, tmp_
     got, want = labels(out), labels(ref)
     assert got.keys() == want.keys() and all(got[k][1] for k in got)
     assert sum(got[k] == want[k] for k in got) == len(got)
+
+
+def test_a_first_build_moves_to_the_portable_model_after_its_first_batch(
+    corpus: Path, tmp_path: Path
+) -> None:
+    flags = (*BUILD_FLAGS, "--batch-size", "8")
+    auto, torch_only = tmp_path / "auto", tmp_path / "torch"
+    assert run_cli("build", corpus, "--out", auto, *flags).exit_code == 0
+    assert (
+        run_cli("build", corpus, "--out", torch_only, *flags, "--runtime", "torch").exit_code == 0
+    )
+    runtimes = [json.loads((d / "runs.jsonl").read_text())["runtime"] for d in (auto, torch_only)]
+    assert runtimes == ["torch+onnxruntime", "torch"]
+    got, want = read_embeddings_by_key(auto), read_embeddings_by_key(torch_only)
+    assert got.keys() == want.keys() and len(got) > 8
+    assert max(float(np.abs(got[k] - want[k]).max()) for k in got) < 1e-5
+    records = [_manifest(d)["portable_model"] for d in (auto, torch_only)]
+    assert records[0]["sha256"] == records[1]["sha256"]
+    assert records[0]["fidelity"]["images"] == 8  # checked on the first batch
