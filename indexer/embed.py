@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,13 +199,20 @@ class Embedding:
         self.sample: np.ndarray | None = None
         self.exported: Exported | None = None
         self.used: list[str] = []
+        self.after_first = (0, 0.0)  # images embedded after the first batch, and when it ended
 
     def __call__(self, pixels: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        first = self.sample is None
         if self.sample is None:
             self.sample = np.array(np.asarray(pixels)[:SAMPLE])
         if self.runtime.name not in self.used:
             self.used.append(self.runtime.name)
         out = self.runtime.embed_with_labels(pixels)
+        if first:
+            log.info("first batch embedded (%s) %.2f s after the process started",
+                     self.runtime.name, process_age())  # fmt: skip
+        self.after_first = (self.after_first[0] + (0 if first else len(out[0])),
+                            time.perf_counter() if first else self.after_first[1])  # fmt: skip
         if self.switch and self.exported is None:
             self.exported = self.runtime.portable_model(self.sample, self.folder)
             if self.exported.record is not None:
@@ -216,6 +225,25 @@ class Embedding:
     @property
     def names(self) -> str | None:
         return "+".join(self.used) or None
+
+    def log_rate(self) -> None:
+        count, since = self.after_first
+        if count:
+            seconds = time.perf_counter() - since
+            log.info("after the first batch: %d images in %.2f s, %.0f images/s (%s)",
+                     count, seconds, count / seconds, self.names)  # fmt: skip
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def embed_items(
@@ -252,6 +280,7 @@ def embed_items(
                                "file_size": size, "mtime_ns": mtime})  # fmt: skip
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
+        embed.log_rate()
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
                         embed.names)  # fmt: skip
 
