@@ -180,6 +180,19 @@ def index_config(
     )
 
 
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+)
+runtime_option = click.option(
+    "--runtime",
+    type=click.Choice(RUNTIMES),
+    default="auto",
+    show_default=True,
+    help="What embeds images: auto (the collection's portable ONNX model on CPU when it has "
+    "one, torch on CUDA), torch, onnx (onnxruntime) or openvino.",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="indexer")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
@@ -241,15 +254,8 @@ def main(verbose: bool) -> None:
     type=click.IntRange(0),
     help="Pool this stage's feature map (timm feature extraction) instead of the last one.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIMES),
-    default="auto",
-    show_default=True,
-    help="What embeds images: auto (the collection's portable ONNX model on CPU when it has "
-    "one, torch on CUDA), torch, onnx (onnxruntime) or openvino.",
-)
+@device_option
+@runtime_option
 @click.option(
     "--precision",
     type=click.Choice(PRECISIONS),
@@ -581,15 +587,8 @@ def below_target(meta: dict[str, Any]) -> str:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also draw a PNG: each query beside its results, labelled with rank, score and key.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option(
-    "--runtime",
-    type=click.Choice(RUNTIMES),
-    default="auto",
-    show_default=True,
-    help="What embeds images: auto (the collection's portable ONNX model on CPU when it has "
-    "one, torch on CUDA), torch, onnx (onnxruntime) or openvino.",
-)
+@device_option
+@runtime_option
 @click.option(
     "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
 )
