@@ -17,8 +17,8 @@ import torch
 
 from indexer.configcache import cache_dir
 from indexer.model import Embedder, class_names, embed_forward
-from indexer.portable import MODEL_FILE, OUTPUTS, Exported, PortableEmbedder
-from indexer.safeio import write_bytes_atomic
+from indexer.portable import MAX_MODEL_BYTES, MODEL_FILE, OUTPUTS, Exported, PortableEmbedder
+from indexer.safeio import read_bounded, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 OPSET = 18
@@ -167,7 +167,7 @@ def _cached_or_exported(
     images: a stale or corrupt cache entry never decides a vector (it is exported again)."""
     path = cache_dir() / CACHE / f"{cache_key(embedder)}.onnx"
     try:
-        cached = path.read_bytes()
+        cached = read_bounded(path, MAX_MODEL_BYTES)  # no FIFO, no unbounded read
         return cached, check_fidelity(wrapper, cached, embedder, images)
     except FileNotFoundError:
         pass

@@ -131,10 +131,10 @@ def _gist(exc: BaseException) -> str:
 def read_model(version: Path, record: dict[str, Any]) -> bytes:
     """The model file's bytes, refused unless they are the ones the manifest records."""
     path = version / str(record["path"])
-    from indexer.safeio import FileRefused, read_image_file
+    from indexer.safeio import FileRefused, read_bounded
 
     try:
-        data = read_image_file(path, MAX_MODEL_BYTES)
+        data = read_bounded(path, MAX_MODEL_BYTES)
     except (OSError, FileRefused) as exc:
         raise CollectionError(
             f"the portable model {path} cannot be read ({exc}): run `indexer verify --repair "

@@ -114,7 +114,7 @@ def byte_limit(max_pixels: int) -> int:
     return max_pixels * BYTES_PER_PIXEL + HEADROOM
 
 
-def read_image_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     """A regular file's bytes (links followed). A device, FIFO, socket or folder is refused
     without being read, a file over max_bytes without reading more than max_bytes + 1."""
     _check_regular(os.stat(path), path, max_bytes)

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
-from indexer.safeio import byte_limit, read_image_file
+from indexer.safeio import byte_limit, read_bounded
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -74,7 +74,7 @@ class FolderSource:
             raise PermissionError(
                 "it is a symlink to a file outside the source folder (pass --follow-symlinks)"
             )
-        return read_image_file(path, self.max_bytes), {}
+        return read_bounded(path, self.max_bytes), {}
 
 
 def printable_key(rel: str) -> str:

@@ -10,7 +10,7 @@ import pyarrow as pa
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.hub import hub_unreachable_reason
-from indexer.safeio import byte_limit, read_image_file
+from indexer.safeio import byte_limit, read_bounded
 from indexer.shards import metadata_names
 from indexer.sources.folder import printable_key
 
@@ -71,7 +71,7 @@ class HFSource:
         image = row[self.image_column] or {}
         data = image.get("bytes")
         if data is None and image.get("path"):
-            data = read_image_file(image["path"], self.max_bytes)
+            data = read_bounded(image["path"], self.max_bytes)
         meta = {new: row[name] for name, new in self.columns.items()}
         return data or b"", meta
 
