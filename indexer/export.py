@@ -41,6 +41,7 @@ class _Portable(torch.nn.Module):
         self.register_buffer("std", embedder._std.detach().float().cpu())
         self.pooling, self.stage = embedder.pooling, embedder.stage
         self.normalize, self.labels = embedder.normalize, embedder.labels > 0
+        self.eval()  # BatchNorm and dropout as at inference, in the export and the check
 
     def forward(self, images: torch.Tensor) -> Any:
         x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std
@@ -82,6 +83,7 @@ def check_fidelity(
     wrapper: _Portable, model: bytes, embedder: Embedder, images: np.ndarray
 ) -> dict[str, Any]:
     """The manifest record, once onnxruntime's vectors match torch fp32's on every image."""
+    wrapper.eval()  # the exporter restores the mode it found; never compare in training mode
     with torch.inference_mode():
         expected = wrapper(torch.from_numpy(images))
     want_vectors = (expected[0] if isinstance(expected, tuple) else expected).numpy()

@@ -73,6 +73,7 @@ COMMON: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("sources", lambda v: isinstance(v, list) and all(map(source_ok, v)), "a list of sources"),
     ("request", optional(lambda v: isinstance(v, dict)), "an object"),
     ("model", lambda v: v is None or isinstance(v, dict), "an object or null"),
+    ("portable_model_reason", optional(text), "a line of text"),
 )
 MODEL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("model.name", text, "a timm model name"),
@@ -115,7 +116,6 @@ PORTABLE: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("portable_model.opset", positive, "a positive integer"),
     ("portable_model.label_names", label_names, "a list of names"),
     ("portable_model.fidelity.min_cosine", number, "a number"),
-    ("portable_model_reason", optional(text), "a line of text"),
 )
 
 

@@ -182,14 +182,16 @@ def _merged_portable(
     versions: list[Path], manifests: list[dict[str, Any]], building: Path
 ) -> Exported:
     """The parts' portable model (one recipe, so one model): the first whole one, linked."""
-    from indexer.runtime import carry_portable
+    from indexer.runtime import carry_portable, export_from_recipe
 
     for version, manifest in zip(versions, manifests, strict=True):
         record = carry_portable(version, manifest, manifests[0]["model"], building)
         if record is not None:
             return Exported(record)
+    if any("portable_model" in m for m in manifests):  # every part's file damaged
+        return export_from_recipe(manifests[0]["model"], building)
     reasons = [m.get("portable_model_reason") for m in manifests]
-    return Exported(None, next((r for r in reasons if r), "no part holds a whole model file"))
+    return Exported(None, next((r for r in reasons if r), "built before models were exported"))
 
 
 def _errors(versions: list[Path]) -> list[dict[str, Any]]:

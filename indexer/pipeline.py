@@ -57,7 +57,13 @@ from indexer.publish import (
     salvage,
     start_version,
 )
-from indexer.runtime import absent_reason, carry_portable, switches_to_portable, with_portable
+from indexer.runtime import (
+    absent_reason,
+    carry_portable,
+    export_from_recipe,
+    switches_to_portable,
+    with_portable,
+)
 from indexer.safeio import check_writable, os_errors_as
 from indexer.shards import (
     LABEL_SCHEMA,
@@ -203,6 +209,8 @@ def carried_portable(source: Path, manifest: dict[str, Any], building: Path) -> 
     record = carry_portable(source, manifest, manifest["model"], building)
     if record is not None:
         return Exported(record)
+    if "portable_model" in manifest:  # damaged: made again, so no version forgets it
+        return export_from_recipe(manifest["model"], building)
     return Exported(None, absent_reason(manifest))
 
 

@@ -74,6 +74,11 @@ class PortableEmbedder:
         return Exported({**self._record, "path": MODEL_FILE})
 
     def _top(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        if self._names is not None and len(self._names) != probs.shape[1]:
+            raise CollectionError(
+                f"the portable model's record names {len(self._names)} classes but the model "
+                f"has {probs.shape[1]}: the manifest was altered; run `indexer verify --repair`"
+            )
         order = np.argsort(-probs, axis=1, kind="stable")[:, : self.labels]
         rows = []
         for p, i in zip(np.take_along_axis(probs, order, 1).tolist(), order.tolist(), strict=True):

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from indexer.config import RUNTIMES
-from indexer.errors import CollectionError, InputError
+from indexer.errors import CollectionError, IndexerError, InputError
 from indexer.portable import MODEL_FILE, Exported
 from indexer.preprocess import DataConfig
 
@@ -59,6 +59,7 @@ class RecordedRecipe:
         self.normalize = bool(self.recipe["normalize"])
         self.labels = int(self.recipe.get("labels") or 0)
         self._reason = absent_reason(manifest)
+        self._damaged = "portable_model" in manifest
 
     @property
     def dim(self) -> int:
@@ -73,6 +74,9 @@ class RecordedRecipe:
         raise RuntimeError("a run of stored vectors embeds nothing")
 
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
+        """Nothing to carry: a damaged model is exported again from the recipe (with torch)."""
+        if self._damaged:
+            return export_from_recipe(self.recipe, folder)
         return Exported(None, self._reason)
 
 
@@ -102,12 +106,28 @@ def why_not_portable(manifest: dict[str, Any] | None) -> str | None:
     """None when the manifest records a portable model (stored only once it passed its
     fidelity check), else why there is none, in a line."""
     if manifest is None:
-        return "there is no published version yet (a first build runs torch and exports one)"
+        return (
+            "there is no published version to take it from (a first build, or --rebuild, "
+            "runs torch and exports one)"
+        )
     if manifest.get("model") is None:
         return "the collection holds vectors indexed from Parquet, with no model"
     if "portable_model" in manifest:
         return None
     return f"the collection has no portable model ({absent_reason(manifest)})"
+
+
+def export_from_recipe(recipe: dict[str, Any], folder: Path) -> Exported:
+    """The recipe's model created again with torch and exported into folder (checked on
+    generated scenes), for a version whose model file was damaged; or why it cannot be."""
+    log.warning("the portable model file was damaged: exporting it again from the recipe")
+    try:
+        from indexer.model import embedder_from_recipe
+
+        embedder = embedder_from_recipe(recipe, "cpu")
+    except (IndexerError, ImportError) as exc:
+        return Exported(None, f"the model file was damaged and cannot be exported again: {exc}")
+    return embedder.portable_model(None, folder)
 
 
 def absent_reason(manifest: dict[str, Any]) -> str:
@@ -140,8 +160,14 @@ def query_runtime(asked: str, device: str, version: Path, manifest: dict[str, An
             if asked != "auto":
                 raise
             log.warning("%s; embedding with torch instead", exc)
-    from indexer.model import embedder_from_recipe
-
+    try:
+        from indexer.model import embedder_from_recipe
+    except ImportError as exc:  # a slim install: no torch or timm
+        raise InputError(
+            f"{exc.name or 'torch'} is not installed here, and the collection's portable model "
+            f"cannot serve ({why_not_portable(manifest) or 'its model file is damaged'}): "
+            "install torch and timm, or run `indexer verify --repair` where they are"
+        ) from exc
     return embedder_from_recipe(manifest["model"], device)
 
 

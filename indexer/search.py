@@ -57,6 +57,10 @@ class Collection:
     ) -> None:
         self.root = Path(root)
         self.device = device
+        from indexer.config import RUNTIMES
+
+        if runtime not in RUNTIMES:
+            raise InputError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
         self.runtime = runtime  # auto: the portable model on CPU when there is one, else torch
         self._embedder: Runtime | None = None
         self._params = dict(params or {})

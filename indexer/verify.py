@@ -80,7 +80,10 @@ def check_portable(version: Path, manifest: dict[str, Any]) -> list[Problem]:
         read_model(version, record)
     except CollectionError:
         path = version / str(record["path"])
-        state = "its bytes differ from the recorded checksum" if path.is_file() else "missing"
+        state = (
+            "its bytes differ from the recorded checksum" if path.is_file()
+            else "not a regular file" if path.exists() or path.is_symlink() else "missing"
+        )  # fmt: skip
         return [Problem("model", str(record["path"]), f"{state} (damaged)")]
     return []
 
@@ -231,19 +234,10 @@ def mend(report: Report, keep: int) -> str:
 
 
 def reexport(manifest: dict[str, Any]) -> Callable[[Path], Exported]:
-    """Export the recorded recipe's model again into a version (checked on generated images);
-    if the model cannot be recreated here, the version has none and says why."""
+    """Export the recorded recipe's model again into a version (see export_from_recipe)."""
+    from indexer.runtime import export_from_recipe
 
-    def export(folder: Path) -> Exported:
-        from indexer.model import embedder_from_recipe
-
-        try:
-            embedder = embedder_from_recipe(manifest["model"], "cpu")
-        except IndexerError as exc:
-            return Exported(None, f"the model file was damaged and cannot be exported again: {exc}")
-        return embedder.portable_model(None, folder)
-
-    return export
+    return lambda folder: export_from_recipe(manifest["model"], folder)
 
 
 def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig:

@@ -20,6 +20,7 @@ from indexer.errors import InputError
 from indexer.model import load_embedder
 from indexer.portable import MODEL_FILE, PortableEmbedder
 from indexer.runtime import choose_runtime
+from indexer.search import Collection
 from indexer.synthetic import scene
 from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, read_embeddings_by_key, run_cli
 
@@ -217,7 +218,7 @@ def test_incremental_build_runs_the_stored_model_without_timm(corpus: Path, tmp_
 
 def test_runtime_onnx_needs_a_portable_model(corpus: Path, tmp_path: Path) -> None:
     first = run_cli("build", corpus, "--out", tmp_path / "c", *BUILD_FLAGS, "--runtime", "onnx")
-    assert first.exit_code == 2 and "no published version yet" in first.output
+    assert first.exit_code == 2 and "no published version to take it from" in first.output
     assert "--runtime torch" in first.output
 
 
@@ -274,16 +275,16 @@ def test_a_damaged_model_is_found_and_exported_again(
     _same_answers(json.loads(again.stdout), json.loads(auto.stdout))
 
 
-def test_a_missing_model_is_not_carried_and_repair_restores_it(
+def test_a_missing_model_is_exported_again_by_the_next_version(
     collection: Path, tmp_path: Path
 ) -> None:
     copy = copy_of(collection, tmp_path)
     (copy / "current" / MODEL_FILE).unlink()
     assert "model model.onnx: missing" in run_cli("verify", copy).output
-    reindexed = run_cli("index", copy)  # a re-index carries no damaged model along
+    reindexed = run_cli("index", copy)  # a re-index exports a lost model again
     assert reindexed.exit_code == 0, reindexed.output
-    assert "portable_model" not in _manifest(copy)
-    assert "damaged" in _manifest(copy)["portable_model_reason"]
+    assert run_cli("verify", copy).exit_code == 0
+    assert _manifest(copy)["portable_model"]["fidelity"]["images_from"] == "generated scenes"
 
 
 def test_reindex_and_merge_carry_the_model(corpus: Path, tmp_path: Path) -> None:
@@ -366,3 +367,71 @@ def test_a_first_build_moves_to_the_portable_model_after_its_first_batch(
     records = [_manifest(d)["portable_model"] for d in (auto, torch_only)]
     assert records[0]["sha256"] == records[1]["sha256"]
     assert records[0]["fidelity"]["images"] == 8  # checked on the first batch
+
+
+def test_batchnorm_models_export_and_match(tmp_path: Path) -> None:
+    """The check runs the wrapper in eval mode: BatchNorm uses its running statistics."""
+    embedder = load_embedder(ModelConfig(name="test_resnet.r160_in1k", pretrained=False))
+    images = _images(8)
+    exported = embedder.portable_model(images, tmp_path)
+    assert exported.record is not None, exported.reason
+    portable = PortableEmbedder((tmp_path / MODEL_FILE).read_bytes(), embedder.recipe,
+                                exported.record)  # fmt: skip
+    want = embedder.embed(torch.from_numpy(images))
+    assert np.abs(portable.embed(images) - want).max() < 1e-4
+    again = embedder.embed(torch.from_numpy(images))  # the export left the model untouched
+    assert np.array_equal(again, want)
+
+
+@pytest.mark.parametrize("run", ["touch", "merge"])
+def test_a_lost_model_is_exported_again_by_runs_that_embed_nothing(
+    corpus: Path, tmp_path: Path, run: str
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(corpus / "group0", src / "group0")
+    shutil.copytree(corpus / "group1", src / "group1")
+    parts = [("--partition", f"{i}/2") for i in range(2)] if run == "merge" else [()]
+    for extra in parts:
+        assert run_cli("build", src, "--out", out, *BUILD_FLAGS, *extra).exit_code == 0
+    models = {p.resolve() for p in out.glob("**/current/" + MODEL_FILE)}
+    for model in models:
+        model.unlink()
+    if run == "touch":
+        path = next((src / "group0").iterdir())
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+        result = run_cli("build", src, "--out", out, *BUILD_FLAGS)
+    else:
+        result = run_cli("index", out)
+    assert result.exit_code == 0, result.output
+    assert _manifest(out)["portable_model"]["sha256"]
+    assert run_cli("verify", out).exit_code == 0
+
+
+def test_without_torch_a_collection_without_a_usable_model_is_one_line(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    model = copy / "current" / MODEL_FILE
+    model.unlink()
+    model.write_bytes(b"garbage")
+    env = _blocker(tmp_path, ("torch", "timm", "torchvision"))
+    image = str(sorted(corpus.rglob("*.jpg"))[0])
+    done = subprocess.run([INDEXER, "query", image, "--index", str(copy)], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "torch is not installed here" in done.stderr and "verify --repair" in done.stderr
+
+
+def test_label_names_that_do_not_fit_the_model_are_refused(corpus: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(corpus / "group0", src / "group0")
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--labels", "3").exit_code == 0
+    edit_manifest(out, lambda m: m["portable_model"].update(label_names=["a", "b"]))
+    shutil.copytree(corpus / "group1", src / "group1")
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--labels", "3")
+    assert result.exit_code == 3 and "names 2 classes but the model has 1000" in result.output
+
+
+def test_unknown_runtime_is_refused_at_open(collection: Path) -> None:
+    with pytest.raises(InputError, match="unknown runtime"):
+        Collection.open(collection, runtime="bogus")
