@@ -22,7 +22,14 @@ from indexer.errors import CollectionError, InputError
 from indexer.plan import Plan, Previous
 from indexer.portable import Exported
 from indexer.preprocess import DataConfig, Preprocessor
-from indexer.shards import ShardInfo, ShardWriter, embedding_array, rows_by_hash
+from indexer.shards import (
+    ShardInfo,
+    ShardWriter,
+    embedding_array,
+    int_array,
+    rows_by_hash,
+    text_array,
+)
 from indexer.sources import Item, Source
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
@@ -325,16 +332,19 @@ def rows_table(job: EmbedJob, rows: list[NewRow], vectors: np.ndarray) -> pa.Tab
     """Shard rows for items, with the ids the plan gave them."""
     items = [job.items[r.position] for r in rows]
     columns: dict[str, Any] = {
-        "id": pa.array([job.plan.ids[r.position] for r in rows], pa.int64()),
-        "key": [item.key for item in items],
-        "source": [job.sources[item.source].label for item in items],
+        "id": int_array([job.plan.ids[r.position] for r in rows], pa.int64()),
+        "key": text_array([item.key for item in items]),
+        "source": text_array([job.sources[item.source].label for item in items]),
         "embedding": embedding_array(vectors),
-        "width": pa.array([r.width for r in rows], pa.int32()),
-        "height": pa.array([r.height for r in rows], pa.int32()),
-        "content_hash": [r.hash for r in rows],
-        "file_size": [item.fingerprint[0] if item.fingerprint else None for item in items],
-        "mtime_ns": [item.fingerprint[1] if item.fingerprint else None for item in items],
-    }
+        "width": int_array([r.width for r in rows], pa.int32()),
+        "height": int_array([r.height for r in rows], pa.int32()),
+        "content_hash": text_array([r.hash for r in rows]),
+        "file_size": int_array([it.fingerprint[0] if it.fingerprint else None for it in items],
+                               pa.int64()),
+        "mtime_ns": int_array([it.fingerprint[1] if it.fingerprint else None for it in items],
+                              pa.int64()),
+    }  # fmt: skip
     for name in job.schema.names[len(columns) :]:
         columns[name] = pa.array([r.meta.get(name) for r in rows], job.schema.field(name).type)
-    return pa.table(columns)
+    return pa.Table.from_arrays(list(columns.values()), names=list(columns))  # not pa.table:
+    # it imports pandas (shards.as_numpy)

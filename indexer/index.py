@@ -92,6 +92,25 @@ def draw_positions(total: int, n: int, seed: int, avoid: np.ndarray | None = Non
     return np.sort(rng.choice(picked, size=n, replace=False))
 
 
+def reuse_index(source: Path, root: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """For a version holding the source version's vectors under the same ids (only other
+    columns changed, e.g. touched files' mtimes): the source's index files hard-linked, its
+    metadata naming the new shards. None when the source's index is missing or its files'
+    sizes differ from the record (then the index is built as usual)."""
+    meta = read_index_meta(source)
+    folder = CollectionPaths(source).index
+    recorded = (meta or {}).get("files") or {}
+    if meta is None or not recorded or check_index_files(folder, recorded, set()):
+        return None
+    target = CollectionPaths(root).index
+    target.mkdir()
+    for name in recorded:
+        os.link(folder / str(name), target / str(name))
+    meta = {**meta, "shards": manifest["shards"], "reused_from": source.name}
+    write_json_atomic(target / META_FILE, meta)
+    return meta
+
+
 def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[str, Any]:
     """Choose, train, fill, tune and save the index of the version at root; its metadata."""
     paths = CollectionPaths(root)

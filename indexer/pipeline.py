@@ -39,7 +39,7 @@ from indexer.errors import (
 from indexer.failures import count_reasons
 from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND
-from indexer.index import build_index, read_index_meta
+from indexer.index import build_index, read_index_meta, reuse_index
 from indexer.lock import CollectionLock
 from indexer.parts import part_dir
 from indexer.plan import (
@@ -308,7 +308,11 @@ def update(
     if cfg.drop_shards and prev.manifest is not None:  # a repair restores: provenance stays
         manifest.update({k: prev.manifest[k] for k in REPAIR_KEEPS if k in prev.manifest})
     write_json_atomic(paths.manifest, manifest)
-    index_meta = build_index(building, manifest, cfg.index) if cfg.partition is None else PART_INDEX
+    index_meta = (
+        PART_INDEX if cfg.partition is not None
+        else same_vectors_index(cfg, plan, reused, prev, items, building, manifest)
+        or build_index(building, manifest, cfg.index)
+    )  # fmt: skip
     publish(cfg.out, number, building)
     clear_salvage(cfg.out)
     prune(cfg.out, cfg.keep)
@@ -318,6 +322,31 @@ def update(
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors),
                        runtime=embedded.runtime)  # fmt: skip
+
+
+def same_vectors_index(
+    cfg: BuildConfig,
+    plan: Plan,
+    reused: list[tuple[int, str, dict[str, Any]]],
+    prev: Previous,
+    items: list[Item],
+    building: Path,
+    manifest: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The previous version's index, linked, when this version holds exactly its vectors under
+    the same ids: nothing deleted or embedded, every item read only touched (same bytes, same
+    key), the same index settings. None otherwise (the index is built)."""
+    if prev.folder is None or prev.manifest is None or plan.deleted or cfg.drop_shards:
+        return None
+    if len(reused) != len(plan.check) or index_settings_changed(
+        cfg.index, read_index_meta(prev.folder)
+    ):
+        return None
+    for position, digest, _ in reused:
+        row = prev.rows.get(items[position].key)
+        if row is None or row.content_hash != digest or row.id != plan.ids[position]:
+            return None
+    return reuse_index(prev.folder, building, manifest)
 
 
 def check_recovered(lost: int, embedded: int, root: Path) -> None:

@@ -233,7 +233,7 @@ class Collection:
         for path in self.paths.shard_paths(self.manifest):
             table = read_shard(path, ["key", "embedding"])
             mask = np.isin(np.array(table.column("key").to_pylist(), dtype=object), list(wanted))
-            for row in table.filter(pa.array(mask)).to_pylist():
+            for row in table.take(positions(np.flatnonzero(mask))).to_pylist():
                 found[row["key"]] = np.asarray(row["embedding"], np.float32)
         missing = [k for k in keys if k not in found]
         if missing:

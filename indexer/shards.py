@@ -135,8 +135,31 @@ def _lossless(a: pa.DataType, b: pa.DataType) -> bool:
 def embedding_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
     # A copy: an Arrow array made zero-copy over torch-owned memory was seen to pin ~250 KB
     # per batch until freed, so buffered row groups grew memory with the corpus.
-    flat = pa.array(np.array(vectors, dtype=np.float32, copy=True).reshape(-1))
+    flat = plain_array(np.array(vectors, dtype=np.float32, copy=True).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])
+
+
+def plain_array(values: np.ndarray) -> pa.Array:
+    """A null-free numeric numpy array as Arrow, without pa.array (see as_numpy: pandas)."""
+    data = np.ascontiguousarray(values)
+    kind = {np.dtype(v): k for k, v in NUMPY_TYPES.items()}[data.dtype]
+    return pa.Array.from_buffers(kind, len(data), [None, pa.py_buffer(data)])
+
+
+def text_array(values: list[str]) -> pa.Array:
+    """Python strings as an Arrow string array, without pa.array (see as_numpy: pandas)."""
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), len(encoded), buffers)
+
+
+def int_array(values: list[int | None], kind: pa.DataType) -> pa.Array:
+    """Integers (None: null) as Arrow, null-free ones without pa.array (pandas)."""
+    if any(v is None for v in values):
+        return pa.array(values, kind)
+    return plain_array(np.array(values, dtype=NUMPY_TYPES[kind]))
 
 
 @dataclass(frozen=True)
@@ -304,7 +327,12 @@ def read_rows(paths: list[Path], ids: set[int]) -> dict[int, dict[str, Any]]:
 
 def write_errors(path: Path, rows: list[dict[str, Any]]) -> None:
     """The errors table, written whole under a temporary name and renamed."""
-    table = pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+    # (an empty table from_batches: empty_table() and pa.table() import pandas, see as_numpy)
+    table = (
+        pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+        if rows
+        else pa.Table.from_batches([], schema=ERROR_SCHEMA)
+    )
     tmp = path.with_name(path.name + TMP_SUFFIX)
     pq.write_table(table, tmp)
     os.replace(tmp, path)
@@ -328,7 +356,7 @@ def carry_over(
             os.link(path, target / shard["name"])
             kept.append(ShardInfo(shard["name"], int(shard["rows"]), shard.get("sha256")))
         elif mask.any():
-            table = read_shard(path).filter(pa.array(mask))
+            table = read_shard(path).take(positions(np.flatnonzero(mask)))
             tmp = target / (shard["name"] + TMP_SUFFIX)
             pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS,
                            write_page_checksum=True)  # fmt: skip
@@ -347,7 +375,7 @@ def rows_by_hash(paths: list[Path], hashes: set[str]) -> dict[str, dict[str, Any
         column = read_shard(path, ["content_hash"]).column("content_hash")
         mask = np.isin(np.array(column.to_pylist(), dtype=object), list(hashes - found.keys()))
         if mask.any():
-            for row in read_shard(path).filter(pa.array(mask)).to_pylist():
+            for row in read_shard(path).take(positions(np.flatnonzero(mask))).to_pylist():
                 found.setdefault(row["content_hash"], row)
     return found
 

@@ -435,3 +435,27 @@ def test_label_names_that_do_not_fit_the_model_are_refused(corpus: Path, tmp_pat
 def test_unknown_runtime_is_refused_at_open(collection: Path) -> None:
     with pytest.raises(InputError, match="unknown runtime"):
         Collection.open(collection, runtime="bogus")
+
+
+def test_a_touch_only_run_links_the_index_a_rename_rebuilds_it(
+    corpus: Path, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(corpus / "group0", src / "group0")
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    files = sorted((src / "group0").iterdir())
+    os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    v1, v2 = (out / "versions" / f"v00000{n}" / "index" for n in (1, 2))
+    assert (v1 / "index.faiss").stat().st_ino == (v2 / "index.faiss").stat().st_ino
+    meta = json.loads((v2 / "meta.json").read_text())
+    assert meta["reused_from"] == "v000001" and meta["shards"] == _manifest(out)["shards"]
+    assert run_cli("verify", out).exit_code == 0
+    image = files[0]
+    hit = json.loads(run_cli("query", image, "--index", out, "--json").stdout)[0]["results"][0]
+    assert hit["key"] == "group0/" + image.name and hit["mtime_ns"] == image.stat().st_mtime_ns
+    files[1].rename(files[1].with_name("renamed.jpg"))  # a new key, a new id: a new index
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    v3 = out / "versions" / "v000003" / "index"
+    assert "reused_from" not in json.loads((v3 / "meta.json").read_text())
+    assert run_cli("verify", out).exit_code == 0
