@@ -884,10 +884,14 @@ def describe_index(meta: dict[str, Any]) -> str:
     params = ", ".join(f"{k}={v}" for k, v in (meta.get("params") or {}).items())
     recall = meta.get("recall_at_k")
     qps = meta.get("queries_per_second")
+    made = (
+        f"reused from {meta['reused_from']} (files only touched)" if meta.get("reused_from")
+        else f"built in {meta['build_seconds']}s"
+    )  # fmt: skip
     return (
         f"{meta['type']} ({meta['factory']}{', on disk' if meta.get('on_disk') else ''}"
-        f"{'; ' + params if params else ''}), {meta['ntotal']} vectors, "
-        f"built in {meta['build_seconds']}s, recall@{meta.get('recall_k')} "
+        f"{'; ' + params if params else ''}), {meta['ntotal']} vectors, {made}, "
+        f"recall@{meta.get('recall_k')} "
         f"{'n/a' if recall is None else f'{recall:.3f}'}"
         f"{'' if qps is None else f', {qps:,.0f} queries/s'}, "
         f"{meta.get('bytes', 0) / 2**20:.1f} MiB"

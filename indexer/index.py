@@ -92,15 +92,20 @@ def draw_positions(total: int, n: int, seed: int, avoid: np.ndarray | None = Non
     return np.sort(rng.choice(picked, size=n, replace=False))
 
 
-def reuse_index(source: Path, root: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+def reuse_index(
+    source: Path, source_manifest: dict[str, Any], root: Path, manifest: dict[str, Any]
+) -> dict[str, Any] | None:
     """For a version holding the source version's vectors under the same ids (only other
     columns changed, e.g. touched files' mtimes): the source's index files hard-linked, its
-    metadata naming the new shards. None when the source's index is missing or its files'
-    sizes differ from the record (then the index is built as usual)."""
+    metadata naming the new shards. None, and the index is built as usual, unless the
+    source's index is whole and its own: built from the source's shards, every file's size
+    and sha256 as recorded (a damaged index is never carried into a new version)."""
     meta = read_index_meta(source)
     folder = CollectionPaths(source).index
     recorded = (meta or {}).get("files") or {}
-    if meta is None or not recorded or check_index_files(folder, recorded, set()):
+    if meta is None or not recorded or index_mismatch(meta, source_manifest):
+        return None
+    if check_index_files(folder, recorded, set(recorded)):
         return None
     target = CollectionPaths(root).index
     target.mkdir()

@@ -346,7 +346,7 @@ def same_vectors_index(
         row = prev.rows.get(items[position].key)
         if row is None or row.content_hash != digest or row.id != plan.ids[position]:
             return None
-    return reuse_index(prev.folder, building, manifest)
+    return reuse_index(prev.folder, read_manifest(prev.folder), building, manifest)
 
 
 def check_recovered(lost: int, embedded: int, root: Path) -> None:

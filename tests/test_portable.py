@@ -459,3 +459,31 @@ def test_a_touch_only_run_links_the_index_a_rename_rebuilds_it(
     v3 = out / "versions" / "v000003" / "index"
     assert "reused_from" not in json.loads((v3 / "meta.json").read_text())
     assert run_cli("verify", out).exit_code == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "foreign"])
+def test_a_touch_only_run_never_carries_an_index_that_is_not_whole(
+    corpus: Path, tmp_path: Path, damage: str
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(corpus / "group0", src / "group0")
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    files = sorted((src / "group0").iterdir())
+    current = (out / "current").resolve() / "index"
+    if damage == "flip":  # same size, other bytes
+        data = bytearray((current / "index.faiss").read_bytes())
+        data[100:400] = bytes(b ^ 0xFF for b in data[100:400])
+        (current / "index.faiss").unlink()
+        (current / "index.faiss").write_bytes(bytes(data))
+    else:  # another version's index (same ids, other vectors) put in its place
+        shutil.copy(files[1], files[0])
+        assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+        current = (out / "current").resolve() / "index"
+        shutil.rmtree(current)
+        shutil.copytree(out / "versions" / "v000001" / "index", current)
+    assert run_cli("verify", out).exit_code == 3
+    for path in files:
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0 and "reused from" not in result.output
+    assert run_cli("verify", out).exit_code == 0  # built again, from the shards
