@@ -15,8 +15,8 @@ from indexer.portable import MODEL_FILE, Exported
 from indexer.preprocess import DataConfig
 
 log = logging.getLogger(__name__)
-BACKENDS = {"onnx": "onnxruntime", "openvino": "openvino"}
-DEFAULT_PORTABLE = "onnx"  # measured (bench/runtimes.py): as fast as OpenVINO here, imports faster
+BACKEND_OF = {"onnx": "onnxruntime", "openvino": "openvino"}  # --runtime -> portable backend
+DEFAULT_PORTABLE = "onnx"  # measured (bench/runtimes.py): faster than OpenVINO here, imports faster
 RECIPE_FIELDS = ("name", "state_sha256", "forward", "pooling", "feature_stage", "labels",
                  "normalize", "data_config", "embedding_dim")  # fmt: skip
 
@@ -88,12 +88,12 @@ def choose_runtime(asked: str, cuda: bool, unusable: str | None) -> str:
     if asked == "torch" or (asked == "auto" and (cuda or unusable is not None)):
         return "torch"
     if asked == "auto":
-        return BACKENDS[DEFAULT_PORTABLE]
+        return BACKEND_OF[DEFAULT_PORTABLE]
     if cuda:
         raise InputError(f"--runtime {asked} runs on the CPU: use --device cpu, or --runtime auto")
     if unusable is not None:
         raise InputError(f"--runtime {asked}: {unusable}: use --runtime torch (or auto)")
-    return BACKENDS[asked]
+    return BACKEND_OF[asked]
 
 
 def switches_to_portable(asked: str, runtime: Runtime) -> bool:
