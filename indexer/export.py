@@ -26,6 +26,7 @@ EXPORTER = "torch.onnx.export(dynamo=False)"
 FIDELITY_MIN = 0.9999  # per-image cosine to torch fp32 below which the model is not stored
 LABELS_TOLERANCE = 1e-3  # largest difference of a class probability
 CHECK_IMAGES = 64  # the build's first images the export is checked on
+MIN_CHECK = 8  # never fewer images than this (generated scenes make up the rest)
 CACHE = "exports"
 
 
@@ -62,6 +63,9 @@ def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path
         wrapper = _Portable(embedder)
         own = sample is not None and len(sample) > 0
         images = sample if sample is not None and own else fallback_images(embedder)
+        if len(images) < MIN_CHECK:  # a first batch of few good images: add generated scenes
+            extra = fallback_images(embedder, MIN_CHECK - len(images))
+            images = np.concatenate([images, extra])
         model, record = _cached_or_exported(wrapper, embedder, images[:CHECK_IMAGES])
         record["fidelity"]["images_from"] = "the build" if own else "generated scenes"
         record["export_seconds"] = round(time.perf_counter() - started, 3)
