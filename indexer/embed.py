@@ -18,7 +18,7 @@ from tqdm import tqdm
 from indexer import configcache
 from indexer.catalog import CollectionPaths
 from indexer.config import BuildConfig
-from indexer.errors import CollectionError, InputError
+from indexer.errors import InputError
 from indexer.plan import Plan, Previous
 from indexer.portable import Exported
 from indexer.preprocess import DataConfig, Preprocessor
@@ -142,27 +142,16 @@ def already_stored(
 
 def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
     """The published version's portable model, where --runtime and the device choose it (None:
-    torch). With auto, a damaged model file means torch, which exports it again."""
+    torch; with auto, a damaged model file means torch, which exports it again)."""
     from indexer.model import resolve_device
-    from indexer.portable import load_portable
-    from indexer.runtime import choose_runtime, why_not_portable
+    from indexer.runtime import open_portable
 
-    asked = cfg.model.runtime
     if cfg.engine.kind == "ray":  # its actors create the torch model themselves
-        if asked not in ("auto", "torch"):
-            raise InputError(f"--engine ray embeds with torch: drop --runtime {asked}")
+        if cfg.model.runtime not in ("auto", "torch"):
+            raise InputError(f"--engine ray embeds with torch: drop --runtime {cfg.model.runtime}")
         return None
     cuda = resolve_device(cfg.model.device).type == "cuda"
-    choice = choose_runtime(asked, cuda, why_not_portable(prev.manifest))
-    if choice == "torch" or prev.folder is None or prev.manifest is None:
-        return None
-    try:
-        return load_portable(prev.folder, prev.manifest, choice)
-    except CollectionError as exc:
-        if asked != "auto":
-            raise
-        log.warning("%s; embedding with torch, which exports the model again", exc)
-        return None
+    return open_portable(cfg.model.runtime, cuda, prev.folder, prev.manifest)
 
 
 @dataclass(frozen=True)
@@ -206,20 +195,22 @@ class Embedding:
         self.sample: np.ndarray | None = None
         self.exported: Exported | None = None
         self.used: list[str] = []
-        self.after_first = (0, 0.0)  # images embedded after the first batch, and when it ended
+        self.first_done = 0.0  # when the first batch was embedded
+        self.after_first = 0  # images embedded since
 
     def __call__(self, pixels: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
         first = self.sample is None
-        if self.sample is None:
+        if first:
             self.sample = np.array(np.asarray(pixels)[:SAMPLE])
         if self.runtime.name not in self.used:
             self.used.append(self.runtime.name)
         out = self.runtime.embed_with_labels(pixels)
         if first:
+            self.first_done = time.perf_counter()
             log.info("first batch embedded (%s) %.2f s after the process started",
                      self.runtime.name, process_age())  # fmt: skip
-        self.after_first = (self.after_first[0] + (0 if first else len(out[0])),
-                            time.perf_counter() if first else self.after_first[1])  # fmt: skip
+        else:
+            self.after_first += len(out[0])
         if self.switch and self.exported is None:
             self.exported = self.runtime.portable_model(self.sample, self.folder)
             if self.exported.record is not None:
@@ -234,11 +225,11 @@ class Embedding:
         return "+".join(self.used) or None
 
     def log_rate(self) -> None:
-        count, since = self.after_first
-        if count:
-            seconds = time.perf_counter() - since
+        if self.after_first:
+            seconds = time.perf_counter() - self.first_done
             log.info("after the first batch: %d images in %.2f s, %.0f images/s (%s)",
-                     count, seconds, count / seconds, self.names)  # fmt: skip
+                     self.after_first, seconds, self.after_first / seconds,
+                     self.names)  # fmt: skip
 
 
 def process_age() -> float:

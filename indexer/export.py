@@ -133,6 +133,7 @@ def _record(model: bytes, embedder: Embedder, names: list[str] | None) -> dict[s
     record: dict[str, Any] = {
         "path": MODEL_FILE,
         "sha256": hashlib.sha256(model).hexdigest(),
+        "bytes": len(model),
         "format": "onnx",
         "opset": OPSET,
         "exporter": EXPORTER,
@@ -173,7 +174,7 @@ def _cached_or_exported(
     images: a stale or corrupt cache entry never decides a vector (it is exported again)."""
     path = cache_dir() / CACHE / f"{cache_key(embedder)}.onnx"
     try:
-        cached = read_bounded(path, MAX_MODEL_BYTES)  # no FIFO, no unbounded read
+        cached = read_bounded(path, MAX_MODEL_BYTES, "the largest model read")  # no FIFO
         return cached, check_fidelity(wrapper, cached, embedder, images)
     except FileNotFoundError:
         pass

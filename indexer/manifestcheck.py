@@ -114,6 +114,7 @@ PORTABLE: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("portable_model.path", lambda v: text(v) and bool(MODEL_NAME.match(v)), "a plain .onnx name"),
     ("portable_model.sha256", hexdigest, "a sha256 hex digest"),
     ("portable_model.opset", positive, "a positive integer"),
+    ("portable_model.bytes", optional(positive), "a positive integer"),
     ("portable_model.label_names", label_names, "a list of names"),
     ("portable_model.fidelity.min_cosine", number, "a number"),
 )

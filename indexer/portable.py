@@ -134,12 +134,16 @@ def _gist(exc: BaseException) -> str:
 
 
 def read_model(version: Path, record: dict[str, Any]) -> bytes:
-    """The model file's bytes, refused unless they are the ones the manifest records."""
+    """The model file's bytes, refused unless they are the ones the manifest records (a
+    file larger than its recorded size is refused before it is read)."""
     path = version / str(record["path"])
     from indexer.safeio import FileRefused, read_bounded
 
     try:
-        data = read_bounded(path, MAX_MODEL_BYTES)
+        if path.is_symlink():  # ours is a file (hard-linked between versions), never a link
+            raise FileRefused(f"{path} is a symbolic link")
+        data = read_bounded(path, int(record.get("bytes") or MAX_MODEL_BYTES),
+                            "the model's recorded size")  # fmt: skip
     except (OSError, FileRefused) as exc:
         raise CollectionError(
             f"the portable model {path} cannot be read ({exc}): run `indexer verify --repair "

@@ -148,18 +148,30 @@ def wants_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and gpu_visible())
 
 
+def open_portable(
+    asked: str, cuda: bool, version: Path | None, manifest: dict[str, Any] | None
+) -> Runtime | None:
+    """The version's portable model where --runtime and the device choose it; None: torch.
+    With auto, a damaged model file means torch (warned); asked by name, it is an error."""
+    choice = choose_runtime(asked, cuda, why_not_portable(manifest))
+    if choice == "torch" or version is None or manifest is None:
+        return None
+    from indexer.portable import load_portable
+
+    try:
+        return load_portable(version, manifest, choice)
+    except CollectionError as exc:
+        if asked != "auto":
+            raise
+        log.warning("%s; embedding with torch instead", exc)
+        return None
+
+
 def query_runtime(asked: str, device: str, version: Path, manifest: dict[str, Any]) -> Runtime:
     """The runtime that embeds query images for this published version."""
-    choice = choose_runtime(asked, wants_cuda(device), why_not_portable(manifest))
-    if choice != "torch":
-        from indexer.portable import load_portable
-
-        try:
-            return load_portable(version, manifest, choice)
-        except CollectionError as exc:
-            if asked != "auto":
-                raise
-            log.warning("%s; embedding with torch instead", exc)
+    portable = open_portable(asked, wants_cuda(device), version, manifest)
+    if portable is not None:
+        return portable
     try:
         from indexer.model import embedder_from_recipe
     except ImportError as exc:  # a slim install: no torch or timm

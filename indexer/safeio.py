@@ -114,25 +114,30 @@ def byte_limit(max_pixels: int) -> int:
     return max_pixels * BYTES_PER_PIXEL + HEADROOM
 
 
-def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+IMAGE_LIMIT = "more than an image within the pixel limit needs"
+
+
+def read_bounded(path: str | os.PathLike[str], max_bytes: int, limit: str = IMAGE_LIMIT) -> bytes:
     """A regular file's bytes (links followed). A device, FIFO, socket or folder is refused
     without being read, a file over max_bytes without reading more than max_bytes + 1."""
-    _check_regular(os.stat(path), path, max_bytes)
+    _check_regular(os.stat(path), path, max_bytes, limit)
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)  # a FIFO never blocks
     with os.fdopen(os.open(path, flags), "rb") as f:
-        _check_regular(os.fstat(f.fileno()), path, max_bytes)  # replaced since the stat?
+        _check_regular(os.fstat(f.fileno()), path, max_bytes, limit)  # replaced since the stat?
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise FileRefused(f"{os.fspath(path)} grew over the limit of {max_bytes} bytes")
     return data
 
 
-def _check_regular(st: os.stat_result, path: str | os.PathLike[str], max_bytes: int) -> None:
+def _check_regular(
+    st: os.stat_result, path: str | os.PathLike[str], max_bytes: int, limit: str
+) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a device, FIFO or socket"
         raise FileRefused(f"{os.fspath(path)} is not a regular file ({kind})")
     if st.st_size > max_bytes:
         raise FileRefused(
             f"{os.fspath(path)} is {st.st_size} bytes, over the limit of {max_bytes} bytes "
-            "(more than an image within the pixel limit needs)"
+            f"({limit})"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from indexer.config import (
 from indexer.errors import IndexerError, InputError
 from indexer.index import INDEX_FILE, check_index_files, index_mismatch, read_index_meta
 from indexer.parts import part_of
-from indexer.portable import Exported
+from indexer.runtime import export_from_recipe
 from indexer.safeio import os_errors_as
 from indexer.shards import read_parquet
 
@@ -81,8 +82,9 @@ def check_portable(version: Path, manifest: dict[str, Any]) -> list[Problem]:
     except CollectionError:
         path = version / str(record["path"])
         state = (
-            "its bytes differ from the recorded checksum" if path.is_file()
-            else "not a regular file" if path.exists() or path.is_symlink() else "missing"
+            "a symbolic link" if path.is_symlink()
+            else "its bytes differ from the recorded checksum" if path.is_file()
+            else "not a regular file" if path.exists() else "missing"
         )  # fmt: skip
         return [Problem("model", str(record["path"]), f"{state} (damaged)")]
     return []
@@ -221,8 +223,8 @@ def mend(report: Report, keep: int) -> str:
     if not bad:
         cfg = IndexOverrides().resolve(manifest["metric"], read_index_meta(report.version))
         model = any(p.part == "model" for p in report.problems)
-        reindex_unlocked(report.root, report.version, manifest, cfg, keep,
-                         reexport=reexport(manifest) if model else None)  # fmt: skip
+        remake = partial(export_from_recipe, manifest["model"]) if model else None
+        reindex_unlocked(report.root, report.version, manifest, cfg, keep, reexport=remake)
         return f"Rebuilt the index of {report.root} from its shards" + (
             " and exported its model again." if model else "."
         )
@@ -231,13 +233,6 @@ def mend(report: Report, keep: int) -> str:
         f"Embedded the items of {len(bad)} damaged shard(s) of {report.root} again and "
         "published them with the rest as one version."
     )
-
-
-def reexport(manifest: dict[str, Any]) -> Callable[[Path], Exported]:
-    """Export the recorded recipe's model again into a version (see export_from_recipe)."""
-    from indexer.runtime import export_from_recipe
-
-    return lambda folder: export_from_recipe(manifest["model"], folder)
 
 
 def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig:

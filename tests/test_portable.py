@@ -108,6 +108,16 @@ def test_a_corrupt_cached_export_never_decides(tmp_path: Path) -> None:
         (tmp_path / "c" / MODEL_FILE).unlink()
 
 
+def _small(corpus: Path, tmp_path: Path, *flags: str, groups: int = 1) -> tuple[Path, Path]:
+    """A source of the corpus's first groups and its collection, built: (src, out)."""
+    src, out = tmp_path / "src", tmp_path / "c"
+    for group in range(groups):
+        shutil.copytree(corpus / f"group{group}", src / f"group{group}")
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, *flags)
+    assert result.exit_code == 0, result.output
+    return src, out
+
+
 def _manifest(root: Path) -> dict:
     return json.loads((root / "manifest.json").read_text())
 
@@ -387,12 +397,13 @@ def test_batchnorm_models_export_and_match(tmp_path: Path) -> None:
 def test_a_lost_model_is_exported_again_by_runs_that_embed_nothing(
     corpus: Path, tmp_path: Path, run: str
 ) -> None:
-    src, out = tmp_path / "src", tmp_path / "c"
-    shutil.copytree(corpus / "group0", src / "group0")
-    shutil.copytree(corpus / "group1", src / "group1")
-    parts = [("--partition", f"{i}/2") for i in range(2)] if run == "merge" else [()]
-    for extra in parts:
-        assert run_cli("build", src, "--out", out, *BUILD_FLAGS, *extra).exit_code == 0
+    if run == "merge":
+        src, out = _small(corpus, tmp_path, "--partition", "0/2", groups=2)
+        assert (
+            run_cli("build", src, "--out", out, *BUILD_FLAGS, "--partition", "1/2").exit_code == 0
+        )
+    else:
+        src, out = _small(corpus, tmp_path, groups=2)
     models = {p.resolve() for p in out.glob("**/current/" + MODEL_FILE)}
     for model in models:
         model.unlink()
@@ -440,9 +451,7 @@ def test_unknown_runtime_is_refused_at_open(collection: Path) -> None:
 def test_a_touch_only_run_links_the_index_a_rename_rebuilds_it(
     corpus: Path, tmp_path: Path
 ) -> None:
-    src, out = tmp_path / "src", tmp_path / "c"
-    shutil.copytree(corpus / "group0", src / "group0")
-    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    src, out = _small(corpus, tmp_path)
     files = sorted((src / "group0").iterdir())
     os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))
     assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
@@ -465,9 +474,7 @@ def test_a_touch_only_run_links_the_index_a_rename_rebuilds_it(
 def test_a_touch_only_run_never_carries_an_index_that_is_not_whole(
     corpus: Path, tmp_path: Path, damage: str
 ) -> None:
-    src, out = tmp_path / "src", tmp_path / "c"
-    shutil.copytree(corpus / "group0", src / "group0")
-    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    src, out = _small(corpus, tmp_path)
     files = sorted((src / "group0").iterdir())
     current = (out / "current").resolve() / "index"
     if damage == "flip":  # same size, other bytes
@@ -487,3 +494,26 @@ def test_a_touch_only_run_never_carries_an_index_that_is_not_whole(
     result = run_cli("build", src, "--out", out, *BUILD_FLAGS)
     assert result.exit_code == 0 and "reused from" not in result.output
     assert run_cli("verify", out).exit_code == 0  # built again, from the shards
+
+
+@pytest.mark.parametrize("planted", ["link", "grown"])
+def test_a_model_file_that_is_a_link_or_larger_is_refused_unread(
+    collection: Path, corpus: Path, tmp_path: Path, planted: str
+) -> None:
+    copy = copy_of(collection, tmp_path)
+    model = copy / "current" / MODEL_FILE
+    data = model.read_bytes()
+    model.unlink()
+    if planted == "link":  # even to the right bytes: a version's model is its own file
+        (tmp_path / "elsewhere.onnx").write_bytes(data)
+        model.symlink_to(tmp_path / "elsewhere.onnx")
+    else:
+        model.write_bytes(data + b"\0" * 4096)
+    image = sorted(corpus.rglob("*.jpg"))[0]
+    refused = run_cli("query", image, "--index", copy, "--runtime", "onnx")
+    assert refused.exit_code == 3 and "cannot be read" in refused.output
+    state = "a symbolic link" if planted == "link" else "its bytes differ"
+    assert f"model model.onnx: {state}" in run_cli("verify", copy).output
+    assert run_cli("verify", "--repair", copy).exit_code == 0
+    assert not (copy / "current" / MODEL_FILE).is_symlink()
+    assert (copy / "current" / MODEL_FILE).read_bytes() == data
