@@ -188,6 +188,10 @@ def test_query_needs_neither_torch_nor_timm(collection: Path, corpus: Path, tmp_
 
 
 def test_openvino_answers_as_onnxruntime_does(collection: Path, corpus: Path) -> None:
+    names = {r: Collection.open(collection, runtime=r, device="cpu").embedder.name
+             for r in ("auto", "onnx", "openvino", "torch")}  # fmt: skip
+    assert names == {"auto": "onnxruntime", "onnx": "onnxruntime", "openvino": "openvino",
+                     "torch": "torch"}  # fmt: skip
     image = sorted(corpus.rglob("*.png"))[0]
     runs = [run_cli("query", image, "--index", collection, "--json", "--runtime", r)
             for r in ("onnx", "openvino", "torch")]  # fmt: skip
