@@ -63,10 +63,13 @@ def load_model_while_decoding(
     known: frozenset[str],
     positions: list[int],
     prev: Previous,
+    trust_cache: bool = True,
 ) -> tuple[Runtime, Iterator[Batch]]:
     """What embeds, and the batches: nothing, when every item to read holds stored bytes; the
     collection's portable model when it can embed (no timm: its data config is the recorded
-    one); else torch, its loader started with the remembered data config while it loads.
+    one); a first build's cached export of the same request (confirmed by a child process
+    before anything is published); else torch, its loader started with the remembered data
+    config while it loads.
 
     Importing timm and creating the model take seconds; the workers decode meanwhile. If the
     remembered config differs from the model's own, that work is discarded and decoding
@@ -80,7 +83,7 @@ def load_model_while_decoding(
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
-    portable = portable_runtime(cfg, prev)
+    portable = portable_runtime(cfg, prev) or (known_runtime(cfg, prev) if trust_cache else None)
     if portable is not None:
         loader = cfg.loader
         preprocess = Preprocessor(portable.data_config, loader.preprocessing, loader.max_pixels,
@@ -152,6 +155,21 @@ def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
         return None
     cuda = resolve_device(cfg.model.device).type == "cuda"
     return open_portable(cfg.model.runtime, cuda, prev.folder, prev.manifest)
+
+
+def known_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
+    """For a first build on the CPU with --runtime auto, an earlier build's export of exactly
+    this request (model, weights, flags, versions), if the cache holds a whole one."""
+    from indexer.model import resolve_device
+
+    if prev.manifest is not None or cfg.model.runtime != "auto" or cfg.engine.kind == "ray":
+        return None
+    if resolve_device(cfg.model.device).type == "cuda":
+        return None
+    from indexer.knownexport import KnownExport, lookup
+
+    found = lookup(cfg.model)
+    return None if found is None else KnownExport(cfg.model, found)
 
 
 @dataclass(frozen=True)

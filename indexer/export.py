@@ -17,12 +17,18 @@ import torch
 
 from indexer.configcache import cache_dir
 from indexer.model import Embedder, class_names, embed_forward
-from indexer.portable import MAX_MODEL_BYTES, MODEL_FILE, OUTPUTS, Exported, PortableEmbedder
+from indexer.portable import (
+    EXPORTER,
+    MAX_MODEL_BYTES,
+    MODEL_FILE,
+    OPSET,
+    OUTPUTS,
+    Exported,
+    PortableEmbedder,
+)
 from indexer.safeio import read_bounded, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-OPSET = 18
-EXPORTER = "torch.onnx.export(dynamo=False)"
 FIDELITY_MIN = 0.9999  # per-image cosine to torch fp32 below which the model is not stored
 LABELS_TOLERANCE = 1e-3  # largest difference of a class probability
 CHECK_IMAGES = 64  # the build's first images the export is checked on
@@ -61,12 +67,8 @@ def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path
     started = time.perf_counter()
     try:
         wrapper = _Portable(embedder)
-        own = sample is not None and len(sample) > 0
-        images = sample if sample is not None and own else fallback_images(embedder)
-        if len(images) < MIN_CHECK:  # a first batch of few good images: add generated scenes
-            extra = fallback_images(embedder, MIN_CHECK - len(images))
-            images = np.concatenate([images, extra])
-        model, record = _cached_or_exported(wrapper, embedder, images[:CHECK_IMAGES])
+        images, own = check_images(embedder, sample)
+        model, record = _cached_or_exported(wrapper, embedder, images)
         record["fidelity"]["images_from"] = "the build" if own else "generated scenes"
         record["export_seconds"] = round(time.perf_counter() - started, 3)
     except FidelityError as exc:
@@ -79,6 +81,16 @@ def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path
     return Exported(record)
 
 
+def check_images(embedder: Embedder, sample: np.ndarray | None) -> tuple[np.ndarray, bool]:
+    """The images an export is checked on (the build's first ones, made up to MIN_CHECK with
+    generated scenes), and whether any are the build's own."""
+    own = sample is not None and len(sample) > 0
+    images = sample if sample is not None and own else fallback_images(embedder)
+    if len(images) < MIN_CHECK:  # a first batch of few good images: add generated scenes
+        images = np.concatenate([images, fallback_images(embedder, MIN_CHECK - len(images))])
+    return images[:CHECK_IMAGES], own
+
+
 class FidelityError(Exception):
     """The exported model does not reproduce torch closely enough to be used."""
 
@@ -87,13 +99,43 @@ def check_fidelity(
     wrapper: _Portable, model: bytes, embedder: Embedder, images: np.ndarray
 ) -> dict[str, Any]:
     """The manifest record, once onnxruntime's vectors match torch fp32's on every image."""
-    wrapper.eval()  # the exporter restores the mode it found; never compare in training mode
-    with torch.inference_mode():
-        expected = wrapper(torch.from_numpy(images))
-    want_vectors = (expected[0] if isinstance(expected, tuple) else expected).numpy()
+    want_vectors, want_probs = reference(wrapper, images)
     names = class_names(embedder.recipe.get("label_set")) if embedder.labels else None
     record = _record(model, embedder, names)
     portable = PortableEmbedder(model, embedder.recipe, record)
+    record["fidelity"] = measure_fidelity(portable, images, want_vectors, want_probs)
+    return record
+
+
+def reference(wrapper: _Portable, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """torch fp32's embeddings (and class probabilities) of the images: what an export must
+    reproduce."""
+    wrapper.eval()  # the exporter restores the mode it found; never compare in training mode
+    with torch.inference_mode():
+        expected = wrapper(torch.from_numpy(np.ascontiguousarray(images)))
+    if isinstance(expected, tuple):
+        return expected[0].numpy(), expected[1].numpy()
+    return expected.numpy(), None
+
+
+def reference_outputs(
+    embedder: Embedder, sample: np.ndarray | None
+) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray | None]:
+    """The check images for this sample, whether they are the build's, and torch fp32's
+    outputs on them (what a cached export is confirmed against)."""
+    images, own = check_images(embedder, sample)
+    vectors, probs = reference(_Portable(embedder), images)
+    return images, own, vectors, probs
+
+
+def measure_fidelity(
+    portable: PortableEmbedder,
+    images: np.ndarray,
+    want_vectors: np.ndarray,
+    want_probs: np.ndarray | None,
+) -> dict[str, Any]:
+    """The fidelity record of the portable model against torch fp32's outputs on the images;
+    FidelityError when one image's cosine is below FIDELITY_MIN or a probability is off."""
     got, rows = portable.embed_with_labels(images)
     cosines = _cosines(want_vectors, got)
     if not np.all(cosines >= FIDELITY_MIN):
@@ -101,15 +143,14 @@ def check_fidelity(
             f"the exported model reproduces torch only to cosine {cosines.min():.6f} "
             f"(needs {FIDELITY_MIN}) on the build's images"
         )
-    if isinstance(expected, tuple):
-        _check_labels(expected[1].numpy(), rows)
-    record["fidelity"] = {
+    if want_probs is not None:
+        _check_labels(want_probs, rows)
+    return {
         "images": len(images),
         "min_cosine": float(cosines.min()),
         "mean_cosine": float(cosines.mean()),
         "reference": "torch fp32",
     }
-    return record
 
 
 def _check_labels(probs: np.ndarray, rows: list[dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from indexer.failures import count_reasons
 from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND
 from indexer.index import build_index, read_index_meta, reuse_index
+from indexer.knownexport import KnownExport, UnconfirmedExport, remember
 from indexer.lock import CollectionLock
 from indexer.parts import part_dir
 from indexer.plan import (
@@ -51,6 +53,7 @@ from indexer.portable import Exported
 from indexer.preprocess import DRAFT_FACTOR, REDUCING_GAP
 from indexer.publish import (
     clear_salvage,
+    mark_request,
     new_shard_prefixes,
     prune,
     publish,
@@ -270,10 +273,11 @@ def update(
     prev: Previous,
     asked: dict[str, Any],
     start: float,
+    trust_cache: bool = True,
 ) -> BuildReport:
     """Embed what the plan says, then write, index and publish a new version."""
     embedder, batches = load_model_while_decoding(
-        items, sources, cfg, prev.known_hashes(), plan.check, prev
+        items, sources, cfg, prev.known_hashes(), plan.check, prev, trust_cache
     )
     if prev.manifest is not None:
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out)
@@ -281,7 +285,9 @@ def update(
     if embedder.labels:  # label columns follow the sources' columns
         metadata = pa.unify_schemas([metadata, LABEL_SCHEMA])
     schema = shard_schema(embedder.dim, metadata)
-    number, building = start_version(cfg.out, asked)  # the published version stays untouched
+    known = isinstance(embedder, KnownExport)  # its shards are salvaged only once confirmed
+    number, building = start_version(cfg.out, {**asked, "unconfirmed_model": True} if known
+                                     else asked)  # fmt: skip
     paths = CollectionPaths(building)
     paths.shards.mkdir()
     carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
@@ -289,7 +295,24 @@ def update(
     carried_model = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
     switch = carried_model is None and switches_to_portable(cfg.model.runtime, embedder)
     job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, switch)
-    embedded = embed_items(job, batches, paths, cfg)
+    try:
+        embedded = embed_items(job, batches, paths, cfg)
+        portable = (
+            Exported(carried_model) if carried_model is not None
+            else embedded.exported or embedder.portable_model(embedded.sample, building)
+        )  # fmt: skip
+    except UnconfirmedExport as exc:
+        log.warning("%s: embedding again with torch", exc)
+        getattr(batches, "close", lambda: None)()  # its workers stop now
+        shutil.rmtree(building, ignore_errors=True)
+        return update(cfg, sources, items, plan, prev, asked, start, trust_cache=False)
+    finally:
+        if isinstance(embedder, KnownExport):
+            embedder.close()
+    if known:
+        mark_request(building, asked)  # confirmed: a killed run's shards may now be salvaged
+    elif embedder.name == "torch" and carried_model is None and portable.record is not None:
+        remember(cfg.model, embedder.recipe, portable.record, building)
     new_shards, new_errors, reused = embedded.shards, embedded.errors, embedded.reused
     errors = plan.kept_errors + new_errors
     new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)
@@ -300,10 +323,6 @@ def update(
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
-    portable = (
-        Exported(carried_model) if carried_model is not None
-        else embedded.exported or embedder.portable_model(embedded.sample, building)
-    )  # fmt: skip
     manifest = with_portable(manifest, portable)
     if cfg.drop_shards and prev.manifest is not None:  # a repair restores: provenance stays
         manifest.update({k: prev.manifest[k] for k in REPAIR_KEEPS if k in prev.manifest})

@@ -18,6 +18,8 @@ BACKENDS = ("onnxruntime", "openvino")
 INPUT = "images"  # uint8 [N, H, W, 3], the DataLoader's batches as they are
 OUTPUTS = ("embedding", "probs")  # probs only when the recipe stores --labels
 MAX_MODEL_BYTES = 4 << 30
+OPSET = 18
+EXPORTER = "torch.onnx.export(dynamo=False)"
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,13 @@ def start_version(root: Path, request: dict[str, Any]) -> tuple[int, Path]:
         )
     building = folder / f"{BUILDING_PREFIX}v{number:06d}"
     building.mkdir()
-    write_bytes_atomic(building / REQUEST, json.dumps(request, sort_keys=True).encode("utf-8"))
+    mark_request(building, request)
     return number, building
+
+
+def mark_request(building: Path, request: dict[str, Any]) -> None:
+    """Record the recipe the version's new shards are made by (salvage() reads it)."""
+    write_bytes_atomic(building / REQUEST, json.dumps(request, sort_keys=True).encode("utf-8"))
 
 
 def publish(root: Path, number: int, building: Path) -> Path:
