@@ -80,6 +80,7 @@ def load_model_while_decoding(
         from indexer.runtime import RecordedRecipe
 
         return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)])
+    from indexer.knownexport import KnownExport
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
@@ -88,7 +89,10 @@ def load_model_while_decoding(
         loader = cfg.loader
         preprocess = Preprocessor(portable.data_config, loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
-        return portable, iter_batches(items, sources, preprocess, loader, known, positions)
+        batches = iter_batches(items, sources, preprocess, loader, known, positions)
+        if isinstance(portable, KnownExport):
+            portable.start()  # its thread starts once the workers are forked
+        return portable, batches
     if cfg.engine.kind == "ray":  # Ray decodes and embeds; the driver's model gives the recipe
         from indexer.rayengine import ray_batches
 

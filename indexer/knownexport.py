@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
 import queue
+import threading
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer import __version__, errors
+from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.configcache import cache_dir
 from indexer.errors import IndexerError
@@ -34,7 +32,6 @@ FOLDER = "exports/known"
 MAX_ENTRY_BYTES = 64 << 20  # an entry's JSON (recipe, record, label names)
 PACKAGES = ("timm", "torch", "onnx", "onnxruntime")  # whose versions shape the export
 CONFIRMED = ("weights_sha256", "precision", "label_set")  # besides runtime.RECIPE_FIELDS
-POLL_SECONDS = 1.0
 
 
 class UnconfirmedExport(IndexerError):
@@ -124,14 +121,14 @@ def lookup(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any], bytes] | N
 
 class KnownExport(PortableEmbedder):
     """A cached export embedding a first build from its first batch, on onnxruntime, while a
-    child process creates the model with timm. Nothing is published before the child agrees:
-    the same weights and recipe, and onnxruntime reproducing torch fp32 on the build's first
+    thread creates the model with timm. Nothing is published before that model agrees: the
+    same weights and recipe, and onnxruntime reproducing torch fp32 on the build's first
     images. If it does not, UnconfirmedExport: the run's vectors are discarded."""
 
     def __init__(self, cfg: ModelConfig, found: tuple[dict[str, Any], dict[str, Any], bytes]):
         recipe, record, model = found
-        self._confirm = Confirmation(cfg)  # forked before onnxruntime starts its threads
         super().__init__(model, recipe, record)
+        self._confirm = Confirmation(cfg)
         self._sent = False
 
     def embed_with_labels(
@@ -142,17 +139,18 @@ class KnownExport(PortableEmbedder):
 
             self._confirm.send(np.array(np.asarray(images)[:CHECK_IMAGES]))
             self._sent = True
-        self._confirm.poll(self.recipe)  # a wrong recipe stops the run at once
+        self._confirm.check(self.recipe, wait=False)  # a wrong model stops the run at once
         return super().embed_with_labels(images, labels)
 
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
-        """Once the child confirms it: the model stored in folder, its record with this
-        build's fidelity, and the recipe the child made (the manifest's)."""
+        """Once the model made now confirms it: the model stored in folder, its record with
+        this build's fidelity, and the recipe made now (the manifest's)."""
         from indexer.export import FidelityError, measure_fidelity
 
         if not self._sent:
             self._confirm.send(sample)
-        recipe, images, own, want_vectors, want_probs = self._confirm.result(self.recipe)
+        recipe = self._confirm.check(self.recipe, wait=True)
+        images, own, want_vectors, want_probs = self._confirm.reference()
         try:
             fidelity = measure_fidelity(self, images, want_vectors, want_probs)
         except FidelityError as exc:
@@ -163,82 +161,93 @@ class KnownExport(PortableEmbedder):
                         "cached": True}  # fmt: skip
         return super().portable_model(sample, folder)
 
+    def start(self) -> None:
+        """Create the model in the background from now on (once the loader's workers exist)."""
+        self._confirm.start()
+
     def close(self) -> None:
-        self._confirm.close()
+        """Let the thread end if it is still waiting for images (the run ended early)."""
+        self._confirm.stop()
 
 
 class Confirmation:
-    """A child process (forked: torch is already imported) that creates the model with timm
-    and sends back its recipe, then torch fp32's outputs on the images it is sent."""
+    """A thread that creates the model as the torch path would (timm), then computes torch
+    fp32's outputs on the images it is sent. A thread, not a process: forking a process that
+    may hold other threads' locks can deadlock, and a thread ends with the build."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        ctx = multiprocessing.get_context("fork")
-        self._inbox: Any = ctx.Queue()
-        self._outbox: Any = ctx.Queue()
-        self._recipe: dict[str, Any] | None = None
-        self._child = ctx.Process(target=_child, args=(cfg, os.getpid(), self._inbox,
-                                                       self._outbox), daemon=True)  # fmt: skip
-        self._child.start()
+        import indexer.export  # here, not in both threads at once
+        import indexer.model  # noqa: F401
+
+        self._cfg = cfg
+        self._images: queue.Queue[np.ndarray | bool | None] = queue.Queue()
+        self._made = threading.Event()  # the model exists (or failed)
+        self._done = threading.Event()  # the reference outputs exist (or failed)
+        self._embedder: Any = None
+        self._error: BaseException | None = None
+        self._outputs: tuple[np.ndarray, bool, np.ndarray, np.ndarray | None] | None = None
+        self._thread = threading.Thread(target=self._run, name="confirm-export", daemon=True)
+
+    def start(self) -> None:
+        """Start creating the model: after the DataLoader has forked its workers, which must
+        not inherit a lock this thread holds (an import's, say) and wait on it forever."""
+        if self._thread.ident is None:
+            self._thread.start()
 
     def send(self, images: np.ndarray | None) -> None:
-        self._inbox.put(images)
+        self.start()
+        self._images.put(images)
 
-    def poll(self, expected: dict[str, Any]) -> None:
-        """Check the child's recipe if it has arrived (non-blocking)."""
-        if self._recipe is None:
-            with contextlib.suppress(queue.Empty):
-                self._take(self._outbox.get_nowait(), expected)
+    def stop(self) -> None:
+        self._images.put(False)
 
-    def result(
-        self, expected: dict[str, Any]
-    ) -> tuple[dict[str, Any], np.ndarray, bool, np.ndarray, np.ndarray | None]:
-        """Wait for the child: its recipe (checked), the images, and torch's outputs on them."""
-        while True:
-            message = self._next()
-            if message[0] == "expected":
-                assert self._recipe is not None
-                self.close()
-                return self._recipe, *message[1:]
-            self._take(message, expected)
+    def check(self, expected: dict[str, Any], wait: bool) -> dict[str, Any]:
+        """The recipe made now, once it is known to be the cached one's (wait: block for it;
+        else return the expected recipe while it is not known yet); raises when it is not."""
+        if wait:
+            self.start()
+            self._made.wait()
+        elif not self._made.is_set():
+            return expected
+        self._raise()
+        differ = differences(self._embedder.recipe, expected)
+        if differ:
+            raise UnconfirmedExport(
+                f"the cached export was made from another model ({', '.join(differ)} differ)"
+            )
+        return dict(self._embedder.recipe)
 
-    def _next(self) -> tuple[Any, ...]:
-        while True:
-            try:
-                return tuple(self._outbox.get(timeout=POLL_SECONDS))
-            except queue.Empty:
-                if not self._child.is_alive():
-                    raise UnconfirmedExport(
-                        f"the check of the cached export ended without an answer (exit code "
-                        f"{self._child.exitcode})"
-                    ) from None
+    def reference(self) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray | None]:
+        """The check images, whether they are the build's, and torch fp32's outputs on them."""
+        self._done.wait()
+        self._raise()
+        assert self._outputs is not None
+        return self._outputs
 
-    def _take(self, message: tuple[Any, ...], expected: dict[str, Any]) -> None:
-        kind = message[0]
-        if kind == "error":  # the model cannot be created: the torch path would fail the same
-            self.close()
-            raise _error_class(message[1])(message[2])
-        if kind == "failed":
-            self.close()
-            raise UnconfirmedExport(f"the check of the cached export failed: {message[1]}")
-        if kind == "recipe":
-            differ = differences(message[1], expected)
-            if differ:
-                self.close()
-                raise UnconfirmedExport(
-                    f"the cached export was made from another model ({', '.join(differ)} differ)"
-                )
-            self._recipe = message[1]
+    def _raise(self) -> None:
+        if isinstance(self._error, IndexerError):  # the torch path would fail the same way
+            raise self._error
+        if self._error is not None:
+            raise UnconfirmedExport(
+                f"the check of the cached export failed: {type(self._error).__name__}: "
+                f"{self._error}"
+            )
 
-    def close(self) -> None:
-        if self._child.is_alive():
-            self._child.kill()
-        self._child.join(timeout=5)
+    def _run(self) -> None:
+        try:
+            from indexer.export import reference_outputs
+            from indexer.model import load_embedder
 
-
-def _error_class(name: str) -> type[IndexerError]:
-    found = getattr(errors, name, None)
-    is_ours = isinstance(found, type) and issubclass(found, IndexerError)
-    return found if is_ours else errors.ModelError  # type: ignore[return-value]
+            self._embedder = load_embedder(replace(self._cfg, device="cpu"))
+            self._made.set()
+            images = self._images.get()
+            if images is not False:
+                self._outputs = reference_outputs(self._embedder, images)  # type: ignore[arg-type]
+        except BaseException as exc:  # whatever it is, the build must hear of it
+            self._error = exc
+        finally:
+            self._made.set()
+            self._done.set()
 
 
 def differences(made: dict[str, Any], cached: dict[str, Any]) -> list[str]:
@@ -252,31 +261,3 @@ def differences(made: dict[str, Any], cached: dict[str, Any]) -> list[str]:
 
     made, cached = (json.loads(json.dumps(r, default=str)) for r in (made, cached))  # as stored
     return [n for n in (*RECIPE_FIELDS, *CONFIRMED) if field(made, n) != field(cached, n)]
-
-
-def _child(cfg: ModelConfig, parent: int, inbox: Any, outbox: Any) -> None:
-    """Create the model as the torch path would; send its recipe, then torch fp32's outputs."""
-    try:
-        import torch
-
-        torch.set_num_threads(1)  # the build's workers and onnxruntime keep the cores
-        from indexer.export import reference_outputs
-        from indexer.model import load_embedder
-
-        embedder = load_embedder(replace(cfg, device="cpu"))
-        outbox.put(("recipe", embedder.recipe))
-        while True:
-            try:
-                sample = inbox.get(timeout=POLL_SECONDS)
-                break
-            except queue.Empty:
-                if os.getppid() != parent:  # the build is gone
-                    return
-        outbox.put(("expected", *reference_outputs(embedder, sample)))
-    except IndexerError as exc:
-        outbox.put(("error", type(exc).__name__, str(exc)))
-    except BaseException as exc:  # whatever it is, the build must hear of it
-        outbox.put(("failed", f"{type(exc).__name__}: {exc}"))
-    finally:
-        outbox.close()
-        outbox.join_thread()

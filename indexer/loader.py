@@ -162,7 +162,8 @@ def _loader(dataset: ItemDataset, todo: list[int], cfg: LoaderConfig) -> Iterato
         prefetch_factor=PREFETCH if cfg.workers > 0 else None,
         persistent_workers=False,
         worker_init_fn=_init_worker,
-    )
+        generator=torch.Generator(),  # its own: never draws from torch's global generator,
+    )  # which a model being created with a seed may be using meanwhile (knownexport)
     batches = iter(loader)
     if cfg.workers > 0 and threading.current_thread() is threading.main_thread():
         # torch's SIGCHLD handler raises a dead worker's error wherever the main thread is

@@ -18,6 +18,14 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
     monkeypatch.setenv("INDEXER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "indexer-cache"))
 
 
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty indexer cache: a first build runs torch first (no export known yet)."""
+    folder = tmp_path / "fresh-cache"
+    monkeypatch.setenv("INDEXER_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 scenes in four subfolders (JPEG and PNG) and 4 near-duplicates."""

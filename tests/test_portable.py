@@ -201,6 +201,7 @@ def test_openvino_answers_as_onnxruntime_does(collection: Path, corpus: Path) ->
     _same_answers(docs[1], docs[2])
 
 
+@pytest.mark.usefixtures("fresh_cache")
 def test_incremental_build_runs_the_stored_model_without_timm(corpus: Path, tmp_path: Path) -> None:
     src = tmp_path / "src"
     shutil.copytree(corpus / "group0", src / "group0")
@@ -364,6 +365,7 @@ def test_incremental_labels_from_the_stored_model_equal_torch(corpus: Path, tmp_
     assert sum(got[k] == want[k] for k in got) == len(got)
 
 
+@pytest.mark.usefixtures("fresh_cache")
 def test_a_first_build_moves_to_the_portable_model_after_its_first_batch(
     corpus: Path, tmp_path: Path
 ) -> None:

@@ -69,6 +69,7 @@ def test_sigkill_at_random_moments_then_resume(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fresh_cache")  # a first build's known export: see test_knownexport
 def test_only_unfinished_work_is_redone(
     clean_build: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:

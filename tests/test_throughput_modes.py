@@ -80,6 +80,7 @@ def test_precision_is_applied_and_recorded(corpus: Path, tmp_path: Path) -> None
     assert max(diffs) > 1e-5
 
 
+@pytest.mark.usefixtures("fresh_cache")  # the torch path: no export known yet
 def test_stale_config_hint_is_detected_and_replaced(
     corpus: Path, tmp_path: Path, collection: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,0 +1,167 @@
+"""A first build that reuses an earlier export of the same request: embedding from its first
+batch, confirmed against timm before anything is published, never decided by a stale entry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.config import ModelConfig
+from indexer.knownexport import request_identity
+from indexer.publish import mark_request, salvage, start_version
+from indexer.synthetic import write_corpus
+from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An export cache of this test's own."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("INDEXER_CACHE_DIR", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("known") / "src"
+    write_corpus(root, 20, duplicates=2, seed=5)
+    return root
+
+
+def entries(cache: Path) -> dict[str, Path]:
+    return {p.stem: p for p in (cache / "exports" / "known").glob("*.json")}
+
+
+def last_run(out: Path) -> dict:
+    return json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+
+
+def build(src: Path, out: Path, *flags: str) -> str:
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--batch-size", "8", *flags)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_request_identity_follows_what_decides_the_export(tmp_path: Path) -> None:
+    base = ModelConfig(pretrained=False)
+    same = [ModelConfig(pretrained=False, runtime="onnx")]  # how it runs, not what it computes
+    other = [
+        ModelConfig(pretrained=False, seed=1),
+        ModelConfig(pretrained=True),
+        ModelConfig(pretrained=False, pooling="avg"),
+        ModelConfig(pretrained=False, labels=3),
+        ModelConfig(pretrained=False, normalize=False),
+        ModelConfig(pretrained=False, precision="bf16"),
+    ]
+    assert all(request_identity(c) == request_identity(base) for c in same)
+    assert all(request_identity(c) != request_identity(base) for c in other)
+    ck = tmp_path / "w.safetensors"
+    ck.write_bytes(b"one")
+    first = request_identity(ModelConfig(checkpoint=ck))
+    ck.write_bytes(b"two")  # same path, other bytes: another export
+    assert first is not None and first != request_identity(ModelConfig(checkpoint=ck))
+    assert request_identity(ModelConfig(checkpoint=tmp_path / "gone")) is None
+
+
+def test_first_build_embeds_with_the_known_export(
+    src: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    build(src, tmp_path / "a")
+    assert last_run(tmp_path / "a")["runtime"] == "torch+onnxruntime"
+    assert len(entries(cache)) == 1
+    build(src, tmp_path / "b")
+    assert last_run(tmp_path / "b")["runtime"] == "onnxruntime", caplog.text  # no torch model
+    a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in "ab")
+    assert b["model"] == a["model"]
+    record = b["portable_model"]
+    assert record["cached"] is True and record["sha256"] == a["portable_model"]["sha256"]
+    assert record["fidelity"]["images_from"] == "the build"
+    assert record["fidelity"]["min_cosine"] >= 0.9999
+    model = (tmp_path / "b" / "current" / "model.onnx").read_bytes()
+    assert hashlib.sha256(model).hexdigest() == record["sha256"]
+    va, vb = read_embeddings_by_key(tmp_path / "a"), read_embeddings_by_key(tmp_path / "b")
+    assert va.keys() == vb.keys()
+    assert max(np.abs(va[k] - vb[k]).max() for k in va) < 1e-5
+
+
+def _plant(cache: Path, target: Path, donor: Path, fix_record: bool) -> None:
+    """Put the donor entry's model under the target entry's name: with the donor's recipe and
+    record (another model), or with the target's recipe and a record fixed up to the donor's
+    bytes (the right recipe, the wrong computation)."""
+    donor_entry = json.loads(donor.read_text())
+    entry = json.loads(target.read_text())
+    model = donor.with_suffix(".onnx").read_bytes()
+    if fix_record:
+        entry["record"].update(sha256=hashlib.sha256(model).hexdigest(), bytes=len(model))
+    else:
+        entry = {**donor_entry, "identity": entry["identity"]}
+    target.write_text(json.dumps(entry))
+    target.with_suffix(".onnx").write_bytes(model)
+
+
+@pytest.mark.parametrize("tampering", ["another model", "the wrong computation", "corrupt"])
+def test_a_stale_known_export_never_decides_a_vector(
+    src: Path, tmp_path: Path, cache: Path, tampering: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    build(src, tmp_path / "seed1", "--seed", "1")
+    donor = next(iter(entries(cache).values()))
+    build(src, tmp_path / "clean")  # seed 0, torch then its own export
+    target = next(p for p in entries(cache).values() if p != donor)
+    if tampering == "corrupt":
+        model = bytearray(target.with_suffix(".onnx").read_bytes())
+        model[len(model) // 2] ^= 0xFF
+        target.with_suffix(".onnx").write_bytes(bytes(model))
+    else:
+        _plant(cache, target, donor, fix_record=tampering == "the wrong computation")
+    build(src, tmp_path / "out")
+    expect = "not usable" if tampering == "corrupt" else "embedding again with torch"
+    assert expect in caplog.text
+    assert last_run(tmp_path / "out")["runtime"] == "torch+onnxruntime"
+    got, want = read_embeddings_by_key(tmp_path / "out"), read_embeddings_by_key(tmp_path / "clean")
+    assert got.keys() == want.keys()
+    assert max(np.abs(got[k] - want[k]).max() for k in want) < 1e-5
+    versions = sorted(p.name for p in (tmp_path / "out" / "versions").iterdir())
+    assert versions == ["v000001"] or versions == ["v000002"]  # the discarded one is gone
+    assert not (tmp_path / "out" / "versions" / ".salvage").exists()
+
+
+def test_the_model_that_cannot_be_created_fails_the_build_as_without_the_cache(
+    src: Path, tmp_path: Path, cache: Path
+) -> None:
+    """Pretrained weights offline: the child says so and the build fails the same way."""
+    build(src, tmp_path / "seed0")
+    entry = next(iter(entries(cache).values()))
+    identity = request_identity(ModelConfig(pretrained=True))
+    assert identity is not None
+    from indexer.knownexport import _paths
+
+    planted, model = _paths(identity)
+    data = json.loads(entry.read_text())
+    planted.write_text(json.dumps({**data, "identity": identity}))
+    model.write_bytes(entry.with_suffix(".onnx").read_bytes())
+    flags = ("--workers", "0", "--no-progress")
+    result = run_cli("build", src, "--out", tmp_path / "out", *flags)
+    assert result.exit_code != 0 and "pretrained weights" in result.output
+    planted.unlink()
+    plain = run_cli("build", src, "--out", tmp_path / "plain", *flags)
+    assert (result.exit_code, result.output) == (plain.exit_code, plain.output.replace(
+        str(tmp_path / "plain"), str(tmp_path / "out")))  # fmt: skip
+    assert not (tmp_path / "out" / "current").exists()
+
+
+def test_unconfirmed_shards_are_never_salvaged(tmp_path: Path) -> None:
+    """A run killed before its cached export was confirmed leaves nothing a re-run reuses;
+    once confirmed, its finished shards are salvaged as any run's are."""
+    asked = {"model": "m", "seed": 0}
+    root = tmp_path / "c"
+    for confirmed in (False, True):
+        number, building = start_version(root, {**asked, "unconfirmed_model": True})
+        (building / "shards").mkdir()
+        (building / "shards" / f"part-v{number:06d}-00000.parquet").write_bytes(b"x")
+        if confirmed:
+            mark_request(building, asked)
+        assert len(salvage(root, asked)) == int(confirmed)
