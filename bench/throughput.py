@@ -119,6 +119,24 @@ def imagenet_corpus(work: Path) -> Path:
     return out
 
 
+def imagenet_1000(work: Path, photos: Path) -> Path:
+    """1,000 ImageNet-size JPEGs: the 500 photos and their mirror images (other bytes, the
+    same sizes), made once."""
+    from PIL import Image, ImageOps
+
+    out = work / "imagenet-1000"
+    if out.is_dir() and len(list(out.rglob("*.jpg"))) == 1000:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "mirrored").mkdir(parents=True)
+    for i, photo in enumerate(sorted(p for p in photos.rglob("*") if p.is_file())[:500]):
+        shutil.copy(photo, out / f"{i:04d}.jpg")
+        ImageOps.mirror(Image.open(photo).convert("RGB")).save(
+            out / "mirrored" / f"{i:04d}.jpg", quality=90
+        )
+    return out
+
+
 def camera_corpus(work: Path, source: Path, count: int) -> Path:
     """count 4000x3000 JPEGs (quality 90) upscaled from real photos; made once."""
     from PIL import Image
@@ -269,8 +287,9 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ck = args.work / "seed0.safetensors"
     write_checkpoint(ck)
-    imagenet = imagenet_corpus(args.work)
-    camera = camera_corpus(args.work, imagenet, 20 if args.quick else 200)
+    photos = imagenet_corpus(args.work)
+    imagenet = imagenet_1000(args.work, photos)
+    camera = camera_corpus(args.work, photos, 20 if args.quick else 200)
     # Every run after a model's first remembers its data config; warm it, as a user's would be.
     run_timed(indexer_cmd(camera, args.work / "out" / "warm", ck))
     repeat = 1 if args.quick else args.repeat

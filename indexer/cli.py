@@ -311,7 +311,16 @@ def main(verbose: bool) -> None:
     "(default: only links inside it are followed).",
 )
 @click.option("--split", help="Dataset split for hf: sources (default: the only one, or train).")
-@click.option("--image-column", help="Image column for hf: sources (default: the only one).")
+@click.option(
+    "--image-column",
+    help="Image column for hf: sources: an Image column or one of image bytes (default: the "
+    "only one).",
+)
+@click.option(
+    "--key-column",
+    help="Column whose values are the keys, for hf: sources (default: key, else file_name, "
+    "else the image files' paths, else SPLIT/ROW).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what a build would do; change nothing.")
 @click.option(
     "--retry-failed",
@@ -382,6 +391,7 @@ def build(
     follow_symlinks: bool,
     split: str | None,
     image_column: str | None,
+    key_column: str | None,
     dry_run: bool,
     retry_failed: bool,
     rebuild: bool,
@@ -407,7 +417,9 @@ def build(
     from indexer.parts import parse_partition
 
     cfg = BuildConfig(
-        sources=tuple(SourceSpec(s, split, image_column, follow_symlinks) for s in sources),
+        sources=tuple(
+            SourceSpec(s, split, image_column, follow_symlinks, key_column) for s in sources
+        ),
         out=out,
         model=ModelConfig(
             name=model,
@@ -575,12 +587,18 @@ def below_target(meta: dict[str, Any]) -> str:
     "--threshold", type=float, help="Keep results with score >= T (ip) or distance <= T (l2)."
 )
 @click.option(
-    "--where", help="Keep results whose predicted label is this: label=NAME (built with --labels)."
+    "--where",
+    multiple=True,
+    help="Keep results whose row satisfies this: COL=VALUE, COL!=VALUE, COL<N, COL>N (<=, >=) "
+    "on any shard column; label=NAME for the top predicted label. Repeat to AND them.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--jsonl", is_flag=True, help="Print one JSON line per query.")
 @click.option(
-    "--paths-only", is_flag=True, help="Print each result's absolute path (or key), one a line."
+    "--paths-only",
+    is_flag=True,
+    help="Print each result's absolute path, one a line (items of datasets and tar shards have "
+    "no file of their own: their key).",
 )
 @click.option(
     "--grid",
@@ -599,7 +617,7 @@ def query(
     ids: tuple[str, ...],
     k: int,
     threshold: float | None,
-    where: str | None,
+    where: tuple[str, ...],
     as_json: bool,
     jsonl: bool,
     paths_only: bool,
@@ -634,17 +652,18 @@ def query(
             check_writable(grid, "--grid")  # refused before the work, not after it
         collection = Collection(root, device, params, runtime)
         files = expand_images(list(images))
-        return collection, collection.query(files, list(ids), k, threshold, where)
+        return collection, collection.query(files, list(ids), k, threshold, list(where))
 
     collection, results = run_library(run)
     if grid is not None:
-        from indexer.grid import Cell, draw_sheet
+        from indexer.grid import Cell, draw_sheet, wrapped
 
         rows = [
-            [Cell(r.path, ("query", _short(r.name)))]
-            + [Cell(collection.path_of(h.key), (f"#{h.rank} {h.score:.3f}", h.key)) for h in r.hits]
+            [Cell(r.path or collection.image_of(r.name), wrapped("query", r.name))]
+            + [Cell(collection.image_of(h.key), (f"#{h.rank}  score {h.score:.3f}", h.key))
+               for h in r.hits]
             for r in results
-        ]
+        ]  # fmt: skip
         run_library(lambda: draw_sheet(rows, grid))
     if as_json:
         click.echo(json_text([r.to_dict() for r in results], indent=2))
@@ -947,7 +966,10 @@ def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) ->
         from indexer.grid import Cell, draw_sheet
 
         rows = [
-            [Cell(collection.path_of(key), (f"group {n} {s:.3f}", key)) for key, s in members[:8]]
+            [
+                Cell(collection.image_of(key), (f"group {n}  score {s:.3f}", key))
+                for key, s in members[:8]
+            ]
             for n, members in enumerate(groups.members[:12])
         ]
         run_library(lambda: draw_sheet(rows, grid))

@@ -26,6 +26,7 @@ class SourceSpec:
     split: str | None = None
     image_column: str | None = None
     follow_symlinks: bool = False  # folders: also follow links that point outside the folder
+    key_column: str | None = None  # datasets: the column whose values are the keys
 
 
 @dataclass(frozen=True)

@@ -294,10 +294,11 @@ def embed_items(
                 writer.write(rows_table(job, rows, vectors))
             for position, stage, reason in batch.errors:
                 item = job.items[position]
-                label = job.sources[item.source].label
+                source = job.sources[item.source]
                 size, mtime = item.fingerprint or (None, None)
-                errors.append({"key": item.key, "source": label, "stage": stage, "error": reason,
-                               "file_size": size, "mtime_ns": mtime})  # fmt: skip
+                errors.append({"key": item.key, "source": source.label, "stage": stage,
+                               "error": reason, "file_size": size, "mtime_ns": mtime,
+                               "url": source.url(item.locator)})  # fmt: skip
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
         embed.log_rate()

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw, ImageOps
 from indexer.safeio import os_errors_as, write_bytes_atomic
 
 CELL = 160  # thumbnail side, pixels
-LABEL = 34  # label band under each thumbnail
+LABEL = 48  # label band under each thumbnail: three lines
+LINES = 3
 PAD = 6
 BACKGROUND = (255, 255, 255)
 PLACEHOLDER = (200, 200, 200)
@@ -19,23 +20,34 @@ PLACEHOLDER = (200, 200, 200)
 
 @dataclass(frozen=True)
 class Cell:
-    """One picture of the sheet: the file to show (None: a placeholder) and its label lines."""
+    """One picture of the sheet: its encoded bytes or file (None: a placeholder) and its
+    label lines."""
 
-    path: Path | None
+    image: bytes | Path | None
     lines: tuple[str, ...]
 
 
-def thumbnail(path: Path | None) -> Image.Image:
+def wrapped(label: str, text: str) -> tuple[str, ...]:
+    """A label line, then the whole text over the lines left (cut at the end only if it
+    cannot fit)."""
+    width, rest = 26, LINES - 1
+    parts = [text[i : i + width] for i in range(0, len(text), width)] or [""]
+    if len(parts) > rest:
+        parts = [*parts[: rest - 1], _fit(text[width * (rest - 1) :])]
+    return (label, *parts)
+
+
+def thumbnail(image: bytes | Path | None) -> Image.Image:
     """The image fitted into a CELL square, or a grey placeholder when it cannot be read."""
     tile = Image.new("RGB", (CELL, CELL), PLACEHOLDER)
     try:
-        if path is None:
+        if image is None:
             raise OSError("no file")
         from indexer.images import decode_image
 
-        image = decode_image(path.read_bytes()).image
-        image = ImageOps.contain(image, (CELL, CELL))
-        tile.paste(image, ((CELL - image.width) // 2, (CELL - image.height) // 2))
+        data = image.read_bytes() if isinstance(image, Path) else image
+        picture = ImageOps.contain(decode_image(data).image, (CELL, CELL))
+        tile.paste(picture, ((CELL - picture.width) // 2, (CELL - picture.height) // 2))
     except Exception:  # a missing or broken file is drawn as a labelled placeholder
         ImageDraw.Draw(tile).text((CELL // 2 - 24, CELL // 2 - 6), "missing", fill=(90, 90, 90))
     return tile
@@ -52,8 +64,8 @@ def draw_sheet(rows: list[list[Cell]], out: Path) -> tuple[int, int]:
         top = PAD + r * (CELL + LABEL + PAD)
         for c, cell in enumerate(row):
             left = PAD + c * (CELL + PAD)
-            sheet.paste(thumbnail(cell.path), (left, top))
-            for n, line in enumerate(cell.lines[:2]):
+            sheet.paste(thumbnail(cell.image), (left, top))
+            for n, line in enumerate(cell.lines[:LINES]):
                 draw.text((left + 2, top + CELL + 2 + 14 * n), _fit(line), fill=(0, 0, 0))
     buffer = io.BytesIO()
     sheet.save(buffer, "PNG")

@@ -22,6 +22,7 @@ from indexer.embed import Batch
 from indexer.images import DecodeError
 from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
+from indexer.sources.base import SampleFailed
 
 log = logging.getLogger(__name__)
 PREFETCH = 4  # batches per worker decoded ahead (uint8, ~77 KB an image at 160x160)
@@ -69,6 +70,8 @@ class ItemDataset(Dataset):
             _resolve_hook(self.hook)(item.key)
         try:
             data, meta = self.sources[item.source].read(item.locator)
+        except SampleFailed as exc:  # never fetched upstream: nothing to read
+            return {"position": position, "error": ("fetch", str(exc))}
         except Exception as exc:  # a read failure is this item's error row, not the run's end
             return {"position": position, "error": ("read", _reason(exc))}
         digest = hashlib.sha256(data).hexdigest()

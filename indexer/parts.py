@@ -10,8 +10,6 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from indexer.catalog import (
     CURRENT,
     ERRORS,
@@ -26,7 +24,7 @@ from indexer.config import IndexOverrides
 from indexer.errors import InputError
 from indexer.portable import Exported
 from indexer.runtime import with_portable
-from indexer.shards import ERROR_SCHEMA, write_errors
+from indexer.shards import read_parquet, write_errors
 
 PART_NAME = re.compile(r"^(\d{5})-of-(\d{5})$")
 
@@ -199,7 +197,8 @@ def _errors(versions: list[Path]) -> list[dict[str, Any]]:
     for version in versions:
         path = version / ERRORS
         if path.is_file():
-            rows += pq.read_table(path).cast(ERROR_SCHEMA).to_pylist()
+            rows += read_parquet(path).to_pylist()  # written again with ERROR_SCHEMA (older
+            # tables lack its newer columns, which become null)
     return rows
 
 

@@ -97,6 +97,7 @@ class BuildReport:
     reindexed: bool = False  # nothing changed, but the index settings did: only re-indexed
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
     runtime: str | None = None  # what embedded: torch, onnxruntime, openvino (None: nothing)
+    unfetched: int = 0  # of the failed: items their downloader never fetched (stage "fetch")
 
 
 REPAIR_KEEPS = ("parts", "part_versions")  # a merged collection stays one of its parts
@@ -121,7 +122,8 @@ def build(cfg: BuildConfig) -> BuildReport:
     try:
         with os_errors_as(f"building {cfg.out}"), CollectionLock(cfg.out, "build"):
             report = build_unlocked(cfg)
-        failed, listed = report.counts["failed"], report.counts["listed"]
+        unfetched = report.unfetched  # failed upstream: not this build's failures
+        failed, listed = report.counts["failed"] - unfetched, report.counts["listed"] - unfetched
         status = judge(failed, listed, cfg.max_failures)
         if status == "failed":
             raise TooManyFailuresError(
@@ -154,6 +156,11 @@ def build(cfg: BuildConfig) -> BuildReport:
                 if error is None:
                     raise
                 log.warning("%s", exc)  # the run's own error is the one to report
+
+
+def unfetched(errors: list[dict[str, Any]]) -> int:
+    """Error rows of items never fetched upstream (img2dataset's failed downloads)."""
+    return sum(1 for e in errors if e.get("stage") == "fetch")
 
 
 def judge(failed: int, items: int, max_failures: float) -> str:
@@ -252,7 +259,8 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
                            time.perf_counter() - start, index, version=version,
                            reindexed=index is not None,
-                           failures=count_reasons(plan.kept_errors))  # fmt: skip
+                           failures=count_reasons(plan.kept_errors),
+                           unfetched=unfetched(plan.kept_errors))  # fmt: skip
     return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start)
 
 
@@ -339,8 +347,8 @@ def update(
     seconds = time.perf_counter() - start
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
-                       failures=count_reasons(errors),
-                       runtime=embedded.runtime)  # fmt: skip
+                       failures=count_reasons(errors), runtime=embedded.runtime,
+                       unfetched=unfetched(errors))  # fmt: skip
 
 
 def same_vectors_index(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from indexer.index import apply_params, load_index, search_param, whole_number
 from indexer.shards import as_numpy, positions, read_rows, read_shard
 
 if TYPE_CHECKING:
+    from indexer.items import ItemReader
     from indexer.runtime import Runtime
 
 T = TypeVar("T")
@@ -73,7 +75,7 @@ class Collection:
         self.manifest = read_manifest(self.version)
         self.index, self.index_meta = load_index(self.version, self.manifest, self.root)
         self._keys: tuple[np.ndarray, pa.Array] | None = None
-        self._labels: tuple[np.ndarray, np.ndarray] | None = None
+        self._items: ItemReader | None = None  # pictures of items: the sources, listed once
         if self._params:
             self.set_search_params(self._params)
 
@@ -118,21 +120,40 @@ class Collection:
         return dict(self.index_meta.get("params") or {})
 
     def set_search_params(self, params: dict[str, int]) -> None:
-        """Override the tuned nprobe or efSearch; an index without that parameter refuses.
-        nprobe above the index's nlist is nlist; efSearch above EF_LIMIT (4096) is refused."""
+        """Override the tuned nprobe or efSearch. A parameter this index does not take (nprobe
+        of an exact or HNSW index) is left alone with a warning, so code written for a large
+        collection runs on a small one; an unknown name is refused. nprobe above the index's
+        nlist is nlist; efSearch above EF_LIMIT (4096) is refused."""
         own = search_param(self.index)[0]
         if not isinstance(params, dict):
             raise InputError(f"search parameters must be a dict such as {{'nprobe': 8}}, not "
                              f"{params!r}")  # fmt: skip
-        for name in params:
+        usable = {}
+        for name, value in params.items():
+            if name not in SEARCH_PARAMS:
+                raise InputError(f"unknown search parameter {name!r}: use nprobe or efSearch")
             if name != own:
-                raise InputError(
+                warnings.warn(
                     f"the index of {self.root} is {self.index_meta['type']} "
-                    f"({self.index_meta['factory']}): it has no {name} to set"
-                    + (f"; it takes {own}" if own else "")
+                    f"({self.index_meta['factory']}): it has no {name}; left as it is"
+                    + (f" (it takes {own})" if own else ""),
+                    stacklevel=2,
                 )
-        applied = apply_params(self.index, params)
+                continue
+            usable[name] = value
+        applied = apply_params(self.index, usable)
         self.index_meta = {**self.index_meta, "params": {**self.search_params, **applied}}
+
+    def __len__(self) -> int:
+        """The number of items in the published version."""
+        return int(self.index.ntotal)
+
+    def __repr__(self) -> str:
+        model = (self.manifest.get("model") or {}).get("name", "vectors from Parquet")
+        return (
+            f"<Collection {str(self.root)!r} {self.version.name}: {len(self):,} items, "
+            f"{self.dim}-d, {self.index_meta.get('type')} index, {model}>"
+        )
 
     @property
     def embedder(self) -> Runtime:
@@ -148,19 +169,28 @@ class Collection:
         return self._embedder
 
     def embed_files(self, files: list[Path]) -> np.ndarray:
-        """Embed query images with the collection's recipe; an unreadable one is an InputError."""
+        """Embed query image files with the collection's recipe (see embed_images)."""
+        return self.embed_images(list(files))
+
+    def embed_images(self, images: ImageInput | list[ImageInput]) -> np.ndarray:
+        """Embed query images with the collection's recipe: (n, dim) float32. Each image is
+        a path (str or Path), encoded bytes, a PIL image or an (H, W, 3) uint8 array; one
+        image alone, or a list. One that cannot be read is an InputError naming it."""
         from indexer.images import DecodeError
         from indexer.preprocess import Preprocessor
 
         rules = self.manifest["decode"]
         preprocess = Preprocessor(self.embedder.data_config, rules["mode"], rules["max_pixels"],
                                   bool(rules.get("allow_truncated")))  # fmt: skip
+        batch = [images] if _one_image(images) else list(images)
+        if not batch:
+            raise InputError("no query images given")
         pixels = []
-        for path in files:
+        for n, image in enumerate(batch):
             try:
-                pixels.append(preprocess(Path(path).read_bytes()).pixels)
-            except (OSError, DecodeError) as exc:
-                raise InputError(f"cannot read query image {path}: {exc}") from exc
+                pixels.append(preprocess(encoded(image)).pixels)
+            except (OSError, DecodeError, ValueError, TypeError) as exc:
+                raise InputError(f"cannot read query image {_name(image, n)}: {exc}") from exc
         return self.embedder.embed(np.stack(pixels))
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
@@ -200,9 +230,12 @@ class Collection:
         scores[ids < 0] = np.nan
         return scores, keys
 
-    def search_images(self, images: list[Path | str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """search() for image files, embedded with the collection's own recipe."""
-        return self.search(self.embed_files([Path(p) for p in images]), k)
+    def search_images(
+        self, images: ImageInput | list[ImageInput], k: int = 10
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """search() for images (paths, bytes, PIL images or arrays; one or a list), embedded
+        with the collection's own recipe."""
+        return self.search(self.embed_images(images), k)
 
     def keys_of(self, ids: np.ndarray) -> np.ndarray:
         """Keys for an array of ids (object array of the same shape; None for -1)."""
@@ -242,6 +275,18 @@ class Collection:
             )
         return np.stack([found[k] for k in keys])
 
+    def image_of(self, key: str) -> bytes | Path | None:
+        """An item's picture: its file (folder sources), else its bytes read from its
+        dataset row or tar member; None when its source no longer has it."""
+        path = self.path_of(key)
+        if path is not None:
+            return path
+        if self._items is None:
+            from indexer.items import ItemReader
+
+            self._items = ItemReader(self.manifest)
+        return self._items.read(key)
+
     def path_of(self, key: str) -> Path | None:
         """The absolute path of an item's file, for items of folder sources (else None)."""
         from indexer.sources.folder import key_to_relpath
@@ -259,12 +304,13 @@ class Collection:
         ids: list[str] | None = None,
         k: int = 10,
         threshold: float | None = None,
-        where: str | None = None,
+        where: str | list[str] | None = None,
     ) -> list[QueryResult]:
         """Nearest items to each image (embedded with the collection's recipe) and to each
-        stored item given by key, as result rows with their shard columns; `where`
-        ("label=NAME") keeps those whose top predicted label is NAME, searching wider until k
-        are found."""
+        stored item given by key, as result rows with their shard columns. `where` (one
+        condition or a list, ANDed: "caption=dog", "original_width>400", "label=tench" for
+        the top predicted label) keeps the rows that satisfy it, searching wider until k are
+        found."""
         return self._again_if_pruned(lambda: self._query(images, ids, k, threshold, where))
 
     def _query(
@@ -273,11 +319,11 @@ class Collection:
         ids: list[str] | None,
         k: int,
         threshold: float | None,
-        where: str | None,
+        where: str | list[str] | None,
     ) -> list[QueryResult]:
         k = capped_k(k, max(int(self.index.ntotal), 1))
         check_threshold(threshold)
-        label = self._where(where)
+        allowed = None if not where else self.allowed_ids(where)
         images, ids = list(images or []), list(ids or [])
         if not images and not ids:
             raise InputError("nothing to query: give images, a folder, a glob, or --id KEY")
@@ -287,7 +333,7 @@ class Collection:
         if ids:
             parts.append(self.vectors_of(ids))
         vectors = np.concatenate(parts)
-        found = self.hits(vectors, k) if label is None else self._labelled(vectors, k, label)
+        found = self.hits(vectors, k) if allowed is None else self._filtered(vectors, k, allowed)
         metric = self.manifest["metric"]
         names = [(str(p), p) for p in images] + [(key, None) for key in ids]
         results = []
@@ -297,16 +343,16 @@ class Collection:
             results.append(QueryResult(name, path, keep_above(hits, threshold, metric)))
         return results
 
-    def _labelled(self, vectors: np.ndarray, k: int, label: str) -> list[list[Hit]]:
-        """The k nearest hits whose top label is `label`: the search widens (doubling) until
-        each query has k of them or searched the whole collection; rows are read for those."""
+    def _filtered(self, vectors: np.ndarray, k: int, allowed: np.ndarray) -> list[list[Hit]]:
+        """The k nearest hits among the allowed ids (sorted): the search widens (doubling)
+        until each query has k of them or searched the whole collection."""
         total = int(self.index.ntotal)
         scores = np.full((len(vectors), k), np.nan, np.float32)
         ids = np.full((len(vectors), k), -1, np.int64)
         todo = np.arange(len(vectors))
         for width in widths(k, total):
             found_s, found_i = self._search_wide(vectors[todo], width)
-            match = (found_i >= 0) & (self._top_labels(found_i) == label)
+            match = (found_i >= 0) & np.isin(found_i, allowed)
             enough = (match.sum(axis=1) >= k) | (width >= total)
             for row, s_row, i_row, m in zip(todo[enough], found_s[enough], found_i[enough],
                                             match[enough], strict=True):  # fmt: skip
@@ -333,42 +379,17 @@ class Collection:
             scores = np.einsum("ij,ij->i", queries, queries)[:, None] - scores
         return scores.astype(np.float32), ids
 
-    def _top_labels(self, ids: np.ndarray) -> np.ndarray:
-        """Each id's top predicted label (object array of the same shape; None for -1)."""
-        sorted_ids, labels = self._label_map()
-        out = np.full(ids.shape, None, dtype=object)
-        if len(sorted_ids):
-            pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-            out[ids >= 0] = labels[pos[ids >= 0]]
-        return out
+    def allowed_ids(self, where: str | list[str]) -> np.ndarray:
+        """The sorted ids of the items every --where condition keeps."""
+        from indexer.filters import allowed_ids, parse_where
 
-    def _label_map(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every id (sorted) and its top predicted label: read once, two columns only."""
-        if self._labels is None:
-            import pyarrow.compute as pc
+        conditions = parse_where(where)
+        paths = self.paths.shard_paths(self.manifest)
+        if not paths:
+            return np.zeros(0, np.int64)
+        import pyarrow.parquet as pq
 
-            paths = self.paths.shard_paths(self.manifest)
-            tables = [read_shard(p, ["id", "label_name"]) for p in paths]
-            if not tables:
-                return np.zeros(0, np.int64), np.zeros(0, object)
-            table = pa.concat_tables(tables)
-            order = np.argsort(as_numpy(table.column("id")), kind="stable")
-            top = pc.list_element(table.column("label_name").combine_chunks(), 0)
-            self._labels = (as_numpy(table.column("id"))[order],
-                            top.to_numpy(zero_copy_only=False)[order])  # fmt: skip
-        return self._labels
-
-    def _where(self, where: str | None) -> str | None:
-        if where is None:
-            return None
-        field, _, value = where.partition("=")
-        if field.strip() != "label" or not value.strip():
-            raise InputError(f"--where {where!r}: write it as label=NAME (e.g. label=tench)")
-        if not (self.manifest["model"] or {}).get("labels"):
-            raise InputError(
-                f"{self.root} has no predicted labels: build it with --labels K to filter by them"
-            )
-        return value.strip()
+        return allowed_ids(paths, pq.read_schema(paths[0]), conditions)
 
     def query_frame(self, *args: Any, **kwargs: Any) -> Any:
         """query() as a pandas DataFrame: one row per hit, with a `query` column."""
@@ -418,6 +439,44 @@ class QueryResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"query": self.name, "results": [h.to_dict() for h in self.hits]}
+
+
+ImageInput = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray (PIL imported lazily)
+SEARCH_PARAMS = ("nprobe", "efSearch")
+
+
+def _one_image(images: Any) -> bool:
+    return isinstance(images, str | Path | bytes | bytearray | np.ndarray) or hasattr(
+        images, "getpixel"
+    )
+
+
+def encoded(image: ImageInput) -> bytes:
+    """A query image's encoded bytes: a file's, the bytes given, or a PIL image or uint8
+    array written as PNG (lossless: the same pixels the caller holds)."""
+    if isinstance(image, str | Path):
+        return Path(image).read_bytes()
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    import io
+
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"an array image must be uint8 (H, W) or (H, W, 3), not "
+                             f"{image.dtype} {image.shape}")  # fmt: skip
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"a query image is a path, bytes, a PIL image or an array, not "
+                        f"{type(image).__name__}")  # fmt: skip
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _name(image: ImageInput, n: int) -> str:
+    return str(image) if isinstance(image, str | Path) else f"#{n} ({type(image).__name__})"
 
 
 def expand_images(args: list[str]) -> list[Path]:

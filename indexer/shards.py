@@ -25,6 +25,7 @@ ERROR_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("file_size", pa.int64()),  # as listed: a failed file left unchanged is not retried
         ("mtime_ns", pa.int64()),
+        ("url", pa.string()),  # where the item was fetched from, when its source says
     ]
 )
 

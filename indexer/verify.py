@@ -264,7 +264,8 @@ def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig
 def source_spec(source: dict[str, Any]) -> SourceSpec:
     """The SOURCE argument a manifest's source entry was built from."""
     if source["kind"] == "hf":
-        return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"])
+        return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"],
+                          key_column=source.get("key_column"))  # fmt: skip
     return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")))
 
 

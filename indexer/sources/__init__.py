@@ -1,4 +1,4 @@
-"""Pick a source implementation from a SOURCE argument (a folder, or ``hf:`` for datasets)."""
+"""Pick a source implementation from a SOURCE argument (a folder, tars, Parquet, or ``hf:``)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,31 @@ def open_source(
         from indexer.sources.hf import HFSource
 
         name = spec.location[len(HF_PREFIX) :]
-        return HFSource(name, spec.split, spec.image_column, label, max_pixels)
+        return HFSource(name, spec.split, spec.image_column, label, max_pixels, spec.key_column)
     from indexer.sources.folder import FolderSource
+    from indexer.sources.wds import WebDatasetSource, is_webdataset
 
     root = Path(spec.location).expanduser()
+    if is_webdataset(root):  # .tar shards (img2dataset --output_format webdataset)
+        return WebDatasetSource(root, label, max_pixels)
+    if is_parquet_dataset(root):  # Parquet files (img2dataset --output_format parquet)
+        from indexer.sources.hf import HFSource
+
+        return HFSource(str(root), spec.split, spec.image_column, label, max_pixels,
+                        spec.key_column)  # fmt: skip
     return FolderSource(root, label, spec.follow_symlinks, max_pixels)
+
+
+SIDE_FILES = (".parquet", ".json", ".csv", ".txt", ".md")  # what a Parquet dataset folder holds
+
+
+def is_parquet_dataset(root: Path) -> bool:
+    """A folder of .parquet files (and their stats, readme): no subfolders, no images."""
+    if not root.is_dir():
+        return False
+    entries = list(root.iterdir())
+    plain = all(p.is_file() and p.suffix.lower() in SIDE_FILES for p in entries)
+    return plain and any(p.suffix.lower() == ".parquet" for p in entries)
 
 
 def open_sources(

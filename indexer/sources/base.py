@@ -8,13 +8,18 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 
+class SampleFailed(Exception):
+    """An item its downloader could not fetch (img2dataset's failed rows): an error row of
+    stage "fetch", never embedded, and not counted against the build's failure budget."""
+
+
 @dataclass(frozen=True)
 class Item:
     """One thing to embed: its key in the collection, its source and where to find it."""
 
     key: str
     source: int  # position of its source in the build's source list
-    locator: Any  # a path for folders, a row number for datasets
+    locator: Any  # a path for folders, a row number for datasets, a member for tars
     fingerprint: tuple[int, int] | None = None  # (size, mtime_ns) of a file, when it has one
 
 
@@ -37,4 +42,8 @@ class Source(Protocol):
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
         """The item's encoded image bytes and its metadata column values."""
+        ...
+
+    def url(self, locator: Any) -> str | None:
+        """Where the item was fetched from, for its error row (None: not known)."""
         ...

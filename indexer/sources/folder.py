@@ -76,6 +76,9 @@ class FolderSource:
             )
         return read_bounded(path, self.max_bytes), {}
 
+    def url(self, locator: Any) -> str | None:
+        return None
+
 
 def printable_key(rel: str) -> str:
     """A UTF-8 key even for a non-UTF-8 file name: its odd bytes written as \\xNN escapes and

@@ -1,0 +1,286 @@
+"""webdataset tar shards (img2dataset's webdataset output): samples under their own keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from indexer.config import DEFAULT_MAX_PIXELS
+from indexer.errors import InputError
+from indexer.safeio import byte_limit
+from indexer.shards import metadata_names
+from indexer.sources.base import SampleFailed
+from indexer.sources.folder import IMAGE_EXTENSIONS, printable_key
+
+MAX_JSON_BYTES = 1 << 20  # a sample's JSON or text member
+SCHEMA_SAMPLES = 200  # JSON members read to learn the columns when no sidecar names them
+SUCCESS = "success"
+
+
+@dataclass(frozen=True)
+class Member:
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Where one sample's members are in its tar (locator of a listed item)."""
+
+    tar: str
+    image: Member
+    json: Member | None = None
+    text: Member | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A sample the sidecar lists as not fetched (locator of an error item)."""
+
+    status: str
+    message: str
+    url: str | None
+
+
+def is_webdataset(root: Path) -> bool:
+    """A folder holding .tar files at its top level is read as webdataset shards."""
+    return root.is_dir() and any(p.suffix == ".tar" and p.is_file() for p in root.iterdir())
+
+
+class WebDatasetSource:
+    """Every sample with an image member in the folder's .tar files (sorted by name).
+
+    A sample is the members sharing a key (the member's path up to the first dot of its file
+    name, webdataset's ``__key__``): one image (jpg, png, webp, ...), and optionally JSON
+    (flattened into columns) and text (the caption when the JSON has none). A sidecar
+    ``NAME.parquet`` beside ``NAME.tar`` (img2dataset) names the columns and the samples that
+    could not be fetched (status other than success): those become error rows with their url.
+    """
+
+    def __init__(
+        self, root: Path, label: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
+        if not is_webdataset(root):
+            raise InputError(f"{root} holds no .tar files: pass the folder of webdataset shards")
+        self.root = root.resolve()
+        self.tars = sorted(p.name for p in self.root.iterdir() if p.suffix == ".tar")
+        self.label = label or printable_key(self.root.name) or "root"
+        self.max_bytes = byte_limit(max_pixels)
+        fields = self._fields()
+        self.types = {f.name: f.type for f in fields}
+        self.columns = metadata_names(list(self.types))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "webdataset", "path": str(self.root), "label": self.label,
+                "tars": len(self.tars)}  # fmt: skip
+
+    def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+        listed: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
+        for tar in self.tars:
+            st = os.stat(self.root / tar)
+            for key, sample in _samples(self.root / tar, tar).items():
+                _add(listed, key, (key, sample, (sample.image.size, st.st_mtime_ns)), tar)
+            for key, failed in self._failures(tar).items():
+                if key not in listed:
+                    _add(listed, key, (key, failed, (0, st.st_mtime_ns)), tar)
+        return [listed[k] for k in sorted(listed)]
+
+    def metadata_schema(self) -> pa.Schema:
+        return pa.schema(
+            [pa.field(self.columns[n], t, nullable=True) for n, t in self.types.items()]
+        )
+
+    def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
+        if isinstance(locator, Failed):
+            raise SampleFailed(f"not fetched by its downloader ({locator.status}: "
+                               f"{locator.message})")  # fmt: skip
+        sample: Sample = locator
+        if sample.image.size > self.max_bytes:
+            raise ValueError(f"the image member is {sample.image.size} bytes, over the limit "
+                             f"of {self.max_bytes} bytes")  # fmt: skip
+        with open(self.root / sample.tar, "rb") as f:
+            data = _pread(f, sample.image)
+            meta = self._metadata(f, sample)
+        return data, meta
+
+    def url(self, locator: Any) -> str | None:
+        """The sample's url (for its error row), where its record gives one."""
+        if isinstance(locator, Failed):
+            return locator.url
+        try:
+            with open(self.root / locator.tar, "rb") as f:
+                url = self._metadata(f, locator).get(self.columns.get("url", "url"))
+        except (OSError, ValueError):
+            return None
+        return url if isinstance(url, str) else None
+
+    def _metadata(self, f: Any, sample: Sample) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        if sample.json is not None:
+            record = _flatten(json.loads(_pread(f, sample.json, MAX_JSON_BYTES)))
+        if sample.text is not None and record.get("caption") is None:
+            record["caption"] = _pread(f, sample.text, MAX_JSON_BYTES).decode("utf-8", "replace")
+        return {self.columns[n]: _coerce(record.get(n), t) for n, t in self.types.items()}
+
+    def _fields(self) -> list[pa.Field]:
+        """The metadata columns: the sidecars' (image bytes left out), else those of the
+        first tar's JSON members; a caption column whenever samples carry text."""
+        fields: dict[str, pa.Field] = {}
+        for tar in self.tars:
+            sidecar = self.root / Path(tar).with_suffix(".parquet")
+            if sidecar.is_file():
+                import pyarrow.parquet as pq
+
+                for f in pq.read_schema(sidecar):
+                    if not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type):
+                        fields.setdefault(f.name, pa.field(f.name, _scalar(f.type)))
+        if not fields and self.tars:
+            fields = _json_fields(self.root / self.tars[0], self.tars[0])
+        fields.setdefault("caption", pa.field("caption", pa.string()))
+        return list(fields.values())
+
+    def _failures(self, tar: str) -> dict[str, Failed]:
+        sidecar = self.root / Path(tar).with_suffix(".parquet")
+        if not sidecar.is_file():
+            return {}
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(sidecar).names
+        if "key" not in names or "status" not in names:
+            return {}
+        wanted = [c for c in ("key", "status", "error_message", "url") if c in names]
+        rows = pq.ParquetFile(sidecar).read(columns=wanted).to_pylist()
+        return {
+            str(r["key"]): Failed(str(r["status"]), str(r.get("error_message") or "no message"),
+                                  r.get("url"))
+            for r in rows if r["status"] != SUCCESS and r["key"] is not None
+        }  # fmt: skip
+
+
+def _add(listed: dict[str, Any], key: str, entry: Any, tar: str) -> None:
+    if key in listed:
+        raise InputError(
+            f"sample key {key!r} appears twice ({tar} and an earlier tar): keys must be unique "
+            "across the shards; index the tars as separate sources"
+        )
+    listed[key] = entry
+
+
+def _samples(path: Path, name: str) -> dict[str, Sample]:
+    """The tar's samples with an image member, by key (members read as headers only)."""
+    images: dict[str, Member] = {}
+    jsons: dict[str, Member] = {}
+    texts: dict[str, Member] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                key, ext = _split(info.name)
+                member = Member(info.offset_data, info.size)
+                if f".{ext}" in IMAGE_EXTENSIONS:
+                    images.setdefault(key, member)
+                elif ext == "json":
+                    jsons[key] = member
+                elif ext in ("txt", "text", "caption"):
+                    texts[key] = member
+    except (tarfile.TarError, OSError) as exc:
+        raise InputError(f"cannot read the tar {path} ({exc}): replace or remove it") from exc
+    return {k: Sample(name, m, jsons.get(k), texts.get(k)) for k, m in images.items()}
+
+
+def _split(member: str) -> tuple[str, str]:
+    """webdataset's key and extension: the path up to the first dot of the file name."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    key = f"{folder}/{stem}" if folder else stem
+    return printable_key(key.removeprefix("./")), ext.lower()
+
+
+def _pread(f: Any, member: Member, limit: int | None = None) -> bytes:
+    if limit is not None and member.size > limit:
+        raise ValueError(f"a member of {member.size} bytes is over the limit of {limit}")
+    data = os.pread(f.fileno(), member.size, member.offset)
+    if len(data) != member.size:
+        raise ValueError("the tar ends inside this member (truncated)")
+    return data
+
+
+def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested objects as name_sub columns; lists as JSON text."""
+    if not isinstance(record, dict):
+        return {}
+    flat: dict[str, Any] = {}
+    for name, value in record.items():
+        column = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{column}_"))
+        elif isinstance(value, list):
+            flat[column] = json.dumps(value)
+        else:
+            flat[column] = value
+    return flat
+
+
+def _json_fields(path: Path, name: str) -> dict[str, pa.Field]:
+    """Columns of the first SCHEMA_SAMPLES JSON members: numbers, booleans, else text."""
+    samples = list(_samples(path, name).values())[:SCHEMA_SAMPLES]
+    found: dict[str, pa.DataType] = {}
+    with open(path, "rb") as f:
+        for sample in samples:
+            if sample.json is None:
+                continue
+            try:
+                record = _flatten(json.loads(_pread(f, sample.json, MAX_JSON_BYTES)))
+            except ValueError:
+                continue
+            for column, value in record.items():
+                found[column] = _widen(found.get(column), _type_of(value))
+    return {n: pa.field(n, t or pa.string()) for n, t in found.items()}
+
+
+def _type_of(value: Any) -> pa.DataType | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    return pa.string()
+
+
+def _widen(a: pa.DataType | None, b: pa.DataType | None) -> pa.DataType | None:
+    if a is None or b is None or a == b:
+        return a or b
+    numbers = (pa.int64(), pa.float64())
+    return pa.float64() if a in numbers and b in numbers else pa.string()
+
+
+def _scalar(t: pa.DataType) -> pa.DataType:
+    """A sidecar column's type as a shard column: scalars kept, anything else as text."""
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t):
+        return t
+    return pa.string()
+
+
+def _coerce(value: Any, t: pa.DataType) -> Any:
+    """The value in the column's type; None where it does not fit."""
+    if value is None:
+        return None
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return value if isinstance(value, str) else json.dumps(value)
+    if pa.types.is_boolean(t):
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if pa.types.is_integer(t):
+        return int(value) if float(value).is_integer() else None
+    return float(value)
