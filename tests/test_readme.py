@@ -53,3 +53,42 @@ def _photos(factory: pytest.TempPathFactory) -> Path:
     result = run_cli("build", src, "--out", work / "photos.idx", *BUILD_FLAGS)
     assert result.exit_code == 0, result.output
     return work
+
+
+def test_the_clip_retrieval_recipe_runs_and_indexes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """clip-retrieval's layout (img_emb/img_emb_N.npy + metadata/metadata_N.parquet, as its
+    inference writes them) joined by the README's recipe, then indexed by --from-parquet."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    (tmp_path / "clip-output" / "img_emb").mkdir(parents=True)
+    (tmp_path / "clip-output" / "metadata").mkdir()
+    vectors = {}
+    for n, count in enumerate((7, 5)):
+        block = rng.standard_normal((count, 16)).astype(np.float16)  # clip-retrieval's dtype
+        block /= np.linalg.norm(block.astype(np.float32), axis=1, keepdims=True).astype(np.float16)
+        np.save(tmp_path / "clip-output" / "img_emb" / f"img_emb_{n}.npy", block)
+        paths = [f"/data/img/{n}_{i}.jpg" for i in range(count)]
+        captions = [f"caption {n} {i}" for i in range(count)]
+        pq.write_table(pa.table({"image_path": paths, "caption": captions}),
+                       tmp_path / "clip-output" / "metadata" / f"metadata_{n}.parquet")  # fmt: skip
+        vectors.update(zip(paths, block.astype(np.float32), strict=True))
+    section = README.read_text(encoding="utf-8").split("clip-retrieval's `inference`", 1)[1]
+    recipe = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    exec(compile(recipe, "README clip-retrieval recipe", "exec"), {})
+    result = run_cli("index", "--from-parquet", "clip-embeddings", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(tmp_path / "c" / "shards")
+    assert table.num_rows == 12
+    for key, caption, emb in zip(table["key"].to_pylist(), table["caption"].to_pylist(),
+                                 table["embedding"].to_pylist(), strict=True):  # fmt: skip
+        assert np.allclose(emb, vectors[key], atol=1e-3)
+        assert caption.startswith("caption ")
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["counts"]["embedded"] == 12

@@ -91,8 +91,9 @@ class HFSource:
         data = image.get("bytes") if isinstance(image, dict) else image
         if data is None and isinstance(image, dict) and image.get("path"):
             data = read_bounded(image["path"], self.max_bytes)
-        if not data:
-            raise SampleFailed(f"the row has no image in column {self.image_column!r}")
+        if data is None:  # (empty bytes are read, and fail to decode as an empty file)
+            missing = f"the row has no image in column {self.image_column!r}"
+            raise SampleFailed(missing) if status is not None else ValueError(missing)
         meta = {new: row[name] for name, new in self.columns.items()}
         for name, new in self.class_names.items():
             meta[new] = _class_name(self.dataset.features[name], row[name])
