@@ -650,7 +650,7 @@ def query(
 
         if grid is not None:
             check_writable(grid, "--grid")  # refused before the work, not after it
-        collection = Collection(root, device, params, runtime)
+        collection = Collection(root, device, params, runtime, strict_params=True)
         files = expand_images(list(images))
         return collection, collection.query(files, list(ids), k, threshold, list(where))
 

@@ -13,7 +13,7 @@ import torch
 
 from indexer.config import PRECISIONS, ModelConfig, file_sha256
 from indexer.errors import InputError, ModelError, WeightsUnavailableError
-from indexer.hub import hub_unreachable_reason
+from indexer.hub import WEIGHTS_HINT, hub_unreachable_reason
 from indexer.portable import Exported
 from indexer.preprocess import DataConfig
 
@@ -305,7 +305,7 @@ def create_pretrained(name: str) -> torch.nn.Module:
             f"timm has no pretrained weights for '{name}': pass --checkpoint FILE "
             "or --no-pretrained"
         )
-    hint = "pass --checkpoint FILE for local weights, or --no-pretrained for random weights"
+    hint = WEIGHTS_HINT
     reason = (
         None if pcfg.file else hub_unreachable_reason(None if pcfg.hf_hub_id else str(pcfg.url))
     )

@@ -107,6 +107,11 @@ PART_INDEX = {"type": "none", "part": True}  # a part is indexed when the parts 
 def build(cfg: BuildConfig) -> BuildReport:
     """Build under the collection's lock, and record the run in its history (and metrics)."""
     check_build_dir(cfg.out)  # refused before anything is written into someone's folder
+    if cfg.model.pretrained and cfg.model.checkpoint is None and not cfg.out.exists():
+        from indexer.hub import check_pretrained_early
+
+        check_pretrained_early(cfg.model.name)  # a first build offline without the weights:
+        # fail at once, leaving no folder (an existing collection records the failed run)
     if cfg.metrics_file is not None:
         check_writable(cfg.metrics_file, "--metrics-file")  # before the work, not after it
     if cfg.partition is not None:  # the part is a collection of its own inside --out

@@ -56,9 +56,11 @@ class Collection:
         device: str = "auto",
         params: dict[str, int] | None = None,
         runtime: str = "auto",
+        strict_params: bool = False,
     ) -> None:
         self.root = Path(root)
         self.device = device
+        self._strict = strict_params  # a parameter the index lacks: an error (the CLI's flags)
         from indexer.config import RUNTIMES
 
         if runtime not in RUNTIMES:
@@ -77,7 +79,7 @@ class Collection:
         self._keys: tuple[np.ndarray, pa.Array] | None = None
         self._items: ItemReader | None = None  # pictures of items: the sources, listed once
         if self._params:
-            self.set_search_params(self._params)
+            self.set_search_params(self._params, strict=self._strict)
 
     def _again_if_pruned(self, work: Callable[[], T]) -> T:
         """Run work; if the version it reads was deleted under it (a build published with
@@ -119,11 +121,12 @@ class Collection:
         """The tuned search parameters in use (e.g. {'nprobe': 12}); {} for exact search."""
         return dict(self.index_meta.get("params") or {})
 
-    def set_search_params(self, params: dict[str, int]) -> None:
+    def set_search_params(self, params: dict[str, int], strict: bool = False) -> None:
         """Override the tuned nprobe or efSearch. A parameter this index does not take (nprobe
         of an exact or HNSW index) is left alone with a warning, so code written for a large
-        collection runs on a small one; an unknown name is refused. nprobe above the index's
-        nlist is nlist; efSearch above EF_LIMIT (4096) is refused."""
+        collection runs on a small one (strict: refused, as the CLI's flags are); an unknown
+        name is refused. nprobe above the index's nlist is nlist; efSearch above EF_LIMIT
+        (4096) is refused."""
         own = search_param(self.index)[0]
         if not isinstance(params, dict):
             raise InputError(f"search parameters must be a dict such as {{'nprobe': 8}}, not "
@@ -132,6 +135,12 @@ class Collection:
         for name, value in params.items():
             if name not in SEARCH_PARAMS:
                 raise InputError(f"unknown search parameter {name!r}: use nprobe or efSearch")
+            if name != own and strict:
+                raise InputError(
+                    f"the index of {self.root} is {self.index_meta['type']} "
+                    f"({self.index_meta['factory']}): it has no {name} to set"
+                    + (f"; it takes {own}" if own else "")
+                )
             if name != own:
                 warnings.warn(
                     f"the index of {self.root} is {self.index_meta['type']} "

@@ -169,14 +169,38 @@ def test_corrupt_manifest_is_reported(collection: Path, tmp_path: Path, corpus: 
 
 
 def test_pretrained_unavailable_fails_before_work(corpus: Path, tmp_path: Path) -> None:
+    """A first build fails at once and leaves no folder; an existing collection records it."""
     out = tmp_path / "c"
+    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, "build", str(corpus), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 4
+    assert "--checkpoint" in done.stderr and "--no-pretrained" in done.stderr
+    assert done.stderr.count("\n") == 1
+    assert not out.exists()  # nothing was built: nothing left behind
+    assert "torch" not in done.stderr
+    out.mkdir()
     result = run_cli("build", corpus, "--out", out, "--workers", "0")
-    assert result.exit_code == 4
-    assert "--checkpoint" in result.output and "--no-pretrained" in result.output
-    assert result.output.count("\n") == 1
-    assert sorted(p.name for p in out.iterdir()) == [".indexer.lock", "runs.jsonl"]
+    assert result.exit_code == 4 and "cannot be fetched" in result.output
     [run] = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert run["status"] == "failed" and "cannot be fetched" in run["error"]
+
+
+def test_pretrained_check_is_immediate_without_importing_torch(
+    corpus: Path, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('torch', 'timm'):\n    sys.modules[name] = None\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    done = subprocess.run(
+        [sys.executable, "-c", code, "build", str(corpus), "--out", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 4 and "cannot be fetched" in done.stderr, done.stderr
 
 
 def test_failed_rebuild_keeps_the_old_collection(

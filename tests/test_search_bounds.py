@@ -104,9 +104,13 @@ def test_nprobe_is_capped_at_nlist_on_an_ivf_collection(tmp_path: Path) -> None:
     c.set_search_params({"nprobe": 10**12})
     assert c.search_params == {"nprobe": nlist} and c.index_meta["params"] == {"nprobe": nlist}
     assert Collection.open(out, params={"nprobe": 2**31}).search_params == {"nprobe": nlist}
-    for bad in ({"nprobe": 0}, {"nprobe": "8"}, {"nprobe": 1.5}, {"efSearch": 16}):
+    for bad in ({"nprobe": 0}, {"nprobe": "8"}, {"nprobe": 1.5}, {"probes": 8}):
         with pytest.raises(InputError):
             c.set_search_params(bad)
+    with pytest.warns(UserWarning, match="no efSearch"):
+        c.set_search_params({"efSearch": 16})  # not this index's: left alone
+    with pytest.raises(InputError, match="no efSearch"):
+        c.set_search_params({"efSearch": 16}, strict=True)
     one_line_error(run_cli(*base, "--ef", "16"), "no efSearch")
 
 
