@@ -33,13 +33,11 @@ class IndexChoice:
     reason: str
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-index-memory") -> int:
     """'512M', '16G', '1.5GiB', '1000000' -> bytes; InputError otherwise."""
     match = _SIZE.match(text)
     if not match:
-        raise InputError(
-            f"--max-index-memory {text!r} is not a size: write it like 512M, 16G or 2T"
-        )
+        raise InputError(f"{flag} {text!r} is not a size: write it like 512M, 16G or 2T")
     number, unit = float(match.group(1)), match.group(2).lower()
     return int(number * 1024 ** "_kmgt".index(unit or "_"))
 

@@ -1034,3 +1034,8 @@ def demo(out: Path, count: int) -> None:
     click.echo(summarize(result.report))
     for query_path, hits in zip(result.queries, result.hits, strict=True):
         click.echo(format_hits(str(query_path), hits))
+
+
+from indexer.cli_serve import serve  # noqa: E402  # its own module: cli.py stays one read
+
+main.add_command(serve)

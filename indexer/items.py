@@ -21,12 +21,15 @@ class ItemReader:
         self._sources: list[Source] | None = None
         self._items: dict[str, Item] = {}
         self._failed: str | None = None
+        self._folders = False  # every source a folder: items found from their keys
 
     def read(self, key: str) -> bytes | None:
-        """The item's encoded bytes, or None when its source no longer has it (logged)."""
+        """The item's encoded bytes, or None when its source no longer has it (logged).
+        Read as the build read it: a folder's file only inside its folder (links out refused
+        unless the build followed them), never a key naming a parent folder."""
         if self._sources is None and self._failed is None:
             self._open()
-        item = self._items.get(key)
+        item = self._folder_item(key) if self._folders else self._items.get(key)
         if self._sources is None or item is None:
             return None
         try:
@@ -36,6 +39,20 @@ class ItemReader:
             return None
         return data
 
+    def _folder_item(self, key: str) -> Item | None:
+        """A folder source's item straight from its key (no listing of the folders)."""
+        from indexer.sources.folder import key_to_relpath
+
+        assert self._sources is not None
+        if any(part in ("..", "") for part in key.split("/")) or "\0" in key:
+            return None  # not a key a folder build makes (a tampered row): refused
+        several = len(self._sources) > 1
+        label, rel = key.split("/", 1) if several and "/" in key else (None, key)
+        for n, source in enumerate(self._sources):
+            if label is None or source.label == label:
+                return Item(key, n, key_to_relpath(rel))
+        return None
+
     def _open(self) -> None:
         from indexer.sources import list_items, open_sources
         from indexer.verify import source_spec
@@ -43,7 +60,10 @@ class ItemReader:
         try:
             specs = tuple(source_spec(s) for s in self._manifest["sources"])
             sources = open_sources(specs)
-            self._items = {item.key: item for item in list_items(sources)}
+            kinds = {s.get("kind") for s in self._manifest["sources"]}
+            self._folders = kinds == {"folder"}
+            if not self._folders:
+                self._items = {item.key: item for item in list_items(sources)}
             self._sources = sources
         except (IndexerError, OSError, KeyError, ValueError) as exc:
             self._failed = str(exc)

@@ -296,6 +296,11 @@ class Collection:
             self._items = ItemReader(self.manifest)
         return self._items.read(key)
 
+    def row_of(self, item_id: int) -> dict[str, Any] | None:
+        """The stored row (without its vector) of the item with this id, or None."""
+        paths = self.paths.shard_paths(self.manifest)
+        return read_rows(paths, {int(item_id)}).get(int(item_id))
+
     def path_of(self, key: str) -> Path | None:
         """The absolute path of an item's file, for items of folder sources (else None)."""
         from indexer.sources.folder import key_to_relpath
@@ -309,7 +314,7 @@ class Collection:
 
     def query(
         self,
-        images: list[Path] | None = None,
+        images: list[ImageInput] | None = None,
         ids: list[str] | None = None,
         k: int = 10,
         threshold: float | None = None,
@@ -324,7 +329,7 @@ class Collection:
 
     def _query(
         self,
-        images: list[Path] | None,
+        images: list[ImageInput] | None,
         ids: list[str] | None,
         k: int,
         threshold: float | None,
@@ -338,13 +343,14 @@ class Collection:
             raise InputError("nothing to query: give images, a folder, a glob, or --id KEY")
         parts = []
         if images:
-            parts.append(self.embed_files(images))
+            parts.append(self.embed_images(images))
         if ids:
             parts.append(self.vectors_of(ids))
         vectors = np.concatenate(parts)
         found = self.hits(vectors, k) if allowed is None else self._filtered(vectors, k, allowed)
         metric = self.manifest["metric"]
-        names = [(str(p), p) for p in images] + [(key, None) for key in ids]
+        names = [(_name(p, n), Path(p) if isinstance(p, str | Path) else None)
+                 for n, p in enumerate(images)] + [(key, None) for key in ids]  # fmt: skip
         results = []
         for (name, path), hits in zip(names, found, strict=True):
             if path is None:  # a stored item: show its own file when it has one

@@ -1,0 +1,89 @@
+"""`indexer serve`: the command that runs the search service (its own group of options)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+
+import click
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+@click.command()
+@click.argument("dirs", metavar="DIR...", nargs=-1, required=True,
+                type=click.Path(path_type=Path))  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; a non-loopback one needs --token or --insecure.")  # fmt: skip
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--name", "names", multiple=True,
+              help="Name of each DIR in URLs, in order (default: its folder name).")  # fmt: skip
+@click.option("--token", envvar="INDEXER_TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' (or set $INDEXER_TOKEN).")  # fmt: skip
+@click.option("--insecure", is_flag=True,
+              help="Allow a non-loopback --host without a token.")  # fmt: skip
+@click.option("--cors-origin", "cors", multiple=True,
+              help="Allow browser requests from this origin (none by default).")  # fmt: skip
+@click.option("--max-upload", default="20M", show_default=True,
+              help="Largest upload accepted (bytes, or with K/M/G); larger: 413.")  # fmt: skip
+@click.option("--runtime", default="auto", show_default=True,
+              type=click.Choice(["auto", "torch", "onnx", "openvino"]),
+              help="What embeds uploads (auto: the portable model on the CPU).")  # fmt: skip
+def serve(
+    dirs: tuple[Path, ...],
+    host: str,
+    port: int,
+    names: tuple[str, ...],
+    token: str | None,
+    insecure: bool,
+    cors: tuple[str, ...],
+    max_upload: str,
+    runtime: str,
+) -> None:
+    """Serve published collections: a JSON search API, metrics and a search page.
+
+    Each DIR is loaded once and reloaded by itself when a build publishes a new version
+    (checked first; a version that cannot be loaded is logged and the old one keeps serving).
+
+      indexer serve photos.idx --port 8000      then open http://127.0.0.1:8000/
+    """
+    from indexer.choose import parse_size
+    from indexer.cli import run_library
+    from indexer.errors import InputError
+    from indexer.serve.app import ServeConfig, create_app
+    from indexer.serve.registry import Registry, collection_names
+
+    if not _loopback(host) and token is None and not insecure:
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: give --token TOKEN (or "
+            "$INDEXER_TOKEN), or --insecure to serve without one"
+        )
+    limit = run_library(lambda: parse_size(max_upload, "--max-upload"))
+    roots = run_library(lambda: collection_names(list(dirs), list(names)))
+    registry = Registry(roots, runtime)
+    run_library(registry.refresh)
+    if not registry.ready():
+        missing = [n for n in roots if n not in {c.name for c in registry.all()}]
+        run_library(lambda: _raise(InputError(
+            f"collection(s) {missing} have no loadable published version: build them first "
+            "(or see the log above)")))  # fmt: skip
+    registry.watch()
+    app = create_app(registry, ServeConfig(token, limit, tuple(cors)))
+    import uvicorn
+
+    logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def _loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,1 @@
+"""The search service: published collections over HTTP, reloaded as builds publish."""

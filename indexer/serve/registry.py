@@ -1,0 +1,131 @@
+"""Collections a service serves: each published version loaded once, checked, then swapped in."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from indexer.errors import IndexerError, InputError
+from indexer.search import Collection
+
+log = logging.getLogger(__name__)
+POLL_SECONDS = 2.0  # how often `current` is looked at for a new version
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One collection's version as served: requests keep the one they started with."""
+
+    name: str
+    root: Path
+    collection: Collection
+    version: str
+    target: str  # where `current` pointed when it was loaded
+
+    def describe(self) -> dict[str, Any]:
+        c = self.collection
+        return {
+            "name": self.name,
+            "version": self.version,
+            "count": len(c),
+            "dim": c.dim,
+            "model": (c.manifest.get("model") or {}).get("name"),
+            "metric": c.manifest["metric"],
+            "index": c.index_meta.get("type"),
+            "portable_model": "portable_model" in c.manifest,
+        }
+
+
+class Registry:
+    """Name -> the loaded version. refresh() loads a newly published version beside the old
+    one, checks it (manifest, index, the model that embeds queries), and replaces the one
+    reference; a version that fails to load is logged and counted, the old one keeps serving."""
+
+    def __init__(self, roots: dict[str, Path], runtime: str = "auto") -> None:
+        self.roots = roots
+        self.runtime = runtime
+        self._loaded: dict[str, Loaded] = {}
+        self._lock = threading.Lock()
+        self.reloads = 0
+        self.failures = 0
+        self._stop = threading.Event()
+
+    def get(self, name: str) -> Loaded:
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            raise KeyError(name)
+        return loaded
+
+    def all(self) -> list[Loaded]:
+        return [self._loaded[n] for n in self.roots if n in self._loaded]
+
+    def ready(self) -> bool:
+        return all(name in self._loaded for name in self.roots)
+
+    def refresh(self) -> None:
+        """Load every collection whose published version changed (or was never loaded)."""
+        for name, root in self.roots.items():
+            with self._lock:
+                self._refresh_one(name, root)
+
+    def _refresh_one(self, name: str, root: Path) -> None:
+        target = _current_target(root)
+        old = self._loaded.get(name)
+        if target is None or (old is not None and old.target == target):
+            return
+        try:
+            collection = Collection(root, runtime=self.runtime)
+            if collection.manifest.get("model") is not None:
+                _ = collection.embedder  # the model that embeds uploads: loaded before serving
+        except (IndexerError, OSError, ValueError) as exc:
+            self.failures += 1
+            log.error("collection %s: version %s cannot be served (%s); keeping %s", name,
+                      target, exc, old.version if old else "none")  # fmt: skip
+            return
+        self._loaded[name] = Loaded(name, root, collection, collection.version.name, target)
+        if old is not None:
+            self.reloads += 1
+            log.info("collection %s: now serving %s (was %s)", name, collection.version.name,
+                     old.version)  # fmt: skip
+
+    def watch(self, every: float = POLL_SECONDS) -> threading.Thread:
+        """Refresh in a background thread until stop()."""
+
+        def loop() -> None:
+            while not self._stop.wait(every):
+                try:
+                    self.refresh()
+                except Exception:  # a watcher that dies would freeze the service's versions
+                    log.exception("refreshing the collections failed; trying again")
+
+        thread = threading.Thread(target=loop, name="collection-watcher", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _current_target(root: Path) -> str | None:
+    try:
+        return os.readlink(root / "current")
+    except OSError:
+        return None
+
+
+def collection_names(dirs: list[Path], names: list[str]) -> dict[str, Path]:
+    """Each DIR by its folder name, or by --name given in the same order; names unique."""
+    if names and len(names) != len(dirs):
+        raise InputError(f"--name was given {len(names)} time(s) for {len(dirs)} collection(s): "
+                         "give one per DIR, in order, or none")  # fmt: skip
+    chosen = names or [d.resolve().name for d in dirs]
+    for name in chosen:
+        if not name or "/" in name or name in (".", ".."):
+            raise InputError(f"collection name {name!r} cannot be part of a URL: use --name")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"collection names {chosen} repeat: give each a --name of its own")
+    return dict(zip(chosen, dirs, strict=True))
