@@ -1,0 +1,263 @@
+"""`indexer serve`: a real uvicorn server on 127.0.0.1, spoken to over real HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import shutil
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from PIL import Image
+
+from indexer.serve.app import MAX_K, ServeConfig, create_app
+from indexer.serve.registry import Registry
+from tests.helpers import BUILD_FLAGS, run_cli
+
+
+class Server:
+    """The app on an ephemeral loopback port, in a thread."""
+
+    def __init__(self, app: Any) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30  # a guard against a hung start, not a timing test
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: Any = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        data = response.read()
+        conn.close()
+        return response.status, data, dict(response.getheaders())
+
+    def json(self, method: str, path: str, doc: Any = None, **headers: str) -> tuple[int, Any]:
+        body = None if doc is None else json.dumps(doc).encode()
+        status, data, _ = self.request(method, path, body,
+                                       {"Content-Type": "application/json", **headers})  # fmt: skip
+        if data.startswith((b"{", b"[")):
+            return status, json.loads(data)
+        return status, {"error": data.decode("utf-8", "replace")} if data else None
+
+    def upload(self, name: str, data: bytes, **fields: str) -> tuple[int, Any]:
+        boundary = uuid.uuid4().hex
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+                 .encode() for k, v in fields.items()]  # fmt: skip
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+                     f'filename="q.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'.encode() + data
+                     + b"\r\n")  # fmt: skip
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        status, out, _ = self.request("POST", f"/api/collections/{name}/search", body, headers)
+        return status, json.loads(out) if out.startswith(b"{") else out
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def served(collection: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    copy = tmp_path / "photos"
+    shutil.copytree(collection, copy, symlinks=True)
+    registry = Registry({"photos": copy})
+    registry.refresh()
+    server = Server(create_app(registry, ServeConfig(max_upload_bytes=1 << 20)))
+    yield server, copy
+    server.stop()
+
+
+def cli_json(*args: Any) -> list[dict]:
+    result = run_cli("query", *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)[0]["results"]
+
+
+def test_search_answers_what_indexer_query_answers(
+    served: tuple[Server, Path], corpus: Path
+) -> None:
+    server, root = served
+    image = sorted(corpus.rglob("*.jpg"))[3]
+    status, doc = server.upload("photos", image.read_bytes(), k="5")
+    assert status == 200 and doc["collection"] == "photos" and doc["version"] == "v000001"
+    want = cli_json(image, "--index", root, "-k", "5")
+    assert [r["key"] for r in doc["results"]] == [r["key"] for r in want]
+    assert all(
+        abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(doc["results"], want, strict=True)
+    )
+    key = want[0]["key"]
+    status, by_key = server.json("POST", "/api/collections/photos/search", {"key": key, "k": 3})
+    assert status == 200 and by_key["results"][0]["key"] == key  # rank 1 is itself
+    assert by_key["results"] == cli_json("--id", key, "--index", root, "-k", "3")
+    item_id = by_key["results"][0]["id"]
+    status, by_id = server.json("POST", "/api/collections/photos/search", {"id": item_id, "k": 3})
+    assert status == 200 and by_id["results"] == by_key["results"]
+    status, row = server.json("GET", f"/api/collections/photos/items/{item_id}")
+    assert status == 200 and row["key"] == key and "embedding" not in row
+    status, data, headers = server.request(
+        "GET", f"/api/collections/photos/items/{item_id}/thumbnail?size=64"
+    )
+    assert status == 200 and headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(data)).size) == 64
+    status, listing = server.json("GET", "/api/collections")
+    assert listing[0]["name"] == "photos" and listing[0]["count"] == row["id"] * 0 + len(
+        cli_json("--id", key, "--index", root, "-k", "1000")
+    )
+    assert server.json("GET", "/readyz") == (200, {"photos": "v000001"})
+    status, metrics, _ = server.request("GET", "/metrics")
+    assert b'indexer_requests_total{endpoint="search",status="200"} 3' in metrics
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "doc", "status"),
+    [
+        ("POST", "/api/collections/nope/search", {"id": 0}, 404),
+        ("POST", "/api/collections/photos/search", {"id": 10**9}, 404),
+        ("POST", "/api/collections/photos/search", {"key": "../../etc/passwd"}, 404),
+        ("POST", "/api/collections/photos/search", {"id": 0, "k": 0}, 422),
+        ("POST", "/api/collections/photos/search", {"id": 0, "k": MAX_K + 1}, 422),
+        ("POST", "/api/collections/photos/search", {"id": 0, "k": "3; drop"}, 422),
+        ("POST", "/api/collections/photos/search", {"nothing": 1}, 422),
+        ("POST", "/api/collections/photos/search", [1, 2], 422),
+        ("GET", "/api/collections/photos/items/..%2F..%2Fetc%2Fpasswd", None, 404),
+        ("GET", "/api/collections/photos/items/%2Fetc%2Fpasswd/thumbnail", None, 404),
+        ("GET", "/api/collections/photos/items/-1", None, 422),
+        ("GET", "/api/collections/photos/items/999999/thumbnail", None, 404),
+        ("GET", "/api/collections/photos/items/0/thumbnail?size=99999", None, 422),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_reason(
+    served: tuple[Server, Path], method: str, path: str, doc: Any, status: int
+) -> None:
+    server, _ = served
+    got, body = server.json(method, path, doc)
+    assert got == status and body["error"], body
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_bad_uploads_are_refused_with_the_reason(served: tuple[Server, Path], corpus: Path) -> None:
+    server, _ = served
+    jpeg = sorted(corpus.rglob("*.jpg"))[0].read_bytes()
+    for data, status in (
+        (b"", 422),
+        (jpeg[: len(jpeg) // 3], 422),
+        (b"just some text, named .jpg", 422),
+        (_png_claiming(100_000, 100_000), 422),
+    ):
+        got, doc = server.upload("photos", data)
+        assert got == status and doc["error"], (data[:20], doc)
+    huge = b"\xff" * (2 << 20)
+    got, doc = server.upload("photos", huge)
+    assert got == 413
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.putrequest("POST", "/api/collections/photos/search")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+    conn.putheader("Transfer-Encoding", "chunked")  # no Content-Length: counted as it comes
+    conn.endheaders()
+    for _ in range(3):
+        block = b"a" * (1 << 20)
+        conn.send(f"{len(block):x}\r\n".encode() + block + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+    assert conn.getresponse().status == 413
+    conn.close()
+    cmyk = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).convert("CMYK").save(cmyk, "JPEG")
+    assert server.upload("photos", cmyk.getvalue())[0] == 200
+
+
+def test_a_token_is_required_when_set(collection: Path) -> None:
+    registry = Registry({"photos": collection})
+    registry.refresh()
+    server = Server(create_app(registry, ServeConfig(token="s3cret")))
+    try:
+        assert server.json("GET", "/api/collections")[0] == 401
+        assert server.json("GET", "/api/collections", Authorization="Bearer nope")[0] == 401
+        assert server.json("GET", "/api/collections", Authorization="Bearer s3cret")[0] == 200
+        assert server.json("GET", "/healthz")[0] == 200  # probes need no token
+    finally:
+        server.stop()
+
+
+def test_a_public_host_needs_a_token_or_insecure(collection: Path) -> None:
+    result = run_cli("serve", collection, "--host", "0.0.0.0")
+    assert result.exit_code == 2 and "--token" in result.output
+    result = run_cli("serve", collection, collection)
+    assert result.exit_code != 0 and "repeat" in result.output
+
+
+@pytest.mark.slow
+def test_new_versions_are_served_without_a_failed_request(corpus: Path, tmp_path: Path) -> None:
+    """Clients search while builds publish: no 5xx, versions never go backwards, new items
+    are found after their publish, and a damaged version is never served."""
+    src = tmp_path / "src"
+    shutil.copytree(corpus, src)
+    root = tmp_path / "c"
+    assert run_cli("build", src, "--out", root, *BUILD_FLAGS).exit_code == 0
+    registry = Registry({"c": root})
+    registry.refresh()
+    registry.watch(every=0.2)
+    server = Server(create_app(registry, ServeConfig()))
+    first_key = json.loads((root / "manifest.json").read_text())["shards"] and "group0"
+    statuses: list[int] = []
+    seen: list[list[int]] = [[] for _ in range(3)]
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        while not stop.is_set():
+            status, doc = server.json("POST", "/api/collections/c/search", {"id": 0, "k": 3})
+            statuses.append(status)
+            if status == 200:
+                seen[n].append(int(doc["version"].lstrip("v")))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for n in range(2):
+            Image.new("RGB", (64, 64), (40 * n, 200, 90)).save(src / f"new{n}.png")
+            assert run_cli("build", src, "--out", root, *BUILD_FLAGS).exit_code == 0
+            deadline = time.monotonic() + 30
+            while registry.get("c").version != f"v{n + 2:06d}" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            status, doc = server.json("POST", "/api/collections/c/search", {"key": f"new{n}.png"})
+            assert status == 200 and doc["results"][0]["key"] == f"new{n}.png"
+        (root / "index" / "index.faiss").write_bytes(b"damaged")  # v3's index, in place
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(src / "late.png")
+        damaged = registry.failures
+        assert run_cli("build", src, "--out", root, *BUILD_FLAGS).exit_code == 0  # v4 is whole
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        server.stop()
+        registry.stop()
+    assert first_key and statuses and all(s == 200 for s in statuses), set(statuses)
+    for versions in seen:
+        assert versions == sorted(versions)  # never backwards
+    assert registry.get("c").version == "v000004" and registry.failures >= damaged
