@@ -152,8 +152,9 @@ def make_plan(
         failed = (prev_errors or {}).get(item.key)
         if row is None and failed is not None and failed["source"] == label:
             was = (failed.get("file_size"), failed.get("mtime_ns"))
-            if item.fingerprint is not None and item.fingerprint == was:
-                plan.kept_errors.append(failed)
+            unchanged_row = item.fingerprint is None and label in same_datasets
+            if unchanged_row or (item.fingerprint is not None and item.fingerprint == was):
+                plan.kept_errors.append(failed)  # failed, and unchanged since: not retried
                 continue
         if row is None or row.source != label:
             if row is not None:

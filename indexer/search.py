@@ -338,7 +338,8 @@ class Collection:
         k = capped_k(k, max(int(self.index.ntotal), 1))
         check_threshold(threshold)
         allowed = None if not where else self.allowed_ids(where)
-        images, ids = list(images or []), list(ids or [])
+        images = [images] if _one_image(images) else list(images or [])
+        ids = [ids] if isinstance(ids, str) else list(ids or [])  # one key, not its letters
         if not images and not ids:
             raise InputError("nothing to query: give images, a folder, a glob, or --id KEY")
         parts = []

@@ -13,7 +13,7 @@ import pytest
 from indexer.sources import is_parquet_dataset
 from indexer.sources.wds import _coerce, _flatten, _split
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
-from tests.shapes import write_folder, write_i2d_parquet, write_webdataset
+from tests.shapes import jpeg, write_folder, write_i2d_parquet, write_webdataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "img2dataset-sample"
 
@@ -102,6 +102,7 @@ def test_img2dataset_parquet_indexes_directly(tmp_path: Path, form: str) -> None
     assert_same_vectors(tmp_path / "c", tmp_path / "folder")
     build(source, tmp_path / "c")
     assert last_counts(tmp_path / "c")["unchanged"] == 9  # a re-run does nothing
+    assert (tmp_path / "c" / "current").resolve().name == "v000001"  # (its failure not retried)
 
 
 def test_image_and_key_columns_can_be_named(tmp_path: Path) -> None:
@@ -172,6 +173,8 @@ def test_json_records_flatten_and_coerce() -> None:
     }
     assert _coerce(3.0, pa.int32()) == 3 and _coerce(3.5, pa.int32()) is None
     assert _coerce("x", pa.int64()) is None and _coerce(True, pa.int64()) is None
+    assert _coerce(2**70, pa.int64()) is None and _coerce(3_000_000_000, pa.int32()) is None
+    assert _coerce(-(2**31), pa.int32()) == -(2**31) and _coerce(-1, pa.uint8()) is None
     assert _coerce({"x": 1}, pa.string()) == '{"x": 1}'
 
 
@@ -182,6 +185,7 @@ def test_json_records_flatten_and_coerce() -> None:
         (["a.parquet"], True),
         (["a.parquet", "photo.jpg"], False),
         (["a.parquet", "sub/"], False),
+        ([".DS_Store", "LICENSE", "a.parquet", "a_stats.json"], True),
         (["photo.jpg"], False),
     ],
 )
@@ -252,3 +256,37 @@ def test_where_on_metadata_keeps_exactly_the_matching_rows(tmp_path: Path) -> No
     ):
         bad = run_cli("query", "--id", "000000000", "--index", out, "--where", where)
         assert bad.exit_code == 2 and message in bad.output, (where, bad.output)
+
+
+def test_a_tar_in_a_photo_folder_keeps_it_a_folder(tmp_path: Path) -> None:
+    """A backup.tar dropped among the photos must not turn the folder into tar shards."""
+    photos = write_folder(tmp_path / "photos", {f"p{i}": jpeg(i) for i in range(5)})
+    build(photos, tmp_path / "c")
+    write_webdataset(tmp_path / "photos", 0, 3)  # 00000.tar and its sidecar among the photos
+    build(photos, tmp_path / "c")
+    counts = last_counts(tmp_path / "c")
+    assert counts["deleted"] == 0 and counts["unchanged"] == 5
+    assert sorted(rows(tmp_path / "c")) == [f"p{i}.jpg" for i in range(5)]
+
+
+def test_webdataset_edges_fail_in_a_line_or_keep_the_image(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    wds = tmp_path / "wds"
+    write_webdataset(wds, 0, 4, failed=(1,))
+    with tarfile.open(wds / "00001.tar", "w") as tar:  # key 000000001 fetched here after all
+        for name, data in (("000000001.jpg", jpeg(1)), ("000000009.jpg", jpeg(9)),
+                           ("000000009.json", b"{not json")):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    build(wds, tmp_path / "c")
+    got = rows(tmp_path / "c")
+    assert sorted(got) == ["000000000", "000000001", "000000002", "000000003", "000000009"]
+    assert got["000000009"]["url"] is None  # bad JSON: the image still indexed, columns null
+    assert not (tmp_path / "c" / "errors.parquet").exists() or not errors(tmp_path / "c")
+    (wds / "00000.parquet").write_bytes(b"garbage")
+    result = run_cli("build", wds, "--out", tmp_path / "c", *BUILD_FLAGS)
+    assert result.exit_code == 2 and "sidecar" in result.output
+    assert result.output.count("\n") == 1

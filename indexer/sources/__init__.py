@@ -36,16 +36,16 @@ def open_source(
     return FolderSource(root, label, spec.follow_symlinks, max_pixels)
 
 
-SIDE_FILES = (".parquet", ".json", ".csv", ".txt", ".md")  # what a Parquet dataset folder holds
-
-
 def is_parquet_dataset(root: Path) -> bool:
-    """A folder of .parquet files (and their stats, readme): no subfolders, no images."""
+    """A folder of .parquet files (and their stats, a licence, hidden files): no subfolders
+    and no image files at its top level."""
+    from indexer.sources.folder import is_image_name
+
     if not root.is_dir():
         return False
-    entries = list(root.iterdir())
-    plain = all(p.is_file() and p.suffix.lower() in SIDE_FILES for p in entries)
-    return plain and any(p.suffix.lower() == ".parquet" for p in entries)
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    plain = not any(p.is_dir() or is_image_name(p.name) for p in entries)
+    return plain and any(p.suffix.lower() == ".parquet" and p.is_file() for p in entries)
 
 
 def open_sources(

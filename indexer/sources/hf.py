@@ -37,7 +37,8 @@ class HFSource:
     ) -> None:
         import datasets
 
-        self.name = name
+        local = Path(name).expanduser()
+        self.name = str(local.resolve()) if local.exists() else name  # found from anywhere
         dataset = _load(name)
         if isinstance(dataset, datasets.DatasetDict):
             self.split = _pick_split(name, list(dataset.keys()), split)
@@ -233,6 +234,9 @@ def _key_values(dataset: Any, column: str, image: str, name: str) -> list[str]:
     values = (
         _image_paths(dataset, image) if column == image else dataset.data.column(column).to_pylist()
     )
+    if values is None:
+        raise InputError(f"--key-column {column}: that column holds the images, not keys (and "
+                         "they carry no distinct file names): pick another column")  # fmt: skip
     keys = ["" if v is None else str(v) for v in values or []]
     seen: set[str] = set()
     for row, key in enumerate(keys):

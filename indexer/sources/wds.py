@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ from indexer.errors import InputError
 from indexer.safeio import byte_limit
 from indexer.shards import metadata_names
 from indexer.sources.base import SampleFailed
-from indexer.sources.folder import IMAGE_EXTENSIONS, printable_key
+from indexer.sources.folder import IMAGE_EXTENSIONS, is_image_name, printable_key
 
+log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20  # a sample's JSON or text member
 SCHEMA_SAMPLES = 200  # JSON members read to learn the columns when no sidecar names them
 SUCCESS = "success"
@@ -49,8 +51,13 @@ class Failed:
 
 
 def is_webdataset(root: Path) -> bool:
-    """A folder holding .tar files at its top level is read as webdataset shards."""
-    return root.is_dir() and any(p.suffix == ".tar" and p.is_file() for p in root.iterdir())
+    """A folder of .tar files (and their sidecars, stats): no subfolders and no image files at
+    its top level (hidden files aside). A photo folder holding a backup.tar stays a folder."""
+    if not root.is_dir():
+        return False
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    plain = not any(p.is_dir() or is_image_name(p.name) for p in entries)
+    return plain and any(_is_tar(p) for p in entries)
 
 
 class WebDatasetSource:
@@ -69,7 +76,7 @@ class WebDatasetSource:
         if not is_webdataset(root):
             raise InputError(f"{root} holds no .tar files: pass the folder of webdataset shards")
         self.root = root.resolve()
-        self.tars = sorted(p.name for p in self.root.iterdir() if p.suffix == ".tar")
+        self.tars = sorted(p.name for p in self.root.iterdir() if _is_tar(p))
         self.label = label or printable_key(self.root.name) or "root"
         self.max_bytes = byte_limit(max_pixels)
         fields = self._fields()
@@ -81,14 +88,22 @@ class WebDatasetSource:
                 "tars": len(self.tars)}  # fmt: skip
 
     def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+        """Every sample of every tar (a key in two tars is refused), then the sidecars' failed
+        samples that no tar holds; fingerprinted by their tar's size and mtime."""
         listed: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
-        for tar in self.tars:
-            st = os.stat(self.root / tar)
+        where: dict[str, str] = {}
+        stats = {tar: os.stat(self.root / tar) for tar in self.tars}
+        for tar, st in stats.items():
             for key, sample in _samples(self.root / tar, tar).items():
-                _add(listed, key, (key, sample, (sample.image.size, st.st_mtime_ns)), tar)
+                if key in listed:
+                    raise InputError(
+                        f"sample key {key!r} is in both {where[key]} and {tar}: keys must be "
+                        "unique; put the tars in separate folders and build them as two sources"
+                    )
+                listed[key], where[key] = (key, sample, (st.st_size, st.st_mtime_ns)), tar
+        for tar, st in stats.items():
             for key, failed in self._failures(tar).items():
-                if key not in listed:
-                    _add(listed, key, (key, failed, (0, st.st_mtime_ns)), tar)
+                listed.setdefault(key, (key, failed, (st.st_size, st.st_mtime_ns)))
         return [listed[k] for k in sorted(listed)]
 
     def metadata_schema(self) -> pa.Schema:
@@ -121,11 +136,18 @@ class WebDatasetSource:
         return url if isinstance(url, str) else None
 
     def _metadata(self, f: Any, sample: Sample) -> dict[str, Any]:
+        """The sample's columns; a JSON or text member that cannot be read leaves them null
+        (logged): the image is still the sample."""
         record: dict[str, Any] = {}
-        if sample.json is not None:
-            record = _flatten(json.loads(_pread(f, sample.json, MAX_JSON_BYTES)))
-        if sample.text is not None and record.get("caption") is None:
-            record["caption"] = _pread(f, sample.text, MAX_JSON_BYTES).decode("utf-8", "replace")
+        try:
+            if sample.json is not None:
+                record = _flatten(json.loads(_pread(f, sample.json, MAX_JSON_BYTES)))
+            if sample.text is not None and record.get("caption") is None:
+                text = _pread(f, sample.text, MAX_JSON_BYTES)
+                record["caption"] = text.decode("utf-8", "replace")
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            log.info("%s: a metadata member of %s cannot be read (%s)", sample.tar,
+                     sample.image, exc)  # fmt: skip
         return {self.columns[n]: _coerce(record.get(n), t) for n, t in self.types.items()}
 
     def _fields(self) -> list[pa.Field]:
@@ -135,9 +157,7 @@ class WebDatasetSource:
         for tar in self.tars:
             sidecar = self.root / Path(tar).with_suffix(".parquet")
             if sidecar.is_file():
-                import pyarrow.parquet as pq
-
-                for f in pq.read_schema(sidecar):
+                for f in _sidecar_schema(sidecar):
                     if not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type):
                         fields.setdefault(f.name, pa.field(f.name, _scalar(f.type)))
         if not fields and self.tars:
@@ -151,25 +171,38 @@ class WebDatasetSource:
             return {}
         import pyarrow.parquet as pq
 
-        names = pq.read_schema(sidecar).names
+        names = _sidecar_schema(sidecar).names
         if "key" not in names or "status" not in names:
             return {}
         wanted = [c for c in ("key", "status", "error_message", "url") if c in names]
-        rows = pq.ParquetFile(sidecar).read(columns=wanted).to_pylist()
+        try:
+            rows = pq.ParquetFile(sidecar).read(columns=wanted).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            raise _bad_sidecar(sidecar, exc) from exc
         return {
             str(r["key"]): Failed(str(r["status"]), str(r.get("error_message") or "no message"),
                                   r.get("url"))
-            for r in rows if r["status"] != SUCCESS and r["key"] is not None
+            for r in rows if r["status"] not in (SUCCESS, None) and r["key"] is not None
         }  # fmt: skip
 
 
-def _add(listed: dict[str, Any], key: str, entry: Any, tar: str) -> None:
-    if key in listed:
-        raise InputError(
-            f"sample key {key!r} appears twice ({tar} and an earlier tar): keys must be unique "
-            "across the shards; index the tars as separate sources"
-        )
-    listed[key] = entry
+def _is_tar(path: Path) -> bool:
+    """A regular .tar file (a FIFO or device would block the listing), not hidden."""
+    return path.suffix == ".tar" and path.is_file() and not path.name.startswith(".")
+
+
+def _sidecar_schema(sidecar: Path) -> pa.Schema:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(sidecar)
+    except (OSError, pa.ArrowException) as exc:
+        raise _bad_sidecar(sidecar, exc) from exc
+
+
+def _bad_sidecar(sidecar: Path, exc: Exception) -> InputError:
+    return InputError(f"the sidecar {sidecar} is not a readable Parquet file ({exc}): "
+                      "replace it, or remove it to index its tar without it")  # fmt: skip
 
 
 def _samples(path: Path, name: str) -> dict[str, Sample]:
@@ -282,5 +315,9 @@ def _coerce(value: Any, t: pa.DataType) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if pa.types.is_integer(t):
-        return int(value) if float(value).is_integer() else None
+        if not float(value).is_integer():
+            return None
+        bits = t.bit_width - (0 if pa.types.is_unsigned_integer(t) else 1)
+        low = 0 if pa.types.is_unsigned_integer(t) else -(1 << bits)
+        return int(value) if low <= int(value) < (1 << bits) else None  # else: does not fit
     return float(value)
