@@ -18,11 +18,9 @@ from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An export cache of this test's own."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("INDEXER_CACHE_DIR", str(folder))
-    return folder
+def cache(fresh_cache: Path) -> Path:
+    """An export cache of this test's own (conftest's fresh_cache)."""
+    return fresh_cache
 
 
 @pytest.fixture(scope="module")
