@@ -6,12 +6,19 @@ STAMP := $(VENV)/.installed
 
 AUTOFAISS_VENV := build/autofaiss-venv
 
-.PHONY: help install run test lint format bench bench-index slim-check clean
+.PHONY: help install browser run test lint format bench bench-index slim-check clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-install: $(STAMP)  ## Create .venv and install indexer (editable) with dev tools
+install: $(STAMP) browser  ## Create .venv and install indexer (editable) with dev tools
+
+browser:  ## Debian's chromium and chromedriver, for the page's browser test (as root)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      chromium chromium-driver >/dev/null) || echo "chromium could not be installed"; \
+	  else echo "not root: install chromium and chromium-driver for the browser test"; fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +28,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## Generate a demo collection, build it and query it
 	$(BIN)/indexer demo --out build/demo
 
-test: lint  ## Lint, then run the whole test suite
+test: lint browser  ## Lint, then run the whole test suite
 	$(BIN)/pytest
 
 lint: $(STAMP)  ## ruff check, ruff format --check, mypy

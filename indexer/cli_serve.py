@@ -27,6 +27,8 @@ LOOPBACK_NAMES = ("localhost",)
               help="Allow browser requests from this origin (none by default).")  # fmt: skip
 @click.option("--max-upload", default="20M", show_default=True,
               help="Largest upload accepted (bytes, or with K/M/G); larger: 413.")  # fmt: skip
+@click.option("--batch-window-ms", default=3.0, show_default=True, type=click.FloatRange(0, 100),
+              help="Embed uploads arriving this close together in one batch (0: off).")  # fmt: skip
 @click.option("--runtime", default="auto", show_default=True,
               type=click.Choice(["auto", "torch", "onnx", "openvino"]),
               help="What embeds uploads (auto: the portable model on the CPU).")  # fmt: skip
@@ -39,6 +41,7 @@ def serve(
     insecure: bool,
     cors: tuple[str, ...],
     max_upload: str,
+    batch_window_ms: float,
     runtime: str,
 ) -> None:
     """Serve published collections: a JSON search API, metrics and a search page.
@@ -69,7 +72,7 @@ def serve(
             f"collection(s) {missing} have no loadable published version: build them first "
             "(or see the log above)")))  # fmt: skip
     registry.watch()
-    app = create_app(registry, ServeConfig(token, limit, tuple(cors)))
+    app = create_app(registry, ServeConfig(token, limit, tuple(cors), batch_window_ms / 1000))
     import uvicorn
 
     logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)

@@ -185,6 +185,11 @@ class Collection:
         """Embed query images with the collection's recipe: (n, dim) float32. Each image is
         a path (str or Path), encoded bytes, a PIL image or an (H, W, 3) uint8 array; one
         image alone, or a list. One that cannot be read is an InputError naming it."""
+        return self.embedder.embed(self.pixels_of(images))
+
+    def pixels_of(self, images: ImageInput | list[ImageInput]) -> np.ndarray:
+        """Query images decoded and prepared as the build prepared its items: uint8
+        (n, H, W, 3), the model's input (see embed_images)."""
         from indexer.images import DecodeError
         from indexer.preprocess import Preprocessor
 
@@ -200,7 +205,7 @@ class Collection:
                 pixels.append(preprocess(encoded(image)).pixels)
             except (OSError, DecodeError, ValueError, TypeError) as exc:
                 raise InputError(f"cannot read query image {_name(image, n)}: {exc}") from exc
-        return self.embedder.embed(np.stack(pixels))
+        return np.stack(pixels)
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         """Query vectors as the index wants them: float32 (n, dim), normalised if the
@@ -348,10 +353,40 @@ class Collection:
         if ids:
             parts.append(self.vectors_of(ids))
         vectors = np.concatenate(parts)
-        found = self.hits(vectors, k) if allowed is None else self._filtered(vectors, k, allowed)
-        metric = self.manifest["metric"]
         names = [(_name(p, n), Path(p) if isinstance(p, str | Path) else None)
                  for n, p in enumerate(images)] + [(key, None) for key in ids]  # fmt: skip
+        return self._results(vectors, names, k, threshold, allowed)
+
+    def query_vectors(
+        self,
+        vectors: np.ndarray,
+        names: list[str],
+        k: int = 10,
+        threshold: float | None = None,
+        where: str | list[str] | None = None,
+    ) -> list[QueryResult]:
+        """query() for query vectors already embedded (named for the results), e.g. a
+        service's micro-batch of uploads embedded together."""
+
+        def run() -> list[QueryResult]:
+            capped = capped_k(k, max(int(self.index.ntotal), 1))
+            check_threshold(threshold)
+            allowed = None if not where else self.allowed_ids(where)
+            named: list[tuple[str, Path | None]] = [(name, None) for name in names]
+            return self._results(np.asarray(vectors), named, capped, threshold, allowed)
+
+        return self._again_if_pruned(run)
+
+    def _results(
+        self,
+        vectors: np.ndarray,
+        names: list[tuple[str, Path | None]],
+        k: int,
+        threshold: float | None,
+        allowed: np.ndarray | None,
+    ) -> list[QueryResult]:
+        found = self.hits(vectors, k) if allowed is None else self._filtered(vectors, k, allowed)
+        metric = self.manifest["metric"]
         results = []
         for (name, path), hits in zip(names, found, strict=True):
             if path is None:  # a stored item: show its own file when it has one

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import re
 import shutil
 import struct
 import threading
@@ -261,3 +262,33 @@ def test_new_versions_are_served_without_a_failed_request(corpus: Path, tmp_path
     for versions in seen:
         assert versions == sorted(versions)  # never backwards
     assert registry.get("c").version == "v000004" and registry.failures >= damaged
+
+
+def test_concurrent_uploads_are_embedded_together_and_answer_the_same(
+    collection: Path, corpus: Path
+) -> None:
+    registry = Registry({"photos": collection})
+    registry.refresh()
+    images = [p.read_bytes() for p in sorted(corpus.rglob("*.jpg"))[:8]]
+    answers: dict[float, list[Any]] = {}
+    for window in (0.0, 0.2):  # alone, then batched (a wide window: every request joins)
+        server = Server(create_app(registry, ServeConfig(batch_window=window)))
+        got: list[Any] = [None] * len(images)
+
+        def ask(n: int, server: Server = server, got: list[Any] = got) -> None:
+            got[n] = server.upload("photos", images[n], k="4")
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in range(len(images))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        _, metrics, _ = server.request("GET", "/metrics")
+        server.stop()
+        assert all(status == 200 for status, _ in got)
+        answers[window] = [doc["results"] for _, doc in got]
+        batches = int(re.search(rb"indexer_embed_batch_size_count (\d+)", metrics).group(1))
+        assert (batches == len(images)) if window == 0 else (batches < len(images))
+    for alone, batched in zip(answers[0.0], answers[0.2], strict=True):
+        assert [r["key"] for r in alone] == [r["key"] for r in batched]
+        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(alone, batched, strict=True))

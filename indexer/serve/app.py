@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from indexer.errors import IndexerError, InputError
+from indexer.serve.batcher import Batcher
 from indexer.serve.metrics import Metrics
 from indexer.serve.registry import Loaded, Registry
 
@@ -33,6 +34,7 @@ class ServeConfig:
     token: str | None = None
     max_upload_bytes: int = 20 << 20
     cors_origins: tuple[str, ...] = ()
+    batch_window: float = 0.003  # seconds uploads wait to be embedded together (0: alone)
 
 
 class HTTPError(Exception):
@@ -71,6 +73,7 @@ class Api:
 
     def __init__(self, registry: Registry, cfg: ServeConfig, metrics: Metrics) -> None:
         self.registry, self.cfg, self.metrics = registry, cfg, metrics
+        self.batcher = Batcher(cfg.batch_window, metrics.observe_batch)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -150,8 +153,9 @@ class Api:
     def _run_search(self, loaded: Loaded, query: dict[str, Any], k: int,
                     threshold: float | None, where: list[str] | None) -> list[Any]:  # fmt: skip
         c = loaded.collection
-        if "image" in query:
-            return c.query(images=[query["image"]], k=k, threshold=threshold, where=where)
+        if "image" in query:  # decoded here, in this request's thread; embedded in a batch
+            vectors = self.batcher.embed(c, c.pixels_of([query["image"]]))
+            return c.query_vectors(vectors, ["upload"], k, threshold, where)
         key = query.get("key")
         if key is None and "id" in query:
             row = c.row_of(_int_param(query["id"], "id", 0, 2**63 - 1))

@@ -19,6 +19,7 @@ class Metrics:
         self._buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS))
         self._sums: dict[str, float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
+        self._batches: dict[int, int] = defaultdict(int)  # images embedded together -> times
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -28,6 +29,10 @@ class Metrics:
             for n, bound in enumerate(BUCKETS):
                 if seconds <= bound:
                     self._buckets[endpoint][n] += 1
+
+    def observe_batch(self, size: int) -> None:
+        with self._lock:
+            self._batches[size] += 1
 
     def render(self) -> str:
         lines = ["# TYPE indexer_requests_total counter"]
@@ -47,6 +52,16 @@ class Metrics:
                 lines.append(f'indexer_request_seconds_sum{{endpoint="{endpoint}"}} '
                              f"{self._sums[endpoint]:.6f}")  # fmt: skip
                 lines.append(f'indexer_request_seconds_count{{endpoint="{endpoint}"}} {total}')
+        lines.append("# TYPE indexer_embed_batch_size histogram")
+        with self._lock:
+            batches = dict(self._batches)
+        for bound in (1, 2, 4, 8, 16, 32):
+            count = sum(n for size, n in batches.items() if size <= bound)
+            lines.append(f'indexer_embed_batch_size_bucket{{le="{bound}"}} {count}')
+        total = sum(batches.values())
+        lines.append(f'indexer_embed_batch_size_bucket{{le="+Inf"}} {total}')
+        lines.append(f"indexer_embed_batch_size_sum {sum(s * n for s, n in batches.items())}")
+        lines.append(f"indexer_embed_batch_size_count {total}")
         lines.append("# TYPE indexer_loaded_version gauge")
         for loaded in self._registry.all():
             number = int(loaded.version.lstrip("v") or 0)
