@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import uvicorn
 from PIL import Image
@@ -292,3 +293,56 @@ def test_concurrent_uploads_are_embedded_together_and_answer_the_same(
     for alone, batched in zip(answers[0.0], answers[0.2], strict=True):
         assert [r["key"] for r in alone] == [r["key"] for r in batched]
         assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(alone, batched, strict=True))
+
+
+def _variants(source: Path, folder: Path) -> list[Path]:
+    """The same picture as CMYK JPEG, 16-bit PNG, palette PNG and EXIF-rotated JPEG."""
+    folder.mkdir()
+    base = Image.open(source).convert("RGB")
+    cmyk, deep, palette, rotated = (folder / n for n in ("cmyk.jpg", "deep.png", "pal.png",
+                                                          "rot.jpg"))  # fmt: skip
+    base.convert("CMYK").save(cmyk, "JPEG")
+    Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257).save(deep)
+    base.convert("P", palette=Image.Palette.ADAPTIVE).save(palette)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    base.transpose(Image.Transpose.ROTATE_90).save(rotated, "JPEG", exif=exif)
+    return [cmyk, deep, palette, rotated]
+
+
+def test_uploads_in_every_mode_answer_like_the_cli(
+    served: tuple[Server, Path], corpus: Path, tmp_path: Path
+) -> None:
+    server, root = served
+    for path in _variants(sorted(corpus.rglob("*.jpg"))[5], tmp_path / "variants"):
+        status, doc = server.upload("photos", path.read_bytes(), k="4")
+        assert status == 200, (path.name, doc)
+        want = cli_json(path, "--index", root, "-k", "4")
+        assert [r["key"] for r in doc["results"]] == [r["key"] for r in want], path.name
+        pairs = zip(doc["results"], want, strict=True)
+        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in pairs), path.name
+
+
+def test_a_thumbnail_never_reads_outside_the_source(corpus: Path, tmp_path: Path) -> None:
+    """An image replaced by a link to a file outside its source folder after the build is
+    not served (the build's rule: links out are not followed without --follow-symlinks)."""
+    src = tmp_path / "src"
+    shutil.copytree(corpus, src)
+    root = tmp_path / "c"
+    assert run_cli("build", src, "--out", root, *BUILD_FLAGS).exit_code == 0
+    secret = tmp_path / "secret.jpg"
+    Image.new("RGB", (50, 50), (255, 0, 0)).save(secret)
+    victim = sorted(src.rglob("*.jpg"))[0]
+    victim.unlink()
+    victim.symlink_to(secret)
+    registry = Registry({"c": root})
+    registry.refresh()
+    server = Server(create_app(registry, ServeConfig()))
+    try:
+        key = victim.relative_to(src).as_posix()
+        _, doc = server.json("POST", "/api/collections/c/search", {"key": key, "k": 1})
+        item_id = doc["results"][0]["id"]
+        status, data, _ = server.request("GET", f"/api/collections/c/items/{item_id}/thumbnail")
+        assert status == 404 and b"can no longer be read" in data
+    finally:
+        server.stop()

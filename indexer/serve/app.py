@@ -154,7 +154,8 @@ class Api:
                     threshold: float | None, where: list[str] | None) -> list[Any]:  # fmt: skip
         c = loaded.collection
         if "image" in query:  # decoded here, in this request's thread; embedded in a batch
-            vectors = self.batcher.embed(c, c.pixels_of([query["image"]]))
+            with self.batcher.request():
+                vectors = self.batcher.embed(c, c.pixels_of([query["image"]]))
             return c.query_vectors(vectors, ["upload"], k, threshold, where)
         key = query.get("key")
         if key is None and "id" in query:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,15 +25,30 @@ class _Job:
 
 class Batcher:
     """embed() from many request threads: requests arriving within `window` seconds of the
-    first (up to MAX_BATCH images) are embedded in one call of their collection's model. A
-    window of 0 embeds each request alone, in its own thread."""
+    first (up to MAX_BATCH images) are embedded in one call of their collection's model; a
+    batch waits only while other uploads are in flight. A window of 0 embeds each request
+    alone, in its own thread."""
 
     def __init__(self, window: float, on_batch: Callable[[int], None] | None = None) -> None:
         self.window = window
         self._jobs: queue.Queue[_Job] = queue.Queue()
+        self._inflight = 0  # uploads being decoded or embedded: the others a batch may get
+        self._lock = threading.Lock()
         self._on_batch = on_batch or (lambda size: None)
         if window > 0:
             threading.Thread(target=self._run, name="micro-batcher", daemon=True).start()
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Around an upload's decoding and embedding: while it is the only one, a batch
+        does not wait for others."""
+        with self._lock:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight -= 1
 
     def embed(self, collection: Any, pixels: np.ndarray) -> np.ndarray:
         """The embeddings of these prepared images (uint8 NHWC), by the collection's model."""
@@ -47,7 +63,7 @@ class Batcher:
         while True:
             batch = [self._jobs.get()]
             deadline = time.monotonic() + self.window
-            while sum(len(j.pixels) for j in batch) < MAX_BATCH:
+            while sum(len(j.pixels) for j in batch) < MAX_BATCH and self._inflight > len(batch):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
