@@ -57,10 +57,12 @@ class Collection:
         params: dict[str, int] | None = None,
         runtime: str = "auto",
         strict_params: bool = False,
+        cache_rows: bool = False,
     ) -> None:
         self.root = Path(root)
         self.device = device
         self._strict = strict_params  # a parameter the index lacks: an error (the CLI's flags)
+        self._cache_rows = cache_rows  # keep every row in memory (a service): no shard reads
         from indexer.config import RUNTIMES
 
         if runtime not in RUNTIMES:
@@ -78,6 +80,8 @@ class Collection:
         self.index, self.index_meta = load_index(self.version, self.manifest, self.root)
         self._keys: tuple[np.ndarray, pa.Array] | None = None
         self._items: ItemReader | None = None  # pictures of items: the sources, listed once
+        self._rows: tuple[np.ndarray, pa.Table] | None = None  # sorted ids, rows in that order
+        self._vectors: tuple[dict[str, int], np.ndarray] | None = None  # key -> row of matrix
         if self._params:
             self.set_search_params(self._params, strict=self._strict)
 
@@ -276,6 +280,8 @@ class Collection:
 
     def vectors_of(self, keys: list[str]) -> np.ndarray:
         """The stored vectors of items, by key (no re-embedding); InputError for an unknown key."""
+        if self._cache_rows:
+            return self._cached_vectors(keys)
         wanted, found = set(keys), {}
         for path in self.paths.shard_paths(self.manifest):
             table = read_shard(path, ["key", "embedding"])
@@ -288,6 +294,26 @@ class Collection:
                 f"{self.root} holds no item {missing[0]!r}: give a key as `indexer query` shows it"
             )
         return np.stack([found[k] for k in keys])
+
+    def _cached_vectors(self, keys: list[str]) -> np.ndarray:
+        """vectors_of from memory (cache_rows): every vector read once, by key."""
+        if self._vectors is None:
+            paths = self.paths.shard_paths(self.manifest)
+            tables = [read_shard(p, ["key", "embedding"]) for p in paths]
+            if tables:
+                table = pa.concat_tables(tables)
+                matrix = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+                where = {k: n for n, k in enumerate(table.column("key").to_pylist())}
+            else:
+                matrix, where = np.zeros((0, self.dim), np.float32), {}
+            self._vectors = (where, matrix.astype(np.float32, copy=False))
+        where, matrix = self._vectors
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise InputError(
+                f"{self.root} holds no item {missing[0]!r}: give a key as `indexer query` shows it"
+            )
+        return matrix[[where[k] for k in keys]]
 
     def image_of(self, key: str) -> bytes | Path | None:
         """An item's picture: its file (folder sources), else its bytes read from its
@@ -303,8 +329,33 @@ class Collection:
 
     def row_of(self, item_id: int) -> dict[str, Any] | None:
         """The stored row (without its vector) of the item with this id, or None."""
+        return self._read_rows({int(item_id)}).get(int(item_id))
+
+    def _read_rows(self, ids: set[int]) -> dict[int, dict[str, Any]]:
+        """Rows by id (no vectors): from the shards, or from memory with cache_rows."""
+        if not self._cache_rows:
+            return read_rows(self.paths.shard_paths(self.manifest), ids)
+        if self._rows is None:
+            self._rows = self._all_rows()
+        sorted_ids, table = self._rows
+        if not len(sorted_ids):
+            return {}
+        wanted = np.fromiter(ids, dtype=np.int64)
+        pos = np.searchsorted(sorted_ids, wanted)
+        found = pos[sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == wanted]
+        return {int(r["id"]): r for r in table.take(positions(found)).to_pylist()}
+
+    def _all_rows(self) -> tuple[np.ndarray, pa.Table]:
+        """Every row without its vector, ordered by id, and the sorted ids."""
+        import pyarrow.parquet as pq
+
         paths = self.paths.shard_paths(self.manifest)
-        return read_rows(paths, {int(item_id)}).get(int(item_id))
+        if not paths:
+            return np.zeros(0, np.int64), pa.Table.from_batches([], pa.schema([]))
+        names = [n for n in pq.read_schema(paths[0]).names if n != "embedding"]
+        table = pa.concat_tables([read_shard(p, names) for p in paths])
+        order = np.argsort(as_numpy(table.column("id")), kind="stable")
+        return as_numpy(table.column("id"))[order], table.take(positions(order))
 
     def path_of(self, key: str) -> Path | None:
         """The absolute path of an item's file, for items of folder sources (else None)."""
@@ -466,7 +517,7 @@ class Collection:
     def _as_hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """Search results (ids of -1 left out) as hits, ranked, with their shard rows."""
         wanted = {int(i) for i in ids.ravel() if i >= 0}
-        rows = read_rows(self.paths.shard_paths(self.manifest), wanted)
+        rows = self._read_rows(wanted)
         if wanted - rows.keys():
             raise self._stale_index()
         results = []

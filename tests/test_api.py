@@ -50,3 +50,17 @@ def test_a_jpeg_in_memory_equals_its_file(collection: Path, corpus: Path, tmp_pa
     Image.new("RGB", (50, 40), (200, 30, 30)).save(buffer, "JPEG")
     (tmp_path / "q.jpg").write_bytes(buffer.getvalue())
     assert np.array_equal(c.embed_images(buffer.getvalue()), c.embed_images(tmp_path / "q.jpg"))
+
+
+def test_rows_kept_in_memory_answer_as_the_shards_do(collection: Path) -> None:
+    """cache_rows (the service's Collection): the same rows, vectors and errors, from memory."""
+    plain, cached = Collection(collection), Collection(collection, cache_rows=True)
+    keys = [k for k in plain.keys_of(np.arange(len(plain))) if k is not None]
+    for key in keys[:6]:
+        a = plain.query(ids=[key], k=5, where=["width>0"])[0]
+        b = cached.query(ids=[key], k=5, where=["width>0"])[0]
+        assert [h.to_dict() for h in a.hits] == [h.to_dict() for h in b.hits]
+    assert np.array_equal(plain.vectors_of(keys[:3]), cached.vectors_of(keys[:3]))
+    assert plain.row_of(2) == cached.row_of(2) and cached.row_of(10**9) is None
+    with pytest.raises(InputError, match="holds no item"):
+        cached.vectors_of(["nope"])

@@ -78,7 +78,7 @@ class Registry:
         if target is None or (old is not None and old.target == target):
             return
         try:
-            collection = Collection(root, runtime=self.runtime)
+            collection = Collection(root, runtime=self.runtime, cache_rows=True)
             if collection.manifest.get("model") is not None:
                 _ = collection.embedder  # the model that embeds uploads: loaded before serving
         except (IndexerError, OSError, ValueError) as exc:
