@@ -1,0 +1,95 @@
+"""Which items the GPU may decode: a JPEG's header read in pure Python, nothing decoded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SOF_GPU = {0xC0: False, 0xC1: False, 0xC2: True}  # baseline, extended, progressive (Huffman)
+SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless, arithmetic
+STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: no length
+ORIENTATION_TAG = 0x0112
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an item is decoded: gpu, or cpu with the reason (reported as the fallback share)."""
+
+    gpu: bool
+    reason: str = ""
+    width: int = 0
+    height: int = 0
+    orientation: int = 1  # EXIF 1-8, applied to the decoded pixels
+    progressive: bool = False
+
+
+def route(data: bytes, max_pixels: int) -> Route:
+    """gpu for a baseline or progressive 8-bit JPEG of 1 or 3 components (no Adobe CMYK,
+    YCCK or RGB transform) within the pixel limit; otherwise cpu and why."""
+    if not data.startswith(b"\xff\xd8"):
+        return Route(False, "not a JPEG")
+    i, orientation, adobe_transform = 2, 1, None
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return Route(False, "corrupt header")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in STANDALONE:
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        if length < 2 or i + 2 + length > len(data):
+            return Route(False, "truncated header")
+        segment = data[i + 4 : i + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            orientation = exif_orientation(segment[6:])
+        elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
+            adobe_transform = segment[11]
+        elif marker in SOF_GPU:
+            return _frame(segment, SOF_GPU[marker], orientation, adobe_transform, max_pixels)
+        elif marker in SOF_OTHER:
+            return Route(False, "lossless, hierarchical or arithmetic-coded JPEG")
+        elif marker in (0xDA, 0xD9):
+            return Route(False, "no frame header")
+        i += 2 + length
+    return Route(False, "truncated header")
+
+
+def _frame(
+    segment: bytes, progressive: bool, orientation: int, adobe: int | None, max_pixels: int
+) -> Route:
+    if len(segment) < 6:
+        return Route(False, "truncated header")
+    precision, components = segment[0], segment[5]
+    height, width = int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big")
+    if precision != 8:
+        return Route(False, f"{precision}-bit samples")
+    if components not in (1, 3):
+        return Route(False, f"{components} components (CMYK or YCCK)")
+    if components == 3 and adobe == 0:
+        return Route(False, "Adobe RGB transform (not YCbCr)")
+    if width == 0 or height == 0:
+        return Route(False, "no size in the frame header")
+    if width * height > max_pixels:
+        return Route(False, "over the pixel limit")
+    return Route(True, "", width, height, orientation, progressive)
+
+
+def exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (1-8) of an EXIF block's first IFD; 1 when absent or malformed."""
+    if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return 1
+    order = "little" if tiff[:2] == b"II" else "big"
+    offset = int.from_bytes(tiff[4:8], order)
+    if offset + 2 > len(tiff):
+        return 1
+    count = int.from_bytes(tiff[offset : offset + 2], order)
+    for n in range(count):
+        entry = tiff[offset + 2 + 12 * n : offset + 14 + 12 * n]
+        if len(entry) < 12:
+            return 1
+        if int.from_bytes(entry[0:2], order) == ORIENTATION_TAG:
+            value = int.from_bytes(entry[8:10], order)
+            return value if 1 <= value <= 8 else 1
+    return 1
