@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 SOF_GPU = {0xC0: False, 0xC1: False, 0xC2: True}  # baseline, extended, progressive (Huffman)
 SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless, arithmetic
@@ -80,7 +81,7 @@ def exif_orientation(tiff: bytes) -> int:
     """The Orientation tag (1-8) of an EXIF block's first IFD; 1 when absent or malformed."""
     if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
         return 1
-    order = "little" if tiff[:2] == b"II" else "big"
+    order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
     offset = int.from_bytes(tiff[4:8], order)
     if offset + 2 > len(tiff):
         return 1
