@@ -277,6 +277,14 @@ def main(verbose: bool) -> None:
     help="DataLoader worker processes decoding images.",
 )
 @click.option(
+    "--decode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    help="Where JPEGs are decoded: gpu (nvJPEG, in batches; others on the CPU), cpu, or auto "
+    "(gpu when the model runs on CUDA).",
+)
+@click.option(
     "--shard-size",
     default=50_000,
     show_default=True,
@@ -384,6 +392,7 @@ def build(
     exact_preprocessing: bool,
     batch_size: int,
     workers: int,
+    decode: str,
     shard_size: int,
     decode_timeout: float,
     max_image_pixels: int,
@@ -443,6 +452,7 @@ def build(
             max_pixels=max_image_pixels,
             allow_truncated=allow_truncated,
             decode_hook=os.environ.get(DECODE_HOOK_ENV) or None,
+            decode=decode,
         ),
         index=index_config(metric, index_type, max_index_memory, target_recall),
         shard_size=shard_size,

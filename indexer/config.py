@@ -46,6 +46,9 @@ class ModelConfig:
     runtime: str = "auto"  # what embeds: auto, torch, onnx, openvino (indexer.runtime)
 
 
+DECODES = ("auto", "cpu", "gpu")
+
+
 @dataclass(frozen=True)
 class LoaderConfig:
     """How images are read and batched."""
@@ -58,6 +61,7 @@ class LoaderConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_truncated: bool = False  # decode truncated files (missing part grey) instead of failing
     decode_hook: str | None = None  # "module:function" called with each key first (tests)
+    decode: str = "auto"  # where JPEGs are decoded: cpu, gpu, auto (gpu when embedding on CUDA)
 
 
 DEFAULT_INDEX_MEMORY = 16 * 1024**3  # generous: the budget only steers collections past ~50M

@@ -40,6 +40,17 @@ if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to em
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RawItem:
+    """A JPEG a worker read and routed to the GPU, not decoded: decoded with its batch."""
+
+    position: int
+    data: bytes
+    route: Any  # jpegroute.Route
+    hash: str
+    meta: dict[str, Any]
+
+
 @dataclass
 class Batch:
     """What the DataLoader yields: good rows (aligned by position) and failed rows."""
@@ -54,6 +65,7 @@ class Batch:
     reused: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # pos, hash, meta
     vectors: np.ndarray | None = None  # already embedded (the Ray engine); else embed pixels
     labels: list[dict[str, Any]] = field(default_factory=list)  # with vectors, when asked for
+    raw: list[RawItem] = field(default_factory=list)  # to decode on the GPU (--decode gpu)
 
 
 def load_model_while_decoding(
@@ -99,11 +111,13 @@ def load_model_while_decoding(
         embedder = load_embedder(cfg.model)
         return embedder, ray_batches(items, sources, cfg, known, positions, embedder)
 
+    gpu = gpu_decoding(cfg)
+
     def start(data_config: DataConfig) -> Iterator[Batch]:
         loader = cfg.loader
         preprocess = Preprocessor(data_config, loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
-        return iter_batches(items, sources, preprocess, cfg.loader, known, positions)
+        return iter_batches(items, sources, preprocess, cfg.loader, known, positions, gpu)
 
     hint = configcache.lookup(cfg.model.name)
     early = start(hint) if hint is not None else None
@@ -159,6 +173,16 @@ def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
         return None
     cuda = resolve_device(cfg.model.device).type == "cuda"
     return open_portable(cfg.model.runtime, cuda, prev.folder, prev.manifest)
+
+
+def gpu_decoding(cfg: BuildConfig) -> bool:
+    """Whether JPEGs go to the GPU: --decode gpu (refused without CUDA), or auto on CUDA."""
+    from indexer.model import resolve_device
+
+    cuda = resolve_device(cfg.model.device).type == "cuda"
+    if cfg.loader.decode == "gpu" and not cuda:
+        raise InputError("--decode gpu needs a CUDA GPU: use --decode cpu (or auto)")
+    return cfg.loader.decode != "cpu" and cuda and cfg.engine.kind != "ray"
 
 
 def known_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
@@ -254,6 +278,69 @@ class Embedding:
                      self.names)  # fmt: skip
 
 
+class RawDecoding:
+    """The batches' GPU-routed JPEGs decoded on the model's device; one the GPU cannot decode
+    is decoded on the CPU here (an error row if that fails too), so none is lost."""
+
+    def __init__(self, cfg: BuildConfig) -> None:
+        self.cfg = cfg
+        self.decoder: Any = None
+        self.cpu: Preprocessor | None = None
+        self.gpu, self.fallback = 0, 0
+
+    def decode(self, batch: Batch, runtime: Runtime) -> None:
+        import torch
+
+        if self.decoder is None:
+            from indexer.gpudecode import GpuDecoder
+
+            device = getattr(runtime, "device", "cuda")
+            self.decoder = GpuDecoder(runtime.data_config, device)
+            loader = self.cfg.loader
+            self.cpu = Preprocessor(runtime.data_config, loader.preprocessing, loader.max_pixels,
+                                    loader.allow_truncated)  # fmt: skip
+        images = self.decoder([(item.data, item.route) for item in batch.raw])
+        pixels = [] if batch.pixels is None else [batch.pixels.to(self.decoder.device)]
+        for item, image in zip(batch.raw, images, strict=True):
+            width, height = item.route.width, item.route.height
+            if item.route.orientation >= 5:
+                width, height = height, width
+            if image is None:
+                self.fallback += 1
+                image = self._on_cpu(batch, item)
+                if image is None:
+                    continue
+            else:
+                self.gpu += 1
+            pixels.append(image.unsqueeze(0).to(self.decoder.device))
+            batch.positions.append(item.position)
+            batch.widths.append(width)
+            batch.heights.append(height)
+            batch.hashes.append(item.hash)
+            batch.metadata.append(item.meta)
+        batch.pixels = torch.cat(pixels) if pixels else None
+        batch.raw = []
+
+    def _on_cpu(self, batch: Batch, item: RawItem) -> Any:
+        import torch
+
+        from indexer.images import DecodeError
+
+        assert self.cpu is not None
+        try:
+            return torch.from_numpy(self.cpu(item.data).pixels)
+        except DecodeError as exc:
+            batch.errors.append((item.position, "decode", str(exc)))
+        except Exception as exc:
+            batch.errors.append((item.position, "preprocess", f"{type(exc).__name__}: {exc}"))
+        return None
+
+    def log_share(self) -> None:
+        if self.gpu or self.fallback:
+            log.info("decoded on the GPU: %d images; fell back to the CPU: %d", self.gpu,
+                     self.fallback)  # fmt: skip
+
+
 def process_age() -> float:
     """Seconds since this process started (from /proc; 0 where there is none)."""
     try:
@@ -274,10 +361,13 @@ def embed_items(
     errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
     embed = Embedding(job.embedder, job.switch, paths.root)
+    raw = RawDecoding(cfg)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar:
         for batch in batches:
+            if batch.raw:
+                raw.decode(batch, job.embedder)
             if batch.positions:
                 vectors, labels = batch.vectors, batch.labels
                 if vectors is None:
@@ -302,6 +392,7 @@ def embed_items(
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
         embed.log_rate()
+        raw.log_share()
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
                         embed.names)  # fmt: skip
 

@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from indexer.config import LoaderConfig
-from indexer.embed import Batch
+from indexer.embed import Batch, RawItem
 from indexer.images import DecodeError
+from indexer.jpegroute import route
 from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
 from indexer.sources.base import SampleFailed
@@ -41,8 +42,10 @@ class ItemDataset(Dataset):
         known_hashes: frozenset[str] = frozenset(),
         decode_timeout: float = 0.0,
         hook: str | None = None,
+        gpu_pixels: int | None = None,
     ) -> None:
         self.items = items
+        self.gpu_pixels = gpu_pixels  # JPEGs the GPU may decode are passed on undecoded
         self.sources = sources
         self.preprocess = preprocess
         self.known_hashes = known_hashes  # bytes already embedded: their vector is reused
@@ -77,6 +80,11 @@ class ItemDataset(Dataset):
         digest = hashlib.sha256(data).hexdigest()
         if digest in self.known_hashes:
             return {"position": position, "reuse": digest, "meta": meta}
+        if self.gpu_pixels is not None:
+            routed = route(data, self.gpu_pixels)
+            if routed.gpu:  # read and routed here; decoded with its batch on the GPU
+                return {"position": position, "raw": data, "route": routed, "hash": digest,
+                        "meta": meta}  # fmt: skip
         try:
             prepared = self.preprocess(data)
         except DecodeError as exc:
@@ -114,6 +122,9 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         if "reuse" in s:
             batch.reused.append((s["position"], s["reuse"], s["meta"]))
             continue
+        if "raw" in s:
+            batch.raw.append(RawItem(s["position"], s["raw"], s["route"], s["hash"], s["meta"]))
+            continue
         batch.positions.append(s["position"])
         batch.widths.append(s["width"])
         batch.heights.append(s["height"])
@@ -139,6 +150,7 @@ def iter_batches(
     cfg: LoaderConfig,
     known_hashes: frozenset[str] = frozenset(),
     positions: list[int] | None = None,
+    gpu_decode: bool = False,
 ) -> Iterator[Batch]:
     """Batches in item order (DataLoader keeps order across workers).
 
@@ -149,7 +161,9 @@ def iter_batches(
     loader goes on with the rest.
     """
     timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
-    dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook)
+    gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
+    dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook,
+                          gpu_pixels)  # fmt: skip
     todo = list(range(len(items))) if positions is None else list(positions)
     return _resilient(dataset, todo, cfg, _loader(dataset, todo, cfg))
 

@@ -5,6 +5,7 @@ match the CPU path."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,3 +77,66 @@ def test_the_prepared_pixels_match_the_cpu_path() -> None:
         assert got is not None and got.shape == (160, 160, 3) and got.dtype == torch.uint8
         want = cpu(data).pixels.astype(np.float64)
         assert np.abs(got.numpy().astype(np.float64) - want).mean() < 3.0
+
+
+def test_workers_pass_routed_jpegs_on_undecoded(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from indexer.config import SourceSpec
+    from indexer.loader import ItemDataset, collate
+    from indexer.sources import list_items, open_sources
+
+    root = Path(str(tmp_path)) / "src"
+    root.mkdir()
+    (root / "a.jpg").write_bytes(jpeg(1))
+    scene(2, (90, 90)).save(root / "b.png")
+    scene(3, (90, 90)).convert("CMYK").save(root / "c.jpg")
+    (root / "d.jpg").write_bytes(jpeg(4, progressive=True))
+    sources = open_sources((SourceSpec(str(root)),))
+    items = list_items(sources)
+    dataset = ItemDataset(items, sources, Preprocessor(CFG, "fast"), gpu_pixels=10**8)
+    batch = collate([dataset[i] for i in range(len(items))])
+    assert sorted(items[r.position].key for r in batch.raw) == ["a.jpg", "d.jpg"]
+    assert sorted(items[p].key for p in batch.positions) == ["b.png", "c.jpg"]  # the CPU's
+    assert batch.pixels is not None and batch.pixels.shape[0] == 2
+
+
+def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
+    from indexer.config import BuildConfig, LoaderConfig
+    from indexer.embed import Batch, RawDecoding, RawItem
+
+    datas = [jpeg(s) for s in range(6)]
+    datas[2] = datas[2][:300]  # header whole, body gone: the GPU fails, the CPU too
+    raw = [RawItem(10 + n, d, route(d, 10**8), f"h{n}", {"n": n}) for n, d in enumerate(datas)]
+    cpu_pixels = torch.from_numpy(np.stack([Preprocessor(CFG, "fast")(jpeg(99)).pixels]))
+    batch = Batch(positions=[1], pixels=cpu_pixels, widths=[200], heights=[150],
+                  hashes=["h"], metadata=[{}], raw=raw)  # fmt: skip
+
+    def decode(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if any(b.numel() in {len(datas[4]), len(datas[2])} for b in blobs):
+            raise RuntimeError("nvJPEG failed")
+        return nvjpeg("cpu")(blobs)
+
+    decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig(decode="cpu")))
+    decoding.decoder = GpuDecoder(CFG, "cpu", decode)
+    decoding.cpu = Preprocessor(CFG, "fast")
+    decoding.decode(batch, runtime=None)  # type: ignore[arg-type]
+    assert sorted(batch.positions) == [1, 10, 11, 13, 14, 15]  # 12 failed both ways
+    assert [p for p, _, _ in batch.errors] == [12]
+    assert batch.pixels is not None and batch.pixels.shape == (6, 160, 160, 3)
+    assert len(batch.hashes) == len(batch.widths) == len(batch.metadata) == 6
+    assert (decoding.gpu, decoding.fallback) == (4, 2)  # 14 decoded on the CPU after all
+    assert batch.raw == []
+    for position, row in zip(batch.positions, batch.pixels, strict=True):
+        if position >= 10:
+            want = Preprocessor(CFG, "exact")(datas[position - 10]).pixels.astype(float)
+            assert np.abs(row.numpy().astype(float) - want).mean() < 3.0  # aligned
+
+
+def test_decode_gpu_needs_cuda(corpus: object, tmp_path: object) -> None:
+    from tests.helpers import BUILD_FLAGS, run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine decodes on the GPU")
+    result = run_cli("build", corpus, "--out", f"{tmp_path}/c", *BUILD_FLAGS, "--decode", "gpu")
+    assert result.exit_code == 2 and "--decode gpu needs a CUDA GPU" in result.output
