@@ -1,0 +1,110 @@
+"""JPEG decoding on the GPU against the CPU path (run on a GPU machine): `indexer build` end to
+end with --decode cpu and --decode gpu on generated scenes and on photos, images/s and ratios
+in one run, the fidelity of the GPU-decoded embeddings to the CPU path's, the fallback share."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import MODEL, write_checkpoint
+
+from indexer.synthetic import write_corpus
+
+SHARE = re.compile(r"decoded on the GPU: (\d+) images; fell back to the CPU: (\d+)")
+
+
+def build(src: Path, out: Path, ck: Path, decode: str, workers: int) -> tuple[float, str]:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", "from indexer.cli import entry; entry()", "-v", "build", str(src),
+           "--out", str(out), "--checkpoint", str(ck), "--no-progress", "--batch-size", "256",
+           "--workers", str(workers), "--decode", decode, "--device", "cuda"]  # fmt: skip
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode not in (0, 5):
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return seconds, done.stderr
+
+
+def vectors(out: Path) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / "shards", columns=["key", "embedding"])
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    return dict(zip(table.column("key").to_pylist(), emb, strict=True))
+
+
+def fidelity(gpu: Path, cpu: Path) -> str:
+    a, b = vectors(gpu), vectors(cpu)
+    keys = sorted(set(a) & set(b))
+    x, y = np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys])
+    cos = np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    nearest = np.argmax(x @ y.T, axis=1)
+    self_hit = float(np.mean(nearest == np.arange(len(keys))))
+    return (f"cosine to the CPU path mean {cos.mean():.5f} min {cos.min():.5f}, nearest is itself "
+            f"{self_hit:.1%} ({len(keys)} items; {len(a)} vs {len(b)} rows)")  # fmt: skip
+
+
+def measure(name: str, src: Path, work: Path, ck: Path, workers: int, rounds: int) -> list[str]:
+    n = sum(1 for p in src.rglob("*") if p.is_file())
+    best: dict[str, float] = {}
+    share = ""
+    for _ in range(rounds):
+        for decode in ("cpu", "gpu"):
+            seconds, log = build(src, work / f"{name}-{decode}", ck, decode, workers)
+            best[decode] = min(best.get(decode, seconds), seconds)
+            found = SHARE.search(log)
+            if decode == "gpu" and found:
+                gpu_n, fell = int(found.group(1)), int(found.group(2))
+                share = (f"GPU decoded {gpu_n} of {n} ({gpu_n / n:.1%}); routed but fell back "
+                         f"{fell}; not routed (PNG, CMYK, ...) {n - gpu_n - fell}")  # fmt: skip
+    rates = {d: n / s for d, s in best.items()}
+    return [
+        f"\n## {name}: {n} images, indexer build end to end (shards and index), best of {rounds}",
+        f"  --decode cpu: {rates['cpu']:8.1f} images/s ({workers} workers)",
+        f"  --decode gpu: {rates['gpu']:8.1f} images/s",
+        f"  gpu / cpu:    {rates['gpu'] / rates['cpu']:8.2f}x (target >= 3x)",
+        f"  {share}",
+        f"  fidelity: {fidelity(work / f'{name}-gpu', work / f'{name}-cpu')}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--photos", type=Path, help="a folder of ImageNet-size photos")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gpudecode"))
+    parser.add_argument("--scenes", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+    import torchvision
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(14, (os.cpu_count() or 2) - 2))
+    versions = f"torch {torch.__version__}, torchvision {torchvision.__version__}"
+    lines = [f"# GPU decode: {torch.cuda.get_device_name()}, {versions}, {os.cpu_count()} CPUs, "
+             f"model {MODEL}"]  # fmt: skip
+    ck = args.work / "seed0.safetensors"
+    write_checkpoint(ck)
+    scenes = args.work / "scenes"
+    if not scenes.is_dir():
+        write_corpus(scenes, args.scenes, duplicates=0, seed=7)
+    lines += measure("scenes", scenes, args.work, ck, workers, args.rounds)
+    if args.photos is not None:
+        lines += measure("photos", args.photos, args.work, ck, workers, args.rounds)
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
