@@ -247,7 +247,8 @@ class Embedding:
     def __call__(self, pixels: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
         first = self.sample is None
         if first:
-            self.sample = np.array(np.asarray(pixels)[:SAMPLE])
+            head = pixels[:SAMPLE]
+            self.sample = np.array(head.cpu() if hasattr(head, "cpu") else head)  # GPU-decoded
         if self.runtime.name not in self.used:
             self.used.append(self.runtime.name)
         out = self.runtime.embed_with_labels(pixels)
