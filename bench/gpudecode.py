@@ -88,6 +88,45 @@ def measure(name: str, src: Path, work: Path, ck: Path, workers: int, rounds: in
     ]
 
 
+def micro(photos: Path, workers: int) -> list[str]:
+    """The decode step alone on 256 photos: nvJPEG, nvJPEG + batched resize, and the CPU
+    path in one process (times the workers for the pool's ceiling)."""
+    import torch
+
+    from indexer.gpudecode import GpuDecoder, nvjpeg
+    from indexer.jpegroute import route
+    from indexer.preprocess import DataConfig, Preprocessor
+
+    cfg = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.485, 0.456, 0.406),
+                     (0.229, 0.224, 0.225))  # fmt: skip
+    datas = [p.read_bytes() for p in sorted(photos.rglob("*.JPEG"))[:256]]
+    items = [(d, route(d, 10**9)) for d in datas]
+    blobs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    decode, decoder = nvjpeg("cuda"), GpuDecoder(cfg, "cuda")
+
+    def rate(work: object, reps: int = 5) -> float:
+        work()  # type: ignore[operator]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            work()  # type: ignore[operator]
+        torch.cuda.synchronize()
+        return reps * len(datas) / (time.perf_counter() - t0)
+
+    cpu = Preprocessor(cfg, "fast")
+    t0 = time.perf_counter()
+    for d in datas:
+        cpu(d)
+    one = len(datas) / (time.perf_counter() - t0)
+    return [
+        f"\n## the decode step alone, {len(datas)} photos",
+        f"  nvJPEG batch decode:            {rate(lambda: decode(blobs)):8.0f} images/s",
+        f"  nvJPEG + orient + batched resize: {rate(lambda: decoder(items)):8.0f} images/s",
+        f"  CPU path (fast), one process:   {one:8.0f} images/s "
+        f"(x{workers} workers: {one * workers:.0f})",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--photos", type=Path, help="a folder of ImageNet-size photos")
@@ -111,6 +150,8 @@ def main() -> None:
         write_corpus(scenes, args.scenes, duplicates=0, seed=7)
     lines += measure("scenes", scenes, args.work, ck, workers, args.rounds)
     if args.photos is not None:
+        lines += micro(args.photos, workers)
+        print("\n".join(lines), flush=True)
         photos = args.work / "photos"
         if not photos.is_dir():  # the photos, copied until there are args.copies x as many
             for n in range(args.copies):

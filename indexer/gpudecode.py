@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from indexer.jpegroute import Route
-from indexer.preprocess import DataConfig, resized_size
+from indexer.preprocess import DataConfig, crop_box, resized_size
 
 Decode = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
@@ -75,6 +75,45 @@ def resize_crop(image: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
 
 
+CHUNK_BYTES = 1 << 30  # float32 padded images resized at once, at most
+
+
+def resize_crop_batch(images: list[torch.Tensor], cfg: DataConfig) -> torch.Tensor:
+    """resize_crop for many CHW uint8 images at once: each one's crop box (in its own
+    coordinates) sampled by one roi_align over the images padded into a batch, an adaptive
+    number of samples per output pixel averaging as an antialiased downscale does. NHWC uint8."""
+    from torchvision.ops import roi_align
+
+    _, crop_h, crop_w = cfg.input_size
+    out, start = [], 0
+    while start < len(images):
+        chunk = _chunk(images, start)
+        height = max(int(t.shape[-2]) for t in chunk)
+        width = max(int(t.shape[-1]) for t in chunk)
+        batch = chunk[0].new_zeros((len(chunk), 3, height, width), dtype=torch.float32)
+        boxes = []
+        for n, image in enumerate(chunk):
+            h, w = int(image.shape[-2]), int(image.shape[-1])
+            batch[n, :, :h, :w] = image
+            boxes.append([n, *crop_box(w, h, cfg)])
+        rois = torch.tensor(boxes, dtype=torch.float32, device=batch.device)
+        pixels = roi_align(batch, rois, (crop_h, crop_w), 1.0, sampling_ratio=0, aligned=True)
+        out.append(pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+        start += len(chunk)
+    return torch.cat(out)
+
+
+def _chunk(images: list[torch.Tensor], start: int) -> list[torch.Tensor]:
+    """As many images from start as fit CHUNK_BYTES padded (at least one)."""
+    end, height, width = start, 0, 0
+    while end < len(images):
+        h, w = max(height, int(images[end].shape[-2])), max(width, int(images[end].shape[-1]))
+        if end > start and (end - start + 1) * 3 * h * w * 4 > CHUNK_BYTES:
+            break
+        end, height, width = end + 1, h, w
+    return images[start:end]
+
+
 class GpuDecoder:
     """uint8 NHWC model inputs for routed JPEGs, decoded and prepared on the device; None for
     an item to decode on the CPU instead."""
@@ -87,11 +126,10 @@ class GpuDecoder:
     def __call__(self, items: list[tuple[bytes, Route]]) -> list[torch.Tensor | None]:
         blobs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, _ in items]
         decoded = decode_split(blobs, self._decode)
-        out: list[torch.Tensor | None] = []
-        for image, (_, routed) in zip(decoded, items, strict=True):
-            if image is None:
-                out.append(None)
-                continue
-            image = orient(image.to(self.device), routed.orientation)
-            out.append(resize_crop(image, self.cfg))
+        good = [n for n, image in enumerate(decoded) if image is not None]
+        oriented = [orient(decoded[n].to(self.device), items[n][1].orientation) for n in good]  # type: ignore[union-attr]
+        out: list[torch.Tensor | None] = [None] * len(items)
+        if oriented:
+            for n, pixels in zip(good, resize_crop_batch(oriented, self.cfg), strict=True):
+                out[n] = pixels
         return out

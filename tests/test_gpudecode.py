@@ -140,3 +140,18 @@ def test_decode_gpu_needs_cuda(corpus: object, tmp_path: object) -> None:
         pytest.skip("a CUDA machine decodes on the GPU")
     result = run_cli("build", corpus, "--out", f"{tmp_path}/c", *BUILD_FLAGS, "--decode", "gpu")
     assert result.exit_code == 2 and "--decode gpu needs a CUDA GPU" in result.output
+
+
+def test_batched_resize_is_chunked_without_changing_a_pixel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import indexer.gpudecode as gd
+
+    images = [torch.from_numpy(np.array(scene(s, size))).permute(2, 0, 1)
+              for s, size in enumerate([(200, 150), (150, 260), (640, 480), (90, 90)])]  # fmt: skip
+    whole = gd.resize_crop_batch(images, CFG)
+    monkeypatch.setattr(gd, "CHUNK_BYTES", 3 * 260 * 200 * 4)  # one or two images a chunk
+    assert torch.equal(gd.resize_crop_batch(images, CFG), whole)
+    for image, got in zip(images, whole, strict=True):
+        diff = got.float() - gd.resize_crop(image, CFG).float()
+        assert diff.abs().mean() < 2.0  # the per-image resize, within sampling differences
