@@ -342,6 +342,48 @@ class RawDecoding:
                      self.fallback)  # fmt: skip
 
 
+def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
+                  depth: int = 2) -> Iterator[Batch]:  # fmt: skip
+    """The batches with their GPU-routed JPEGs decoded by a thread of their own, up to
+    `depth` batches ahead: the GPU decodes the next batch while this one is embedded and
+    written. Errors are raised here, in order."""
+    import queue
+    import threading
+
+    ready: queue.Queue[Any] = queue.Queue(depth)
+    end, stop = object(), threading.Event()
+
+    def hand_over(item: Any) -> None:
+        while not stop.is_set():  # the consumer gone (an error, Ctrl-C): the thread ends
+            try:
+                ready.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if stop.is_set():
+                    return
+                if batch.raw:
+                    raw.decode(batch, runtime)
+                hand_over(batch)
+        except BaseException as exc:  # handed to the consumer, raised there
+            hand_over(exc)
+        finally:
+            hand_over(end)
+
+    threading.Thread(target=work, name="gpu-decode", daemon=True).start()
+    try:
+        while (item := ready.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
 def process_age() -> float:
     """Seconds since this process started (from /proc; 0 where there is none)."""
     try:
@@ -363,6 +405,8 @@ def embed_items(
     reused: list[tuple[int, str, dict[str, Any]]] = []
     embed = Embedding(job.embedder, job.switch, paths.root)
     raw = RawDecoding(cfg)
+    if job.embedder.on_cuda and cfg.loader.decode != "cpu":
+        batches = decoded_ahead(batches, raw, job.embedder)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar:

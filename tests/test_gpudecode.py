@@ -155,3 +155,20 @@ def test_batched_resize_is_chunked_without_changing_a_pixel(
     for image, got in zip(images, whole, strict=True):
         diff = got.float() - gd.resize_crop(image, CFG).float()
         assert diff.abs().mean() < 2.0  # the per-image resize, within sampling differences
+
+
+def test_batches_decoded_ahead_arrive_in_order_and_errors_surface() -> None:
+    from indexer.config import BuildConfig, LoaderConfig
+    from indexer.embed import Batch, RawDecoding, decoded_ahead
+
+    decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
+    batches = [Batch(positions=[n]) for n in range(7)]
+    got = [b.positions[0] for b in decoded_ahead(iter(batches), decoding, None)]  # type: ignore[arg-type]
+    assert got == list(range(7))
+
+    def failing() -> object:
+        yield Batch(positions=[0])
+        raise OSError("the loader broke")
+
+    with pytest.raises(OSError, match="loader broke"):
+        list(decoded_ahead(failing(), decoding, None))  # type: ignore[arg-type]
