@@ -40,12 +40,13 @@ format: $(STAMP)  ## Apply ruff's formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## Throughput, memory and re-run benchmarks (about 7 minutes; see bench/)
+bench: $(STAMP)  ## Throughput, memory, re-run and service benchmarks (about 15 minutes; see bench/)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/runtimes.py
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/heads.py
+	$(BIN)/python bench/serve.py
 
 SLIM := build/slim
 slim-check: $(STAMP)  ## Query a portable collection from a venv without torch or timm (downloads ~440 MB)

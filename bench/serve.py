@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import BIN, REPO, imagenet_corpus, indexer_cmd, run_timed, write_checkpoint
+from throughput import BIN, REPO, imagenet_corpus, indexer_cmd, prepared, run_timed
 
 CONCURRENCY = (1, 8, 16, 32)
 
@@ -102,9 +102,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "bench")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    ck = args.work / "seed0.safetensors"
-    write_checkpoint(ck)
+    ck = prepared(args.work)
     photos = imagenet_corpus(args.work)
     collection = args.work / "out" / "serve-photos"
     run_timed(indexer_cmd(photos, collection, ck))

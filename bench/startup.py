@@ -19,8 +19,8 @@ from throughput import (
     REPO,
     imagenet_corpus,
     indexer_cmd,
+    prepared,
     run_timed,
-    write_checkpoint,
 )
 
 BARE = f"import torch, timm; timm.create_model({MODEL!r}, pretrained=False)"
@@ -77,9 +77,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "bench")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    ck = args.work / "seed0.safetensors"
-    write_checkpoint(ck)
+    ck = prepared(args.work)
     images = imagenet_corpus(args.work)
     out = args.work / "out" / "startup"
     if not (out / "manifest.json").exists() or "portable_model" not in (

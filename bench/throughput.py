@@ -106,6 +106,14 @@ def write_checkpoint(path: Path) -> None:
     save_file(timm.create_model(MODEL, pretrained=False).state_dict(), str(path))
 
 
+def prepared(work: Path) -> Path:
+    """The benchmarks' work folder, made, and the seeded checkpoint in it (its path)."""
+    work.mkdir(parents=True, exist_ok=True)
+    ck = work / "seed0.safetensors"
+    write_checkpoint(ck)
+    return ck
+
+
 def imagenet_corpus(work: Path) -> Path:
     if SAMPLE.is_dir():
         return SAMPLE

@@ -87,6 +87,8 @@ def load_model_while_decoding(
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
     """
+    if cfg.loader.decode == "gpu":
+        gpu_decoding(cfg)  # refused without CUDA, whichever runtime would embed
     stored = already_stored(items, sources, positions, prev)
     if stored is not None and prev.manifest is not None:
         from indexer.runtime import RecordedRecipe
