@@ -29,6 +29,8 @@ LOOPBACK_NAMES = ("localhost",)
               help="Largest upload accepted (bytes, or with K/M/G); larger: 413.")  # fmt: skip
 @click.option("--batch-window-ms", default=3.0, show_default=True, type=click.FloatRange(0, 100),
               help="Embed uploads arriving this close together in one batch (0: off).")  # fmt: skip
+@click.option("--search-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds a search may take, decoding an upload included; then 422.")  # fmt: skip
 @click.option("--runtime", default="auto", show_default=True,
               type=click.Choice(["auto", "torch", "onnx", "openvino"]),
               help="What embeds uploads (auto: the portable model on the CPU).")  # fmt: skip
@@ -42,6 +44,7 @@ def serve(
     cors: tuple[str, ...],
     max_upload: str,
     batch_window_ms: float,
+    search_timeout: float,
     runtime: str,
 ) -> None:
     """Serve published collections: a JSON search API, metrics and a search page.
@@ -72,7 +75,8 @@ def serve(
             f"collection(s) {missing} have no loadable published version: build them first "
             "(or see the log above)")))  # fmt: skip
     registry.watch()
-    app = create_app(registry, ServeConfig(token, limit, tuple(cors), batch_window_ms / 1000))
+    serve_cfg = ServeConfig(token, limit, tuple(cors), batch_window_ms / 1000, search_timeout)
+    app = create_app(registry, serve_cfg)
     import uvicorn
 
     logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)

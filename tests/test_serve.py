@@ -346,3 +346,18 @@ def test_a_thumbnail_never_reads_outside_the_source(corpus: Path, tmp_path: Path
         assert status == 404 and b"can no longer be read" in data
     finally:
         server.stop()
+
+
+def test_a_search_that_takes_too_long_is_a_4xx(collection: Path, corpus: Path) -> None:
+    registry = Registry({"photos": collection})
+    registry.refresh()
+    big = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (10, 200, 30)).save(big, "PNG")  # slow to decode
+    server = Server(create_app(registry, ServeConfig(search_timeout=0.01,
+                                                     max_upload_bytes=1 << 26)))  # fmt: skip
+    try:
+        status, doc = server.upload("photos", big.getvalue())
+        assert status == 422 and "took over" in doc["error"]
+        assert server.json("GET", "/healthz")[0] == 200  # still serving
+    finally:
+        server.stop()

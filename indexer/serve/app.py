@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import io
 import json
@@ -35,6 +36,7 @@ class ServeConfig:
     max_upload_bytes: int = 20 << 20
     cors_origins: tuple[str, ...] = ()
     batch_window: float = 0.003  # seconds uploads wait to be embedded together (0: alone)
+    search_timeout: float = 30.0  # seconds a search may take (an upload's decoding included)
 
 
 class HTTPError(Exception):
@@ -143,7 +145,12 @@ class Api:
         where = query.get("where") or None
         if isinstance(where, str):
             where = [where]
-        results = await run_in_threadpool(self._run_search, loaded, query, k, threshold, where)
+        work = run_in_threadpool(self._run_search, loaded, query, k, threshold, where)
+        try:
+            results = await asyncio.wait_for(work, self.cfg.search_timeout)
+        except TimeoutError:  # the thread ends by itself (decoding is bounded by the pixel limit)
+            raise HTTPError(422, f"the search took over {self.cfg.search_timeout:g} s (an image "
+                            "too slow to decode?): send a smaller image") from None  # fmt: skip
         hits = [h.to_dict() for h in results[0].hits]
         name = query.get("filename") or "upload" if "image" in query else results[0].name
         doc = {"collection": loaded.name, "version": loaded.version, "query": name,
