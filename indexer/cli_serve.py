@@ -60,12 +60,16 @@ def serve(
     from indexer.serve.app import ServeConfig, create_app
     from indexer.serve.registry import Registry, collection_names
 
+    if token is not None and not token.strip():
+        raise click.UsageError("--token is empty: give a token, or leave it out")
     if not _loopback(host) and token is None and not insecure:
         raise click.UsageError(
             f"--host {host} is reachable from other machines: give --token TOKEN (or "
             "$INDEXER_TOKEN), or --insecure to serve without one"
         )
     limit = run_library(lambda: parse_size(max_upload, "--max-upload"))
+    if limit < 1024:
+        raise click.UsageError(f"--max-upload {max_upload} is too small for any image")
     roots = run_library(lambda: collection_names(list(dirs), list(names)))
     registry = Registry(roots, runtime)
     run_library(registry.refresh)
@@ -80,7 +84,15 @@ def serve(
     import uvicorn
 
     logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        limit_concurrency=512,
+        timeout_keep_alive=5,
+    )  # fds stay bounded under floods
 
 
 def _raise(exc: Exception) -> None:

@@ -250,7 +250,7 @@ class Embedding:
         first = self.sample is None
         if first:
             head = pixels[:SAMPLE]
-            self.sample = np.array(head.cpu() if hasattr(head, "cpu") else head)  # GPU-decoded
+            self.sample = np.array(head.cpu().numpy() if hasattr(head, "cpu") else head)
         if self.runtime.name not in self.used:
             self.used.append(self.runtime.name)
         out = self.runtime.embed_with_labels(pixels)

@@ -27,7 +27,7 @@ class ItemReader:
         """The item's encoded bytes, or None when its source no longer has it (logged).
         Read as the build read it: a folder's file only inside its folder (links out refused
         unless the build followed them), never a key naming a parent folder."""
-        if self._sources is None and self._failed is None:
+        if self._sources is None:  # (again after a failure: the sources may be back)
             self._open()
         item = self._folder_item(key) if self._folders else self._items.get(key)
         if self._sources is None or item is None:

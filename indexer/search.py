@@ -295,6 +295,13 @@ class Collection:
             )
         return np.stack([found[k] for k in keys])
 
+    def warm(self) -> None:
+        """With cache_rows: read every shard now (rows and vectors, checksums verified), so
+        a damaged shard fails here, not in a query."""
+        if self._cache_rows:
+            self._read_rows(set())
+            self._cached_vectors([])
+
     def _cached_vectors(self, keys: list[str]) -> np.ndarray:
         """vectors_of from memory (cache_rows): every vector read once, by key."""
         if self._vectors is None:
@@ -313,7 +320,7 @@ class Collection:
             raise InputError(
                 f"{self.root} holds no item {missing[0]!r}: give a key as `indexer query` shows it"
             )
-        return matrix[[where[k] for k in keys]]
+        return matrix[[where[k] for k in keys]] if keys else matrix[:0]
 
     def image_of(self, key: str) -> bytes | Path | None:
         """An item's picture: its file (folder sources), else its bytes read from its
@@ -338,7 +345,7 @@ class Collection:
         if self._rows is None:
             self._rows = self._all_rows()
         sorted_ids, table = self._rows
-        if not len(sorted_ids):
+        if not len(sorted_ids) or not ids:
             return {}
         wanted = np.fromiter(ids, dtype=np.int64)
         pos = np.searchsorted(sorted_ids, wanted)

@@ -361,3 +361,94 @@ def test_a_search_that_takes_too_long_is_a_4xx(collection: Path, corpus: Path) -
         assert server.json("GET", "/healthz")[0] == 200  # still serving
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        (b'{"image": "/etc/passwd"}', 422, "multipart upload"),
+        (b'{"id": 1, "k": 1e999}', 422, "whole number"),
+        (b'{"id": 1, "where": 5}', 422, "where must be"),
+        (b'{"id": 1, "where": [["width>1"]]}', 422, "where must be"),
+        (b'{"id": 1, "threshold": true}', 422, "threshold"),
+        (b"[" * 100000 + b"]" * 100000, 400, "neither JSON"),
+    ],
+)
+def test_hostile_json_is_refused_in_a_line(
+    served: tuple[Server, Path], body: bytes, status: int, reason: str
+) -> None:
+    server, _ = served
+    got, data, _ = server.request("POST", "/api/collections/photos/search", body,
+                                  {"Content-Type": "application/json"})  # fmt: skip
+    assert got == status and reason in json.loads(data)["error"]
+
+
+def test_bad_multipart_is_a_json_400(served: tuple[Server, Path]) -> None:
+    server, _ = served
+    got, data, _ = server.request("POST", "/api/collections/photos/search", b"x",
+                                  {"Content-Type": "multipart/form-data"})  # fmt: skip
+    assert got == 400 and "multipart" in json.loads(data)["error"]
+    _, metrics, _ = server.request("GET", "/metrics")
+    assert b'endpoint="search",status="400"' in metrics
+
+
+def test_versions_that_cannot_serve_are_refused_and_a_rebuild_is_loaded(
+    corpus: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "c"
+    assert run_cli("build", corpus, "--out", root, *BUILD_FLAGS).exit_code == 0
+    registry = Registry({"c": root})
+    registry.refresh()
+    good = registry.get("c").version
+    for damage in ("shard", "model"):  # a copy of the version, damaged, published by hand
+        bad = root / "versions" / f"v00000{2 if damage == 'shard' else 3}"
+        shutil.copytree(root / "versions" / good, bad)
+        target = next((bad / "shards").glob("*.parquet")) if damage == "shard" else (
+            bad / "model.onnx")  # fmt: skip
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 64] = b"\\0" * 64
+        target.unlink()
+        target.write_bytes(bytes(data))
+        (root / "current").unlink()
+        (root / "current").symlink_to(Path("versions") / bad.name)
+        failures = registry.failures
+        registry.refresh()
+        assert registry.get("c").version == good and registry.failures == failures + 1, damage
+    shutil.rmtree(root)  # built again from scratch: a v000001 of its own
+    small = tmp_path / "small"
+    shutil.copytree(corpus / "group0", small)
+    assert run_cli("build", small, "--out", root, *BUILD_FLAGS).exit_code == 0
+    registry.refresh()
+    assert len(registry.get("c").collection) == len(list(small.iterdir()))
+
+
+def test_a_deleted_collection_answers_503_and_is_not_ready(corpus: Path, tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    assert run_cli("build", corpus, "--out", root, *BUILD_FLAGS).exit_code == 0
+    registry = Registry({"c": root})
+    registry.refresh()
+    server = Server(create_app(registry, ServeConfig(token="T")))
+    try:
+        assert server.json("GET", "/readyz")[0] == 200
+        assert server.json("GET", "/api/collections", Authorization="bearer  T")[0] == 200
+        shutil.rmtree(root)
+        status, doc = server.json("POST", "/api/collections/c/search", {"key": "x"},
+                                  Authorization="Bearer T")  # fmt: skip
+        assert status in (404, 503) and doc["error"]
+        status, doc = server.json("GET", "/api/collections/c/items/1", Authorization="Bearer T")
+        assert status in (200, 503) and doc  # from memory, or a JSON 503: never a 500
+
+        assert server.json("GET", "/readyz")[0] == 503
+    finally:
+        server.stop()
+
+
+def test_metrics_labels_are_escaped() -> None:
+    from indexer.serve.metrics import _label
+
+    assert _label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_an_empty_token_is_refused(collection: Path) -> None:
+    result = run_cli("serve", collection, "--token", " ")
+    assert result.exit_code == 2 and "--token is empty" in result.output

@@ -7,6 +7,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -109,21 +110,27 @@ class Api:
             self._authorize(request)
             response: Response = await handler(request)
         except HTTPError as exc:
-            response = JSONResponse({"error": str(exc)}, status_code=exc.status)
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            response = JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
         except InputError as exc:
             response = JSONResponse({"error": str(exc)}, status_code=422)
-        except IndexerError as exc:  # a collection that cannot answer: not the client's fault
-            log.error("%s: %s", endpoint, exc)
-            response = JSONResponse({"error": str(exc)}, status_code=503)
+        except (IndexerError, OSError) as exc:  # a collection that cannot answer (damaged,
+            log.error("%s: %s", endpoint, exc)  # deleted): not the client's fault
+            response = JSONResponse({"error": f"the collection cannot answer: {exc}"},
+                                    status_code=503)  # fmt: skip
+        except Exception as exc:  # a bug: still JSON, logged with its traceback, counted
+            log.exception("%s failed", endpoint)
+            response = JSONResponse({"error": f"internal error ({type(exc).__name__})"},
+                                    status_code=500)  # fmt: skip
         self.metrics.observe(endpoint, response.status_code, time.perf_counter() - started)
         return response
 
     def _authorize(self, request: Request) -> None:
         if self.cfg.token is None:
             return
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {self.cfg.token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        same = hmac.compare_digest(given.strip().encode(), self.cfg.token.encode())
+        if scheme.lower() != "bearer" or not same:
             raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
 
     def _loaded(self, request: Request) -> Loaded:
@@ -145,6 +152,10 @@ class Api:
         where = query.get("where") or None
         if isinstance(where, str):
             where = [where]
+        if where is not None and not (
+            isinstance(where, list) and all(isinstance(w, str) for w in where)
+        ):
+            raise HTTPError(422, "where must be a condition (a string) or a list of them")
         work = run_in_threadpool(self._run_search, loaded, query, k, threshold, where)
         try:
             results = await asyncio.wait_for(work, self.cfg.search_timeout)
@@ -160,7 +171,7 @@ class Api:
     def _run_search(self, loaded: Loaded, query: dict[str, Any], k: int,
                     threshold: float | None, where: list[str] | None) -> list[Any]:  # fmt: skip
         c = loaded.collection
-        if "image" in query:  # decoded here, in this request's thread; embedded in a batch
+        if isinstance(query.get("image"), bytes):  # an upload (multipart only): decoded here,
             with self.batcher.request():
                 vectors = self.batcher.embed(c, c.pixels_of([query["image"]]))
             return c.query_vectors(vectors, ["upload"], k, threshold, where)
@@ -200,7 +211,10 @@ class Api:
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
             request._body = body  # parsed from the bytes already read (and bounded)
-            form = await request.form(max_files=1, max_fields=8, max_part_size=len(body) + 1)
+            try:
+                form = await request.form(max_files=1, max_fields=8, max_part_size=len(body) + 1)
+            except Exception as exc:  # Starlette's multipart refusals, as JSON 400s
+                raise HTTPError(400, f"the multipart body cannot be read: {exc}") from None
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise HTTPError(422, "the multipart body has no file field 'image'")
@@ -213,10 +227,12 @@ class Api:
                     "where": [w for w in where if isinstance(w, str)]}  # fmt: skip
         try:
             doc = json.loads(body or b"{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise HTTPError(400, "the body is neither JSON nor a multipart upload") from None
         if not isinstance(doc, dict):
             raise HTTPError(422, 'the JSON body must be an object: {"key": ...} or {"id": ...}')
+        if "image" in doc:  # never a path or URL from the client: images come as uploads
+            raise HTTPError(422, 'send an image as a multipart upload (field "image"), not in JSON')
         return doc
 
     async def _item(self, request: Request) -> Response:
@@ -292,8 +308,8 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
         number = int(value)
         if isinstance(value, float | bool) or str(number) != str(value).strip():
             raise ValueError
-    except (TypeError, ValueError):
-        raise HTTPError(422, f"{name} must be a whole number, not {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise HTTPError(422, f"{name} must be a whole number, not {_short(value)}") from None
     if not low <= number <= high:
         raise HTTPError(422, f"{name} must be between {low} and {high}, not {number}")
     return number
@@ -303,9 +319,19 @@ def _float_param(value: Any) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise HTTPError(422, f"threshold must be a number, not {value!r}") from None
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise HTTPError(422, f"threshold must be a number, not {_short(value)}") from None
+    if not math.isfinite(number):
+        raise HTTPError(422, f"threshold must be a finite number, not {_short(value)}")
+    return number
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _json(doc: Any) -> bytes:

@@ -65,9 +65,14 @@ class Metrics:
         lines.append("# TYPE indexer_loaded_version gauge")
         for loaded in self._registry.all():
             number = int(loaded.version.lstrip("v") or 0)
-            lines.append(f'indexer_loaded_version{{collection="{loaded.name}"}} {number}')
+            lines.append(f'indexer_loaded_version{{collection="{_label(loaded.name)}"}} {number}')
         lines.append("# TYPE indexer_reloads_total counter")
         lines.append(f"indexer_reloads_total {self._registry.reloads}")
         lines.append("# TYPE indexer_reload_failures_total counter")
         lines.append(f"indexer_reload_failures_total {self._registry.failures}")
         return "\n".join(lines) + "\n"
+
+
+def _label(value: str) -> str:
+    """A Prometheus label value: backslash, quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

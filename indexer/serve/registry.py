@@ -64,7 +64,11 @@ class Registry:
         return [self._loaded[n] for n in self.roots if n in self._loaded]
 
     def ready(self) -> bool:
-        return all(name in self._loaded for name in self.roots)
+        """Every collection loaded, and its version still on disk."""
+        return all(
+            name in self._loaded and self._loaded[name].collection.version.is_dir()
+            for name in self.roots
+        )
 
     def refresh(self) -> None:
         """Load every collection whose published version changed (or was never loaded)."""
@@ -79,8 +83,7 @@ class Registry:
             return
         try:
             collection = Collection(root, runtime=self.runtime, cache_rows=True)
-            if collection.manifest.get("model") is not None:
-                _ = collection.embedder  # the model that embeds uploads: loaded before serving
+            check_loadable(collection)
         except (IndexerError, OSError, ValueError) as exc:
             self.failures += 1
             log.error("collection %s: version %s cannot be served (%s); keeping %s", name,
@@ -110,11 +113,29 @@ class Registry:
         self._stop.set()
 
 
+def check_loadable(collection: Collection) -> None:
+    """What a version must pass before it serves: its model file (a damaged one is refused,
+    never replaced by torch in the service), the model itself, and every shard read whole
+    (rows and vectors are kept in memory from here on)."""
+    manifest = collection.manifest
+    if "portable_model" in manifest and collection.runtime == "auto":
+        from indexer.portable import read_model
+
+        read_model(collection.version, manifest["portable_model"])
+    if manifest.get("model") is not None:
+        _ = collection.embedder  # the model that embeds uploads: loaded before serving
+    collection.warm()
+
+
 def _current_target(root: Path) -> str | None:
+    """Where `current` points, with that folder's identity: a collection built again from
+    scratch has a v000001 of its own, which must be loaded too."""
     try:
-        return os.readlink(root / "current")
+        target = os.readlink(root / "current")
+        st = os.stat(root / "current")
     except OSError:
         return None
+    return f"{target}@{st.st_dev}:{st.st_ino}:{st.st_ctime_ns}"
 
 
 def collection_names(dirs: list[Path], names: list[str]) -> dict[str, Path]:
@@ -122,6 +143,10 @@ def collection_names(dirs: list[Path], names: list[str]) -> dict[str, Path]:
     if names and len(names) != len(dirs):
         raise InputError(f"--name was given {len(names)} time(s) for {len(dirs)} collection(s): "
                          "give one per DIR, in order, or none")  # fmt: skip
+    for folder in dirs:
+        if not folder.is_dir():
+            raise InputError(f"{folder} does not exist or is not a folder: give a collection "
+                             "built by `indexer build` or `indexer index`")  # fmt: skip
     chosen = names or [d.resolve().name for d in dirs]
     for name in chosen:
         if not name or "/" in name or name in (".", ".."):
