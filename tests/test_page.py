@@ -49,16 +49,21 @@ def wait_for(check: Callable[[], Any], what: str, seconds: float = 30) -> Any:
     raise AssertionError(f"the page never showed {what}")
 
 
+@pytest.mark.parametrize("token", [None, "s3cret"])
 def test_the_page_searches_by_upload_and_by_click(
-    browser: Any, collection: Path, corpus: Path, tmp_path: Path
+    browser: Any, collection: Path, corpus: Path, tmp_path: Path, token: str | None
 ) -> None:
     from selenium.webdriver.common.by import By
 
     registry = Registry({"photos": collection})
     registry.refresh()
-    server = Server(create_app(registry, ServeConfig()))
+    server = Server(create_app(registry, ServeConfig(token=token)))
     try:
         browser.get(f"http://127.0.0.1:{server.port}/")
+        if token:  # the first 401 makes the page ask for the token, once
+            alert = wait_for(lambda: _alert(browser), "the token prompt")
+            alert.send_keys(token)
+            alert.accept()
         wait_for(
             lambda: browser.find_elements(By.CSS_SELECTOR, "#collection option"), "collections"
         )
@@ -85,9 +90,11 @@ def test_the_page_searches_by_upload_and_by_click(
         browser.back()
         wait_for(lambda: f"query: {first_key}" in browser.find_element(By.ID, "query").text,
                  "the first search again after Back")  # fmt: skip
-        severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        expected = "status of 401" if token else "\0"  # the one 401 that asks for the token
+        severe = [e for e in browser.get_log("browser")
+                  if e["level"] == "SEVERE" and expected not in e["message"]]  # fmt: skip
         assert severe == []
-        if os.environ.get("INDEXER_SCREENSHOT"):
+        if os.environ.get("INDEXER_SCREENSHOT") and not token:
             browser.save_screenshot(os.environ["INDEXER_SCREENSHOT"])
         bad = tmp_path / "not-an-image.jpg"
         bad.write_text("just text")
@@ -96,3 +103,12 @@ def test_the_page_searches_by_upload_and_by_click(
         assert "cannot read query image" in message
     finally:
         server.stop()
+
+
+def _alert(browser: Any) -> Any:
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        return browser.switch_to.alert
+    except NoAlertPresentException:
+        return None
