@@ -452,3 +452,19 @@ def test_metrics_labels_are_escaped() -> None:
 def test_an_empty_token_is_refused(collection: Path) -> None:
     result = run_cli("serve", collection, "--token", " ")
     assert result.exit_code == 2 and "--token is empty" in result.output
+
+
+def test_a_refused_version_is_counted_once(collection: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "c"
+    shutil.copytree(collection, copy, symlinks=True)
+    registry = Registry({"c": copy})
+    registry.refresh()
+    version = copy / "versions" / registry.get("c").version
+    bad = copy / "versions" / "v000009"
+    shutil.copytree(version, bad)
+    (bad / "index" / "index.faiss").write_bytes(b"damaged")
+    (copy / "current").unlink()
+    (copy / "current").symlink_to(Path("versions") / bad.name)
+    for _ in range(3):
+        registry.refresh()
+    assert registry.failures == 1 and registry.get("c").version == version.name

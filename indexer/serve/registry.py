@@ -53,6 +53,7 @@ class Registry:
         self.reloads = 0
         self.failures = 0
         self._stop = threading.Event()
+        self._refused: dict[str, str] = {}  # the version each collection last failed to load
 
     def get(self, name: str) -> Loaded:
         loaded = self._loaded.get(name)
@@ -81,11 +82,14 @@ class Registry:
         old = self._loaded.get(name)
         if target is None or (old is not None and old.target == target):
             return
+        if self._refused.get(name) == target:  # counted and logged once, not every poll
+            return
         try:
             collection = Collection(root, runtime=self.runtime, cache_rows=True)
             check_loadable(collection)
         except (IndexerError, OSError, ValueError) as exc:
             self.failures += 1
+            self._refused[name] = target
             log.error("collection %s: version %s cannot be served (%s); keeping %s", name,
                       target, exc, old.version if old else "none")  # fmt: skip
             return
