@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -40,6 +39,7 @@ from indexer.errors import (
     ModelError,
     TooManyFailuresError,
 )
+from indexer.jsontext import json_text
 
 if TYPE_CHECKING:
     from indexer.pipeline import BuildReport
@@ -687,26 +687,6 @@ def query(
     else:
         for r in results:
             click.echo(format_hits(r.name, r.hits))
-
-
-def json_text(doc: Any, indent: int | None = None) -> str:
-    """JSON that strict UTF-8 readers accept: undecodable bytes of file names as \\xNN text."""
-    return json.dumps(_printable(doc), indent=indent, default=str, allow_nan=False)
-
-
-def _printable(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
-            return value.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN or Infinity
-    if isinstance(value, dict):
-        return {_printable(k): _printable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_printable(v) for v in value]
-    return value
 
 
 def _short(name: str) -> str:

@@ -20,7 +20,6 @@ class ItemReader:
         self._manifest = manifest
         self._sources: list[Source] | None = None
         self._items: dict[str, Item] = {}
-        self._failed: str | None = None
         self._folders = False  # every source a folder: items found from their keys
 
     def read(self, key: str) -> bytes | None:
@@ -66,5 +65,4 @@ class ItemReader:
                 self._items = {item.key: item for item in list_items(sources)}
             self._sources = sources
         except (IndexerError, OSError, KeyError, ValueError) as exc:
-            self._failed = str(exc)
             log.warning("cannot open the collection's sources for pictures: %s", exc)

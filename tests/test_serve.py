@@ -13,6 +13,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,18 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextmanager
+def serving(roots: dict[str, Path], cfg: ServeConfig | None = None) -> Iterator[Server]:
+    """A real server over these collections (loaded once), stopped afterwards."""
+    registry = Registry(roots)
+    registry.refresh()
+    server = Server(create_app(registry, cfg or ServeConfig()))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -193,16 +206,11 @@ def test_bad_uploads_are_refused_with_the_reason(served: tuple[Server, Path], co
 
 
 def test_a_token_is_required_when_set(collection: Path) -> None:
-    registry = Registry({"photos": collection})
-    registry.refresh()
-    server = Server(create_app(registry, ServeConfig(token="s3cret")))
-    try:
+    with serving({"photos": collection}, ServeConfig(token="s3cret")) as server:
         assert server.json("GET", "/api/collections")[0] == 401
         assert server.json("GET", "/api/collections", Authorization="Bearer nope")[0] == 401
         assert server.json("GET", "/api/collections", Authorization="Bearer s3cret")[0] == 200
         assert server.json("GET", "/healthz")[0] == 200  # probes need no token
-    finally:
-        server.stop()
 
 
 def test_a_public_host_needs_a_token_or_insecure(collection: Path) -> None:
@@ -335,32 +343,22 @@ def test_a_thumbnail_never_reads_outside_the_source(corpus: Path, tmp_path: Path
     victim = sorted(src.rglob("*.jpg"))[0]
     victim.unlink()
     victim.symlink_to(secret)
-    registry = Registry({"c": root})
-    registry.refresh()
-    server = Server(create_app(registry, ServeConfig()))
-    try:
+    with serving({"c": root}, ServeConfig()) as server:
         key = victim.relative_to(src).as_posix()
         _, doc = server.json("POST", "/api/collections/c/search", {"key": key, "k": 1})
         item_id = doc["results"][0]["id"]
         status, data, _ = server.request("GET", f"/api/collections/c/items/{item_id}/thumbnail")
         assert status == 404 and b"can no longer be read" in data
-    finally:
-        server.stop()
 
 
 def test_a_search_that_takes_too_long_is_a_4xx(collection: Path, corpus: Path) -> None:
-    registry = Registry({"photos": collection})
-    registry.refresh()
     big = io.BytesIO()
     Image.new("RGB", (6000, 4000), (10, 200, 30)).save(big, "PNG")  # slow to decode
-    server = Server(create_app(registry, ServeConfig(search_timeout=0.01,
-                                                     max_upload_bytes=1 << 26)))  # fmt: skip
-    try:
+    cfg = ServeConfig(search_timeout=0.01, max_upload_bytes=1 << 26)
+    with serving({"photos": collection}, cfg) as server:
         status, doc = server.upload("photos", big.getvalue())
         assert status == 422 and "took over" in doc["error"]
         assert server.json("GET", "/healthz")[0] == 200  # still serving
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize(
@@ -425,10 +423,7 @@ def test_versions_that_cannot_serve_are_refused_and_a_rebuild_is_loaded(
 def test_a_deleted_collection_answers_503_and_is_not_ready(corpus: Path, tmp_path: Path) -> None:
     root = tmp_path / "c"
     assert run_cli("build", corpus, "--out", root, *BUILD_FLAGS).exit_code == 0
-    registry = Registry({"c": root})
-    registry.refresh()
-    server = Server(create_app(registry, ServeConfig(token="T")))
-    try:
+    with serving({"c": root}, ServeConfig(token="T")) as server:
         assert server.json("GET", "/readyz")[0] == 200
         assert server.json("GET", "/api/collections", Authorization="bearer  T")[0] == 200
         shutil.rmtree(root)
@@ -439,8 +434,6 @@ def test_a_deleted_collection_answers_503_and_is_not_ready(corpus: Path, tmp_pat
         assert status in (200, 503) and doc  # from memory, or a JSON 503: never a 500
 
         assert server.json("GET", "/readyz")[0] == 503
-    finally:
-        server.stop()
 
 
 def test_metrics_labels_are_escaped() -> None:

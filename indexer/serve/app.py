@@ -20,6 +20,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from indexer.errors import IndexerError, InputError
+from indexer.jsontext import json_text
 from indexer.serve.batcher import Batcher
 from indexer.serve.metrics import Metrics
 from indexer.serve.registry import Loaded, Registry
@@ -77,6 +78,7 @@ class Api:
     def __init__(self, registry: Registry, cfg: ServeConfig, metrics: Metrics) -> None:
         self.registry, self.cfg, self.metrics = registry, cfg, metrics
         self.batcher = Batcher(cfg.batch_window, metrics.observe_batch)
+        self.thumbs = Thumbnails()
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -251,12 +253,6 @@ class Api:
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
 
-    @property
-    def thumbs(self) -> Thumbnails:
-        if not hasattr(self, "_thumbs"):
-            self._thumbs = Thumbnails()
-        return self._thumbs
-
 
 class Thumbnails:
     """JPEG thumbnails of stored items, read where the build read them, cached per version."""
@@ -335,6 +331,4 @@ def _short(value: Any) -> str:
 
 
 def _json(doc: Any) -> bytes:
-    from indexer.cli import json_text
-
     return json_text(doc).encode("utf-8")
