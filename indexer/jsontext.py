@@ -10,6 +10,12 @@ from typing import Any
 def json_text(doc: Any, indent: int | None = None) -> str:
     """JSON that strict UTF-8 readers accept: undecodable bytes of file names as \\xNN text,
     NaN and infinities as null."""
+    try:  # the common case, in C: nothing to replace (no NaN, no surrogate escapes)
+        text = json.dumps(doc, indent=indent, default=str, allow_nan=False)
+        if "\\ud" not in text:
+            return text
+    except ValueError:
+        pass
     return json.dumps(_printable(doc), indent=indent, default=str, allow_nan=False)
 
 

@@ -214,3 +214,26 @@ def test_plan_table() -> None:
     assert [e["key"] for e in plan.kept_errors] == ["failed"]
     retry = make_plan(items, [Src("s")], prev, set(), next_id=10, prev_errors=None)  # type: ignore[list-item]
     assert retry.check == [1, 2, 3, 4] and not retry.kept_errors
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        ({"key": "a.jpg", "score": 0.5}, '{"key": "a.jpg", "score": 0.5}'),
+        ({"score": float("nan"), "x": [float("inf")]}, '{"score": null, "x": [null]}'),
+        ({"key": "caf\udce9.jpg"}, '{"key": "caf\\\\xe9.jpg"}'),  # a non-UTF-8 file name byte
+        ({"key": "\ud800"}, '{"key": "\\\\ud800"}'),  # a lone surrogate that is no byte
+        ({"key": "\U0001f600"}, '{"key": "\\ud83d\\ude00"}'),  # a real emoji stays one
+        ({"key": "back\\udce9"}, '{"key": "back\\\\udce9"}'),  # text that only looks escaped
+        ({"n": np.int64(3)}, '{"n": "3"}'),
+    ],
+)
+def test_json_text_is_strict_utf8_json(doc: object, expected: str) -> None:
+    import json
+
+    from indexer.jsontext import json_text
+
+    text = json_text(doc)
+    assert text == expected
+    text.encode("utf-8")  # strict: no lone surrogate survives
+    json.loads(text)
