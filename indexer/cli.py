@@ -831,6 +831,10 @@ def _source_name(source: dict[str, Any]) -> str:
     help="Rows per Parquet shard (--from-parquet).",
 )  # fmt: skip
 @index_options(defaults=False)
+@click.option(
+    "--rebuild-index", is_flag=True,
+    help="Build the index from scratch instead of updating the previous version's.",
+)  # fmt: skip
 @keep_option
 def index_cmd(
     paths: tuple[Path, ...],
@@ -844,10 +848,12 @@ def index_cmd(
     index_type: str | None,
     max_index_memory: str | None,
     target_recall: float | None,
+    rebuild_index: bool,
     keep: int,
 ) -> None:
-    """Rebuild the index of collection DIR from its shards, as a new version; or, with
-    --from-parquet, make a collection of embeddings made elsewhere and index it.
+    """Index collection DIR again, as a new version; or, with --from-parquet, make (or update,
+    by key) a collection of embeddings made elsewhere and index it. The previous version's
+    index is updated when few vectors changed, else rebuilt; the index's meta.json says which.
 
     \b
     Examples:
@@ -857,7 +863,7 @@ def index_cmd(
     from indexer.choose import parse_index_flags
 
     _, memory = run_library(lambda: parse_index_flags(index_type, max_index_memory))
-    overrides = IndexOverrides(index_type, memory, target_recall)
+    overrides = IndexOverrides(index_type, memory, target_recall, rebuild_index)
     if from_parquet:
         from indexer.external import ExternalConfig, index_parquet
 
@@ -895,6 +901,8 @@ def describe_index(meta: dict[str, Any]) -> str:
     qps = meta.get("queries_per_second")
     made = (
         f"reused from {meta['reused_from']} (files only touched)" if meta.get("reused_from")
+        else f"updated from {meta['from_version']} in {meta['build_seconds']}s ({meta['why']})"
+        if meta.get("how") == "updated"
         else f"built in {meta['build_seconds']}s"
     )  # fmt: skip
     return (

@@ -78,6 +78,8 @@ class IndexConfig:
     recall_queries: int = 1000  # stored vectors used as queries to measure and tune
     recall_k: int = 10
     seed: int = 0
+    rebuild: bool = False  # build the index from scratch, never update the previous one
+    max_update_share: float = 0.2  # more changed vectors than this share: rebuilt, not updated
 
 
 ENGINES = ("local", "ray")
@@ -99,6 +101,7 @@ class IndexOverrides:
     index_type: str | None = None
     max_memory: int | None = None
     target_recall: float | None = None
+    rebuild: bool = False  # --rebuild-index
 
     def resolve(self, metric: str, recorded: dict[str, Any] | None) -> IndexConfig:
         before = recorded or {}
@@ -110,6 +113,7 @@ class IndexOverrides:
             target_recall=_first(
                 self.target_recall, before.get("target_recall"), base.target_recall
             ),
+            rebuild=self.rebuild,
         )
 
 

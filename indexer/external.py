@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from indexer import __version__
@@ -26,7 +28,7 @@ from indexer.catalog import (
 )
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
-from indexer.index import build_index
+from indexer.indexupdate import Previous, index_version, previous_version
 from indexer.lock import CollectionLock
 from indexer.publish import prune, publish, salvage, start_version
 from indexer.safeio import os_errors_as
@@ -35,6 +37,7 @@ from indexer.shards import (
     embedding_array,
     merge_metadata_schemas,
     metadata_fields,
+    read_shard,
     shard_schema,
     write_errors,
 )
@@ -161,16 +164,19 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     request = {"from_parquet": True, "embedding_column": cfg.embedding_column,
                "key_column": cfg.key_column, "normalize": cfg.normalize}  # fmt: skip
     salvage(cfg.out, request)  # clears what a killed run left
+    previous = previous_version(cfg.out)
+    known = known_keys(cfg, previous)
     number, building = start_version(cfg.out, request)
     paths = CollectionPaths(building)
     start = time.perf_counter()
-    copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata))
+    copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata), known)
     check_unchanged(files)
     write_errors(paths.errors, [])
     manifest = external_manifest(cfg, files, copied, dim, number, request)
     write_json_atomic(paths.manifest, manifest)
     copy_seconds = time.perf_counter() - start
-    meta = build_index(building, manifest, cfg.index)
+    repair = "a repair: the vectors were copied again" if cfg.expect else None
+    meta = index_version(building, manifest, cfg.index, previous if known else None, repair)
     publish(cfg.out, number, building)
     prune(cfg.out, cfg.keep)
     log.info("copied %d vectors in %.1fs", copied.rows, copy_seconds)
@@ -237,18 +243,76 @@ def _refuse_image_collection(out: Path) -> None:
         )
 
 
+@dataclass(frozen=True)
+class KnownKeys:
+    """The previous version's keys and their ids: a key keeps its id from run to run."""
+
+    keys: pa.Array
+    ids: np.ndarray
+    next_id: int
+
+
+def known_keys(cfg: ExternalConfig, previous: Previous | None) -> KnownKeys | None:
+    """The ids the published version gave its keys, when it was copied from Parquet under the
+    same key column (None: ids start at 0). A repair (cfg.expect) skips damaged shards: their
+    keys get new ids."""
+    if previous is None or previous.manifest.get("model") is not None:
+        return None
+    if (previous.manifest.get("request") or {}).get("key_column") != cfg.key_column:
+        return None
+    keys, ids = [pa.array([], pa.string())], [np.zeros(0, np.int64)]
+    for shard in previous.manifest["shards"]:
+        path = CollectionPaths(previous.folder).shards / shard["name"]
+        if cfg.expect and (not path.is_file() or file_sha256(path) != shard.get("sha256")):
+            log.warning("%s is damaged: the keys it held get new ids", path)
+            continue
+        table = read_shard(path, ["id", "key"])
+        keys.append(table.column("key").combine_chunks().cast(pa.string()))
+        ids.append(table.column("id").to_numpy())
+    every = np.concatenate(ids).astype(np.int64)
+    recorded = int(previous.manifest.get("next_id") or 0)
+    next_id = max(recorded, int(every.max()) + 1 if len(every) else 0)
+    return KnownKeys(pa.concat_arrays(keys), every, next_id)
+
+
 @dataclass
 class Copied:
     shards: list[dict[str, Any]]
     rows: int = 0
     all_unit: bool = True
+    next_id: int = 0
+
+
+def assign_ids(keys: pa.Array, known: KnownKeys | None, copied: Copied) -> np.ndarray:
+    """Each key's id: the one the previous version gave it, else the next unused one."""
+    ids = np.full(len(keys), -1, np.int64)
+    if known is not None and len(known.keys):
+        at = pc.fill_null(pc.index_in(keys, value_set=known.keys), -1).to_numpy()
+        ids[at >= 0] = known.ids[at[at >= 0]]
+    new = ids < 0
+    ids[new] = copied.next_id + np.arange(int(new.sum()), dtype=np.int64)
+    copied.next_id += int(new.sum())
+    return ids
+
+
+def vector_hashes(vectors: np.ndarray) -> pa.Array:
+    """Each row's content hash: blake2b-128 of its float32 bytes (an update compares them)."""
+    data = memoryview(np.ascontiguousarray(vectors, np.float32).tobytes())
+    step = 4 * vectors.shape[1]
+    return pa.array([hashlib.blake2b(data[i * step : (i + 1) * step], digest_size=16).hexdigest()
+                     for i in range(len(vectors))], pa.string())  # fmt: skip
 
 
 def copy_vectors(
-    files: list[InputFile], cfg: ExternalConfig, paths: CollectionPaths, schema: pa.Schema
+    files: list[InputFile],
+    cfg: ExternalConfig,
+    paths: CollectionPaths,
+    schema: pa.Schema,
+    known: KnownKeys | None = None,
 ) -> Copied:
-    """Stream every file into shards: ids 0..n-1 in file order, keys checked unique."""
-    copied = Copied([])
+    """Stream every file into shards, keys checked unique: a key the previous version had keeps
+    its id, new keys take the next ids (from 0 in file order for a new collection)."""
+    copied = Copied([], next_id=known.next_id if known is not None else 0)
     keys = KeyCheck()
     with ShardWriter(paths.shards, schema, cfg.shard_size) as writer:
         for file in files:
@@ -263,7 +327,8 @@ def copy_vectors(
                     copied.all_unit &= bool(np.all(np.abs(norms - 1) < UNIT_TOLERANCE))
                 key_col = key_strings(batch.column(cfg.key_column), file.path, first_row)
                 keys.add(key_col)
-                writer.write(_table(batch, vectors, key_col, copied.rows, file, schema))
+                ids = assign_ids(key_col, known, copied)
+                writer.write(_table(batch, vectors, key_col, ids, file, schema))
                 copied.rows += batch.num_rows
         shards = writer.close()
     keys.check(paths.shard_paths({"shards": [{"name": s.name} for s in shards]}))
@@ -357,20 +422,20 @@ def _table(
     batch: pa.RecordBatch,
     vectors: np.ndarray,
     keys: pa.Array,
-    first_id: int,
+    ids: np.ndarray,
     file: InputFile,
     schema: pa.Schema,
 ) -> pa.Table:
     """The shard rows of one batch; metadata columns this file lacks are nulls."""
     n = batch.num_rows
     columns: dict[str, Any] = {
-        "id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+        "id": pa.array(ids, pa.int64()),
         "key": keys,
         "source": pa.array([file.path.name] * n, pa.string()),
         "embedding": embedding_array(vectors),
         "width": pa.nulls(n, pa.int32()),
         "height": pa.nulls(n, pa.int32()),
-        "content_hash": pa.nulls(n, pa.string()),
+        "content_hash": vector_hashes(vectors),
         "file_size": pa.nulls(n, pa.int64()),
         "mtime_ns": pa.nulls(n, pa.int64()),
     }
@@ -436,7 +501,7 @@ def external_manifest(
         "shards": copied.shards,
         "errors": "errors.parquet",
         "version": number,
-        "next_id": copied.rows,
+        "next_id": copied.next_id,
         "request": request,
     }
 

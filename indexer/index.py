@@ -21,12 +21,14 @@ from indexer.choose import IndexChoice, choose_index, train_size
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.safeio import read_regular_text
-from indexer.shards import iter_embeddings
-from indexer.tune import Probe, Tuning, exact_neighbours_and_ties, tune
+from indexer.shards import iter_embeddings, read_shard
+from indexer.tune import Probe, Tuning, exact_probe, tune
 
 INDEX_FILE = "index.faiss"
 LISTS_FILE = "lists.ivfdata"  # on-disk inverted lists, beside the index file
 META_FILE = "meta.json"
+BUILT = {"how": "rebuilt", "from_version": None, "why": "built from the shards"}
+PROBE_FILE = "probe.npz"  # the recall probe's queries and exact candidates (indexupdate.py)
 EF_LIMIT = 4096  # the largest efSearch: tuning stops there, and a larger one is refused
 
 
@@ -52,16 +54,24 @@ class Vectors:
                     f"shard {path} holds {vectors.shape[1]}-d vectors, the manifest says "
                     f"{self.dim}-d: the collection was tampered with; run `indexer verify`"
                 )
-            if (
-                self.id_bound is not None
-                and len(ids)
-                and not 0 <= ids.min() <= ids.max() < self.id_bound
-            ):
-                raise CollectionError(
-                    f"shard {path} holds ids outside [0, next_id={self.id_bound}): the "
-                    "collection was tampered with; run `indexer verify`"
-                )
+            self._check_ids(path, ids)
             yield ids, vectors
+
+    def check_ids(self) -> None:
+        """Every shard's ids within [0, next_id), the id column alone read."""
+        for path in self.paths:
+            self._check_ids(path, read_shard(path, ["id"]).column("id").to_numpy())
+
+    def _check_ids(self, path: Path, ids: np.ndarray) -> None:
+        if (
+            self.id_bound is not None
+            and len(ids)
+            and not 0 <= ids.min() <= ids.max() < self.id_bound
+        ):
+            raise CollectionError(
+                f"shard {path} holds ids outside [0, next_id={self.id_bound}): the "
+                "collection was tampered with; run `indexer verify`"
+            )
 
     def read(self, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of the rows at these sorted positions, read one shard at a time."""
@@ -116,19 +126,27 @@ def reuse_index(
     return meta
 
 
-def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[str, Any]:
-    """Choose, train, fill, tune and save the index of the version at root; its metadata."""
+def version_vectors(root: Path, manifest: dict[str, Any]) -> Vectors:
+    """The vectors of the version at root, its shards' checksums checked first."""
     paths = CollectionPaths(root)
     check_shard_checksums(paths, manifest)
     counts = [int(s["rows"]) for s in manifest["shards"]]
-    vectors = Vectors(paths.shard_paths(manifest), counts, int(manifest["embedding_dim"]),
-                      manifest["metric"], manifest.get("next_id"))  # fmt: skip
+    return Vectors(paths.shard_paths(manifest), counts, int(manifest["embedding_dim"]),
+                   manifest["metric"], manifest.get("next_id"))  # fmt: skip
+
+
+def build_index(
+    root: Path, manifest: dict[str, Any], cfg: IndexConfig, provenance: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Choose, train, fill, tune and save the index of the version at root; its metadata
+    (with provenance: how it was made and why, see indexupdate.py)."""
+    paths = CollectionPaths(root)
+    vectors = version_vectors(root, manifest)
     choice = choose_index(vectors.total, vectors.dim, cfg.max_memory, cfg.index_type)
     paths.index.mkdir()
     start = time.perf_counter()
     index = new_index(choice, vectors)
     trained = train(index, vectors, choice, cfg.seed)
-    trained_count = len(trained)
     if choice.on_disk:
         fill_on_disk(index, vectors, paths.index, cfg.max_memory)
     else:
@@ -136,30 +154,75 @@ def build_index(root: Path, manifest: dict[str, Any], cfg: IndexConfig) -> dict[
     build_seconds = time.perf_counter() - start
     probe = make_probe(vectors, cfg, trained)
     tuning = measure_and_tune(index, probe, cfg.target_recall)
-    tune_seconds = time.perf_counter() - start - build_seconds
+    kind = {"type": choice.kind, "factory": choice.factory, "reason": choice.reason,
+            "on_disk": choice.on_disk, "train_vectors": len(trained),
+            **(provenance or BUILT)}  # fmt: skip
+    took = {
+        "build_seconds": build_seconds,
+        "tune_seconds": time.perf_counter() - start - build_seconds,
+    }
+    return save_index(index, paths.index, kind, vectors, cfg, took, tuning, probe, manifest)
 
-    write_index(index, paths.index / INDEX_FILE)
+
+def save_index(
+    index: Any,
+    folder: Path,
+    kind: dict[str, Any],
+    vectors: Vectors,
+    cfg: IndexConfig,
+    took: dict[str, float],
+    tuning: Tuning,
+    probe: Probe | None,
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the index, its probe and its metadata (meta.json, last) into folder; the metadata."""
+    write_index(index, folder / INDEX_FILE)
+    if probe is not None and probe.pool_ids is not None:
+        save_probe(folder, probe)
     meta = {
-        "type": choice.kind,
-        "factory": choice.factory,
-        "reason": choice.reason,
+        **kind,
         "metric": vectors.metric,
         "dim": vectors.dim,
         "ntotal": int(index.ntotal),
         "nlist": search_param(index)[1] if search_param(index)[0] == "nprobe" else None,
-        "on_disk": choice.on_disk,
         "max_memory": cfg.max_memory,
         "requested": cfg.index_type,
-        "train_vectors": trained_count,
-        "build_seconds": round(build_seconds, 3),
-        "tune_seconds": round(tune_seconds, 3),
+        **{name: round(seconds, 3) for name, seconds in took.items()},
         **tuning.to_meta(cfg.target_recall, probe),
-        "bytes": sum(p.stat().st_size for p in paths.index.iterdir()),
-        "files": index_files(paths.index),
+        "bytes": sum(p.stat().st_size for p in folder.iterdir()),
+        "files": index_files(folder),
         "shards": manifest["shards"],
     }
-    write_json_atomic(paths.index / META_FILE, meta)
+    write_json_atomic(folder / META_FILE, meta)
     return meta
+
+
+def save_probe(folder: Path, probe: Probe) -> None:
+    """The probe's queries and exact candidate pools, for the next version's update."""
+    assert probe.pool_scores is not None and probe.pool_ids is not None
+    with open(folder / PROBE_FILE, "wb") as out:
+        np.savez(out, ids=probe.ids, queries=probe.queries, pool_scores=probe.pool_scores,
+                 pool_ids=probe.pool_ids, k=np.array([probe.k]))  # fmt: skip
+
+
+def load_probe(folder: Path, dim: int) -> Probe | None:
+    """A saved probe (truth and ties left to compute from its pools); None when there is
+    none or it is malformed (the update then measures a new one)."""
+    path = folder / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            ids, queries = saved["ids"].astype(np.int64), saved["queries"].astype(np.float32)
+            scores, pool = saved["pool_scores"].astype(np.float32), saved["pool_ids"]
+            k = int(saved["k"][0])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    n = len(ids)
+    if queries.shape != (n, dim) or scores.shape != pool.shape or len(pool) != n or k < 1:
+        return None
+    empty = np.zeros((n, 0), np.int64)
+    return Probe(ids, queries, empty, k, None, scores, pool.astype(np.int64))
 
 
 def write_index(index: Any, path: Path) -> None:
@@ -324,8 +387,8 @@ def make_probe(vectors: Vectors, cfg: IndexConfig, trained: np.ndarray) -> Probe
     k = min(cfg.recall_k, vectors.total - 1)
     chosen = draw_positions(vectors.total, cfg.recall_queries, cfg.seed + 1, trained)
     ids, queries = vectors.read(chosen)
-    truth, ties = exact_neighbours_and_ties(vectors.batches, ids, queries, k, vectors.metric)
-    return Probe(ids, queries, truth, k, ties)
+    truth, ties, scores, pool = exact_probe(vectors.batches, ids, queries, k, vectors.metric)
+    return Probe(ids, queries, truth, k, ties, scores, pool)
 
 
 def measure_and_tune(index: Any, probe: Probe | None, target: float) -> Tuning:

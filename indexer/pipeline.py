@@ -40,7 +40,9 @@ from indexer.errors import (
 from indexer.failures import count_reasons
 from indexer.history import RunRecord, append_run, write_metrics
 from indexer.images import BACKGROUND
-from indexer.index import build_index, read_index_meta, reuse_index
+from indexer.index import read_index_meta, reuse_index
+from indexer.indexupdate import Previous as IndexedVersion
+from indexer.indexupdate import index_version, settings_changed
 from indexer.knownexport import KnownExport, UnconfirmedExport, remember
 from indexer.lock import CollectionLock
 from indexer.parts import part_dir
@@ -205,13 +207,14 @@ def reindex_unlocked(
     if (source / ERRORS).is_file():
         os.link(source / ERRORS, building / ERRORS)
     counts = {**manifest["counts"], "embedded": sum(int(s["rows"]) for s in shards)}
+    before = manifest
     portable = (
         carried_portable(source, manifest, building) if reexport is None else reexport(building)
     )
     manifest = with_portable({**manifest, "version": number, "shards": shards, "counts": counts},
                              portable)  # fmt: skip
     write_json_atomic(building / MANIFEST, manifest)
-    meta = build_index(building, manifest, cfg)
+    meta = index_version(building, manifest, cfg, IndexedVersion(source, before))
     publish(root, number, building)
     prune(root, keep)
     return meta
@@ -227,15 +230,6 @@ def carried_portable(source: Path, manifest: dict[str, Any], building: Path) -> 
     if "portable_model" in manifest:  # damaged: made again, so no version forgets it
         return export_from_recipe(manifest["model"], building)
     return Exported(None, absent_reason(manifest))
-
-
-def index_settings_changed(cfg: IndexConfig, recorded: dict[str, Any] | None) -> bool:
-    """Whether the published index was built with other settings than those asked now."""
-    if recorded is None:
-        return True
-    asked = (cfg.index_type, cfg.max_memory, cfg.target_recall)
-    return asked != (recorded.get("requested"), recorded.get("max_memory"),
-                     recorded.get("target_recall"))  # fmt: skip
 
 
 def build_unlocked(cfg: BuildConfig) -> BuildReport:
@@ -258,7 +252,7 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
         }
         index, version = None, prev.manifest.get("version")
         recorded = read_index_meta(prev.folder)
-        if cfg.partition is None and index_settings_changed(cfg.index, recorded):
+        if cfg.partition is None and settings_changed(cfg.index, recorded):
             index = reindex_unlocked(cfg.out, prev.folder, prev.manifest, cfg.index, cfg.keep)
             version = int(open_version(cfg.out).name[1:])
         return BuildReport(cfg.out, counts, len(plan.keep), len(prev.manifest["shards"]),
@@ -343,7 +337,7 @@ def update(
     index_meta = (
         PART_INDEX if cfg.partition is not None
         else same_vectors_index(cfg, plan, reused, prev, items, building, manifest)
-        or build_index(building, manifest, cfg.index)
+        or index_version(building, manifest, cfg.index, indexed_version(prev), rebuild_why(cfg))
     )  # fmt: skip
     publish(cfg.out, number, building)
     clear_salvage(cfg.out)
@@ -354,6 +348,20 @@ def update(
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors), runtime=embedded.runtime,
                        unfetched=unfetched(errors))  # fmt: skip
+
+
+def rebuild_why(cfg: BuildConfig) -> str | None:
+    """Why a build's index is rebuilt whatever changed: --rebuild, or a repair (vectors
+    embedded again may differ in their last bits from those the old index holds)."""
+    if cfg.rebuild:
+        return "asked for (--rebuild)"
+    return "a repair: vectors were embedded again" if cfg.drop_shards else None
+
+
+def indexed_version(prev: Previous) -> IndexedVersion | None:
+    if prev.folder is None or prev.manifest is None:
+        return None
+    return IndexedVersion(prev.folder, prev.manifest)
 
 
 def same_vectors_index(
@@ -370,9 +378,7 @@ def same_vectors_index(
     key), the same index settings. None otherwise (the index is built)."""
     if prev.folder is None or prev.manifest is None or plan.deleted or cfg.drop_shards:
         return None
-    if len(reused) != len(plan.check) or index_settings_changed(
-        cfg.index, read_index_meta(prev.folder)
-    ):
+    if len(reused) != len(plan.check) or settings_changed(cfg.index, read_index_meta(prev.folder)):
         return None
     for position, digest, _ in reused:
         row = prev.rows.get(items[position].key)

@@ -27,6 +27,10 @@ class Probe:
     truth: np.ndarray  # (n, k) exact neighbour ids, best first, the query's own id excluded
     k: int
     ties: np.ndarray | None = None  # (n, t) other ids as near as each k-th; -1 padded
+    # each query's exact top POOL (scores, ids; -inf/-1 past the collection's end): what an
+    # index update starts from instead of scanning every vector again (indexupdate.py)
+    pool_scores: np.ndarray | None = None
+    pool_ids: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,42 @@ def exact_neighbours_and_ties(
     """exact_neighbours, and the ids tied with each k-th neighbour (tied_ids): returning one of
     those instead is no miss. Given a callable for the batches, the queries whose candidates
     are tied to the last are searched again with four times as many, until the ties end."""
+    truth, ties, _, _ = exact_probe(batches, query_ids, queries, k, metric)
+    return truth, ties
+
+
+def pool_size(k: int) -> int:
+    """Exact candidates kept per query: the k neighbours and room for their ties."""
+    return k * (1 + TIES_KEPT)
+
+
+def exact_probe(
+    batches: Iterable[tuple[np.ndarray, np.ndarray]] | Callable[[], Iterable[Any]],
+    query_ids: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """exact_neighbours_and_ties, and each query's exact top pool_size(k) (scores, ids)."""
     again = batches if callable(batches) else None
     first: Any = again() if again is not None else batches
-    pool = k * (1 + TIES_KEPT)
-    best_s, best_i = exact_top(first, query_ids, queries, pool, metric)
+    best_s, best_i = exact_top(first, query_ids, queries, pool_size(k), metric)
+    truth, ties = truth_from_pool(best_s, best_i, queries, k, again, query_ids, metric)
+    return truth, ties, best_s, best_i
+
+
+def truth_from_pool(
+    best_s: np.ndarray,
+    best_i: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    again: Callable[[], Iterable[Any]] | None,
+    query_ids: np.ndarray,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top k and the ties with each k-th, from each query's exact top candidates;
+    rows whose every candidate after the k-th ties are searched again wider (with `again`)."""
+    pool = pool_size(k)
     scale = np.maximum(np.einsum("ij,ij->i", queries, queries), 1e-30)
     ties = tied_ids(best_s, best_i, k, scale)
     rows = _saturated(ties, pool, k)

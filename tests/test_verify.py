@@ -37,7 +37,7 @@ def test_a_whole_collection_verifies(sharded: Path) -> None:
     manifest = json.loads((sharded / "manifest.json").read_text())
     assert all(len(s["sha256"]) == 64 for s in manifest["shards"])
     meta = json.loads((sharded / "index" / "meta.json").read_text())
-    assert set(meta["files"]) == {"index.faiss"}
+    assert set(meta["files"]) == {"index.faiss", "probe.npz"}
     result = run_cli("verify", sharded)
     assert result.exit_code == 0 and "is whole" in result.output, result.output
 

@@ -1,0 +1,393 @@
+"""Update the previous version's index for a new version: ids out, vectors in, drift measured."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.catalog import CollectionPaths
+from indexer.choose import IndexChoice, choose_index
+from indexer.config import IndexConfig
+from indexer.errors import CollectionError
+from indexer.index import (
+    INDEX_FILE,
+    LISTS_FILE,
+    Vectors,
+    build_index,
+    check_index_files,
+    index_mismatch,
+    load_probe,
+    measure_and_tune,
+    native_output_silenced,
+    read_index_meta,
+    save_index,
+    version_vectors,
+)
+from indexer.shards import read_shard
+from indexer.tune import TIE_TOLERANCE, Probe, exact_probe, exact_top, pool_size, truth_from_pool
+
+log = logging.getLogger(__name__)
+UPDATABLE = ("flat", "ivf", "ivfsq")  # HNSW cannot remove vectors; factory strings: unknown
+NEW_QUERY_SHARE = 0.1  # of the probe's queries, at least this share is drawn from added vectors
+
+
+@dataclass(frozen=True)
+class Previous:
+    """The published version a new one may update the index of."""
+
+    folder: Path
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What changed between two versions' vectors, by id (a changed vector is in both)."""
+
+    removed: np.ndarray  # ids in the previous index whose row is gone or changed
+    added: np.ndarray  # ids whose vectors the new version adds (new or changed rows)
+    previous: int  # vectors in the previous version
+
+    @property
+    def changed(self) -> int:
+        return len(np.union1d(self.removed, self.added))
+
+    @property
+    def share(self) -> float:
+        return self.changed / max(self.previous, 1)
+
+    def describe(self) -> str:
+        return (f"{self.share:.1%} of the vectors changed ({len(self.removed):,} removed, "
+                f"{len(self.added):,} added)")  # fmt: skip
+
+
+def settings_changed(cfg: IndexConfig, recorded: dict[str, Any] | None) -> bool:
+    """Whether the published index was built with other settings than those asked now."""
+    if recorded is None:
+        return True
+    asked = (cfg.index_type, cfg.max_memory, cfg.target_recall)
+    return asked != (recorded.get("requested"), recorded.get("max_memory"),
+                     recorded.get("target_recall"))  # fmt: skip
+
+
+def rebuild_reason(
+    meta: dict[str, Any] | None, choice: IndexChoice, changed_settings: bool, max_share: float,
+    share: float | None = None,
+) -> str | None:  # fmt: skip
+    """Why the index must be built from scratch instead of updated; None: update it."""
+    if meta is None:
+        return "the previous version has no readable index"
+    if changed_settings:
+        return "the index settings changed"
+    kind = meta.get("type")
+    if kind == "hnsw":
+        return "an HNSW index cannot remove vectors"
+    if kind not in UPDATABLE:
+        return f"a {kind} index ({meta.get('factory')}) is not updated in place"
+    was = (kind, meta.get("factory"), bool(meta.get("on_disk")))
+    if was != (choice.kind, choice.factory, choice.on_disk):
+        where = " on disk" if choice.on_disk else ""
+        return f"the collection's size now calls for {choice.factory}{where}, not {was[1]}"
+    if share is not None and share > max_share:
+        return f"{share:.1%} of the vectors changed (more than {max_share:.0%})"
+    return None
+
+
+def index_version(
+    root: Path,
+    manifest: dict[str, Any],
+    cfg: IndexConfig,
+    previous: Previous | None,
+    force: str | None = None,
+) -> dict[str, Any]:
+    """The index of the version at root: the previous version's updated when the rules allow
+    (rebuild_reason, then the recall after the update), else built from the shards (always
+    when `force` says why, or cfg.rebuild)."""
+    reason = force or ("asked for (--rebuild-index)" if cfg.rebuild else None)
+    if previous is None and reason is None:
+        reason = "no previous version"
+    if reason is None and previous is not None:
+        outcome = update_index(previous, root, manifest, cfg)
+        if isinstance(outcome, dict):
+            return outcome
+        reason = outcome
+        shutil.rmtree(CollectionPaths(root).index, ignore_errors=True)
+        log.info("index rebuilt: %s", reason)
+    return build_index(root, manifest, cfg, {"how": "rebuilt", "from_version": None,
+                                             "why": reason})  # fmt: skip
+
+
+def update_index(
+    previous: Previous, root: Path, manifest: dict[str, Any], cfg: IndexConfig
+) -> dict[str, Any] | str:
+    """The previous index with the removed ids taken out and the added vectors put in, saved
+    into root's index folder and tuned; or why it must be rebuilt instead."""
+    start = time.perf_counter()
+    meta = _whole_meta(previous)
+    vectors = version_vectors(root, manifest)
+    choice = choose_index(vectors.total, vectors.dim, cfg.max_memory, cfg.index_type)
+    changed = settings_changed(cfg, meta) or (meta or {}).get("metric") != manifest["metric"]
+    reason = rebuild_reason(meta, choice, changed, cfg.max_update_share)
+    if reason is not None or meta is None:
+        return reason or "the previous version has no readable index"
+    vectors.check_ids()
+    delta = diff(previous, root, manifest)
+    reason = rebuild_reason(meta, choice, False, cfg.max_update_share, delta.share)
+    if reason is not None:
+        return reason
+    paths = CollectionPaths(root)
+    paths.index.mkdir()
+    index = _open_copy(CollectionPaths(previous.folder).index, paths.index, choice.on_disk)
+    if len(delta.removed):
+        import faiss
+
+        gone = index.remove_ids(faiss.IDSelectorBatch(delta.removed))
+        if gone != len(delta.removed):
+            return f"the previous index lacked {len(delta.removed) - gone} of the ids to remove"
+    probe = _ProbeUpdate(previous, delta, vectors, cfg, manifest)
+    for ids, batch in added_vectors(root, previous, manifest, delta.added):
+        index.add_with_ids(batch, ids)
+        probe.see(ids, batch)
+    if index.ntotal != vectors.total:
+        return f"the updated index holds {index.ntotal} vectors, the version {vectors.total}"
+    build_seconds = time.perf_counter() - start
+    new_probe = probe.finish()
+    tuning = measure_and_tune(index, new_probe, cfg.target_recall)
+    if not tuning.target_met:
+        low = tuning.recall_low
+        return (
+            f"after the update recall@k's lower bound {low} is below the target {cfg.target_recall}"
+        )
+    kind = {k: meta.get(k) for k in ("type", "factory", "reason", "on_disk", "train_vectors")}
+    took = {
+        "build_seconds": build_seconds,
+        "tune_seconds": time.perf_counter() - start - build_seconds,
+    }
+    provenance = {"how": "updated", "from_version": previous.folder.name, "why": delta.describe(),
+                  "removed": len(delta.removed), "added": len(delta.added)}  # fmt: skip
+    return save_index(index, paths.index, {**kind, **provenance}, vectors, cfg, took, tuning,
+                      new_probe, manifest)  # fmt: skip
+
+
+def _whole_meta(previous: Previous) -> dict[str, Any] | None:
+    """The previous index's metadata when the index is whole and its own (every file's size and
+    sha256 as recorded, built from its version's shards); None otherwise."""
+    meta = read_index_meta(previous.folder)
+    recorded = (meta or {}).get("files") or {}
+    if meta is None or not recorded or index_mismatch(meta, previous.manifest):
+        return None
+    folder = CollectionPaths(previous.folder).index
+    if check_index_files(folder, recorded, set(recorded)):
+        return None
+    return meta
+
+
+def _open_copy(source: Path, target: Path, on_disk: bool) -> Any:
+    """The previous index read for changing: in memory, or its on-disk lists copied into the
+    new version first (the published version's files are never written)."""
+    import faiss
+
+    if not on_disk:
+        return faiss.read_index(str(source / INDEX_FILE))
+    shutil.copyfile(source / LISTS_FILE, target / LISTS_FILE)
+    shutil.copyfile(source / INDEX_FILE, target / INDEX_FILE)
+    with native_output_silenced():  # FAISS printf()s the lists path it resolves
+        index = faiss.read_index(str(target / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return index
+
+
+def diff(previous: Previous, root: Path, manifest: dict[str, Any]) -> Delta:
+    """Rows by (id, content hash): those of shards both versions share (same name and sha256)
+    are unchanged; of the others, a pair in one version only is removed or added."""
+    shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
+    old_ids, old_hashes = _rows(previous.folder, previous.manifest, shared)
+    new_ids, new_hashes = _rows(root, manifest, shared)
+    common, at_old, at_new = np.intersect1d(old_ids, new_ids, return_indices=True)
+    same = np.array([a == b and a is not None for a, b in
+                     zip(old_hashes[at_old].tolist(), new_hashes[at_new].tolist(), strict=True)],
+                    dtype=bool)  # fmt: skip
+    kept = common[same] if len(common) else common
+    removed = np.setdiff1d(old_ids, kept)
+    added = np.setdiff1d(new_ids, kept)
+    return Delta(removed, added, int(previous.manifest["counts"]["embedded"]))
+
+
+def _shard_ids(manifest: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(str(s["name"]), str(s.get("sha256"))) for s in manifest["shards"] if s.get("sha256")}
+
+
+def _rows(root: Path, manifest: dict[str, Any], shared: set[tuple[str, str]]) -> tuple[Any, Any]:
+    paths = CollectionPaths(root)
+    ids, hashes = [np.zeros(0, np.int64)], [np.zeros(0, object)]
+    for shard in manifest["shards"]:
+        if (str(shard["name"]), str(shard.get("sha256"))) in shared:
+            continue
+        table = read_shard(paths.shards / shard["name"], ["id", "content_hash"])
+        ids.append(table.column("id").to_numpy())
+        hashes.append(np.array(table.column("content_hash").to_pylist(), dtype=object))
+    return np.concatenate(ids).astype(np.int64), np.concatenate(hashes)
+
+
+def added_vectors(
+    root: Path, previous: Previous, manifest: dict[str, Any], added: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, vectors) of the added rows, shard by shard (shared shards add nothing)."""
+    if not len(added):
+        return
+    shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
+    fresh = [s for s in manifest["shards"] if (str(s["name"]), str(s.get("sha256"))) not in shared]
+    paths = CollectionPaths(root)
+    own = Vectors([paths.shards / s["name"] for s in fresh], [int(s["rows"]) for s in fresh],
+                  int(manifest["embedding_dim"]), manifest["metric"],
+                  manifest.get("next_id"))  # fmt: skip
+    for ids, batch in own.batches():
+        wanted = np.isin(ids, added)
+        if wanted.any():
+            yield ids[wanted], np.ascontiguousarray(batch[wanted], np.float32)
+
+
+class _ProbeUpdate:
+    """The previous probe carried over: queries whose vectors stayed keep their exact
+    candidates less the removed ids, plus the added vectors' best; some queries are drawn from
+    the added vectors; a query whose remaining candidates no longer settle its top k (or its
+    ties) is searched again over every vector, as are the new ones."""
+
+    def __init__(self, previous: Previous, delta: Delta, vectors: Vectors, cfg: IndexConfig,
+                 manifest: dict[str, Any]) -> None:  # fmt: skip
+        self.vectors, self.cfg = vectors, cfg
+        self.rng = np.random.default_rng([cfg.seed, int(manifest.get("version") or 0)])
+        old = load_probe(CollectionPaths(previous.folder).index, vectors.dim)
+        self.k = min(cfg.recall_k, max(vectors.total - 1, 1))
+        if old is None or old.k != self.k or old.pool_ids is None or old.pool_scores is None:
+            old = None
+        self.old = old
+        self.pool = pool_size(self.k)
+        self._carry(old, delta)
+        self._draw_new(delta.added)
+
+    def _carry(self, old: Probe | None, delta: Delta) -> None:
+        if old is None:
+            self.ids = np.zeros(0, np.int64)
+            self.queries = np.zeros((0, self.vectors.dim), np.float32)
+            self.scores = np.zeros((0, self.pool), np.float32)
+            self.cands = np.zeros((0, self.pool), np.int64)
+            self.depth = np.zeros(0, np.int64)
+            return
+        assert old.pool_scores is not None and old.pool_ids is not None
+        keep = ~np.isin(old.ids, delta.removed)
+        self.ids, self.queries = old.ids[keep], old.queries[keep]
+        scores, cands = _widen(old.pool_scores[keep], old.pool_ids[keep], self.pool)
+        gone = np.isin(cands, delta.removed) | (cands < 0)
+        scores[gone], cands[gone] = -np.inf, -1
+        order = np.argsort(-scores, axis=1, kind="stable")
+        self.scores = np.take_along_axis(scores, order, 1)
+        self.cands = np.take_along_axis(cands, order, 1)
+        self.depth = np.isfinite(self.scores).sum(axis=1)  # exact ranks left per query
+
+    def _draw_new(self, added: np.ndarray) -> None:
+        total = self.cfg.recall_queries
+        floor = int(np.ceil(NEW_QUERY_SHARE * total))
+        n_new = min(len(added), max(floor, total - len(self.ids)))
+        self.new_ids = np.sort(self.rng.choice(added, size=n_new, replace=False))
+        self.new_queries = np.zeros((n_new, self.vectors.dim), np.float32)
+        surplus = len(self.ids) + n_new - total
+        if surplus > 0:  # the probe stays at its size: some carried queries make room
+            keep = np.sort(self.rng.choice(len(self.ids), len(self.ids) - surplus, replace=False))
+            self.ids, self.queries = self.ids[keep], self.queries[keep]
+            self.scores, self.cands, self.depth = (
+                self.scores[keep], self.cands[keep], self.depth[keep]
+            )  # fmt: skip
+
+    def see(self, ids: np.ndarray, batch: np.ndarray) -> None:
+        """Added vectors, as the update adds them: candidates for the carried queries."""
+        if len(self.new_ids):
+            at = np.minimum(np.searchsorted(self.new_ids, ids), len(self.new_ids) - 1)
+            hit = self.new_ids[at] == ids
+            self.new_queries[at[hit]] = batch[hit]
+        if not len(self.ids):
+            return
+        s, i = exact_top([(ids, batch)], self.ids, self.queries, self.pool, self.vectors.metric)
+        scores = np.concatenate([self.scores, s], axis=1)
+        cands = np.concatenate([self.cands, i], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.pool]
+        best = np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
+        self.scores, self.cands = _widen(*best, self.pool)
+
+    def finish(self) -> Probe:
+        """The new version's probe: carried queries settled from their candidates, the others
+        searched exactly over every vector."""
+        k, metric = self.k, self.vectors.metric
+        valid = np.arange(self.pool)[None, :] < self.depth[:, None] if len(self.ids) else None
+        if valid is not None:  # past a query's depth its candidates are not proven the best
+            self.scores[~valid], self.cands[~valid] = -np.inf, -1
+        redo = self._unsettled()
+        carried = np.flatnonzero(~redo)
+        again_ids = np.concatenate([self.ids[redo], self.new_ids])
+        again_q = np.concatenate([self.queries[redo], self.new_queries])
+        truth, ties = truth_from_pool(self.scores[carried], self.cands[carried],
+                                      self.queries[carried], k, self.vectors.batches,
+                                      self.ids[carried], metric)  # fmt: skip
+        parts = [(self.ids[carried], self.queries[carried], truth, ties, self.scores[carried],
+                  self.cands[carried])]  # fmt: skip
+        if len(again_ids):
+            t2, ties2, s2, c2 = exact_probe(self.vectors.batches, again_ids, again_q, k, metric)
+            parts.append((again_ids, again_q, t2, ties2, s2, c2))
+        return _join(parts, k)
+
+    def _unsettled(self) -> np.ndarray:
+        """Carried queries whose proven candidates cannot settle the top k and its ties: no
+        more than k left, or the last proven one ties with the k-th (more may lie beyond)."""
+        if not len(self.ids):
+            return np.zeros(0, bool)
+        rows = np.arange(len(self.ids))
+        kth = self.scores[:, self.k - 1]
+        last = self.scores[rows, np.maximum(self.depth - 1, 0)]
+        scale = np.maximum.reduce([np.abs(self.scores[:, 0]), np.abs(kth),
+                                   np.einsum("ij,ij->i", self.queries, self.queries)])  # fmt: skip
+        with np.errstate(invalid="ignore"):
+            tied_last = last >= kth - TIE_TOLERANCE * np.maximum(scale, 1e-30)
+        short = self.depth < self.pool
+        return short & ((self.depth <= self.k) | tied_last)
+
+
+def _widen(scores: np.ndarray, cands: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pools padded to `width` columns (-inf, -1), as float32 and int64 copies."""
+    pad = width - scores.shape[1]
+    scores, cands = scores.astype(np.float32), cands.astype(np.int64)
+    if pad > 0:
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        cands = np.pad(cands, ((0, 0), (0, pad)), constant_values=-1)
+    return scores[:, :width].copy(), cands[:, :width].copy()
+
+
+def _join(parts: list[tuple[Any, ...]], k: int) -> Probe:
+    ids = np.concatenate([p[0] for p in parts])
+    queries = np.concatenate([p[1] for p in parts])
+    truth = np.concatenate([p[2] for p in parts])
+    width = max(p[3].shape[1] for p in parts)
+    ties = np.concatenate([np.pad(p[3], ((0, 0), (0, width - p[3].shape[1])), constant_values=-1)
+                           for p in parts])  # fmt: skip
+    pool = max(p[4].shape[1] for p in parts)
+    widened = [_widen(p[4], p[5], pool) for p in parts]
+    scores = np.concatenate([w[0] for w in widened])
+    cands = np.concatenate([w[1] for w in widened])
+    order = np.argsort(ids, kind="stable")
+    return Probe(ids[order], queries[order], truth[order], k, ties[order], scores[order],
+                 cands[order])  # fmt: skip
+
+
+def previous_version(root: Path) -> Previous | None:
+    """The collection's published version, when it has one with a readable manifest."""
+    from indexer.catalog import open_version, parse_manifest
+
+    try:
+        folder = open_version(root)
+        return Previous(folder, parse_manifest(folder))
+    except CollectionError:
+        return None
