@@ -175,8 +175,12 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     manifest = external_manifest(cfg, files, copied, dim, number, request)
     write_json_atomic(paths.manifest, manifest)
     copy_seconds = time.perf_counter() - start
-    repair = "a repair: the vectors were copied again" if cfg.expect else None
-    meta = index_version(building, manifest, cfg.index, previous if known else None, repair)
+    force = (
+        "a repair: the vectors were copied again" if cfg.expect
+        else "the keys are another column's: ids start again" if previous and not known
+        else None
+    )  # fmt: skip
+    meta = index_version(building, manifest, cfg.index, previous, force)
     publish(cfg.out, number, building)
     prune(cfg.out, cfg.keep)
     log.info("copied %d vectors in %.1fs", copied.rows, copy_seconds)

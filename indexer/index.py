@@ -121,7 +121,8 @@ def reuse_index(
     target.mkdir()
     for name in recorded:
         os.link(folder / str(name), target / str(name))
-    meta = {**meta, "shards": manifest["shards"], "reused_from": source.name}
+    meta = {**meta, "shards": manifest["shards"], "reused_from": source.name, "how": "reused",
+            "from_version": source.name, "why": "the same vectors under the same ids"}  # fmt: skip
     write_json_atomic(target / META_FILE, meta)
     return meta
 

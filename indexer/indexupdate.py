@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,23 +17,24 @@ from indexer.config import IndexConfig
 from indexer.errors import CollectionError
 from indexer.index import (
     INDEX_FILE,
-    LISTS_FILE,
     Vectors,
     build_index,
     check_index_files,
     index_mismatch,
     load_probe,
+    make_probe,
     measure_and_tune,
-    native_output_silenced,
     read_index_meta,
     save_index,
     version_vectors,
 )
-from indexer.shards import read_shard
+from indexer.shards import read_embeddings, read_shard
 from indexer.tune import TIE_TOLERANCE, Probe, exact_probe, exact_top, pool_size, truth_from_pool
 
 log = logging.getLogger(__name__)
 UPDATABLE = ("flat", "ivf", "ivfsq")  # HNSW cannot remove vectors; factory strings: unknown
+NONE = np.zeros(0, np.int64)
+ADD_BATCH = 65_536  # added vectors gathered before one add (per-call costs dominate small ones)
 NEW_QUERY_SHARE = 0.1  # of the probe's queries, at least this share is drawn from added vectors
 
 
@@ -90,6 +90,9 @@ def rebuild_reason(
         return "an HNSW index cannot remove vectors"
     if kind not in UPDATABLE:
         return f"a {kind} index ({meta.get('factory')}) is not updated in place"
+    if meta.get("on_disk"):  # measured: after add_with_ids, 58% of the stored vectors of an
+        # OnDiskInvertedLists index no longer found themselves (faiss grows its lists in place)
+        return "on-disk inverted lists cannot take vectors in place"
     was = (kind, meta.get("factory"), bool(meta.get("on_disk")))
     if was != (choice.kind, choice.factory, choice.on_disk):
         where = " on disk" if choice.on_disk else ""
@@ -143,7 +146,7 @@ def update_index(
         return reason
     paths = CollectionPaths(root)
     paths.index.mkdir()
-    index = _open_copy(CollectionPaths(previous.folder).index, paths.index, choice.on_disk)
+    index = _open_copy(CollectionPaths(previous.folder).index)
     if len(delta.removed):
         import faiss
 
@@ -151,9 +154,15 @@ def update_index(
         if gone != len(delta.removed):
             return f"the previous index lacked {len(delta.removed) - gone} of the ids to remove"
     probe = _ProbeUpdate(previous, delta, vectors, cfg, manifest)
-    for ids, batch in added_vectors(root, previous, manifest, delta.added):
-        index.add_with_ids(batch, ids)
-        probe.see(ids, batch)
+    fresh = _fresh_shards(previous, manifest)
+    probe.draw_new(vectors, fresh, delta.added)
+    adding = _Adding(index, probe)
+    for path, (ids, batch) in zip(vectors.paths, vectors.batches(), strict=True):
+        if path.name in fresh:  # shared shards add nothing
+            wanted = np.isin(ids, delta.added)
+            adding.put(ids[wanted], batch[wanted])
+        probe.see_all(ids, batch)
+    adding.flush()
     if index.ntotal != vectors.total:
         return f"the updated index holds {index.ntotal} vectors, the version {vectors.total}"
     build_seconds = time.perf_counter() - start
@@ -188,34 +197,30 @@ def _whole_meta(previous: Previous) -> dict[str, Any] | None:
     return meta
 
 
-def _open_copy(source: Path, target: Path, on_disk: bool) -> Any:
-    """The previous index read for changing: in memory, or its on-disk lists copied into the
-    new version first (the published version's files are never written)."""
+def _open_copy(source: Path) -> Any:
+    """The previous index, read into memory for changing (its file is never written)."""
     import faiss
 
-    if not on_disk:
-        return faiss.read_index(str(source / INDEX_FILE))
-    shutil.copyfile(source / LISTS_FILE, target / LISTS_FILE)
-    shutil.copyfile(source / INDEX_FILE, target / INDEX_FILE)
-    with native_output_silenced():  # FAISS printf()s the lists path it resolves
-        index = faiss.read_index(str(target / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    return index
+    return faiss.read_index(str(source / INDEX_FILE))
 
 
 def diff(previous: Previous, root: Path, manifest: dict[str, Any]) -> Delta:
     """Rows by (id, content hash): those of shards both versions share (same name and sha256)
-    are unchanged; of the others, a pair in one version only is removed or added."""
+    are unchanged; of the others, a pair in one version only is removed or added (a row
+    without a hash never counts as unchanged)."""
+    import pyarrow.compute as pc
+
     shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
     old_ids, old_hashes = _rows(previous.folder, previous.manifest, shared)
     new_ids, new_hashes = _rows(root, manifest, shared)
-    common, at_old, at_new = np.intersect1d(old_ids, new_ids, return_indices=True)
-    same = np.array([a == b and a is not None for a, b in
-                     zip(old_hashes[at_old].tolist(), new_hashes[at_new].tolist(), strict=True)],
-                    dtype=bool)  # fmt: skip
-    kept = common[same] if len(common) else common
-    removed = np.setdiff1d(old_ids, kept)
-    added = np.setdiff1d(new_ids, kept)
-    return Delta(removed, added, int(previous.manifest["counts"]["embedded"]))
+    _, at_old, at_new = np.intersect1d(old_ids, new_ids, return_indices=True)
+    same = pc.equal(old_hashes.take(at_old), new_hashes.take(at_new))
+    same = pc.fill_null(same, False).to_numpy(zero_copy_only=False).astype(bool)
+    kept_old, kept_new = np.zeros(len(old_ids), bool), np.zeros(len(new_ids), bool)
+    kept_old[at_old[same]] = True
+    kept_new[at_new[same]] = True
+    return Delta(np.sort(old_ids[~kept_old]), np.sort(new_ids[~kept_new]),
+                 int(previous.manifest["counts"]["embedded"]))  # fmt: skip
 
 
 def _shard_ids(manifest: dict[str, Any]) -> set[tuple[str, str]]:
@@ -223,40 +228,60 @@ def _shard_ids(manifest: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def _rows(root: Path, manifest: dict[str, Any], shared: set[tuple[str, str]]) -> tuple[Any, Any]:
+    """ids and content hashes (a pyarrow string array) of the rows of the unshared shards."""
+    import pyarrow as pa
+
     paths = CollectionPaths(root)
-    ids, hashes = [np.zeros(0, np.int64)], [np.zeros(0, object)]
+    ids, hashes = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
     for shard in manifest["shards"]:
         if (str(shard["name"]), str(shard.get("sha256"))) in shared:
             continue
         table = read_shard(paths.shards / shard["name"], ["id", "content_hash"])
         ids.append(table.column("id").to_numpy())
-        hashes.append(np.array(table.column("content_hash").to_pylist(), dtype=object))
-    return np.concatenate(ids).astype(np.int64), np.concatenate(hashes)
+        hashes.append(table.column("content_hash").combine_chunks().cast(pa.string()))
+    return np.concatenate(ids).astype(np.int64), pa.concat_arrays(hashes)
 
 
-def added_vectors(
-    root: Path, previous: Previous, manifest: dict[str, Any], added: np.ndarray
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, vectors) of the added rows, shard by shard (shared shards add nothing)."""
-    if not len(added):
-        return
+def _fresh_shards(previous: Previous, manifest: dict[str, Any]) -> set[str]:
+    """Names of the new version's shards the previous one does not share."""
     shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
-    fresh = [s for s in manifest["shards"] if (str(s["name"]), str(s.get("sha256"))) not in shared]
-    paths = CollectionPaths(root)
-    own = Vectors([paths.shards / s["name"] for s in fresh], [int(s["rows"]) for s in fresh],
-                  int(manifest["embedding_dim"]), manifest["metric"],
-                  manifest.get("next_id"))  # fmt: skip
-    for ids, batch in own.batches():
-        wanted = np.isin(ids, added)
-        if wanted.any():
-            yield ids[wanted], np.ascontiguousarray(batch[wanted], np.float32)
+    return {str(s["name"]) for s in manifest["shards"]
+            if (str(s["name"]), str(s.get("sha256"))) not in shared}  # fmt: skip
+
+
+class _Adding:
+    """Added vectors gathered into large batches: one add_with_ids (and one exact scoring of
+    the carried queries) per ADD_BATCH rows, not one per shard."""
+
+    def __init__(self, index: Any, probe: _ProbeUpdate) -> None:
+        self.index, self.probe = index, probe
+        self.ids: list[np.ndarray] = []
+        self.vectors: list[np.ndarray] = []
+        self.rows = 0
+
+    def put(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(ids):
+            self.ids.append(ids)
+            self.vectors.append(np.ascontiguousarray(vectors, np.float32))
+            self.rows += len(ids)
+        if self.rows >= ADD_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        ids, vectors = np.concatenate(self.ids), np.concatenate(self.vectors)
+        self.index.add_with_ids(vectors, ids)
+        self.probe.see_added(ids, vectors)
+        self.ids, self.vectors, self.rows = [], [], 0
 
 
 class _ProbeUpdate:
     """The previous probe carried over: queries whose vectors stayed keep their exact
-    candidates less the removed ids, plus the added vectors' best; some queries are drawn from
-    the added vectors; a query whose remaining candidates no longer settle its top k (or its
-    ties) is searched again over every vector, as are the new ones."""
+    candidates less the removed ids, plus the added vectors' best. Some queries are drawn from
+    the added vectors and scored against every vector as the update streams the shards; a
+    carried query whose remaining candidates no longer settle its top k (or its ties) is
+    searched again over every vector."""
 
     def __init__(self, previous: Previous, delta: Delta, vectors: Vectors, cfg: IndexConfig,
                  manifest: dict[str, Any]) -> None:  # fmt: skip
@@ -264,22 +289,21 @@ class _ProbeUpdate:
         self.rng = np.random.default_rng([cfg.seed, int(manifest.get("version") or 0)])
         old = load_probe(CollectionPaths(previous.folder).index, vectors.dim)
         self.k = min(cfg.recall_k, max(vectors.total - 1, 1))
-        if old is None or old.k != self.k or old.pool_ids is None or old.pool_scores is None:
-            old = None
-        self.old = old
         self.pool = pool_size(self.k)
-        self._carry(old, delta)
-        self._draw_new(delta.added)
+        usable = old is not None and old.k == self.k and old.pool_ids is not None
+        self.old = old if usable else None
+        self._carry(self.old, delta)
+        self.new_ids = NONE
+        self.new_queries = np.zeros((0, vectors.dim), np.float32)
+        self.new_top = (np.zeros((0, 0), np.float32), np.zeros((0, 0), np.int64))
 
     def _carry(self, old: Probe | None, delta: Delta) -> None:
-        if old is None:
-            self.ids = np.zeros(0, np.int64)
+        if old is None or old.pool_scores is None or old.pool_ids is None:
+            self.ids, self.depth = NONE, NONE
             self.queries = np.zeros((0, self.vectors.dim), np.float32)
             self.scores = np.zeros((0, self.pool), np.float32)
             self.cands = np.zeros((0, self.pool), np.int64)
-            self.depth = np.zeros(0, np.int64)
             return
-        assert old.pool_scores is not None and old.pool_ids is not None
         keep = ~np.isin(old.ids, delta.removed)
         self.ids, self.queries = old.ids[keep], old.queries[keep]
         scores, cands = _widen(old.pool_scores[keep], old.pool_ids[keep], self.pool)
@@ -290,55 +314,77 @@ class _ProbeUpdate:
         self.cands = np.take_along_axis(cands, order, 1)
         self.depth = np.isfinite(self.scores).sum(axis=1)  # exact ranks left per query
 
-    def _draw_new(self, added: np.ndarray) -> None:
+    def draw_new(self, vectors: Vectors, fresh: set[str], added: np.ndarray) -> None:
+        """Queries drawn from the added vectors of randomly picked fresh shards (read here, so
+        the update's one pass over the shards can score them against every vector); carried
+        queries make room so the probe keeps its size."""
+        if self.old is None:
+            return  # make_probe draws a whole new probe instead
         total = self.cfg.recall_queries
-        floor = int(np.ceil(NEW_QUERY_SHARE * total))
-        n_new = min(len(added), max(floor, total - len(self.ids)))
-        self.new_ids = np.sort(self.rng.choice(added, size=n_new, replace=False))
-        self.new_queries = np.zeros((n_new, self.vectors.dim), np.float32)
-        surplus = len(self.ids) + n_new - total
-        if surplus > 0:  # the probe stays at its size: some carried queries make room
+        want = min(len(added), max(int(np.ceil(NEW_QUERY_SHARE * total)), total - len(self.ids)))
+        ids, vecs = [NONE], [np.zeros((0, vectors.dim), np.float32)]
+        candidates = [p for p in vectors.paths if p.name in fresh]
+        for at in self.rng.permutation(len(candidates)):
+            if sum(len(i) for i in ids) >= want:
+                break
+            shard_ids, batch = read_embeddings(candidates[at])
+            wanted = np.isin(shard_ids, added)
+            ids.append(shard_ids[wanted])
+            vecs.append(batch[wanted])
+        pool_ids, pool_vecs = np.concatenate(ids), np.concatenate(vecs)
+        pick = np.sort(self.rng.choice(len(pool_ids), min(want, len(pool_ids)), replace=False))
+        self.new_ids = pool_ids[pick]
+        self.new_queries = np.ascontiguousarray(pool_vecs[pick], np.float32)
+        self.new_top = (np.zeros((len(pick), 0), np.float32), np.zeros((len(pick), 0), np.int64))
+        surplus = len(self.ids) + len(pick) - total
+        if surplus > 0:
             keep = np.sort(self.rng.choice(len(self.ids), len(self.ids) - surplus, replace=False))
-            self.ids, self.queries = self.ids[keep], self.queries[keep]
-            self.scores, self.cands, self.depth = (
-                self.scores[keep], self.cands[keep], self.depth[keep]
-            )  # fmt: skip
+            self.ids, self.queries, self.depth = (
+                self.ids[keep],
+                self.queries[keep],
+                self.depth[keep],
+            )
+            self.scores, self.cands = self.scores[keep], self.cands[keep]
 
-    def see(self, ids: np.ndarray, batch: np.ndarray) -> None:
-        """Added vectors, as the update adds them: candidates for the carried queries."""
+    def see_added(self, ids: np.ndarray, batch: np.ndarray) -> None:
+        """Added vectors: candidates for the carried queries."""
+        if len(self.ids):
+            top = exact_top([(ids, batch)], self.ids, self.queries, self.pool, self.vectors.metric)
+            self.scores, self.cands = _merge((self.scores, self.cands), top, self.pool)
+
+    def see_all(self, ids: np.ndarray, batch: np.ndarray) -> None:
+        """Every vector of the new version, shard by shard: the new queries' exact top."""
         if len(self.new_ids):
-            at = np.minimum(np.searchsorted(self.new_ids, ids), len(self.new_ids) - 1)
-            hit = self.new_ids[at] == ids
-            self.new_queries[at[hit]] = batch[hit]
-        if not len(self.ids):
-            return
-        s, i = exact_top([(ids, batch)], self.ids, self.queries, self.pool, self.vectors.metric)
-        scores = np.concatenate([self.scores, s], axis=1)
-        cands = np.concatenate([self.cands, i], axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.pool]
-        best = np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
-        self.scores, self.cands = _widen(*best, self.pool)
+            top = exact_top([(ids, batch)], self.new_ids, self.new_queries, self.pool,
+                            self.vectors.metric)  # fmt: skip
+            self.new_top = _merge(self.new_top, top, self.pool)
 
-    def finish(self) -> Probe:
-        """The new version's probe: carried queries settled from their candidates, the others
-        searched exactly over every vector."""
-        k, metric = self.k, self.vectors.metric
-        valid = np.arange(self.pool)[None, :] < self.depth[:, None] if len(self.ids) else None
-        if valid is not None:  # past a query's depth its candidates are not proven the best
-            self.scores[~valid], self.cands[~valid] = -np.inf, -1
+    def finish(self) -> Probe | None:
+        """The new version's probe: carried queries settled from their candidates (or searched
+        again), new ones from their exact top."""
+        if self.old is None:
+            return make_probe(self.vectors, self.cfg, NONE)
+        k, metric, again = self.k, self.vectors.metric, self.vectors.batches
+        if len(self.ids):  # past a query's depth its candidates are not proven the best
+            beyond = np.arange(self.pool)[None, :] >= self.depth[:, None]
+            self.scores[beyond], self.cands[beyond] = -np.inf, -1
         redo = self._unsettled()
-        carried = np.flatnonzero(~redo)
-        again_ids = np.concatenate([self.ids[redo], self.new_ids])
-        again_q = np.concatenate([self.queries[redo], self.new_queries])
-        truth, ties = truth_from_pool(self.scores[carried], self.cands[carried],
-                                      self.queries[carried], k, self.vectors.batches,
-                                      self.ids[carried], metric)  # fmt: skip
-        parts = [(self.ids[carried], self.queries[carried], truth, ties, self.scores[carried],
-                  self.cands[carried])]  # fmt: skip
-        if len(again_ids):
-            t2, ties2, s2, c2 = exact_probe(self.vectors.batches, again_ids, again_q, k, metric)
-            parts.append((again_ids, again_q, t2, ties2, s2, c2))
+        kept = np.flatnonzero(~redo)
+        parts = [self._settled(self.ids[kept], self.queries[kept], self.scores[kept],
+                               self.cands[kept]),
+                 self._settled(self.new_ids, self.new_queries, *self.new_top)]  # fmt: skip
+        if redo.any():
+            ids, queries = self.ids[redo], self.queries[redo]
+            truth, ties, scores, cands = exact_probe(again, ids, queries, k, metric)
+            parts.append((ids, queries, truth, ties, scores, cands))
         return _join(parts, k)
+
+    def _settled(self, ids: np.ndarray, queries: np.ndarray, scores: np.ndarray,
+                 cands: np.ndarray) -> tuple[Any, ...]:  # fmt: skip
+        scores, cands = _widen(scores, cands, self.pool)
+        truth, ties = truth_from_pool(scores, cands, queries, self.k, self.vectors.batches, ids,
+                                      self.vectors.metric)  # fmt: skip
+        return ids, queries, truth, ties, scores, cands
 
     def _unsettled(self) -> np.ndarray:
         """Carried queries whose proven candidates cannot settle the top k and its ties: no
@@ -354,6 +400,16 @@ class _ProbeUpdate:
             tied_last = last >= kth - TIE_TOLERANCE * np.maximum(scale, 1e-30)
         short = self.depth < self.pool
         return short & ((self.depth <= self.k) | tied_last)
+
+
+def _merge(
+    best: tuple[np.ndarray, np.ndarray], more: tuple[np.ndarray, np.ndarray], width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best `width` (scores, ids) per row of two candidate sets, best first."""
+    scores = np.concatenate([best[0], more[0]], axis=1)
+    cands = np.concatenate([best[1], more[1]], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
 
 
 def _widen(scores: np.ndarray, cands: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
