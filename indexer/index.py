@@ -21,7 +21,7 @@ from indexer.choose import IndexChoice, choose_index, train_size
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.safeio import read_regular_text
-from indexer.shards import iter_embeddings, read_shard
+from indexer.shards import iter_embeddings
 from indexer.tune import Probe, Tuning, exact_probe, tune
 
 INDEX_FILE = "index.faiss"
@@ -56,11 +56,6 @@ class Vectors:
                 )
             self._check_ids(path, ids)
             yield ids, vectors
-
-    def check_ids(self) -> None:
-        """Every shard's ids within [0, next_id), the id column alone read."""
-        for path in self.paths:
-            self._check_ids(path, read_shard(path, ["id"]).column("id").to_numpy())
 
     def _check_ids(self, path: Path, ids: np.ndarray) -> None:
         if (
@@ -392,11 +387,14 @@ def make_probe(vectors: Vectors, cfg: IndexConfig, trained: np.ndarray) -> Probe
     return Probe(ids, queries, truth, k, ties, scores, pool)
 
 
-def measure_and_tune(index: Any, probe: Probe | None, target: float) -> Tuning:
+def measure_and_tune(
+    index: Any, probe: Probe | None, target: float, start: int | None = None
+) -> Tuning:
+    """The index's recall measured and its search parameter tuned (not below start)."""
     if probe is None:
         return Tuning(None, None, None, None, None, True)
     param, limit = search_param(index)
-    return tune(index, param, limit, probe, target)
+    return tune(index, param, limit, probe, target, start)
 
 
 def search_param(index: Any) -> tuple[str | None, int]:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 UPDATABLE = ("flat", "ivf", "ivfsq")  # HNSW cannot remove vectors; factory strings: unknown
 NONE = np.zeros(0, np.int64)
 ADD_BATCH = 65_536  # added vectors gathered before one add (per-call costs dominate small ones)
-NEW_QUERY_SHARE = 0.1  # of the probe's queries, at least this share is drawn from added vectors
+NEW_QUERY_SHARE = 0.05  # of the probe's queries, at least this share is drawn from added ones
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,7 @@ def update_index(
     reason = rebuild_reason(meta, choice, changed, cfg.max_update_share)
     if reason is not None or meta is None:
         return reason or "the previous version has no readable index"
-    vectors.check_ids()
-    delta = diff(previous, root, manifest)
+    delta = diff(previous, root, manifest)  # the pass below checks every shard's ids
     reason = rebuild_reason(meta, choice, False, cfg.max_update_share, delta.share)
     if reason is not None:
         return reason
@@ -167,7 +166,8 @@ def update_index(
         return f"the updated index holds {index.ntotal} vectors, the version {vectors.total}"
     build_seconds = time.perf_counter() - start
     new_probe = probe.finish()
-    tuning = measure_and_tune(index, new_probe, cfg.target_recall)
+    before = next(iter((meta.get("params") or {}).values()), None)
+    tuning = measure_and_tune(index, new_probe, cfg.target_recall, before)
     if not tuning.target_met:
         low = tuning.recall_low
         return (
@@ -213,7 +213,7 @@ def diff(previous: Previous, root: Path, manifest: dict[str, Any]) -> Delta:
     shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
     old_ids, old_hashes = _rows(previous.folder, previous.manifest, shared)
     new_ids, new_hashes = _rows(root, manifest, shared)
-    _, at_old, at_new = np.intersect1d(old_ids, new_ids, return_indices=True)
+    _, at_old, at_new = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
     same = pc.equal(old_hashes.take(at_old), new_hashes.take(at_new))
     same = pc.fill_null(same, False).to_numpy(zero_copy_only=False).astype(bool)
     kept_old, kept_new = np.zeros(len(old_ids), bool), np.zeros(len(new_ids), bool)

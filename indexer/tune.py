@@ -236,22 +236,26 @@ def queries_per_second(
     return round(len(queries) / max(best, 1e-9), 1)
 
 
-def candidates(param: str, limit: int) -> Iterator[int]:
-    """Doubling values of the search parameter, from the cheapest useful one up to limit."""
-    value = 1 if param == "nprobe" else 16
+def candidates(param: str, limit: int, start: int | None = None) -> Iterator[int]:
+    """Doubling values of the search parameter, from the cheapest useful one (or start) up to
+    limit."""
+    value = min(start, limit) if start else 1 if param == "nprobe" else 16
     while value < limit:
         yield value
         value *= 2
     yield limit
 
 
-def tune(index: Any, param: str | None, limit: int, probe: Probe, target: float) -> Tuning:
+def tune(
+    index: Any, param: str | None, limit: int, probe: Probe, target: float, start: int | None = None
+) -> Tuning:
     """The smallest parameter value whose recall@k lower bound reaches target (doubling, then
-    bisection); with nothing to tune, the index's recall measured once."""
+    bisection), never below `start` when given (an updated index keeps its tuned value unless
+    the recall fell); with nothing to tune, the index's recall measured once."""
     if param is None:
-        start = time.perf_counter()
+        began = time.perf_counter()
         found = index.search(probe.queries, probe.k + 1)[1]
-        qps = round(len(probe.queries) / max(time.perf_counter() - start, 1e-9), 1)
+        qps = round(len(probe.queries) / max(time.perf_counter() - began, 1e-9), 1)
         rec, low = recall_bounds(query_recalls(found, probe))
         return Tuning(None, None, rec, low, qps, low >= target)
     measured: dict[int, tuple[float, float]] = {}
@@ -263,11 +267,12 @@ def tune(index: Any, param: str | None, limit: int, probe: Probe, target: float)
             measured[value] = recall_bounds(query_recalls(found, probe))
         return measured[value]
 
-    passing = _first_passing(measure, candidates(param, limit), target)
+    passing = _first_passing(measure, candidates(param, limit, start), target)
     if passing is None:
         best = max(measured, key=lambda v: (measured[v][1], -v))
         return _finish(index, param, best, measured, probe, met=False)
     floor = 0 if param == "nprobe" else probe.k  # efSearch below k is never used
+    floor = max(floor, (start or 1) - 1)
     lower = max((v for v in measured if v < passing), default=floor)
     while passing - lower > 1:  # recall grows with the parameter: bisect to the smallest
         middle = (lower + passing) // 2

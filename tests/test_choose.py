@@ -80,6 +80,7 @@ def test_lists_and_training_sample(n: int, nlist: int, train: int) -> None:
 def test_candidates_double_up_to_the_limit() -> None:
     assert list(candidates("nprobe", 20)) == [1, 2, 4, 8, 16, 20]
     assert list(candidates("efSearch", 100)) == [16, 32, 64, 100]
+    assert list(candidates("nprobe", 20, start=3)) == [3, 6, 12, 20]  # an update: never lower
 
 
 def test_recall_bounds() -> None:

@@ -95,6 +95,7 @@ def test_a_small_change_updates_the_index_and_keeps_ids_by_key(days: dict[str, A
     assert meta["how"] == "updated" and meta["from_version"] == "v000001"
     assert (meta["removed"], meta["added"]) == (80, 80)  # 40 deleted + 40 changed; 40 + 40 new
     assert meta["factory"] == first["factory"] and meta["target_met"]
+    assert meta["params"]["nprobe"] >= first["params"]["nprobe"]  # re-tuned up only
     # ids: kept keys keep theirs, new keys take unused ones, none repeats
     assert all(after[k] == before[k] for k in days["keys2"] if k in before)
     new_ids = [after[k] for k in days["keys2"] if k not in before]
