@@ -152,8 +152,8 @@ def main() -> None:
                              ("day 3 (30% changed)", meta3, wall3)):  # fmt: skip
         print(f"  {name:<20} {meta['how']:<8} {meta['factory']:<14} build "
               f"{meta['build_seconds']:7.2f} s  tune {meta['tune_seconds']:6.2f} s  process "
-              f"{wall:6.1f} s  params {meta.get('params')}  recall bound {meta.get('recall_lower_bound')}  "
-              f"why: {meta.get('why')}")  # fmt: skip
+              f"{wall:6.1f} s  params {meta.get('params')}  recall bound "
+              f"{meta.get('recall_lower_bound')}  why: {meta.get('why')}")  # fmt: skip
     print(f"  recall@10 on unseen queries at nprobe={nprobe}: updated {r_upd:.4f}, from scratch "
           f"{r_scr:.4f} (difference {r_upd - r_scr:+.4f})")  # fmt: skip
     print(f"  from scratch trained on other samples (seeds 0, 1, 2): "
