@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RawItem:
-    """A JPEG a worker read and routed to the GPU, not decoded: decoded with its batch."""
+    """A JPEG a worker read and routed to the GPU, not decoded: decoded with its batch. Its
+    bytes are [start, end) of the batch's raw_blob."""
 
     position: int
-    data: bytes
+    start: int
+    end: int
     route: Any  # jpegroute.Route
     hash: str
     meta: dict[str, Any]
@@ -66,6 +68,23 @@ class Batch:
     vectors: np.ndarray | None = None  # already embedded (the Ray engine); else embed pixels
     labels: list[dict[str, Any]] = field(default_factory=list)  # with vectors, when asked for
     raw: list[RawItem] = field(default_factory=list)  # to decode on the GPU (--decode gpu)
+    # the raw items' bytes, one after another: one tensor reaches the main process through
+    # shared memory (a list of bytes would be pickled through the workers' pipe)
+    raw_blob: torch.Tensor | None = None
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (the DataLoader's pin thread calls this on CUDA machines), so
+        copies to the GPU are DMA transfers that need not wait for the CPU."""
+        if self.pixels is not None:
+            self.pixels = self.pixels.pin_memory()
+        if self.raw_blob is not None:
+            self.raw_blob = self.raw_blob.pin_memory()
+        return self
+
+    def raw_bytes(self, item: RawItem) -> torch.Tensor:
+        """A raw item's JPEG bytes: a uint8 view of raw_blob."""
+        assert self.raw_blob is not None
+        return self.raw_blob[item.start : item.end]
 
 
 def load_model_while_decoding(
@@ -302,7 +321,7 @@ class RawDecoding:
             loader = self.cfg.loader
             self.cpu = Preprocessor(runtime.data_config, loader.preprocessing, loader.max_pixels,
                                     loader.allow_truncated)  # fmt: skip
-        images = self.decoder([(item.data, item.route) for item in batch.raw])
+        images = self.decoder([(batch.raw_bytes(item), item.route) for item in batch.raw])
         pixels = [] if batch.pixels is None else [batch.pixels.to(self.decoder.device)]
         for item, image in zip(batch.raw, images, strict=True):
             width, height = item.route.width, item.route.height
@@ -322,7 +341,7 @@ class RawDecoding:
             batch.hashes.append(item.hash)
             batch.metadata.append(item.meta)
         batch.pixels = torch.cat(pixels) if pixels else None
-        batch.raw = []
+        batch.raw, batch.raw_blob = [], None
 
     def _on_cpu(self, batch: Batch, item: RawItem) -> Any:
         import torch
@@ -331,7 +350,7 @@ class RawDecoding:
 
         assert self.cpu is not None
         try:
-            return torch.from_numpy(self.cpu(item.data).pixels)
+            return torch.from_numpy(self.cpu(batch.raw_bytes(item).numpy().tobytes()).pixels)
         except DecodeError as exc:
             batch.errors.append((item.position, "decode", str(exc)))
         except Exception as exc:

@@ -45,6 +45,7 @@ from indexer.shards import (
 log = logging.getLogger(__name__)
 READ_ROWS = 65_536
 UNIT_TOLERANCE = 1e-3  # vectors this close to norm 1 count as already normalised
+ADDED = "added"  # shard name prefix of rows new or changed since the previous version
 REBUILD = "rebuild it with `indexer index --from-parquet PARQUET... --out {out}`"
 
 
@@ -254,6 +255,7 @@ class KnownKeys:
     keys: pa.Array
     ids: np.ndarray
     next_id: int
+    hashes: pa.Array  # each key's content hash (of its vector) then
 
 
 def known_keys(cfg: ExternalConfig, previous: Previous | None) -> KnownKeys | None:
@@ -265,18 +267,20 @@ def known_keys(cfg: ExternalConfig, previous: Previous | None) -> KnownKeys | No
     if (previous.manifest.get("request") or {}).get("key_column") != cfg.key_column:
         return None
     keys, ids = [pa.array([], pa.string())], [np.zeros(0, np.int64)]
+    hashes = [pa.array([], pa.string())]
     for shard in previous.manifest["shards"]:
         path = CollectionPaths(previous.folder).shards / shard["name"]
         if cfg.expect and (not path.is_file() or file_sha256(path) != shard.get("sha256")):
             log.warning("%s is damaged: the keys it held get new ids", path)
             continue
-        table = read_shard(path, ["id", "key"])
+        table = read_shard(path, ["id", "key", "content_hash"])
         keys.append(table.column("key").combine_chunks().cast(pa.string()))
         ids.append(table.column("id").to_numpy())
+        hashes.append(table.column("content_hash").combine_chunks().cast(pa.string()))
     every = np.concatenate(ids).astype(np.int64)
     recorded = int(previous.manifest.get("next_id") or 0)
     next_id = max(recorded, int(every.max()) + 1 if len(every) else 0)
-    return KnownKeys(pa.concat_arrays(keys), every, next_id)
+    return KnownKeys(pa.concat_arrays(keys), every, next_id, pa.concat_arrays(hashes))
 
 
 @dataclass
@@ -287,16 +291,23 @@ class Copied:
     next_id: int = 0
 
 
-def assign_ids(keys: pa.Array, known: KnownKeys | None, copied: Copied) -> np.ndarray:
-    """Each key's id: the one the previous version gave it, else the next unused one."""
+def assign_ids(
+    keys: pa.Array, hashes: pa.Array, known: KnownKeys | None, copied: Copied
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each key's id (the one the previous version gave it, else the next unused one), and
+    whether its row is unchanged (the same key with the same vector)."""
     ids = np.full(len(keys), -1, np.int64)
+    same = np.zeros(len(keys), bool)
     if known is not None and len(known.keys):
         at = pc.fill_null(pc.index_in(keys, value_set=known.keys), -1).to_numpy()
-        ids[at >= 0] = known.ids[at[at >= 0]]
+        found = at >= 0
+        ids[found] = known.ids[at[found]]
+        equal = pc.equal(known.hashes.take(pa.array(at[found])), hashes.filter(pa.array(found)))
+        same[found] = pc.fill_null(equal, False).to_numpy(zero_copy_only=False)
     new = ids < 0
     ids[new] = copied.next_id + np.arange(int(new.sum()), dtype=np.int64)
     copied.next_id += int(new.sum())
-    return ids
+    return ids, same
 
 
 def vector_hashes(vectors: np.ndarray) -> pa.Array:
@@ -315,10 +326,15 @@ def copy_vectors(
     known: KnownKeys | None = None,
 ) -> Copied:
     """Stream every file into shards, keys checked unique: a key the previous version had keeps
-    its id, new keys take the next ids (from 0 in file order for a new collection)."""
+    its id, new keys take the next ids (from 0 in file order for a new collection). Rows that
+    changed since the previous version (new keys, new vectors) go to shards of their own
+    (added-NNNNN), so an index update reads only those."""
     copied = Copied([], next_id=known.next_id if known is not None else 0)
     keys = KeyCheck()
-    with ShardWriter(paths.shards, schema, cfg.shard_size) as writer:
+    with (
+        ShardWriter(paths.shards, schema, cfg.shard_size) as writer,
+        ShardWriter(paths.shards, schema, cfg.shard_size, prefix=ADDED) as added,
+    ):
         for file in files:
             for batch, first_row in _batches(file.path):
                 column = batch.column(cfg.embedding_column)
@@ -331,10 +347,16 @@ def copy_vectors(
                     copied.all_unit &= bool(np.all(np.abs(norms - 1) < UNIT_TOLERANCE))
                 key_col = key_strings(batch.column(cfg.key_column), file.path, first_row)
                 keys.add(key_col)
-                ids = assign_ids(key_col, known, copied)
-                writer.write(_table(batch, vectors, key_col, ids, file, schema))
+                hashes = vector_hashes(vectors)
+                ids, same = assign_ids(key_col, hashes, known, copied)
+                table = _table(batch, vectors, key_col, ids, hashes, file, schema)
+                if known is None:
+                    writer.write(table)
+                else:
+                    writer.write(table.filter(pa.array(same)))
+                    added.write(table.filter(pa.array(~same)))
                 copied.rows += batch.num_rows
-        shards = writer.close()
+        shards = writer.close() + added.close()
     keys.check(paths.shard_paths({"shards": [{"name": s.name} for s in shards]}))
     copied.shards = [s.to_manifest() for s in shards]
     return copied
@@ -427,6 +449,7 @@ def _table(
     vectors: np.ndarray,
     keys: pa.Array,
     ids: np.ndarray,
+    hashes: pa.Array,
     file: InputFile,
     schema: pa.Schema,
 ) -> pa.Table:
@@ -439,7 +462,7 @@ def _table(
         "embedding": embedding_array(vectors),
         "width": pa.nulls(n, pa.int32()),
         "height": pa.nulls(n, pa.int32()),
-        "content_hash": vector_hashes(vectors),
+        "content_hash": hashes,
         "file_size": pa.nulls(n, pa.int64()),
         "mtime_ns": pa.nulls(n, pa.int64()),
     }

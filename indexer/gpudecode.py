@@ -114,6 +114,12 @@ def _chunk(images: list[torch.Tensor], start: int) -> list[torch.Tensor]:
     return images[start:end]
 
 
+def _as_tensor(data: torch.Tensor | bytes) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        return data
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 class GpuDecoder:
     """uint8 NHWC model inputs for routed JPEGs, decoded and prepared on the device; None for
     an item to decode on the CPU instead."""
@@ -123,8 +129,11 @@ class GpuDecoder:
         self.device = torch.device(device)
         self._decode = decode or nvjpeg(self.device)
 
-    def __call__(self, items: list[tuple[bytes, Route]]) -> list[torch.Tensor | None]:
-        blobs = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data, _ in items]
+    def __call__(
+        self, items: list[tuple[torch.Tensor | bytes, Route]]
+    ) -> list[torch.Tensor | None]:
+        """Each item's JPEG bytes (a 1-d uint8 tensor, or bytes) and route."""
+        blobs = [_as_tensor(data) for data, _ in items]
         decoded = decode_split(blobs, self._decode)
         good = [n for n, image in enumerate(decoded) if image is not None]
         oriented = [orient(decoded[n].to(self.device), items[n][1].orientation) for n in good]  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ from indexer.choose import IndexChoice, choose_index, train_size
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.safeio import read_regular_text
-from indexer.shards import iter_embeddings
+from indexer.shards import iter_embeddings, read_shard
 from indexer.tune import Probe, Tuning, exact_probe, tune
 
 INDEX_FILE = "index.faiss"
@@ -56,6 +56,11 @@ class Vectors:
                 )
             self._check_ids(path, ids)
             yield ids, vectors
+
+    def check_ids(self) -> None:
+        """Every shard's ids within [0, next_id), the id column alone read."""
+        for path in self.paths:
+            self._check_ids(path, read_shard(path, ["id"]).column("id").to_numpy())
 
     def _check_ids(self, path: Path, ids: np.ndarray) -> None:
         if (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from indexer.tune import TIE_TOLERANCE, Probe, exact_probe, exact_top, pool_size
 log = logging.getLogger(__name__)
 UPDATABLE = ("flat", "ivf", "ivfsq")  # HNSW cannot remove vectors; factory strings: unknown
 NONE = np.zeros(0, np.int64)
+EXACT_CODES = ("flat", "ivf")  # index types whose stored codes are the float vectors themselves
 ADD_BATCH = 65_536  # added vectors gathered before one add (per-call costs dominate small ones)
 NEW_QUERY_SHARE = 0.05  # of the probe's queries, at least this share is drawn from added ones
 
@@ -53,6 +55,7 @@ class Delta:
     removed: np.ndarray  # ids in the previous index whose row is gone or changed
     added: np.ndarray  # ids whose vectors the new version adds (new or changed rows)
     previous: int  # vectors in the previous version
+    holding: frozenset[str] | set[str] = frozenset()  # the new version's shards with added rows
 
     @property
     def changed(self) -> int:
@@ -153,17 +156,23 @@ def update_index(
         if gone != len(delta.removed):
             return f"the previous index lacked {len(delta.removed) - gone} of the ids to remove"
     probe = _ProbeUpdate(previous, delta, vectors, cfg, manifest)
-    fresh = _fresh_shards(previous, manifest)
+    fresh = delta.holding
     probe.draw_new(vectors, fresh, delta.added)
+    # Flat codes hold the vectors exactly: an exhaustive search of the updated index scores the
+    # new queries, and only the shards with added rows are read (SQ8: every shard is)
+    exact_codes = meta.get("type") in EXACT_CODES
     adding = _Adding(index, probe)
-    for path, (ids, batch) in zip(vectors.paths, vectors.batches(), strict=True):
-        if path.name in fresh:  # shared shards add nothing
+    for path, ids, batch in _stream(vectors, fresh, exact_codes):
+        if path.name in fresh:  # the other shards add nothing
             wanted = np.isin(ids, delta.added)
             adding.put(ids[wanted], batch[wanted])
-        probe.see_all(ids, batch)
+        if not exact_codes:
+            probe.see_all(ids, batch)
     adding.flush()
     if index.ntotal != vectors.total:
         return f"the updated index holds {index.ntotal} vectors, the version {vectors.total}"
+    if exact_codes:
+        probe.search_new(index)
     build_seconds = time.perf_counter() - start
     new_probe = probe.finish()
     before = next(iter((meta.get("params") or {}).values()), None)
@@ -211,42 +220,59 @@ def diff(previous: Previous, root: Path, manifest: dict[str, Any]) -> Delta:
     import pyarrow.compute as pc
 
     shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
-    old_ids, old_hashes = _rows(previous.folder, previous.manifest, shared)
-    new_ids, new_hashes = _rows(root, manifest, shared)
+    old_ids, old_hashes, _ = _rows(previous.folder, previous.manifest, shared)
+    new_ids, new_hashes, new_shard = _rows(root, manifest, shared)
     _, at_old, at_new = np.intersect1d(old_ids, new_ids, assume_unique=True, return_indices=True)
     same = pc.equal(old_hashes.take(at_old), new_hashes.take(at_new))
     same = pc.fill_null(same, False).to_numpy(zero_copy_only=False).astype(bool)
     kept_old, kept_new = np.zeros(len(old_ids), bool), np.zeros(len(new_ids), bool)
     kept_old[at_old[same]] = True
     kept_new[at_new[same]] = True
+    names = [str(s["name"]) for s in manifest["shards"]]
+    holding = {names[n] for n in np.unique(new_shard[~kept_new]).tolist()}
     return Delta(np.sort(old_ids[~kept_old]), np.sort(new_ids[~kept_new]),
-                 int(previous.manifest["counts"]["embedded"]))  # fmt: skip
+                 int(previous.manifest["counts"]["embedded"]), holding)  # fmt: skip
 
 
 def _shard_ids(manifest: dict[str, Any]) -> set[tuple[str, str]]:
     return {(str(s["name"]), str(s.get("sha256"))) for s in manifest["shards"] if s.get("sha256")}
 
 
-def _rows(root: Path, manifest: dict[str, Any], shared: set[tuple[str, str]]) -> tuple[Any, Any]:
-    """ids and content hashes (a pyarrow string array) of the rows of the unshared shards."""
+def _rows(
+    root: Path, manifest: dict[str, Any], shared: set[tuple[str, str]]
+) -> tuple[np.ndarray, Any, np.ndarray]:
+    """ids, content hashes (a pyarrow string array) and shard numbers (in the manifest's
+    order) of the rows of the unshared shards."""
     import pyarrow as pa
 
     paths = CollectionPaths(root)
     ids, hashes = [np.zeros(0, np.int64)], [pa.array([], pa.string())]
-    for shard in manifest["shards"]:
+    numbers = [np.zeros(0, np.int64)]
+    for number, shard in enumerate(manifest["shards"]):
         if (str(shard["name"]), str(shard.get("sha256"))) in shared:
             continue
         table = read_shard(paths.shards / shard["name"], ["id", "content_hash"])
         ids.append(table.column("id").to_numpy())
         hashes.append(table.column("content_hash").combine_chunks().cast(pa.string()))
-    return np.concatenate(ids).astype(np.int64), pa.concat_arrays(hashes)
+        numbers.append(np.full(table.num_rows, number, np.int64))
+    return (np.concatenate(ids).astype(np.int64), pa.concat_arrays(hashes),
+            np.concatenate(numbers))  # fmt: skip
 
 
-def _fresh_shards(previous: Previous, manifest: dict[str, Any]) -> set[str]:
-    """Names of the new version's shards the previous one does not share."""
-    shared = _shard_ids(previous.manifest) & _shard_ids(manifest)
-    return {str(s["name"]) for s in manifest["shards"]
-            if (str(s["name"]), str(s.get("sha256"))) not in shared}  # fmt: skip
+def _stream(
+    vectors: Vectors, fresh: frozenset[str] | set[str], only_fresh: bool
+) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+    """(path, ids, vectors) of every shard, or (only_fresh) of the fresh ones; every shard's
+    ids are checked either way."""
+    if not only_fresh:
+        for path, (ids, batch) in zip(vectors.paths, vectors.batches(), strict=True):
+            yield path, ids, batch
+        return
+    vectors.check_ids()
+    for path in vectors.paths:
+        if path.name in fresh:
+            ids, batch = read_embeddings(path)
+            yield path, ids, batch
 
 
 class _Adding:
@@ -314,7 +340,9 @@ class _ProbeUpdate:
         self.cands = np.take_along_axis(cands, order, 1)
         self.depth = np.isfinite(self.scores).sum(axis=1)  # exact ranks left per query
 
-    def draw_new(self, vectors: Vectors, fresh: set[str], added: np.ndarray) -> None:
+    def draw_new(
+        self, vectors: Vectors, fresh: frozenset[str] | set[str], added: np.ndarray
+    ) -> None:
         """Queries drawn from the added vectors of randomly picked fresh shards (read here, so
         the update's one pass over the shards can score them against every vector); carried
         queries make room so the probe keeps its size."""
@@ -358,6 +386,30 @@ class _ProbeUpdate:
             top = exact_top([(ids, batch)], self.new_ids, self.new_queries, self.pool,
                             self.vectors.metric)  # fmt: skip
             self.new_top = _merge(self.new_top, top, self.pool)
+
+    def search_new(self, index: Any) -> None:
+        """The new queries' exact top from an exhaustive search of the updated index (for
+        indexes that store the vectors themselves)."""
+        if not len(self.new_ids):
+            return
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(index)
+        saved = int(ivf.nprobe) if ivf is not None else 0
+        if ivf is not None:
+            ivf.nprobe = ivf.nlist
+        try:
+            found, cands = index.search(self.new_queries, self.pool + 1)
+        finally:
+            if ivf is not None:
+                ivf.nprobe = saved
+        scores = found.astype(np.float32)
+        if self.vectors.metric == "l2":  # exact_top's score: |q|^2 - |q - v|^2
+            scores = np.einsum("ij,ij->i", self.new_queries, self.new_queries)[:, None] - scores
+        drop = (cands == self.new_ids[:, None]) | (cands < 0)
+        scores[drop], cands[drop] = -np.inf, -1
+        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.pool]
+        self.new_top = np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
 
     def finish(self) -> Probe | None:
         """The new version's probe: carried queries settled from their candidates (or searched

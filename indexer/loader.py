@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -123,7 +124,8 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
             batch.reused.append((s["position"], s["reuse"], s["meta"]))
             continue
         if "raw" in s:
-            batch.raw.append(RawItem(s["position"], s["raw"], s["route"], s["hash"], s["meta"]))
+            batch.raw.append(RawItem(s["position"], 0, len(s["raw"]), s["route"], s["hash"],
+                                     s["meta"]))  # fmt: skip
             continue
         batch.positions.append(s["position"])
         batch.widths.append(s["width"])
@@ -133,7 +135,20 @@ def collate(samples: list[dict[str, Any]]) -> Batch:
         good.append(s["pixels"])
     if good:
         batch.pixels = torch.from_numpy(np.stack(good))  # uint8 NHWC
+    if batch.raw:
+        batch.raw, batch.raw_blob = pack_raw(batch.raw, [s["raw"] for s in samples if "raw" in s])
     return batch
+
+
+def pack_raw(raw: list[RawItem], datas: list[bytes]) -> tuple[list[RawItem], torch.Tensor]:
+    """The raw items' bytes laid end to end in one uint8 tensor, each item its slice."""
+    blob = np.empty(sum(len(d) for d in datas), np.uint8)
+    packed, offset = [], 0
+    for item, data in zip(raw, datas, strict=True):
+        blob[offset : offset + len(data)] = np.frombuffer(data, np.uint8)
+        packed.append(replace(item, start=offset, end=offset + len(data)))
+        offset += len(data)
+    return packed, torch.from_numpy(blob)
 
 
 def _init_worker(_worker_id: int) -> None:

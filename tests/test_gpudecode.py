@@ -99,18 +99,46 @@ def test_workers_pass_routed_jpegs_on_undecoded(tmp_path: object) -> None:
     assert sorted(items[r.position].key for r in batch.raw) == ["a.jpg", "d.jpg"]
     assert sorted(items[p].key for p in batch.positions) == ["b.png", "c.jpg"]  # the CPU's
     assert batch.pixels is not None and batch.pixels.shape[0] == 2
+    for r in batch.raw:  # each item's bytes, whole, in its slice of the batch's one blob
+        assert batch.raw_bytes(r).numpy().tobytes() == (root / items[r.position].key).read_bytes()
+
+
+def test_raw_bytes_cross_from_workers_whole(tmp_path: object) -> None:
+    """Through a real DataLoader with worker processes (the blob in shared memory)."""
+    from pathlib import Path
+
+    from indexer.config import LoaderConfig, SourceSpec
+    from indexer.loader import iter_batches
+    from indexer.sources import list_items, open_sources
+
+    root = Path(str(tmp_path)) / "src"
+    root.mkdir()
+    for n in range(10):
+        (root / f"{n}.jpg").write_bytes(jpeg(n, progressive=n % 2 == 1))
+    sources = open_sources((SourceSpec(str(root)),))
+    items = list_items(sources)
+    cfg = LoaderConfig(workers=2, batch_size=4, progress=False)
+    seen = {}
+    for batch in iter_batches(items, sources, Preprocessor(CFG, "fast"), cfg, gpu_decode=True):
+        assert not batch.positions and not batch.errors
+        for r in batch.raw:
+            seen[items[r.position].key] = batch.raw_bytes(r).numpy().tobytes()
+    assert seen == {p.name: p.read_bytes() for p in root.iterdir()}
 
 
 def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
     from indexer.config import BuildConfig, LoaderConfig
     from indexer.embed import Batch, RawDecoding, RawItem
+    from indexer.loader import pack_raw
 
     datas = [jpeg(s) for s in range(6)]
     datas[2] = datas[2][:300]  # header whole, body gone: the GPU fails, the CPU too
-    raw = [RawItem(10 + n, d, route(d, 10**8), f"h{n}", {"n": n}) for n, d in enumerate(datas)]
+    raw = [RawItem(10 + n, 0, 0, route(d, 10**8), f"h{n}", {"n": n}) for n, d in enumerate(datas)]
+    raw, blob = pack_raw(raw, datas)  # as collate packs them: one blob, a slice each
+    assert [blob[r.start : r.end].numpy().tobytes() for r in raw] == datas
     cpu_pixels = torch.from_numpy(np.stack([Preprocessor(CFG, "fast")(jpeg(99)).pixels]))
     batch = Batch(positions=[1], pixels=cpu_pixels, widths=[200], heights=[150],
-                  hashes=["h"], metadata=[{}], raw=raw)  # fmt: skip
+                  hashes=["h"], metadata=[{}], raw=raw, raw_blob=blob)  # fmt: skip
 
     def decode(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
         if any(b.numel() in {len(datas[4]), len(datas[2])} for b in blobs):
@@ -126,7 +154,7 @@ def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
     assert batch.pixels is not None and batch.pixels.shape == (6, 160, 160, 3)
     assert len(batch.hashes) == len(batch.widths) == len(batch.metadata) == 6
     assert (decoding.gpu, decoding.fallback) == (4, 2)  # 14 decoded on the CPU after all
-    assert batch.raw == []
+    assert batch.raw == [] and batch.raw_blob is None
     for position, row in zip(batch.positions, batch.pixels, strict=True):
         if position >= 10:
             want = Preprocessor(CFG, "exact")(datas[position - 10]).pixels.astype(float)
