@@ -72,15 +72,6 @@ class Batch:
     # shared memory (a list of bytes would be pickled through the workers' pipe)
     raw_blob: torch.Tensor | None = None
 
-    def pin_memory(self) -> Batch:
-        """Page-locked copies (the DataLoader's pin thread calls this on CUDA machines), so
-        copies to the GPU are DMA transfers that need not wait for the CPU."""
-        if self.pixels is not None:
-            self.pixels = self.pixels.pin_memory()
-        if self.raw_blob is not None:
-            self.raw_blob = self.raw_blob.pin_memory()
-        return self
-
     def raw_bytes(self, item: RawItem) -> torch.Tensor:
         """A raw item's JPEG bytes: a uint8 view of raw_blob."""
         assert self.raw_blob is not None
