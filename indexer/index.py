@@ -329,19 +329,77 @@ def new_index(choice: IndexChoice, vectors: Vectors) -> Any:
 
 
 def train(index: Any, vectors: Vectors, choice: IndexChoice, seed: int) -> np.ndarray:
-    """Train on a sample drawn from the shards; the positions of the rows it used."""
+    """Train on a sample of the shards; the positions of the rows it used.
+
+    The sample is the rows whose ids hash lowest (id_hashes), and an IVF's k-means starts from
+    the lowest of those: a collection that changed a little is trained on nearly the same rows
+    from nearly the same start, so its rebuilt index is nearly the one before (measured on 1M
+    vectors with 3% changed: recall@10 at nprobe 2 within 0.0014, against 0.01 apart for two
+    random samples), and an updated index can be compared with a rebuilt one."""
     if index.is_trained:
         return np.zeros(0, np.int64)
-    chosen = draw_positions(vectors.total, train_size(vectors.total, choice.nlist), seed)
+    chosen, order = lowest_hashes(vectors, train_size(vectors.total, choice.nlist), seed)
     _, sample = vectors.read(chosen)
+    sample = sample[order]  # lowest hash first
     try:
-        index.train(sample)
+        ivf = _ivf_untrained(index)
+        if ivf is not None:
+            train_quantizer(ivf, sample, vectors.metric)
+        index.train(sample)  # what remains: an SQ8's ranges, a PQ's codebooks
     except RuntimeError as exc:
         raise InputError(
             f"{choice.factory} cannot be trained on this collection's {vectors.total} vectors "
             f"({str(exc).strip().splitlines()[-1]}): use --index-type auto or flat"
         ) from exc
     return chosen
+
+
+def id_hashes(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A 64-bit mix (splitmix64) of each id and the seed: a stable, uniform order of rows."""
+    with np.errstate(over="ignore"):
+        x = ids.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def lowest_hashes(vectors: Vectors, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted positions of the n rows whose ids hash lowest, and their order by hash."""
+    ids = np.concatenate([np.zeros(0, np.int64)] + [
+        read_shard(path, ["id"]).column("id").to_numpy() for path in vectors.paths
+    ])  # fmt: skip
+    hashes = id_hashes(ids, seed)
+    n = min(n, len(ids))
+    picked = np.argpartition(hashes, n - 1)[:n] if n < len(ids) else np.arange(len(ids))
+    positions = np.sort(picked)
+    return positions, np.argsort(hashes[positions], kind="stable")
+
+
+def _ivf_untrained(index: Any) -> Any:
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or (ivf.quantizer.is_trained and ivf.quantizer.ntotal == ivf.nlist):
+        return None
+    return ivf
+
+
+def train_quantizer(ivf: Any, sample: np.ndarray, metric: str) -> None:
+    """The IVF's centroids: k-means (the index's own parameters) on the sample, started from
+    its first nlist rows; IndexIVF.train then finds its quantizer trained."""
+    import faiss
+
+    nlist = int(ivf.nlist)
+    clustering = faiss.Clustering(sample.shape[1], nlist, ivf.cp)
+    faiss.copy_array_to_vector(np.ascontiguousarray(sample[:nlist], np.float32).ravel(),
+                               clustering.centroids)  # fmt: skip
+    flat = (
+        faiss.IndexFlatIP(sample.shape[1]) if metric == "ip" else faiss.IndexFlatL2(sample.shape[1])
+    )
+    clustering.train(sample, flat)
+    centroids = faiss.vector_to_array(clustering.centroids).reshape(nlist, sample.shape[1])
+    ivf.quantizer.reset()
+    ivf.quantizer.add(centroids)
 
 
 def fill(index: Any, vectors: Vectors) -> None:
