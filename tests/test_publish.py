@@ -49,7 +49,7 @@ def test_a_failed_build_leaves_the_published_version(
     def broken_index(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "build_index", broken_index)
+    monkeypatch.setattr(pipeline, "index_version", broken_index)
     result = run_cli("build", corpus / "group1", "--out", out, "--rebuild", *BUILD_FLAGS)
     assert result.exit_code != 0
     assert os.readlink(out / "current") == "versions/v000001"
