@@ -149,6 +149,10 @@ def update_index(
     paths = CollectionPaths(root)
     paths.index.mkdir()
     index = _open_copy(CollectionPaths(previous.folder).index)
+    if kind_of(index) != meta.get("type"):  # meta.json has no checksum: the index decides
+        return (
+            f"the previous index is a {kind_of(index)} index, its metadata says {meta.get('type')}"
+        )
     if len(delta.removed):
         import faiss
 
@@ -204,6 +208,22 @@ def _whole_meta(previous: Previous) -> dict[str, Any] | None:
     if check_index_files(folder, recorded, set(recorded)):
         return None
     return meta
+
+
+def kind_of(index: Any) -> str:
+    """What a loaded index is, in choose.py's names (the kinds an update can change), else
+    its class name."""
+    import faiss
+
+    inner = index.index if isinstance(index, faiss.IndexIDMap) else index
+    inner = faiss.downcast_index(inner)
+    if isinstance(index, faiss.IndexIDMap) and isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    if isinstance(inner, faiss.IndexIVFFlat):
+        return "ivf"
+    if isinstance(inner, faiss.IndexIVFScalarQuantizer):
+        return "ivfsq"
+    return type(inner).__name__
 
 
 def _open_copy(source: Path) -> Any:

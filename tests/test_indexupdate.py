@@ -304,3 +304,16 @@ def test_training_samples_hardly_move_when_few_rows_change(days: dict[str, Any])
         assert len(set(picked.tolist())) == 1000 and set(picked.tolist()) <= set(ids.tolist())
         samples.append(set(picked.tolist()))
     assert len(samples[0] & samples[1]) >= 950  # 80 of 4,000 ids changed: ~2% of the sample
+
+
+def test_metadata_that_lies_about_the_index_type_rebuilds(days: dict[str, Any]) -> None:
+    out = days["day1"].parent / "lied"
+    run_cli("index", "--from-parquet", days["day1"], "--out", out, "--index-type", "ivfsq")
+    path = (out / "current").resolve() / "index" / "meta.json"
+    meta = json.loads(path.read_text())
+    path.write_text(json.dumps({**meta, "type": "ivf", "requested": "ivf",
+                                "factory": meta["factory"].replace("SQ8", "Flat")}))  # fmt: skip
+    assert run_cli("index", "--from-parquet", days["day2"], "--out", out, *IVF).exit_code == 0
+    rebuilt = meta_of(out)
+    assert rebuilt["how"] == "rebuilt" and "its metadata says ivf" in rebuilt["why"]
+    assert Collection.open(out).index.ntotal == len(days["keys2"])
