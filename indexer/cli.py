@@ -865,12 +865,16 @@ def index_cmd(
     _, memory = run_library(lambda: parse_index_flags(index_type, max_index_memory))
     overrides = IndexOverrides(index_type, memory, target_recall, rebuild_index)
     if from_parquet:
-        from indexer.external import ExternalConfig, index_parquet
+        from indexer.external import ExternalConfig, index_parquet, recorded_index
 
         if not paths or out is None:
             raise click.UsageError("--from-parquet needs Parquet files or folders, and --out DIR")
+        recorded = recorded_index(out)  # a re-run keeps the settings it was indexed with
+        source = click.get_current_context().get_parameter_source("metric")
+        if recorded and source is not click.core.ParameterSource.COMMANDLINE:
+            metric = str(recorded.get("metric") or metric)
         cfg = ExternalConfig(paths, out, embedding_column, key_column, normalize, shard_size,
-                             overrides.resolve(metric, None), keep)  # fmt: skip
+                             overrides.resolve(metric, recorded), keep)  # fmt: skip
         meta = run_library(lambda: index_parquet(cfg))
         where = out
     else:

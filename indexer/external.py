@@ -28,6 +28,7 @@ from indexer.catalog import (
 )
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
+from indexer.index import read_index_meta
 from indexer.indexupdate import Previous, index_version, previous_version
 from indexer.lock import CollectionLock
 from indexer.publish import prune, publish, salvage, start_version
@@ -140,6 +141,15 @@ def _dim(meta: pq.ParquetFile, emb: pa.DataType, column: str, path: Path) -> int
         if batch.num_rows and batch.column(0)[0].is_valid:
             return len(batch.column(0)[0])
     return 0
+
+
+def recorded_index(out: Path) -> dict[str, Any] | None:
+    """The index metadata of the collection at out when it was made from Parquet (a re-run
+    keeps its index settings and metric unless flags say otherwise); None otherwise."""
+    previous = previous_version(out)
+    if previous is None or previous.manifest.get("model") is not None:
+        return None
+    return read_index_meta(previous.folder)
 
 
 def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:

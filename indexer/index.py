@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -217,11 +218,13 @@ def load_probe(folder: Path, dim: int) -> Probe | None:
             ids, queries = saved["ids"].astype(np.int64), saved["queries"].astype(np.float32)
             scores, pool = saved["pool_scores"].astype(np.float32), saved["pool_ids"]
             k = int(saved["k"][0])
-    except (OSError, ValueError, KeyError, IndexError):
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile):
         return None
     n = len(ids)
     if queries.shape != (n, dim) or scores.shape != pool.shape or len(pool) != n or k < 1:
         return None
+    if not np.isfinite(queries).all() or np.isnan(scores).any() or np.isposinf(scores).any():
+        return None  # -inf pads a short pool; anything else non-finite is damage
     empty = np.zeros((n, 0), np.int64)
     return Probe(ids, queries, empty, k, None, scores, pool.astype(np.int64))
 

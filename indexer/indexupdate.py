@@ -148,11 +148,13 @@ def update_index(
         return reason
     paths = CollectionPaths(root)
     paths.index.mkdir()
-    index = _open_copy(CollectionPaths(previous.folder).index)
-    if kind_of(index) != meta.get("type"):  # meta.json has no checksum: the index decides
-        return (
-            f"the previous index is a {kind_of(index)} index, its metadata says {meta.get('type')}"
-        )
+    try:
+        index = _open_copy(CollectionPaths(previous.folder).index)
+    except RuntimeError as exc:  # checksums that were made to match a damaged file
+        return f"the previous index cannot be read ({str(exc).strip().splitlines()[-1]})"
+    mismatch = _not_as_recorded(index, meta)  # meta.json has no checksum: the index decides
+    if mismatch:
+        return mismatch
     if len(delta.removed):
         import faiss
 
@@ -208,6 +210,21 @@ def _whole_meta(previous: Previous) -> dict[str, Any] | None:
     if check_index_files(folder, recorded, set(recorded)):
         return None
     return meta
+
+
+def _not_as_recorded(index: Any, meta: dict[str, Any]) -> str | None:
+    """Why a loaded index is not what its metadata says; None if it is."""
+    import faiss
+
+    kind = kind_of(index)
+    if kind != meta.get("type"):
+        return f"the previous index is a {kind} index, its metadata says {meta.get('type')}"
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and int(ivf.nlist) != meta.get("nlist"):
+        return f"the previous index has {ivf.nlist} lists, its metadata says {meta.get('nlist')}"
+    if int(index.ntotal) != meta.get("ntotal"):
+        return f"the previous index holds {index.ntotal} vectors, its metadata {meta.get('ntotal')}"
+    return None
 
 
 def kind_of(index: Any) -> str:

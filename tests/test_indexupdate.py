@@ -317,3 +317,63 @@ def test_metadata_that_lies_about_the_index_type_rebuilds(days: dict[str, Any]) 
     rebuilt = meta_of(out)
     assert rebuilt["how"] == "rebuilt" and "its metadata says ivf" in rebuilt["why"]
     assert Collection.open(out).index.ntotal == len(days["keys2"])
+
+
+def _refresh_checksum(index_dir: Path, name: str) -> None:
+    """Tampering that also fixes the recorded size and sha256 of the file it changed."""
+    meta_path = index_dir / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    path = index_dir / name
+    meta["files"][name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["probe-bytes", "probe-nan", "index-truncated", "hnsw-as-ivf"])
+def test_damage_with_matching_checksums_never_crashes_an_update(
+    days: dict[str, Any], damage: str
+) -> None:
+    out = days["day1"].parent / damage
+    flags = ("--index-type", "hnsw") if damage == "hnsw-as-ivf" else IVF
+    run_cli("index", "--from-parquet", days["day1"], "--out", out, *flags)
+    index_dir = (out / "current").resolve() / "index"
+    if damage == "probe-bytes":
+        data = bytearray((index_dir / PROBE_FILE).read_bytes())
+        data[len(data) // 2 : len(data) // 2 + 100] = bytes(100)
+        (index_dir / PROBE_FILE).write_bytes(bytes(data))
+        _refresh_checksum(index_dir, PROBE_FILE)
+    elif damage == "probe-nan":
+        with np.load(index_dir / PROBE_FILE) as saved:
+            arrays = {k: saved[k] for k in saved.files}
+        arrays["queries"] = np.full_like(arrays["queries"], np.nan)
+        with open(index_dir / PROBE_FILE, "wb") as f:
+            np.savez(f, **arrays)
+        _refresh_checksum(index_dir, PROBE_FILE)
+    elif damage == "index-truncated":
+        with open(index_dir / "index.faiss", "r+b") as f:
+            f.truncate(1000)
+        _refresh_checksum(index_dir, "index.faiss")
+    else:  # the metadata of an HNSW index made to claim IVF
+        meta = json.loads((index_dir / "meta.json").read_text())
+        ivf = choose_index(4000, DIM, 16 << 30, "ivf")
+        meta.update(type="ivf", requested="ivf", factory=ivf.factory, nlist=ivf.nlist)
+        (index_dir / "meta.json").write_text(json.dumps(meta))
+    result = run_cli("index", "--from-parquet", days["day2"], "--out", out, *IVF)
+    assert result.exit_code == 0, result.output
+    meta = meta_of(out)
+    if damage.startswith("probe"):  # the probe is measured again; the index is updated
+        assert meta["how"] == "updated"
+        probe = load_probe((out / "current").resolve() / "index", DIM)
+        assert probe is not None and np.isfinite(probe.queries).all()
+    else:
+        assert meta["how"] == "rebuilt", meta["why"]
+    collection = Collection.open(out)
+    assert collection.index.ntotal == len(days["keys2"])
+    assert run_cli("verify", out).exit_code == 0
+
+
+def test_a_parquet_rerun_keeps_the_settings_it_was_indexed_with(days: dict[str, Any]) -> None:
+    out = days["day1"].parent / "kept"
+    run_cli("index", "--from-parquet", days["day1"], "--out", out, *IVF, "--metric", "l2")
+    assert run_cli("index", "--from-parquet", days["day2"], "--out", out).exit_code == 0
+    meta = meta_of(out)
+    assert (meta["how"], meta["type"], meta["metric"]) == ("updated", "ivf", "l2")
