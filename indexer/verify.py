@@ -157,6 +157,12 @@ def check_index(version: Path, manifest: dict[str, Any], shard_ids: np.ndarray) 
             index = faiss.read_index(str(folder / INDEX_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except Exception as exc:
         return [Problem("index", "", f"unreadable ({exc})")]
+    from indexer.indexupdate import kind_of
+
+    said = KINDS.get(str(meta.get("type")))
+    if said is not None and kind_of(index) != said:  # meta.json has no checksum of its own
+        return [Problem("index", "", f"it is a {kind_of(index)} index, its metadata says "
+                                     f"{meta.get('type')}")]  # fmt: skip
     stored = np.sort(index_ids(index))
     if len(stored) != len(shard_ids) or not np.array_equal(stored, np.sort(shard_ids)):
         missing = len(np.setdiff1d(shard_ids, stored))
@@ -164,6 +170,9 @@ def check_index(version: Path, manifest: dict[str, Any], shard_ids: np.ndarray) 
         return [Problem("index", "", f"its ids differ from the shards' ({missing} shard rows "
                                      f"not in it, {unknown} ids not in the shards)")]  # fmt: skip
     return []
+
+
+KINDS = {"flat": "flat", "ivf": "ivf", "ivfsq": "ivfsq", "hnsw": "IndexHNSWFlat"}
 
 
 def index_ids(index: Any) -> np.ndarray:

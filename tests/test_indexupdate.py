@@ -313,6 +313,8 @@ def test_metadata_that_lies_about_the_index_type_rebuilds(days: dict[str, Any]) 
     meta = json.loads(path.read_text())
     path.write_text(json.dumps({**meta, "type": "ivf", "requested": "ivf",
                                 "factory": meta["factory"].replace("SQ8", "Flat")}))  # fmt: skip
+    checked = run_cli("verify", out)
+    assert checked.exit_code != 0 and "its metadata says ivf" in checked.output
     assert run_cli("index", "--from-parquet", days["day2"], "--out", out, *IVF).exit_code == 0
     rebuilt = meta_of(out)
     assert rebuilt["how"] == "rebuilt" and "its metadata says ivf" in rebuilt["why"]
