@@ -211,7 +211,7 @@ def load_probe(folder: Path, dim: int) -> Probe | None:
     """A saved probe (truth and ties left to compute from its pools); None when there is
     none or it is malformed (the update then measures a new one)."""
     path = folder / PROBE_FILE
-    if not path.is_file():
+    if path.is_symlink() or not path.is_file():  # a planted link is never followed
         return None
     try:
         with np.load(path, allow_pickle=False) as saved:

@@ -138,7 +138,11 @@ def update_index(
     meta = _whole_meta(previous)
     vectors = version_vectors(root, manifest)
     choice = choose_index(vectors.total, vectors.dim, cfg.max_memory, cfg.index_type)
-    changed = settings_changed(cfg, meta) or (meta or {}).get("metric") != manifest["metric"]
+    recorded = meta or {}
+    changed = settings_changed(cfg, meta) or (recorded.get("metric"), recorded.get("dim")) != (
+        manifest["metric"],
+        int(manifest["embedding_dim"]),
+    )  # a new model or metric: rebuilt
     reason = rebuild_reason(meta, choice, changed, cfg.max_update_share)
     if reason is not None or meta is None:
         return reason or "the previous version has no readable index"

@@ -22,7 +22,13 @@ from indexer.config import file_sha256
 from indexer.index import PROBE_FILE, Vectors, load_probe
 from indexer.indexupdate import rebuild_reason
 from indexer.tune import exact_neighbours_and_ties
-from tests.helpers import BUILD_FLAGS, clustered_vectors, run_cli, write_vectors
+from tests.helpers import (
+    BUILD_FLAGS,
+    clustered_vectors,
+    read_embeddings_by_key,
+    run_cli,
+    write_vectors,
+)
 
 DIM = 16
 IVF = ("--index-type", "ivf")
@@ -210,7 +216,11 @@ def test_an_image_build_updates_its_index(tmp_path: Path) -> None:
     assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
     meta = meta_of(out)
     assert meta["how"] == "updated" and (meta["removed"], meta["added"]) == (1, 3)
-    assert Collection.open(out).index.ntotal == 26
+    collection = Collection.open(out)
+    assert collection.index.ntotal == 26
+    stored = read_embeddings_by_key(out)  # each stored image finds itself in the updated index
+    _, found = collection.search(np.stack(list(stored.values())), k=1)
+    assert found[:, 0].tolist() == list(stored) and victim.name not in stored
     assert run_cli("build", src, "--out", out, "--rebuild", *BUILD_FLAGS).exit_code == 0
     assert meta_of(out)["why"] == "asked for (--rebuild)"
 
@@ -379,3 +389,20 @@ def test_a_parquet_rerun_keeps_the_settings_it_was_indexed_with(days: dict[str, 
     assert run_cli("index", "--from-parquet", days["day2"], "--out", out).exit_code == 0
     meta = meta_of(out)
     assert (meta["how"], meta["type"], meta["metric"]) == ("updated", "ivf", "l2")
+
+
+def test_another_vector_length_or_a_planted_probe_link_never_updates_blindly(
+    days: dict[str, Any], tmp_path: Path
+) -> None:
+    out = days["day1"].parent / "dims"
+    run_cli("index", "--from-parquet", days["day1"], "--out", out, *IVF)
+    index_dir = (out / "current").resolve() / "index"
+    (index_dir / PROBE_FILE).unlink()  # a link to a file elsewhere where the probe was
+    (tmp_path / "elsewhere.npz").write_bytes(b"not a probe")
+    (index_dir / PROBE_FILE).symlink_to(tmp_path / "elsewhere.npz")
+    assert load_probe(index_dir, DIM) is None
+    wide = clustered_vectors(4000, 2 * DIM, 40, 0.3, seed=1)
+    day(tmp_path / "wide.parquet", [f"k{i:05d}" for i in range(4000)], wide)
+    result = run_cli("index", "--from-parquet", tmp_path / "wide.parquet", "--out", out, *IVF)
+    assert result.exit_code == 0, result.output
+    assert meta_of(out)["how"] == "rebuilt" and meta_of(out)["dim"] == 2 * DIM
