@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from indexer.shards import (
     text_array,
 )
 from indexer.sources import Item, Source
+from indexer.stages import Stages
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     import torch
@@ -293,26 +295,67 @@ class Embedding:
 
 class RawDecoding:
     """The batches' GPU-routed JPEGs decoded on the model's device; one the GPU cannot decode
-    is decoded on the CPU here (an error row if that fails too), so none is lost."""
+    is decoded on the CPU here (an error row if that fails too), so none is lost.
 
-    def __init__(self, cfg: BuildConfig) -> None:
+    On CUDA the work runs on a stream of its own, waited for before the batch is handed on:
+    the model's kernels never queue behind the next batch's decoding, nor its sync behind them.
+    """
+
+    def __init__(self, cfg: BuildConfig, stages: Stages | None = None) -> None:
         self.cfg = cfg
+        self.stages = stages or Stages()
         self.decoder: Any = None
         self.cpu: Preprocessor | None = None
+        self.stream: Any = None  # torch.cuda.Stream on CUDA
         self.gpu, self.fallback = 0, 0
 
     def decode(self, batch: Batch, runtime: Runtime) -> None:
+        """The batch's raw items decoded and added to its rows (both steps at once)."""
+        self.prepare(batch, self.decode_only(batch, runtime))
+
+    def decode_only(self, batch: Batch, runtime: Runtime) -> list[Any]:
+        """Step one: the raw items decoded by nvJPEG, which returns when done (and lets
+        the GIL go meanwhile); a None for each item it could not decode."""
+        if not batch.raw:
+            return []
+        if self.decoder is None:
+            self._start(runtime)
+        pairs = [(batch.raw_bytes(item), item.route) for item in batch.raw]
+        with self.stages.timed("GPU decode"), self._on_stream():
+            return list(self.decoder.decode(pairs))
+
+    def prepare(self, batch: Batch, decoded: list[Any]) -> None:
+        """Step two: the decoded images oriented, resized and cropped, the failed ones
+        decoded on the CPU, and all of them added to the batch's rows, in order."""
+        if not batch.raw:
+            return
+        with self.stages.timed("GPU resize"), self._on_stream():
+            images = self.decoder.prepare(decoded, [item.route for item in batch.raw])
+            pixels = self._gather(batch, images)
+            self._done(pixels)
+
+    def _start(self, runtime: Runtime) -> None:
         import torch
 
-        if self.decoder is None:
-            from indexer.gpudecode import GpuDecoder
+        from indexer.gpudecode import GpuDecoder
 
-            device = getattr(runtime, "device", "cuda")
-            self.decoder = GpuDecoder(runtime.data_config, device)
-            loader = self.cfg.loader
-            self.cpu = Preprocessor(runtime.data_config, loader.preprocessing, loader.max_pixels,
-                                    loader.allow_truncated)  # fmt: skip
-        images = self.decoder([(batch.raw_bytes(item), item.route) for item in batch.raw])
+        device = getattr(runtime, "device", "cuda")
+        self.decoder = GpuDecoder(runtime.data_config, device)
+        if self.decoder.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.decoder.device)
+        loader = self.cfg.loader
+        self.cpu = Preprocessor(runtime.data_config, loader.preprocessing, loader.max_pixels,
+                                loader.allow_truncated)  # fmt: skip
+
+    def _on_stream(self) -> Any:
+        import torch
+
+        return nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+
+    def _gather(self, batch: Batch, images: list[Any]) -> Any:
+        """The batch's rows extended with the raw items, in order; the pixels, one tensor."""
+        import torch
+
         pixels = [] if batch.pixels is None else [batch.pixels.to(self.decoder.device)]
         for item, image in zip(batch.raw, images, strict=True):
             width, height = item.route.width, item.route.height
@@ -320,7 +363,8 @@ class RawDecoding:
                 width, height = height, width
             if image is None:
                 self.fallback += 1
-                image = self._on_cpu(batch, item)
+                with self.stages.timed("CPU fallback"):
+                    image = self._on_cpu(batch, item)
                 if image is None:
                     continue
             else:
@@ -333,6 +377,18 @@ class RawDecoding:
             batch.metadata.append(item.meta)
         batch.pixels = torch.cat(pixels) if pixels else None
         batch.raw, batch.raw_blob = [], None
+        return batch.pixels
+
+    def _done(self, pixels: Any) -> None:
+        """The stream's work finished, and its output kept from reuse until the model's
+        stream (the default one) is done with it."""
+        import torch
+
+        if self.stream is None:
+            return
+        if pixels is not None:
+            pixels.record_stream(torch.cuda.default_stream(self.decoder.device))
+        self.stream.synchronize()
 
     def _on_cpu(self, batch: Batch, item: RawItem) -> Any:
         import torch
@@ -356,9 +412,29 @@ class RawDecoding:
 
 def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
                   depth: int = 2) -> Iterator[Batch]:  # fmt: skip
-    """The batches with their GPU-routed JPEGs decoded by a thread of their own, up to
-    `depth` batches ahead: the GPU decodes the next batch while this one is embedded and
-    written. Errors are raised here, in order."""
+    """The batches with their GPU-routed JPEGs decoded ahead by two threads of their own:
+    one runs nvJPEG on a batch while the other resizes the batch before it, up to `depth`
+    batches ahead of the model. Order is kept; errors are raised here, in order."""
+    stages = raw.stages
+    taken = stages.each(batches, "waiting for workers")
+    decoded = ahead(((b, raw.decode_only(b, runtime)) for b in taken), "gpu-decode", 1,
+                    lambda: stages.timed("decode waiting for resize"))  # fmt: skip
+    prepared = ahead(_prepared(decoded, raw), "gpu-resize", depth,
+                     lambda: stages.timed("waiting for the model"))  # fmt: skip
+    yield from prepared
+
+
+def _prepared(decoded: Iterator[tuple[Batch, list[Any]]], raw: RawDecoding) -> Iterator[Batch]:
+    for batch, images in decoded:
+        raw.prepare(batch, images)
+        yield batch
+
+
+def ahead(items: Iterator[Any], name: str, depth: int,
+          waiting: Any = nullcontext) -> Iterator[Any]:  # fmt: skip
+    """items, produced by a thread of their own up to `depth` ahead of the consumer; an
+    error raised producing them is raised here, in order. The producer stops (and closes
+    items) when the consumer does. `waiting()` times the producer's waits for room."""
     import queue
     import threading
 
@@ -366,27 +442,29 @@ def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
     end, stop = object(), threading.Event()
 
     def hand_over(item: Any) -> None:
-        while not stop.is_set():  # the consumer gone (an error, Ctrl-C): the thread ends
-            try:
-                ready.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        with waiting():
+            while not stop.is_set():  # the consumer gone (an error, Ctrl-C): the thread ends
+                try:
+                    ready.put(item, timeout=0.5)
+                    return
+                except queue.Full:
+                    continue
 
     def work() -> None:
         try:
-            for batch in batches:
+            for item in items:
+                hand_over(item)
                 if stop.is_set():
                     return
-                if batch.raw:
-                    raw.decode(batch, runtime)
-                hand_over(batch)
         except BaseException as exc:  # handed to the consumer, raised there
             hand_over(exc)
         finally:
             hand_over(end)
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
-    threading.Thread(target=work, name="gpu-decode", daemon=True).start()
+    threading.Thread(target=work, name=name, daemon=True).start()
     try:
         while (item := ready.get()) is not end:
             if isinstance(item, BaseException):
@@ -416,42 +494,53 @@ def embed_items(
     errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
     embed = Embedding(job.embedder, job.switch, paths.root)
-    raw = RawDecoding(cfg)
+    stages = Stages()
+    raw = RawDecoding(cfg, stages)
     if job.embedder.on_cuda and cfg.loader.decode != "cpu":
         batches = decoded_ahead(batches, raw, job.embedder)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar:
-        for batch in batches:
+        for batch in stages.each(batches, "waiting for batches"):
             if batch.raw:
                 raw.decode(batch, job.embedder)
             if batch.positions:
                 vectors, labels = batch.vectors, batch.labels
                 if vectors is None:
                     assert batch.pixels is not None
-                    vectors, labels = embed(batch.pixels)
-                metas = batch.metadata
-                if labels:
-                    metas = [{**m, **lab} for m, lab in zip(metas, labels, strict=True)]
-                rows = [
-                    NewRow(p, h, w, ht, m)
-                    for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths,
-                                              batch.heights, metas, strict=True)
-                ]  # fmt: skip
-                writer.write(rows_table(job, rows, vectors))
-            for position, stage, reason in batch.errors:
-                item = job.items[position]
-                source = job.sources[item.source]
-                size, mtime = item.fingerprint or (None, None)
-                errors.append({"key": item.key, "source": source.label, "stage": stage,
-                               "error": reason, "file_size": size, "mtime_ns": mtime,
-                               "url": source.url(item.locator)})  # fmt: skip
+                    with stages.timed("embedding" if embed.sample is not None else "first batch"):
+                        vectors, labels = embed(batch.pixels)
+                with stages.timed("writing"):
+                    writer.write(rows_table(job, new_rows(batch, labels), vectors))
+            errors += [error_row(job, *error) for error in batch.errors]
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
         embed.log_rate()
         raw.log_share()
+        log.info("seconds by stage: %s", stages.summary())
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
                         embed.names)  # fmt: skip
+
+
+def new_rows(batch: Batch, labels: list[dict[str, Any]]) -> list[NewRow]:
+    """A batch's embedded rows, their labels merged into their metadata."""
+    metas = batch.metadata
+    if labels:
+        metas = [{**m, **lab} for m, lab in zip(metas, labels, strict=True)]
+    return [
+        NewRow(p, h, w, ht, m)
+        for p, h, w, ht, m in zip(batch.positions, batch.hashes, batch.widths, batch.heights,
+                                  metas, strict=True)
+    ]  # fmt: skip
+
+
+def error_row(job: EmbedJob, position: int, stage: str, reason: str) -> dict[str, Any]:
+    """The errors-file row of an item that failed."""
+    item = job.items[position]
+    source = job.sources[item.source]
+    size, mtime = item.fingerprint or (None, None)
+    return {"key": item.key, "source": source.label, "stage": stage, "error": reason,
+            "file_size": size, "mtime_ns": mtime, "url": source.url(item.locator)}  # fmt: skip
 
 
 def write_reused(

@@ -133,11 +133,19 @@ class GpuDecoder:
         self, items: list[tuple[torch.Tensor | bytes, Route]]
     ) -> list[torch.Tensor | None]:
         """Each item's JPEG bytes (a 1-d uint8 tensor, or bytes) and route."""
-        blobs = [_as_tensor(data) for data, _ in items]
-        decoded = decode_split(blobs, self._decode)
+        return self.prepare(self.decode(items), [r for _, r in items])
+
+    def decode(self, items: list[tuple[torch.Tensor | bytes, Route]]) -> list[torch.Tensor | None]:
+        """The images as decoded (CHW uint8 on the device); None where the GPU failed."""
+        return decode_split([_as_tensor(data) for data, _ in items], self._decode)
+
+    def prepare(
+        self, decoded: list[torch.Tensor | None], routes: list[Route]
+    ) -> list[torch.Tensor | None]:
+        """Decoded images oriented, resized and cropped: HWC uint8 model inputs (None kept)."""
         good = [n for n, image in enumerate(decoded) if image is not None]
-        oriented = [orient(decoded[n].to(self.device), items[n][1].orientation) for n in good]  # type: ignore[union-attr]
-        out: list[torch.Tensor | None] = [None] * len(items)
+        oriented = [orient(decoded[n].to(self.device), routes[n].orientation) for n in good]  # type: ignore[union-attr]
+        out: list[torch.Tensor | None] = [None] * len(decoded)
         if oriented:
             for n, pixels in zip(good, resize_crop_batch(oriented, self.cfg), strict=True):
                 out[n] = pixels

@@ -200,3 +200,41 @@ def test_batches_decoded_ahead_arrive_in_order_and_errors_surface() -> None:
 
     with pytest.raises(OSError, match="loader broke"):
         list(decoded_ahead(failing(), decoding, None))  # type: ignore[arg-type]
+
+
+def test_two_decode_threads_keep_order_rows_and_stop_with_the_consumer() -> None:
+    import threading
+    import time
+
+    from indexer.config import BuildConfig, LoaderConfig
+    from indexer.embed import Batch, RawDecoding, RawItem, decoded_ahead
+    from indexer.loader import pack_raw
+
+    def batches() -> object:
+        for b in range(6):
+            datas = [jpeg(10 * b + n) for n in range(3)]
+            raw = [RawItem(10 * b + n, 0, 0, route(d, 10**8), f"h{b}{n}", {}) for n, d in
+                   enumerate(datas)]  # fmt: skip
+            raw, blob = pack_raw(raw, datas)
+            yield Batch(raw=raw, raw_blob=blob)
+
+    decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
+    decoding.decoder = GpuDecoder(CFG, "cpu", nvjpeg("cpu"))
+    decoding.cpu = Preprocessor(CFG, "fast")
+    got = list(decoded_ahead(batches(), decoding, None))  # type: ignore[arg-type]
+    assert [b.positions for b in got] == [[10 * b + n for n in range(3)] for b in range(6)]
+    for b, batch in enumerate(got):
+        assert batch.pixels is not None and batch.pixels.shape == (3, 160, 160, 3)
+        want = GpuDecoder(CFG, "cpu")([(jpeg(10 * b + 2), route(jpeg(10 * b + 2), 10**8))])
+        assert torch.equal(batch.pixels[2], want[0])  # each row its own image
+    assert {"GPU decode", "GPU resize", "waiting for workers"} <= set(decoding.stages.seconds)
+
+    stream = decoded_ahead(batches(), decoding, None)  # type: ignore[arg-type]
+    next(stream)
+    stream.close()  # the consumer stops early: both threads end
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        t.name in ("gpu-decode", "gpu-resize") for t in threading.enumerate()
+    ):
+        time.sleep(0.05)
+    assert not [t.name for t in threading.enumerate() if t.name in ("gpu-decode", "gpu-resize")]
