@@ -13,7 +13,8 @@ python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__ve
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpudecode.py \
   tests/test_jpegroute.py 2>&1 | tail -4
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/gpudecode.py --photos .gpudata/photos --rounds 1 \
-  --scenes 3000 --copies "${COPIES:-200}" --gpu-batch 512
+  --scenes 3000 --copies "${COPIES:-200}" \
+  $(for v in ${VARIANTS:-512}; do echo --gpu-variant "$v"; done)
 if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/gpudecode/photos ]; then
   chmod +x .whl/py-spy
   timeout 120 .whl/py-spy record --threads --idle -r 20 -f raw -o "$OUT/gpu.txt" -- \

@@ -26,10 +26,15 @@ AFTER = re.compile(r"after the first batch: (\d+) images in ([\d.]+) s, (\d+) im
 STAGES = re.compile(r"seconds by stage: (.*)")
 
 
-def build(src: Path, out: Path, ck: Path, decode: str, workers: int,
-          batch: int = 256) -> tuple[float, str]:  # fmt: skip
+def build(src: Path, out: Path, ck: Path, decode: str, workers: int, batch: int = 256,
+          interval: str = "") -> tuple[float, str]:  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", "from indexer.cli import entry; entry()", "-v", "build", str(src),
+    code = "from indexer.cli import entry; entry()"
+    if interval == "off":  # the GIL's switch interval left at Python's 5 ms
+        code = f"import indexer.embed as e; e.SWITCH_INTERVAL = None; {code}"
+    elif interval:
+        code = f"import indexer.embed as e; e.SWITCH_INTERVAL = {float(interval)}; {code}"
+    cmd = [sys.executable, "-c", code, "-v", "build", str(src),
            "--out", str(out), "--checkpoint", str(ck), "--no-progress", "--batch-size", str(batch),
            "--workers", str(workers), "--decode", decode, "--device", "cuda"]  # fmt: skip
     t0 = time.perf_counter()
@@ -64,7 +69,7 @@ def fidelity(gpu: Path, cpu: Path) -> str:
 
 
 def measure(name: str, src: Path, work: Path, ck: Path, workers: int, rounds: int,
-            batches: tuple[int, ...] = ()) -> list[str]:  # fmt: skip
+            variants: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
     n = sum(1 for p in src.rglob("*") if p.is_file())
     best: dict[str, float] = {}
     steady: dict[str, float] = {}
@@ -97,20 +102,24 @@ def measure(name: str, src: Path, work: Path, ck: Path, workers: int, rounds: in
         f"  {share}",
         *(f"  seconds by stage, {d}: {line}" for d, line in sorted(stages.items())),
         f"  fidelity: {fidelity(work / f'{name}-gpu', work / f'{name}-cpu')}",
-        *other_batches(name, src, work, ck, workers, batches),
+        *other_batches(name, src, work, ck, workers, variants),
     ]
 
 
 def other_batches(name: str, src: Path, work: Path, ck: Path, workers: int,
-                  batches: tuple[int, ...]) -> list[str]:  # fmt: skip
-    """--decode gpu with other --batch-size values: the rate after the first batch."""
+                  variants: tuple[str, ...]) -> list[str]:  # fmt: skip
+    """--decode gpu with other settings, "BATCH[:SWITCH_INTERVAL]" (seconds, or off): the rate
+    after the first batch, and where the time went."""
     lines = []
-    for size in batches:
-        seconds, log = build(src, work / f"{name}-gpu{size}", ck, "gpu", workers, size)
+    for variant in variants:
+        size, _, interval = variant.partition(":")
+        seconds, log = build(src, work / f"{name}-gpu-{variant}", ck, "gpu", workers, int(size),
+                             interval)  # fmt: skip
         after, stages = AFTER.search(log), STAGES.search(log)
-        lines.append(f"  --decode gpu --batch-size {size}: {seconds:.1f} s, after the first "
-                     f"batch {after.group(3) if after else '?'} images/s; seconds by stage: "
-                     f"{stages.group(1) if stages else '?'}")  # fmt: skip
+        lines.append(f"  --decode gpu --batch-size {size}"
+                     f"{f' (switch interval {interval})' if interval else ''}: {seconds:.1f} s, "
+                     f"after the first batch {after.group(3) if after else '?'} images/s; "
+                     f"seconds by stage: {stages.group(1) if stages else '?'}")  # fmt: skip
     return lines
 
 
@@ -191,7 +200,7 @@ def main() -> None:
             for n in range(1, args.copies):  # hard links: the same bytes, under other names
                 shutil.copytree(photos / "copy000", photos / f"copy{n:03d}", copy_function=os.link)
         lines += measure(
-            "photos", photos, args.work, ck, workers, args.rounds, tuple(args.gpu_batch)
+            "photos", photos, args.work, ck, workers, args.rounds, tuple(args.gpu_variant)
         )
     print("\n".join(lines), flush=True)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -78,6 +79,16 @@ class Batch:
         """A raw item's JPEG bytes: a uint8 view of raw_blob."""
         assert self.raw_blob is not None
         return self.raw_blob[item.start : item.end]
+
+    def raw_views(self) -> list[torch.Tensor]:
+        """Every raw item's bytes, in order: one split of raw_blob when the items lie end to
+        end in it (as collate packs them), else a view each."""
+        assert self.raw_blob is not None
+        starts = [item.start for item in self.raw]
+        ends = [item.end for item in self.raw]
+        if starts and starts[0] == 0 and starts[1:] == ends[:-1] and ends[-1] == len(self.raw_blob):
+            return list(self.raw_blob.split([e - s for s, e in zip(starts, ends, strict=True)]))
+        return [self.raw_bytes(item) for item in self.raw]
 
 
 def load_model_while_decoding(
@@ -320,7 +331,9 @@ class RawDecoding:
             return []
         if self.decoder is None:
             self._start(runtime)
-        pairs = [(batch.raw_bytes(item), item.route) for item in batch.raw]
+        pairs = [
+            (data, item.route) for data, item in zip(batch.raw_views(), batch.raw, strict=True)
+        ]
         with self.stages.timed("GPU decode"), self._on_stream():
             return list(self.decoder.decode(pairs))
 
@@ -330,9 +343,9 @@ class RawDecoding:
         if not batch.raw:
             return
         with self.stages.timed("GPU resize"), self._on_stream():
-            images = self.decoder.prepare(decoded, [item.route for item in batch.raw])
-            pixels = self._gather(batch, images)
-            self._done(pixels)
+            pixels, good = self.decoder.prepare(decoded, [item.route for item in batch.raw])
+            self._gather(batch, pixels, good)
+            self._done(batch.pixels)
 
     def _start(self, runtime: Runtime) -> None:
         import torch
@@ -352,32 +365,31 @@ class RawDecoding:
 
         return nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
 
-    def _gather(self, batch: Batch, images: list[Any]) -> Any:
-        """The batch's rows extended with the raw items, in order; the pixels, one tensor."""
+    def _gather(self, batch: Batch, decoded: Any, good: list[int]) -> None:
+        """The batch's pixels: its CPU-decoded rows, then the GPU-decoded ones, then those
+        the GPU failed on, decoded on the CPU here; each row added in the same order."""
         import torch
 
-        pixels = [] if batch.pixels is None else [batch.pixels.to(self.decoder.device)]
-        for item, image in zip(batch.raw, images, strict=True):
-            width, height = item.route.width, item.route.height
-            if item.route.orientation >= 5:
-                width, height = height, width
-            if image is None:
-                self.fallback += 1
-                with self.stages.timed("CPU fallback"):
-                    image = self._on_cpu(batch, item)
-                if image is None:
-                    continue
-            else:
-                self.gpu += 1
-            pixels.append(image.unsqueeze(0).to(self.decoder.device))
-            batch.positions.append(item.position)
-            batch.widths.append(width)
-            batch.heights.append(height)
-            batch.hashes.append(item.hash)
-            batch.metadata.append(item.meta)
-        batch.pixels = torch.cat(pixels) if pixels else None
+        device = self.decoder.device
+        parts = [] if batch.pixels is None else [batch.pixels.to(device)]
+        if decoded is not None:
+            parts.append(decoded)
+            for n in good:
+                _add_row(batch, batch.raw[n])
+        self.gpu += len(good)
+        kept = set(good)
+        fallen = []
+        for item in (item for n, item in enumerate(batch.raw) if n not in kept):
+            self.fallback += 1
+            with self.stages.timed("CPU fallback"):
+                image = self._on_cpu(batch, item)
+            if image is not None:
+                fallen.append(image)
+                _add_row(batch, item)
+        if fallen:
+            parts.append(torch.stack(fallen).to(device))
+        batch.pixels = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
         batch.raw, batch.raw_blob = [], None
-        return batch.pixels
 
     def _done(self, pixels: Any) -> None:
         """The stream's work finished, and its output kept from reuse until the model's
@@ -410,18 +422,42 @@ class RawDecoding:
                      self.fallback)  # fmt: skip
 
 
+def _add_row(batch: Batch, item: RawItem) -> None:
+    """A raw item's row, its size as the model saw it (after EXIF orientation)."""
+    width, height = item.route.width, item.route.height
+    if item.route.orientation >= 5:
+        width, height = height, width
+    batch.positions.append(item.position)
+    batch.widths.append(width)
+    batch.heights.append(height)
+    batch.hashes.append(item.hash)
+    batch.metadata.append(item.meta)
+
+
+# The GIL's switch interval while the decode threads run (Python's default is 5 ms). Each of
+# their many short torch calls lets the GIL go and must take it back, waiting up to the
+# interval for a thread running Python (the main thread writing rows, the DataLoader's).
+SWITCH_INTERVAL: float | None = 0.0005
+
+
 def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
                   depth: int = 2) -> Iterator[Batch]:  # fmt: skip
     """The batches with their GPU-routed JPEGs decoded ahead by two threads of their own:
     one runs nvJPEG on a batch while the other resizes the batch before it, up to `depth`
     batches ahead of the model. Order is kept; errors are raised here, in order."""
     stages = raw.stages
+    previous = sys.getswitchinterval()
+    if SWITCH_INTERVAL is not None:
+        sys.setswitchinterval(min(previous, SWITCH_INTERVAL))
     taken = stages.each(batches, "waiting for workers")
     decoded = ahead(((b, raw.decode_only(b, runtime)) for b in taken), "gpu-decode", 1,
                     lambda: stages.timed("decode waiting for resize"))  # fmt: skip
     prepared = ahead(_prepared(decoded, raw), "gpu-resize", depth,
                      lambda: stages.timed("waiting for the model"))  # fmt: skip
-    yield from prepared
+    try:
+        yield from prepared
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _prepared(decoded: Iterator[tuple[Batch, list[Any]]], raw: RawDecoding) -> Iterator[Batch]:

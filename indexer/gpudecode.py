@@ -81,26 +81,69 @@ CHUNK_BYTES = 1 << 30  # float32 padded images resized at once, at most
 def resize_crop_batch(images: list[torch.Tensor], cfg: DataConfig) -> torch.Tensor:
     """resize_crop for many CHW uint8 images at once: each one's crop box (in its own
     coordinates) sampled by one roi_align over the images padded into a batch, an adaptive
-    number of samples per output pixel averaging as an antialiased downscale does. NHWC uint8."""
+    number of samples per output pixel averaging as an antialiased downscale does. NHWC uint8,
+    in the order given.
+
+    The images are laid into the batch sorted by size, each run of one size copied at once:
+    a few copies per batch instead of one per image (collections resized to one size, as
+    img2dataset writes them, need one)."""
     from torchvision.ops import roi_align
 
     _, crop_h, crop_w = cfg.input_size
+    order = sorted(range(len(images)), key=lambda n: _size(images[n]))
+    ordered = [images[n] for n in order]
     out, start = [], 0
-    while start < len(images):
-        chunk = _chunk(images, start)
-        height = max(int(t.shape[-2]) for t in chunk)
-        width = max(int(t.shape[-1]) for t in chunk)
+    while start < len(ordered):
+        chunk = _chunk(ordered, start)
+        height = max(_size(t)[0] for t in chunk)
+        width = max(_size(t)[1] for t in chunk)
         batch = chunk[0].new_zeros((len(chunk), 3, height, width), dtype=torch.float32)
         boxes = []
-        for n, image in enumerate(chunk):
-            h, w = int(image.shape[-2]), int(image.shape[-1])
-            batch[n, :, :h, :w] = image
-            boxes.append([n, *crop_box(w, h, cfg)])
+        for first, end in _runs(chunk):
+            h, w = _size(chunk[first])
+            run = chunk[first] if end - first == 1 else torch.stack(chunk[first:end])
+            batch[first:end, :, :h, :w] = run
+            box = crop_box(w, h, cfg)
+            _pad_edges(batch[first:end], h, w, box)
+            boxes += [[n, *box] for n in range(first, end)]
         rois = torch.tensor(boxes, dtype=torch.float32, device=batch.device)
         pixels = roi_align(batch, rois, (crop_h, crop_w), 1.0, sampling_ratio=0, aligned=True)
         out.append(pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
         start += len(chunk)
-    return torch.cat(out)
+    pixels = torch.cat(out) if len(out) > 1 else out[0]
+    if order == sorted(order):
+        return pixels.contiguous()
+    back = [0] * len(order)
+    for place, n in enumerate(order):
+        back[n] = place
+    return pixels[torch.tensor(back, device=pixels.device)].contiguous()
+
+
+def _pad_edges(batch: torch.Tensor, h: int, w: int, box: tuple[float, ...]) -> None:
+    """Where the crop box reaches an h x w image's last row or column (crop_pct 1), the row
+    or column past it in the padded batch made a copy of it: a bilinear sample there then
+    reads what it would read alone (roi_align clamps at a tensor's edge), not padding zeros.
+    A sample lies before the box's end, so a box ending by h - 1 reads no further than h - 1.
+    """
+    if box[3] > h - 1 and h < batch.shape[-2]:
+        batch[:, :, h, :w] = batch[:, :, h - 1, :w]
+    if box[2] > w - 1 and w < batch.shape[-1]:
+        batch[:, :, : h + 1, w] = batch[:, :, : h + 1, w - 1]
+
+
+def _size(image: torch.Tensor) -> tuple[int, int]:
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def _runs(images: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[first, end) of each run of images of one size."""
+    runs: list[tuple[int, int]] = []
+    for n, image in enumerate(images):
+        if runs and _size(images[runs[-1][0]]) == _size(image):
+            runs[-1] = (runs[-1][0], n + 1)
+        else:
+            runs.append((n, n + 1))
+    return runs
 
 
 def _chunk(images: list[torch.Tensor], start: int) -> list[torch.Tensor]:
@@ -133,7 +176,12 @@ class GpuDecoder:
         self, items: list[tuple[torch.Tensor | bytes, Route]]
     ) -> list[torch.Tensor | None]:
         """Each item's JPEG bytes (a 1-d uint8 tensor, or bytes) and route."""
-        return self.prepare(self.decode(items), [r for _, r in items])
+        pixels, good = self.prepare(self.decode(items), [r for _, r in items])
+        out: list[torch.Tensor | None] = [None] * len(items)
+        if pixels is not None:
+            for n, row in zip(good, pixels, strict=True):
+                out[n] = row
+        return out
 
     def decode(self, items: list[tuple[torch.Tensor | bytes, Route]]) -> list[torch.Tensor | None]:
         """The images as decoded (CHW uint8 on the device); None where the GPU failed."""
@@ -141,12 +189,17 @@ class GpuDecoder:
 
     def prepare(
         self, decoded: list[torch.Tensor | None], routes: list[Route]
-    ) -> list[torch.Tensor | None]:
-        """Decoded images oriented, resized and cropped: HWC uint8 model inputs (None kept)."""
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """The decoded images oriented, resized and cropped: one NHWC uint8 tensor of model
+        inputs, and the index of the image each row is (the failed ones left out)."""
         good = [n for n, image in enumerate(decoded) if image is not None]
-        oriented = [orient(decoded[n].to(self.device), routes[n].orientation) for n in good]  # type: ignore[union-attr]
-        out: list[torch.Tensor | None] = [None] * len(decoded)
-        if oriented:
-            for n, pixels in zip(good, resize_crop_batch(oriented, self.cfg), strict=True):
-                out[n] = pixels
-        return out
+        oriented = []
+        for n in good:
+            image = decoded[n]
+            assert image is not None
+            if image.device != self.device:
+                image = image.to(self.device)
+            oriented.append(orient(image, routes[n].orientation))
+        if not oriented:
+            return None, []
+        return resize_crop_batch(oriented, self.cfg), good

@@ -221,7 +221,15 @@ def test_two_decode_threads_keep_order_rows_and_stop_with_the_consumer() -> None
     decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
     decoding.decoder = GpuDecoder(CFG, "cpu", nvjpeg("cpu"))
     decoding.cpu = Preprocessor(CFG, "fast")
-    got = list(decoded_ahead(batches(), decoding, None))  # type: ignore[arg-type]
+    import sys
+
+    before = sys.getswitchinterval()
+    intervals = []
+    got = []
+    for batch in decoded_ahead(batches(), decoding, None):  # type: ignore[arg-type]
+        intervals.append(sys.getswitchinterval())
+        got.append(batch)
+    assert set(intervals) == {min(before, 0.0005)} and sys.getswitchinterval() == before
     assert [b.positions for b in got] == [[10 * b + n for n in range(3)] for b in range(6)]
     for b, batch in enumerate(got):
         assert batch.pixels is not None and batch.pixels.shape == (3, 160, 160, 3)
@@ -232,9 +240,41 @@ def test_two_decode_threads_keep_order_rows_and_stop_with_the_consumer() -> None
     stream = decoded_ahead(batches(), decoding, None)  # type: ignore[arg-type]
     next(stream)
     stream.close()  # the consumer stops early: both threads end
+    assert sys.getswitchinterval() == before
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(
         t.name in ("gpu-decode", "gpu-resize") for t in threading.enumerate()
     ):
         time.sleep(0.05)
     assert not [t.name for t in threading.enumerate() if t.name in ("gpu-decode", "gpu-resize")]
+
+
+@pytest.mark.parametrize("crop_pct", [0.95, 1.0])
+def test_an_image_resizes_the_same_whatever_shares_its_batch(crop_pct: float) -> None:
+    import indexer.gpudecode as gd
+
+    cfg = DataConfig((3, 160, 160), "bicubic", crop_pct, "center", (0.5,) * 3, (0.5,) * 3)
+    sizes = [(200, 150), (90, 90), (200, 150), (640, 480), (90, 90), (150, 260), (200, 150)]
+    images = [torch.from_numpy(np.array(scene(s, size))).permute(2, 0, 1)
+              for s, size in enumerate(sizes)]  # fmt: skip
+    whole = gd.resize_crop_batch(images, cfg)  # runs of a size copied at once, order kept
+    for image, got in zip(images, whole, strict=True):
+        # alone, nothing is padded: the edge a sample reads past is the image's own
+        assert torch.equal(got, gd.resize_crop_batch([image], cfg)[0])
+
+
+def test_raw_views_are_each_items_bytes_packed_or_not() -> None:
+    from dataclasses import replace
+
+    from indexer.embed import Batch, RawItem
+    from indexer.loader import pack_raw
+
+    datas = [jpeg(s) for s in range(5)]
+    raw, blob = pack_raw([RawItem(n, 0, 0, route(d, 10**8), "h", {}) for n, d in
+                          enumerate(datas)], datas)  # fmt: skip
+    packed = Batch(raw=raw, raw_blob=blob)
+    assert [v.numpy().tobytes() for v in packed.raw_views()] == datas
+    shuffled = Batch(raw=[raw[3], raw[0], raw[4]], raw_blob=blob)  # not end to end
+    assert [v.numpy().tobytes() for v in shuffled.raw_views()] == [datas[3], datas[0], datas[4]]
+    gap = Batch(raw=[replace(raw[0], end=raw[0].end - 1), raw[1]], raw_blob=blob[: raw[1].end])
+    assert [v.numpy().tobytes() for v in gap.raw_views()] == [datas[0][:-1], datas[1]]
