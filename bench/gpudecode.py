@@ -170,11 +170,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--copies", type=int, default=10, help="photo copies (files)")
     parser.add_argument(
-        "--gpu-batch",
-        type=int,
+        "--gpu-variant",
         action="append",
         default=[],
-        help="also time --decode gpu on the photos with this --batch-size",
+        help="also time --decode gpu on the photos: BATCH[:SWITCH_INTERVAL|off]",
     )
     args = parser.parse_args()
     import torch
