@@ -10,10 +10,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpudecode.py \
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpudecode.py tests/test_balance.py \
   tests/test_jpegroute.py 2>&1 | tail -4
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/gpudecode.py --photos .gpudata/photos --rounds 1 \
-  --scenes 3000 --copies "${COPIES:-200}" \
+  --scenes 3000 --copies "${COPIES:-200}" ${BENCH_FLAGS:-} \
   $(for v in ${VARIANTS:-512}; do echo --gpu-variant "$v"; done)
 if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/gpudecode/photos ]; then
   chmod +x .whl/py-spy

@@ -24,16 +24,19 @@ from indexer.synthetic import write_corpus
 SHARE = re.compile(r"decoded on the GPU: (\d+) images; fell back to the CPU: (\d+)")
 AFTER = re.compile(r"after the first batch: (\d+) images in ([\d.]+) s, (\d+) images/s")
 STAGES = re.compile(r"seconds by stage: (.*)")
+KEPT_PACE = re.compile(r"decoded by the workers to keep pace: (\d+) \(share at the end ([\d.]+)\)")
+OPTIONS = {
+    "gil5ms": "import indexer.embed as e; e.SWITCH_INTERVAL = None",  # Python's 5 ms
+    "gpuonly": "import indexer.loader as l; l.SHARE = False",  # no JPEG left to the workers
+}
 
 
 def build(src: Path, out: Path, ck: Path, decode: str, workers: int, batch: int = 256,
-          interval: str = "") -> tuple[float, str]:  # fmt: skip
+          options: str = "") -> tuple[float, str]:  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
     code = "from indexer.cli import entry; entry()"
-    if interval == "off":  # the GIL's switch interval left at Python's 5 ms
-        code = f"import indexer.embed as e; e.SWITCH_INTERVAL = None; {code}"
-    elif interval:
-        code = f"import indexer.embed as e; e.SWITCH_INTERVAL = {float(interval)}; {code}"
+    for option in filter(None, options.split(",")):  # A/B switches: constants set before
+        code = f"{OPTIONS[option]}; {code}"
     cmd = [sys.executable, "-c", code, "-v", "build", str(src),
            "--out", str(out), "--checkpoint", str(ck), "--no-progress", "--batch-size", str(batch),
            "--workers", str(workers), "--decode", decode, "--device", "cuda"]  # fmt: skip
@@ -85,11 +88,14 @@ def measure(name: str, src: Path, work: Path, ck: Path, workers: int, rounds: in
             after = AFTER.search(log)
             if after:
                 steady[decode] = max(steady.get(decode, 0.0), float(after.group(3)))
-            found = SHARE.search(log)
+            found, pace = SHARE.search(log), KEPT_PACE.search(log)
             if decode == "gpu" and found:
                 gpu_n, fell = int(found.group(1)), int(found.group(2))
+                kept = int(pace.group(1)) if pace else 0
                 share = (f"GPU decoded {gpu_n} of {n} ({gpu_n / n:.1%}); routed but fell back "
-                         f"{fell}; not routed (PNG, CMYK, ...) {n - gpu_n - fell}")  # fmt: skip
+                         f"{fell}; decoded by the workers to keep pace {kept} (share at the end "
+                         f"{pace.group(2) if pace else '?'}); not routed (PNG, CMYK, ...) "
+                         f"{n - gpu_n - fell - kept}")  # fmt: skip
     rates = {d: n / s for d, s in best.items()}
     return [
         f"\n## {name}: {n} images, indexer build end to end (shards and index), best of {rounds}",
@@ -101,25 +107,28 @@ def measure(name: str, src: Path, work: Path, ck: Path, workers: int, rounds: in
         f"({steady.get('gpu', 0) / max(steady.get('cpu', 1), 1):.2f}x)",
         f"  {share}",
         *(f"  seconds by stage, {d}: {line}" for d, line in sorted(stages.items())),
-        f"  fidelity: {fidelity(work / f'{name}-gpu', work / f'{name}-cpu')}",
+        f"  fidelity of the run's mix: {fidelity(work / f'{name}-gpu', work / f'{name}-cpu')}",
         *other_batches(name, src, work, ck, workers, variants),
     ]
 
 
 def other_batches(name: str, src: Path, work: Path, ck: Path, workers: int,
                   variants: tuple[str, ...]) -> list[str]:  # fmt: skip
-    """--decode gpu with other settings, "BATCH[:SWITCH_INTERVAL]" (seconds, or off): the rate
-    after the first batch, and where the time went."""
+    """--decode gpu with other settings, "BATCH[:OPTION,...]" (OPTIONS): the rate after the
+    first batch, where the time went, and the fidelity to the CPU path."""
     lines = []
     for variant in variants:
-        size, _, interval = variant.partition(":")
-        seconds, log = build(src, work / f"{name}-gpu-{variant}", ck, "gpu", workers, int(size),
-                             interval)  # fmt: skip
-        after, stages = AFTER.search(log), STAGES.search(log)
-        lines.append(f"  --decode gpu --batch-size {size}"
-                     f"{f' (switch interval {interval})' if interval else ''}: {seconds:.1f} s, "
-                     f"after the first batch {after.group(3) if after else '?'} images/s; "
-                     f"seconds by stage: {stages.group(1) if stages else '?'}")  # fmt: skip
+        size, _, options = variant.partition(":")
+        out = work / f"{name}-gpu-{variant.replace(':', '-').replace(',', '-')}"
+        seconds, log = build(src, out, ck, "gpu", workers, int(size), options)
+        after, stages, pace = AFTER.search(log), STAGES.search(log), KEPT_PACE.search(log)
+        lines += [
+            f"  --decode gpu --batch-size {size} {options}: {seconds:.1f} s, after the first "
+            f"batch {after.group(3) if after else '?'} images/s; by the workers to keep pace "
+            f"{pace.group(1) if pace else '?'} (share {pace.group(2) if pace else '?'})",
+            f"    seconds by stage: {stages.group(1) if stages else '?'}",
+            f"    fidelity: {fidelity(out, work / f'{name}-cpu')}",
+        ]  # fmt: skip
     return lines
 
 
@@ -173,8 +182,10 @@ def main() -> None:
         "--gpu-variant",
         action="append",
         default=[],
-        help="also time --decode gpu on the photos: BATCH[:SWITCH_INTERVAL|off]",
+        help=f"also time --decode gpu on the photos: BATCH[:OPTION,...], options {list(OPTIONS)}",
     )
+    parser.add_argument("--no-micro", dest="micro", action="store_false",
+                        help="skip timing the decode step alone")  # fmt: skip
     args = parser.parse_args()
     import torch
     import torchvision
@@ -186,22 +197,22 @@ def main() -> None:
              f"model {MODEL}"]  # fmt: skip
     ck = args.work / "seed0.safetensors"
     write_checkpoint(ck)
-    scenes = args.work / "scenes"
-    if not scenes.is_dir():
-        write_corpus(scenes, args.scenes, duplicates=0, seed=7)
-    lines += measure("scenes", scenes, args.work, ck, workers, args.rounds)
-    if args.photos is not None:
-        lines += micro(args.photos, workers)
-        print("\n".join(lines), flush=True)
+    print("\n".join(lines), flush=True)
+    if args.photos is not None:  # first: the figures that matter most, printed as they come
+        if args.micro:
+            print("\n".join(micro(args.photos, workers)), flush=True)
         photos = args.work / "photos"
         if not photos.is_dir():  # the photos, copied until there are args.copies x as many
             shutil.copytree(args.photos, photos / "copy000")
             for n in range(1, args.copies):  # hard links: the same bytes, under other names
                 shutil.copytree(photos / "copy000", photos / f"copy{n:03d}", copy_function=os.link)
-        lines += measure(
-            "photos", photos, args.work, ck, workers, args.rounds, tuple(args.gpu_variant)
-        )
-    print("\n".join(lines), flush=True)
+        found = measure("photos", photos, args.work, ck, workers, args.rounds,
+                        tuple(args.gpu_variant))  # fmt: skip
+        print("\n".join(found), flush=True)
+    scenes = args.work / "scenes"
+    if not scenes.is_dir():
+        write_corpus(scenes, args.scenes, duplicates=0, seed=7)
+    print("\n".join(measure("scenes", scenes, args.work, ck, workers, args.rounds)), flush=True)
 
 
 if __name__ == "__main__":

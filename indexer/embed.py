@@ -18,6 +18,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from indexer import configcache
+from indexer.balance import CpuShare, WorkerTime
 from indexer.catalog import CollectionPaths
 from indexer.config import BuildConfig
 from indexer.errors import InputError
@@ -74,6 +75,8 @@ class Batch:
     # the raw items' bytes, one after another: one tensor reaches the main process through
     # shared memory (a list of bytes would be pickled through the workers' pipe)
     raw_blob: torch.Tensor | None = None
+    spent: WorkerTime = field(default_factory=WorkerTime)  # what the batch cost its worker
+    share: CpuShare | None = None  # set in the main process: the GPU side reports to it
 
     def raw_bytes(self, item: RawItem) -> torch.Tensor:
         """A raw item's JPEG bytes: a uint8 view of raw_blob."""
@@ -304,6 +307,14 @@ class Embedding:
                      self.names)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A batch's raw items as nvJPEG left them (None: failed), and the seconds it took."""
+
+    images: list[Any]
+    seconds: float
+
+
 class RawDecoding:
     """The batches' GPU-routed JPEGs decoded on the model's device; one the GPU cannot decode
     is decoded on the CPU here (an error row if that fails too), so none is lost.
@@ -318,34 +329,44 @@ class RawDecoding:
         self.decoder: Any = None
         self.cpu: Preprocessor | None = None
         self.stream: Any = None  # torch.cuda.Stream on CUDA
+        self.share: CpuShare | None = None  # the loader's, once a batch brought it
         self.gpu, self.fallback = 0, 0
 
     def decode(self, batch: Batch, runtime: Runtime) -> None:
         """The batch's raw items decoded and added to its rows (both steps at once)."""
         self.prepare(batch, self.decode_only(batch, runtime))
 
-    def decode_only(self, batch: Batch, runtime: Runtime) -> list[Any]:
+    def decode_only(self, batch: Batch, runtime: Runtime) -> Decoded:
         """Step one: the raw items decoded by nvJPEG, which returns when done (and lets
         the GIL go meanwhile); a None for each item it could not decode."""
         if not batch.raw:
-            return []
+            return Decoded([], 0.0)
         if self.decoder is None:
             self._start(runtime)
         pairs = [
             (data, item.route) for data, item in zip(batch.raw_views(), batch.raw, strict=True)
         ]
+        start = time.perf_counter()
         with self.stages.timed("GPU decode"), self._on_stream():
-            return list(self.decoder.decode(pairs))
+            images = list(self.decoder.decode(pairs))
+        return Decoded(images, time.perf_counter() - start)
 
-    def prepare(self, batch: Batch, decoded: list[Any]) -> None:
+    def prepare(self, batch: Batch, decoded: Decoded) -> None:
         """Step two: the decoded images oriented, resized and cropped, the failed ones
-        decoded on the CPU, and all of them added to the batch's rows, in order."""
+        decoded on the CPU, and all of them added to the batch's rows, in order. The GPU
+        side's time is reported to the share of JPEGs the workers decode."""
         if not batch.raw:
             return
+        start = time.perf_counter()
         with self.stages.timed("GPU resize"), self._on_stream():
-            pixels, good = self.decoder.prepare(decoded, [item.route for item in batch.raw])
+            routes = [item.route for item in batch.raw]
+            pixels, good = self.decoder.prepare(decoded.images, routes)
             self._gather(batch, pixels, good)
             self._done(batch.pixels)
+        if batch.share is not None:  # the two steps overlap: the slower one sets the pace
+            pace = max(decoded.seconds, time.perf_counter() - start)
+            batch.share.update(batch.spent, len(good), pace)
+            self.share = batch.share
 
     def _start(self, runtime: Runtime) -> None:
         import torch
@@ -418,8 +439,11 @@ class RawDecoding:
 
     def log_share(self) -> None:
         if self.gpu or self.fallback:
-            log.info("decoded on the GPU: %d images; fell back to the CPU: %d", self.gpu,
-                     self.fallback)  # fmt: skip
+            taken = 0 if self.share is None else self.share.taken
+            last = 0.0 if self.share is None else self.share.value
+            log.info("decoded on the GPU: %d images; fell back to the CPU: %d; decoded by the "
+                     "workers to keep pace: %d (share at the end %.2f)", self.gpu,
+                     self.fallback, taken, last)  # fmt: skip
 
 
 def _add_row(batch: Batch, item: RawItem) -> None:
@@ -460,7 +484,7 @@ def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
         sys.setswitchinterval(previous)
 
 
-def _prepared(decoded: Iterator[tuple[Batch, list[Any]]], raw: RawDecoding) -> Iterator[Batch]:
+def _prepared(decoded: Iterator[tuple[Batch, Decoded]], raw: RawDecoding) -> Iterator[Batch]:
     for batch, images in decoded:
         raw.prepare(batch, images)
         yield batch

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from indexer.balance import CpuShare, WorkerTime
 from indexer.config import LoaderConfig
 from indexer.embed import Batch, RawItem
 from indexer.images import DecodeError
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 PREFETCH = 4  # batches per worker decoded ahead (uint8, ~77 KB an image at 160x160)
 WORKER_NICE = 5  # measured: -0.3 s of 3.7 s on 500 photos, 2 cores (the import goes first)
 GRACE = 5.0  # seconds an isolated decode may outlive its own alarm before it is killed
+SHARE = True  # the workers decode a share of the GPU's JPEGs to keep pace (indexer.balance)
 
 
 class ItemDataset(Dataset):
@@ -44,9 +47,11 @@ class ItemDataset(Dataset):
         decode_timeout: float = 0.0,
         hook: str | None = None,
         gpu_pixels: int | None = None,
+        share: CpuShare | None = None,
     ) -> None:
         self.items = items
         self.gpu_pixels = gpu_pixels  # JPEGs the GPU may decode are passed on undecoded
+        self.share = share  # except this share of them, decoded here to keep pace
         self.sources = sources
         self.preprocess = preprocess
         self.known_hashes = known_hashes  # bytes already embedded: their vector is reused
@@ -69,6 +74,12 @@ class ItemDataset(Dataset):
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
     def _prepare(self, position: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        sample = self._sample(position)
+        sample["seconds"] = time.perf_counter() - start
+        return sample
+
+    def _sample(self, position: int) -> dict[str, Any]:
         item = self.items[position]
         if self.hook:
             _resolve_hook(self.hook)(item.key)
@@ -81,11 +92,14 @@ class ItemDataset(Dataset):
         digest = hashlib.sha256(data).hexdigest()
         if digest in self.known_hashes:
             return {"position": position, "reuse": digest, "meta": meta}
+        shared = False  # a JPEG the GPU could decode, decoded here to keep pace with it
         if self.gpu_pixels is not None:
             routed = route(data, self.gpu_pixels)
-            if routed.gpu:  # read and routed here; decoded with its batch on the GPU
+            shared = routed.gpu and self.share is not None and self.share.takes(position)
+            if routed.gpu and not shared:  # read and routed here; decoded on the GPU
                 return {"position": position, "raw": data, "route": routed, "hash": digest,
                         "meta": meta}  # fmt: skip
+        start = time.perf_counter()
         try:
             prepared = self.preprocess(data)
         except DecodeError as exc:
@@ -99,6 +113,7 @@ class ItemDataset(Dataset):
             "height": prepared.height,
             "hash": digest,
             "meta": meta,
+            "shared": time.perf_counter() - start if shared else None,
         }
 
 
@@ -113,7 +128,9 @@ def _resolve_hook(spec: str) -> Callable[[str], None]:
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
-    batch = Batch()
+    shared = [s["shared"] for s in samples if s.get("shared") is not None]
+    batch = Batch(spent=WorkerTime(sum(s.get("seconds", 0.0) for s in samples), len(shared),
+                                   sum(shared)))  # fmt: skip
     good = []
     for s in samples:
         if "error" in s:
@@ -177,10 +194,18 @@ def iter_batches(
     """
     timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
     gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
+    share = CpuShare(cfg.workers) if gpu_pixels is not None and SHARE else None
     dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook,
-                          gpu_pixels)  # fmt: skip
+                          gpu_pixels, share)  # fmt: skip
     todo = list(range(len(items))) if positions is None else list(positions)
-    return _resilient(dataset, todo, cfg, _loader(dataset, todo, cfg))
+    return _with_share(_resilient(dataset, todo, cfg, _loader(dataset, todo, cfg)), share)
+
+
+def _with_share(batches: Iterator[Batch], share: CpuShare | None) -> Iterator[Batch]:
+    """The batches, each carrying the share its GPU side reports back to."""
+    for batch in batches:
+        batch.share = share
+        yield batch
 
 
 def _loader(dataset: ItemDataset, todo: list[int], cfg: LoaderConfig) -> Iterator[Batch]:

@@ -118,12 +118,14 @@ def test_raw_bytes_cross_from_workers_whole(tmp_path: object) -> None:
     sources = open_sources((SourceSpec(str(root)),))
     items = list_items(sources)
     cfg = LoaderConfig(workers=2, batch_size=4, progress=False)
-    seen = {}
+    seen, kept_pace = {}, set()
     for batch in iter_batches(items, sources, Preprocessor(CFG, "fast"), cfg, gpu_decode=True):
-        assert not batch.positions and not batch.errors
+        assert not batch.errors and batch.spent.shared == len(batch.positions)
+        kept_pace |= {items[p].key for p in batch.positions}  # the workers' share, decoded
         for r in batch.raw:
             seen[items[r.position].key] = batch.raw_bytes(r).numpy().tobytes()
-    assert seen == {p.name: p.read_bytes() for p in root.iterdir()}
+    assert seen and not set(seen) & kept_pace
+    assert seen == {p.name: p.read_bytes() for p in root.iterdir() if p.name not in kept_pace}
 
 
 def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
