@@ -204,13 +204,16 @@ def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
 
 
 def gpu_decoding(cfg: BuildConfig) -> bool:
-    """Whether JPEGs go to the GPU: --decode gpu (refused without CUDA), or auto on CUDA."""
+    """Whether this process decodes JPEGs on its GPU: --decode gpu (refused without CUDA),
+    or auto on CUDA. Never with the Ray engine: its GPU actors decide (rayengine)."""
     from indexer.model import resolve_device
 
+    if cfg.engine.kind == "ray":
+        return False
     cuda = resolve_device(cfg.model.device).type == "cuda"
     if cfg.loader.decode == "gpu" and not cuda:
         raise InputError("--decode gpu needs a CUDA GPU: use --decode cpu (or auto)")
-    return cfg.loader.decode != "cpu" and cuda and cfg.engine.kind != "ray"
+    return cfg.loader.decode != "cpu" and cuda
 
 
 def known_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:

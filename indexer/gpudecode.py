@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -173,7 +173,7 @@ class GpuDecoder:
         self._decode = decode or nvjpeg(self.device)
 
     def __call__(
-        self, items: list[tuple[torch.Tensor | bytes, Route]]
+        self, items: Sequence[tuple[torch.Tensor | bytes, Route]]
     ) -> list[torch.Tensor | None]:
         """Each item's JPEG bytes (a 1-d uint8 tensor, or bytes) and route."""
         pixels, good = self.prepare(self.decode(items), [r for _, r in items])
@@ -183,7 +183,9 @@ class GpuDecoder:
                 out[n] = row
         return out
 
-    def decode(self, items: list[tuple[torch.Tensor | bytes, Route]]) -> list[torch.Tensor | None]:
+    def decode(
+        self, items: Sequence[tuple[torch.Tensor | bytes, Route]]
+    ) -> list[torch.Tensor | None]:
         """The images as decoded (CHW uint8 on the device); None where the GPU failed."""
         return decode_split([_as_tensor(data) for data, _ in items], self._decode)
 

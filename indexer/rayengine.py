@@ -6,13 +6,15 @@ import functools
 import json
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from indexer.config import BuildConfig, ModelConfig
+from indexer.config import BuildConfig, LoaderConfig, ModelConfig
 from indexer.embed import Batch
-from indexer.errors import ModelError
+from indexer.errors import InputError, ModelError
+from indexer.images import DecodeError
 from indexer.loader import ItemDataset
 from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from indexer.model import Embedder
 
 log = logging.getLogger(__name__)
-OK, FAILED, REUSE = 0, 1, 2  # what a decoded row is
+OK, FAILED, REUSE, RAW = 0, 1, 2, 3  # what a decoded row is (RAW: for the actor to decode)
 
 
 def start_ray(address: str | None) -> None:
@@ -42,32 +44,68 @@ def ray_batches(
     positions: list[int],
     embedder: Embedder,
 ) -> Iterator[Batch]:
-    """Batches with their vectors computed by Ray: the same rows the local engine makes."""
+    """Batches with their vectors computed by Ray: the same rows the local engine makes.
+    With GPUs in the cluster (and --decode auto or gpu), the decode tasks only read and
+    route JPEGs, and the GPU actors decode them (indexer.gpudecode) before embedding."""
     import ray
 
     start_ray(cfg.engine.address)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    if cfg.loader.decode == "gpu" and not gpus:
+        raise InputError("--decode gpu needs GPUs in the Ray cluster: use --decode cpu (or auto)")
+    yield from embedded_batches(items, sources, cfg, known, positions, embedder,
+                                RayPlan(gpus, gpus > 0 and cfg.loader.decode != "cpu"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RayPlan:
+    """Where the work runs: GPUs per embedding actor, and whether the actors decode JPEGs."""
+
+    gpus: int
+    gpu_decode: bool
+
+
+def embedded_batches(
+    items: list[Item],
+    sources: list[Source],
+    cfg: BuildConfig,
+    known: frozenset[str],
+    positions: list[int],
+    embedder: Embedder,
+    plan: RayPlan,
+) -> Iterator[Batch]:
+    """ray_batches on a running Ray, as planned."""
+    import ray
+
     loader = cfg.loader
     preprocess = Preprocessor(embedder.data_config, loader.preprocessing, loader.max_pixels,
                               loader.allow_truncated)  # fmt: skip
-    dataset = ItemDataset(items, sources, preprocess, known, 0.0, loader.decode_hook)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    routed = plan.gpu_decode and preprocess.cfg.geometry_supported
+    dataset = ItemDataset(items, sources, preprocess, known, 0.0, loader.decode_hook,
+                          preprocess.max_pixels if routed else None)  # fmt: skip
     rows = ray.data.from_items([{"position": p} for p in positions])
     decode = functools.partial(decode_rows, dataset=dataset)  # shipped with each task
     decoded = rows.map_batches(decode, batch_size=loader.batch_size, batch_format="numpy")
     embedded = decoded.map_batches(
         EmbedActor,
-        fn_constructor_kwargs={"model": cfg.model, "state_sha256": embedder.recipe["state_sha256"]},
+        fn_constructor_kwargs={
+            "model": cfg.model,
+            "state_sha256": embedder.recipe["state_sha256"],
+            "loader": loader,
+            "gpu_decode": routed,
+        },
         batch_size=loader.batch_size,
         batch_format="numpy",
         concurrency=cfg.engine.concurrency or 1,
-        num_gpus=gpus,
+        num_gpus=plan.gpus,
     )
     for batch in embedded.iter_batches(batch_size=None, batch_format="numpy"):
         yield to_batch(batch)
 
 
 def decode_rows(batch: dict[str, np.ndarray], dataset: ItemDataset) -> dict[str, np.ndarray]:
-    """Read and decode a block's items; a failure is that item's row, never the block's."""
+    """Read and decode a block's items (or, routed to the GPU, only read them); a failure is
+    that item's row, never the block's."""
     h, w = dataset.preprocess.cfg.input_size[1:]
     out = []
     for position in batch["position"].tolist():
@@ -75,27 +113,46 @@ def decode_rows(batch: dict[str, np.ndarray], dataset: ItemDataset) -> dict[str,
             out.append(dataset[int(position)])
         except Exception as exc:  # anything the dataset did not already turn into an error
             out.append({"position": position, "error": ("decode", f"{type(exc).__name__}: {exc}")})
+    routes = [s.get("route") for s in out]
     return {
         "position": np.array([s["position"] for s in out], np.int64),
         "status": np.array([_status(s) for s in out], np.int8),
         "pixels": np.stack([s.get("pixels", np.zeros((h, w, 3), np.uint8)) for s in out]),
-        "width": np.array([s.get("width", 0) for s in out], np.int32),
-        "height": np.array([s.get("height", 0) for s in out], np.int32),
+        "width": np.array([_size(s)[0] for s in out], np.int32),
+        "height": np.array([_size(s)[1] for s in out], np.int32),
         "hash": np.array([s.get("hash") or s.get("reuse") or "" for s in out], object),
         "meta": np.array([json.dumps(s.get("meta", {}), default=str) for s in out], object),
         "stage": np.array([s["error"][0] if "error" in s else "" for s in out], object),
         "reason": np.array([s["error"][1] if "error" in s else "" for s in out], object),
+        "raw": np.array([s.get("raw", b"") for s in out], object),
+        "orientation": np.array([r.orientation if r else 1 for r in routes], np.int8),
     }
 
 
+def _size(sample: dict[str, Any]) -> tuple[int, int]:
+    """The item's width and height as the model sees it (a routed JPEG's from its header,
+    turned by its EXIF orientation)."""
+    found = sample.get("route")
+    if found is None:
+        return sample.get("width", 0), sample.get("height", 0)
+    if found.orientation >= 5:
+        return found.height, found.width
+    return found.width, found.height
+
+
 def _status(sample: dict[str, object]) -> int:
+    if "raw" in sample:
+        return RAW
     return OK if "pixels" in sample else FAILED if "error" in sample else REUSE
 
 
 class EmbedActor:
-    """One model per actor; refuses to run weights that differ from the driver's."""
+    """One model per actor; refuses to run weights that differ from the driver's. With
+    gpu_decode, it decodes the rows the tasks left RAW on its device first (those the GPU
+    cannot decode on the CPU, here; an error row if that fails too)."""
 
-    def __init__(self, model: ModelConfig, state_sha256: str) -> None:
+    def __init__(self, model: ModelConfig, state_sha256: str, loader: LoaderConfig,
+                 gpu_decode: bool = False) -> None:  # fmt: skip
         from indexer.model import load_embedder
 
         self.embedder = load_embedder(model)
@@ -104,22 +161,71 @@ class EmbedActor:
                 "a Ray worker made other weights than the driver (different timm or torch, "
                 "or a checkpoint that differs there): install the same versions everywhere"
             )
+        cfg = self.embedder.data_config
+        self.cpu = Preprocessor(cfg, loader.preprocessing, loader.max_pixels,
+                                loader.allow_truncated)  # fmt: skip
+        self.decoder = None
+        if gpu_decode:
+            from indexer.gpudecode import GpuDecoder
+
+            self.decoder = GpuDecoder(cfg, self.embedder.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        batch = dict(batch)
+        for name in ("status", "stage", "reason"):  # this actor's to change
+            batch[name] = batch[name].copy()
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        raw = np.flatnonzero(batch["status"] == RAW)
+        if len(raw):
+            pixels = pixels.to(self.embedder.device)
+            self._decode(batch, raw, pixels)
         good = batch["status"] == OK
         vectors = np.zeros((len(good), self.embedder.dim), np.float32)
         labels = np.array([""] * len(good), object)
         if good.any():
-            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
-            vectors[good], rows = self.embedder.embed_with_labels(pixels)
+            index = torch.from_numpy(np.flatnonzero(good)).to(pixels.device)
+            vectors[good], rows = self.embedder.embed_with_labels(pixels[index])
             if rows:
                 labels[good] = [json.dumps(r) for r in rows]
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "raw", "orientation")}
         out["vector"] = vectors
         out["labels"] = labels
         return out
+
+    def _decode(self, batch: dict[str, np.ndarray], raw: np.ndarray, pixels: Any) -> None:
+        """The RAW rows' pixels decoded into their place: on the GPU where it can."""
+        import torch
+
+        from indexer.jpegroute import Route
+
+        good: list[int] = []
+        if self.decoder is not None:
+            datas = [(bytes(batch["raw"][n]), Route(True, orientation=int(batch["orientation"][n])))
+                     for n in raw]  # fmt: skip
+            decoded, good = self.decoder.prepare(self.decoder.decode(datas),
+                                                 [route for _, route in datas])  # fmt: skip
+            if decoded is not None:
+                pixels[torch.from_numpy(raw[good]).to(pixels.device)] = decoded
+        kept = set(good)
+        for k, n in enumerate(raw):
+            if k in kept:
+                batch["status"][n] = OK
+                continue
+            try:  # the GPU failed (or there is none): the CPU path, as the local engine does
+                prepared = self.cpu(bytes(batch["raw"][n]))
+                pixels[n] = torch.from_numpy(prepared.pixels).to(pixels.device)
+                batch["status"][n] = OK
+            except DecodeError as exc:
+                batch["status"][n], batch["stage"][n], batch["reason"][n] = (
+                    FAILED,
+                    "decode",
+                    str(exc),
+                )
+            except Exception as exc:
+                batch["status"][n], batch["stage"][n] = FAILED, "preprocess"
+                batch["reason"][n] = f"{type(exc).__name__}: {exc}"
 
 
 def to_batch(batch: dict[str, np.ndarray]) -> Batch:

@@ -280,3 +280,46 @@ def test_raw_views_are_each_items_bytes_packed_or_not() -> None:
     assert [v.numpy().tobytes() for v in shuffled.raw_views()] == [datas[3], datas[0], datas[4]]
     gap = Batch(raw=[replace(raw[0], end=raw[0].end - 1), raw[1]], raw_blob=blob[: raw[1].end])
     assert [v.numpy().tobytes() for v in gap.raw_views()] == [datas[0][:-1], datas[1]]
+
+
+def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
+    """The Ray engine's split, in one process: tasks read and route, the actor decodes (here
+    torchvision on the CPU stands in for nvJPEG), the CPU path where that fails."""
+    from indexer.config import LoaderConfig, ModelConfig, SourceSpec
+    from indexer.loader import ItemDataset
+    from indexer.model import load_embedder
+    from indexer.rayengine import FAILED, OK, RAW, EmbedActor, decode_rows, to_batch
+    from indexer.sources import list_items, open_sources
+
+    root = Path(str(tmp_path)) / "src"
+    root.mkdir()
+    for n in range(5):
+        (root / f"{n}.jpg").write_bytes(jpeg(n, (200 + 20 * n, 150)))
+    (root / "cut.jpg").write_bytes(jpeg(9)[:300])  # header whole, body gone: fails both ways
+    scene(7, (90, 90)).save(root / "p.png")
+    scene(8, (90, 90)).convert("CMYK").save(root / "k.jpg")
+    sources = open_sources((SourceSpec(str(root)),))
+    items = list_items(sources)
+    model = ModelConfig(pretrained=False, device="cpu", precision="fp32")
+    driver = load_embedder(model)
+    prep = Preprocessor(driver.data_config, "fast")
+    dataset = ItemDataset(items, sources, prep, gpu_pixels=prep.max_pixels)
+    rows = decode_rows({"position": np.arange(len(items))}, dataset)
+    keys = [items[p].key for p in rows["position"]]
+    routed = {k for k, s in zip(keys, rows["status"], strict=True) if s == RAW}
+    assert routed == {f"{n}.jpg" for n in range(5)} | {"cut.jpg"}
+    actor = EmbedActor(model, driver.recipe["state_sha256"], LoaderConfig(), gpu_decode=True)
+    out = actor(rows)
+    assert "raw" not in out and "pixels" not in out
+    status = dict(zip(keys, out["status"].tolist(), strict=True))
+    assert status == {**{k: OK for k in keys}, "cut.jpg": FAILED}
+    batch = to_batch(out)
+    assert [items[p].key for p, _, _ in batch.errors] == ["cut.jpg"]
+    assert len(batch.positions) == len(items) - 1 and batch.vectors is not None
+    want = driver.embed(np.stack([prep((root / items[p].key).read_bytes()).pixels
+                                  for p in batch.positions]))  # fmt: skip
+    cosine = np.sum(want * batch.vectors, axis=1)  # normalized vectors
+    assert cosine.min() > 0.99 and cosine.mean() > 0.999
+    sizes = {items[p].key: (w, h) for p, w, h in zip(batch.positions, batch.widths, batch.heights,
+                                                     strict=True)}  # fmt: skip
+    assert sizes["3.jpg"] == (260, 150) and sizes["p.png"] == (90, 90)
