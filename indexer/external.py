@@ -31,7 +31,7 @@ from indexer.errors import CollectionError, InputError
 from indexer.index import read_index_meta
 from indexer.indexupdate import Previous, index_version, previous_version
 from indexer.lock import CollectionLock
-from indexer.publish import prune, publish, salvage, start_version
+from indexer.publish import clear_salvage, prune, publish, salvage, start_version
 from indexer.safeio import os_errors_as
 from indexer.shards import (
     ShardWriter,
@@ -193,6 +193,7 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     )  # fmt: skip
     meta = index_version(building, manifest, cfg.index, previous, force)
     publish(cfg.out, number, building)
+    clear_salvage(cfg.out)  # what killed runs left: these vectors are copied, never reused
     prune(cfg.out, cfg.keep)
     log.info("copied %d vectors in %.1fs", copied.rows, copy_seconds)
     return {**meta, "copy_seconds": round(copy_seconds, 3)}

@@ -65,7 +65,7 @@ def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dic
     Holds root's lock and every part's, so no part changes while it is read."""
     from indexer.index import build_index, read_index_meta
     from indexer.lock import CollectionLock
-    from indexer.publish import prune, publish, salvage, start_version
+    from indexer.publish import clear_salvage, prune, publish, salvage, start_version
 
     with ExitStack() as held:
         held.enter_context(CollectionLock(root, "merge"))
@@ -89,6 +89,7 @@ def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dic
         cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], recorded)
         meta = build_index(building, manifest, cfg)
         publish(root, number, building)
+        clear_salvage(root)  # what killed merges left: a merge links, never embeds
         prune(root, keep)
     return meta
 

@@ -406,3 +406,20 @@ def test_another_vector_length_or_a_planted_probe_link_never_updates_blindly(
     result = run_cli("index", "--from-parquet", tmp_path / "wide.parquet", "--out", out, *IVF)
     assert result.exit_code == 0, result.output
     assert meta_of(out)["how"] == "rebuilt" and meta_of(out)["dim"] == 2 * DIM
+
+
+def test_what_a_killed_run_left_is_cleared_once_one_publishes(days: dict[str, Any]) -> None:
+    from indexer.publish import REQUEST, new_shard_prefixes
+
+    out = days["day1"].parent / "vectors"
+    assert run_cli("index", "--from-parquet", days["day1"], "--out", out, *IVF).exit_code == 0
+    killed = out / "versions" / ".building-v000002"  # as a run killed mid-copy leaves it
+    (killed / "shards").mkdir(parents=True)
+    (killed / REQUEST).write_text(json.dumps({"from_parquet": True}))
+    shard = next((out / "current" / "shards").glob("*.parquet"))
+    (killed / "shards" / f"{new_shard_prefixes(2)[0]}-00000.parquet").write_bytes(
+        shard.read_bytes()
+    )
+    result = run_cli("index", "--from-parquet", days["day2"], "--out", out, *IVF)
+    assert result.exit_code == 0, result.output
+    assert not [p.name for p in (out / "versions").iterdir() if p.name.startswith(".")]

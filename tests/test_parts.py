@@ -77,8 +77,12 @@ def test_three_parts_merged_equal_one_build(corpus: Path, tmp_path: Path) -> Non
         assert "merges the parts" in part.output
     early = run_cli("query", sorted(root.rglob("*.jpg"))[0], "--index", parted)
     assert early.exit_code == 3  # nothing published at the top until the merge
+    killed = parted / "versions" / ".building-v000001"  # what a merge killed before left
+    killed.mkdir(parents=True)
+    (killed / ".request.json").write_text("{}")
     merged = run_cli("index", parted)
     assert merged.exit_code == 0, merged.output
+    assert not [p.name for p in (parted / "versions").iterdir() if p.name.startswith(".")]
     a, b = read_embeddings_by_key(tmp_path / "single"), read_embeddings_by_key(parted)
     assert a.keys() == b.keys()
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
