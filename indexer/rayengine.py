@@ -36,27 +36,6 @@ def start_ray(address: str | None) -> None:
              ignore_reinit_error=True)  # fmt: skip
 
 
-def ray_batches(
-    items: list[Item],
-    sources: list[Source],
-    cfg: BuildConfig,
-    known: frozenset[str],
-    positions: list[int],
-    embedder: Embedder,
-) -> Iterator[Batch]:
-    """Batches with their vectors computed by Ray: the same rows the local engine makes.
-    With GPUs in the cluster (and --decode auto or gpu), the decode tasks only read and
-    route JPEGs, and the GPU actors decode them (indexer.gpudecode) before embedding."""
-    import ray
-
-    start_ray(cfg.engine.address)
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    if cfg.loader.decode == "gpu" and not gpus:
-        raise InputError("--decode gpu needs GPUs in the Ray cluster: use --decode cpu (or auto)")
-    yield from embedded_batches(items, sources, cfg, known, positions, embedder,
-                                RayPlan(gpus, gpus > 0 and cfg.loader.decode != "cpu"))  # fmt: skip
-
-
 @dataclass(frozen=True)
 class RayPlan:
     """Where the work runs: GPUs per embedding actor, and whether the actors decode JPEGs."""
@@ -65,18 +44,29 @@ class RayPlan:
     gpu_decode: bool
 
 
-def embedded_batches(
+def ray_batches(
     items: list[Item],
     sources: list[Source],
     cfg: BuildConfig,
     known: frozenset[str],
     positions: list[int],
     embedder: Embedder,
-    plan: RayPlan,
+    plan: RayPlan | None = None,
 ) -> Iterator[Batch]:
-    """ray_batches on a running Ray, as planned."""
+    """Batches with their vectors computed by Ray: the same rows the local engine makes.
+    With GPUs in the cluster (and --decode auto or gpu), the decode tasks only read and
+    route JPEGs, and the GPU actors decode them (indexer.gpudecode) before embedding. The
+    plan is the cluster's unless one is given."""
     import ray
 
+    start_ray(cfg.engine.address)
+    if plan is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        if cfg.loader.decode == "gpu" and not gpus:
+            raise InputError(
+                "--decode gpu needs GPUs in the Ray cluster: use --decode cpu (or auto)"
+            )
+        plan = RayPlan(gpus, gpus > 0 and cfg.loader.decode != "cpu")
     loader = cfg.loader
     preprocess = Preprocessor(embedder.data_config, loader.preprocessing, loader.max_pixels,
                               loader.allow_truncated)  # fmt: skip

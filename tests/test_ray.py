@@ -57,7 +57,7 @@ def test_ray_gpu_actors_decode_routed_jpegs(corpus: Path, tmp_path: Path, local_
     from indexer.config import BuildConfig, EngineConfig, LoaderConfig, ModelConfig, SourceSpec
     from indexer.model import load_embedder
     from indexer.preprocess import Preprocessor
-    from indexer.rayengine import RayPlan, embedded_batches
+    from indexer.rayengine import RayPlan, ray_batches
     from indexer.sources import list_items, open_sources
 
     root = tmp_path / "src"
@@ -71,8 +71,8 @@ def test_ray_gpu_actors_decode_routed_jpegs(corpus: Path, tmp_path: Path, local_
     sources = open_sources(cfg.sources)
     items = list_items(sources)
     driver = load_embedder(cfg.model)
-    batches = list(embedded_batches(items, sources, cfg, frozenset(), list(range(len(items))),
-                                    driver, RayPlan(0, True)))  # fmt: skip
+    batches = list(ray_batches(items, sources, cfg, frozenset(), list(range(len(items))), driver,
+                               RayPlan(0, True)))  # fmt: skip
     positions = [p for b in batches for p in b.positions]
     failed = [p for b in batches for p, _, _ in b.errors]
     assert [items[p].key for p in failed] == ["group0/cut.jpg"]
