@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,8 +63,8 @@ class CpuShare:
         """Move the share toward the balance a batch measured: its worker's time, and the
         seconds the GPU side took for its gpu_images."""
         self.taken += spent.shared
-        if self.workers <= 0:
-            return
+        if self.workers <= 0 or not _usable(spent.seconds, spent.shared_seconds, gpu_seconds):
+            return  # a clock that went wrong says nothing: the share stays where it is
         if spent.shared:
             self._cpu = _smooth(self._cpu, spent.shared_seconds / spent.shared)
         if gpu_images:
@@ -74,6 +75,10 @@ class CpuShare:
         eligible = gpu_images + spent.shared
         target = balanced_share(eligible, self._gpu, self.workers, base, self._cpu)
         self._value.value = self.value + SMOOTHING * (target - self.value)
+
+
+def _usable(*seconds: float) -> bool:
+    return all(math.isfinite(s) and s >= 0 for s in seconds)
 
 
 def _smooth(previous: float, measured: float) -> float:

@@ -7,8 +7,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -465,6 +465,7 @@ def _add_row(batch: Batch, item: RawItem) -> None:
 # their many short torch calls lets the GIL go and must take it back, waiting up to the
 # interval for a thread running Python (the main thread writing rows, the DataLoader's).
 SWITCH_INTERVAL: float | None = 0.0005
+JOIN_SECONDS = 10.0  # how long a stopped producer thread is waited for
 
 
 def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
@@ -474,8 +475,8 @@ def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
     batches ahead of the model. Order is kept; errors are raised here, in order."""
     stages = raw.stages
     previous = sys.getswitchinterval()
-    if SWITCH_INTERVAL is not None:
-        sys.setswitchinterval(min(previous, SWITCH_INTERVAL))
+    lowered = previous if SWITCH_INTERVAL is None else min(previous, SWITCH_INTERVAL)
+    sys.setswitchinterval(lowered)
     taken = stages.each(batches, "waiting for workers")
     decoded = ahead(((b, raw.decode_only(b, runtime)) for b in taken), "gpu-decode", 1,
                     lambda: stages.timed("decode waiting for resize"))  # fmt: skip
@@ -484,17 +485,24 @@ def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
     try:
         yield from prepared
     finally:
-        sys.setswitchinterval(previous)
+        prepared.close()
+        if sys.getswitchinterval() == lowered:  # unless another run changed it meanwhile
+            sys.setswitchinterval(previous)
 
 
 def _prepared(decoded: Iterator[tuple[Batch, Decoded]], raw: RawDecoding) -> Iterator[Batch]:
-    for batch, images in decoded:
-        raw.prepare(batch, images)
-        yield batch
+    try:
+        for batch, images in decoded:
+            raw.prepare(batch, images)
+            yield batch
+    finally:
+        close = getattr(decoded, "close", None)
+        if close is not None:
+            close()  # its thread stops and is joined now, not when it is collected
 
 
 def ahead(items: Iterator[Any], name: str, depth: int,
-          waiting: Any = nullcontext) -> Iterator[Any]:  # fmt: skip
+          waiting: Any = nullcontext) -> Generator[Any, None, None]:  # fmt: skip
     """items, produced by a thread of their own up to `depth` ahead of the consumer; an
     error raised producing them is raised here, in order. The producer stops (and closes
     items) when the consumer does. `waiting()` times the producer's waits for room."""
@@ -527,7 +535,8 @@ def ahead(items: Iterator[Any], name: str, depth: int,
             if close is not None:
                 close()
 
-    threading.Thread(target=work, name=name, daemon=True).start()
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
     try:
         while (item := ready.get()) is not end:
             if isinstance(item, BaseException):
@@ -535,6 +544,9 @@ def ahead(items: Iterator[Any], name: str, depth: int,
             yield item
     finally:
         stop.set()
+        # a producer still inside torch when the interpreter exits aborts the process: it
+        # sees `stop` within one item (or half a second of waiting for room)
+        thread.join(JOIN_SECONDS)
 
 
 def process_age() -> float:
@@ -563,7 +575,7 @@ def embed_items(
         batches = decoded_ahead(batches, raw, job.embedder)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
-    with writer, bar:
+    with writer, bar, closing_iterator(batches):
         for batch in stages.each(batches, "waiting for batches"):
             if batch.raw:
                 raw.decode(batch, job.embedder)
@@ -583,6 +595,19 @@ def embed_items(
         log.info("seconds by stage: %s", stages.summary())
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
                         embed.names)  # fmt: skip
+
+
+@contextmanager
+def closing_iterator(items: Iterator[Any]) -> Iterator[None]:
+    """Closes a generator on the way out, an error included: its threads and workers stop
+    now, not when the error's traceback lets it go (an interpreter exiting while a decode
+    thread is inside torch aborts)."""
+    try:
+        yield
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def new_rows(batch: Batch, labels: list[dict[str, Any]]) -> list[NewRow]:

@@ -90,7 +90,7 @@ def resize_crop_batch(images: list[torch.Tensor], cfg: DataConfig) -> torch.Tens
     from torchvision.ops import roi_align
 
     _, crop_h, crop_w = cfg.input_size
-    order = sorted(range(len(images)), key=lambda n: _size(images[n]))
+    order = sorted(range(len(images)), key=lambda n: tuple(images[n].shape[::-1]))
     ordered = [images[n] for n in order]
     out, start = [], 0
     while start < len(ordered):
@@ -131,15 +131,25 @@ def _pad_edges(batch: torch.Tensor, h: int, w: int, box: tuple[float, ...]) -> N
         batch[:, :, : h + 1, w] = batch[:, :, : h + 1, w - 1]
 
 
+def _is_chw(image: torch.Tensor | None) -> bool:
+    return (
+        image is not None
+        and image.dim() == 3
+        and int(image.shape[0]) in (1, 3)
+        and image.shape[1] > 0
+        and image.shape[2] > 0
+    )
+
+
 def _size(image: torch.Tensor) -> tuple[int, int]:
     return int(image.shape[-2]), int(image.shape[-1])
 
 
 def _runs(images: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """[first, end) of each run of images of one size."""
+    """[first, end) of each run of images of one shape."""
     runs: list[tuple[int, int]] = []
     for n, image in enumerate(images):
-        if runs and _size(images[runs[-1][0]]) == _size(image):
+        if runs and images[runs[-1][0]].shape == image.shape:
             runs[-1] = (runs[-1][0], n + 1)
         else:
             runs.append((n, n + 1))
@@ -160,6 +170,8 @@ def _chunk(images: list[torch.Tensor], start: int) -> list[torch.Tensor]:
 def _as_tensor(data: torch.Tensor | bytes) -> torch.Tensor:
     if isinstance(data, torch.Tensor):
         return data
+    if not data:  # frombuffer refuses an empty buffer; the decoder fails on it, in its turn
+        return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -186,8 +198,10 @@ class GpuDecoder:
     def decode(
         self, items: Sequence[tuple[torch.Tensor | bytes, Route]]
     ) -> list[torch.Tensor | None]:
-        """The images as decoded (CHW uint8 on the device); None where the GPU failed."""
-        return decode_split([_as_tensor(data) for data, _ in items], self._decode)
+        """The images as decoded (CHW uint8 on the device); None where the GPU failed, or
+        returned something else than 1 or 3 channels of a non-empty image."""
+        decoded = decode_split([_as_tensor(data) for data, _ in items], self._decode)
+        return [image if _is_chw(image) else None for image in decoded]
 
     def prepare(
         self, decoded: list[torch.Tensor | None], routes: list[Route]

@@ -9,6 +9,7 @@ SOF_GPU = {0xC0: False, 0xC1: False, 0xC2: True}  # baseline, extended, progress
 SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # lossless, arithmetic
 STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: no length
 ORIENTATION_TAG = 0x0112
+SHORT, LONG = 3, 4  # TIFF field types
 
 
 @dataclass(frozen=True)
@@ -25,11 +26,15 @@ class Route:
 
 def route(data: bytes, max_pixels: int) -> Route:
     """gpu for a baseline or progressive 8-bit JPEG of 1 or 3 components (no Adobe CMYK,
-    YCCK or RGB transform) within the pixel limit; otherwise cpu and why."""
+    YCCK or RGB transform) within the pixel limit; otherwise cpu and why. The header is read
+    to the start of the scan, as Pillow reads it: the first EXIF segment counts, wherever it
+    is; anything Pillow might read otherwise goes to the CPU."""
     if not data.startswith(b"\xff\xd8"):
         return Route(False, "not a JPEG")
-    i, orientation, adobe_transform = 2, 1, None
-    while i + 4 <= len(data):
+    i, orientation, adobe, frame = 2, 0, None, None  # orientation 0: no EXIF segment yet
+    while True:
+        if i + 4 > len(data):
+            return Route(False, "truncated header")
         if data[i] != 0xFF:
             return Route(False, "corrupt header")
         marker = data[i + 1]
@@ -39,22 +44,31 @@ def route(data: bytes, max_pixels: int) -> Route:
         if marker in STANDALONE:
             i += 2
             continue
+        if marker in (0xDA, 0xD9):  # the scan (or the end): the header is read
+            break
         length = int.from_bytes(data[i + 2 : i + 4], "big")
         if length < 2 or i + 2 + length > len(data):
             return Route(False, "truncated header")
         segment = data[i + 4 : i + 2 + length]
-        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
-            orientation = exif_orientation(segment[6:])
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00") and not orientation:
+            found = exif_orientation(segment[6:])
+            if found is None:
+                return Route(False, "an EXIF orientation of an unusual type or count")
+            orientation = found
         elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
-            adobe_transform = segment[11]
-        elif marker in SOF_GPU:
-            return _frame(segment, SOF_GPU[marker], orientation, adobe_transform, max_pixels)
+            if frame is not None:
+                return Route(False, "an Adobe segment after the frame header")
+            adobe = segment[11]
         elif marker in SOF_OTHER:
             return Route(False, "lossless, hierarchical or arithmetic-coded JPEG")
-        elif marker in (0xDA, 0xD9):
-            return Route(False, "no frame header")
+        elif marker in SOF_GPU:
+            if frame is not None:
+                return Route(False, "two frame headers")
+            frame = (segment, SOF_GPU[marker])
         i += 2 + length
-    return Route(False, "truncated header")
+    if frame is None or marker == 0xD9:
+        return Route(False, "no frame header")
+    return _frame(frame[0], frame[1], orientation or 1, adobe, max_pixels)
 
 
 def _frame(
@@ -77,8 +91,10 @@ def _frame(
     return Route(True, "", width, height, orientation, progressive)
 
 
-def exif_orientation(tiff: bytes) -> int:
-    """The Orientation tag (1-8) of an EXIF block's first IFD; 1 when absent or malformed."""
+def exif_orientation(tiff: bytes) -> int | None:
+    """The Orientation tag (1-8) of an EXIF block's first IFD; 1 when absent, malformed or out
+    of range (Pillow then turns nothing either); None when it is not one SHORT or LONG, where
+    Pillow's reading is not ours to guess."""
     if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
         return 1
     order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
@@ -90,7 +106,11 @@ def exif_orientation(tiff: bytes) -> int:
         entry = tiff[offset + 2 + 12 * n : offset + 14 + 12 * n]
         if len(entry) < 12:
             return 1
-        if int.from_bytes(entry[0:2], order) == ORIENTATION_TAG:
-            value = int.from_bytes(entry[8:10], order)
-            return value if 1 <= value <= 8 else 1
+        if int.from_bytes(entry[0:2], order) != ORIENTATION_TAG:
+            continue
+        kind, values = int.from_bytes(entry[2:4], order), int.from_bytes(entry[4:8], order)
+        if values != 1 or kind not in (SHORT, LONG):
+            return None
+        value = int.from_bytes(entry[8:10] if kind == SHORT else entry[8:12], order)
+        return value if 1 <= value <= 8 else 1
     return 1

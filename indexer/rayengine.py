@@ -166,11 +166,12 @@ class EmbedActor:
         batch = dict(batch)
         for name in ("status", "stage", "reason"):  # this actor's to change
             batch[name] = batch[name].copy()
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
         raw = np.flatnonzero(batch["status"] == RAW)
-        if len(raw):
-            pixels = pixels.to(self.embedder.device)
+        if len(raw):  # rows are written: a copy, never the block Ray handed over
+            pixels = torch.from_numpy(np.array(batch["pixels"])).to(self.embedder.device)
             self._decode(batch, raw, pixels)
+        else:
+            pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
         good = batch["status"] == OK
         vectors = np.zeros((len(good), self.embedder.dim), np.float32)
         labels = np.array([""] * len(good), object)

@@ -126,3 +126,17 @@ def test_the_gpu_side_reports_its_pace_to_the_share() -> None:
     assert split.taken == 2 and split._gpu > 0 and split._cpu == pytest.approx(0.004)
     assert split.value != 0.25  # moved toward what it measured
     assert batch.pixels is not None and isinstance(batch.pixels, torch.Tensor)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_clock_gone_wrong_leaves_the_share_alone(bad: float) -> None:
+    split = CpuShare(14)
+    good = (WorkerTime(0.5, 60, 0.24), 196, 0.02)
+    split.update(*good)
+    value = split.value
+    split.update(WorkerTime(bad, 60, 0.24), 196, 0.02)
+    split.update(WorkerTime(0.5, 60, bad), 196, 0.02)
+    split.update(WorkerTime(0.5, 60, 0.24), 196, bad)
+    assert split.value == value
+    split.update(*good)  # and it goes on from there
+    assert 0.0 <= split.value <= MAX_SHARE and split.value != value

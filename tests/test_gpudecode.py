@@ -134,7 +134,7 @@ def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
     from indexer.loader import pack_raw
 
     datas = [jpeg(s) for s in range(6)]
-    datas[2] = datas[2][:300]  # header whole, body gone: the GPU fails, the CPU too
+    datas[2] = datas[2][: len(datas[2]) // 2]  # header whole, body cut: both decoders fail
     raw = [RawItem(10 + n, 0, 0, route(d, 10**8), f"h{n}", {"n": n}) for n, d in enumerate(datas)]
     raw, blob = pack_raw(raw, datas)  # as collate packs them: one blob, a slice each
     assert [blob[r.start : r.end].numpy().tobytes() for r in raw] == datas
@@ -261,8 +261,11 @@ def test_an_image_resizes_the_same_whatever_shares_its_batch(crop_pct: float) ->
               for s, size in enumerate(sizes)]  # fmt: skip
     whole = gd.resize_crop_batch(images, cfg)  # runs of a size copied at once, order kept
     for image, got in zip(images, whole, strict=True):
-        # alone, nothing is padded: the edge a sample reads past is the image's own
-        assert torch.equal(got, gd.resize_crop_batch([image], cfg)[0])
+        # alone, nothing is padded: the edge a sample reads past is the image's own (padding
+        # zeros would darken the edge by tens of levels; float rounding may move one by 1)
+        alone = gd.resize_crop_batch([image], cfg)[0]
+        diff = (got.int() - alone.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
 def test_raw_views_are_each_items_bytes_packed_or_not() -> None:
@@ -295,7 +298,7 @@ def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
     root.mkdir()
     for n in range(5):
         (root / f"{n}.jpg").write_bytes(jpeg(n, (200 + 20 * n, 150)))
-    (root / "cut.jpg").write_bytes(jpeg(9)[:300])  # header whole, body gone: fails both ways
+    (root / "cut.jpg").write_bytes(jpeg(9)[:5000])  # header whole, body cut: fails both ways
     scene(7, (90, 90)).save(root / "p.png")
     scene(8, (90, 90)).convert("CMYK").save(root / "k.jpg")
     sources = open_sources((SourceSpec(str(root)),))
@@ -323,3 +326,54 @@ def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
     sizes = {items[p].key: (w, h) for p, w, h in zip(batch.positions, batch.widths, batch.heights,
                                                      strict=True)}  # fmt: skip
     assert sizes["3.jpg"] == (260, 150) and sizes["p.png"] == (90, 90)
+
+
+def test_grey_and_colour_images_of_one_size_and_odd_outputs() -> None:
+    import indexer.gpudecode as gd
+
+    colour = torch.from_numpy(np.array(scene(1, (200, 150)))).permute(2, 0, 1)
+    grey = colour[:1].clone()
+    out = gd.resize_crop_batch([colour, grey, colour], CFG)  # one size, two shapes
+    assert torch.equal(out[1], gd.resize_crop_batch([grey.expand(3, -1, -1)], CFG)[0])
+    assert torch.equal(out[0], gd.resize_crop_batch([colour], CFG)[0])
+
+    def odd(blobs: list[torch.Tensor]) -> list[torch.Tensor]:  # flat, empty, 4-channel
+        return [torch.zeros(10, dtype=torch.uint8), torch.zeros((3, 0, 5), dtype=torch.uint8),
+                torch.zeros((4, 8, 8), dtype=torch.uint8), colour][: len(blobs)]  # fmt: skip
+
+    items = [(jpeg(n), route(jpeg(n), 10**8)) for n in range(4)]
+    assert [x is None for x in GpuDecoder(CFG, "cpu", odd).decode(items)] == [True] * 3 + [False]
+    empty = GpuDecoder(CFG, "cpu").decode([(b"", items[0][1]), items[1]])
+    assert empty[0] is None and empty[1] is not None  # an empty item fails alone
+
+
+def test_the_switch_interval_comes_back_whichever_run_ends_first() -> None:
+    import sys
+
+    from indexer.config import BuildConfig, LoaderConfig
+    from indexer.embed import Batch, RawDecoding, decoded_ahead
+
+    before = sys.getswitchinterval()
+    for first_ends in ("a", "b"):
+        decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
+        runs = {name: decoded_ahead(iter([Batch(positions=[n]) for n in range(3)]), decoding,
+                                    None) for name in "ab"}  # type: ignore[arg-type]  # fmt: skip
+        next(runs["a"])
+        next(runs["b"])
+        runs[first_ends].close()
+        runs["b" if first_ends == "a" else "a"].close()
+        assert sys.getswitchinterval() == before
+
+
+def test_a_consumer_that_raises_leaves_no_decode_thread_running() -> None:
+    import threading
+
+    from indexer.config import BuildConfig, LoaderConfig
+    from indexer.embed import Batch, RawDecoding, closing_iterator, decoded_ahead
+
+    decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
+    stream = decoded_ahead(iter([Batch(positions=[n]) for n in range(50)]), decoding, None)  # type: ignore[arg-type]
+    with pytest.raises(OSError, match="disk full"), closing_iterator(stream):
+        for _ in stream:
+            raise OSError("disk full")  # the writer failed; the traceback keeps `stream`
+    assert not [t.name for t in threading.enumerate() if t.name in ("gpu-decode", "gpu-resize")]

@@ -88,3 +88,74 @@ def test_malformed_exif_means_upright(tiff: bytes) -> None:
 
 def test_the_pixel_limit_is_the_callers() -> None:
     assert not route(jpeg(), 120 * 80 - 1).gpu and route(jpeg(), 120 * 80).gpu
+
+
+def app1(tiff: bytes) -> bytes:
+    segment = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+
+
+def tiff_orientation(order: str, kind: int, value: int, count: int = 1) -> bytes:
+    """A TIFF block whose first IFD holds only the Orientation tag, of the given field type."""
+    end = "big" if order == "MM" else "little"
+    head = b"MM\x00*" if order == "MM" else b"II*\x00"
+    size = 2 if kind == 3 else 4 if kind == 4 else 1
+    data = value.to_bytes(size, end).ljust(4, b"\x00")
+    entry = (0x0112).to_bytes(2, end) + kind.to_bytes(2, end) + count.to_bytes(4, end) + data
+    return head + (8).to_bytes(4, end) + (1).to_bytes(2, end) + entry + bytes(4)
+
+
+def after_frame(data: bytes, segment: bytes) -> bytes:
+    at = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xC0)
+    end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return data[:end] + segment + data[end:]
+
+
+EXIF_CASES = [  # each as Pillow reads it: the first EXIF segment, wherever it is, by its type
+    (
+        "two EXIF segments",
+        lambda: (
+            jpeg()[:2]
+            + app1(tiff_orientation("II", 3, 6))
+            + app1(tiff_orientation("II", 3, 8))
+            + jpeg()[2:]
+        ),
+        6,
+    ),
+    ("EXIF after the frame", lambda: after_frame(jpeg(), app1(tiff_orientation("MM", 3, 6))), 6),
+    ("big-endian LONG", lambda: jpeg()[:2] + app1(tiff_orientation("MM", 4, 6)) + jpeg()[2:], 6),
+    ("little-endian LONG", lambda: jpeg()[:2] + app1(tiff_orientation("II", 4, 8)) + jpeg()[2:], 8),
+    ("big-endian SHORT", lambda: jpeg()[:2] + app1(tiff_orientation("MM", 3, 5)) + jpeg()[2:], 5),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "want"), EXIF_CASES, ids=[c[0] for c in EXIF_CASES])
+def test_exif_is_read_as_pillow_reads_it(name: str, make: object, want: int) -> None:
+    from PIL import ImageOps
+
+    data = make()  # type: ignore[operator]
+    got = route(data, LIMIT)
+    image = Image.open(io.BytesIO(data))
+    assert image.getexif().get(0x0112) == want
+    assert got.gpu and got.orientation == want
+    swapped = (got.height, got.width) if got.orientation >= 5 else (got.width, got.height)
+    assert swapped == ImageOps.exif_transpose(image).size
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("BYTE orientation", jpeg()[:2] + app1(tiff_orientation("II", 1, 6)) + jpeg()[2:],
+         "unusual type"),
+        ("two orientation values", jpeg()[:2] + app1(tiff_orientation("II", 3, 6, count=2))
+         + jpeg()[2:], "unusual type"),
+        ("Adobe after the frame", after_frame(jpeg(), with_adobe(b"\xff\xd8", 0)[2:]),
+         "Adobe segment after"),
+        ("cut between frame and scan", after_frame(jpeg(), b"")[: jpeg().index(b"\xff\xc4") + 6],
+         "truncated header"),
+    ],
+)  # fmt: skip
+def test_what_pillow_might_read_otherwise_goes_to_the_cpu(name: str, data: bytes,
+                                                          reason: str) -> None:  # fmt: skip
+    got = route(data, LIMIT)
+    assert not got.gpu and reason in got.reason, got

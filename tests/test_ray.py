@@ -63,7 +63,7 @@ def test_ray_gpu_actors_decode_routed_jpegs(corpus: Path, tmp_path: Path, local_
     root = tmp_path / "src"
     shutil.copytree(corpus, root)
     (root / "group0" / "cut.jpg").write_bytes(
-        (root / "group0" / "scene0004.jpg").read_bytes()[:400]
+        (root / "group0" / "scene0004.jpg").read_bytes()[:3000]
     )
     model = ModelConfig(pretrained=False, device="cpu", precision="fp32")
     engine, loader = EngineConfig("ray", None, 2), LoaderConfig(batch_size=5)
