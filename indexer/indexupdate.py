@@ -30,7 +30,15 @@ from indexer.index import (
     version_vectors,
 )
 from indexer.shards import read_embeddings, read_shard
-from indexer.tune import TIE_TOLERANCE, Probe, exact_probe, exact_top, pool_size, truth_from_pool
+from indexer.tune import (
+    TIE_TOLERANCE,
+    Probe,
+    exact_probe,
+    exact_top,
+    pool_size,
+    ranked,
+    truth_from_pool,
+)
 
 log = logging.getLogger(__name__)
 UPDATABLE = ("flat", "ivf", "ivfsq")  # HNSW cannot remove vectors; factory strings: unknown
@@ -376,9 +384,7 @@ class _ProbeUpdate:
         scores, cands = _widen(old.pool_scores[keep], old.pool_ids[keep], self.pool)
         gone = np.isin(cands, delta.removed) | (cands < 0)
         scores[gone], cands[gone] = -np.inf, -1
-        order = np.argsort(-scores, axis=1, kind="stable")
-        self.scores = np.take_along_axis(scores, order, 1)
-        self.cands = np.take_along_axis(cands, order, 1)
+        self.scores, self.cands = ranked(scores, cands)
         self.depth = np.isfinite(self.scores).sum(axis=1)  # exact ranks left per query
 
     def draw_new(
@@ -449,8 +455,7 @@ class _ProbeUpdate:
             scores = np.einsum("ij,ij->i", self.new_queries, self.new_queries)[:, None] - scores
         drop = (cands == self.new_ids[:, None]) | (cands < 0)
         scores[drop], cands[drop] = -np.inf, -1
-        order = np.argsort(-scores, axis=1, kind="stable")[:, : self.pool]
-        self.new_top = np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
+        self.new_top = ranked(scores, cands, self.pool)
 
     def finish(self) -> Probe | None:
         """The new version's probe: carried queries settled from their candidates (or searched
@@ -499,10 +504,8 @@ def _merge(
     best: tuple[np.ndarray, np.ndarray], more: tuple[np.ndarray, np.ndarray], width: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The best `width` (scores, ids) per row of two candidate sets, best first."""
-    scores = np.concatenate([best[0], more[0]], axis=1)
-    cands = np.concatenate([best[1], more[1]], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(cands, order, 1)
+    return ranked(np.concatenate([best[0], more[0]], axis=1),
+                  np.concatenate([best[1], more[1]], axis=1), width)  # fmt: skip
 
 
 def _widen(scores: np.ndarray, cands: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:

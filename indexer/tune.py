@@ -161,6 +161,14 @@ def tied_ids(
     return np.where(tied, ids[:, start:], -1)
 
 
+def ranked(
+    scores: np.ndarray, ids: np.ndarray, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (scores, ids) best first (ties in their order), the first `width` kept."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def exact_top(
     batches: Iterable[tuple[np.ndarray, np.ndarray]],
     query_ids: np.ndarray,
@@ -180,9 +188,7 @@ def exact_top(
         take = min(k, scores.shape[1])
         top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
         cand_s = np.concatenate([best_s, np.take_along_axis(scores, top, 1)], axis=1)
-        cand_i = np.concatenate([best_i, ids[top]], axis=1)
-        order = np.argsort(-cand_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+        best_s, best_i = ranked(cand_s, np.concatenate([best_i, ids[top]], axis=1), k)
     best_i[~np.isfinite(best_s)] = -1
     return best_s, best_i
 
