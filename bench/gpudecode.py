@@ -187,6 +187,11 @@ def main() -> None:
     parser.add_argument("--no-micro", dest="micro", action="store_false",
                         help="skip timing the decode step alone")  # fmt: skip
     args = parser.parse_args()
+    for variant in args.gpu_variant:
+        size, _, options = variant.partition(":")
+        unknown = set(filter(None, options.split(","))) - set(OPTIONS)
+        if not size.isdigit() or int(size) < 1 or unknown:
+            parser.error(f"--gpu-variant {variant}: BATCH[:OPTION,...], options {list(OPTIONS)}")
     import torch
     import torchvision
 

@@ -350,9 +350,11 @@ class RawDecoding:
             (data, item.route) for data, item in zip(batch.raw_views(), batch.raw, strict=True)
         ]
         start = time.perf_counter()
-        with self.stages.timed("GPU decode"), self._on_stream():
+        with self._on_stream():
             images = list(self.decoder.decode(pairs))
-        return Decoded(images, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.stages.add("GPU decode", seconds)
+        return Decoded(images, seconds)
 
     def prepare(self, batch: Batch, decoded: Decoded) -> None:
         """Step two: the decoded images oriented, resized and cropped, the failed ones
@@ -361,14 +363,15 @@ class RawDecoding:
         if not batch.raw:
             return
         start = time.perf_counter()
-        with self.stages.timed("GPU resize"), self._on_stream():
+        with self._on_stream():
             routes = [item.route for item in batch.raw]
             pixels, good = self.decoder.prepare(decoded.images, routes)
             self._gather(batch, pixels, good)
             self._done(batch.pixels)
+        seconds = time.perf_counter() - start
+        self.stages.add("GPU resize", seconds)
         if batch.share is not None:  # the two steps overlap: the slower one sets the pace
-            pace = max(decoded.seconds, time.perf_counter() - start)
-            batch.share.update(batch.spent, len(good), pace)
+            batch.share.update(batch.spent, len(good), max(decoded.seconds, seconds))
             self.share = batch.share
 
     def _start(self, runtime: Runtime) -> None:
@@ -451,9 +454,7 @@ class RawDecoding:
 
 def _add_row(batch: Batch, item: RawItem) -> None:
     """A raw item's row, its size as the model saw it (after EXIF orientation)."""
-    width, height = item.route.width, item.route.height
-    if item.route.orientation >= 5:
-        width, height = height, width
+    width, height = item.route.oriented_size
     batch.positions.append(item.position)
     batch.widths.append(width)
     batch.heights.append(height)
@@ -496,9 +497,7 @@ def _prepared(decoded: Iterator[tuple[Batch, Decoded]], raw: RawDecoding) -> Ite
             raw.prepare(batch, images)
             yield batch
     finally:
-        close = getattr(decoded, "close", None)
-        if close is not None:
-            close()  # its thread stops and is joined now, not when it is collected
+        close(decoded)  # its thread stops and is joined now, not when it is collected
 
 
 def ahead(items: Iterator[Any], name: str, depth: int,
@@ -531,9 +530,7 @@ def ahead(items: Iterator[Any], name: str, depth: int,
             hand_over(exc)
         finally:
             hand_over(end)
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
+            close(items)
 
     thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
@@ -605,9 +602,14 @@ def closing_iterator(items: Iterator[Any]) -> Iterator[None]:
     try:
         yield
     finally:
-        close = getattr(items, "close", None)
-        if close is not None:
-            close()
+        close(items)
+
+
+def close(items: Iterator[Any]) -> None:
+    """A generator closed (its finally blocks run now); other iterators need nothing."""
+    method = getattr(items, "close", None)
+    if method is not None:
+        method()
 
 
 def new_rows(batch: Batch, labels: list[dict[str, Any]]) -> list[NewRow]:

@@ -23,6 +23,13 @@ class Route:
     orientation: int = 1  # EXIF 1-8, applied to the decoded pixels
     progressive: bool = False
 
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """(width, height) as the model sees the image: after its EXIF orientation."""
+        if self.orientation >= 5:
+            return self.height, self.width
+        return self.width, self.height
+
 
 def route(data: bytes, max_pixels: int) -> Route:
     """gpu for a baseline or progressive 8-bit JPEG of 1 or 3 components (no Adobe CMYK,

@@ -87,9 +87,9 @@ def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
     # interrupted re-index or repair) are not new work, and may be the damaged ones
     own = new_shard_prefixes(int(match.group(1)))
     target = salvage_dir / recipe_digest(asked)
-    target.mkdir(parents=True, exist_ok=True)
     for shard in (leftover / SHARDS).glob("*.parquet"):
         if shard.name.startswith(own):
+            target.mkdir(parents=True, exist_ok=True)  # only for something kept
             os.replace(shard, target / f"{leftover.name}-{shard.name}")
 
 

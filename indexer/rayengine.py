@@ -125,9 +125,8 @@ def _size(sample: dict[str, Any]) -> tuple[int, int]:
     found = sample.get("route")
     if found is None:
         return sample.get("width", 0), sample.get("height", 0)
-    if found.orientation >= 5:
-        return found.height, found.width
-    return found.width, found.height
+    size: tuple[int, int] = found.oriented_size
+    return size
 
 
 def _status(sample: dict[str, object]) -> int:
