@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.balance import MAX_SHARE, CpuShare, WorkerTime, balanced_share
+from indexer.balance import MAX_SHARE, SMOOTHING, CpuShare, WorkerTime, balanced_share
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.synthetic import scene
 
@@ -124,7 +124,8 @@ def test_the_gpu_side_reports_its_pace_to_the_share() -> None:
     decoding.cpu = Preprocessor(CFG, "fast")
     decoding.decode(batch, runtime=None)  # type: ignore[arg-type]
     assert split.taken == 2 and split._gpu > 0 and split._cpu == pytest.approx(0.004)
-    assert split.value != 0.25  # moved toward what it measured
+    target = balanced_share(6 + 2, split._gpu, 2, 0.01 - 0.008, 0.004)  # 6 decoded, 2 shared
+    assert split.value == pytest.approx(0.25 + SMOOTHING * (target - 0.25))  # a step toward it
     assert batch.pixels is not None and isinstance(batch.pixels, torch.Tensor)
 
 

@@ -1,4 +1,5 @@
-"""Fast and exact preprocessing through the CLI, and the data-config hint that overlaps startup."""
+"""Fast and exact preprocessing through the CLI, the data-config hint that overlaps startup, and
+the seconds-by-stage line every build ends with."""
 
 from __future__ import annotations
 
@@ -116,3 +117,21 @@ def test_corrupt_or_unwritable_cache_only_costs_speed(
     (tmp_path / "file").write_text("x")
     configcache.store("any", cfg)  # logged, not raised
     assert configcache.lookup("any") is None
+
+
+def test_every_build_says_where_its_time_went(
+    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import re
+
+    from tests.helpers import BUILD_FLAGS, run_cli
+
+    with caplog.at_level(logging.INFO, logger="indexer.embed"):
+        result = run_cli("build", corpus, "--out", tmp_path / "c", *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    line = next(r.getMessage() for r in caplog.records if "seconds by stage" in r.getMessage())
+    stages = dict(re.fullmatch(r"([a-z ]+) ([\d.]+) s", part).groups()  # type: ignore[union-attr]
+                  for part in line.split(": ", 1)[1].split(", "))  # fmt: skip
+    assert {"waiting for batches", "first batch", "writing"} <= set(stages)
+    assert all(float(s) >= 0 for s in stages.values()) and float(stages["first batch"]) > 0
