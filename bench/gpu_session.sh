@@ -1,9 +1,10 @@
 #!/bin/bash
 # One prepared GPU session (the device machine lacks faiss): carry .whl (a faiss-cpu wheel, and
 # py-spy for PROFILE=1) and .gpudata/photos (ImageNet-size photos); install, run the GPU-side
-# tests, measure both decode paths end to end in one run (bench/gpudecode.py, the photos
-# linked COPIES times), then with PROFILE=1 sample a GPU build of those photos with py-spy
-# ($OUT/gpu.txt, raw stacks of every thread).
+# tests, probe nvJPEG beside what a build runs (bench/nvjpeg_probe.py; PROBE=0 skips it),
+# measure both decode paths end to end in one run (bench/gpudecode.py, the photos linked
+# COPIES times, the scenes SCENE_COPIES times), then with PROFILE=1 sample a GPU build of
+# those photos with py-spy ($OUT/gpu.txt, raw stacks of every thread).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
   .whl/*.whl 2>&1 | tail -1
@@ -12,8 +13,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, torchvision; print(torch.__version__, torchvision.__version__, torch.cuda.is_available())"
 timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpudecode.py tests/test_balance.py \
   tests/test_jpegroute.py 2>&1 | tail -4
+[ "${PROBE:-1}" = 1 ] && timeout 120 python3 bench/nvjpeg_probe.py .gpudata/photos
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/gpudecode.py --photos .gpudata/photos --rounds 1 \
-  --scenes 3000 --copies "${COPIES:-200}" ${BENCH_FLAGS:-} \
+  --scenes 3000 --copies "${COPIES:-200}" --scene-copies "${SCENE_COPIES:-1}" ${BENCH_FLAGS:-} \
   $(for v in ${VARIANTS:-512}; do echo --gpu-variant "$v"; done)
 if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/gpudecode/photos ]; then
   chmod +x .whl/py-spy

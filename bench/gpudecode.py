@@ -171,6 +171,16 @@ def micro(photos: Path, workers: int) -> list[str]:
     ]
 
 
+def linked_copies(folder: Path, copies: int, original: Path) -> Path:
+    """folder holding `copies` copies of original's files (copy000, copy001, ...): the first a
+    real copy, the others hard links, the same bytes under other names."""
+    if not folder.is_dir():
+        shutil.copytree(original, folder / "copy000")
+        for n in range(1, copies):
+            shutil.copytree(folder / "copy000", folder / f"copy{n:03d}", copy_function=os.link)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--photos", type=Path, help="a folder of ImageNet-size photos")
@@ -178,6 +188,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--copies", type=int, default=10, help="photo copies (files)")
+    parser.add_argument("--scene-copies", type=int, default=1, help="scene copies (hard links)")
     parser.add_argument(
         "--gpu-variant",
         action="append",
@@ -206,17 +217,14 @@ def main() -> None:
     if args.photos is not None:  # first: the figures that matter most, printed as they come
         if args.micro:
             print("\n".join(micro(args.photos, workers)), flush=True)
-        photos = args.work / "photos"
-        if not photos.is_dir():  # the photos, copied until there are args.copies x as many
-            shutil.copytree(args.photos, photos / "copy000")
-            for n in range(1, args.copies):  # hard links: the same bytes, under other names
-                shutil.copytree(photos / "copy000", photos / f"copy{n:03d}", copy_function=os.link)
+        photos = linked_copies(args.work / "photos", args.copies, args.photos)
         found = measure("photos", photos, args.work, ck, workers, args.rounds,
                         tuple(args.gpu_variant))  # fmt: skip
         print("\n".join(found), flush=True)
     scenes = args.work / "scenes"
     if not scenes.is_dir():
-        write_corpus(scenes, args.scenes, duplicates=0, seed=7)
+        write_corpus(scenes / "generated", args.scenes, duplicates=0, seed=7)
+    scenes = linked_copies(args.work / "scene-copies", args.scene_copies, scenes / "generated")
     print("\n".join(measure("scenes", scenes, args.work, ck, workers, args.rounds)), flush=True)
 
 
