@@ -377,3 +377,73 @@ def test_a_consumer_that_raises_leaves_no_decode_thread_running() -> None:
         for _ in stream:
             raise OSError("disk full")  # the writer failed; the traceback keeps `stream`
     assert not [t.name for t in threading.enumerate() if t.name in ("gpu-decode", "gpu-resize")]
+
+
+def mixed_folder(root: Path) -> set[str]:
+    """Every kind of file a GPU build meets, the names of those that cannot be decoded."""
+    root.mkdir()
+    for n in range(14):  # baseline JPEGs of several sizes, across batches
+        (root / f"base{n:02d}.jpg").write_bytes(jpeg(n, (180 + 10 * n, 140 + 5 * (n % 3))))
+    for n in range(3):
+        (root / f"prog{n}.jpg").write_bytes(jpeg(20 + n, (210, 160), progressive=True))
+    scene(30, (150, 150)).convert("L").save(root / "grey.jpg", quality=95)
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        (root / f"exif{orientation}.jpg").write_bytes(jpeg(40 + orientation, (240, 150), exif=exif))
+    scene(50, (120, 100)).save(root / "scene.png")
+    scene(51, (120, 100)).convert("CMYK").save(root / "cmyk.jpg")
+    whole = jpeg(60, (200, 150))
+    (root / "cut.jpg").write_bytes(whole[:4000])  # header whole, body cut: routed, fails both ways
+    (root / "noise.jpg").write_bytes(bytes(range(256)) * 8)  # not a JPEG at all
+    return {"cut.jpg", "noise.jpg"}
+
+
+@pytest.mark.slow
+def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`indexer build` through the CLI with the GPU path forced on (torchvision decodes on the
+    CPU here, as nvJPEG would on CUDA): real workers routing and sharing, both decode threads,
+    the share balanced from measured times; every item once, the same failures, the same
+    vectors as the CPU path's build, and the GPU side's count reported."""
+    import logging
+    import re
+
+    import indexer.embed
+    from tests.helpers import read_embeddings_by_key, run_cli
+
+    src = tmp_path / "src"
+    bad = mixed_folder(src)
+    flags = ("--no-pretrained", "--no-progress", "--workers", "2", "--batch-size", "8",
+             "--runtime", "torch", "--device", "cpu", "--max-failures", "0.2")  # fmt: skip
+    cpu = run_cli("build", src, "--out", tmp_path / "cpu", *flags, "--decode", "cpu")
+    monkeypatch.setattr(indexer.embed, "gpu_decoding", lambda cfg: cfg.loader.decode != "cpu")
+    with caplog.at_level(logging.INFO, logger="indexer.embed"):
+        gpu = run_cli("build", src, "--out", tmp_path / "gpu", *flags, "--decode", "auto")
+    for result in (cpu, gpu):
+        assert result.exit_code == 5, result.output  # some items failed, the rest published
+        assert "2 failed" in result.output
+    said = next(r.getMessage() for r in caplog.records if "decoded on the GPU" in r.getMessage())
+    counts = re.search(r"GPU: (\d+) images; fell back to the CPU: (\d+); decoded by the "
+                       r"workers to keep pace: (\d+)", said)  # fmt: skip
+    assert counts is not None, said
+    on_gpu, fell, shared = map(int, counts.groups())
+    routed = 14 + 3 + 1 + 3 + 1  # baseline, progressive, grey, EXIF, cut
+    assert on_gpu + shared == routed - 1 and fell == 1 and on_gpu > 0  # cut fell back, failed
+    a, b = read_embeddings_by_key(tmp_path / "cpu"), read_embeddings_by_key(tmp_path / "gpu")
+    names = {p.name for p in src.iterdir()}
+    assert set(a) == set(b) == names - bad
+    keys = sorted(a)
+    x, y = np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys])
+    cosine = np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    assert cosine.min() > 0.99 and cosine.mean() > 0.999, dict(zip(keys, cosine, strict=True))
+    assert (np.argmax(x @ y.T, axis=1) == np.arange(len(keys))).all()
+    import pyarrow.parquet as pq
+
+    for out in ("cpu", "gpu"):
+        table = pq.read_table(tmp_path / out / "shards")
+        assert len(set(table.column("key").to_pylist())) == table.num_rows == len(keys)
+    sizes = [pq.read_table(tmp_path / out / "shards", columns=["key", "width", "height"])
+             .sort_by("key").to_pylist() for out in ("cpu", "gpu")]  # fmt: skip
+    assert sizes[0] == sizes[1]
