@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,8 +113,8 @@ def load_model_while_decoding(
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
     """
-    if cfg.loader.decode == "gpu":
-        gpu_decoding(cfg)  # refused without CUDA, whichever runtime would embed
+    # --decode gpu is refused here without a working nvJPEG, whichever runtime would embed
+    gpu = gpu_decoding(cfg) if cfg.loader.decode == "gpu" else None
     stored = already_stored(items, sources, positions, prev)
     if stored is not None and prev.manifest is not None:
         from indexer.runtime import RecordedRecipe
@@ -139,7 +139,8 @@ def load_model_while_decoding(
         embedder = load_embedder(cfg.model)
         return embedder, ray_batches(items, sources, cfg, known, positions, embedder)
 
-    gpu = gpu_decoding(cfg)
+    if gpu is None:
+        gpu = gpu_decoding(cfg)
 
     def start(data_config: DataConfig) -> Iterator[Batch]:
         loader = cfg.loader
@@ -204,16 +205,37 @@ def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
 
 
 def gpu_decoding(cfg: BuildConfig) -> bool:
-    """Whether this process decodes JPEGs on its GPU: --decode gpu (refused without CUDA),
-    or auto on CUDA. Never with the Ray engine: its GPU actors decide (rayengine)."""
+    """Whether this process decodes JPEGs on its GPU (choose_gpu_decoding). Never with the
+    Ray engine: its GPU actors decide (rayengine)."""
     from indexer.model import resolve_device
 
     if cfg.engine.kind == "ray":
         return False
-    cuda = resolve_device(cfg.model.device).type == "cuda"
-    if cfg.loader.decode == "gpu" and not cuda:
+    device = resolve_device(cfg.model.device)
+
+    def problem() -> str | None:
+        from indexer.gpudecode import unusable
+
+        return unusable(device)
+
+    return choose_gpu_decoding(cfg.loader.decode, device.type == "cuda", problem)
+
+
+def choose_gpu_decoding(asked: str, cuda: bool, problem: Callable[[], str | None]) -> bool:
+    """--decode gpu, or auto, on CUDA where nvJPEG passes its check (problem() is None: it
+    decodes test JPEGs as Pillow does). gpu without CUDA, or failing the check, is refused;
+    auto failing the check decodes on the CPU, and says why."""
+    if asked == "cpu" or (asked == "auto" and not cuda):
+        return False
+    if not cuda:
         raise InputError("--decode gpu needs a CUDA GPU: use --decode cpu (or auto)")
-    return cfg.loader.decode != "cpu" and cuda
+    why = problem()
+    if why is None:
+        return True
+    if asked == "gpu":
+        raise InputError(f"--decode gpu: nvJPEG does not work here ({why}): use --decode cpu")
+    log.warning("decoding JPEGs on the CPU: nvJPEG does not work here (%s)", why)
+    return False
 
 
 def known_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
@@ -436,7 +458,8 @@ class RawDecoding:
 
         assert self.cpu is not None
         try:
-            return torch.from_numpy(self.cpu(batch.raw_bytes(item).numpy().tobytes()).pixels)
+            pixels = self.cpu(batch.raw_bytes(item).numpy().tobytes()).pixels
+            return torch.tensor(pixels)  # a copy: Pillow's array is read-only
         except DecodeError as exc:
             batch.errors.append((item.position, "decode", str(exc)))
         except Exception as exc:

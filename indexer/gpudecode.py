@@ -24,6 +24,43 @@ def nvjpeg(device: str | torch.device) -> Decode:
     return decode
 
 
+CHECK_LEVELS = 8.0  # mean difference from Pillow's pixels a working decoder stays within (a
+# swapped channel or a flipped image is ~65 levels off on the test image; a 3x3 blur ~10)
+
+
+def unusable(device: str | torch.device, decode: Decode | None = None) -> str | None:
+    """None when the decoder works on `device` (nvJPEG on CUDA): a small baseline and a
+    progressive JPEG of one scene decode in one batch to Pillow's pixels, within a few levels
+    (their upsampling and IDCT differ slightly). Otherwise why not, in a line."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from indexer.synthetic import scene
+
+    blobs, want = [], []
+    for progressive in (False, True):
+        buffer = io.BytesIO()
+        scene(5, (64, 48)).save(buffer, "JPEG", quality=95, progressive=progressive)
+        blobs.append(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8))
+        want.append(np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32))
+    try:
+        got = list((decode or nvjpeg(device))(blobs))
+    except Exception as exc:  # not built with nvJPEG, no decode_jpeg, a driver error, ...
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return f"{type(exc).__name__}: {first}"[:300]
+    if len(got) != len(blobs) or not all(_is_chw(image) for image in got):
+        return "the decoder returned other images than it was given"
+    for image, pixels in zip(got, want, strict=True):
+        hwc = image.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        if hwc.shape != pixels.shape:
+            return f"a test image decoded to {hwc.shape[1]}x{hwc.shape[0]}, not 64x48"
+        if float(np.abs(hwc - pixels).mean()) > CHECK_LEVELS:
+            return "its pixels differ from Pillow's on a test image"
+    return None
+
+
 def decode_split(blobs: list[torch.Tensor], decode: Decode) -> list[torch.Tensor | None]:
     """Each blob decoded (CHW uint8), in order; a batch that fails is split in halves until
     the items that fail alone are found: those are None (the CPU path decodes them)."""

@@ -154,10 +154,23 @@ class EmbedActor:
         self.cpu = Preprocessor(cfg, loader.preprocessing, loader.max_pixels,
                                 loader.allow_truncated)  # fmt: skip
         self.decoder = None
-        if gpu_decode:
+        if gpu_decode and self._nvjpeg_works(loader.decode == "gpu"):
             from indexer.gpudecode import GpuDecoder
 
             self.decoder = GpuDecoder(cfg, self.embedder.device)
+
+    def _nvjpeg_works(self, asked: bool) -> bool:
+        """Whether this actor's GPU decodes as the CPU does (gpudecode.unusable): refused
+        when --decode gpu asked for it, else the RAW rows are decoded on the CPU here."""
+        from indexer.gpudecode import unusable
+
+        why = unusable(self.embedder.device)
+        if why is not None and asked:
+            raise InputError(f"--decode gpu: nvJPEG does not work on a Ray GPU worker ({why}): "
+                             "use --decode cpu")  # fmt: skip
+        if why is not None:
+            log.warning("this Ray worker decodes JPEGs on the CPU: nvJPEG does not work (%s)", why)
+        return why is None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -205,7 +218,7 @@ class EmbedActor:
                 continue
             try:  # the GPU failed (or there is none): the CPU path, as the local engine does
                 prepared = self.cpu(bytes(batch["raw"][n]))
-                pixels[n] = torch.from_numpy(prepared.pixels).to(pixels.device)
+                pixels[n] = torch.tensor(prepared.pixels).to(pixels.device)
                 batch["status"][n] = OK
             except DecodeError as exc:
                 batch["status"][n], batch["stage"][n], batch["reason"][n] = (

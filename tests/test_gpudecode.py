@@ -447,3 +447,86 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     sizes = [pq.read_table(tmp_path / out / "shards", columns=["key", "width", "height"])
              .sort_by("key").to_pylist() for out in ("cpu", "gpu")]  # fmt: skip
     assert sizes[0] == sizes[1]
+
+
+def test_the_nvjpeg_check_passes_a_working_decoder_and_says_why_another_fails() -> None:
+    from indexer.gpudecode import unusable
+
+    def not_built(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        raise RuntimeError("torchvision not compiled with nvJPEG support\nstack trace ...")
+
+    def grey(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.full((3, 48, 64), 128, dtype=torch.uint8) for _ in blobs]
+
+    def swapped(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [image.flip(0) for image in nvjpeg("cpu")(blobs)]  # BGR
+
+    assert unusable("cpu") is None  # torchvision's decoder, as on CUDA
+    assert unusable("cpu", not_built) == (
+        "RuntimeError: torchvision not compiled with nvJPEG support"
+    )
+    assert unusable("cpu", grey) == "its pixels differ from Pillow's on a test image"
+    assert unusable("cpu", swapped) == "its pixels differ from Pillow's on a test image"
+    assert unusable("cpu", lambda blobs: blobs[:1]) == (
+        "the decoder returned other images than it was given"
+    )
+    assert unusable("cpu", lambda blobs: [b[:, :40] for b in grey(blobs)]) == (
+        "a test image decoded to 64x40, not 64x48"
+    )
+
+
+@pytest.mark.parametrize(
+    ("asked", "cuda", "problem", "want"),
+    [
+        ("cpu", True, None, False),
+        ("cpu", False, None, False),
+        ("auto", False, None, False),
+        ("auto", True, None, True),
+        ("auto", True, "RuntimeError: no nvJPEG", False),  # warned, the CPU decodes
+        ("gpu", True, None, True),
+        ("gpu", False, None, "--decode gpu needs a CUDA GPU: use --decode cpu (or auto)"),
+        ("gpu", True, "RuntimeError: no nvJPEG",
+         "--decode gpu: nvJPEG does not work here (RuntimeError: no nvJPEG): use --decode cpu"),
+    ],
+)  # fmt: skip
+def test_where_jpegs_are_decoded(
+    asked: str, cuda: bool, problem: str | None, want: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    from indexer.embed import choose_gpu_decoding
+    from indexer.errors import InputError
+
+    checked: list[bool] = []
+
+    def check() -> str | None:
+        checked.append(True)
+        return problem
+
+    if isinstance(want, str):
+        with pytest.raises(InputError) as raised:
+            choose_gpu_decoding(asked, cuda, check)
+        assert str(raised.value) == want
+        return
+    assert choose_gpu_decoding(asked, cuda, check) is want
+    assert checked == ([True] if cuda and asked != "cpu" else [])  # checked only when it counts
+    warned = [r.getMessage() for r in caplog.records if "nvJPEG does not work" in r.getMessage()]
+    assert warned == ([f"decoding JPEGs on the CPU: nvJPEG does not work here ({problem})"]
+                      if problem else [])  # fmt: skip
+
+
+def test_a_ray_actor_whose_nvjpeg_fails_decodes_on_the_cpu_or_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import indexer.gpudecode
+    from indexer.config import LoaderConfig, ModelConfig
+    from indexer.errors import InputError
+    from indexer.model import load_embedder
+    from indexer.rayengine import EmbedActor
+
+    model = ModelConfig(pretrained=False, device="cpu", precision="fp32")
+    sha = load_embedder(model).recipe["state_sha256"]
+    assert EmbedActor(model, sha, LoaderConfig(), gpu_decode=True).decoder is not None
+    monkeypatch.setattr(indexer.gpudecode, "unusable", lambda device: "RuntimeError: no nvJPEG")
+    actor = EmbedActor(model, sha, LoaderConfig(decode="auto"), gpu_decode=True)
+    assert actor.decoder is None  # its RAW rows go to the CPU path
+    with pytest.raises(InputError, match=r"nvJPEG does not work on a Ray GPU worker"):
+        EmbedActor(model, sha, LoaderConfig(decode="gpu"), gpu_decode=True)
