@@ -48,12 +48,14 @@ def decode_image(
     """
     if not data:
         raise DecodeError("empty file")
-    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    before, bomb = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
     ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
+    if bomb is not None and max_pixels > bomb:  # a limit raised past Pillow's is ours to keep
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         return _decode(data, max_pixels, draft)
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = before
+        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = before, bomb
 
 
 def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
@@ -75,7 +77,7 @@ def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
             return Decoded(to_rgb(ImageOps.exif_transpose(img)), width, height)
     except DecodeError:
         raise
-    except Image.DecompressionBombWarning as exc:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise DecodeError(f"image too large: {exc}") from exc
     except Exception as exc:  # Pillow raises many types for bad data; all mean "cannot decode"
         text = BUFFER_REPR.sub("the file", str(exc))  # the same reason in every run

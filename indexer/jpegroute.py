@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,6 +11,11 @@ SOF_OTHER = {0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # loss
 STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: no length
 ORIENTATION_TAG = 0x0112
 SHORT, LONG = 3, 4  # TIFF field types
+TIFF_HEADERS = (b"II*\x00", b"MM\x00*")
+PILLOW_ONLY_TIFF = (b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # it reads these too
+XMP = b"http://ns.adobe.com/xap/1.0/\x00"
+XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # as Pillow's getexif reads it
+MAX_SCANS = 64  # libjpeg writes ~10; each costs a pass over the image, with no timeout on the GPU
 
 
 @dataclass(frozen=True)
@@ -35,10 +41,13 @@ def route(data: bytes, max_pixels: int) -> Route:
     """gpu for a baseline or progressive 8-bit JPEG of 1 or 3 components (no Adobe CMYK,
     YCCK or RGB transform) within the pixel limit; otherwise cpu and why. The header is read
     to the start of the scan, as Pillow reads it: the first EXIF segment counts, wherever it
-    is; anything Pillow might read otherwise goes to the CPU."""
+    is; anything Pillow might read otherwise goes to the CPU (two EXIF segments, which it
+    joins; an XMP orientation where EXIF has none). So do files of more than MAX_SCANS scans:
+    the GPU side has no --decode-timeout, and a file of many scans takes as long as it likes."""
     if not data.startswith(b"\xff\xd8"):
         return Route(False, "not a JPEG")
-    i, orientation, adobe, frame = 2, 0, None, None  # orientation 0: no EXIF segment yet
+    i, adobe, frame = 2, None, None
+    orientation, exif, xmp = 0, False, False  # orientation 0: no EXIF tag read
     while True:
         if i + 4 > len(data):
             return Route(False, "truncated header")
@@ -57,11 +66,15 @@ def route(data: bytes, max_pixels: int) -> Route:
         if length < 2 or i + 2 + length > len(data):
             return Route(False, "truncated header")
         segment = data[i + 4 : i + 2 + length]
-        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00") and not orientation:
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            if exif:
+                return Route(False, "two EXIF segments")
             found = exif_orientation(segment[6:])
             if found is None:
-                return Route(False, "an EXIF orientation of an unusual type or count")
-            orientation = found
+                return Route(False, "an EXIF orientation of an unusual type, count or header")
+            orientation, exif = found, True
+        elif marker == 0xE1 and segment.startswith(XMP):
+            xmp = xmp or any(m[2] not in b"019" for m in XMP_ORIENTATION.finditer(segment))
         elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
             if frame is not None:
                 return Route(False, "an Adobe segment after the frame header")
@@ -75,6 +88,10 @@ def route(data: bytes, max_pixels: int) -> Route:
         i += 2 + length
     if frame is None or marker == 0xD9:
         return Route(False, "no frame header")
+    if xmp and not orientation:
+        return Route(False, "an XMP orientation")
+    if data.count(b"\xff\xda", i) > MAX_SCANS:  # 0xFF in entropy-coded data is 0xFF00 or RSTn
+        return Route(False, f"more than {MAX_SCANS} scans")
     return _frame(frame[0], frame[1], orientation or 1, adobe, max_pixels)
 
 
@@ -99,20 +116,22 @@ def _frame(
 
 
 def exif_orientation(tiff: bytes) -> int | None:
-    """The Orientation tag (1-8) of an EXIF block's first IFD; 1 when absent, malformed or out
-    of range (Pillow then turns nothing either); None when it is not one SHORT or LONG, where
-    Pillow's reading is not ours to guess."""
-    if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
-        return 1
+    """The Orientation tag of an EXIF block's first IFD: 1-8 (1 when out of range: Pillow then
+    turns nothing either); 0 when there is none (absent or malformed); None when it is not one
+    SHORT or LONG, or the header is one only Pillow reads: not ours to guess."""
+    if tiff[:4] in PILLOW_ONLY_TIFF:
+        return None
+    if tiff[:4] not in TIFF_HEADERS:
+        return 0
     order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
     offset = int.from_bytes(tiff[4:8], order)
     if offset + 2 > len(tiff):
-        return 1
+        return 0
     count = int.from_bytes(tiff[offset : offset + 2], order)
     for n in range(count):
         entry = tiff[offset + 2 + 12 * n : offset + 14 + 12 * n]
         if len(entry) < 12:
-            return 1
+            return 0
         if int.from_bytes(entry[0:2], order) != ORIENTATION_TAG:
             continue
         kind, values = int.from_bytes(entry[2:4], order), int.from_bytes(entry[4:8], order)
@@ -120,4 +139,4 @@ def exif_orientation(tiff: bytes) -> int | None:
             return None
         value = int.from_bytes(entry[8:10] if kind == SHORT else entry[8:12], order)
         return value if 1 <= value <= 8 else 1
-    return 1
+    return 0

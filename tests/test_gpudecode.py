@@ -391,6 +391,10 @@ def mixed_folder(root: Path) -> set[str]:
         exif = Image.Exif()
         exif[0x0112] = orientation
         (root / f"exif{orientation}.jpg").write_bytes(jpeg(40 + orientation, (240, 150), exif=exif))
+    plain = jpeg(45, (240, 150))  # turned by its XMP alone, which Pillow reads: the CPU's
+    xmp = b'http://ns.adobe.com/xap/1.0/\x00<rdf:Description tiff:Orientation="6"/>'
+    segment = b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp
+    (root / "xmp6.jpg").write_bytes(plain[:2] + segment + plain[2:])
     scene(50, (120, 100)).save(root / "scene.png")
     scene(51, (120, 100)).convert("CMYK").save(root / "cmyk.jpg")
     whole = jpeg(60, (200, 150))
@@ -400,18 +404,40 @@ def mixed_folder(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("threads", [False, True], ids=["inline", "two-threads"])
 def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
+    threads: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     """`indexer build` through the CLI with the GPU path forced on (torchvision decodes on the
-    CPU here, as nvJPEG would on CUDA): real workers routing and sharing, both decode threads,
-    the share balanced from measured times; every item once, the same failures, the same
-    vectors as the CPU path's build, and the GPU side's count reported."""
+    CPU here, as nvJPEG would on CUDA): real workers routing and sharing, decoding inline or
+    (as on CUDA) on both decode threads, the share balanced from measured times; every item
+    once, the same failures, the same vectors as the CPU path's build, and the GPU side's
+    count reported."""
     import logging
     import re
 
     import indexer.embed
+    import indexer.model
     from tests.helpers import read_embeddings_by_key, run_cli
+
+    if threads:  # embed_items decodes ahead, on two threads, for a model on CUDA
+        real = indexer.model.load_embedder
+
+        def as_on_cuda(cfg: object) -> object:
+            embedder = real(cfg)  # type: ignore[arg-type]
+            embedder.on_cuda = True
+            return embedder
+
+        monkeypatch.setattr(indexer.model, "load_embedder", as_on_cuda)
+        started: list[str] = []
+        ahead = indexer.embed.ahead
+
+        def watched(*args: object, **kwargs: object) -> object:
+            started.append(str(kwargs.get("name", args[1] if len(args) > 1 else "")))
+            return ahead(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(indexer.embed, "ahead", watched)
 
     src = tmp_path / "src"
     bad = mixed_folder(src)
@@ -447,6 +473,8 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     sizes = [pq.read_table(tmp_path / out / "shards", columns=["key", "width", "height"])
              .sort_by("key").to_pylist() for out in ("cpu", "gpu")]  # fmt: skip
     assert sizes[0] == sizes[1]
+    if threads:
+        assert len(started) == 2, started  # the decode and the resize thread
 
 
 def test_the_nvjpeg_check_passes_a_working_decoder_and_says_why_another_fails() -> None:

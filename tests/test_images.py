@@ -94,3 +94,22 @@ def test_broken_files_raise(data: bytes, reason: str) -> None:
 def test_pixel_limit_is_an_error() -> None:
     with pytest.raises(DecodeError, match="over the limit"):
         decode_rgb(encode(gradient(64, 32), "PNG"), max_pixels=1000)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_pixel_limit_raised_past_pillows_is_kept(
+    fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-image-pixels above Pillow's bomb limit (here lowered to 1000) decodes what it
+    allows, also past twice Pillow's limit (where Pillow raises, not warns); Pillow's own
+    limit is left as it was."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    data = encode(gradient(64, 32), fmt)  # 2,048 pixels
+    assert decode_rgb(data, max_pixels=5000).size == (64, 32)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    with pytest.raises(DecodeError, match=r"over the limit|too large"):
+        decode_rgb(data, max_pixels=2000)
+    with pytest.raises(DecodeError, match="too large"):
+        decode_rgb(data, max_pixels=900)  # Pillow's limit is kept where it is the lower

@@ -83,7 +83,9 @@ def test_exif_orientation_is_read(orientation: int) -> None:
 
 @pytest.mark.parametrize("tiff", [b"", b"XX\x00\x00", b"II*\x00\xff\xff\xff\x7f", b"MM\x00*\x00"])
 def test_malformed_exif_means_upright(tiff: bytes) -> None:
-    assert exif_orientation(tiff) == 1
+    assert exif_orientation(tiff) == 0  # no tag read
+    got = route(jpeg()[:2] + app1(tiff) + jpeg()[2:], LIMIT)
+    assert got.gpu and got.orientation == 1
 
 
 def test_the_pixel_limit_is_the_callers() -> None:
@@ -111,22 +113,76 @@ def after_frame(data: bytes, segment: bytes) -> bytes:
     return data[:end] + segment + data[end:]
 
 
+def xmp(body: bytes) -> bytes:
+    segment = b"http://ns.adobe.com/xap/1.0/\x00" + body
+    return b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment
+
+
+def inserted(*segments: bytes) -> bytes:
+    return jpeg()[:2] + b"".join(segments) + jpeg()[2:]
+
+
+XMP_ATTRIBUTE = b'<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>'
+XMP_ELEMENT = b"<x:xmpmeta><tiff:Orientation>8</tiff:Orientation></x:xmpmeta>"
+
+
+def many_scans(count: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated until it has `count` scans."""
+    data = jpeg(progressive=True)
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * (count - data.count(b"\xff\xda")) + b"\xff\xd9"
+
+
 EXIF_CASES = [  # each as Pillow reads it: the first EXIF segment, wherever it is, by its type
-    (
-        "two EXIF segments",
-        lambda: (
-            jpeg()[:2]
-            + app1(tiff_orientation("II", 3, 6))
-            + app1(tiff_orientation("II", 3, 8))
-            + jpeg()[2:]
-        ),
-        6,
-    ),
     ("EXIF after the frame", lambda: after_frame(jpeg(), app1(tiff_orientation("MM", 3, 6))), 6),
     ("big-endian LONG", lambda: jpeg()[:2] + app1(tiff_orientation("MM", 4, 6)) + jpeg()[2:], 6),
     ("little-endian LONG", lambda: jpeg()[:2] + app1(tiff_orientation("II", 4, 8)) + jpeg()[2:], 8),
     ("big-endian SHORT", lambda: jpeg()[:2] + app1(tiff_orientation("MM", 3, 5)) + jpeg()[2:], 5),
+    (
+        "EXIF's tag before XMP's",
+        lambda: inserted(app1(tiff_orientation("II", 3, 3)), xmp(XMP_ATTRIBUTE)),
+        3,
+    ),
+    ("XMP orientation 1", lambda: inserted(xmp(XMP_ATTRIBUTE.replace(b'"6"', b'"1"'))), 1),
+    ("XMP without orientation", lambda: inserted(xmp(b"<x:xmpmeta/>")), None),
+    ("progressive, 64 scans", lambda: many_scans(64), None),
 ]
+
+CPU_CASES = [  # what Pillow reads otherwise than the first EXIF segment: the CPU path decodes
+    (
+        "two EXIF segments",
+        lambda: inserted(app1(tiff_orientation("II", 3, 6)), app1(tiff_orientation("II", 3, 8))),
+        "two EXIF",
+    ),
+    ("XMP attribute", lambda: inserted(xmp(XMP_ATTRIBUTE)), "XMP orientation"),
+    ("XMP element", lambda: inserted(xmp(XMP_ELEMENT)), "XMP orientation"),
+    (
+        "XMP, EXIF without the tag",
+        lambda: inserted(app1(b"II*\x00" + (8).to_bytes(4, "little") + bytes(6)), xmp(XMP_ELEMENT)),
+        "XMP orientation",
+    ),
+    (
+        "MM*\\0 header",
+        lambda: inserted(app1(b"MM*\x00" + tiff_orientation("MM", 3, 6)[4:])),
+        "unusual type, count or header",
+    ),
+    (
+        "II\\0* header",
+        lambda: inserted(app1(b"II\x00*" + tiff_orientation("II", 3, 6)[4:])),
+        "unusual type, count or header",
+    ),
+    ("65 scans", lambda: many_scans(65), "more than 64 scans"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "reason"), CPU_CASES, ids=[c[0] for c in CPU_CASES])
+def test_what_pillow_reads_otherwise_goes_to_the_cpu(name: str, make: object, reason: str) -> None:
+    from PIL import ImageOps
+
+    data = make()  # type: ignore[operator]
+    got = route(data, LIMIT)
+    assert not got.gpu and reason in got.reason, got
+    ImageOps.exif_transpose(Image.open(io.BytesIO(data))).load()  # the CPU path can decode it
 
 
 @pytest.mark.parametrize(("name", "make", "want"), EXIF_CASES, ids=[c[0] for c in EXIF_CASES])
@@ -137,7 +193,7 @@ def test_exif_is_read_as_pillow_reads_it(name: str, make: object, want: int) -> 
     got = route(data, LIMIT)
     image = Image.open(io.BytesIO(data))
     assert image.getexif().get(0x0112) == want
-    assert got.gpu and got.orientation == want
+    assert got.gpu and got.orientation == (want or 1)
     swapped = (got.height, got.width) if got.orientation >= 5 else (got.width, got.height)
     assert swapped == ImageOps.exif_transpose(image).size
 
