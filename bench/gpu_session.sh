@@ -16,7 +16,7 @@ timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_gpudecode.py 
 [ "${PROBE:-1}" = 1 ] && timeout 120 python3 bench/nvjpeg_probe.py .gpudata/photos
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/gpudecode.py --photos .gpudata/photos --rounds 1 \
   --scenes 3000 --copies "${COPIES:-200}" --scene-copies "${SCENE_COPIES:-1}" ${BENCH_FLAGS:-} \
-  $(for v in ${VARIANTS:-512}; do echo --gpu-variant "$v"; done)
+  $(for v in ${VARIANTS:-256:groups}; do echo --gpu-variant "$v"; done)
 if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/gpudecode/photos ]; then
   chmod +x .whl/py-spy
   timeout 120 .whl/py-spy record --threads --idle -r 20 -f raw -o "$OUT/gpu.txt" -- \

@@ -28,6 +28,7 @@ KEPT_PACE = re.compile(r"decoded by the workers to keep pace: (\d+) \(share at t
 OPTIONS = {
     "gil5ms": "import indexer.embed as e; e.SWITCH_INTERVAL = None",  # Python's 5 ms
     "gpuonly": "import indexer.loader as l; l.SHARE = False",  # no JPEG left to the workers
+    "groups": "import indexer.gpudecode as g; g.RESIZE = 'groups'",  # interpolate by shape
 }
 
 

@@ -177,6 +177,41 @@ def main() -> None:
     for label, value in rows:
         print(f"  {label:48s} {value:8.0f} images/s  {value / alone:5.2f}x alone")
     print(f"  progressive / baseline (same pixels): {rows[-1][1] / base_rate:.2f}x")
+    print("\n".join(resizes(datas, args.device, args.reps)))
+
+
+def resizes(datas: list[bytes], device: str, reps: int) -> list[str]:
+    """The batch's two resizes (indexer.gpudecode.RESIZE) on the decoded photos: images/s,
+    and how far each is from the CPU path's pixels (mean levels; the worst image's mean)."""
+    import numpy as np
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from indexer.gpudecode import resize_crop_batch, resize_crop_groups
+    from indexer.preprocess import DataConfig, Preprocessor
+
+    cfg = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.485, 0.456, 0.406),
+                     (0.229, 0.224, 0.225))  # fmt: skip
+    blobs = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    images = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    want = [Preprocessor(cfg, "exact")(d).pixels.astype(np.float32) for d in datas]
+    lines = [f"\n## the batch's resize, {len(datas)} photos ({len(set(i.shape for i in images))} "
+             "shapes)"]  # fmt: skip
+    for name, resize in (("roi", resize_crop_batch), ("groups", resize_crop_groups)):
+        pixels = resize(images, cfg)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            pixels = resize(images, cfg)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        rate = reps * len(images) / (time.perf_counter() - t0)
+        off = [float(np.abs(p.cpu().numpy().astype(np.float32) - w).mean())
+               for p, w in zip(pixels, want, strict=True)]  # fmt: skip
+        lines.append(f"  {name:8s} {rate:8.0f} images/s; off the CPU path by {np.mean(off):.2f} "
+                     f"levels (worst image {max(off):.2f})")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

@@ -558,3 +558,57 @@ def test_a_ray_actor_whose_nvjpeg_fails_decodes_on_the_cpu_or_refuses(
     assert actor.decoder is None  # its RAW rows go to the CPU path
     with pytest.raises(InputError, match=r"nvJPEG does not work on a Ray GPU worker"):
         EmbedActor(model, sha, LoaderConfig(decode="gpu"), gpu_decode=True)
+
+
+@pytest.mark.parametrize("crop_pct", [0.95, 1.0])
+def test_resizing_by_shape_groups_is_each_image_resized_alone(
+    crop_pct: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resize_crop_groups: each row is exactly resize_crop of its image alone (grey ones made
+    RGB), in the order given, however the runs are chunked; and within half a level of the CPU
+    path on average, where the roi_align batch is further off."""
+    import indexer.gpudecode as gd
+
+    cfg = DataConfig((3, 160, 160), "bicubic", crop_pct, "center", (0.5,) * 3, (0.5,) * 3)
+    sizes = [(200, 150), (90, 90), (200, 150), (640, 480), (3, 3), (150, 260), (200, 150)]
+    datas = [jpeg(s, size) if min(size) > 20 else _tiny_jpeg(size) for s, size in enumerate(sizes)]
+    datas.insert(2, _grey_jpeg((200, 150)))
+    images = nvjpeg("cpu")([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas])
+    whole = gd.resize_crop_groups(images, cfg)
+    assert whole.shape == (len(images), 160, 160, 3) and whole.dtype == torch.uint8
+    for image, got in zip(images, whole, strict=True):
+        assert torch.equal(got, gd.resize_crop(image, cfg).expand(160, 160, 3))
+    monkeypatch.setattr(gd, "CHUNK_BYTES", 3 * 200 * 150 * 4)  # one image of a run a chunk
+    assert torch.equal(gd.resize_crop_groups(images, cfg), whole)
+    cpu = Preprocessor(cfg, "exact")
+    roi = gd.resize_crop_batch(images, cfg)
+    for data, got, other in zip(datas, whole, roi, strict=True):
+        want = cpu(data).pixels.astype(np.float64)
+        off = np.abs(got.numpy().astype(np.float64) - want).mean()
+        assert off < 0.5 and off <= np.abs(other.numpy().astype(np.float64) - want).mean()
+
+
+def _tiny_jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    scene(3, (400, 300)).resize(size, Image.Resampling.BILINEAR).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _grey_jpeg(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    scene(4, size).convert("L").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_the_decoder_resizes_as_resize_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.gpudecode as gd
+
+    datas = [jpeg(s, (200 + 10 * s, 150)) for s in range(3)]
+    pairs = [(data, route(data, 10**8)) for data in datas]
+    decoder = GpuDecoder(CFG, "cpu", nvjpeg("cpu"))
+    images = decoder.decode(pairs)
+    for mode, resize in (("roi", gd.resize_crop_batch), ("groups", gd.resize_crop_groups)):
+        monkeypatch.setattr(gd, "RESIZE", mode)
+        pixels, good = decoder.prepare(images, [r for _, r in pairs])
+        assert good == [0, 1, 2] and pixels is not None
+        assert torch.equal(pixels, resize([i for i in images if i is not None], CFG))
