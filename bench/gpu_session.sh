@@ -1,6 +1,7 @@
 #!/bin/bash
 # One prepared GPU session (the device machine lacks faiss): carry .whl (a faiss-cpu wheel, and
-# py-spy for PROFILE=1) and .gpudata/photos (ImageNet-size photos); install, run the GPU-side
+# py-spy for PROFILE=1) and .gpudata/photos (ImageNet-size photos), both made by
+# bench/gpu_prepare.sh; install, run the GPU-side
 # tests, probe nvJPEG beside what a build runs (bench/nvjpeg_probe.py; PROBE=0 skips it),
 # measure both decode paths end to end in one run (bench/gpudecode.py, the photos linked
 # COPIES times, the scenes SCENE_COPIES times), then with PROFILE=1 sample a GPU build of
