@@ -154,23 +154,13 @@ class EmbedActor:
         self.cpu = Preprocessor(cfg, loader.preprocessing, loader.max_pixels,
                                 loader.allow_truncated)  # fmt: skip
         self.decoder = None
-        if gpu_decode and self._nvjpeg_works(loader.decode == "gpu"):
-            from indexer.gpudecode import GpuDecoder
+        if gpu_decode:  # the driver found GPUs in the cluster; this actor checks its nvJPEG
+            from indexer.embed import choose_gpu_decoding
+            from indexer.gpudecode import GpuDecoder, unusable
 
-            self.decoder = GpuDecoder(cfg, self.embedder.device)
-
-    def _nvjpeg_works(self, asked: bool) -> bool:
-        """Whether this actor's GPU decodes as the CPU does (gpudecode.unusable): refused
-        when --decode gpu asked for it, else the RAW rows are decoded on the CPU here."""
-        from indexer.gpudecode import unusable
-
-        why = unusable(self.embedder.device)
-        if why is not None and asked:
-            raise InputError(f"--decode gpu: nvJPEG does not work on a Ray GPU worker ({why}): "
-                             "use --decode cpu")  # fmt: skip
-        if why is not None:
-            log.warning("this Ray worker decodes JPEGs on the CPU: nvJPEG does not work (%s)", why)
-        return why is None
+            device = self.embedder.device
+            if choose_gpu_decoding(loader.decode, True, lambda: unusable(device)):
+                self.decoder = GpuDecoder(cfg, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

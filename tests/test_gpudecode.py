@@ -556,7 +556,7 @@ def test_a_ray_actor_whose_nvjpeg_fails_decodes_on_the_cpu_or_refuses(
     monkeypatch.setattr(indexer.gpudecode, "unusable", lambda device: "RuntimeError: no nvJPEG")
     actor = EmbedActor(model, sha, LoaderConfig(decode="auto"), gpu_decode=True)
     assert actor.decoder is None  # its RAW rows go to the CPU path
-    with pytest.raises(InputError, match=r"nvJPEG does not work on a Ray GPU worker"):
+    with pytest.raises(InputError, match=r"--decode gpu: nvJPEG does not work here"):
         EmbedActor(model, sha, LoaderConfig(decode="gpu"), gpu_decode=True)
 
 
