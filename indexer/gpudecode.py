@@ -31,7 +31,7 @@ CHECK_LEVELS = 8.0  # mean difference from Pillow's pixels a working decoder sta
 def unusable(device: str | torch.device, decode: Decode | None = None) -> str | None:
     """None when the decoder works on `device` (nvJPEG on CUDA): a small baseline and a
     progressive JPEG of one scene decode in one batch to Pillow's pixels, within a few levels
-    (their upsampling and IDCT differ slightly). Otherwise why not, in a line."""
+    (their upsampling and IDCT differ slightly). Otherwise why not, in a line; never raises."""
     import io
 
     import numpy as np
@@ -47,18 +47,33 @@ def unusable(device: str | torch.device, decode: Decode | None = None) -> str | 
         want.append(np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32))
     try:
         got = list((decode or nvjpeg(device))(blobs))
+        return _unlike(got, want)
     except Exception as exc:  # not built with nvJPEG, no decode_jpeg, a driver error, ...
-        first = (str(exc).strip().splitlines() or [""])[0]
-        return f"{type(exc).__name__}: {first}"[:300]
-    if len(got) != len(blobs) or not all(_is_chw(image) for image in got):
+        return _one_line(exc)
+
+
+def _unlike(got: list[Any], want: list[Any]) -> str | None:
+    """Why decoded test images are not the expected pixels, or None."""
+    import numpy as np
+
+    images = [image for image in got if isinstance(image, torch.Tensor) and _is_chw(image)]
+    if len(images) != len(want) or any(image.dtype != torch.uint8 for image in images):
         return "the decoder returned other images than it was given"
-    for image, pixels in zip(got, want, strict=True):
-        hwc = image.expand(3, -1, -1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
+    for image, pixels in zip(images, want, strict=True):
+        hwc = image.detach().expand(3, -1, -1).permute(1, 2, 0).cpu().numpy().astype(np.float32)
         if hwc.shape != pixels.shape:
             return f"a test image decoded to {hwc.shape[1]}x{hwc.shape[0]}, not 64x48"
-        if float(np.abs(hwc - pixels).mean()) > CHECK_LEVELS:
+        if not float(np.abs(hwc - pixels).mean()) <= CHECK_LEVELS:
             return "its pixels differ from Pillow's on a test image"
     return None
+
+
+def _one_line(exc: Exception) -> str:
+    try:
+        text = (str(exc).strip().splitlines() or [""])[0]
+    except Exception:  # an exception whose message itself fails
+        text = ""
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
 
 
 def decode_split(blobs: list[torch.Tensor], decode: Decode) -> list[torch.Tensor | None]:
@@ -136,7 +151,8 @@ def resize_crop_groups(images: list[torch.Tensor], cfg: DataConfig) -> torch.Ten
     out = ordered[0].new_empty((len(ordered), 3, crop_h, crop_w), dtype=torch.float32)
     for first, end in _runs(ordered):
         height, width = _size(ordered[first])
-        step = max(1, CHUNK_BYTES // (3 * height * width * 4))
+        new_w, new_h = resized_size(width, height, cfg)  # float32, before and after
+        step = max(1, CHUNK_BYTES // (3 * max(height * width, new_h * new_w) * 4))
         for start in range(first, end, step):
             stop = min(end, start + step)
             run = ordered[start].unsqueeze(0) if stop - start == 1 else torch.stack(

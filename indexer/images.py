@@ -9,12 +9,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 from indexer.config import DEFAULT_MAX_PIXELS
 
 BACKGROUND = (255, 255, 255)  # alpha is composited on white, as most viewers show it
 EXIF_ORIENTATION = 0x0112
+TRANSPOSE = {  # EXIF orientation -> the transpose that shows the image upright
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SWAPS = {Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+         Image.Transpose.ROTATE_90}  # fmt: skip
 BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
@@ -72,9 +83,15 @@ def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
                 img.draft(img.mode, draft(width, height))
             img.seek(0)  # animated images: the first frame
             img.load()
-            if img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            orientation = _orientation(img)
+            turn = TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+            if turn is None:
+                return Decoded(to_rgb(img), width, height)
+            if turn in SWAPS:
                 width, height = height, width
-            return Decoded(to_rgb(ImageOps.exif_transpose(img)), width, height)
+            # as ImageOps.exif_transpose turns it, without rewriting the EXIF (which fails
+            # on some odd tags, and the pixels do not need)
+            return Decoded(to_rgb(img.transpose(turn)), width, height)
     except DecodeError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -82,6 +99,16 @@ def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
     except Exception as exc:  # Pillow raises many types for bad data; all mean "cannot decode"
         text = BUFFER_REPR.sub("the file", str(exc))  # the same reason in every run
         raise DecodeError(f"cannot decode image: {type(exc).__name__}: {text}") from exc
+
+
+def _orientation(img: Image.Image) -> object:
+    """The image's EXIF (or XMP) orientation as Pillow reads it; 1 where its EXIF cannot be
+    read at all (not TIFF), as Pillow itself then reads it when the file has no JFIF density:
+    the pixels are whole either way."""
+    try:
+        return img.getexif().get(EXIF_ORIENTATION, 1)
+    except SyntaxError:  # "not a TIFF file"
+        return 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -12,7 +12,8 @@ STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM, RSTn: no length
 ORIENTATION_TAG = 0x0112
 SHORT, LONG = 3, 4  # TIFF field types
 TIFF_HEADERS = (b"II*\x00", b"MM\x00*")
-PILLOW_ONLY_TIFF = (b"MM*\x00", b"II\x00*", b"MM\x00+", b"II+\x00")  # it reads these too
+TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8,
+                   13: 4, 16: 8, 17: 8, 18: 8}  # fmt: skip
 XMP = b"http://ns.adobe.com/xap/1.0/\x00"
 XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # as Pillow's getexif reads it
 MAX_SCANS = 64  # libjpeg writes ~10; each costs a pass over the image, with no timeout on the GPU
@@ -71,7 +72,7 @@ def route(data: bytes, max_pixels: int) -> Route:
                 return Route(False, "two EXIF segments")
             found = exif_orientation(segment[6:])
             if found is None:
-                return Route(False, "an EXIF orientation of an unusual type, count or header")
+                return Route(False, "unusual EXIF (Pillow's reading is not ours to guess)")
             orientation, exif = found, True
         elif marker == 0xE1 and segment.startswith(XMP):
             xmp = xmp or any(m[2] not in b"019" for m in XMP_ORIENTATION.finditer(segment))
@@ -116,27 +117,34 @@ def _frame(
 
 
 def exif_orientation(tiff: bytes) -> int | None:
-    """The Orientation tag of an EXIF block's first IFD: 1-8 (1 when out of range: Pillow then
-    turns nothing either); 0 when there is none (absent or malformed); None when it is not one
-    SHORT or LONG, or the header is one only Pillow reads: not ours to guess."""
-    if tiff[:4] in PILLOW_ONLY_TIFF:
-        return None
-    if tiff[:4] not in TIFF_HEADERS:
+    """The Orientation tag of an EXIF block's first IFD, read as Pillow reads it: 1-8 (1 when
+    out of range: Pillow then turns nothing either); 0 when the block holds none; None when
+    anything is unusual (a header only Pillow reads, or none it reads; an IFD or a value that
+    runs past the block, where Pillow stops reading; a tag that is not one SHORT or LONG):
+    not ours to guess, the CPU path decodes it."""
+    if tiff.startswith(b"Exif\x00\x00"):  # Pillow strips a second prefix too
+        tiff = tiff[6:]
+    if not tiff:
         return 0
+    if tiff[:4] not in TIFF_HEADERS:
+        return None
     order: Literal["little", "big"] = "little" if tiff[:2] == b"II" else "big"
     offset = int.from_bytes(tiff[4:8], order)
     if offset + 2 > len(tiff):
-        return 0
+        return None
     count = int.from_bytes(tiff[offset : offset + 2], order)
     for n in range(count):
         entry = tiff[offset + 2 + 12 * n : offset + 14 + 12 * n]
         if len(entry) < 12:
-            return 0
-        if int.from_bytes(entry[0:2], order) != ORIENTATION_TAG:
-            continue
-        kind, values = int.from_bytes(entry[2:4], order), int.from_bytes(entry[4:8], order)
-        if values != 1 or kind not in (SHORT, LONG):
             return None
-        value = int.from_bytes(entry[8:10] if kind == SHORT else entry[8:12], order)
-        return value if 1 <= value <= 8 else 1
+        tag, kind = int.from_bytes(entry[0:2], order), int.from_bytes(entry[2:4], order)
+        values = int.from_bytes(entry[4:8], order)
+        if tag == ORIENTATION_TAG:
+            if values != 1 or kind not in (SHORT, LONG):
+                return None
+            value = int.from_bytes(entry[8:10] if kind == SHORT else entry[8:12], order)
+            return value if 1 <= value <= 8 else 1
+        size = values * TIFF_TYPE_SIZES.get(kind, 0)  # Pillow skips a type it does not know
+        if size > 4 and int.from_bytes(entry[8:12], order) + size > len(tiff):
+            return None
     return 0

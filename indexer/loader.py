@@ -24,7 +24,7 @@ from indexer.config import LoaderConfig
 from indexer.embed import Batch, RawItem
 from indexer.images import DecodeError
 from indexer.jpegroute import route
-from indexer.preprocess import Preprocessor
+from indexer.preprocess import Preprocessor, enlarges
 from indexer.sources import Item, Source
 from indexer.sources.base import SampleFailed
 
@@ -95,8 +95,11 @@ class ItemDataset(Dataset):
         shared = False  # a JPEG the GPU could decode, decoded here to keep pace with it
         if self.gpu_pixels is not None:
             routed = route(data, self.gpu_pixels)
-            shared = routed.gpu and self.share is not None and self.share.takes(position)
-            if routed.gpu and not shared:  # read and routed here; decoded on the GPU
+            # an image the resize enlarges is the CPU's: cheap to decode, and the GPU's
+            # batched resize is made for shrinking (Pillow's bicubic enlarges otherwise)
+            gpu = routed.gpu and not enlarges(routed.width, routed.height, self.preprocess.cfg)
+            shared = gpu and self.share is not None and self.share.takes(position)
+            if gpu and not shared:  # read and routed here; decoded on the GPU
                 return {"position": position, "raw": data, "route": routed, "hash": digest,
                         "meta": meta}  # fmt: skip
         start = time.perf_counter()

@@ -87,6 +87,12 @@ def resized_size(width: int, height: int, cfg: DataConfig) -> tuple[int, int]:
     return int(short * width / height), short
 
 
+def enlarges(width: int, height: int, cfg: DataConfig) -> bool:
+    """Whether timm's eval resize makes this image larger (a side smaller than the input's)."""
+    new_w, new_h = resized_size(width, height, cfg)
+    return new_w > width or new_h > height
+
+
 def crop_box(width: int, height: int, cfg: DataConfig) -> tuple[float, float, float, float]:
     """The centre crop of the resized image, in the original image's coordinates."""
     _, crop_h, crop_w = cfg.input_size

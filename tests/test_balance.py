@@ -18,7 +18,7 @@ from indexer.synthetic import scene
 CFG = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)
 
 
-def jpeg(seed: int, size: tuple[int, int] = (200, 150)) -> bytes:
+def jpeg(seed: int, size: tuple[int, int] = (240, 180)) -> bytes:
     buffer = io.BytesIO()
     scene(seed, size).save(buffer, "JPEG", quality=95)
     return buffer.getvalue()

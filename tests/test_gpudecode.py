@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.gpudecode import GpuDecoder, decode_split, nvjpeg, orient
+from indexer.gpudecode import Decode, GpuDecoder, decode_split, nvjpeg, orient
 from indexer.jpegroute import route
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.synthetic import scene
@@ -20,7 +20,7 @@ from indexer.synthetic import scene
 CFG = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)
 
 
-def jpeg(seed: int, size: tuple[int, int] = (200, 150), **save: object) -> bytes:
+def jpeg(seed: int, size: tuple[int, int] = (240, 180), **save: object) -> bytes:
     buffer = io.BytesIO()
     scene(seed, size).save(buffer, "JPEG", quality=95, **save)
     return buffer.getvalue()
@@ -297,7 +297,7 @@ def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
     root = Path(str(tmp_path)) / "src"
     root.mkdir()
     for n in range(5):
-        (root / f"{n}.jpg").write_bytes(jpeg(n, (200 + 20 * n, 150)))
+        (root / f"{n}.jpg").write_bytes(jpeg(n, (200 + 20 * n, 180)))
     (root / "cut.jpg").write_bytes(jpeg(9)[:5000])  # header whole, body cut: fails both ways
     scene(7, (90, 90)).save(root / "p.png")
     scene(8, (90, 90)).convert("CMYK").save(root / "k.jpg")
@@ -325,7 +325,7 @@ def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
     assert cosine.min() > 0.99 and cosine.mean() > 0.999
     sizes = {items[p].key: (w, h) for p, w, h in zip(batch.positions, batch.widths, batch.heights,
                                                      strict=True)}  # fmt: skip
-    assert sizes["3.jpg"] == (260, 150) and sizes["p.png"] == (90, 90)
+    assert sizes["3.jpg"] == (260, 180) and sizes["p.png"] == (90, 90)
 
 
 def test_grey_and_colour_images_of_one_size_and_odd_outputs() -> None:
@@ -383,21 +383,22 @@ def mixed_folder(root: Path) -> set[str]:
     """Every kind of file a GPU build meets, the names of those that cannot be decoded."""
     root.mkdir()
     for n in range(14):  # baseline JPEGs of several sizes, across batches
-        (root / f"base{n:02d}.jpg").write_bytes(jpeg(n, (180 + 10 * n, 140 + 5 * (n % 3))))
+        (root / f"base{n:02d}.jpg").write_bytes(jpeg(n, (200 + 10 * n, 170 + 5 * (n % 3))))
     for n in range(3):
-        (root / f"prog{n}.jpg").write_bytes(jpeg(20 + n, (210, 160), progressive=True))
-    scene(30, (150, 150)).convert("L").save(root / "grey.jpg", quality=95)
+        (root / f"prog{n}.jpg").write_bytes(jpeg(20 + n, (210, 180), progressive=True))
+    scene(30, (180, 180)).convert("L").save(root / "grey.jpg", quality=95)
     for orientation in (3, 6, 8):
         exif = Image.Exif()
         exif[0x0112] = orientation
-        (root / f"exif{orientation}.jpg").write_bytes(jpeg(40 + orientation, (240, 150), exif=exif))
-    plain = jpeg(45, (240, 150))  # turned by its XMP alone, which Pillow reads: the CPU's
+        (root / f"exif{orientation}.jpg").write_bytes(jpeg(40 + orientation, (240, 180), exif=exif))
+    plain = jpeg(45, (240, 180))  # turned by its XMP alone, which Pillow reads: the CPU's
     xmp = b'http://ns.adobe.com/xap/1.0/\x00<rdf:Description tiff:Orientation="6"/>'
     segment = b"\xff\xe1" + (len(xmp) + 2).to_bytes(2, "big") + xmp
     (root / "xmp6.jpg").write_bytes(plain[:2] + segment + plain[2:])
+    (root / "small.jpg").write_bytes(jpeg(46, (120, 90)))  # the resize enlarges it: the CPU's
     scene(50, (120, 100)).save(root / "scene.png")
     scene(51, (120, 100)).convert("CMYK").save(root / "cmyk.jpg")
-    whole = jpeg(60, (200, 150))
+    whole = jpeg(60, (240, 180))
     (root / "cut.jpg").write_bytes(whole[:4000])  # header whole, body cut: routed, fails both ways
     (root / "noise.jpg").write_bytes(bytes(range(256)) * 8)  # not a JPEG at all
     return {"cut.jpg", "noise.jpg"}
@@ -501,6 +502,29 @@ def test_the_nvjpeg_check_passes_a_working_decoder_and_says_why_another_fails() 
     assert unusable("cpu", lambda blobs: [b[:, :40] for b in grey(blobs)]) == (
         "a test image decoded to 64x40, not 64x48"
     )
+
+    class Unprintable(RuntimeError):
+        def __str__(self) -> str:
+            raise ValueError("no message")
+
+    def raising(exc: Exception) -> Decode:
+        def decode(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
+            raise exc
+
+        return decode
+
+    odd: list[Decode] = [  # a one-line reason for each, never an exception
+        lambda blobs: [b.numpy() for b in grey(blobs)],  # type: ignore[misc]
+        lambda blobs: [b.float().requires_grad_() for b in grey(blobs)],
+        lambda blobs: [torch.full((3, 48, 64), float("nan")) for _ in blobs],
+        lambda blobs: [torch.empty((3, 48, 64), dtype=torch.uint8, device="meta") for _ in blobs],
+        raising(Unprintable()),
+        raising(RuntimeError("")),
+    ]
+    reasons = [unusable("cpu", decode) for decode in odd]
+    assert reasons[:3] == ["the decoder returned other images than it was given"] * 3
+    assert reasons[3] is not None and reasons[3].startswith("NotImplementedError")
+    assert reasons[4:] == ["Unprintable", "RuntimeError"]
 
 
 @pytest.mark.parametrize(

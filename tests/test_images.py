@@ -113,3 +113,33 @@ def test_a_pixel_limit_raised_past_pillows_is_kept(
         decode_rgb(data, max_pixels=2000)
     with pytest.raises(DecodeError, match="too large"):
         decode_rgb(data, max_pixels=900)  # Pillow's limit is kept where it is the lower
+
+
+def with_tiff(jpeg: bytes, tiff: bytes) -> bytes:
+    segment = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + (len(segment) + 2).to_bytes(2, "big") + segment + jpeg[2:]
+
+
+def test_odd_exif_that_pillow_cannot_rewrite_is_still_turned() -> None:
+    """Orientation 6 beside a standard tag of the wrong type: ImageOps.exif_transpose fails
+    rewriting the EXIF; the pixels are turned all the same."""
+    entries = [(0x0106, 2, 4, b"Cam\x00"), (0x0112, 3, 1, (6).to_bytes(2, "little") + bytes(2))]
+    tiff = b"II*\x00" + (8).to_bytes(4, "little") + len(entries).to_bytes(2, "little")
+    for tag, kind, count, value in entries:
+        tiff += tag.to_bytes(2, "little") + kind.to_bytes(2, "little")
+        tiff += count.to_bytes(4, "little") + value
+    img = gradient(64, 32)
+    decoded = decode_image(with_tiff(encode(img, "JPEG", quality=95), tiff + bytes(4)))
+    assert (decoded.width, decoded.height) == decoded.image.size == (32, 64)
+    expected = np.asarray(img.transpose(Image.Transpose.ROTATE_270), np.int16)
+    assert np.abs(np.asarray(decoded.image, np.int16) - expected).mean() < 3
+
+
+@pytest.mark.parametrize("dpi", [None, (72, 72)])
+def test_exif_that_is_not_tiff_means_upright(dpi: tuple[int, int] | None) -> None:
+    """Pillow reads such a file upright without a JFIF density and fails with one; here it
+    is upright either way (the pixels are whole)."""
+    img = gradient(64, 32)
+    jpeg = encode(img, "JPEG", quality=95, **({"dpi": dpi} if dpi else {}))
+    decoded = decode_image(with_tiff(jpeg, b"XXXX\x00\x00\x00\x08" + bytes(6)))
+    assert decoded.image.size == (64, 32)

@@ -81,11 +81,57 @@ def test_exif_orientation_is_read(orientation: int) -> None:
     assert got.gpu and got.orientation == orientation
 
 
-@pytest.mark.parametrize("tiff", [b"", b"XX\x00\x00", b"II*\x00\xff\xff\xff\x7f", b"MM\x00*\x00"])
-def test_malformed_exif_means_upright(tiff: bytes) -> None:
-    assert exif_orientation(tiff) == 0  # no tag read
-    got = route(jpeg()[:2] + app1(tiff) + jpeg()[2:], LIMIT)
+def test_empty_exif_means_upright() -> None:
+    assert exif_orientation(b"") == exif_orientation(b"Exif\x00\x00") == 0  # no tag
+    got = route(jpeg()[:2] + app1(b"") + jpeg()[2:], LIMIT)
     assert got.gpu and got.orientation == 1
+
+
+def ifd(order: str, *entries: tuple[int, int, int, int]) -> bytes:
+    """A TIFF block whose first IFD holds these (tag, type, count, value or offset) entries."""
+    end = "big" if order == "MM" else "little"
+    head = b"MM\x00*" if order == "MM" else b"II*\x00"
+    body = b"".join(t.to_bytes(2, end) + k.to_bytes(2, end) + c.to_bytes(4, end)
+                    + (v.to_bytes(2, end) + bytes(2) if k == 3 else v.to_bytes(4, end))
+                    for t, k, c, v in entries)  # fmt: skip
+    return head + (8).to_bytes(4, end) + len(entries).to_bytes(2, end) + body + bytes(4)
+
+
+MALFORMED = [  # each one Pillow reads its own way (or fails on): the CPU path decodes it
+    b"XX\x00\x00",  # no TIFF header Pillow reads
+    b"MM*\x00\x00\x00\x00\x08",  # one only Pillow reads
+    b"II*\x00\xff\xff\xff\x7f",  # the IFD past the end
+    b"MM\x00*\x00",  # cut in the header
+    ifd("II", (0x0112, 3, 1, 6))[:20],  # cut in the IFD
+    ifd("II", (0x010F, 2, 20, 200), (0x0112, 3, 1, 6)),  # Make's text past the end: Pillow stops
+    b"Exif\x00\x00Exif\x00\x00" + ifd("II", (0x0112, 3, 1, 6)),  # a third prefix: not TIFF
+]
+
+
+@pytest.mark.parametrize("tiff", MALFORMED)
+def test_malformed_exif_goes_to_the_cpu(tiff: bytes) -> None:
+    assert exif_orientation(tiff) is None
+    got = route(jpeg()[:2] + app1(tiff) + jpeg()[2:], LIMIT)
+    assert not got.gpu and "unusual EXIF" in got.reason
+
+
+@pytest.mark.parametrize(
+    ("tiff", "want"),
+    [
+        (b"Exif\x00\x00" + ifd("II", (0x0112, 3, 1, 6)), 6),  # a second prefix, which Pillow strips
+        (ifd("MM", (0x010F, 2, 4, 0), (0x0112, 3, 1, 8)), 8),  # a short value held in its entry
+        (ifd("II", (0x010F, 99, 9, 10**6), (0x0112, 3, 1, 3)), 3),  # a type Pillow skips
+        (ifd("II", (0x0110, 2, 6, 8 + 2 + 12 + 4)) + b"Model\x00", 0),  # no Orientation
+    ],
+)
+def test_exif_read_past_other_tags_as_pillow_does(tiff: bytes, want: int) -> None:
+    from PIL import Image
+
+    assert exif_orientation(tiff) == want
+    data = jpeg()[:2] + app1(tiff) + jpeg()[2:]
+    assert Image.open(io.BytesIO(data)).getexif().get(0x0112, 0) == want
+    got = route(data, LIMIT)
+    assert got.gpu and got.orientation == (want or 1)
 
 
 def test_the_pixel_limit_is_the_callers() -> None:
@@ -164,12 +210,12 @@ CPU_CASES = [  # what Pillow reads otherwise than the first EXIF segment: the CP
     (
         "MM*\\0 header",
         lambda: inserted(app1(b"MM*\x00" + tiff_orientation("MM", 3, 6)[4:])),
-        "unusual type, count or header",
+        "unusual EXIF",
     ),
     (
         "II\\0* header",
         lambda: inserted(app1(b"II\x00*" + tiff_orientation("II", 3, 6)[4:])),
-        "unusual type, count or header",
+        "unusual EXIF",
     ),
     ("65 scans", lambda: many_scans(65), "more than 64 scans"),
 ]
@@ -202,9 +248,9 @@ def test_exif_is_read_as_pillow_reads_it(name: str, make: object, want: int) -> 
     ("name", "data", "reason"),
     [
         ("BYTE orientation", jpeg()[:2] + app1(tiff_orientation("II", 1, 6)) + jpeg()[2:],
-         "unusual type"),
+         "unusual EXIF"),
         ("two orientation values", jpeg()[:2] + app1(tiff_orientation("II", 3, 6, count=2))
-         + jpeg()[2:], "unusual type"),
+         + jpeg()[2:], "unusual EXIF"),
         ("Adobe after the frame", after_frame(jpeg(), with_adobe(b"\xff\xd8", 0)[2:]),
          "Adobe segment after"),
         ("cut between frame and scan", after_frame(jpeg(), b"")[: jpeg().index(b"\xff\xc4") + 6],

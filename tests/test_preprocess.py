@@ -75,3 +75,25 @@ def test_fast_mode_on_small_images_is_exact() -> None:
 def test_data_config_round_trips() -> None:
     assert DataConfig.from_dict(CONVNEXT.to_dict()) == CONVNEXT
     assert CONVNEXT.geometry_supported and not CONFIGS[3].geometry_supported
+
+
+@pytest.mark.parametrize(
+    ("size", "crop_mode", "want"),
+    [
+        ((168, 168), "center", False),  # 160 / 0.95 = 168: the short side stays
+        ((167, 500), "center", True),
+        ((500, 167), "center", True),
+        ((640, 480), "center", False),
+        ((3, 3), "center", True),
+        ((150, 400), "squash", True),  # squash resizes both sides to 168
+        ((400, 200), "squash", False),
+    ],
+)
+def test_which_images_the_resize_enlarges(
+    size: tuple[int, int], crop_mode: str, want: bool
+) -> None:
+    from dataclasses import replace
+
+    from indexer.preprocess import enlarges
+
+    assert enlarges(*size, replace(CONVNEXT, crop_mode=crop_mode)) is want
