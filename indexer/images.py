@@ -59,14 +59,18 @@ def decode_image(
     """
     if not data:
         raise DecodeError("empty file")
-    before, bomb = ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS
-    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
-    if bomb is not None and max_pixels > bomb:  # a limit raised past Pillow's is ours to keep
+    bomb = Image.MAX_IMAGE_PIXELS
+    if bomb is not None and max_pixels > bomb:
+        # a limit raised past Pillow's bomb check is ours to keep: Pillow's only grows (never
+        # put back, which a thread decoding with the raised limit could meet), and each call
+        # checks its own limit on the header's size before any pixel is decoded
         Image.MAX_IMAGE_PIXELS = max_pixels
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = allow_truncated
     try:
         return _decode(data, max_pixels, draft)
     finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS = before, bomb
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
