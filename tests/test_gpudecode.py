@@ -474,6 +474,11 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     sizes = [pq.read_table(tmp_path / out / "shards", columns=["key", "width", "height"])
              .sort_by("key").to_pylist() for out in ("cpu", "gpu")]  # fmt: skip
     assert sizes[0] == sizes[1]
+    failed = [pq.read_table(tmp_path / out / "errors.parquet").sort_by("key").to_pylist()
+              for out in ("cpu", "gpu")]  # fmt: skip
+    assert {row["key"] for row in failed[0]} == bad
+    assert [{k: v for k, v in row.items() if k != "id"} for row in failed[0]] == [
+        {k: v for k, v in row.items() if k != "id"} for row in failed[1]]  # fmt: skip
     if threads:
         assert len(started) == 2, started  # the decode and the resize thread
 
