@@ -204,6 +204,21 @@ def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
     return open_portable(cfg.model.runtime, cuda, prev.folder, prev.manifest)
 
 
+def check_decode(cfg: BuildConfig) -> None:
+    """--decode gpu refused before anything is written (and also when nothing changed): with
+    exact preprocessing, without CUDA or a working nvJPEG, or in a Ray cluster without GPUs."""
+    if cfg.loader.decode != "gpu":
+        return
+    if cfg.engine.kind != "ray":
+        gpu_decoding(cfg)
+        return
+    from indexer.rayengine import cluster_gpus
+
+    exact = cfg.loader.preprocessing == "exact"
+    choose_gpu_decoding("gpu", cluster_gpus(cfg.engine.address) > 0, exact, lambda: None,
+                        "GPUs in the Ray cluster")  # fmt: skip
+
+
 def gpu_decoding(cfg: BuildConfig) -> bool:
     """Whether this process decodes JPEGs on its GPU (choose_gpu_decoding). Never with the
     Ray engine: its GPU actors decide (rayengine)."""
@@ -218,17 +233,28 @@ def gpu_decoding(cfg: BuildConfig) -> bool:
 
         return unusable(device)
 
-    return choose_gpu_decoding(cfg.loader.decode, device.type == "cuda", problem)
+    exact = cfg.loader.preprocessing == "exact"
+    return choose_gpu_decoding(cfg.loader.decode, device.type == "cuda", exact, problem)
 
 
-def choose_gpu_decoding(asked: str, cuda: bool, problem: Callable[[], str | None]) -> bool:
+def choose_gpu_decoding(
+    asked: str,
+    cuda: bool,
+    exact: bool,
+    problem: Callable[[], str | None],
+    needs: str = "a CUDA GPU",
+) -> bool:
     """--decode gpu, or auto, on CUDA where nvJPEG passes its check (problem() is None: it
-    decodes test JPEGs as Pillow does). gpu without CUDA, or failing the check, is refused;
-    auto failing the check decodes on the CPU, and says why."""
-    if asked == "cpu" or (asked == "auto" and not cuda):
+    decodes test JPEGs as Pillow does), unless preprocessing is exact (timm's transform pixel
+    for pixel, which the GPU's resize is not). gpu without CUDA, with exact preprocessing or
+    failing the check is refused; auto failing the check decodes on the CPU, and says why."""
+    if asked == "cpu" or (asked == "auto" and (exact or not cuda)):
         return False
+    if exact:
+        raise InputError("--decode gpu resizes on the GPU, not with timm's transform pixel for "
+                         "pixel: drop --exact-preprocessing, or use --decode cpu")  # fmt: skip
     if not cuda:
-        raise InputError("--decode gpu needs a CUDA GPU: use --decode cpu (or auto)")
+        raise InputError(f"--decode gpu needs {needs}: use --decode cpu (or auto)")
     why = problem()
     if why is None:
         return True

@@ -76,6 +76,7 @@ def decode_image(
 def _decode(data: bytes, max_pixels: int, draft: DraftSize | None) -> Decoded:
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow on odd metadata: not ours
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             width, height = img.size

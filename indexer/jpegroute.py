@@ -47,7 +47,7 @@ def route(data: bytes, max_pixels: int) -> Route:
     the GPU side has no --decode-timeout, and a file of many scans takes as long as it likes."""
     if not data.startswith(b"\xff\xd8"):
         return Route(False, "not a JPEG")
-    i, adobe, frame = 2, None, None
+    i, adobe, frame, jfif = 2, None, None, False
     orientation, exif, xmp = 0, False, False  # orientation 0: no EXIF tag read
     while True:
         if i + 4 > len(data):
@@ -74,6 +74,8 @@ def route(data: bytes, max_pixels: int) -> Route:
             if found is None:
                 return Route(False, "unusual EXIF (Pillow's reading is not ours to guess)")
             orientation, exif = found, True
+        elif marker == 0xE0 and segment.startswith(b"JFIF\x00"):
+            jfif = True
         elif marker == 0xE1 and segment.startswith(XMP):
             xmp = xmp or any(m[2] not in b"019" for m in XMP_ORIENTATION.finditer(segment))
         elif marker == 0xEE and segment.startswith(b"Adobe") and len(segment) >= 12:
@@ -93,6 +95,8 @@ def route(data: bytes, max_pixels: int) -> Route:
         return Route(False, "an XMP orientation")
     if data.count(b"\xff\xda", i) > MAX_SCANS:  # 0xFF in entropy-coded data is 0xFF00 or RSTn
         return Route(False, f"more than {MAX_SCANS} scans")
+    if adobe is None and not jfif and frame[0][6:15:3] == b"RGB":  # libjpeg reads it as RGB
+        return Route(False, "RGB components (no JFIF or Adobe segment)")
     return _frame(frame[0], frame[1], orientation or 1, adobe, max_pixels)
 
 

@@ -116,6 +116,10 @@ def build(cfg: BuildConfig) -> BuildReport:
         # fail at once, leaving no folder (an existing collection records the failed run)
     if cfg.metrics_file is not None:
         check_writable(cfg.metrics_file, "--metrics-file")  # before the work, not after it
+    if cfg.loader.decode == "gpu":
+        from indexer.embed import check_decode
+
+        check_decode(cfg)  # a cron job asking for the GPU where there is none fails every run
     if cfg.partition is not None:  # the part is a collection of its own inside --out
         cfg = replace(cfg, out=part_dir(cfg.out, cfg.partition))
     elif (cfg.out / PARTS).is_dir() and any((cfg.out / PARTS).iterdir()):

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig
-from indexer.embed import Batch
-from indexer.errors import InputError, ModelError
+from indexer.embed import Batch, choose_gpu_decoding
+from indexer.errors import ModelError
 from indexer.images import DecodeError
 from indexer.loader import ItemDataset
 from indexer.preprocess import Preprocessor
@@ -34,6 +34,14 @@ def start_ray(address: str | None) -> None:
         return
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              ignore_reinit_error=True)  # fmt: skip
+
+
+def cluster_gpus(address: str | None) -> float:
+    """How many GPUs the Ray cluster at address has (Ray started, or joined, here)."""
+    import ray
+
+    start_ray(address)
+    return float(ray.cluster_resources().get("GPU", 0))
 
 
 @dataclass(frozen=True)
@@ -59,14 +67,13 @@ def ray_batches(
     plan is the cluster's unless one is given."""
     import ray
 
-    start_ray(cfg.engine.address)
     if plan is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-        if cfg.loader.decode == "gpu" and not gpus:
-            raise InputError(
-                "--decode gpu needs GPUs in the Ray cluster: use --decode cpu (or auto)"
-            )
-        plan = RayPlan(gpus, gpus > 0 and cfg.loader.decode != "cpu")
+        gpus = 1 if cluster_gpus(cfg.engine.address) > 0 else 0
+        exact = cfg.loader.preprocessing == "exact"  # the actors check their nvJPEG
+        actors_decode = choose_gpu_decoding(cfg.loader.decode, gpus > 0, exact, lambda: None,
+                                            "GPUs in the Ray cluster")  # fmt: skip
+        plan = RayPlan(gpus, actors_decode)
+    start_ray(cfg.engine.address)
     loader = cfg.loader
     preprocess = Preprocessor(embedder.data_config, loader.preprocessing, loader.max_pixels,
                               loader.allow_truncated)  # fmt: skip
@@ -155,11 +162,11 @@ class EmbedActor:
                                 loader.allow_truncated)  # fmt: skip
         self.decoder = None
         if gpu_decode:  # the driver found GPUs in the cluster; this actor checks its nvJPEG
-            from indexer.embed import choose_gpu_decoding
             from indexer.gpudecode import GpuDecoder, unusable
 
             device = self.embedder.device
-            if choose_gpu_decoding(loader.decode, True, lambda: unusable(device)):
+            exact = loader.preprocessing == "exact"
+            if choose_gpu_decoding(loader.decode, True, exact, lambda: unusable(device)):
                 self.decoder = GpuDecoder(cfg, device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

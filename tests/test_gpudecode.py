@@ -163,13 +163,26 @@ def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
             assert np.abs(row.numpy().astype(float) - want).mean() < 3.0  # aligned
 
 
-def test_decode_gpu_needs_cuda(corpus: object, tmp_path: object) -> None:
+def test_decode_gpu_needs_cuda(corpus: object, tmp_path: Path) -> None:
+    """Refused before anything is written, and also on a collection with nothing to do: a
+    scheduled job asking for the GPU where there is none fails every run, not only the
+    runs with new files."""
     from tests.helpers import BUILD_FLAGS, run_cli
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine decodes on the GPU")
-    result = run_cli("build", corpus, "--out", f"{tmp_path}/c", *BUILD_FLAGS, "--decode", "gpu")
+    out = tmp_path / "c"
+    result = run_cli("build", corpus, "--out", out, *BUILD_FLAGS, "--decode", "gpu")
     assert result.exit_code == 2 and "--decode gpu needs a CUDA GPU" in result.output
+    assert not out.exists()
+    assert run_cli("build", corpus, "--out", out, *BUILD_FLAGS).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = run_cli("build", corpus, "--out", out, *BUILD_FLAGS, "--decode", "gpu")
+    assert again.exit_code == 2 and "--decode gpu needs a CUDA GPU" in again.output
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    exact = run_cli("build", corpus, "--out", tmp_path / "e", *BUILD_FLAGS, "--decode", "gpu",
+                    "--exact-preprocessing")  # fmt: skip
+    assert exact.exit_code == 2 and EXACT in exact.output and not (tmp_path / "e").exists()
 
 
 def test_batched_resize_is_chunked_without_changing_a_pixel(
@@ -532,23 +545,32 @@ def test_the_nvjpeg_check_passes_a_working_decoder_and_says_why_another_fails() 
     assert reasons[4:] == ["Unprintable", "RuntimeError"]
 
 
+EXACT = (
+    "--decode gpu resizes on the GPU, not with timm's transform pixel for pixel: drop "
+    "--exact-preprocessing, or use --decode cpu"
+)
+
+
 @pytest.mark.parametrize(
-    ("asked", "cuda", "problem", "want"),
+    ("asked", "cuda", "exact", "problem", "want"),
     [
-        ("cpu", True, None, False),
-        ("cpu", False, None, False),
-        ("auto", False, None, False),
-        ("auto", True, None, True),
-        ("auto", True, "RuntimeError: no nvJPEG", False),  # warned, the CPU decodes
-        ("gpu", True, None, True),
-        ("gpu", False, None, "--decode gpu needs a CUDA GPU: use --decode cpu (or auto)"),
-        ("gpu", True, "RuntimeError: no nvJPEG",
+        ("cpu", True, False, None, False),
+        ("cpu", False, False, None, False),
+        ("auto", False, False, None, False),
+        ("auto", True, False, None, True),
+        ("auto", True, True, None, False),  # timm's transform pixel for pixel: the CPU's
+        ("auto", True, False, "RuntimeError: no nvJPEG", False),  # warned, the CPU decodes
+        ("gpu", True, False, None, True),
+        ("gpu", True, True, None, EXACT),
+        ("gpu", False, False, None, "--decode gpu needs a CUDA GPU: use --decode cpu (or auto)"),
+        ("gpu", True, False, "RuntimeError: no nvJPEG",
          "--decode gpu: nvJPEG does not work here (RuntimeError: no nvJPEG): use --decode cpu"),
     ],
 )  # fmt: skip
 def test_where_jpegs_are_decoded(
-    asked: str, cuda: bool, problem: str | None, want: object, caplog: pytest.LogCaptureFixture
-) -> None:
+    asked: str, cuda: bool, exact: bool, problem: str | None, want: object,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     from indexer.embed import choose_gpu_decoding
     from indexer.errors import InputError
 
@@ -560,11 +582,12 @@ def test_where_jpegs_are_decoded(
 
     if isinstance(want, str):
         with pytest.raises(InputError) as raised:
-            choose_gpu_decoding(asked, cuda, check)
+            choose_gpu_decoding(asked, cuda, exact, check)
         assert str(raised.value) == want
         return
-    assert choose_gpu_decoding(asked, cuda, check) is want
-    assert checked == ([True] if cuda and asked != "cpu" else [])  # checked only when it counts
+    assert choose_gpu_decoding(asked, cuda, exact, check) is want
+    counts = cuda and asked != "cpu" and not exact
+    assert checked == ([True] if counts else [])  # checked only when it counts
     warned = [r.getMessage() for r in caplog.records if "nvJPEG does not work" in r.getMessage()]
     assert warned == ([f"decoding JPEGs on the CPU: nvJPEG does not work here ({problem})"]
                       if problem else [])  # fmt: skip

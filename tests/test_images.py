@@ -142,3 +142,18 @@ def test_exif_that_is_not_tiff_means_upright(dpi: tuple[int, int] | None) -> Non
     jpeg = encode(img, "JPEG", quality=95, **({"dpi": dpi} if dpi else {}))
     decoded = decode_image(with_tiff(jpeg, b"XXXX\x00\x00\x00\x08" + bytes(6)))
     assert decoded.image.size == (64, 32)
+
+
+def test_odd_metadata_decodes_without_pillows_warnings() -> None:
+    """A tag whose data lies past the EXIF block: Pillow warns ("Tag data larger than file")
+    and reads on; a build or a query says nothing of it on stderr."""
+    import warnings
+
+    make = (0x010F).to_bytes(2, "little") + (2).to_bytes(2, "little")
+    make += (20).to_bytes(4, "little") + (200).to_bytes(4, "little")  # 20 bytes at 200: past
+    tiff = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little") + make + bytes(4)
+    data = with_tiff(encode(gradient(64, 32), "JPEG", quality=95), tiff)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert decode_rgb(data).size == (64, 32)
+    assert not caught, [str(w.message) for w in caught]

@@ -33,16 +33,24 @@ def test_a_job_equals_the_same_build_flags(corpus: Path, tmp_path: Path) -> None
     (job_dir / "pics.toml").write_text(
         f'sources = ["{corpus / "group2"}"]\nout = "../out/pics.idx"\n'
         "pretrained = false\nworkers = 0\nbatch-size = 4\nprogress = false\n"
-        'index_type = "hnsw"\nmax_index_memory = "1G"\ntarget_recall = 0.9\n'
-    )
+        'index_type = "hnsw"\nmax_index_memory = "1G"\ntarget_recall = 0.9\nruntime = "torch"\n'
+    )  # torch in both: a first build's first batch is torch's, later ones a cached export's
     result = run_cli("run", job_dir / "pics.toml")
     assert result.exit_code == 0, result.output
     from_job = tmp_path / "out" / "pics.idx"  # relative to the job file, not the cwd
     meta = json.loads((from_job / "index" / "meta.json").read_text())
     assert (meta["type"], meta["max_memory"], meta["target_recall"]) == ("hnsw", 1024**3, 0.9)
     flags = run_cli(
-        "build", corpus / "group2", "--out", tmp_path / "flags", *BUILD_FLAGS, "--batch-size", "4"
-    )  # the same batches: the same runtime for each item
+        "build",
+        corpus / "group2",
+        "--out",
+        tmp_path / "flags",
+        *BUILD_FLAGS,
+        "--batch-size",
+        "4",
+        "--runtime",
+        "torch",
+    )  # the same batches, the same runtime: the same vectors
     assert flags.exit_code == 0
     a, b = read_embeddings_by_key(from_job), read_embeddings_by_key(tmp_path / "flags")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

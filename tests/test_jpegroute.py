@@ -194,6 +194,19 @@ EXIF_CASES = [  # each as Pillow reads it: the first EXIF segment, wherever it i
     ("progressive, 64 scans", lambda: many_scans(64), None),
 ]
 
+
+def rgb_ids(data: bytes, keep_jfif: bool = False) -> bytes:
+    """The JPEG with its components named R, G, B (as libjpeg names an RGB frame), its JFIF
+    segment dropped unless kept: without JFIF or Adobe, libjpeg reads such a frame as RGB."""
+    if not keep_jfif and data[2:4] == b"\xff\xe0":
+        data = data[:2] + data[4 + int.from_bytes(data[4:6], "big") :]
+    out = bytearray(data)
+    sof, sos = data.index(b"\xff\xc0"), data.index(b"\xff\xda")
+    for k in range(min(data[sof + 9], 3)):  # the frame's and the scan's names of each
+        out[sof + 10 + 3 * k] = out[sos + 5 + 2 * k] = b"RGB"[k]
+    return bytes(out)
+
+
 CPU_CASES = [  # what Pillow reads otherwise than the first EXIF segment: the CPU path decodes
     (
         "two EXIF segments",
@@ -218,7 +231,13 @@ CPU_CASES = [  # what Pillow reads otherwise than the first EXIF segment: the CP
         "unusual EXIF",
     ),
     ("65 scans", lambda: many_scans(65), "more than 64 scans"),
+    ("RGB component IDs", lambda: rgb_ids(jpeg()), "RGB components"),
 ]
+
+
+def test_rgb_component_ids_with_jfif_are_ycbcr() -> None:
+    assert route(rgb_ids(jpeg(), keep_jfif=True), LIMIT).gpu  # JFIF: libjpeg reads YCbCr
+    assert route(rgb_ids(jpeg("L")), LIMIT).gpu  # one component: grey, whatever its name
 
 
 @pytest.mark.parametrize(("name", "make", "reason"), CPU_CASES, ids=[c[0] for c in CPU_CASES])
