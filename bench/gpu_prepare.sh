@@ -22,4 +22,8 @@ if [ ! -x .whl/py-spy ]; then
 fi
 find "$PHOTOS" -maxdepth 1 -type f -iname '*.jpeg' | sort | head -300 \
   | xargs -I{} cp -n {} .gpudata/photos/
+if [ -z "$(ls -A .gpudata/photos)" ]; then
+  echo "no JPEG photos found in $PHOTOS: set PHOTOS to a folder of them" >&2
+  exit 1
+fi
 du -sh .whl .gpudata

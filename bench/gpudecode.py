@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MODEL, write_checkpoint
+from throughput import MODEL, count, write_checkpoint
 
 from indexer.synthetic import write_corpus
 
@@ -186,10 +186,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--photos", type=Path, help="a folder of ImageNet-size photos")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gpudecode"))
-    parser.add_argument("--scenes", type=int, default=3000)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--copies", type=int, default=10, help="photo copies (files)")
-    parser.add_argument("--scene-copies", type=int, default=1, help="scene copies (hard links)")
+    parser.add_argument("--scenes", type=count, default=3000)
+    parser.add_argument("--rounds", type=count, default=2)
+    parser.add_argument("--copies", type=count, default=10, help="photo copies (files)")
+    parser.add_argument("--scene-copies", type=count, default=1, help="scene copies (hard links)")
     parser.add_argument(
         "--gpu-variant",
         action="append",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MODEL
+from throughput import MODEL, count
 
 from indexer.embed import SWITCH_INTERVAL
 
@@ -123,10 +123,10 @@ def reencoded(datas: list[bytes], progressive: bool) -> list[bytes]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("photos", type=Path, help="a folder of ImageNet-size JPEG photos")
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--images", type=count, default=256)
+    parser.add_argument("--reps", type=count, default=8)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--workers", type=count, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     args = parser.parse_args()
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg

@@ -95,6 +95,15 @@ def pss_kb(pid: int) -> int:
     return 0
 
 
+def count(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a count of images, rounds, copies)."""
+    import argparse
+
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def write_checkpoint(path: Path) -> None:
     if path.exists():
         return

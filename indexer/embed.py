@@ -113,8 +113,6 @@ def load_model_while_decoding(
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
     """
-    # --decode gpu is refused here without a working nvJPEG, whichever runtime would embed
-    gpu = gpu_decoding(cfg) if cfg.loader.decode == "gpu" else None
     stored = already_stored(items, sources, positions, prev)
     if stored is not None and prev.manifest is not None:
         from indexer.runtime import RecordedRecipe
@@ -139,8 +137,7 @@ def load_model_while_decoding(
         embedder = load_embedder(cfg.model)
         return embedder, ray_batches(items, sources, cfg, known, positions, embedder)
 
-    if gpu is None:
-        gpu = gpu_decoding(cfg)
+    gpu = gpu_decoding(cfg)  # --decode gpu was refused before the build began (check_decode)
 
     def start(data_config: DataConfig) -> Iterator[Batch]:
         loader = cfg.loader
@@ -212,11 +209,9 @@ def check_decode(cfg: BuildConfig) -> None:
     if cfg.engine.kind != "ray":
         gpu_decoding(cfg)
         return
-    from indexer.rayengine import cluster_gpus
+    from indexer.rayengine import ray_plan
 
-    exact = cfg.loader.preprocessing == "exact"
-    choose_gpu_decoding("gpu", cluster_gpus(cfg.engine.address) > 0, exact, lambda: None,
-                        "GPUs in the Ray cluster")  # fmt: skip
+    ray_plan(cfg)
 
 
 def gpu_decoding(cfg: BuildConfig) -> bool:

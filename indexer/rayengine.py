@@ -36,20 +36,26 @@ def start_ray(address: str | None) -> None:
              ignore_reinit_error=True)  # fmt: skip
 
 
-def cluster_gpus(address: str | None) -> float:
-    """How many GPUs the Ray cluster at address has (Ray started, or joined, here)."""
-    import ray
-
-    start_ray(address)
-    return float(ray.cluster_resources().get("GPU", 0))
-
-
 @dataclass(frozen=True)
 class RayPlan:
     """Where the work runs: GPUs per embedding actor, and whether the actors decode JPEGs."""
 
     gpus: int
     gpu_decode: bool
+
+
+def ray_plan(cfg: BuildConfig) -> RayPlan:
+    """The cluster's plan (Ray started, or joined, here): a GPU per actor where it has GPUs,
+    and the actors decode JPEGs as choose_gpu_decoding says (--decode gpu refused without
+    GPUs or with exact preprocessing; each actor checks its own nvJPEG)."""
+    import ray
+
+    start_ray(cfg.engine.address)
+    gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    exact = cfg.loader.preprocessing == "exact"
+    decode = choose_gpu_decoding(cfg.loader.decode, gpus > 0, exact, lambda: None,
+                                 "GPUs in the Ray cluster")  # fmt: skip
+    return RayPlan(gpus, decode)
 
 
 def ray_batches(
@@ -67,12 +73,7 @@ def ray_batches(
     plan is the cluster's unless one is given."""
     import ray
 
-    if plan is None:
-        gpus = 1 if cluster_gpus(cfg.engine.address) > 0 else 0
-        exact = cfg.loader.preprocessing == "exact"  # the actors check their nvJPEG
-        actors_decode = choose_gpu_decoding(cfg.loader.decode, gpus > 0, exact, lambda: None,
-                                            "GPUs in the Ray cluster")  # fmt: skip
-        plan = RayPlan(gpus, actors_decode)
+    plan = plan or ray_plan(cfg)
     start_ray(cfg.engine.address)
     loader = cfg.loader
     preprocess = Preprocessor(embedder.data_config, loader.preprocessing, loader.max_pixels,

@@ -92,4 +92,4 @@ def test_ray_decode_gpu_without_gpus_is_refused(corpus: Path, tmp_path: Path,
     result = run_cli("build", corpus, "--out", tmp_path / "c", *flags)
     assert result.exit_code == 2, result.output
     assert "--decode gpu needs GPUs in the Ray cluster" in result.output
-    assert not (tmp_path / "c" / "current").exists()
+    assert not (tmp_path / "c").exists()  # refused before anything is written
