@@ -19,7 +19,8 @@ from throughput import MODEL, REPO, imagenet_corpus
 
 from indexer.config import ModelConfig
 from indexer.export import export_portable
-from indexer.model import cpu_has_native_bf16, load_embedder
+from indexer.decide import cpu_has_native_bf16
+from indexer.model import load_embedder
 from indexer.portable import MODEL_FILE, PortableEmbedder
 from indexer.preprocess import Preprocessor
 

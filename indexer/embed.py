@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,7 @@ from indexer.stages import Stages
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     import torch
 
+    from indexer.decide import Decision, RuntimePlan
     from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,13 @@ def load_model_while_decoding(
     positions: list[int],
     prev: Previous,
     trust_cache: bool = True,
-) -> tuple[Runtime, Iterator[Batch]]:
-    """What embeds, and the batches: nothing, when every item to read holds stored bytes; the
-    collection's portable model when it can embed (no timm: its data config is the recorded
-    one); a first build's cached export of the same request (confirmed by a child process
+) -> tuple[Runtime, Iterator[Batch], RuntimePlan | None]:
+    """What embeds, the batches, and what the first batch settles (None: nothing). Nothing,
+    when every item to read holds stored bytes; the collection's portable model when its
+    recorded runtime runs it (no timm: its data config is the recorded one); a first build's
+    cached export of the same request when the runtime is known (confirmed by a thread
     before anything is published); else torch, its loader started with the remembered data
-    config while it loads.
+    config while it loads, and the runtime chosen on the first batch (decide, trial).
 
     Importing timm and creating the model take seconds; the workers decode meanwhile. If the
     remembered config differs from the model's own, that work is discarded and decoding
@@ -117,12 +119,13 @@ def load_model_while_decoding(
     if stored is not None and prev.manifest is not None:
         from indexer.runtime import RecordedRecipe
 
-        return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)])
+        return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)]), None
     from indexer.knownexport import KnownExport
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
-    portable = portable_runtime(cfg, prev) or (known_runtime(cfg, prev) if trust_cache else None)
+    plan = runtime_plan(cfg, prev)
+    portable = portable_runtime(plan, prev) or (known_runtime(cfg, plan) if trust_cache else None)
     if portable is not None:
         loader = cfg.loader
         preprocess = Preprocessor(portable.data_config, loader.preprocessing, loader.max_pixels,
@@ -130,12 +133,14 @@ def load_model_while_decoding(
         batches = iter_batches(items, sources, preprocess, loader, known, positions)
         if isinstance(portable, KnownExport):
             portable.start()  # its thread starts once the workers are forked
-        return portable, batches
+        return portable, batches, plan
+    model = replace(cfg.model, precision=plan.single.precision if plan.single else "fp32")
     if cfg.engine.kind == "ray":  # Ray decodes and embeds; the driver's model gives the recipe
         from indexer.rayengine import ray_batches
 
-        embedder = load_embedder(cfg.model)
-        return embedder, ray_batches(items, sources, cfg, known, positions, embedder)
+        embedder = load_embedder(model)
+        ray_cfg = replace(cfg, model=model)
+        return embedder, ray_batches(items, sources, ray_cfg, known, positions, embedder), plan
 
     gpu = gpu_decoding(cfg)  # --decode gpu was refused before the build began (check_decode)
 
@@ -148,17 +153,66 @@ def load_model_while_decoding(
     hint = configcache.lookup(cfg.model.name)
     early = start(hint) if hint is not None else None
     try:
-        embedder = load_embedder(cfg.model)  # fails here, before anything is written
+        embedder = load_embedder(model)  # fails here, before anything is written
     except BaseException:
         del early  # shuts its workers down now rather than at garbage collection
         raise
     configcache.store(cfg.model.name, embedder.data_config)
     if early is not None and hint == embedder.data_config:
-        return embedder, early
+        return embedder, early, plan
     if early is not None:
         log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
         del early  # shuts its workers down
-    return embedder, start(embedder.data_config)
+    return embedder, start(embedder.data_config), plan
+
+
+def check_runtime(cfg: BuildConfig) -> None:
+    """--runtime and --precision this machine cannot run natively (bf16 without AVX512-BF16 or
+    AMX, onnxruntime in bf16, a runtime not installed) are refused before anything is
+    written, without torch (CUDA as the driver shows it)."""
+    from indexer.decide import candidates, this_machine
+    from indexer.runtime import wants_cuda
+
+    m = cfg.model
+    if cfg.engine.kind == "ray" and m.runtime not in ("auto", "torch"):
+        raise InputError(f"--engine ray embeds with torch: drop --runtime {m.runtime}")
+    candidates(m.runtime, m.precision, this_machine(wants_cuda(m.device)))
+
+
+def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
+    """The runtime and precision this run embeds with, or the candidates its first batch
+    chooses among: a later run keeps the collection's; the Ray engine embeds with torch."""
+    from indexer.decide import (
+        Choice,
+        RuntimePlan,
+        cache_key,
+        first_plan,
+        later_plan,
+        recorded,
+        this_machine,
+    )
+    from indexer.knownexport import request_identity
+    from indexer.model import resolve_device
+
+    m = cfg.model
+    machine = this_machine(resolve_device(m.device).type == "cuda")
+    built = recorded(prev.manifest)
+    if built is not None:
+        plan = later_plan(m.runtime, m.precision, machine, built, cfg.out)
+    elif cfg.engine.kind == "ray":
+        precision = m.precision if m.precision != "auto" else "bf16" if machine.cuda else "fp32"
+        choice = Choice("torch", precision)
+        return RuntimePlan((choice,), "engine", "the Ray engine's actors embed with torch")
+    else:
+        key = cache_key(request_identity(m), m.runtime, m.precision)
+        plan = first_plan(m.runtime, m.precision, machine, key)
+    if cfg.engine.kind == "ray" and plan.single != Choice("torch", built.precision if built
+                                                          else "fp32"):  # fmt: skip
+        raise InputError(
+            f"--engine ray embeds with torch, and {cfg.out} embeds with "
+            f"{plan.candidates[0].label}: build it without --engine ray, or pass --rebuild"
+        )
+    return plan
 
 
 PRECHECK_ITEMS = 1000  # at most this many items are hashed here before a model is loaded
@@ -187,18 +241,24 @@ def already_stored(
     return found
 
 
-def portable_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
-    """The published version's portable model, where --runtime and the device choose it (None:
-    torch; with auto, a damaged model file means torch, which exports it again)."""
-    from indexer.model import resolve_device
-    from indexer.runtime import open_portable
+def portable_runtime(plan: RuntimePlan, prev: Previous) -> Runtime | None:
+    """The published version's portable model when the collection's recorded runtime runs it
+    (None: torch loads; a damaged model file means torch, which exports it again and then
+    embeds with the recorded runtime)."""
+    from indexer.decide import PORTABLE
+    from indexer.errors import CollectionError
+    from indexer.portable import load_portable
 
-    if cfg.engine.kind == "ray":  # its actors create the torch model themselves
-        if cfg.model.runtime not in ("auto", "torch"):
-            raise InputError(f"--engine ray embeds with torch: drop --runtime {cfg.model.runtime}")
+    choice = plan.single
+    if plan.how != "recorded" or choice is None or choice.runtime not in PORTABLE:
         return None
-    cuda = resolve_device(cfg.model.device).type == "cuda"
-    return open_portable(cfg.model.runtime, cuda, prev.folder, prev.manifest)
+    if prev.folder is None or prev.manifest is None or "portable_model" not in prev.manifest:
+        return None
+    try:
+        return load_portable(prev.folder, prev.manifest, choice.runtime, choice.precision)
+    except CollectionError as exc:
+        log.warning("%s; exporting it again with torch", exc)
+        return None
 
 
 def check_decode(cfg: BuildConfig) -> None:
@@ -259,19 +319,19 @@ def choose_gpu_decoding(
     return False
 
 
-def known_runtime(cfg: BuildConfig, prev: Previous) -> Runtime | None:
-    """For a first build on the CPU with --runtime auto, an earlier build's export of exactly
-    this request (model, weights, flags, versions), if the cache holds a whole one."""
-    from indexer.model import resolve_device
+def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
+    """For a first build whose runtime is known (asked for, or timed before on this machine)
+    and runs the exported model, an earlier build's export of exactly this request (model,
+    weights, flags, versions), if the cache holds a whole one."""
+    from indexer.decide import PORTABLE
 
-    if prev.manifest is not None or cfg.model.runtime != "auto" or cfg.engine.kind == "ray":
-        return None
-    if resolve_device(cfg.model.device).type == "cuda":
+    choice = plan.single
+    if plan.how not in ("forced", "cached") or choice is None or choice.runtime not in PORTABLE:
         return None
     from indexer.knownexport import KnownExport, lookup
 
     found = lookup(cfg.model)
-    return None if found is None else KnownExport(cfg.model, found)
+    return None if found is None else KnownExport(cfg.model, found, choice, plan)
 
 
 @dataclass(frozen=True)
@@ -285,14 +345,15 @@ class EmbedJob:
     schema: pa.Schema
     prefix: str  # names of new shards of embedded rows: unique to this version
     reused_prefix: str  # and of rows whose vector was reused by content hash
-    switch: bool = False  # export after the first batch and embed the rest with it
+    runtime_plan: RuntimePlan | None = None  # what the first batch settles (None: nothing)
 
 
 @dataclass(frozen=True)
 class Embedded:
     """What the embedding loop made: new shards, error rows, items whose stored vector is
     reused, the first images embedded (a portable model is checked on them), the portable
-    model exported during the run (if it was), and the runtimes that embedded."""
+    model exported during the run (if it was), the runtime that embedded, how it was
+    decided, and the recipe it computed (its precision the decided one)."""
 
     shards: list[ShardInfo]
     errors: list[dict[str, Any]]
@@ -300,21 +361,24 @@ class Embedded:
     sample: np.ndarray | None
     exported: Exported | None = None
     runtime: str | None = None
+    decision: Decision | None = None
+    recipe: dict[str, Any] | None = None
 
 
 SAMPLE = 64  # images kept for the portable model's fidelity check
 
 
 class Embedding:
-    """The run's runtime. With `switch` (torch on the CPU, --runtime auto), torch embeds the
-    first batch, exports the portable model checked on it into the version, and the portable
-    model (1.35-1.67x torch's speed here) embeds the rest; if the export fails, torch goes on."""
+    """The run's runtime. A build that loaded torch settles its runtime on the first batch
+    (trial.settle: each candidate checked against torch fp32, timed when auto has a choice)
+    and embeds every batch, the first included, with the one it keeps; a run that loaded the
+    recorded runtime (or a known export) embeds with it from the start."""
 
-    def __init__(self, runtime: Runtime, switch: bool, folder: Path) -> None:
-        self.runtime, self.switch, self.folder = runtime, switch, folder
+    def __init__(self, runtime: Runtime, plan: RuntimePlan | None, folder: Path) -> None:
+        self.runtime, self.plan, self.folder = runtime, plan, folder
         self.sample: np.ndarray | None = None
         self.exported: Exported | None = None
-        self.used: list[str] = []
+        self.decision: Decision | None = None
         self.first_done = 0.0  # when the first batch was embedded
         self.after_first = 0  # images embedded since
 
@@ -323,8 +387,7 @@ class Embedding:
         if first:
             head = pixels[:SAMPLE]
             self.sample = np.array(head.cpu().numpy() if hasattr(head, "cpu") else head)
-        if self.runtime.name not in self.used:
-            self.used.append(self.runtime.name)
+            self._settle(self.sample)
         out = self.runtime.embed_with_labels(pixels)
         if first:
             self.first_done = time.perf_counter()
@@ -332,18 +395,37 @@ class Embedding:
                      self.runtime.name, process_age())  # fmt: skip
         else:
             self.after_first += len(out[0])
-        if self.switch and self.exported is None:
-            self.exported = self.runtime.portable_model(self.sample, self.folder)
-            if self.exported.record is not None:
-                from indexer.portable import load_portable
-
-                manifest = {"model": self.runtime.recipe, "portable_model": self.exported.record}
-                self.runtime = load_portable(self.folder, manifest, "onnxruntime")
         return out
+
+    def _settle(self, sample: np.ndarray) -> None:
+        from indexer.decide import Decision
+
+        plan = self.plan
+        if plan is None:
+            return
+        if self.runtime.name == "torch":
+            from indexer.model import Embedder
+            from indexer.trial import settle
+
+            assert isinstance(self.runtime, Embedder)
+            self.runtime, self.decision, self.exported = settle(plan, self.runtime, sample,
+                                                                self.folder)  # fmt: skip
+        elif (single := plan.single) is not None:
+            self.decision = Decision(single, plan.how, plan.why)
+
+    def settled(self) -> Decision | None:
+        """How the runtime was decided: on the first batch, or by the plan when no batch was
+        embedded here (the Ray engine's actors, a run whose items all failed)."""
+        from indexer.decide import Decision
+
+        plan = self.plan
+        if self.decision is None and plan is not None and (single := plan.single) is not None:
+            return Decision(single, plan.how, plan.why)
+        return self.decision
 
     @property
     def names(self) -> str | None:
-        return "+".join(self.used) or None
+        return self.runtime.name if self.sample is not None else None
 
     def log_rate(self) -> None:
         if self.after_first:
@@ -609,7 +691,7 @@ def embed_items(
     items whose bytes are already embedded are set aside to reuse their vectors."""
     errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
-    embed = Embedding(job.embedder, job.switch, paths.root)
+    embed = Embedding(job.embedder, job.runtime_plan, paths.root)
     stages = Stages()
     raw = RawDecoding(cfg, stages)
     if job.embedder.on_cuda and cfg.loader.decode != "cpu":
@@ -634,8 +716,9 @@ def embed_items(
         embed.log_rate()
         raw.log_share()
         log.info("seconds by stage: %s", stages.summary())
+        decision = embed.settled()
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
-                        embed.names)  # fmt: skip
+                        embed.names, decision, embed.runtime.recipe)  # fmt: skip
 
 
 @contextmanager

@@ -32,6 +32,9 @@ class RunRecord:
     error: str | None = None
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
     runtime: str | None = None  # what embedded images: torch, onnxruntime, openvino
+    # the collection's runtime and precision, how they were decided (timed, cached, forced,
+    # recorded, engine) and why: decide.Decision.record()
+    choice: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         seconds = max(self.ended - self.started, 0.0)

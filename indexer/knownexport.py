@@ -17,6 +17,7 @@ import numpy as np
 from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.configcache import cache_dir
+from indexer.decide import Choice, RuntimePlan
 from indexer.errors import IndexerError
 from indexer.portable import (
     EXPORTER,
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 FOLDER = "exports/known"
 MAX_ENTRY_BYTES = 64 << 20  # an entry's JSON (recipe, record, label names)
 PACKAGES = ("timm", "torch", "onnx", "onnxruntime")  # whose versions shape the export
-CONFIRMED = ("weights_sha256", "precision", "label_set")  # besides runtime.RECIPE_FIELDS
+CONFIRMED = ("weights_sha256", "label_set")  # besides runtime.RECIPE_FIELDS (the export's
+# computation; its precision is the runtime's, decided apart: decide.py)
 
 
 class UnconfirmedExport(IndexerError):
@@ -120,16 +122,20 @@ def lookup(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any], bytes] | N
 
 
 class KnownExport(PortableEmbedder):
-    """A cached export embedding a first build from its first batch, on onnxruntime, while a
+    """A cached export embedding a first build from its first batch, on the runtime and
+    precision the build's plan names (asked for, or timed before on this machine), while a
     thread creates the model with timm. Nothing is published before that model agrees: the
-    same weights and recipe, and onnxruntime reproducing torch fp32 on the build's first
-    images. If it does not, UnconfirmedExport: the run's vectors are discarded."""
+    same weights and recipe, and the runtime reproducing torch fp32 on the build's first
+    images within its precision's bound. If it does not, UnconfirmedExport: the run's
+    vectors are discarded."""
 
-    def __init__(self, cfg: ModelConfig, found: tuple[dict[str, Any], dict[str, Any], bytes]):
+    def __init__(self, cfg: ModelConfig, found: tuple[dict[str, Any], dict[str, Any], bytes],
+                 choice: Choice, plan: RuntimePlan) -> None:  # fmt: skip
         recipe, record, model = found
-        super().__init__(model, recipe, record)
+        super().__init__(model, recipe, record, choice.runtime, None, choice.precision)
         self._confirm = Confirmation(cfg)
         self._sent = False
+        self._choice = choice
 
     def embed_with_labels(
         self, images: Any, labels: bool = True
@@ -145,6 +151,7 @@ class KnownExport(PortableEmbedder):
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
         """Once the model made now confirms it: the model stored in folder, its record with
         this build's fidelity, and the recipe made now (the manifest's)."""
+        from indexer.decide import BOUND
         from indexer.export import FidelityError, measure_fidelity
 
         if not self._sent:
@@ -152,11 +159,14 @@ class KnownExport(PortableEmbedder):
         recipe = self._confirm.check(self.recipe, wait=True)
         images, own, want_vectors, want_probs = self._confirm.reference()
         try:
-            fidelity = measure_fidelity(self, images, want_vectors, want_probs)
+            fidelity = measure_fidelity(self, images, want_vectors, want_probs,
+                                        BOUND[self._choice.precision])  # fmt: skip
         except FidelityError as exc:
             raise UnconfirmedExport(f"the cached export does not reproduce torch ({exc})") from exc
         fidelity["images_from"] = "the build" if own else "generated scenes"
-        self.recipe = recipe  # the same computation; the weights' path as given now
+        self.fidelity = fidelity
+        # the same computation; the weights' path as given now; this runtime's precision
+        self.recipe = {**recipe, "precision": self._choice.precision}
         self._record = {**self._record, "fidelity": fidelity, "export_seconds": 0.0,
                         "cached": True}  # fmt: skip
         return super().portable_model(sample, folder)

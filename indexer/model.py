@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from contextlib import nullcontext
@@ -76,6 +77,12 @@ class Embedder:
             out = torch.nn.functional.normalize(out, dim=1)
         rows = self._top(logits) if logits is not None else []
         return out.cpu().numpy(), rows
+
+    def at_precision(self, precision: str) -> Embedder:
+        """The same model (shared, not copied) computing in another precision."""
+        other = copy.copy(self)
+        other.recipe = {**self.recipe, "precision": precision}
+        return other
 
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
         """This computation exported to folder/model.onnx, if it reproduces torch fp32 on the
@@ -232,16 +239,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
         return name
     if device.type == "cuda":
         return "bf16"
+    from indexer.decide import cpu_has_native_bf16
+
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_device(name: str) -> torch.device:

@@ -29,7 +29,14 @@ from indexer.catalog import (
     write_json_atomic,
 )
 from indexer.config import BuildConfig, IndexConfig, IndexOverrides
-from indexer.embed import EmbedJob, embed_items, load_model_while_decoding, write_reused
+from indexer.embed import (
+    Embedded,
+    EmbedJob,
+    check_runtime,
+    embed_items,
+    load_model_while_decoding,
+    write_reused,
+)
 from indexer.errors import (
     CollectionLockedError,
     IndexerError,
@@ -66,7 +73,6 @@ from indexer.runtime import (
     absent_reason,
     carry_portable,
     export_from_recipe,
-    switches_to_portable,
     with_portable,
 )
 from indexer.safeio import check_writable, os_errors_as
@@ -100,6 +106,7 @@ class BuildReport:
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
     runtime: str | None = None  # what embedded: torch, onnxruntime, openvino (None: nothing)
     unfetched: int = 0  # of the failed: items their downloader never fetched (stage "fetch")
+    choice: dict[str, Any] | None = None  # the collection's runtime record (decide.Decision)
 
 
 REPAIR_KEEPS = ("parts", "part_versions")  # a merged collection stays one of its parts
@@ -120,6 +127,7 @@ def build(cfg: BuildConfig) -> BuildReport:
         from indexer.embed import check_decode
 
         check_decode(cfg)  # a cron job asking for the GPU where there is none fails every run
+    check_runtime(cfg)  # a runtime or precision this machine cannot run: refused, nothing written
     if cfg.partition is not None:  # the part is a collection of its own inside --out
         cfg = replace(cfg, out=part_dir(cfg.out, cfg.partition))
     elif (cfg.out / PARTS).is_dir() and any((cfg.out / PARTS).iterdir()):
@@ -157,8 +165,9 @@ def build(cfg: BuildConfig) -> BuildReport:
         counts = report.counts if report is not None else {}
         failures = report.failures if report is not None else {}
         runtime = report.runtime if report is not None else None
+        choice = report.choice if report is not None else None
         record = RunRecord("build", started, time.time(), status, counts, error, failures,
-                           runtime)  # fmt: skip
+                           runtime, choice)  # fmt: skip
         append_run(cfg.out, record)  # never raises: a failure here must not hide the first
         if cfg.metrics_file is not None:
             try:
@@ -287,7 +296,7 @@ def update(
     trust_cache: bool = True,
 ) -> BuildReport:
     """Embed what the plan says, then write, index and publish a new version."""
-    embedder, batches = load_model_while_decoding(
+    embedder, batches, runtime_plan = load_model_while_decoding(
         items, sources, cfg, prev.known_hashes(), plan.check, prev, trust_cache
     )
     if prev.manifest is not None:
@@ -304,8 +313,7 @@ def update(
     carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
     prefix, reused_prefix = new_shard_prefixes(number)
     carried_model = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
-    switch = carried_model is None and switches_to_portable(cfg.model.runtime, embedder)
-    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, switch)
+    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, runtime_plan)
     try:
         embedded = embed_items(job, batches, paths, cfg)
         portable = (
@@ -334,6 +342,7 @@ def update(
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=number, next_id=plan.next_id, request=asked)
+    manifest.update(runtime_fields(embedded, prev.manifest, manifest["model"]))
     manifest = with_portable(manifest, portable)
     if cfg.drop_shards and prev.manifest is not None:  # a repair restores: provenance stays
         manifest.update({k: prev.manifest[k] for k in REPAIR_KEEPS if k in prev.manifest})
@@ -351,7 +360,24 @@ def update(
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors), runtime=embedded.runtime,
-                       unfetched=unfetched(errors))  # fmt: skip
+                       unfetched=unfetched(errors),
+                       choice=manifest.get("runtime"))  # fmt: skip
+
+
+def runtime_fields(
+    embedded: Embedded, previous: dict[str, Any] | None, model: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's model (its precision the decided one), precision and runtime record:
+    this run's decision, else (nothing embedded) the published version's."""
+    if embedded.decision is not None:
+        recipe = {**model, **(embedded.recipe or {})}
+        recipe["precision"] = embedded.decision.choice.precision
+        return {"model": recipe, "precision": recipe["precision"],
+                "runtime": embedded.decision.record()}  # fmt: skip
+    out: dict[str, Any] = {"precision": model.get("precision")}
+    if previous is not None and "runtime" in previous:
+        out["runtime"] = previous["runtime"]
+    return out
 
 
 def rebuild_why(cfg: BuildConfig) -> str | None:

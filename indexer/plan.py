@@ -16,6 +16,7 @@ from indexer.catalog import (
     parse_manifest,
 )
 from indexer.config import BuildConfig, file_sha256
+from indexer.decide import check_asked, recorded
 from indexer.errors import CollectionError, InputError
 from indexer.history import read_runs
 from indexer.parts import in_partition
@@ -241,10 +242,11 @@ def request(cfg: BuildConfig) -> dict[str, Any]:
 
 
 def check_request(asked: dict[str, Any], manifest: dict[str, Any], root: Path) -> None:
-    """Refuse to mix recipes in one collection."""
+    """Refuse to mix recipes in one collection (the precision apart: decide.check_asked
+    compares it with the one the collection's first build decided)."""
     built = manifest.get("request")
     if built is not None:  # settings added since a collection was built take their defaults
-        built = {**REQUEST_DEFAULTS, **built}
+        built = {**REQUEST_DEFAULTS, **built, "precision": asked.get("precision")}
     if built == asked:
         return
     if manifest.get("model") is None:
@@ -305,6 +307,9 @@ class Previous:
             manifest = {**manifest, "shards": [s for s in manifest["shards"] if s not in dropped]}
         check_shard_files(folder, manifest)
         check_request(asked, manifest, cfg.out)
+        built = recorded(manifest)
+        if built is not None:
+            check_asked(cfg.model.runtime, cfg.model.precision, built, cfg.out)
         rows = read_prev_rows(folder, manifest)
         check_prev_ids(rows, manifest, cfg, folder)
         return cls(folder, manifest, rows, lost=lost, lost_keys=lost_keys)

@@ -20,6 +20,9 @@ OUTPUTS = ("embedding", "probs")  # probs only when the recipe stores --labels
 MAX_MODEL_BYTES = 4 << 30
 OPSET = 18
 EXPORTER = "torch.onnx.export(dynamo=False)"
+# the precisions each backend computes in, as its own setting names them (OpenVINO's bf16
+# runs natively on AVX512-BF16/AMX; decide.candidates offers it only there)
+PRECISION_HINT = {"onnxruntime": {"fp32": ""}, "openvino": {"fp32": "f32", "bf16": "bf16"}}
 
 
 @dataclass(frozen=True)
@@ -35,18 +38,22 @@ class PortableEmbedder:
     computed exactly as the recipe says (normalisation, trunk, pooling, labels, L2 norm)."""
 
     def __init__(self, model: bytes, recipe: dict[str, Any], record: dict[str, Any],
-                 backend: str = "onnxruntime", source: Path | None = None) -> None:  # fmt: skip
+                 backend: str = "onnxruntime", source: Path | None = None,
+                 precision: str = "fp32") -> None:  # fmt: skip
         if backend not in BACKENDS:
             raise InputError(f"unknown portable runtime {backend!r}: use {' or '.join(BACKENDS)}")
+        if precision not in PRECISION_HINT[backend]:
+            raise InputError(f"{backend} does not compute in {precision}: use --precision fp32")
         self.name = backend
         self.on_cuda = False
-        self.recipe = recipe
+        self.recipe = {**recipe, "precision": precision}  # what this runtime computes in
         self.data_config = DataConfig.from_dict(recipe["data_config"])
         self.normalize = bool(recipe["normalize"])
         self.labels = int(recipe.get("labels") or 0)
         self._names: list[str] | None = record.get("label_names")
         self._record, self._source, self._bytes = record, source, model
-        self._run = _onnxruntime(model) if backend == "onnxruntime" else _openvino(model)
+        hint = PRECISION_HINT[backend][precision]
+        self._run = _onnxruntime(model) if backend == "onnxruntime" else _openvino(model, hint)
 
     @property
     def dim(self) -> int:
@@ -111,7 +118,7 @@ def _onnxruntime(model: bytes) -> Any:
     return lambda batch: session.run(names, {INPUT: batch})
 
 
-def _openvino(model: bytes) -> Any:
+def _openvino(model: bytes, hint: str) -> Any:
     try:
         import openvino as ov
     except ImportError as exc:
@@ -121,7 +128,7 @@ def _openvino(model: bytes) -> Any:
     try:
         core = ov.Core()
         compiled = core.compile_model(core.read_model(model, b""), "CPU",
-                                      {"INFERENCE_PRECISION_HINT": "f32"})  # fmt: skip
+                                      {"INFERENCE_PRECISION_HINT": hint})  # fmt: skip
     except Exception as exc:
         raise CollectionError(f"OpenVINO cannot load the portable model: {_gist(exc)}") from exc
     request = compiled.create_infer_request()
@@ -163,9 +170,12 @@ def read_model(version: Path, record: dict[str, Any]) -> bytes:
     return data
 
 
-def load_portable(version: Path, manifest: dict[str, Any], backend: str) -> PortableEmbedder:
-    """The collection's portable model on a CPU runtime, its bytes checked first."""
+def load_portable(
+    version: Path, manifest: dict[str, Any], backend: str, precision: str = "fp32"
+) -> PortableEmbedder:
+    """The collection's portable model on a CPU runtime at a precision, its bytes checked
+    first."""
     record = manifest["portable_model"]
     data = read_model(version, record)
     source = version / str(record["path"])
-    return PortableEmbedder(data, manifest["model"], record, backend, source)
+    return PortableEmbedder(data, manifest["model"], record, backend, source, precision)

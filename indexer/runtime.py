@@ -10,13 +10,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from indexer.config import RUNTIMES
+from indexer.decide import PORTABLE, Choice, Machine
 from indexer.errors import CollectionError, IndexerError, InputError
 from indexer.portable import MODEL_FILE, Exported
 from indexer.preprocess import DataConfig
 
 log = logging.getLogger(__name__)
 BACKEND_OF = {"onnx": "onnxruntime", "openvino": "openvino"}  # --runtime -> portable backend
-DEFAULT_PORTABLE = "onnx"  # measured (bench/runtimes.py): faster than OpenVINO here, imports faster
 RECIPE_FIELDS = ("name", "state_sha256", "forward", "pooling", "feature_stage", "labels",
                  "normalize", "data_config", "embedding_dim")  # fmt: skip
 
@@ -80,26 +80,27 @@ class RecordedRecipe:
         return Exported(None, self._reason)
 
 
-def choose_runtime(asked: str, cuda: bool, unusable: str | None) -> str:
+def choose_runtime(
+    asked: str, cuda: bool, unusable: str | None, built: str = "onnxruntime",
+    installed: frozenset[str] = frozenset(PORTABLE),
+) -> str:  # fmt: skip
     """torch, onnxruntime or openvino, for what was asked (auto, torch, onnx, openvino), on a
-    CUDA device or not, given why the collection's portable model cannot serve (None: it can)."""
+    CUDA device or not, given why the collection's portable model cannot serve (None: it can)
+    and the collection's own runtime (auto takes it; a portable one not installed here gives
+    way to the other portable runtime)."""
     if asked not in RUNTIMES:
         raise InputError(f"unknown runtime {asked!r}: use one of {', '.join(RUNTIMES)}")
     if asked == "torch" or (asked == "auto" and (cuda or unusable is not None)):
         return "torch"
     if asked == "auto":
-        return BACKEND_OF[DEFAULT_PORTABLE]
+        if built == "torch" or built in installed:
+            return built
+        return next((name for name in PORTABLE if name in installed), "torch")
     if cuda:
         raise InputError(f"--runtime {asked} runs on the CPU: use --device cpu, or --runtime auto")
     if unusable is not None:
         raise InputError(f"--runtime {asked}: {unusable}: use --runtime torch (or auto)")
     return BACKEND_OF[asked]
-
-
-def switches_to_portable(asked: str, runtime: Runtime) -> bool:
-    """Whether a run embedding with torch exports the portable model after its first batch
-    and embeds the rest with it: with --runtime auto, on the CPU."""
-    return asked == "auto" and runtime.name == "torch" and not runtime.on_cuda
 
 
 def why_not_portable(manifest: dict[str, Any] | None) -> str | None:
@@ -151,20 +152,41 @@ def wants_cuda(device: str) -> bool:
 def open_portable(
     asked: str, cuda: bool, version: Path | None, manifest: dict[str, Any] | None
 ) -> Runtime | None:
-    """The version's portable model where --runtime and the device choose it; None: torch.
-    With auto, a damaged model file means torch (warned); asked by name, it is an error."""
-    choice = choose_runtime(asked, cuda, why_not_portable(manifest))
+    """The version's portable model where --runtime, the device and the collection's own
+    runtime choose it, at the collection's precision where that runtime computes in it;
+    None: torch. With auto, a damaged model file means torch (warned); asked by name, it is
+    an error."""
+    from indexer.decide import recorded, this_machine
+
+    built = recorded(manifest)
+    machine = this_machine(cuda)
+    own = built.runtime if built is not None else "onnxruntime"
+    choice = choose_runtime(asked, cuda, why_not_portable(manifest), own, machine.installed)
     if choice == "torch" or version is None or manifest is None:
         return None
     from indexer.portable import load_portable
 
     try:
-        return load_portable(version, manifest, choice)
+        return load_portable(version, manifest, choice, query_precision(choice, built, machine))
     except CollectionError as exc:
         if asked != "auto":
             raise
         log.warning("%s; embedding with torch instead", exc)
         return None
+
+
+def query_precision(runtime: str, built: Choice | None, machine: Machine) -> str:
+    """The precision a query embeds in with this runtime: the collection's, where the runtime
+    and the CPU compute in it; else fp32, said in a line (within the collection's bound)."""
+    from indexer.decide import supports
+
+    if built is None or built.precision == "fp32":
+        return "fp32"
+    if supports(runtime, built.precision) and machine.native_bf16:
+        return built.precision
+    log.info("queries embed with %s in fp32 (the collection's vectors are %s %s): within the "
+             "%s bound", runtime, built.runtime, built.precision, built.precision)  # fmt: skip
+    return "fp32"
 
 
 def query_runtime(asked: str, device: str, version: Path, manifest: dict[str, Any]) -> Runtime:
@@ -175,6 +197,12 @@ def query_runtime(asked: str, device: str, version: Path, manifest: dict[str, An
     try:
         from indexer.model import embedder_from_recipe
     except ImportError as exc:  # a slim install: no torch or timm
+        if asked == "auto" and why_not_portable(manifest) is None:
+            log.info("torch is not installed here: queries embed with the portable model "
+                     "(the collection embeds with torch)")  # fmt: skip
+            from indexer.portable import load_portable
+
+            return load_portable(version, manifest, "onnxruntime")
         raise InputError(
             f"{exc.name or 'torch'} is not installed here, and the collection's portable model "
             f"cannot serve ({why_not_portable(manifest) or 'its model file is damaged'}): "

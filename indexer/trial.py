@@ -1,0 +1,170 @@
+"""A first batch settles the runtime: each candidate checked against torch fp32, and timed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from indexer.decide import (
+    BOUND,
+    PORTABLE,
+    Choice,
+    Decision,
+    RuntimePlan,
+    pick,
+    remember,
+)
+from indexer.errors import IndexerError, ModelError
+from indexer.model import Embedder
+from indexer.portable import MODEL_FILE, Exported, PortableEmbedder
+from indexer.runtime import Runtime
+
+log = logging.getLogger(__name__)
+ROUNDS = 2  # timed passes over the check images per candidate, interleaved; the best counts
+WARM = 4  # images of an untimed first call (allocations, kernels chosen, graphs compiled)
+LABELS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # largest difference of a class probability
+
+
+def settle(
+    plan: RuntimePlan, torch_runtime: Embedder, sample: np.ndarray, folder: Path
+) -> tuple[Runtime, Decision, Exported | None]:
+    """The runtime that embeds the build (first batch included), how it was decided, and the
+    portable model exported into folder (None when no candidate needed it). Every candidate
+    must reproduce torch fp32 on the build's first images (cosine >= BOUND of its precision);
+    with plan.how auto the fastest of those is kept, and remembered for this machine."""
+    from indexer.export import reference_outputs
+
+    exported, offered = _exported(plan, torch_runtime, sample, folder)
+    images, own, want, probs = reference_outputs(torch_runtime, sample)
+    runtimes = _runtimes(offered, torch_runtime, exported, folder)
+    timed = plan.how == "auto" and len(runtimes) > 1
+    seconds, outputs = _run(runtimes, images, ROUNDS if timed else 1)
+    fidelity, refused = {}, {}
+    for choice, (vectors, rows) in outputs.items():
+        try:
+            fidelity[choice] = check(choice, want, probs, vectors, rows)
+        except FidelityError as exc:
+            refused[choice] = str(exc)
+    if not fidelity:
+        reasons = "; ".join(f"{c.label}: {why}" for c, why in refused.items())
+        raise ModelError(f"no runtime reproduces torch fp32 on the build's images ({reasons}): "
+                         "use --runtime torch --precision fp32")  # fmt: skip
+    for choice, why in refused.items():
+        log.warning("%s is not used: %s", choice.label, why)
+    if plan.how == "cached" and plan.candidates[0] not in fidelity:
+        log.warning("the cached choice %s failed its check; timing the others",
+                    plan.candidates[0].label)  # fmt: skip
+        return settle(replace(plan, candidates=plan.others, how="auto"), torch_runtime,
+                      sample, folder)  # fmt: skip
+    rates = {c: len(images) / seconds[c] for c in fidelity}
+    chosen = pick(rates) if timed else next(iter(fidelity))
+    images_from = "the build" if own else "generated scenes"
+    decision = Decision(
+        chosen,
+        "timed" if timed else ("forced" if plan.how == "auto" else plan.how),
+        _why(plan, chosen, rates, timed),
+        {c.label: r for c, r in rates.items()} if timed else {},
+        {**fidelity[chosen], "images_from": images_from},
+    )
+    if timed:
+        remember(plan.key, decision)
+    log.info("embedding with %s (%s: %s)", chosen.label, decision.how, decision.why)
+    return runtimes[chosen], decision, exported
+
+
+def _exported(
+    plan: RuntimePlan, torch_runtime: Embedder, sample: np.ndarray, folder: Path
+) -> tuple[Exported | None, tuple[Choice, ...]]:
+    """The portable model when a candidate runs it (exported and checked on onnxruntime as
+    always), and the candidates left: without a portable model, only torch's."""
+    if not any(c.runtime in PORTABLE for c in plan.candidates):
+        return None, plan.candidates
+    exported = torch_runtime.portable_model(sample, folder)
+    if exported.record is not None:
+        return exported, plan.candidates
+    left = tuple(c for c in plan.candidates if c.runtime == "torch")
+    if not left:
+        asked = ", ".join(c.label for c in plan.candidates)
+        raise ModelError(f"{asked} runs the exported model, and there is none "
+                         f"({exported.reason}): use --runtime torch")  # fmt: skip
+    log.warning("no portable model (%s): choosing among %s", exported.reason,
+                ", ".join(c.label for c in left))  # fmt: skip
+    return exported, left
+
+
+def _runtimes(offered: tuple[Choice, ...], torch_runtime: Embedder, exported: Exported | None,
+              folder: Path) -> dict[Choice, Runtime]:  # fmt: skip
+    """Each candidate ready to run; one that cannot load (OpenVINO failing to compile the
+    model, say) is left out with a warning, unless it was the only one."""
+    out: dict[Choice, Runtime] = {}
+    for choice in offered:
+        try:
+            out[choice] = _runtime(choice, torch_runtime, exported, folder)
+        except IndexerError as exc:
+            if len(offered) == 1:
+                raise
+            log.warning("%s is not used: %s", choice.label, exc)
+    return out
+
+
+def _runtime(choice: Choice, torch_runtime: Embedder, exported: Exported | None,
+             folder: Path) -> Runtime:  # fmt: skip
+    if choice.runtime == "torch":
+        return torch_runtime.at_precision(choice.precision)
+    assert exported is not None and exported.record is not None
+    path = folder / MODEL_FILE
+    return PortableEmbedder(path.read_bytes(), torch_runtime.recipe, exported.record,
+                            choice.runtime, path, choice.precision)  # fmt: skip
+
+
+def _run(
+    runtimes: dict[Choice, Runtime], images: np.ndarray, rounds: int
+) -> tuple[dict[Choice, float], dict[Choice, tuple[np.ndarray, list[dict[str, Any]]]]]:
+    """Each runtime's outputs on the images, and its best time over `rounds` passes taken in
+    turn (so a burst of other work on the machine touches every candidate alike)."""
+    for runtime in runtimes.values():
+        runtime.embed(images[:WARM])
+    best = dict.fromkeys(runtimes, float("inf"))
+    outputs = {}
+    for _ in range(rounds):
+        for choice, runtime in runtimes.items():
+            start = time.perf_counter()
+            outputs[choice] = runtime.embed_with_labels(images)
+            best[choice] = min(best[choice], time.perf_counter() - start)
+    return best, outputs
+
+
+class FidelityError(Exception):
+    """A runtime does not reproduce torch fp32 within its precision's bound."""
+
+
+def check(choice: Choice, want: np.ndarray, probs: np.ndarray | None, got: np.ndarray,
+          rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """The runtime's cosines to torch fp32 (min, mean), or FidelityError below its bound."""
+    from indexer.export import cosines
+
+    found = cosines(want, got)
+    bound = BOUND[choice.precision]
+    if not np.all(found >= bound):
+        raise FidelityError(f"cosine to torch fp32 {found.min():.6f}, needs {bound}")
+    if probs is not None and rows:
+        have = np.array([r["label_prob"] for r in rows])
+        ref = np.take_along_axis(probs, np.array([r["label_index"] for r in rows]), 1)
+        if np.abs(have - ref).max(initial=0.0) > LABELS_TOLERANCE[choice.precision]:
+            raise FidelityError("class probabilities differ from torch fp32's")
+    return {"min_cosine": float(found.min()), "mean_cosine": float(found.mean()),
+            "images": len(found), "bound": bound}  # fmt: skip
+
+
+def _why(plan: RuntimePlan, chosen: Choice, rates: dict[Choice, float], timed: bool) -> str:
+    if not timed:
+        return plan.why or "the only candidate left"
+    others = sorted(((r, c) for c, r in rates.items() if c != chosen), reverse=True)
+    shown = ", ".join(f"{c.label} {r:,.0f}" for r, c in others[:4])
+    return (f"fastest on the first batch: {rates[chosen]:,.0f} images/s"
+            + (f" (then {shown})" if shown else ""))  # fmt: skip
