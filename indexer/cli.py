@@ -782,8 +782,20 @@ def describe_model(manifest: dict[str, Any]) -> list[str]:
         f"preprocess:  {dc['input_size'][1]}x{dc['input_size'][2]} {dc['interpolation']}, "
         f"crop_pct {dc['crop_pct']} ({dc['crop_mode']}), mean {dc['mean']}, std {dc['std']}, "
         f"{manifest['decode']['mode']} decoding",
+        describe_runtime(manifest),
         describe_portable(manifest),
     ]
+
+
+def describe_runtime(manifest: dict[str, Any]) -> str:
+    """The collection's runtime and precision, and how they were decided."""
+    from indexer.decide import recorded
+
+    built = recorded(manifest)
+    record = manifest.get("runtime") or {}
+    how = record.get("how", "inferred: built before runtimes were recorded")
+    why = f": {record['why']}" if record.get("why") else ""
+    return f"runtime:     {built.label if built else 'none'} ({how}{why})"
 
 
 def describe_portable(manifest: dict[str, Any]) -> str:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -275,13 +276,16 @@ def check_decode(cfg: BuildConfig) -> None:
 
 
 def gpu_decoding(cfg: BuildConfig) -> bool:
-    """Whether this process decodes JPEGs on its GPU (choose_gpu_decoding). Never with the
-    Ray engine: its GPU actors decide (rayengine)."""
+    """Whether this process decodes JPEGs on its GPU (choose_gpu_decoding; auto from the rates
+    this machine measured for the model's input size, remembered from its last run: none
+    known, the CPU). Never with the Ray engine: its GPU actors decide (rayengine)."""
+    from indexer import decodechoice
     from indexer.model import resolve_device
 
     if cfg.engine.kind == "ray":
         return False
     device = resolve_device(cfg.model.device)
+    cuda = device.type == "cuda"
 
     def problem() -> str | None:
         from indexer.gpudecode import unusable
@@ -289,7 +293,12 @@ def gpu_decoding(cfg: BuildConfig) -> bool:
         return unusable(device)
 
     exact = cfg.loader.preprocessing == "exact"
-    return choose_gpu_decoding(cfg.loader.decode, device.type == "cuda", exact, problem)
+    rates: dict[str, float] = {}
+    hint = configcache.lookup(cfg.model.name) if cuda and cfg.loader.decode == "auto" else None
+    if hint is not None and not exact:  # the input size its last run resolved on this machine
+        key = decodechoice.run_key(device, hint.input_size, cfg.loader)
+        rates = {} if key is None else decodechoice.measured(key)
+    return choose_gpu_decoding(cfg.loader.decode, cuda, exact, problem, measured=rates)
 
 
 def choose_gpu_decoding(
@@ -298,25 +307,19 @@ def choose_gpu_decoding(
     exact: bool,
     problem: Callable[[], str | None],
     needs: str = "a CUDA GPU",
+    measured: Mapping[str, float] | None = None,
 ) -> bool:
-    """--decode gpu, or auto, on CUDA where nvJPEG passes its check (problem() is None: it
-    decodes test JPEGs as Pillow does), unless preprocessing is exact (timm's transform pixel
-    for pixel, which the GPU's resize is not). gpu without CUDA, with exact preprocessing or
-    failing the check is refused; auto failing the check decodes on the CPU, and says why."""
-    if asked == "cpu" or (asked == "auto" and (exact or not cuda)):
-        return False
-    if exact:
-        raise InputError("--decode gpu resizes on the GPU, not with timm's transform pixel for "
-                         "pixel: drop --exact-preprocessing, or use --decode cpu")  # fmt: skip
-    if not cuda:
-        raise InputError(f"--decode gpu needs {needs}: use --decode cpu (or auto)")
-    why = problem()
-    if why is None:
-        return True
-    if asked == "gpu":
-        raise InputError(f"--decode gpu: nvJPEG does not work here ({why}): use --decode cpu")
-    log.warning("decoding JPEGs on the CPU: nvJPEG does not work here (%s)", why)
-    return False
+    """decodechoice.choose_decoder: --decode gpu where nvJPEG passes its check (refused without
+    CUDA, with exact preprocessing or failing the check); auto on the GPU only where this
+    machine measured nvJPEG faster than the CPU path (`measured`, images/s by path). auto on
+    CUDA logs why (a warning when nvJPEG fails its check or nothing is measured yet)."""
+    from indexer.decodechoice import choose_decoder
+
+    where = choose_decoder(asked, cuda, exact, problem, measured or {}, needs)
+    if asked == "auto" and cuda and not exact:
+        log.log(logging.WARNING if where.warn else logging.INFO, "decoding JPEGs on the %s: %s",
+                "GPU" if where.gpu else "CPU", where.why)  # fmt: skip
+    return where.gpu
 
 
 def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
@@ -427,12 +430,15 @@ class Embedding:
     def names(self) -> str | None:
         return self.runtime.name if self.sample is not None else None
 
-    def log_rate(self) -> None:
-        if self.after_first:
-            seconds = time.perf_counter() - self.first_done
-            log.info("after the first batch: %d images in %.2f s, %.0f images/s (%s)",
-                     self.after_first, seconds, self.after_first / seconds,
-                     self.names)  # fmt: skip
+    def log_rate(self) -> float | None:
+        """Images/s after the first batch, logged (None: no image after it)."""
+        if not self.after_first:
+            return None
+        seconds = time.perf_counter() - self.first_done
+        rate = self.after_first / seconds
+        log.info("after the first batch: %d images in %.2f s, %.0f images/s (%s)",
+                 self.after_first, seconds, rate, self.names)  # fmt: skip
+        return rate
 
 
 @dataclass(frozen=True)
@@ -617,6 +623,24 @@ def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
             sys.setswitchinterval(previous)
 
 
+def ahead_if_routed(batches: Iterator[Batch], raw: RawDecoding,
+                    runtime: Runtime) -> Iterator[Batch]:  # fmt: skip
+    """decoded_ahead's threads where the loader routes JPEGs to the GPU (its batches carry the
+    workers' share, or raw items); else the batches as they come, so the CPU path runs as
+    with --decode cpu (the path whose rate --decode auto compares)."""
+    try:
+        first = next(batches, None)
+        if first is None:
+            return
+        rest = itertools.chain([first], batches)
+        if first.share is not None or first.raw:
+            yield from decoded_ahead(rest, raw, runtime)
+        else:
+            yield from rest
+    finally:
+        close(batches)
+
+
 def _prepared(decoded: Iterator[tuple[Batch, Decoded]], raw: RawDecoding) -> Iterator[Batch]:
     try:
         for batch, images in decoded:
@@ -695,7 +719,7 @@ def embed_items(
     stages = Stages()
     raw = RawDecoding(cfg, stages)
     if job.embedder.on_cuda and cfg.loader.decode != "cpu":
-        batches = decoded_ahead(batches, raw, job.embedder)
+        batches = ahead_if_routed(batches, raw, job.embedder)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
     with writer, bar, closing_iterator(batches):
@@ -713,8 +737,14 @@ def embed_items(
             errors += [error_row(job, *error) for error in batch.errors]
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
-        embed.log_rate()
+        rate = embed.log_rate()
         raw.log_share()
+        if job.embedder.on_cuda and rate is not None:  # what --decode auto compares
+            from indexer.decodechoice import record_run
+
+            path = "gpu" if raw.gpu or raw.fallback else "cpu"  # nvJPEG decoded, or only the CPU
+            record_run(getattr(job.embedder, "device", None), job.embedder.data_config.input_size,
+                       cfg.loader, path, rate, embed.after_first)  # fmt: skip
         log.info("seconds by stage: %s", stages.summary())
         decision = embed.settled()
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,

@@ -133,10 +133,11 @@ def measure_fidelity(
     images: np.ndarray,
     want_vectors: np.ndarray,
     want_probs: np.ndarray | None,
-    bound: float = FIDELITY_MIN,
+    bound: float | None = None,
 ) -> dict[str, Any]:
     """The fidelity record of the portable model against torch fp32's outputs on the images;
     FidelityError when one image's cosine is below the bound or a probability is off."""
+    bound = FIDELITY_MIN if bound is None else bound
     got, rows = portable.embed_with_labels(images)
     found = cosines(want_vectors, got)
     if not np.all(found >= bound):

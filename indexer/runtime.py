@@ -191,13 +191,21 @@ def query_precision(runtime: str, built: Choice | None, machine: Machine) -> str
 
 def query_runtime(asked: str, device: str, version: Path, manifest: dict[str, Any]) -> Runtime:
     """The runtime that embeds query images for this published version."""
+    from indexer.decide import recorded
+
     portable = open_portable(asked, wants_cuda(device), version, manifest)
     if portable is not None:
         return portable
     try:
         from indexer.model import embedder_from_recipe
     except ImportError as exc:  # a slim install: no torch or timm
-        if asked == "auto" and why_not_portable(manifest) is None:
+        built = recorded(manifest)
+        if (
+            asked == "auto"
+            and built is not None
+            and built.runtime == "torch"
+            and (why_not_portable(manifest) is None)
+        ):
             log.info("torch is not installed here: queries embed with the portable model "
                      "(the collection embeds with torch)")  # fmt: skip
             from indexer.portable import load_portable

@@ -14,7 +14,9 @@ from click.testing import CliRunner, Result
 from indexer.cli import main
 from indexer.config import DEFAULT_MODEL
 
-BUILD_FLAGS = ("--no-pretrained", "--workers", "0", "--no-progress")
+# fp32: tests that compare paths (torch, the portable model, the service) pin the precision they
+# compare; tests/test_precision.py compares them under each precision the CPU offers
+BUILD_FLAGS = ("--no-pretrained", "--workers", "0", "--no-progress", "--precision", "fp32")
 
 
 def run_cli(*args: str) -> Result:

@@ -39,8 +39,12 @@ def c(label: str) -> Choice:
 @pytest.mark.parametrize(
     ("runtime", "precision", "machine", "expected"),
     [
-        ("auto", "auto", BF16, "onnxruntime fp32, openvino fp32, openvino bf16, torch fp32, "
-                               "torch bf16"),  # fmt: skip
+        (
+            "auto",
+            "auto",
+            BF16,
+            "onnxruntime fp32, openvino fp32, openvino bf16, torch fp32, torch bf16",
+        ),
         ("auto", "auto", PLAIN, "onnxruntime fp32, openvino fp32, torch fp32"),
         ("auto", "auto", SLIM, "onnxruntime fp32, torch fp32, torch bf16"),
         ("auto", "fp32", BF16, "onnxruntime fp32, openvino fp32, torch fp32"),
@@ -96,8 +100,10 @@ def test_pick_the_fastest_ties_to_fp32_then_fewer_imports(
         ({"model": {"precision": "fp32"}, "portable_model": {}}, "onnxruntime fp32"),
         ({"model": {"precision": "bf16"}, "portable_model": {}}, "torch bf16"),  # before records
         ({"model": {"precision": "fp32"}}, "torch fp32"),
-        ({"model": {"precision": "fp32"}, "runtime": {"name": "openvino", "precision": "bf16"}},
-         "openvino bf16"),  # fmt: skip
+        (
+            {"model": {"precision": "fp32"}, "runtime": {"name": "openvino", "precision": "bf16"}},
+            "openvino bf16",
+        ),
     ],
 )
 def test_recorded(manifest: dict | None, expected: str | None) -> None:

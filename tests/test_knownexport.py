@@ -39,6 +39,8 @@ def last_run(out: Path) -> dict:
 
 
 def build(src: Path, out: Path, *flags: str) -> str:
+    """A build whose runtime is known before its first batch (a known export may embed it)."""
+    flags = ("--runtime", "onnx", *flags)
     result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--batch-size", "8", *flags)
     assert result.exit_code == 0, result.output
     return result.output
@@ -69,13 +71,14 @@ def test_first_build_embeds_with_the_known_export(
     src: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     build(src, tmp_path / "a")
-    assert last_run(tmp_path / "a")["runtime"] == "torch+onnxruntime"
+    assert last_run(tmp_path / "a")["runtime"] == "onnxruntime"
     assert len(entries(cache)) == 1
     build(src, tmp_path / "b")
-    assert last_run(tmp_path / "b")["runtime"] == "onnxruntime", caplog.text  # no torch model
+    assert last_run(tmp_path / "b")["runtime"] == "onnxruntime", caplog.text
     a, b = (json.loads((tmp_path / n / "manifest.json").read_text()) for n in "ab")
-    assert b["model"] == a["model"]
+    assert b["model"] == a["model"] and b["runtime"]["name"] == a["runtime"]["name"]
     record = b["portable_model"]
+    assert "cached" not in a["portable_model"]  # a: torch checked the export on its first batch
     assert record["cached"] is True and record["sha256"] == a["portable_model"]["sha256"]
     assert record["fidelity"]["images_from"] == "the build"
     assert record["fidelity"]["min_cosine"] >= 0.9999
@@ -118,7 +121,11 @@ def test_a_stale_known_export_never_decides_a_vector(
     build(src, tmp_path / "out")
     expect = "not usable" if tampering == "corrupt" else "embedding again with torch"
     assert expect in caplog.text
-    assert last_run(tmp_path / "out")["runtime"] == "torch+onnxruntime"
+    assert last_run(tmp_path / "out")["runtime"] == "onnxruntime"
+    assert (
+        "cached"
+        not in json.loads((tmp_path / "out" / "manifest.json").read_text())["portable_model"]
+    )  # embedded again after torch checked a fresh export
     got, want = read_embeddings_by_key(tmp_path / "out"), read_embeddings_by_key(tmp_path / "clean")
     assert got.keys() == want.keys()
     assert max(np.abs(got[k] - want[k]).max() for k in want) < 1e-5

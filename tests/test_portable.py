@@ -190,7 +190,8 @@ def test_query_needs_neither_torch_nor_timm(collection: Path, corpus: Path, tmp_
 def test_openvino_answers_as_onnxruntime_does(collection: Path, corpus: Path) -> None:
     names = {r: Collection.open(collection, runtime=r, device="cpu").embedder.name
              for r in ("auto", "onnx", "openvino", "torch")}  # fmt: skip
-    assert names == {"auto": "onnxruntime", "onnx": "onnxruntime", "openvino": "openvino",
+    own = _manifest(collection)["runtime"]["name"]  # auto: the collection's own runtime
+    assert names == {"auto": own, "onnx": "onnxruntime", "openvino": "openvino",
                      "torch": "torch"}  # fmt: skip
     image = sorted(corpus.rglob("*.png"))[0]
     runs = [run_cli("query", image, "--index", collection, "--json", "--runtime", r)
@@ -206,14 +207,15 @@ def test_incremental_build_runs_the_stored_model_without_timm(corpus: Path, tmp_
     src = tmp_path / "src"
     shutil.copytree(corpus / "group0", src / "group0")
     out = tmp_path / "c"
-    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS, "--runtime", "onnx").exit_code == 0
     shutil.copytree(corpus / "group1", src / "group1")
     env = _blocker(tmp_path, ("timm", "torchvision"))
     argv = [INDEXER, "build", str(src), "--out", str(out), *BUILD_FLAGS]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
-    assert [r["runtime"] for r in runs] == ["torch", "onnxruntime"]
+    assert [r["runtime"] for r in runs] == ["onnxruntime", "onnxruntime"]
+    assert [r["choice"]["how"] for r in runs] == ["forced", "recorded"]
     v1, v2 = (
         (out / "versions" / "v000001" / MODEL_FILE),
         (out / "versions" / "v000002" / MODEL_FILE),
@@ -231,10 +233,15 @@ def test_incremental_build_runs_the_stored_model_without_timm(corpus: Path, tmp_
     ).returncode
 
 
-def test_runtime_onnx_needs_a_portable_model(corpus: Path, tmp_path: Path) -> None:
-    first = run_cli("build", corpus, "--out", tmp_path / "c", *BUILD_FLAGS, "--runtime", "onnx")
-    assert first.exit_code == 2 and "no published version to take it from" in first.output
+def test_runtime_onnx_without_a_portable_model_is_one_line(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(export, "FIDELITY_MIN", 1.5)  # the export never passes its check
+    out = tmp_path / "c"
+    first = run_cli("build", corpus, "--out", out, *BUILD_FLAGS, "--runtime", "onnx")
+    assert first.exit_code == 4 and "there is none" in first.output, first.output
     assert "--runtime torch" in first.output
+    assert not (out / "current").exists()  # nothing published
 
 
 def test_a_collection_without_a_portable_model_says_why(
@@ -350,7 +357,7 @@ def test_incremental_labels_from_the_stored_model_equal_torch(corpus: Path, tmp_
     shutil.copytree(corpus / "group0", src / "group0")
     out, ref = tmp_path / "c", tmp_path / "ref"
     flags = (*BUILD_FLAGS, "--labels", "3", "--pooling", "gem")
-    assert run_cli("build", src, "--out", out, *flags).exit_code == 0
+    assert run_cli("build", src, "--out", out, *flags, "--runtime", "onnx").exit_code == 0
     shutil.copytree(corpus / "group1", src / "group1")
     assert run_cli("build", src, "--out", out, *flags).exit_code == 0
     assert json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["runtime"] == "onnxruntime"
@@ -366,17 +373,18 @@ def test_incremental_labels_from_the_stored_model_equal_torch(corpus: Path, tmp_
 
 
 @pytest.mark.usefixtures("fresh_cache")
-def test_a_first_build_moves_to_the_portable_model_after_its_first_batch(
+def test_a_first_build_embeds_every_batch_with_the_runtime_it_chose(
     corpus: Path, tmp_path: Path
 ) -> None:
+    """The first batch included: torch embeds it only to check the export against."""
     flags = (*BUILD_FLAGS, "--batch-size", "8")
     auto, torch_only = tmp_path / "auto", tmp_path / "torch"
-    assert run_cli("build", corpus, "--out", auto, *flags).exit_code == 0
+    assert run_cli("build", corpus, "--out", auto, *flags, "--runtime", "onnx").exit_code == 0
     assert (
         run_cli("build", corpus, "--out", torch_only, *flags, "--runtime", "torch").exit_code == 0
     )
     runtimes = [json.loads((d / "runs.jsonl").read_text())["runtime"] for d in (auto, torch_only)]
-    assert runtimes == ["torch+onnxruntime", "torch"]
+    assert runtimes == ["onnxruntime", "torch"]
     got, want = read_embeddings_by_key(auto), read_embeddings_by_key(torch_only)
     assert got.keys() == want.keys() and len(got) > 8
     assert max(float(np.abs(got[k] - want[k]).max()) for k in got) < 1e-5
@@ -387,7 +395,9 @@ def test_a_first_build_moves_to_the_portable_model_after_its_first_batch(
 
 def test_batchnorm_models_export_and_match(tmp_path: Path) -> None:
     """The check runs the wrapper in eval mode: BatchNorm uses its running statistics."""
-    embedder = load_embedder(ModelConfig(name="test_resnet.r160_in1k", pretrained=False))
+    embedder = load_embedder(
+        ModelConfig(name="test_resnet.r160_in1k", pretrained=False, precision="fp32")
+    )
     images = _images(8)
     exported = embedder.portable_model(images, tmp_path)
     assert exported.record is not None, exported.reason

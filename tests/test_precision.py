@@ -1,0 +1,130 @@
+"""One runtime and precision per collection, under each one this CPU offers: a first build takes
+any of them, stays within its precision's bound of torch fp32, and every later run, query and
+the service embed as it did."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.decide import BOUND, candidates, this_machine
+from indexer.search import Collection
+from tests.helpers import (
+    BUILD_FLAGS,
+    read_embeddings_by_key,
+    reference_embedding,
+    run_cli,
+    seeded_model,
+)
+
+OFFERED = [c.label for c in candidates("auto", "auto", this_machine(cuda=False))]
+FLAG = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _runs(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "runs.jsonl").read_text().splitlines()]
+
+
+def _build(src: Path, out: Path, *flags: str) -> None:
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--batch-size", "8", *flags)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", OFFERED)
+def test_every_offered_runtime_and_precision_embeds_one_collection(
+    label: str, corpus: Path, tmp_path: Path
+) -> None:
+    runtime, precision = label.split()
+    flags = ("--runtime", FLAG[runtime], "--precision", precision)
+    src, out = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(corpus / "group0", src / "group0")
+    shutil.copytree(corpus / "group1", src / "group1")
+    _build(src, out, *flags)
+    manifest = _manifest(out)
+    assert manifest["runtime"]["name"] == runtime and manifest["precision"] == precision
+    assert manifest["model"]["precision"] == precision and manifest["runtime"]["how"] == "forced"
+    assert _runs(out)[-1]["runtime"] == runtime  # the first batch too: one runtime embeds all
+    first = read_embeddings_by_key(out)
+    model = seeded_model(0)
+    cosines = [float(v @ reference_embedding(model, src / k)) for k, v in first.items()]
+    assert min(cosines) >= BOUND[precision], (label, min(cosines))
+
+    # a later run keeps the runtime and precision without being told (auto), old rows stay
+    shutil.copytree(corpus / "group2", src / "group2")
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS[:-2], "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    later = _runs(out)[-1]
+    assert later["runtime"] == runtime and later["choice"]["how"] == "recorded"
+    assert (later["choice"]["name"], later["choice"]["precision"]) == (runtime, precision)
+    again = read_embeddings_by_key(out)
+    assert all(np.array_equal(again[k], first[k]) for k in first)
+    model_cosines = [float(again[k] @ reference_embedding(model, src / k)) for k in again]
+    assert min(model_cosines) >= BOUND[precision]
+
+    # a new image through the query path (the service's too) lands where the build put it
+    collection = Collection.open(out, device="cpu")
+    embedder = collection.embedder
+    assert embedder.name == runtime and embedder.recipe["precision"] == precision
+    key = sorted(again)[0]
+    doc = run_cli("query", src / key, "--index", out, "--json", "-k", "1")
+    assert doc.exit_code == 0, doc.output
+    top = json.loads(doc.stdout)[0]["results"][0]
+    assert top["key"] == key and top["score"] > 0.99999  # the stored vector, made again
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_cache")
+def test_auto_times_once_then_the_cache_decides_the_same_vectors(
+    corpus: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(corpus / "group0", src / "group0")
+    auto = ("--runtime", "auto", "--precision", "auto")
+    _build(src, tmp_path / "a", *auto)
+    _build(src, tmp_path / "b", *auto)
+    a, b = (_manifest(tmp_path / n)["runtime"] for n in "ab")
+    assert a["how"] == "timed" and b["how"] == "cached"
+    assert (a["name"], a["precision"]) == (b["name"], b["precision"])
+    assert f"{a['name']} {a['precision']}" in OFFERED
+    assert set(a["images_per_second"]) == set(OFFERED)  # every candidate was timed
+    va, vb = read_embeddings_by_key(tmp_path / "a"), read_embeddings_by_key(tmp_path / "b")
+    assert va.keys() == vb.keys()
+    assert max(float(np.abs(va[k] - vb[k]).max()) for k in va) < 1e-5
+    info = run_cli("info", tmp_path / "b")
+    assert info.exit_code == 0 and f"runtime:     {a['name']} {a['precision']}" in info.output
+
+
+def test_a_cpu_without_native_bf16_refuses_it_and_auto_stays_fp32(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("INDEXER_NATIVE_BF16", "0")  # this CPU, as one without AVX512-BF16/AMX
+    out = tmp_path / "c"
+    refused = run_cli("build", corpus, "--out", out, *BUILD_FLAGS, "--precision", "bf16")
+    assert refused.exit_code == 2 and "no native bf16" in refused.output
+    assert not out.exists()
+    assert all(label.endswith("fp32") for label in
+               (c.label for c in candidates("auto", "auto", this_machine(cuda=False))))  # fmt: skip
+
+
+def test_another_runtime_or_precision_is_a_rebuild(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(collection, copy, symlinks=True)
+    own = _manifest(copy)["runtime"]
+    other = "torch" if own["name"] != "torch" else "onnx"
+    for flags in (("--runtime", other), ("--precision", "bf16")):
+        if flags[1] == "bf16" and "torch bf16" not in OFFERED:
+            continue
+        refused = run_cli("build", corpus, "--out", copy, *BUILD_FLAGS, *flags)
+        assert refused.exit_code == 3 and "--rebuild" in refused.output, refused.output
+        assert _manifest(copy)["version"] == _manifest(collection)["version"]
