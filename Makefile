@@ -43,6 +43,7 @@ format: $(STAMP)  ## Apply ruff's formatting and fixes
 bench: $(STAMP)  ## Throughput, memory, re-run and service benchmarks (about 15 minutes; see bench/)
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/runtimes.py
+	$(BIN)/python bench/choice.py
 	$(BIN)/python bench/rerun.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/heads.py

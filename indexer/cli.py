@@ -282,7 +282,7 @@ def main(verbose: bool) -> None:
     show_default=True,
     type=click.Choice(["auto", "cpu", "gpu"]),
     help="Where JPEGs are decoded: gpu (nvJPEG, in batches; others on the CPU), cpu, or auto "
-    "(gpu when the model runs on CUDA).",
+    "(gpu on CUDA only where this machine measured nvJPEG faster than the CPU path).",
 )
 @click.option(
     "--shard-size",

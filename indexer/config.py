@@ -61,7 +61,7 @@ class LoaderConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     allow_truncated: bool = False  # decode truncated files (missing part grey) instead of failing
     decode_hook: str | None = None  # "module:function" called with each key first (tests)
-    decode: str = "auto"  # where JPEGs are decoded: cpu, gpu, auto (gpu when embedding on CUDA)
+    decode: str = "auto"  # where JPEGs are decoded: cpu, gpu, auto (gpu where measured faster)
 
 
 DEFAULT_INDEX_MEMORY = 16 * 1024**3  # generous: the budget only steers collections past ~50M

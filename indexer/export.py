@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from indexer.configcache import cache_dir
+from indexer.decide import BOUND
 from indexer.model import Embedder, class_names, embed_forward
 from indexer.portable import (
     EXPORTER,
@@ -29,7 +30,7 @@ from indexer.portable import (
 from indexer.safeio import read_bounded, write_bytes_atomic
 
 log = logging.getLogger(__name__)
-FIDELITY_MIN = 0.9999  # per-image cosine to torch fp32 below which the model is not stored
+FIDELITY_MIN = BOUND["fp32"]  # per-image cosine to torch fp32 below which it is not stored
 LABELS_TOLERANCE = 1e-3  # largest difference of a class probability
 CHECK_IMAGES = 64  # the build's first images the export is checked on
 MIN_CHECK = 8  # never fewer images than this (generated scenes make up the rest)

@@ -105,6 +105,17 @@ def check_parts_agree(root: Path, manifests: list[dict[str, Any]]) -> None:
                 f"{_comparable(manifests[odd], field)} vs {first}): build every part with the "
                 "same `indexer build SOURCE... --partition I/N` command"
             )
+    from indexer.decide import recorded
+
+    built = [recorded(m) for m in manifests]
+    odd = next((n for n, b in enumerate(built) if b != built[0]), None)
+    if odd is not None:
+        names = [b.label if b else "no model" for b in (built[odd], built[0])]
+        raise InputError(
+            f"part {odd} of {root} embeds with {names[0]}, part 0 with {names[1]} (each "
+            "part's first build chose its own): build every part with the same --runtime "
+            "and --precision, e.g. --runtime onnx --precision fp32"
+        )
 
 
 def _comparable(manifest: dict[str, Any], field: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,13 @@ def _openvino(model: bytes, hint: str) -> Any:
                                       {"INFERENCE_PRECISION_HINT": hint})  # fmt: skip
     except Exception as exc:
         raise CollectionError(f"OpenVINO cannot load the portable model: {_gist(exc)}") from exc
-    request = compiled.create_infer_request()
+    local = threading.local()  # an infer request runs one call at a time: one per thread
+    # (the service embeds uploads from several threads at once)
 
     def run(batch: np.ndarray) -> list[np.ndarray]:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
         result = request.infer({INPUT: batch})
         return [np.array(result[out]) for out in compiled.outputs]
 

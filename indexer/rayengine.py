@@ -46,13 +46,18 @@ class RayPlan:
 
 def ray_plan(cfg: BuildConfig) -> RayPlan:
     """The cluster's plan (Ray started, or joined, here): a GPU per actor where it has GPUs,
-    and the actors decode JPEGs as choose_gpu_decoding says (--decode gpu refused without
-    GPUs or with exact preprocessing; each actor checks its own nvJPEG)."""
+    and the actors decode JPEGs only with --decode gpu (refused without GPUs or with exact
+    preprocessing; each actor checks its own nvJPEG). auto decodes in the CPU tasks: no run
+    measures nvJPEG on the actors against them (decodechoice: never a slower default)."""
     import ray
 
     start_ray(cfg.engine.address)
     gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     exact = cfg.loader.preprocessing == "exact"
+    if cfg.loader.decode == "auto" and gpus and not exact:  # never an unmeasured default
+        log.info("decoding JPEGs in the Ray CPU tasks: nvJPEG on the GPU actors is not measured "
+                 "against them (--decode gpu decodes there)")  # fmt: skip
+        return RayPlan(gpus, False)
     decode = choose_gpu_decoding(cfg.loader.decode, gpus > 0, exact, lambda: None,
                                  "GPUs in the Ray cluster")  # fmt: skip
     return RayPlan(gpus, decode)
@@ -68,9 +73,9 @@ def ray_batches(
     plan: RayPlan | None = None,
 ) -> Iterator[Batch]:
     """Batches with their vectors computed by Ray: the same rows the local engine makes.
-    With GPUs in the cluster (and --decode auto or gpu), the decode tasks only read and
-    route JPEGs, and the GPU actors decode them (indexer.gpudecode) before embedding. The
-    plan is the cluster's unless one is given."""
+    With GPUs in the cluster and --decode gpu, the decode tasks only read and route JPEGs,
+    and the GPU actors decode them (indexer.gpudecode) before embedding. The plan is the
+    cluster's unless one is given."""
     import ray
 
     plan = plan or ray_plan(cfg)
@@ -162,13 +167,16 @@ class EmbedActor:
         self.cpu = Preprocessor(cfg, loader.preprocessing, loader.max_pixels,
                                 loader.allow_truncated)  # fmt: skip
         self.decoder = None
-        if gpu_decode:  # the driver found GPUs in the cluster; this actor checks its nvJPEG
+        if gpu_decode and loader.preprocessing != "exact":  # routed here; nvJPEG checked
+            from indexer.decodechoice import check_nvjpeg
             from indexer.gpudecode import GpuDecoder, unusable
 
             device = self.embedder.device
-            exact = loader.preprocessing == "exact"
-            if choose_gpu_decoding(loader.decode, True, exact, lambda: unusable(device)):
+            where = check_nvjpeg(loader.decode, lambda: unusable(device))
+            if where.gpu:
                 self.decoder = GpuDecoder(cfg, device)
+            else:  # its routed rows are decoded on the CPU here
+                log.warning("decoding JPEGs on the CPU: %s", where.why)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch

@@ -120,3 +120,18 @@ def test_a_killed_part_reruns_and_completes(corpus: Path, tmp_path: Path) -> Non
     a, b = read_embeddings_by_key(single), read_embeddings_by_key(parted)
     assert a.keys() == b.keys()
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+
+
+def test_parts_that_chose_other_runtimes_are_not_merged(corpus: Path, tmp_path: Path) -> None:
+    """Each part's first build decides its runtime; parts that differ are refused at the merge,
+    so one collection never mixes runtimes."""
+    parted = tmp_path / "parted"
+    for i, runtime in enumerate(("onnx", "torch")):
+        flags = (*BUILD_FLAGS, "--runtime", runtime, "--partition", f"{i}/2")
+        part = run_cli("build", corpus, "--out", parted, *flags)
+        assert part.exit_code == 0, part.output
+    refused = run_cli("index", parted)
+    assert refused.exit_code == 2 and "embeds with torch fp32, part 0 with onnxruntime fp32" in (
+        refused.output
+    ), refused.output
+    assert not (parted / "current").exists()

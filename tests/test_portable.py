@@ -233,6 +233,7 @@ def test_incremental_build_runs_the_stored_model_without_timm(corpus: Path, tmp_
     ).returncode
 
 
+@pytest.mark.usefixtures("fresh_cache")  # no known export: the export is made and checked
 def test_runtime_onnx_without_a_portable_model_is_one_line(
     corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -533,3 +534,24 @@ def test_a_model_file_that_is_a_link_or_larger_is_refused_unread(
     assert run_cli("verify", "--repair", copy).exit_code == 0
     assert not (copy / "current" / MODEL_FILE).is_symlink()
     assert (copy / "current" / MODEL_FILE).read_bytes() == data
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_portable_model_embeds_from_several_threads_at_once(
+    backend: str, tmp_path: Path
+) -> None:
+    """The service embeds uploads from a thread pool: OpenVINO's infer request serves one call
+    at a time ("Infer Request is busy"), so each thread gets its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedder = load_embedder(ModelConfig(pretrained=False, precision="fp32"))
+    images = _images(8)
+    exported = embedder.portable_model(images, tmp_path)
+    assert exported.record is not None, exported.reason
+    portable = PortableEmbedder((tmp_path / MODEL_FILE).read_bytes(), embedder.recipe,
+                                exported.record, backend)  # fmt: skip
+    want = portable.embed(images)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda n: portable.embed(images[n % 8 :][:4]), range(32)))
+    for n, vectors in enumerate(got):
+        assert np.allclose(vectors, want[n % 8 :][:4], atol=1e-6)
