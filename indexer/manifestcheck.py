@@ -99,6 +99,11 @@ MODEL: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("request.model", optional(text), "a timm model name"),  # absent in old collections
     ("request.weights.kind", optional(one_of("pretrained", "checkpoint", "random")), "a kind"),
     ("request.preprocessing", optional(one_of("fast", "exact")), "fast or exact"),
+    # the collection's runtime and precision (decide.py); absent in older collections
+    ("precision", optional(one_of("fp32", "bf16")), "fp32 or bf16"),
+    ("runtime", optional(lambda v: isinstance(v, dict)), "an object"),
+    ("runtime.name", optional(one_of("torch", "onnxruntime", "openvino")), "a runtime name"),
+    ("runtime.precision", optional(one_of("fp32", "bf16")), "fp32 or bf16"),
 )
 
 

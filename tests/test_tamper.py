@@ -130,6 +130,11 @@ GOOD = {
         ({"model": {**MODEL, "data_config": {"input_size": "x"}}}, "input_size"),
         ({"model": {**MODEL, "label_set": 7}}, "label_set"),
         ({"decode": None}, "decode.mode"),
+        ({"runtime": {"name": "openvino", "precision": "bf16"}, "precision": "bf16"}, None),
+        ({"runtime": "openvino"}, "runtime"),
+        ({"runtime": {"name": "tensorrt", "precision": "fp32"}}, "runtime.name"),
+        ({"runtime": {"name": "torch", "precision": "fp16"}}, "runtime.precision"),
+        ({"precision": 16}, "precision"),
     ],
 )
 def test_manifest_fields_are_checked(change: dict[str, object], problem: str | None) -> None:
@@ -196,6 +201,8 @@ def test_a_file_in_place_of_a_layout_link_is_refused_before_the_switch(
         lambda m: m["model"]["data_config"].update(input_size="x"),
         lambda m: m["model"].update(label_set=7),
         lambda m: m.update(schema_version="1"),
+        lambda m: m.update(runtime={"name": "tensorrt", "precision": "fp32"}),
+        lambda m: m.update(runtime=["openvino"]),
     ],
 )
 def test_a_tampered_model_is_one_line_everywhere(
