@@ -125,7 +125,7 @@ def load_model_while_decoding(
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
-    plan = runtime_plan(cfg, prev)
+    plan, known = resume_plan(runtime_plan(cfg, prev), prev, known)
     portable = portable_runtime(plan, prev) or (known_runtime(cfg, plan) if trust_cache else None)
     if portable is not None:
         loader = cfg.loader
@@ -242,6 +242,31 @@ def already_stored(
     return found
 
 
+def resume_plan(
+    plan: RuntimePlan, prev: Previous, known: frozenset[str]
+) -> tuple[RuntimePlan, frozenset[str]]:
+    """A killed run's finished shards are reused only by a run embedding with the runtime
+    they were made with: a first build takes it (when this machine offers it), a later run
+    already has it; otherwise they are embedded again (never mixed)."""
+    from indexer.decide import Choice, RuntimePlan
+    from indexer.publish import salvaged_runtime
+
+    found = salvaged_runtime(prev.salvaged) if prev.salvaged else None
+    if found is None:
+        return plan, known
+    choice = Choice(str(found.get("name")), str(found.get("precision")))
+    offered = (*plan.candidates, *plan.others)
+    if plan.how == "recorded" and plan.single == choice:
+        return plan, known
+    if plan.how != "recorded" and choice in offered:
+        why = f"the killed run's choice: its {len(prev.salvaged)} finished shard(s) are reused"
+        return RuntimePlan((choice,), "resumed", why, plan.key), known
+    log.warning("the killed run embedded with %s, which this run does not (%s): its finished "
+                "shards are embedded again", choice.label,
+                ", ".join(c.label for c in plan.candidates))  # fmt: skip
+    return plan, replace(prev, salvaged=[]).known_hashes()
+
+
 def portable_runtime(plan: RuntimePlan, prev: Previous) -> Runtime | None:
     """The published version's portable model when the collection's recorded runtime runs it
     (None: torch loads; a damaged model file means torch, which exports it again and then
@@ -329,7 +354,9 @@ def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
     from indexer.decide import PORTABLE
 
     choice = plan.single
-    if plan.how not in ("forced", "cached") or choice is None or choice.runtime not in PORTABLE:
+    if plan.how not in ("forced", "cached", "resumed") or choice is None:
+        return None
+    if choice.runtime not in PORTABLE:
         return None
     from indexer.knownexport import KnownExport, lookup
 
@@ -415,6 +442,8 @@ class Embedding:
                                                                 self.folder)  # fmt: skip
         elif (single := plan.single) is not None:
             self.decision = Decision(single, plan.how, plan.why)
+        if self.decision is not None:  # before the first shard: a re-run after a kill keeps it
+            mark_runtime(self.folder, self.decision.choice)
 
     def settled(self) -> Decision | None:
         """How the runtime was decided: on the first batch, or by the plan when no batch was
@@ -696,6 +725,13 @@ def ahead(items: Iterator[Any], name: str, depth: int,
         thread.join(JOIN_SECONDS)
 
 
+def mark_runtime(folder: Path, choice: Any) -> None:
+    """publish.mark_runtime for a decide.Choice."""
+    from indexer.publish import mark_runtime as mark
+
+    mark(folder, {"name": choice.runtime, "precision": choice.precision})
+
+
 def process_age() -> float:
     """Seconds since this process started (from /proc; 0 where there is none)."""
     try:
@@ -716,6 +752,8 @@ def embed_items(
     errors: list[dict[str, Any]] = []
     reused: list[tuple[int, str, dict[str, Any]]] = []
     embed = Embedding(job.embedder, job.runtime_plan, paths.root)
+    if cfg.engine.kind == "ray" and job.runtime_plan and (ray := job.runtime_plan.single):
+        mark_runtime(paths.root, ray)  # its actors embed: no first batch settles it here
     stages = Stages()
     raw = RawDecoding(cfg, stages)
     if job.embedder.on_cuda and cfg.loader.decode != "cpu":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from indexer.safeio import write_bytes_atomic
 
 SALVAGEABLE = ("part-v", "reused-v")  # shards of newly embedded rows (see new_shard_prefixes)
 REQUEST = ".request.json"
+RUNTIME = ".runtime.json"  # the runtime a version's new shards are embedded with (decide.py)
 # The contract's paths, each a fixed symlink into `current`: they all switch with it.
 LINKED = (MANIFEST, SHARDS, INDEX, ERRORS)
 
@@ -58,7 +60,9 @@ def salvage(root: Path, request: dict[str, Any]) -> list[Path]:
 
     A killed build leaves `.building-vN` (or a renamed `vN` never switched to). Its complete
     shards of newly embedded rows move to `.salvage/<recipe digest>/`; the rest is deleted.
-    Only shards made with the recipe asked for now are returned.
+    Only shards made with the recipe asked for now are returned, and of one runtime (the
+    one most of them were made with: salvaged_runtime() names it; a re-run must embed with
+    it, so that no collection mixes runtimes).
     """
     folder = root / VERSIONS
     if not folder.is_dir():
@@ -72,7 +76,30 @@ def salvage(root: Path, request: dict[str, Any]) -> list[Path]:
             continue
         _salvage_one(leftover, folder / SALVAGE)
         shutil.rmtree(leftover, ignore_errors=True)
-    return sorted((folder / SALVAGE / recipe_digest(request)).glob("*.parquet"))
+    found = sorted((folder / SALVAGE / recipe_digest(request)).glob("*.parquet"))
+    runtime = salvaged_runtime(found)
+    return [p for p in found if _runtime_of(p) == runtime]
+
+
+def salvaged_runtime(shards: list[Path]) -> dict[str, Any] | None:
+    """The runtime (name, precision) most of these salvaged shards were embedded with; None
+    when none says (shards of a run killed before its runtime was recorded)."""
+    runtimes = [_runtime_of(p) for p in shards]
+    known = [r for r in runtimes if r is not None]
+    if not known:
+        return None
+    return max(known, key=lambda r: (known.count(r), json.dumps(r, sort_keys=True)))
+
+
+def _runtime_of(shard: Path) -> dict[str, Any] | None:
+    """The runtime a salvaged shard was embedded with (its version's RUNTIME file, kept)."""
+    leftover = re.match(r"(?:\.building-)?v\d+", shard.name)
+    try:
+        assert leftover is not None
+        found = json.loads(shard.with_name(leftover.group(0) + RUNTIME).read_text())
+    except (AssertionError, OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
@@ -90,6 +117,8 @@ def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
     for shard in (leftover / SHARDS).glob("*.parquet"):
         if shard.name.startswith(own):
             target.mkdir(parents=True, exist_ok=True)  # only for something kept
+            if (leftover / RUNTIME).is_file() and not (target / (leftover.name + RUNTIME)).exists():
+                os.replace(leftover / RUNTIME, target / (leftover.name + RUNTIME))
             os.replace(shard, target / f"{leftover.name}-{shard.name}")
 
 
@@ -125,6 +154,12 @@ def start_version(root: Path, request: dict[str, Any]) -> tuple[int, Path]:
 def mark_request(building: Path, request: dict[str, Any]) -> None:
     """Record the recipe the version's new shards are made by (salvage() reads it)."""
     write_bytes_atomic(building / REQUEST, json.dumps(request, sort_keys=True).encode("utf-8"))
+
+
+def mark_runtime(building: Path, runtime: dict[str, Any]) -> None:
+    """Record the runtime (name, precision) the version's new shards are embedded with, before
+    the first is written: a re-run reusing them after a kill embeds with it too."""
+    write_bytes_atomic(building / RUNTIME, json.dumps(runtime, sort_keys=True).encode("utf-8"))
 
 
 def publish(root: Path, number: int, building: Path) -> Path:

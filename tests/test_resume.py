@@ -20,11 +20,23 @@ from tests.helpers import read_embeddings_by_key, run_cli
 FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size", "4")
 
 
-def start_build(src: Path, out: Path) -> subprocess.Popen[bytes]:
+def start_build(src: Path, out: Path, *flags: str) -> subprocess.Popen[bytes]:
     code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
-    argv = ["build", str(src), "--out", str(out), *FLAGS, "--no-progress"]
+    argv = ["build", str(src), "--out", str(out), *FLAGS, "--no-progress", *flags]
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def kill_after_a_shard(proc: subprocess.Popen[bytes], out: Path) -> None:
+    """SIGKILL the build right after its first finished shard."""
+    finished: list[Path] = []
+    deadline = time.monotonic() + 300  # a guard against a hung test, not a timing assertion
+    while not finished and proc.poll() is None and time.monotonic() < deadline:
+        finished = list((out / "versions").glob(".building-*/shards/part-v*.parquet"))
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert finished, "the build ended before a shard was seen"
 
 
 def check_same_as_clean(out: Path, clean: dict[str, np.ndarray]) -> None:
@@ -76,18 +88,42 @@ def test_only_unfinished_work_is_redone(
     """Killed right after its first finished shard, a build's vectors are reused, not redone."""
     src, clean = clean_build
     out = tmp_path / "killed"
-    proc = start_build(src, out)
-    finished: list[Path] = []
-    deadline = time.monotonic() + 300  # a guard against a hung test, not a timing assertion
-    while not finished and proc.poll() is None and time.monotonic() < deadline:
-        finished = list((out / "versions").glob(".building-*/shards/part-v*.parquet"))
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert finished, "the build ended before a shard was seen"
+    kill_after_a_shard(start_build(src, out), out)
     result = run_cli("build", src, "--out", out, *FLAGS)
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
     assert counts["reused"] >= 4  # at least the finished shard's rows: not embedded again
     assert counts["new"] == counts["listed"]
     check_same_as_clean(out, clean)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_cache")
+@pytest.mark.parametrize(
+    ("killed", "rerun", "reused"),
+    [
+        ("onnx", "auto", True),  # auto takes the killed run's runtime (on another machine, say)
+        ("torch", "onnx", False),  # another runtime asked for: embedded again, never mixed
+    ],
+)
+def test_a_resumed_first_build_never_mixes_runtimes(
+    clean_build: tuple[Path, dict[str, np.ndarray]],
+    tmp_path: Path,
+    killed: str,
+    rerun: str,
+    reused: bool,
+) -> None:
+    src, _ = clean_build
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    fp32 = ("--precision", "fp32")
+    kill_after_a_shard(start_build(src, out, "--runtime", killed, *fp32), out)
+    result = run_cli("build", src, "--out", out, *FLAGS, "--runtime", rerun, *fp32)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    expected = {"onnx": "onnxruntime", "torch": "torch"}[killed if reused else rerun]
+    assert run["choice"]["name"] == expected and run["runtime"] == expected
+    assert (run["choice"]["how"] == "resumed") == reused
+    assert (run["counts"]["reused"] >= 4) == reused
+    flags = (*FLAGS, "--runtime", {"onnxruntime": "onnx"}.get(expected, expected), *fp32)
+    assert run_cli("build", src, "--out", ref, *flags).exit_code == 0
+    check_same_as_clean(out, read_embeddings_by_key(ref))
