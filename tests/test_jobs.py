@@ -34,6 +34,7 @@ def test_a_job_equals_the_same_build_flags(corpus: Path, tmp_path: Path) -> None
         f'sources = ["{corpus / "group2"}"]\nout = "../out/pics.idx"\n'
         "pretrained = false\nworkers = 0\nbatch-size = 4\nprogress = false\n"
         'index_type = "hnsw"\nmax_index_memory = "1G"\ntarget_recall = 0.9\nruntime = "torch"\n'
+        'precision = "fp32"\n'
     )  # torch in both: a first build's first batch is torch's, later ones a cached export's
     result = run_cli("run", job_dir / "pics.toml")
     assert result.exit_code == 0, result.output

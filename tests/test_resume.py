@@ -17,7 +17,8 @@ import pytest
 from indexer.synthetic import write_corpus
 from tests.helpers import read_embeddings_by_key, run_cli
 
-FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size", "4")
+FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size", "4",
+         "--precision", "fp32", "--runtime", "onnx")  # fmt: skip  # compared at 1e-6
 
 
 def start_build(src: Path, out: Path, *flags: str) -> subprocess.Popen[bytes]:
