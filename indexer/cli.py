@@ -188,8 +188,8 @@ runtime_option = click.option(
     type=click.Choice(RUNTIMES),
     default="auto",
     show_default=True,
-    help="What embeds images: auto (the collection's portable ONNX model on CPU when it has "
-    "one, torch on CUDA), torch, onnx (onnxruntime) or openvino.",
+    help="What embeds images: torch, onnx (onnxruntime) or openvino (the exported model); "
+    "auto: the collection's own (a first build times each on its first batch).",
 )
 
 
@@ -260,13 +260,14 @@ def main(verbose: bool) -> None:
     "--precision",
     type=click.Choice(PRECISIONS),
     default=None,
-    help="Model arithmetic; default auto: bf16 on CUDA and CPUs with native bf16 "
-    "(fp32 with --exact-preprocessing).",
+    help="Model arithmetic, decided at a collection's first build: fp32, bf16 (CUDA or a CPU "
+    "with AVX512-BF16/AMX), or auto (timed among those; fp32 with --exact-preprocessing).",
 )
 @click.option(
     "--exact-preprocessing",
     is_flag=True,
-    help="Reproduce timm's transform pixel for pixel (no JPEG draft), in fp32.",
+    help="Reproduce timm's transform pixel for pixel (no JPEG draft); fp32 unless "
+    "--precision says otherwise.",
 )
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
 @click.option(

@@ -148,9 +148,12 @@ def first_plan(runtime: str, precision: str, machine: Machine, key: str | None) 
 def recorded(manifest: dict[str, Any] | None) -> Choice | None:
     """The collection's runtime and precision (None: no model). Collections built before they
     were recorded: torch at the recipe's precision, or onnxruntime where an fp32 collection
-    carries its portable model (what their later runs used)."""
+    carries its portable model (what their later runs used). None too for a collection whose
+    runs embedded nothing yet (its record is null)."""
     if manifest is None or manifest.get("model") is None:
         return None
+    if "runtime" in manifest and manifest["runtime"] is None:
+        return None  # nothing embedded yet: the first run that embeds decides
     record = manifest.get("runtime")
     if isinstance(record, dict) and "name" in record and "precision" in record:
         return Choice(str(record["name"]), str(record["precision"]))

@@ -22,7 +22,7 @@ from indexer import configcache
 from indexer.balance import CpuShare, WorkerTime
 from indexer.catalog import CollectionPaths
 from indexer.config import BuildConfig
-from indexer.errors import InputError
+from indexer.errors import IndexerError, InputError
 from indexer.plan import Plan, Previous
 from indexer.portable import Exported
 from indexer.preprocess import DataConfig, Preprocessor
@@ -171,13 +171,45 @@ def check_runtime(cfg: BuildConfig) -> None:
     """--runtime and --precision this machine cannot run natively (bf16 without AVX512-BF16 or
     AMX, onnxruntime in bf16, a runtime not installed) are refused before anything is
     written, without torch (CUDA as the driver shows it)."""
-    from indexer.decide import candidates, this_machine
+    from indexer.decide import NAME_OF, candidates, check_asked, this_machine
     from indexer.runtime import wants_cuda
 
     m = cfg.model
     if cfg.engine.kind == "ray" and m.runtime not in ("auto", "torch"):
         raise InputError(f"--engine ray embeds with torch: drop --runtime {m.runtime}")
     candidates(m.runtime, m.precision, this_machine(wants_cuda(m.device)))
+    if m.runtime in ("onnx", "openvino"):  # installed but broken: said now, not after decoding
+        check_importable(NAME_OF[m.runtime])
+    built = recorded_of(cfg)
+    if built is not None:  # another runtime or precision than the collection's: a --rebuild
+        check_asked(m.runtime, m.precision, built, cfg.out)
+
+
+def check_importable(package: str) -> None:
+    """InputError when the runtime's package cannot be imported here."""
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except Exception as exc:
+        raise InputError(f"{package} cannot be imported here ({type(exc).__name__}: {exc}): "
+                         f"reinstall it (pip install --force-reinstall {package}), or use "
+                         "another --runtime") from exc  # fmt: skip
+
+
+def recorded_of(cfg: BuildConfig) -> Any:
+    """The published version's runtime and precision (decide.recorded), read without a lock
+    for an early refusal; None for a first build, --rebuild, or a manifest not readable here
+    (the build's own checks say why, under the lock)."""
+    from indexer.catalog import CURRENT, read_manifest
+    from indexer.decide import recorded
+
+    if cfg.rebuild or cfg.partition is not None or not (cfg.out / CURRENT).exists():
+        return None
+    try:
+        return recorded(read_manifest(cfg.out / CURRENT))
+    except Exception:
+        return None
 
 
 def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
@@ -361,7 +393,14 @@ def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
     from indexer.knownexport import KnownExport, lookup
 
     found = lookup(cfg.model)
-    return None if found is None else KnownExport(cfg.model, found, choice, plan)
+    if found is None:
+        return None
+    try:
+        return KnownExport(cfg.model, found, choice, plan)
+    except IndexerError as exc:  # the runtime does not load: torch's path says what to do
+        log.warning("the cached export cannot run on %s (%s); checking with torch first",
+                    choice.label, exc)  # fmt: skip
+        return None
 
 
 @dataclass(frozen=True)

@@ -137,4 +137,20 @@ def first_bad_field(manifest: Any) -> str | None:
     for field, check, what in rows:
         if not check(_get(manifest, field)):
             return f"{field} is not {what}"
+    return runtime_mismatch(manifest)
+
+
+def runtime_mismatch(manifest: dict[str, Any]) -> str | None:
+    """The runtime record against what it says made the vectors: its precision the model's,
+    a portable runtime only with a portable model, onnxruntime only in fp32."""
+    runtime, model = manifest.get("runtime"), manifest.get("model")
+    if not isinstance(runtime, dict) or not isinstance(model, dict):
+        return None
+    name, precision = runtime.get("name"), runtime.get("precision")
+    if precision is not None and precision != model.get("precision"):
+        return "runtime.precision is not model.precision"
+    if name in ("onnxruntime", "openvino") and "portable_model" not in manifest:
+        return "runtime.name is a portable runtime, and there is no portable_model"
+    if name == "onnxruntime" and precision == "bf16":
+        return "runtime.precision is bf16, which onnxruntime does not compute in"
     return None

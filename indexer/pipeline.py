@@ -29,6 +29,7 @@ from indexer.catalog import (
     write_json_atomic,
 )
 from indexer.config import BuildConfig, IndexConfig, IndexOverrides
+from indexer.decide import recorded
 from indexer.embed import (
     Embedded,
     EmbedJob,
@@ -300,7 +301,8 @@ def update(
         items, sources, cfg, prev.known_hashes(), plan.check, prev, trust_cache
     )
     if prev.manifest is not None:
-        check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out)
+        check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out,
+                     decided=recorded(prev.manifest) is not None)  # fmt: skip
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     if embedder.labels:  # label columns follow the sources' columns
         metadata = pa.unify_schemas([metadata, LABEL_SCHEMA])
@@ -361,7 +363,8 @@ def update(
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors), runtime=embedded.runtime,
                        unfetched=unfetched(errors),
-                       choice=manifest.get("runtime"))  # fmt: skip
+                       choice=embedded.decision.record() if embedded.decision
+                       else manifest.get("runtime"))  # fmt: skip
 
 
 def runtime_fields(
@@ -369,14 +372,19 @@ def runtime_fields(
 ) -> dict[str, Any]:
     """The manifest's model (its precision the decided one), precision and runtime record:
     this run's decision, else (nothing embedded) the published version's."""
+    if embedded.decision is not None and embedded.decision.how == "recorded" and previous:
+        kept = previous.get("runtime")  # how the first build decided stays (info shows it)
+        if isinstance(kept, dict) and kept.get("name") == embedded.decision.choice.runtime:
+            return {"precision": model.get("precision"), "runtime": kept}
     if embedded.decision is not None:
         recipe = {**model, **(embedded.recipe or {})}
         recipe["precision"] = embedded.decision.choice.precision
         return {"model": recipe, "precision": recipe["precision"],
                 "runtime": embedded.decision.record()}  # fmt: skip
     out: dict[str, Any] = {"precision": model.get("precision")}
-    if previous is not None and "runtime" in previous:
-        out["runtime"] = previous["runtime"]
+    # nothing embedded: the published version's record, or none yet (decided by the first
+    # run that embeds something; `null`, not absent: absent means built before records)
+    out["runtime"] = previous.get("runtime") if previous is not None else None
     return out
 
 
@@ -443,10 +451,14 @@ def carry(
         ) from exc
 
 
-def check_recipe(recipe: dict[str, Any], mode: str, manifest: dict[str, Any], root: Path) -> None:
-    """The loaded model must make vectors exactly as the published ones were made."""
+def check_recipe(
+    recipe: dict[str, Any], mode: str, manifest: dict[str, Any], root: Path, decided: bool = True
+) -> None:
+    """The loaded model must make vectors exactly as the published ones were made (their
+    precision too, once a run decided it)."""
     built = manifest["model"]
-    fields = ("name", "state_sha256", "data_config", "normalize", "precision", "forward")
+    fields: tuple[str, ...] = ("name", "state_sha256", "data_config", "normalize", "forward")
+    fields += ("precision",) if decided else ()
     diff = [f for f in fields if built.get(f) != recipe.get(f)]
     if manifest["decode"]["mode"] != mode:
         diff.append("preprocessing")

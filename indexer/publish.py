@@ -94,12 +94,7 @@ def salvaged_runtime(shards: list[Path]) -> dict[str, Any] | None:
 def _runtime_of(shard: Path) -> dict[str, Any] | None:
     """The runtime a salvaged shard was embedded with (its version's RUNTIME file, kept)."""
     leftover = re.match(r"(?:\.building-)?v\d+", shard.name)
-    try:
-        assert leftover is not None
-        found = json.loads(shard.with_name(leftover.group(0) + RUNTIME).read_text())
-    except (AssertionError, OSError, ValueError):
-        return None
-    return found if isinstance(found, dict) else None
+    return None if leftover is None else _read_runtime(shard.with_name(leftover.group(0) + RUNTIME))
 
 
 def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
@@ -114,12 +109,25 @@ def _salvage_one(leftover: Path, salvage_dir: Path) -> None:
     # interrupted re-index or repair) are not new work, and may be the damaged ones
     own = new_shard_prefixes(int(match.group(1)))
     target = salvage_dir / recipe_digest(asked)
-    for shard in (leftover / SHARDS).glob("*.parquet"):
-        if shard.name.startswith(own):
-            target.mkdir(parents=True, exist_ok=True)  # only for something kept
-            if (leftover / RUNTIME).is_file() and not (target / (leftover.name + RUNTIME)).exists():
-                os.replace(leftover / RUNTIME, target / (leftover.name + RUNTIME))
-            os.replace(shard, target / f"{leftover.name}-{shard.name}")
+    shards = [p for p in (leftover / SHARDS).glob("*.parquet") if p.name.startswith(own)]
+    if not shards:
+        return
+    runtime = _read_runtime(leftover / RUNTIME)
+    if target.is_dir() and any(_read_runtime(p) != runtime for p in target.glob("*" + RUNTIME)):
+        shutil.rmtree(target)  # an earlier killed run's shards of another runtime: never mixed
+    target.mkdir(parents=True, exist_ok=True)  # only for something kept
+    if runtime is not None:
+        os.replace(leftover / RUNTIME, target / (leftover.name + RUNTIME))
+    for shard in shards:
+        os.replace(shard, target / f"{leftover.name}-{shard.name}")
+
+
+def _read_runtime(path: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def recipe_digest(request: dict[str, Any]) -> str:

@@ -5,8 +5,10 @@ the service embed as it did."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -128,3 +130,79 @@ def test_another_runtime_or_precision_is_a_rebuild(
         refused = run_cli("build", corpus, "--out", copy, *BUILD_FLAGS, *flags)
         assert refused.exit_code == 3 and "--rebuild" in refused.output, refused.output
         assert _manifest(copy)["version"] == _manifest(collection)["version"]
+
+
+def test_a_refused_later_run_writes_nothing(collection: Path, corpus: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(collection, copy, symlinks=True)
+    before = (copy / "runs.jsonl").read_text()
+    other = "torch" if _manifest(copy)["runtime"]["name"] != "torch" else "onnx"
+    refused = run_cli("build", corpus, "--out", copy, *BUILD_FLAGS, "--runtime", other)
+    assert refused.exit_code == 3 and "--rebuild" in refused.output
+    assert (copy / "runs.jsonl").read_text() == before  # refused before the lock: no run line
+
+
+def test_a_later_run_keeps_how_the_first_build_decided(corpus: Path, tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "c"
+    shutil.copytree(corpus / "group0", src / "group0")
+    _build(src, out, "--runtime", "onnx")
+    first = _manifest(out)["runtime"]
+    shutil.copytree(corpus / "group1", src / "group1")
+    _build(src, out)
+    assert _manifest(out)["runtime"] == first and first["how"] == "forced"
+    assert _runs(out)[-1]["choice"]["how"] == "recorded"  # the run says what it did
+    info = run_cli("info", out)
+    assert "runtime:     onnxruntime fp32 (forced: asked for (--runtime onnx" in info.output
+
+
+def test_a_first_build_that_embedded_nothing_leaves_the_choice_open(
+    corpus: Path, tmp_path: Path
+) -> None:
+    src, out = tmp_path / "src", tmp_path / "c"
+    src.mkdir()
+    for n in range(3):
+        (src / f"bad{n}.jpg").write_bytes(b"\xff\xd8 not a jpeg %d" % n)
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--max-failures", "10")
+    assert result.exit_code == 5, result.output  # partial: every item failed, within budget
+    assert _manifest(out)["runtime"] is None
+    shutil.copytree(corpus / "group0", src / "group0")
+    flags = (*BUILD_FLAGS, "--precision", "auto", "--max-failures", "10")  # none decided yet
+    assert run_cli("build", src, "--out", out, *flags).exit_code == 5  # the 3 still fail
+    decided = _manifest(out)["runtime"]
+    assert decided["how"] in ("timed", "cached") and f"{decided['name']} " in " ".join(OFFERED)
+
+
+def test_a_runtime_that_cannot_be_imported_is_refused_or_passed_over(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """openvino installed but broken (here: a package of that name that fails to import)."""
+    import sys
+
+    from indexer.config import ModelConfig
+    from indexer.decide import Choice, Decision, cache_key, remember
+    from indexer.knownexport import request_identity
+
+    fake = tmp_path / "fake" / "openvino"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('a broken install')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    cli = [str(Path(sys.executable).parent / "indexer")]
+    src = corpus / "group0"
+    asked = run([*cli, "build", str(src), "--out", str(tmp_path / "a"), *BUILD_FLAGS,
+                 "--runtime", "openvino"], env)  # fmt: skip
+    assert asked.returncode == 2 and "openvino cannot be imported" in asked.stderr, asked.stderr
+    assert not (tmp_path / "a").exists()
+    # auto with this machine's cached choice naming openvino: the others are timed instead
+    key = cache_key(request_identity(ModelConfig(pretrained=False, precision="fp32")), "auto",
+                    "fp32")  # fmt: skip
+    remember(key, Decision(Choice("openvino", "fp32"), "timed", ""))
+    done = run([*cli, "build", str(src), "--out", str(tmp_path / "b"), *BUILD_FLAGS], env)
+    assert done.returncode == 0, done.stderr
+    chosen = _manifest(tmp_path / "b")["runtime"]
+    assert chosen["name"] != "openvino" and chosen["how"] in ("timed", "forced")
+
+
+def run(argv: list[str], env: dict[str, str]) -> Any:
+    import subprocess
+
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)

@@ -130,7 +130,9 @@ GOOD = {
         ({"model": {**MODEL, "data_config": {"input_size": "x"}}}, "input_size"),
         ({"model": {**MODEL, "label_set": 7}}, "label_set"),
         ({"decode": None}, "decode.mode"),
-        ({"runtime": {"name": "openvino", "precision": "bf16"}, "precision": "bf16"}, None),
+        ({"runtime": {"name": "torch", "precision": MODEL["precision"]}}, None),
+        ({"runtime": {"name": "torch", "precision": "bf16"}}, "runtime.precision is not"),
+        ({"runtime": {"name": "openvino", "precision": MODEL["precision"]}}, "no portable_model"),
         ({"runtime": "openvino"}, "runtime"),
         ({"runtime": {"name": "tensorrt", "precision": "fp32"}}, "runtime.name"),
         ({"runtime": {"name": "torch", "precision": "fp16"}}, "runtime.precision"),
@@ -203,6 +205,8 @@ def test_a_file_in_place_of_a_layout_link_is_refused_before_the_switch(
         lambda m: m.update(schema_version="1"),
         lambda m: m.update(runtime={"name": "tensorrt", "precision": "fp32"}),
         lambda m: m.update(runtime=["openvino"]),
+        lambda m: m["runtime"].update(precision="bf16"),  # the vectors are the model's fp32
+        lambda m: m.pop("portable_model") and m["runtime"].update(name="openvino"),
     ],
 )
 def test_a_tampered_model_is_one_line_everywhere(
