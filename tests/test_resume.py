@@ -28,12 +28,17 @@ def start_build(src: Path, out: Path, *flags: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)  # fmt: skip
 
 
-def kill_after_a_shard(proc: subprocess.Popen[bytes], out: Path) -> None:
-    """SIGKILL the build right after its first finished shard."""
+def kill_after_a_shard(proc: subprocess.Popen[bytes], out: Path, runtime: str = "") -> None:
+    """SIGKILL the build right after its first finished shard (embedded with `runtime`, when
+    given: not an earlier killed run's, still in the same folder until this run salvages it)."""
     finished: list[Path] = []
     deadline = time.monotonic() + 300  # a guard against a hung test, not a timing assertion
     while not finished and proc.poll() is None and time.monotonic() < deadline:
-        finished = list((out / "versions").glob(".building-*/shards/part-v*.parquet"))
+        for building in (out / "versions").glob(".building-*"):
+            marker = building / ".runtime.json"
+            ours = not runtime or (marker.exists() and runtime in marker.read_text())
+            if ours:
+                finished += list(building.glob("shards/part-v*.parquet"))
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
@@ -127,4 +132,25 @@ def test_a_resumed_first_build_never_mixes_runtimes(
     assert (run["counts"]["reused"] >= 4) == reused
     flags = (*FLAGS, "--runtime", {"onnxruntime": "onnx"}.get(expected, expected), *fp32)
     assert run_cli("build", src, "--out", ref, *flags).exit_code == 0
+    check_same_as_clean(out, read_embeddings_by_key(ref))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_cache")
+def test_two_killed_runs_of_different_runtimes_never_mix(
+    clean_build: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
+) -> None:
+    """Killed with onnxruntime, then with torch (which embeds the first run's items again),
+    then resumed with auto: the salvage holds torch's shards only, and the rerun takes torch."""
+    src, _ = clean_build
+    out, ref = tmp_path / "killed", tmp_path / "ref"
+    fp32 = ("--precision", "fp32")
+    kill_after_a_shard(start_build(src, out, "--runtime", "onnx", *fp32), out)
+    kill_after_a_shard(start_build(src, out, "--runtime", "torch", *fp32), out, "torch")
+    result = run_cli("build", src, "--out", out, *FLAGS, "--runtime", "auto", *fp32)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert (run["choice"]["name"], run["choice"]["how"]) == ("torch", "resumed")
+    assert run["counts"]["reused"] >= 4
+    assert run_cli("build", src, "--out", ref, *FLAGS, "--runtime", "torch", *fp32).exit_code == 0
     check_same_as_clean(out, read_embeddings_by_key(ref))
