@@ -20,6 +20,7 @@ from throughput import (
     BIN,
     HERE,
     REPO,
+    cache_without,
     imagenet_1000,
     imagenet_corpus,
     indexer_cmd,
@@ -42,14 +43,7 @@ def cpu_line() -> str:
 def cache_without_decisions(work: Path) -> Path:
     """A copy of the user's indexer cache (data configs, exports) without runtime decisions:
     auto times its candidates on the first batch, as on a machine seen for the first time."""
-    from indexer.configcache import cache_dir
-
-    copy = work / "cache-undecided"
-    shutil.rmtree(copy, ignore_errors=True)
-    if cache_dir().is_dir():
-        shutil.copytree(cache_dir(), copy, symlinks=True)
-    shutil.rmtree(copy / CACHE, ignore_errors=True)
-    return copy
+    return cache_without(work / "cache-undecided", CACHE)
 
 
 def main() -> None:

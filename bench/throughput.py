@@ -269,14 +269,19 @@ def measure_corpus(
 def without_known_exports(work: Path) -> Path:
     """A copy of the user's indexer cache (data configs, exports) without the exports known
     by request: a first build as it runs without them (torch first, then its own export)."""
-    from indexer.configcache import cache_dir
     from indexer.knownexport import FOLDER
 
-    copy = work / "cache-uncached"
+    return cache_without(work / "cache-uncached", FOLDER)
+
+
+def cache_without(copy: Path, folder: str) -> Path:
+    """A copy of the user's indexer cache at `copy`, less one of its folders."""
+    from indexer.configcache import cache_dir
+
     shutil.rmtree(copy, ignore_errors=True)
     if cache_dir().is_dir():
         shutil.copytree(cache_dir(), copy, symlinks=True)
-    shutil.rmtree(copy / FOLDER, ignore_errors=True)
+    shutil.rmtree(copy / folder, ignore_errors=True)
     return copy
 
 

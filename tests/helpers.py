@@ -98,3 +98,29 @@ def edit_manifest(collection: Path, change: Callable[[dict[str, Any]], None]) ->
     manifest = json.loads(path.read_text())
     change(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def pretend_cuda(monkeypatch: Any) -> list[str]:
+    """Builds whose torch model says it is on CUDA (it runs on the CPU), so embed_items takes
+    the GPU-decode path; the names of the threads `embed.ahead` starts are listed in the
+    returned list as they start."""
+    import indexer.embed
+    import indexer.model
+
+    real = indexer.model.load_embedder
+
+    def as_on_cuda(cfg: object) -> object:
+        embedder = real(cfg)  # type: ignore[arg-type]
+        embedder.on_cuda = True
+        return embedder
+
+    monkeypatch.setattr(indexer.model, "load_embedder", as_on_cuda)
+    started: list[str] = []
+    ahead = indexer.embed.ahead
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        started.append(str(kwargs.get("name", args[1] if len(args) > 1 else "")))
+        return ahead(*args, **kwargs)
+
+    monkeypatch.setattr(indexer.embed, "ahead", watched)
+    return started

@@ -361,27 +361,12 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     from indexer import configcache
     from indexer.config import ModelConfig
     from indexer.synthetic import write_corpus
-    from tests.helpers import run_cli
+    from tests.helpers import pretend_cuda, run_cli
 
     monkeypatch.setenv("INDEXER_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(decodechoice, "MIN_IMAGES", 8)
     monkeypatch.setattr(decodechoice, "cuda_names", lambda device: STAND_IN)
-    real = indexer.model.load_embedder
-
-    def as_on_cuda(cfg: object) -> object:
-        embedder = real(cfg)  # type: ignore[arg-type]
-        embedder.on_cuda = True
-        return embedder
-
-    monkeypatch.setattr(indexer.model, "load_embedder", as_on_cuda)
-    threads: list[str] = []
-    ahead = indexer.embed.ahead
-
-    def watched(*args: Any, **kwargs: Any) -> Any:
-        threads.append(str(args[1]))
-        return ahead(*args, **kwargs)
-
-    monkeypatch.setattr(indexer.embed, "ahead", watched)
+    threads = pretend_cuda(monkeypatch)
     src = tmp_path / "src"
     write_corpus(src, 40, duplicates=0, seed=5)
     flags = ("--no-pretrained", "--no-progress", "--workers", "2", "--batch-size", "4",

@@ -433,25 +433,11 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
 
     import indexer.embed
     import indexer.model
-    from tests.helpers import read_embeddings_by_key, run_cli
+    from tests.helpers import pretend_cuda, read_embeddings_by_key, run_cli
 
+    started: list[str] = []
     if threads:  # embed_items decodes ahead, on two threads, for a model on CUDA
-        real = indexer.model.load_embedder
-
-        def as_on_cuda(cfg: object) -> object:
-            embedder = real(cfg)  # type: ignore[arg-type]
-            embedder.on_cuda = True
-            return embedder
-
-        monkeypatch.setattr(indexer.model, "load_embedder", as_on_cuda)
-        started: list[str] = []
-        ahead = indexer.embed.ahead
-
-        def watched(*args: object, **kwargs: object) -> object:
-            started.append(str(kwargs.get("name", args[1] if len(args) > 1 else "")))
-            return ahead(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(indexer.embed, "ahead", watched)
+        started = pretend_cuda(monkeypatch)
 
     src = tmp_path / "src"
     bad = mixed_folder(src)
