@@ -48,6 +48,7 @@ bench: $(STAMP)  ## Throughput, memory, re-run and service benchmarks (about 15 
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/heads.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/ceiling.py
 
 SLIM := build/slim
 slim-check: $(STAMP)  ## Query a portable collection from a venv without torch or timm (downloads ~440 MB)
