@@ -26,6 +26,7 @@ from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
 ROUNDS = 3  # timed passes over the check images per candidate, interleaved; the best counts
+PRUNE = 1.3  # after the first pass, candidates this much slower than the fastest are dropped
 LABELS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # largest difference of a class probability
 
 
@@ -50,8 +51,10 @@ def settle(
         others = tuple(c for c in plan.others if c != plan.candidates[0])
         return settle(replace(plan, candidates=others, how="auto"), torch_runtime, sample,
                       folder)  # fmt: skip
-    timed = plan.how == "auto" and len(runtimes) > 1
-    seconds, outputs = _run(runtimes, images, ROUNDS if timed else 1)
+    # each candidate's first call: its fidelity check, and the warm-up of its timing (memory,
+    # kernels chosen for this batch shape: oneDNN's bf16 ones ran at 20 images/s on a smaller
+    # first call against 600+, graphs compiled)
+    outputs = {c: runtime.embed_with_labels(images) for c, runtime in runtimes.items()}
     fidelity, refused = {}, {}
     for choice, (vectors, rows) in outputs.items():
         try:
@@ -70,7 +73,9 @@ def settle(
         others = tuple(c for c in plan.others if c != plan.candidates[0])
         return settle(replace(plan, candidates=others, how="auto"), torch_runtime, sample,
                       folder)  # fmt: skip
-    rates = {c: len(images) / seconds[c] for c in fidelity}
+    timed = plan.how == "auto" and len(fidelity) > 1
+    seconds = _timed({c: runtimes[c] for c in fidelity}, images) if timed else {}
+    rates = {c: len(images) / s for c, s in seconds.items()}
     chosen = pick(rates) if timed else next(iter(fidelity))
     images_from = "the build" if own else "generated scenes"
     decision = Decision(
@@ -131,22 +136,20 @@ def _runtime(choice: Choice, torch_runtime: Embedder, exported: Exported | None,
                             choice.runtime, path, choice.precision)  # fmt: skip
 
 
-def _run(
-    runtimes: dict[Choice, Runtime], images: np.ndarray, rounds: int
-) -> tuple[dict[Choice, float], dict[Choice, tuple[np.ndarray, list[dict[str, Any]]]]]:
-    """Each runtime's outputs on the images, and its best time over `rounds` passes taken in
-    turn (so a burst of other work on the machine touches every candidate alike)."""
-    for runtime in runtimes.values():  # untimed: allocations, kernels chosen for this batch
-        runtime.embed(images)  # shape (oneDNN's bf16 ones: 20 images/s on a smaller first
-        # call against 600+), graphs compiled
-    best = dict.fromkeys(runtimes, float("inf"))
-    outputs = {}
-    for _ in range(rounds):
+def _timed(runtimes: dict[Choice, Runtime], images: np.ndarray) -> dict[Choice, float]:
+    """Each runtime's best time over ROUNDS passes on the images, taken in turn (a burst of
+    other work on the machine touches every candidate alike); after the first, those over
+    PRUNE times the fastest are not timed again (they cannot win: the trial costs less)."""
+    best: dict[Choice, float] = {}
+    for n in range(ROUNDS):
+        if n == 1:
+            fastest = min(best.values())
+            runtimes = {c: r for c, r in runtimes.items() if best[c] <= fastest * PRUNE}
         for choice, runtime in runtimes.items():
             start = time.perf_counter()
-            outputs[choice] = runtime.embed_with_labels(images)
-            best[choice] = min(best[choice], time.perf_counter() - start)
-    return best, outputs
+            runtime.embed(images)
+            best[choice] = min(best.get(choice, float("inf")), time.perf_counter() - start)
+    return best
 
 
 class FidelityError(Exception):
