@@ -486,13 +486,16 @@ class Embedding:
 
     def settled(self) -> Decision | None:
         """How the runtime was decided: on the first batch, or by the plan when no batch was
-        embedded here (the Ray engine's actors, a run whose items all failed)."""
+        embedded here (the Ray engine's actors, a run whose items all failed: asked for or
+        recorded, not a cached choice that no image confirmed)."""
         from indexer.decide import Decision
 
         plan = self.plan
-        if self.decision is None and plan is not None and (single := plan.single) is not None:
-            return Decision(single, plan.how, plan.why)
-        return self.decision
+        if self.decision is not None or plan is None or (single := plan.single) is None:
+            return self.decision
+        if plan.how == "cached":  # a choice nothing here confirmed: the next run decides
+            return None
+        return Decision(single, plan.how, plan.why)
 
     @property
     def names(self) -> str | None:

@@ -253,6 +253,7 @@ def test_a_collection_without_a_portable_model_says_why(
     def drop(manifest: dict) -> None:
         del manifest["portable_model"]
         manifest["portable_model_reason"] = "export failed: RuntimeError: unsupported op"
+        manifest["runtime"]["name"] = "torch"  # what embeds where there is no portable model
 
     edit_manifest(copy, drop)
     info = run_cli("info", copy)
