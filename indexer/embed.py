@@ -385,8 +385,11 @@ def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
     weights, flags, versions), if the cache holds a whole one."""
     from indexer.decide import PORTABLE
 
-    choice = plan.single
-    if plan.how not in ("forced", "cached", "resumed") or choice is None:
+    if plan.how == "auto":  # several to time: those the export runs, without torch
+        portable = tuple(c for c in plan.candidates if c.runtime in PORTABLE)
+        plan = replace(plan, candidates=portable)
+    choice = plan.single if plan.how != "auto" else next(iter(plan.candidates), None)
+    if plan.how not in ("forced", "cached", "resumed", "auto") or choice is None:
         return None
     if choice.runtime not in PORTABLE:
         return None
@@ -468,6 +471,7 @@ class Embedding:
 
     def _settle(self, sample: np.ndarray) -> None:
         from indexer.decide import Decision
+        from indexer.knownexport import KnownExport
 
         plan = self.plan
         if plan is None:
@@ -479,6 +483,8 @@ class Embedding:
             assert isinstance(self.runtime, Embedder)
             self.runtime, self.decision, self.exported = settle(plan, self.runtime, sample,
                                                                 self.folder)  # fmt: skip
+        elif isinstance(self.runtime, KnownExport):  # timed among its runtimes, or the plan's
+            self.decision = self.runtime.settle(sample)
         elif (single := plan.single) is not None:
             self.decision = Decision(single, plan.how, plan.why)
         if self.decision is not None:  # before the first shard: a re-run after a kill keeps it

@@ -17,7 +17,7 @@ import numpy as np
 from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.configcache import cache_dir
-from indexer.decide import Choice, RuntimePlan
+from indexer.decide import Choice, Decision, RuntimePlan
 from indexer.errors import IndexerError
 from indexer.portable import (
     EXPORTER,
@@ -136,6 +136,49 @@ class KnownExport(PortableEmbedder):
         self._confirm = Confirmation(cfg)
         self._sent = False
         self._choice = choice
+        self._plan = plan
+
+    def settle(self, sample: np.ndarray) -> Decision:
+        """The runtime this export embeds the build with: the plan's one, or, where the plan
+        leaves several portable ones to time (auto, nothing cached), the fastest on the
+        first batch (torch is not timed: the export runs without it, and it was the slowest
+        on every CPU measured). The chosen one is confirmed like any known export, within
+        its precision's bound, before anything is published."""
+        plan = self._plan
+        if plan.single is not None and plan.how != "auto":
+            return Decision(plan.single, plan.how, plan.why)
+        if plan.single is not None:
+            why = "the only runtime of the known export here (torch not timed)"
+            return Decision(plan.single, "forced", why)
+        from indexer.decide import pick, remember
+        from indexer.trial import _timed
+
+        runtimes: dict[Choice, PortableEmbedder] = {self._choice: self}
+        for choice in plan.candidates:
+            if choice not in runtimes:
+                try:
+                    runtimes[choice] = PortableEmbedder(
+                        self._bytes, self.recipe, self._record, choice.runtime, None,
+                        choice.precision,
+                    )  # fmt: skip
+                except IndexerError as exc:
+                    log.warning("%s is not used: %s", choice.label, exc)
+        for runtime in runtimes.values():  # the warm-up (see trial.settle)
+            runtime.embed(sample)
+        seconds = _timed(dict(runtimes), sample)
+        rates = {c: len(sample) / t for c, t in seconds.items()}
+        chosen = pick(rates)
+        self._adopt(chosen, runtimes[chosen])
+        shown = ", ".join(f"{c.label} {r:,.0f}" for c, r in sorted(rates.items()) if c != chosen)
+        why = (f"fastest on the first batch of the known export's runtimes: {rates[chosen]:,.0f}"
+               f" images/s (then {shown}); torch not timed")  # fmt: skip
+        decision = Decision(chosen, "timed", why, {c.label: r for c, r in rates.items()})
+        remember(plan.key, decision)
+        return decision
+
+    def _adopt(self, choice: Choice, runtime: PortableEmbedder) -> None:
+        self._choice, self.name, self._run = choice, runtime.name, runtime._run
+        self.recipe = {**self.recipe, "precision": choice.precision}
 
     def embed_with_labels(
         self, images: Any, labels: bool = True

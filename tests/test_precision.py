@@ -206,3 +206,31 @@ def run(argv: list[str], env: dict[str, str]) -> Any:
     import subprocess
 
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.usefixtures("fresh_cache")
+def test_a_known_export_times_its_runtimes_without_torch(
+    corpus: Path, tmp_path: Path, fresh_cache: Path
+) -> None:
+    """An export known from an earlier build, no decision cached (another machine's cache, a
+    new runtime version): auto times the export's runtimes on the first batch, torch stays
+    off the path, and the choice is confirmed against torch fp32 before anything publishes."""
+    src = corpus / "group0"
+    _build(src, tmp_path / "a", "--runtime", "onnx", "--precision", "auto")
+    shutil.rmtree(fresh_cache / "runtimes", ignore_errors=True)
+    _build(src, tmp_path / "b", "--runtime", "auto", "--precision", "auto")
+    chosen = _manifest(tmp_path / "b")["runtime"]
+    portable = {label for label in OFFERED if not label.startswith("torch")}
+    assert chosen["how"] == "timed" and set(chosen["images_per_second"]) == portable
+    record = _manifest(tmp_path / "b")["portable_model"]
+    assert (
+        record["cached"] is True and record["fidelity"]["min_cosine"] >= BOUND[chosen["precision"]]
+    )
+    model = seeded_model(0)
+    got = read_embeddings_by_key(tmp_path / "b")
+    assert (
+        min(float(v @ reference_embedding(model, src / k)) for k, v in got.items())
+        >= BOUND[chosen["precision"]]
+    )
+    _build(src, tmp_path / "c", "--runtime", "auto", "--precision", "auto")
+    assert _manifest(tmp_path / "c")["runtime"]["how"] == "cached"  # remembered
