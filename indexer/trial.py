@@ -37,10 +37,8 @@ def settle(
     portable model exported into folder (None when no candidate needed it). Every candidate
     must reproduce torch fp32 on the build's first images (cosine >= BOUND of its precision);
     with plan.how auto the fastest of those is kept, and remembered for this machine."""
-    from indexer.export import reference_outputs
-
     exported, offered = _exported(plan, torch_runtime, sample, folder)
-    images, own, want, probs = reference_outputs(torch_runtime, sample)
+    images, own, want, probs = _reference(torch_runtime, sample)
     try:
         runtimes = _runtimes(offered, torch_runtime, exported, folder)
     except IndexerError as exc:
@@ -89,6 +87,22 @@ def settle(
         remember(plan.key, decision)
     log.info("embedding with %s (%s: %s)", chosen.label, decision.how, decision.why)
     return runtimes[chosen], decision, exported
+
+
+def _reference(
+    torch_runtime: Embedder, sample: np.ndarray
+) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray | None]:
+    """The check images, whether they are the build's, and torch fp32's outputs on them. On
+    CUDA the model itself runs them in fp32 on its device (no copy of a large model run on
+    the CPU, which the export at the end makes anyway), vectors only; on the CPU, the
+    export's reference (class probabilities too)."""
+    from indexer.export import check_images, reference_outputs
+
+    if not torch_runtime.on_cuda:
+        return reference_outputs(torch_runtime, sample)
+    images, own = check_images(torch_runtime, sample)
+    vectors, _ = torch_runtime.at_precision("fp32").embed_with_labels(images, labels=False)
+    return images, own, vectors, None
 
 
 def _exported(

@@ -234,3 +234,25 @@ def test_a_known_export_times_its_runtimes_without_torch(
     )
     _build(src, tmp_path / "c", "--runtime", "auto", "--precision", "auto")
     assert _manifest(tmp_path / "c")["runtime"]["how"] == "cached"  # remembered
+
+
+def test_on_cuda_the_trial_checks_bf16_against_the_model_itself_in_fp32(tmp_path: Path) -> None:
+    """A CUDA build's only candidate is torch (bf16 by default): checked against torch fp32 on
+    the build's images, run by the model on its own device (here a CPU model that says it
+    is on CUDA), not by a CPU copy of it."""
+    import numpy as np
+
+    from indexer.config import ModelConfig
+    from indexer.decide import Choice, RuntimePlan
+    from indexer.export import fallback_images
+    from indexer.model import load_embedder
+    from indexer.trial import settle
+
+    embedder = load_embedder(ModelConfig(pretrained=False, precision="fp32", device="cpu"))
+    embedder.on_cuda = True
+    plan = RuntimePlan((Choice("torch", "bf16"),), "forced", "torch embeds on CUDA")
+    sample = np.asarray(fallback_images(embedder, 8))
+    runtime, decision, exported = settle(plan, embedder, sample, tmp_path)
+    assert exported is None and runtime.recipe["precision"] == "bf16"
+    assert decision.how == "forced" and decision.fidelity["min_cosine"] >= BOUND["bf16"]
+    assert decision.fidelity["min_cosine"] < 1.0  # bf16 really ran against an fp32 reference
