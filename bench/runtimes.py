@@ -1,6 +1,7 @@
 """Model-only throughput of each runtime on the same decoded batches (torch eager, the exported
 model on onnxruntime and on OpenVINO), their fidelity to torch fp32, and their import times in
-fresh processes; ratios to torch fp32. Decides --runtime auto's portable default."""
+fresh processes; ratios to torch fp32. What --runtime auto chooses among (decide.py), timing
+them itself on a build's first batch; this prints the whole table for one machine."""
 
 from __future__ import annotations
 
@@ -90,6 +91,10 @@ def main() -> None:
             print(f"{backend}: not available ({exc})")
             continue
         runtimes[f"{backend} fp32"] = portable.embed
+    if cpu_has_native_bf16():  # OpenVINO's bf16 inference precision hint
+        ov_bf16 = PortableEmbedder(model, embedder.recipe, exported.record, "openvino", None,
+                                   "bf16")  # fmt: skip
+        runtimes["openvino bf16"] = ov_bf16.embed
     print(f"# model only: {len(pixels)} ImageNet photos at {pixels.shape[1]}px, batch "
           f"{args.batch}, {torch.get_num_threads()} threads, best of {args.rounds}")  # fmt: skip
     base = None
