@@ -7,6 +7,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from dataclasses import asdict, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -151,7 +152,7 @@ class KnownExport(PortableEmbedder):
             why = "the only runtime of the known export here (torch not timed)"
             return Decision(plan.single, "forced", why)
         from indexer.decide import pick, remember
-        from indexer.trial import _timed
+        from indexer.trial import timed_rates
 
         runtimes: dict[Choice, PortableEmbedder] = {self._choice: self}
         for choice in plan.candidates:
@@ -163,10 +164,12 @@ class KnownExport(PortableEmbedder):
                     )  # fmt: skip
                 except IndexerError as exc:
                     log.warning("%s is not used: %s", choice.label, exc)
+        slowest = 0.0
         for runtime in runtimes.values():  # the warm-up (see trial.settle)
+            start = time.perf_counter()
             runtime.embed(sample)
-        seconds = _timed(dict(runtimes), sample)
-        rates = {c: len(sample) / t for c, t in seconds.items()}
+            slowest = max(slowest, time.perf_counter() - start)
+        rates = timed_rates(runtimes, sample, slowest)
         chosen = pick(rates)
         self._adopt(chosen, runtimes[chosen])
         shown = ", ".join(f"{c.label} {r:,.0f}" for c, r in sorted(rates.items()) if c != chosen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from indexer.runtime import Runtime
 log = logging.getLogger(__name__)
 ROUNDS = 3  # timed passes over the check images per candidate, interleaved; the best counts
 PRUNE = 1.3  # after the first pass, candidates this much slower than the fastest are dropped
+PASS_SECONDS = 0.3  # a timed pass of the slowest candidate takes about this long at most
+MIN_TIMED = 8  # images in a timed pass, at the least
 LABELS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # largest difference of a class probability
 
 
@@ -52,7 +55,11 @@ def settle(
     # each candidate's first call: its fidelity check, and the warm-up of its timing (memory,
     # kernels chosen for this batch shape: oneDNN's bf16 ones ran at 20 images/s on a smaller
     # first call against 600+, graphs compiled)
-    outputs = {c: runtime.embed_with_labels(images) for c, runtime in runtimes.items()}
+    outputs, first = {}, {}
+    for choice, runtime in runtimes.items():
+        start = time.perf_counter()
+        outputs[choice] = runtime.embed_with_labels(images)
+        first[choice] = time.perf_counter() - start
     fidelity, refused = {}, {}
     for choice, (vectors, rows) in outputs.items():
         try:
@@ -72,8 +79,8 @@ def settle(
         return settle(replace(plan, candidates=others, how="auto"), torch_runtime, sample,
                       folder)  # fmt: skip
     timed = plan.how == "auto" and len(fidelity) > 1
-    seconds = _timed({c: runtimes[c] for c in fidelity}, images) if timed else {}
-    rates = {c: len(images) / s for c, s in seconds.items()}
+    passing = {c: runtimes[c] for c in fidelity}
+    rates = timed_rates(passing, images, max(first[c] for c in fidelity)) if timed else {}
     chosen = pick(rates) if timed else next(iter(fidelity))
     images_from = "the build" if own else "generated scenes"
     decision = Decision(
@@ -87,6 +94,15 @@ def settle(
         remember(plan.key, decision)
     log.info("embedding with %s (%s: %s)", chosen.label, decision.how, decision.why)
     return runtimes[chosen], decision, exported
+
+
+def timing_size(images: int, slowest_first: float) -> int:
+    """How many of the check images each timed pass runs: all of them for a small model;
+    for a large one, as many as the slowest candidate's first call (an overestimate: it
+    includes its warm-up) says run in about PASS_SECONDS, never fewer than MIN_TIMED."""
+    if slowest_first <= PASS_SECONDS:
+        return images
+    return max(MIN_TIMED, min(images, int(images * PASS_SECONDS / slowest_first)))
 
 
 def _reference(
@@ -150,10 +166,25 @@ def _runtime(choice: Choice, torch_runtime: Embedder, exported: Exported | None,
                             choice.runtime, path, choice.precision)  # fmt: skip
 
 
-def _timed(runtimes: dict[Choice, Runtime], images: np.ndarray) -> dict[Choice, float]:
+def timed_rates(
+    runtimes: Mapping[Choice, Runtime], images: np.ndarray, slowest_first: float
+) -> dict[Choice, float]:
+    """Each runtime's images/s on (as many as timing_size allows of) the images, after each
+    has run them once (`slowest_first`: the slowest of those first calls, in seconds)."""
+    timing = images[: timing_size(len(images), slowest_first)]
+    seconds = _timed(dict(runtimes), timing, warm=len(timing) < len(images))
+    return {c: len(timing) / t for c, t in seconds.items()}
+
+
+def _timed(
+    runtimes: dict[Choice, Runtime], images: np.ndarray, warm: bool = False
+) -> dict[Choice, float]:
     """Each runtime's best time over ROUNDS passes on the images, taken in turn (a burst of
     other work on the machine touches every candidate alike); after the first, those over
     PRUNE times the fastest are not timed again (they cannot win: the trial costs less)."""
+    if warm:  # a batch shape their first call did not run: kernels are chosen per shape
+        for runtime in runtimes.values():
+            runtime.embed(images)
     best: dict[Choice, float] = {}
     for n in range(ROUNDS):
         if n == 1:

@@ -176,3 +176,13 @@ def test_refusals_through_the_cli_write_nothing(corpus: Path, tmp_path: Path) ->
     said = "fp32 only" if cpu_has_native_bf16() else "no native bf16"  # the first that applies
     assert refused.exit_code == 2 and said in refused.output, refused.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("images", "slowest", "expected"),
+    [(64, 0.1, 64), (64, 0.3, 64), (64, 0.6, 32), (64, 2.4, 8), (64, 60.0, 8), (8, 5.0, 8)],
+)
+def test_a_large_model_is_timed_on_fewer_images(images: int, slowest: float, expected: int) -> None:
+    from indexer.trial import timing_size
+
+    assert timing_size(images, slowest) == expected
