@@ -21,6 +21,7 @@ NAME_OF = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}  # -
 PORTABLE = ("onnxruntime", "openvino")  # the exported model's CPU runtimes
 ORDER = ("onnxruntime", "openvino", "torch")  # preferred among equally fast: fewest imports
 BOUND = {"fp32": 0.9999, "bf16": 0.999}  # per-image cosine to torch fp32 a runtime must reach
+LABELS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # largest difference of a class probability
 TIE = 0.05  # rates within 5% of the fastest are a tie: the preferred one wins (stable choices)
 CACHE = "runtimes"
 MAX_ENTRY_BYTES = 1 << 16

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from indexer.configcache import cache_dir
-from indexer.decide import BOUND
+from indexer.decide import BOUND, LABELS_TOLERANCE
 from indexer.model import Embedder, class_names, embed_forward
 from indexer.portable import (
     EXPORTER,
@@ -31,7 +31,6 @@ from indexer.safeio import read_bounded, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 FIDELITY_MIN = BOUND["fp32"]  # per-image cosine to torch fp32 below which it is not stored
-LABELS_TOLERANCE = 1e-3  # largest difference of a class probability
 CHECK_IMAGES = 64  # the build's first images the export is checked on
 MIN_CHECK = 8  # never fewer images than this (generated scenes make up the rest)
 CACHE = "exports"
@@ -62,14 +61,23 @@ class _Portable(torch.nn.Module):
         return out
 
 
-def export_portable(embedder: Embedder, sample: np.ndarray | None, version: Path) -> Exported:
+Reference = tuple[np.ndarray, bool, np.ndarray, np.ndarray | None]  # reference_outputs()
+
+
+def export_portable(
+    embedder: Embedder,
+    sample: np.ndarray | None,
+    version: Path,
+    known: Reference | None = None,
+) -> Exported:
     """Export the embedder's computation into version/model.onnx if it reproduces torch fp32
-    on the sample images (cosine >= FIDELITY_MIN each); else store nothing and say why."""
+    on the sample images (cosine >= FIDELITY_MIN each); else store nothing and say why.
+    `known`: reference_outputs(embedder, sample), when the caller has them (not made twice)."""
     started = time.perf_counter()
     try:
         wrapper = _Portable(embedder)
-        images, own = check_images(embedder, sample)
-        model, record = _cached_or_exported(wrapper, embedder, images)
+        images, own, want, probs = known or reference_outputs(embedder, sample, wrapper)
+        model, record = _cached_or_exported(wrapper, embedder, images, (want, probs))
         record["fidelity"]["images_from"] = "the build" if own else "generated scenes"
         record["export_seconds"] = round(time.perf_counter() - started, 3)
     except FidelityError as exc:
@@ -97,10 +105,14 @@ class FidelityError(Exception):
 
 
 def check_fidelity(
-    wrapper: _Portable, model: bytes, embedder: Embedder, images: np.ndarray
+    model: bytes,
+    embedder: Embedder,
+    images: np.ndarray,
+    want: tuple[np.ndarray, np.ndarray | None],
 ) -> dict[str, Any]:
-    """The manifest record, once onnxruntime's vectors match torch fp32's on every image."""
-    want_vectors, want_probs = reference(wrapper, images)
+    """The manifest record, once onnxruntime's vectors match torch fp32's (`want`, its
+    embeddings and class probabilities) on every image."""
+    want_vectors, want_probs = want
     names = class_names(embedder.recipe.get("label_set")) if embedder.labels else None
     record = _record(model, embedder, names)
     portable = PortableEmbedder(model, embedder.recipe, record)
@@ -120,12 +132,12 @@ def reference(wrapper: _Portable, images: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def reference_outputs(
-    embedder: Embedder, sample: np.ndarray | None
-) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray | None]:
+    embedder: Embedder, sample: np.ndarray | None, wrapper: _Portable | None = None
+) -> Reference:
     """The check images for this sample, whether they are the build's, and torch fp32's
-    outputs on them (what a cached export is confirmed against)."""
+    outputs on them (what an export, new or cached, is checked against)."""
     images, own = check_images(embedder, sample)
-    vectors, probs = reference(_Portable(embedder), images)
+    vectors, probs = reference(wrapper or _Portable(embedder), images)
     return images, own, vectors, probs
 
 
@@ -134,33 +146,44 @@ def measure_fidelity(
     images: np.ndarray,
     want_vectors: np.ndarray,
     want_probs: np.ndarray | None,
-    bound: float | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The fidelity record of the portable model against torch fp32's outputs on the images;
-    FidelityError when one image's cosine is below the bound or a probability is off."""
-    bound = FIDELITY_MIN if bound is None else bound
+    FidelityError when one image's cosine is below its precision's bound or a probability is
+    off."""
     got, rows = portable.embed_with_labels(images)
-    found = cosines(want_vectors, got)
+    return fidelity(want_vectors, want_probs, got, rows, precision)
+
+
+def fidelity(
+    want: np.ndarray,
+    probs: np.ndarray | None,
+    got: np.ndarray,
+    rows: list[dict[str, Any]],
+    precision: str = "fp32",
+) -> dict[str, Any]:
+    """The fidelity record of a runtime's outputs (`got`, its label `rows`) against torch
+    fp32's (`want`, `probs`): FidelityError when one image's cosine is below the precision's
+    bound (fp32: FIDELITY_MIN) or a class probability is off by more than it allows."""
+    bound = FIDELITY_MIN if precision == "fp32" else BOUND[precision]
+    found = cosines(want, got)
     if not np.all(found >= bound):
         raise FidelityError(
             f"the exported model reproduces torch only to cosine {found.min():.6f} "
             f"(needs {bound}) on the build's images"
         )
-    if want_probs is not None:
-        _check_labels(want_probs, rows)
+    if probs is not None and rows:
+        have = np.array([r["label_prob"] for r in rows])
+        ref = np.take_along_axis(probs, np.array([r["label_index"] for r in rows]), 1)
+        if np.abs(have - ref).max(initial=0.0) > LABELS_TOLERANCE[precision]:
+            raise FidelityError("the class probabilities differ from torch fp32's")
     return {
-        "images": len(images),
+        "images": len(found),
         "min_cosine": float(found.min()),
         "mean_cosine": float(found.mean()),
         "reference": "torch fp32",
+        "bound": bound,
     }
-
-
-def _check_labels(probs: np.ndarray, rows: list[dict[str, Any]]) -> None:
-    got = np.array([r["label_prob"] for r in rows])
-    want = np.take_along_axis(probs, np.array([r["label_index"] for r in rows]), 1)
-    if np.abs(got - want).max(initial=0.0) > LABELS_TOLERANCE:
-        raise FidelityError("the exported model's class probabilities differ from torch's")
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -211,7 +234,10 @@ def _export(wrapper: _Portable, images: np.ndarray) -> bytes:
 
 
 def _cached_or_exported(
-    wrapper: _Portable, embedder: Embedder, images: np.ndarray
+    wrapper: _Portable,
+    embedder: Embedder,
+    images: np.ndarray,
+    want: tuple[np.ndarray, np.ndarray | None],
 ) -> tuple[bytes, dict[str, Any]]:
     """An earlier export of exactly this computation (same weights, versions, recipe), else a
     new one, remembered; with its record. Either must pass the fidelity check on these
@@ -219,13 +245,13 @@ def _cached_or_exported(
     path = cache_dir() / CACHE / f"{cache_key(embedder)}.onnx"
     try:
         cached = read_bounded(path, MAX_MODEL_BYTES, "the largest model read")  # no FIFO
-        return cached, check_fidelity(wrapper, cached, embedder, images)
+        return cached, check_fidelity(cached, embedder, images, want)
     except FileNotFoundError:
         pass
     except Exception as exc:  # unreadable, corrupt or not this computation: export again
         log.warning("the cached export %s is not usable (%s); exporting again", path, exc)
     model = _export(wrapper, images)
-    record = check_fidelity(wrapper, model, embedder, images)
+    record = check_fidelity(model, embedder, images, want)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, model, sync=False)

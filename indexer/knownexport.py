@@ -197,16 +197,15 @@ class KnownExport(PortableEmbedder):
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
         """Once the model made now confirms it: the model stored in folder, its record with
         this build's fidelity, and the recipe made now (the manifest's)."""
-        from indexer.decide import BOUND
-        from indexer.export import FIDELITY_MIN, FidelityError, measure_fidelity
+        from indexer.export import FidelityError, measure_fidelity
 
         if not self._sent:
             self._confirm.send(sample)
         recipe = self._confirm.check(self.recipe, wait=True)
         images, own, want_vectors, want_probs = self._confirm.reference()
         try:
-            bound = FIDELITY_MIN if self._choice.precision == "fp32" else BOUND["bf16"]
-            fidelity = measure_fidelity(self, images, want_vectors, want_probs, bound)
+            fidelity = measure_fidelity(self, images, want_vectors, want_probs,
+                                        self._choice.precision)  # fmt: skip
         except FidelityError as exc:
             raise UnconfirmedExport(f"the cached export does not reproduce torch ({exc})") from exc
         fidelity["images_from"] = "the build" if own else "generated scenes"

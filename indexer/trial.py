@@ -7,12 +7,11 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from indexer import export
 from indexer.decide import (
-    BOUND,
     PORTABLE,
     Choice,
     Decision,
@@ -30,7 +29,6 @@ ROUNDS = 3  # timed passes over the check images per candidate, interleaved; the
 PRUNE = 1.3  # after the first pass, candidates this much slower than the fastest are dropped
 PASS_SECONDS = 0.3  # a timed pass of the slowest candidate takes about this long at most
 MIN_TIMED = 8  # images in a timed pass, at the least
-LABELS_TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # largest difference of a class probability
 
 
 def settle(
@@ -40,8 +38,9 @@ def settle(
     portable model exported into folder (None when no candidate needed it). Every candidate
     must reproduce torch fp32 on the build's first images (cosine >= BOUND of its precision);
     with plan.how auto the fastest of those is kept, and remembered for this machine."""
-    exported, offered = _exported(plan, torch_runtime, sample, folder)
-    images, own, want, probs = _reference(torch_runtime, sample)
+    reference = _reference(torch_runtime, sample)
+    images, own, want, probs = reference
+    exported, offered = _exported(plan, torch_runtime, sample, folder, reference)
     try:
         runtimes = _runtimes(offered, torch_runtime, exported, folder)
     except IndexerError as exc:
@@ -63,8 +62,8 @@ def settle(
     fidelity, refused = {}, {}
     for choice, (vectors, rows) in outputs.items():
         try:
-            fidelity[choice] = check(choice, want, probs, vectors, rows)
-        except FidelityError as exc:
+            fidelity[choice] = export.fidelity(want, probs, vectors, rows, choice.precision)
+        except export.FidelityError as exc:
             refused[choice] = str(exc)
     if not fidelity:
         reasons = "; ".join(f"{c.label}: {why}" for c, why in refused.items())
@@ -105,30 +104,32 @@ def timing_size(images: int, slowest_first: float) -> int:
     return max(MIN_TIMED, min(images, int(images * PASS_SECONDS / slowest_first)))
 
 
-def _reference(
-    torch_runtime: Embedder, sample: np.ndarray
-) -> tuple[np.ndarray, bool, np.ndarray, np.ndarray | None]:
+def _reference(torch_runtime: Embedder, sample: np.ndarray) -> export.Reference:
     """The check images, whether they are the build's, and torch fp32's outputs on them. On
     CUDA the model itself runs them in fp32 on its device (no copy of a large model run on
     the CPU, which the export at the end makes anyway), vectors only; on the CPU, the
     export's reference (class probabilities too)."""
-    from indexer.export import check_images, reference_outputs
-
     if not torch_runtime.on_cuda:
-        return reference_outputs(torch_runtime, sample)
-    images, own = check_images(torch_runtime, sample)
+        return export.reference_outputs(torch_runtime, sample)
+    images, own = export.check_images(torch_runtime, sample)
     vectors, _ = torch_runtime.at_precision("fp32").embed_with_labels(images, labels=False)
     return images, own, vectors, None
 
 
 def _exported(
-    plan: RuntimePlan, torch_runtime: Embedder, sample: np.ndarray, folder: Path
+    plan: RuntimePlan,
+    torch_runtime: Embedder,
+    sample: np.ndarray,
+    folder: Path,
+    reference: export.Reference,
 ) -> tuple[Exported | None, tuple[Choice, ...]]:
     """The portable model when a candidate runs it (exported and checked on onnxruntime as
-    always), and the candidates left: without a portable model, only torch's."""
+    always, against the trial's own reference on the CPU: torch runs the images once), and
+    the candidates left: without a portable model, only torch's."""
     if not any(c.runtime in PORTABLE for c in plan.candidates):
         return None, plan.candidates
-    exported = torch_runtime.portable_model(sample, folder)
+    known = None if torch_runtime.on_cuda else reference  # on CUDA, the device's: not fp32's
+    exported = export.export_portable(torch_runtime, sample, folder, known)
     if exported.record is not None:
         return exported, plan.candidates
     left = tuple(c for c in plan.candidates if c.runtime == "torch")
@@ -195,28 +196,6 @@ def _timed(
             runtime.embed(images)
             best[choice] = min(best.get(choice, float("inf")), time.perf_counter() - start)
     return best
-
-
-class FidelityError(Exception):
-    """A runtime does not reproduce torch fp32 within its precision's bound."""
-
-
-def check(choice: Choice, want: np.ndarray, probs: np.ndarray | None, got: np.ndarray,
-          rows: list[dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
-    """The runtime's cosines to torch fp32 (min, mean), or FidelityError below its bound."""
-    from indexer.export import cosines
-
-    found = cosines(want, got)
-    bound = BOUND[choice.precision]
-    if not np.all(found >= bound):
-        raise FidelityError(f"cosine to torch fp32 {found.min():.6f}, needs {bound}")
-    if probs is not None and rows:
-        have = np.array([r["label_prob"] for r in rows])
-        ref = np.take_along_axis(probs, np.array([r["label_index"] for r in rows]), 1)
-        if np.abs(have - ref).max(initial=0.0) > LABELS_TOLERANCE[choice.precision]:
-            raise FidelityError("class probabilities differ from torch fp32's")
-    return {"min_cosine": float(found.min()), "mean_cosine": float(found.mean()),
-            "images": len(found), "bound": bound}  # fmt: skip
 
 
 def _why(plan: RuntimePlan, chosen: Choice, rates: dict[Choice, float], timed: bool) -> str:

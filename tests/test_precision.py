@@ -256,3 +256,24 @@ def test_on_cuda_the_trial_checks_bf16_against_the_model_itself_in_fp32(tmp_path
     assert exported is None and runtime.recipe["precision"] == "bf16"
     assert decision.how == "forced" and decision.fidelity["min_cosine"] >= BOUND["bf16"]
     assert decision.fidelity["min_cosine"] < 1.0  # bf16 really ran against an fp32 reference
+
+
+@pytest.mark.usefixtures("fresh_cache")
+def test_a_first_build_runs_torch_fp32_on_its_check_images_once(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trial's reference is the export's too: not a second copy of the model run on the
+    same images (a large model's seconds)."""
+    from indexer import export
+
+    calls: list[int] = []
+    real = export.reference
+
+    def counted(wrapper: Any, images: Any) -> Any:
+        calls.append(len(images))
+        return real(wrapper, images)
+
+    monkeypatch.setattr(export, "reference", counted)
+    _build(corpus / "group0", tmp_path / "c", "--runtime", "onnx")
+    assert len(calls) == 1, calls
+    assert _manifest(tmp_path / "c")["portable_model"]["fidelity"]["min_cosine"] >= BOUND["fp32"]
