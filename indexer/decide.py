@@ -242,8 +242,9 @@ def cpu_flags() -> tuple[str, list[str]]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 computed natively (INDEXER_NATIVE_BF16=0 says it is not)."""
-    if os.environ.get("INDEXER_NATIVE_BF16", "").strip() == "0":
+    """AVX512-BF16 or AMX: bf16 computed natively (INDEXER_NATIVE_BF16=0, false, no or off
+    says it is not: a CPU treated as one without, e.g. to build collections it can share)."""
+    if os.environ.get("INDEXER_NATIVE_BF16", "").strip().lower() in ("0", "false", "no", "off"):
         return False
     flags = cpu_flags()[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -266,12 +267,13 @@ def cache_key(identity: dict[str, Any] | None, runtime: str, precision: str) -> 
     text = json.dumps({
         "cpu": name, "flags": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest(),
         "native_bf16": cpu_has_native_bf16(), "threads": threads(), "model": identity,
-        "asked": [runtime, precision], "versions": {p: _version(p) for p in VERSIONED},
+        "asked": [runtime, precision], "versions": {p: package_version(p) for p in VERSIONED},
     }, sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """An installed package's version (None: not installed), without importing it."""
     try:
         return version(package)
     except PackageNotFoundError:

@@ -11,12 +11,12 @@ import platform
 import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from indexer.config import LoaderConfig
 from indexer.configcache import cache_dir
+from indexer.decide import cpu_flags, package_version, threads
 from indexer.errors import InputError
 from indexer.safeio import read_bounded, write_bytes_atomic
 
@@ -115,13 +115,13 @@ def machine_key(gpus: str, input_size: Sequence[int], workers: int,
     path's with the batch), and torch's and torchvision's versions."""
     return {
         "gpus": gpus,
-        "cpu": cpu_model(),
-        "cores": usable_cores(),
+        "cpu": cpu_flags()[0] or platform.machine(),
+        "cores": threads(),
         "cpu_count": os.cpu_count() or 0,
         "input_size": [int(n) for n in input_size],
         "workers": int(workers),
         "batch_size": int(batch_size),
-        "versions": {name: _version(name) for name in VERSIONED},
+        "versions": {name: package_version(name) for name in VERSIONED},
     }
 
 
@@ -152,33 +152,6 @@ def record_run(device: Any, input_size: Sequence[int], loader: LoaderConfig, pat
         return False
     key = run_key(device, input_size, loader)
     return key is not None and record_rate(key, path, images_per_second, images)
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, else the architecture."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), else the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _canonical(key: Any) -> str:

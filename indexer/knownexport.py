@@ -9,7 +9,6 @@ import queue
 import threading
 import time
 from dataclasses import asdict, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import numpy as np
 from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.configcache import cache_dir
-from indexer.decide import Choice, Decision, RuntimePlan
+from indexer.decide import Choice, Decision, RuntimePlan, package_version
 from indexer.errors import IndexerError
 from indexer.portable import (
     EXPORTER,
@@ -59,18 +58,11 @@ def request_identity(cfg: ModelConfig) -> dict[str, Any] | None:
     return {
         **flags,
         "weights": weights,
-        "versions": {name: _version(name) for name in PACKAGES},
+        "versions": {name: package_version(name) for name in PACKAGES},
         "indexer": __version__,
         "opset": OPSET,
         "exporter": EXPORTER,
     }
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _paths(identity: dict[str, Any]) -> tuple[Path, Path]:

@@ -21,6 +21,7 @@ from indexer.decide import (
     pick,
     recorded,
     remember,
+    this_machine,
 )
 from indexer.errors import InputError, RecipeMismatchError
 from tests.helpers import BUILD_FLAGS, run_cli
@@ -186,3 +187,10 @@ def test_a_large_model_is_timed_on_fewer_images(images: int, slowest: float, exp
     from indexer.trial import timing_size
 
     assert timing_size(images, slowest) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", " off "])
+def test_native_bf16_can_be_turned_off(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INDEXER_NATIVE_BF16", value)
+    assert not cpu_has_native_bf16()
+    assert all(c.precision == "fp32" for c in candidates("auto", "auto", this_machine(False)))
