@@ -21,6 +21,10 @@ LOOPBACK_NAMES = ("localhost",)
               help="Name of each DIR in URLs, in order (default: its folder name).")  # fmt: skip
 @click.option("--token", envvar="INDEXER_TOKEN",
               help="Require 'Authorization: Bearer TOKEN' (or set $INDEXER_TOKEN).")  # fmt: skip
+@click.option("--metrics-token", envvar="INDEXER_METRICS_TOKEN",
+              help="A second token that opens /readyz and /metrics only (for probes "
+                   "and scrapers; or set $INDEXER_METRICS_TOKEN). Without it they need "
+                   "--token.")  # fmt: skip
 @click.option("--insecure", is_flag=True,
               help="Allow a non-loopback --host without a token.")  # fmt: skip
 @click.option("--cors-origin", "cors", multiple=True,
@@ -31,6 +35,14 @@ LOOPBACK_NAMES = ("localhost",)
               help="Embed uploads arriving this close together in one batch (0: off).")  # fmt: skip
 @click.option("--search-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
               help="Seconds a search may take, decoding an upload included; then 422.")  # fmt: skip
+@click.option("--max-decode-pixels", default=100_000_000, show_default=True,
+              type=click.IntRange(1_000_000),
+              help="Pixels decoded at once by all requests together (uploads, "
+                   "thumbnails); ~8 bytes each: the default fits 1 GiB. Larger images wait "
+                   "their turn.")  # fmt: skip
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="Without --token, answer requests for this Host name too (besides "
+                   "localhost and IP addresses).")  # fmt: skip
 @click.option("--runtime", default="auto", show_default=True,
               type=click.Choice(["auto", "torch", "onnx", "openvino"]),
               help="What embeds uploads (auto: the portable model on the CPU).")  # fmt: skip
@@ -40,11 +52,14 @@ def serve(
     port: int,
     names: tuple[str, ...],
     token: str | None,
+    metrics_token: str | None,
     insecure: bool,
     cors: tuple[str, ...],
     max_upload: str,
     batch_window_ms: float,
     search_timeout: float,
+    max_decode_pixels: int,
+    allowed_hosts: tuple[str, ...],
     runtime: str,
 ) -> None:
     """Serve published collections: a JSON search API, metrics and a search page.
@@ -62,6 +77,8 @@ def serve(
 
     if token is not None and not token.strip():
         raise click.UsageError("--token is empty: give a token, or leave it out")
+    if metrics_token is not None and (token is None or not metrics_token.strip()):
+        raise click.UsageError("--metrics-token needs --token (and must not be empty)")
     if not _loopback(host) and token is None and not insecure:
         raise click.UsageError(
             f"--host {host} is reachable from other machines: give --token TOKEN (or "
@@ -85,10 +102,16 @@ def serve(
             f"collection(s) {missing} have no loadable published version: build them first "
             "(or see the log above)")))  # fmt: skip
     registry.watch()
-    serve_cfg = ServeConfig(token, limit, tuple(cors), batch_window_ms / 1000, search_timeout)
+    serve_cfg = ServeConfig(token, limit, tuple(cors), batch_window_ms / 1000, search_timeout,
+                            max_decode_pixels=max_decode_pixels,
+                            allowed_hosts=tuple(allowed_hosts),
+                            metrics_token=metrics_token)  # fmt: skip
     app = create_app(registry, serve_cfg)
     import uvicorn
 
+    from indexer.serve.guard import ConnectionLimits, guarded_protocol
+
+    limits = ConnectionLimits(max_connections=_connection_cap())
     logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)
     uvicorn.run(
         app,
@@ -96,9 +119,26 @@ def serve(
         port=port,
         log_level="warning",
         access_log=False,
-        limit_concurrency=512,
+        http=guarded_protocol(limits),  # header deadline; idle connections closed first
         timeout_keep_alive=5,
-    )  # fds stay bounded under floods
+    )
+
+
+def _connection_cap(wanted: int = 1024, spare: int = 256) -> int:
+    """Open connections before the idle ones are closed: 1024, or fewer where the file
+    limit is lower (raised to its hard limit first), leaving room for shards and models."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, OSError, ValueError):  # not Unix, or not allowed: keep the limit
+        return wanted
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(64, min(wanted, int(soft) - spare))
 
 
 def _raise(exc: Exception) -> None:

@@ -2,32 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from indexer.errors import IndexerError, InputError
 from indexer.jsontext import json_text
 from indexer.serve.batcher import Batcher
+from indexer.serve.budget import BudgetTimeout, PixelBudget, header_pixels
 from indexer.serve.metrics import Metrics
 from indexer.serve.registry import Loaded, Registry
 
 log = logging.getLogger(__name__)
 MAX_K = 100  # results a search may ask for; beyond: 422
-THUMB_SIZES = (64, 128, 256, 512)
+MAX_JSON_BYTES = 64 << 10  # a JSON search body (a key, an id, filters); beyond: 413
+DISCONNECTED = 499  # a client that left before its answer (nginx's code): not a 5xx
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,13 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     batch_window: float = 0.003  # seconds uploads wait to be embedded together (0: alone)
     search_timeout: float = 30.0  # seconds a search may take (an upload's decoding included)
+    read_timeout: float = 30.0  # seconds a request's body may take to arrive; then 408
+    max_decode_pixels: int = 100_000_000  # pixels decoded at once, all requests together
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered without a token, besides
+    # localhost and IP addresses (a DNS-rebinding page's Host is its own name)
+    max_inflight: int = 256  # requests answered at once; more: 503 with Retry-After
+    cpu_slots: int = max(4, 2 * (os.cpu_count() or 1))  # decode, embed, filter, search at once
+    metrics_token: str | None = None  # also opens /readyz and /metrics (a probe's, a scraper's)
 
 
 class HTTPError(Exception):
@@ -78,19 +91,31 @@ class Api:
     def __init__(self, registry: Registry, cfg: ServeConfig, metrics: Metrics) -> None:
         self.registry, self.cfg, self.metrics = registry, cfg, metrics
         self.batcher = Batcher(cfg.batch_window, metrics.observe_batch)
-        self.thumbs = Thumbnails()
+        self.budget = PixelBudget(cfg.max_decode_pixels)
+        self.thumbs = Thumbnails(self.budget)
+        self._slots: anyio.CapacityLimiter | None = None  # made in the event loop
+        self._inflight = 0
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
 
     async def readyz(self, request: Request) -> Response:
+        return await self._answer(request, "readyz", self._readyz, probe=True)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return await self._answer(request, "metrics", self._metrics, probe=True)
+
+    async def _readyz(self, request: Request) -> Response:
         versions = {c.name: c.version for c in self.registry.all()}
         return JSONResponse(versions, status_code=200 if self.registry.ready() else 503)
 
-    async def metrics_text(self, request: Request) -> Response:
+    async def _metrics(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
     async def page(self, request: Request) -> Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         html = resources.files("indexer.serve").joinpath("page.html").read_text("utf-8")
         return HTMLResponse(html)
 
@@ -106,14 +131,28 @@ class Api:
     async def thumbnail(self, request: Request) -> Response:
         return await self._answer(request, "thumbnail", self._thumbnail)
 
-    async def _answer(self, request: Request, endpoint: str, handler: Any) -> Response:
+    async def _answer(
+        self, request: Request, endpoint: str, handler: Any, probe: bool = False
+    ) -> Response:
         started = time.perf_counter()
+        self._inflight += 1
         try:
-            self._authorize(request)
+            if self._inflight > self.cfg.max_inflight:
+                raise HTTPError(503, f"the server is answering {self.cfg.max_inflight} requests "
+                                "already: try again in a second")  # fmt: skip
+            self._authorize(request, probe)
             response: Response = await handler(request)
         except HTTPError as exc:
             headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            if exc.status == 503:
+                headers = {"Retry-After": "1"}
             response = JSONResponse({"error": str(exc)}, status_code=exc.status, headers=headers)
+        except BudgetTimeout as exc:  # busy with other large images: the client may retry
+            response = JSONResponse({"error": str(exc)}, status_code=503,
+                                    headers={"Retry-After": "1"})  # fmt: skip
+        except ClientDisconnect:  # the client's choice, not a fault: one line, counted apart
+            log.info("%s: the client disconnected before its answer", endpoint)
+            response = Response(status_code=DISCONNECTED)
         except InputError as exc:
             response = JSONResponse({"error": str(exc)}, status_code=422)
         except (IndexerError, OSError) as exc:  # a collection that cannot answer (damaged,
@@ -124,16 +163,45 @@ class Api:
             log.exception("%s failed", endpoint)
             response = JSONResponse({"error": f"internal error ({type(exc).__name__})"},
                                     status_code=500)  # fmt: skip
+        finally:
+            self._inflight -= 1
         self.metrics.observe(endpoint, response.status_code, time.perf_counter() - started)
         return response
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, request: Request, probe: bool = False) -> None:
+        """A tokenless service answers its own host names only (DNS rebinding); with a
+        token, every request needs it (a probe's: the token or --metrics-token)."""
         if self.cfg.token is None:
+            if not host_allowed(request.headers.get("host"), self.cfg.allowed_hosts):
+                raise HTTPError(403, _HOST_REFUSED)
             return
-        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-        same = hmac.compare_digest(given.strip().encode(), self.cfg.token.encode())
-        if scheme.lower() != "bearer" or not same:
+        tokens = [self.cfg.token]
+        if probe and self.cfg.metrics_token is not None:
+            tokens.append(self.cfg.metrics_token)
+        if not any([_bearer_is(request, t) for t in tokens]):  # a list: both compared
             raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+
+    def _refusal(self, request: Request) -> Response | None:
+        """The answer to a request whose Host a tokenless service does not serve, else None."""
+        if self.cfg.token is None and not host_allowed(request.headers.get("host"),
+                                                       self.cfg.allowed_hosts):  # fmt: skip
+            return JSONResponse({"error": _HOST_REFUSED}, status_code=403)
+        return None
+
+    async def _offload(self, work: Callable[..., T], *args: Any) -> T:
+        """CPU work (decode, embed, filter, search, thumbnails) in a thread, at most
+        cpu_slots at once; past --search-timeout the request is answered and its slot freed
+        (the thread finishes alone: its decoding holds the pixel budget until then)."""
+        if self._slots is None:
+            self._slots = anyio.CapacityLimiter(self.cfg.cpu_slots)
+        try:
+            with anyio.fail_after(self.cfg.search_timeout):
+                return await anyio.to_thread.run_sync(work, *args, abandon_on_cancel=True,
+                                                      limiter=self._slots)  # fmt: skip
+        except TimeoutError:
+            raise HTTPError(503, f"the request took over {self.cfg.search_timeout:g} s (a busy "
+                            "server, or an image too slow to decode): try again, or send a "
+                            "smaller image") from None  # fmt: skip
 
     def _loaded(self, request: Request) -> Loaded:
         name = request.path_params["name"]
@@ -158,12 +226,9 @@ class Api:
             isinstance(where, list) and all(isinstance(w, str) for w in where)
         ):
             raise HTTPError(422, "where must be a condition (a string) or a list of them")
-        work = run_in_threadpool(self._run_search, loaded, query, k, threshold, where)
-        try:
-            results = await asyncio.wait_for(work, self.cfg.search_timeout)
-        except TimeoutError:  # the thread ends by itself (decoding is bounded by the pixel limit)
-            raise HTTPError(422, f"the search took over {self.cfg.search_timeout:g} s (an image "
-                            "too slow to decode?): send a smaller image") from None  # fmt: skip
+        deadline = time.monotonic() + self.cfg.search_timeout
+        results = await self._offload(self._run_search, loaded, query, k, threshold, where,
+                                      deadline)  # fmt: skip
         hits = [h.to_dict() for h in results[0].hits]
         name = query.get("filename") or "upload" if "image" in query else results[0].name
         doc = {"collection": loaded.name, "version": loaded.version, "query": name,
@@ -171,11 +236,15 @@ class Api:
         return Response(_json(doc), media_type="application/json")
 
     def _run_search(self, loaded: Loaded, query: dict[str, Any], k: int,
-                    threshold: float | None, where: list[str] | None) -> list[Any]:  # fmt: skip
+                    threshold: float | None, where: list[str] | None,
+                    deadline: float) -> list[Any]:  # fmt: skip
         c = loaded.collection
         if isinstance(query.get("image"), bytes):  # an upload (multipart only): decoded here,
+            data = query["image"]
             with self.batcher.request():
-                vectors = self.batcher.embed(c, c.pixels_of([query["image"]]))
+                with self.budget.reserve(header_pixels(data), deadline):
+                    pixels = c.pixels_of([data])
+                vectors = self.batcher.embed(c, pixels)
             return c.query_vectors(vectors, ["upload"], k, threshold, where)
         key = query.get("key")
         if key is None and "id" in query:
@@ -195,23 +264,31 @@ class Api:
             raise
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused past the upload limit (413), whether or not the client
-        said its length."""
-        limit = self.cfg.max_upload_bytes
+        """The request body, refused past its limit (413: an upload's, or a JSON search's),
+        whether or not the client said its length, and past --read-timeout (408)."""
+        kind = _media_type(request)
+        if kind not in ("multipart/form-data", "application/json"):
+            raise HTTPError(415, "send JSON (Content-Type: application/json) or an upload "
+                            "(multipart/form-data)")  # fmt: skip
+        limit = self.cfg.max_upload_bytes if kind == "multipart/form-data" else MAX_JSON_BYTES
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HTTPError(413, f"the upload is over the limit of {limit} bytes")
+            raise HTTPError(413, f"the body is over the limit of {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HTTPError(413, f"the upload is over the limit of {limit} bytes")
-            chunks.append(chunk)
+        try:
+            with anyio.fail_after(self.cfg.read_timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise HTTPError(413, f"the body is over the limit of {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPError(408, f"the body took over {self.cfg.read_timeout:g} s to arrive: "
+                            "send it at once") from None  # fmt: skip
         return b"".join(chunks)
 
     async def _query(self, request: Request, body: bytes) -> dict[str, Any]:
-        kind = request.headers.get("content-type", "")
-        if kind.startswith("multipart/form-data"):
+        if _media_type(request) == "multipart/form-data":
             request._body = body  # parsed from the bytes already read (and bounded)
             try:
                 form = await request.form(max_files=1, max_fields=8, max_part_size=len(body) + 1)
@@ -240,7 +317,7 @@ class Api:
     async def _item(self, request: Request) -> Response:
         loaded = self._loaded(request)
         item_id = _int_param(request.path_params["item_id"], "id", 0, 2**63 - 1)
-        row = await run_in_threadpool(loaded.collection.row_of, item_id)
+        row = await self._offload(loaded.collection.row_of, item_id)
         if row is None:
             raise HTTPError(404, f"collection {loaded.name} has no item with id {item_id}")
         return Response(_json(row), media_type="application/json")
@@ -249,21 +326,24 @@ class Api:
         loaded = self._loaded(request)
         item_id = _int_param(request.path_params["item_id"], "id", 0, 2**63 - 1)
         size = _int_param(request.query_params.get("size", 256), "size", 16, 1024)
-        data = await run_in_threadpool(self.thumbs.get, loaded, item_id, size)
+        deadline = time.monotonic() + self.cfg.search_timeout
+        data = await self._offload(self.thumbs.get, loaded, item_id, size, deadline)
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
 
 
 class Thumbnails:
-    """JPEG thumbnails of stored items, read where the build read them, cached per version."""
+    """JPEG thumbnails of stored items, read where the build read them, cached per version
+    (its identity: a collection built again from scratch has a v000001 of its own)."""
 
-    def __init__(self, capacity: int = 2048) -> None:
+    def __init__(self, budget: PixelBudget, capacity: int = 2048) -> None:
         self._cache: dict[tuple[str, str, int, int], bytes] = {}
         self._capacity = capacity
         self._readers: dict[tuple[str, str], Any] = {}
+        self._budget = budget
 
-    def get(self, loaded: Loaded, item_id: int, size: int) -> bytes:
-        key = (loaded.name, loaded.version, item_id, size)
+    def get(self, loaded: Loaded, item_id: int, size: int, deadline: float) -> bytes:
+        key = (loaded.name, loaded.identity, item_id, size)
         if key in self._cache:
             return self._cache[key]
         row = loaded.collection.row_of(item_id)
@@ -277,11 +357,12 @@ class Thumbnails:
         from indexer.images import decode_image
 
         max_pixels = int(loaded.collection.manifest["decode"]["max_pixels"])
-        try:
-            image = decode_image(data, max_pixels=max_pixels).image.convert("RGB")
-        except Exception as exc:  # a source file changed into something undecodable
-            raise HTTPError(404, f"item {item_id} cannot be decoded now: {exc}") from exc
-        image.thumbnail((size, size), Image.Resampling.BICUBIC)
+        with self._budget.reserve(header_pixels(data), deadline):
+            try:
+                image = decode_image(data, max_pixels=max_pixels).image.convert("RGB")
+            except Exception as exc:  # a source file changed into something undecodable
+                raise HTTPError(404, f"item {item_id} cannot be decoded now: {exc}") from exc
+            image.thumbnail((size, size), Image.Resampling.BICUBIC)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
         if len(self._cache) >= self._capacity:
@@ -292,11 +373,46 @@ class Thumbnails:
     def _reader(self, loaded: Loaded) -> Any:
         from indexer.items import ItemReader
 
-        key = (loaded.name, loaded.version)
+        key = (loaded.name, loaded.identity)
         if key not in self._readers:
             self._readers = {k: v for k, v in self._readers.items() if k[0] != loaded.name}
             self._readers[key] = ItemReader(loaded.collection.manifest)
         return self._readers[key]
+
+
+_HOST_REFUSED = ("this service answers only requests for localhost or its IP address: start "
+                 "it with --allowed-host NAME (or --token) to serve that name")
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
+    """Whether a tokenless service answers a request for this Host: localhost, an IP
+    address (no rebinding: a page's Host is its own name), or a name given with
+    --allowed-host. No Host at all (HTTP/1.0) is no browser's."""
+    if host is None:
+        return True
+    name = host.strip().lower()
+    if name.startswith("["):  # [::1]:8000
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.rstrip(".")
+    if name == "localhost" or name in {h.lower().rstrip(".") for h in allowed}:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _bearer_is(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    same = hmac.compare_digest(given.strip().encode(), token.encode())
+    return scheme.lower() == "bearer" and same
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
 def _int_param(value: Any, name: str, low: int, high: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -25,6 +27,7 @@ class Loaded:
     collection: Collection
     version: str
     target: str  # where `current` pointed when it was loaded
+    identity: str = ""  # the version's content (its manifest's digest): caches key by it
 
     def describe(self) -> dict[str, Any]:
         c = self.collection
@@ -65,9 +68,12 @@ class Registry:
         return [self._loaded[n] for n in self.roots if n in self._loaded]
 
     def ready(self) -> bool:
-        """Every collection loaded, and its version still on disk."""
+        """Every collection loaded, and its version still on disk or a newer one published
+        (a build with --keep 1 deletes the served version: what it answers from is in
+        memory, and the watcher loads the new one)."""
         return all(
-            name in self._loaded and self._loaded[name].collection.version.is_dir()
+            name in self._loaded
+            and (self._loaded[name].collection.version.is_dir() or _published(self.roots[name]))
             for name in self.roots
         )
 
@@ -93,7 +99,8 @@ class Registry:
             log.error("collection %s: version %s cannot be served (%s); keeping %s", name,
                       target, exc, old.version if old else "none")  # fmt: skip
             return
-        self._loaded[name] = Loaded(name, root, collection, collection.version.name, target)
+        self._loaded[name] = Loaded(name, root, collection, collection.version.name, target,
+                                    manifest_digest(collection.manifest))  # fmt: skip
         if old is not None:
             self.reloads += 1
             log.info("collection %s: now serving %s (was %s)", name, collection.version.name,
@@ -129,6 +136,20 @@ def check_loadable(collection: Collection) -> None:
     if manifest.get("model") is not None:
         _ = collection.embedder  # the model that embeds uploads: loaded before serving
     collection.warm()
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """A version's identity from its manifest (ids, shards' sha256, times): two builds'
+    v000001 differ."""
+    text = json.dumps(manifest, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _published(root: Path) -> bool:
+    try:
+        return (root / "current").resolve(strict=True).is_dir()
+    except (OSError, RuntimeError):
+        return False
 
 
 def _current_target(root: Path) -> str | None:
