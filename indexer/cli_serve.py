@@ -94,6 +94,10 @@ def serve(
     # threads spin on the cores other requests decode on (bench/serve.py: the server's CPU per
     # upload at concurrency 1 from 20 to 12 ms).
     faiss.omp_set_num_threads(1)
+    from indexer.serve.budget import return_large_buffers
+
+    if not return_large_buffers():
+        logging.getLogger("indexer").info("not glibc: freed image memory may stay reserved")
     registry = Registry(roots, runtime)
     run_library(registry.refresh)
     if not registry.ready():
@@ -109,19 +113,11 @@ def serve(
     app = create_app(registry, serve_cfg)
     import uvicorn
 
-    from indexer.serve.guard import ConnectionLimits, guarded_protocol
+    from indexer.serve.guard import ConnectionLimits, server_config
 
     limits = ConnectionLimits(max_connections=_connection_cap())
     logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        http=guarded_protocol(limits),  # header deadline; idle connections closed first
-        timeout_keep_alive=5,
-    )
+    uvicorn.Server(server_config(app, host, port, limits)).run()
 
 
 def _connection_cap(wanted: int = 1024, spare: int = 256) -> int:

@@ -78,3 +78,12 @@ def guarded_protocol(limits: ConnectionLimits) -> type[asyncio.Protocol]:
                 connection.transport.close()
 
     return Guarded
+
+
+def server_config(app: Any, host: str, port: int, limits: ConnectionLimits) -> Any:
+    """The uvicorn configuration `indexer serve` runs with: the guarded protocol, kept-alive
+    connections closed after 5 s idle, no access log (the metrics count requests)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          http=guarded_protocol(limits), timeout_keep_alive=5)  # fmt: skip
