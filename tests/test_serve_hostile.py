@@ -215,10 +215,12 @@ def test_the_pixel_budget_is_never_exceeded_and_a_wait_ends() -> None:
     for t in threads:
         t.join(GUARD_SECONDS)
     assert len(held) == 6 and max(held) <= 100 and budget.held == 0
-    with budget.reserve(100, time.monotonic() + 1):  # the whole budget held:
-        with pytest.raises(BudgetTimeout, match="try again"):  # another waits, then gives up
-            with budget.reserve(1, time.monotonic() + 0.05):
-                pass
+    with (  # the whole budget held: another waits, then gives up
+        budget.reserve(100, time.monotonic() + 1),
+        pytest.raises(BudgetTimeout, match="try again"),
+        budget.reserve(1, time.monotonic() + 0.05),
+    ):
+        pass
     assert budget.held == 0
 
 
