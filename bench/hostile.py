@@ -68,8 +68,10 @@ def long_filters(port: int, name: str, stop: threading.Event) -> None:
 def slow_upload(port: int, name: str, image: bytes, stop: threading.Event) -> None:
     body, headers = upload_body(image)
     s = socket.create_connection(("127.0.0.1", port))
-    head = (f"POST /api/collections/{name}/search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST /api/collections/{name}/search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: {headers['Content-Type']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     s.sendall(head.encode())
     for start_at in range(0, len(body), 256):
         if stop.is_set():

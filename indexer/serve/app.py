@@ -380,8 +380,10 @@ class Thumbnails:
         return self._readers[key]
 
 
-_HOST_REFUSED = ("this service answers only requests for localhost or its IP address: start "
-                 "it with --allowed-host NAME (or --token) to serve that name")
+_HOST_REFUSED = (
+    "this service answers only requests for localhost or its IP address: start "
+    "it with --allowed-host NAME (or --token) to serve that name"
+)
 
 
 def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
