@@ -398,3 +398,51 @@ def test_readyz_and_metrics_need_the_token_or_the_metrics_token(collection: Path
                                    headers={"Authorization": "Bearer probe"})  # fmt: skip
         assert status == 401  # the metrics token opens nothing else
         assert server.request("GET", "/healthz")[0] == 200
+
+
+def test_the_kubernetes_manifest_probes_readyz_with_its_metrics_token(
+    collection: Path, tmp_path: Path
+) -> None:
+    """serve.yaml's readiness probe, sent to `indexer serve` run with the manifest's token
+    variables (on 127.0.0.1: tests bind nothing else)."""
+    import os
+    import subprocess
+    import sys
+
+    yaml = pytest.importorskip("yaml")
+    manifest = Path(__file__).parents[1] / "jobs" / "kubernetes" / "serve.yaml"
+    deployment = next(
+        d for d in yaml.safe_load_all(manifest.read_text()) if d["kind"] == "Deployment"
+    )
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value", "secret-from-the-secret") for e in container["env"]}
+    probe = container["readinessProbe"]["httpGet"]
+    headers = {h["name"]: h["value"] for h in probe["httpHeaders"]}
+    assert headers["Authorization"] == f"Bearer {env['INDEXER_METRICS_TOKEN']}"
+    assert container["resources"]["limits"]["memory"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cli = [sys.executable, "-c", "from indexer.cli import entry; entry()"]
+    proc = subprocess.Popen([*cli, "serve", str(collection), "--port", str(port)],
+                            env={**os.environ, **env}, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + GUARD_SECONDS
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD_SECONDS)
+                conn.request("GET", probe["path"], headers=headers)
+                response = conn.getresponse()
+                response.read()
+                if response.status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the service never became ready"
+            time.sleep(0.2)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=GUARD_SECONDS)
+        conn.request("GET", probe["path"])
+        assert conn.getresponse().status == 401  # without the probe's header
+    finally:
+        proc.terminate()
+        proc.wait(GUARD_SECONDS)
