@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import operator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,14 @@ import pyarrow as pa
 
 from indexer.errors import InputError
 
-CONDITION = re.compile(r"^\s*([^<>=!\s][^<>=!]*?)\s*(!=|<=|>=|=|<|>)\s*(.*?)\s*$")
+OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "=": operator.eq, "!=": operator.ne, "<": operator.lt,
+    "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}  # fmt: skip
 NUMERIC_OPS = ("<", "<=", ">", ">=")
+MAX_CONDITION_CHARS = 4096  # one condition, refused beyond (422 in the service); parsed linearly
+MAX_CONDITIONS = 64  # conditions ANDed in one query
+EXPONENT_CLAMP = 10**6  # 1e(+-huge) compares with every integer a column holds as 1e(+-this)
 LABEL = "label"  # the top predicted label (label_name[0]) of a collection built with --labels
 
 
@@ -29,18 +36,34 @@ class Condition:
 
 
 def parse_where(where: str | Iterable[str] | None) -> list[Condition]:
-    """COL=VALUE, COL!=VALUE, COL<N, COL<=N, COL>N, COL>=N; several are ANDed."""
+    """COL=VALUE, COL!=VALUE, COL<N, COL<=N, COL>N, COL>=N; several are ANDed (a bounded few)."""
     texts = [where] if isinstance(where, str) else list(where or [])
-    conditions = []
-    for text in texts:
-        match = CONDITION.match(text)
-        if match is None or not match.group(3):
-            raise InputError(
-                f"--where {text!r}: write COLUMN=VALUE, COLUMN!=VALUE, or COLUMN<NUMBER "
-                "(also <=, >, >=), e.g. caption=dog or original_width>400"
-            )
-        conditions.append(Condition(*match.groups()))
-    return conditions
+    if len(texts) > MAX_CONDITIONS:
+        raise InputError(
+            f"--where: {len(texts)} conditions given, at most {MAX_CONDITIONS} are allowed; "
+            "drop the ones the others imply"
+        )
+    return [_parse_condition(text) for text in texts]
+
+
+def _parse_condition(text: str) -> Condition:
+    """One condition, in time linear in its (bounded) length: the operator is the first of
+    < > = ! in it (no column name holds one), the column what precedes it, the value what
+    follows it, each stripped of whitespace (a value is one line)."""
+    if len(text) > MAX_CONDITION_CHARS:
+        raise InputError(
+            f"--where {text[:40]!r}... is {len(text)} characters long, over the limit of "
+            f"{MAX_CONDITION_CHARS}; write a shorter condition"
+        )
+    at = min((i for i in map(text.find, "<>=!") if i >= 0), default=len(text))
+    op = text[at : at + 2] if text[at : at + 2] in ("!=", "<=", ">=") else text[at : at + 1]
+    column, value = text[:at].strip(), text[at + len(op) :].strip()
+    if op in ("", "!") or not column or not value or "\n" in value:
+        raise InputError(
+            f"--where {text!r}: write COLUMN=VALUE, COLUMN!=VALUE, or COLUMN<NUMBER "
+            "(also <=, >, >=), e.g. caption=dog or original_width>400"
+        )
+    return Condition(column, op, value)
 
 
 def columns_needed(conditions: list[Condition], schema: pa.Schema) -> list[str]:
@@ -62,9 +85,7 @@ def columns_needed(conditions: list[Condition], schema: pa.Schema) -> list[str]:
         if c.op in NUMERIC_OPS and not _numeric(kind):
             raise InputError(f"--where {c}: {c.op} compares numbers; column {c.column!r} is {kind}")
         if _numeric(kind) and _number(c.value) is None:
-            raise InputError(
-                f"--where {c}: column {c.column!r} holds numbers; {c.value!r} is not one"
-            )
+            raise _not_a_number(c)
         names.append(column)
     return names
 
@@ -84,18 +105,54 @@ def _holds(column: pa.ChunkedArray, c: Condition, top_label: bool) -> np.ndarray
     array = column.combine_chunks()
     if top_label:  # label=NAME: the first of the predicted names
         array = pc.list_element(array, 0)
+    if pa.types.is_integer(array.type):
+        values = pc.fill_null(array, pa.scalar(0, array.type)).to_numpy(zero_copy_only=False)
+        return _int_holds(values, c.op, _exact(c)) & _present(array)
     if _numeric(array.type):
         values = array.to_numpy(zero_copy_only=False).astype(np.float64)
-        present = ~np.isnan(values) if array.null_count == 0 else _present(array)
-        target = float(_number(c.value) or 0.0)
+        present = ~np.isnan(values) & _present(array)  # NaN never matches, as null never does
+        target = float(_exact(c))
         with np.errstate(invalid="ignore"):
-            result = {"=": values == target, "!=": values != target, "<": values < target,
-                      "<=": values <= target, ">": values > target,
-                      ">=": values >= target}[c.op]  # fmt: skip
+            result = OPERATORS[c.op](values, target)
         return np.asarray(result & present, dtype=bool)
     texts = np.array([_text(v) for v in array.to_pylist()], dtype=object)
     equal = texts == c.value
     return np.asarray(equal if c.op == "=" else ~equal & (texts != None), dtype=bool)  # noqa: E711
+
+
+def _int_holds(values: np.ndarray, op: str, target: Decimal) -> np.ndarray:
+    """values OP target, exactly: an integer column compared with an integer of its own type.
+
+    Not a whole number, the target becomes its floor (x < 3.5 is x <= 3, x > 3.5 is x > 3, and
+    x = 3.5 holds nowhere); past the column's range, every value falls on the same side of it.
+    """
+    if target.is_nan():  # as with floats: only != holds
+        return np.full(len(values), op == "!=")
+    floor = target.to_integral_value(rounding=ROUND_FLOOR)  # +-Infinity stays itself
+    if floor != target:
+        if op in ("=", "!="):
+            return np.full(len(values), op == "!=")
+        op = "<=" if op in ("<", "<=") else ">"
+    info = np.iinfo(values.dtype)
+    if floor < info.min or floor > info.max:  # every value on the same side
+        return np.full(len(values), bool(OPERATORS[op](0, 1 if floor > info.max else -1)))
+    return np.asarray(OPERATORS[op](values, values.dtype.type(int(floor))), dtype=bool)
+
+
+def _exact(c: Condition) -> Decimal:
+    """The number a condition's value writes, exactly (not rounded to a float)."""
+    if _number(c.value) is None:  # columns_needed refuses it first
+        raise _not_a_number(c)
+    try:
+        return Decimal(c.value)
+    except InvalidOperation:  # an exponent past Decimal's: clamped, the same to every integer
+        mantissa, _, exponent = c.value.lower().partition("e")
+        clamped = max(-EXPONENT_CLAMP, min(EXPONENT_CLAMP, int(exponent)))
+        return Decimal(f"{mantissa}e{clamped}")
+
+
+def _not_a_number(c: Condition) -> InputError:
+    return InputError(f"--where {c}: column {c.column!r} holds numbers; {c.value!r} is not one")
 
 
 def _present(array: pa.Array) -> np.ndarray:
