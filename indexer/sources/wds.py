@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from indexer.sources.folder import IMAGE_EXTENSIONS, is_image_name, printable_ke
 
 log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20  # a sample's JSON or text member
+MAX_JSON_DEPTH = 64  # arrays and objects nested in a JSON member (img2dataset's: 1 or 2)
 SCHEMA_SAMPLES = 200  # JSON members read to learn the columns when no sidecar names them
 SUCCESS = "success"
+ROLES = ("image", "JSON", "text")  # what a member is to its sample (one of each at most)
 
 
 @dataclass(frozen=True)
@@ -42,12 +45,30 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class Conflict:
+    """A key with two members in one role (locator of an error item): two images (KEY.jpg
+    beside KEY.png), two JSON or two text members, or one name twice (``tar -r`` appends a
+    second KEY.jpg; ./KEY.jpg beside KEY.jpg is the same key). Which is the sample cannot be
+    told, so none is indexed: the key's error row names the members."""
+
+    tar: str
+    role: str  # "image", "JSON" or "text"
+    members: tuple[str, ...]  # "NAME (byte OFFSET)", in the tar's order
+
+
+@dataclass(frozen=True)
 class Failed:
     """A sample the sidecar lists as not fetched (locator of an error item)."""
 
     status: str
     message: str
     url: str | None
+
+
+class BadSample(ValueError):
+    """A sample the tar holds that is not indexed as it stands (members in conflict, a JSON
+    or text member over the size or depth bound): its error row (stage "read"), the build
+    goes on."""
 
 
 def is_webdataset(root: Path) -> bool:
@@ -64,8 +85,12 @@ class WebDatasetSource:
     """Every sample with an image member in the folder's .tar files (sorted by name).
 
     A sample is the members sharing a key (the member's path up to the first dot of its file
-    name, webdataset's ``__key__``): one image (jpg, png, webp, ...), and optionally JSON
-    (flattened into columns) and text (the caption when the JSON has none). A sidecar
+    name, webdataset's ``__key__``, a leading ./ dropped): one image (jpg, png, webp, ...), and
+    optionally JSON (flattened into columns) and text (the caption when the JSON has none).
+    A key with two members in one role (two images, two JSON, two text members: see
+    Conflict) is one error row naming them, never a guess; so is a sample whose JSON or text
+    member is over MAX_JSON_BYTES or whose JSON nests deeper than MAX_JSON_DEPTH. A JSON
+    member that is not JSON leaves the sample's columns null (logged). A sidecar
     ``NAME.parquet`` beside ``NAME.tar`` (img2dataset) names the columns and the samples that
     could not be fetched (status other than success): those become error rows with their url.
     """
@@ -115,6 +140,8 @@ class WebDatasetSource:
         if isinstance(locator, Failed):
             raise SampleFailed(f"not fetched by its downloader ({locator.status}: "
                                f"{locator.message})")  # fmt: skip
+        if isinstance(locator, Conflict):
+            raise BadSample(_conflict_message(locator))
         sample: Sample = locator
         if sample.image.size > self.max_bytes:
             raise ValueError(f"the image member is {sample.image.size} bytes, over the limit "
@@ -128,6 +155,8 @@ class WebDatasetSource:
         """The sample's url (for its error row), where its record gives one."""
         if isinstance(locator, Failed):
             return locator.url
+        if isinstance(locator, Conflict):
+            return None  # whose url: the members disagree on what the sample is
         try:
             with open(self.root / locator.tar, "rb") as f:
                 url = self._metadata(f, locator).get(self.columns.get("url", "url"))
@@ -137,14 +166,17 @@ class WebDatasetSource:
 
     def _metadata(self, f: Any, sample: Sample) -> dict[str, Any]:
         """The sample's columns; a JSON or text member that cannot be read leaves them null
-        (logged): the image is still the sample."""
+        (logged): the image is still the sample. One over the size or depth bound raises
+        BadSample: the sample is an error row."""
         record: dict[str, Any] = {}
         try:
             if sample.json is not None:
-                record = _flatten(json.loads(_pread(f, sample.json, MAX_JSON_BYTES)))
+                record = _flatten(parse_json(_bounded(f, sample.json, "JSON")))
             if sample.text is not None and record.get("caption") is None:
-                text = _pread(f, sample.text, MAX_JSON_BYTES)
+                text = _bounded(f, sample.text, "text")
                 record["caption"] = text.decode("utf-8", "replace")
+        except BadSample:
+            raise
         except (ValueError, UnicodeDecodeError, OSError) as exc:
             log.info("%s: a metadata member of %s cannot be read (%s)", sample.tar,
                      sample.image, exc)  # fmt: skip
@@ -205,27 +237,49 @@ def _bad_sidecar(sidecar: Path, exc: Exception) -> InputError:
                       "replace it, or remove it to index its tar without it")  # fmt: skip
 
 
-def _samples(path: Path, name: str) -> dict[str, Sample]:
-    """The tar's samples with an image member, by key (members read as headers only)."""
-    images: dict[str, Member] = {}
-    jsons: dict[str, Member] = {}
-    texts: dict[str, Member] = {}
+def _samples(path: Path, name: str) -> dict[str, Sample | Conflict]:
+    """The tar's keys with an image member (members read as headers only): a Sample, or a
+    Conflict where the key has two members in one role. Keys without an image are not
+    samples (their JSON and text members are left out, as before)."""
+    found: dict[str, dict[str, list[tuple[str, Member]]]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
                 key, ext = _split(info.name)
-                member = Member(info.offset_data, info.size)
-                if f".{ext}" in IMAGE_EXTENSIONS:
-                    images.setdefault(key, member)
-                elif ext == "json":
-                    jsons[key] = member
-                elif ext in ("txt", "text", "caption"):
-                    texts[key] = member
+                role = _role(ext) if info.isfile() else None
+                if role is not None:
+                    roles = found.setdefault(key, {r: [] for r in ROLES})
+                    roles[role].append((info.name, Member(info.offset_data, info.size)))
     except (tarfile.TarError, OSError) as exc:
         raise InputError(f"cannot read the tar {path} ({exc}): replace or remove it") from exc
-    return {k: Sample(name, m, jsons.get(k), texts.get(k)) for k, m in images.items()}
+    return {k: _sample(name, roles) for k, roles in found.items() if roles["image"]}
+
+
+def _role(ext: str) -> str | None:
+    """What a file member is to its sample, by extension: image, JSON, text, or None."""
+    if f".{ext}" in IMAGE_EXTENSIONS:
+        return "image"
+    if ext == "json":
+        return "JSON"
+    return "text" if ext in ("txt", "text", "caption") else None
+
+
+def _sample(tar: str, roles: dict[str, list[tuple[str, Member]]]) -> Sample | Conflict:
+    """One key's members as its Sample, or the first role holding two of them as a Conflict."""
+    for role in ROLES:
+        if len(roles[role]) > 1:
+            members = tuple(f"{n} (byte {m.offset})" for n, m in roles[role])
+            return Conflict(tar, role, members)
+    first = {role: members[0][1] if members else None for role, members in roles.items()}
+    image = first["image"]
+    assert image is not None  # (only keys with an image are samples)
+    return Sample(tar, image, first["JSON"], first["text"])
+
+
+def _conflict_message(conflict: Conflict) -> str:
+    return (f"{conflict.tar} holds {len(conflict.members)} {conflict.role} members for this "
+            f"sample: {', '.join(conflict.members)}; which one is the sample cannot be told, "
+            "so none is indexed: keep one of them (or give each its own key)")  # fmt: skip
 
 
 def _split(member: str) -> tuple[str, str]:
@@ -236,9 +290,47 @@ def _split(member: str) -> tuple[str, str]:
     return printable_key(key.removeprefix("./")), ext.lower()
 
 
-def _pread(f: Any, member: Member, limit: int | None = None) -> bytes:
-    if limit is not None and member.size > limit:
-        raise ValueError(f"a member of {member.size} bytes is over the limit of {limit}")
+def _bounded(f: Any, member: Member, what: str) -> bytes:
+    """A JSON or text member's bytes; BadSample when it is over MAX_JSON_BYTES (not read)."""
+    if member.size > MAX_JSON_BYTES:
+        raise BadSample(f"the sample's {what} member of {member.size} bytes is over the limit "
+                        f"of {MAX_JSON_BYTES} bytes")  # fmt: skip
+    return _pread(f, member)
+
+
+def parse_json(data: bytes) -> Any:
+    """json.loads with bounded nesting: BadSample when arrays and objects nest deeper than
+    MAX_JSON_DEPTH (counted by a scan before parsing, so the outcome never depends on the
+    stack), ValueError when the bytes are not JSON."""
+    text = data.decode(json.detect_encoding(data), "surrogatepass")
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise BadSample(f"the sample's JSON member nests {depth} levels deep, over the limit "
+                        f"of {MAX_JSON_DEPTH}")  # fmt: skip
+    try:
+        return json.loads(text)
+    except RecursionError as exc:  # (cannot happen under the bound; typed all the same)
+        raise BadSample("the sample's JSON member nests too deep to parse") from exc
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON text: brackets counted outside strings, by a
+    loop, never by recursion (text that is not JSON gets a number all the same)."""
+    depth = deepest = 0
+    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _pread(f: Any, member: Member) -> bytes:
     data = os.pread(f.fileno(), member.size, member.offset)
     if len(data) != member.size:
         raise ValueError("the tar ends inside this member (truncated)")
@@ -267,11 +359,11 @@ def _json_fields(path: Path, name: str) -> dict[str, pa.Field]:
     found: dict[str, pa.DataType] = {}
     with open(path, "rb") as f:
         for sample in samples:
-            if sample.json is None:
-                continue
+            if not isinstance(sample, Sample) or sample.json is None:
+                continue  # a Conflict's JSON members disagree: none teaches a column
             try:
-                record = _flatten(json.loads(_pread(f, sample.json, MAX_JSON_BYTES)))
-            except ValueError:
+                record = _flatten(parse_json(_bounded(f, sample.json, "JSON")))
+            except ValueError:  # (BadSample too: over the bounds, it is the sample's error)
                 continue
             for column, value in record.items():
                 found[column] = _widen(found.get(column), _type_of(value))
