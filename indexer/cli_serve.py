@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import sys
 from pathlib import Path
 
 import click
 
 LOOPBACK_NAMES = ("localhost",)
+SWITCH_SECONDS = 0.0005
 
 
 @click.command()
@@ -94,6 +96,10 @@ def serve(
     # threads spin on the cores other requests decode on (bench/serve.py: the server's CPU per
     # upload at concurrency 1 from 20 to 12 ms).
     faiss.omp_set_num_threads(1)
+    # The event loop and the worker threads share the GIL; a thread waiting for it gets it
+    # after the switch interval (5 ms by default): under a flood of small requests that kept
+    # the loop busy, a 1 ms search by id took 6 ms (bench/hostile.py).
+    sys.setswitchinterval(SWITCH_SECONDS)
     from indexer.serve.budget import return_large_buffers
 
     if not return_large_buffers():
