@@ -1000,13 +1000,15 @@ def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) ->
 @keep_option
 def verify(root: Path, repair: bool, keep: int) -> None:
     """Check the collection at DIR against its manifest: every shard's checksum, rows and ids,
-    and the index's checksums and ids. Exit 0 when whole, 3 when damaged."""
+    the index's checksums and ids, and that its model embeds a sample of items (read from the
+    sources) as their stored vectors. Exit 0 when whole, 3 when damaged."""
     from indexer.verify import repair as mend
     from indexer.verify import verify as check
 
     report = run_library(lambda: check(root))
     if not report.problems:
         click.echo(f"{root} is whole: {report.shards} shard(s), {report.rows} rows, and the index.")
+        click.echo("".join(f"  {note}\n" for note in report.notes), nl=False)
         return
     click.echo(f"{root} is damaged ({report.version.name}):")
     for problem in report.problems:
@@ -1021,6 +1023,7 @@ def verify(root: Path, repair: bool, keep: int) -> None:
         click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)
         sys.exit(3)
     click.echo(f"{root} is whole again: {after.shards} shard(s), {after.rows} rows, and the index.")
+    click.echo("".join(f"  {note}\n" for note in after.notes), nl=False)
 
 
 @main.command()

@@ -35,6 +35,10 @@ class RecipeMismatchError(CollectionError):
     """The embedding recipe recorded in a collection cannot be reproduced here."""
 
 
+class ModelMismatchError(CollectionError):
+    """The collection's stored model does not reproduce its stored vectors (another model)."""
+
+
 class StorageError(IndexerError):
     """Writing failed on the storage's side (disk full, quota, I/O error); nothing was published."""
 

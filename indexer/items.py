@@ -22,6 +22,15 @@ class ItemReader:
         self._items: dict[str, Item] = {}
         self._folders = False  # every source a folder: items found from their keys
 
+    @classmethod
+    def listed(cls, sources: list[Source], items: list[Item], keys: set[str]) -> ItemReader:
+        """A reader over the sources a run opened and the items it listed, for these keys
+        only: no second listing, and nothing held for the other items."""
+        reader = cls({"sources": []})
+        reader._sources = sources
+        reader._items = {item.key: item for item in items if item.key in keys}
+        return reader
+
     def read(self, key: str) -> bytes | None:
         """The item's encoded bytes, or None when its source no longer has it (logged).
         Read as the build read it: a folder's file only inside its folder (links out refused

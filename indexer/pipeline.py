@@ -42,6 +42,7 @@ from indexer.errors import (
     CollectionLockedError,
     IndexerError,
     InputError,
+    ModelMismatchError,
     RecipeMismatchError,
     TooManyFailuresError,
 )
@@ -53,6 +54,7 @@ from indexer.indexupdate import Previous as IndexedVersion
 from indexer.indexupdate import index_version, settings_changed
 from indexer.knownexport import KnownExport, UnconfirmedExport, remember
 from indexer.lock import CollectionLock
+from indexer.modelcheck import check_before_adding, distrusted
 from indexer.parts import part_dir
 from indexer.plan import (
     Plan,
@@ -303,6 +305,15 @@ def update(
     if prev.manifest is not None:
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out,
                      decided=recorded(prev.manifest) is not None)  # fmt: skip
+    try:
+        check_before_adding(embedder, prev, sources, items, cfg.out)
+    except ModelMismatchError as exc:
+        getattr(batches, "close", lambda: None)()  # its workers stop now
+        if not cfg.drop_shards or prev.manifest is None:
+            raise  # refused: nothing was written
+        log.warning("%s; the repair embeds with torch and exports the model again", exc)
+        prev = replace(prev, manifest=distrusted(prev.manifest))
+        return update(cfg, sources, items, plan, prev, asked, start, trust_cache)
     metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
     if embedder.labels:  # label columns follow the sources' columns
         metadata = pa.unify_schemas([metadata, LABEL_SCHEMA])

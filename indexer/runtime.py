@@ -121,7 +121,10 @@ def why_not_portable(manifest: dict[str, Any] | None) -> str | None:
 def export_from_recipe(recipe: dict[str, Any], folder: Path) -> Exported:
     """The recipe's model created again with torch and exported into folder (checked on
     generated scenes), for a version whose model file was damaged; or why it cannot be."""
-    log.warning("the portable model file was damaged: exporting it again from the recipe")
+    log.warning(
+        "the portable model file was damaged (or not the model that made the vectors): "
+        "exporting it again from the recipe"
+    )
     try:
         from indexer.model import embedder_from_recipe
 

@@ -19,6 +19,7 @@ from indexer.shards import as_numpy, positions, read_rows, read_shard
 
 if TYPE_CHECKING:
     from indexer.items import ItemReader
+    from indexer.preprocess import DataConfig, Preprocessor
     from indexer.runtime import Runtime
 
 T = TypeVar("T")
@@ -195,11 +196,8 @@ class Collection:
         """Query images decoded and prepared as the build prepared its items: uint8
         (n, H, W, 3), the model's input (see embed_images)."""
         from indexer.images import DecodeError
-        from indexer.preprocess import Preprocessor
 
-        rules = self.manifest["decode"]
-        preprocess = Preprocessor(self.embedder.data_config, rules["mode"], rules["max_pixels"],
-                                  bool(rules.get("allow_truncated")))  # fmt: skip
+        preprocess = preprocessor(self.manifest, self.embedder.data_config)
         batch = [images] if _one_image(images) else list(images)
         if not batch:
             raise InputError("no query images given")
@@ -558,6 +556,16 @@ def _one_image(images: Any) -> bool:
     return isinstance(images, str | Path | bytes | bytearray | np.ndarray) or hasattr(
         images, "getpixel"
     )
+
+
+def preprocessor(manifest: dict[str, Any], data_config: DataConfig) -> Preprocessor:
+    """Images decoded and prepared by the rules the build recorded (mode, size limit, truncated
+    files): query images, and the stored items a model check embeds again."""
+    from indexer.preprocess import Preprocessor
+
+    rules = manifest["decode"]
+    return Preprocessor(data_config, rules["mode"], rules["max_pixels"],
+                        bool(rules.get("allow_truncated")))  # fmt: skip
 
 
 def encoded(image: ImageInput) -> bytes:

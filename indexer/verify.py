@@ -46,11 +46,13 @@ class Report:
     shards: int
     rows: int
     problems: list[Problem]
+    notes: tuple[str, ...] = ()  # what was checked beyond the problems (the model's check)
 
 
 def verify(root: Path) -> Report:
     """Every shard against its recorded checksum and row count, ids unique and below next_id,
-    and the index against its checksums, its size, its record of the shards and their ids."""
+    the index against its checksums, its size, its record of the shards and their ids, and
+    the portable model against a sample of the stored vectors (modelcheck.py)."""
     version = open_version(root)
     manifest = parse_manifest(version)
     shards, dim = manifest["shards"], int(manifest["embedding_dim"])
@@ -66,7 +68,10 @@ def verify(root: Path) -> Report:
     if not any(p.part == "shard" for p in problems) and part_of(root) is None:
         problems += check_index(version, manifest, every)  # a part is indexed when merged
     problems += check_portable(version, manifest)
-    return Report(root, version, len(shards), len(every), problems)
+    notes: list[str] = []
+    if not any(p.part in ("shard", "shards", "model") for p in problems):
+        problems += check_reproduces(version, manifest, notes)
+    return Report(root, version, len(shards), len(every), problems, tuple(notes))
 
 
 def check_portable(version: Path, manifest: dict[str, Any]) -> list[Problem]:
@@ -88,6 +93,32 @@ def check_portable(version: Path, manifest: dict[str, Any]) -> list[Problem]:
         )  # fmt: skip
         return [Problem("model", str(record["path"]), f"{state} (damaged)")]
     return []
+
+
+def check_reproduces(version: Path, manifest: dict[str, Any], notes: list[str]) -> list[Problem]:
+    """The portable model, run on the collection's runtime and precision, embeds a sample of
+    stored items (read from their sources) as their stored vectors (modelcheck.py); what it
+    found goes into notes, a model that does not reproduce them is a problem."""
+    if manifest.get("model") is None or "portable_model" not in manifest:
+        return []
+    from indexer.errors import CollectionError
+    from indexer.modelcheck import check_model
+
+    name = str(manifest["portable_model"]["path"])
+    try:
+        found = check_model(version, manifest)
+    except CollectionError as exc:  # the runtime cannot load the file
+        return [Problem("model", name, f"cannot be run ({exc})")]
+    except InputError as exc:  # no portable runtime installed here
+        notes.append(f"the model was not checked: {exc}")
+        return []
+    notes.append(found.summary())
+    if found.ok:
+        return []
+    return [Problem("model", name, f"does not reproduce the stored vectors ({len(found.below)} "
+                                   f"of {found.checked} sampled items below cosine "
+                                   f"{found.bound:.4f}, lowest {found.worst:.4f}): not the model "
+                                   "that made them")]  # fmt: skip
 
 
 def id_bound(root: Path, manifest: dict[str, Any]) -> int | None:

@@ -135,6 +135,11 @@ def check_loadable(collection: Collection) -> None:
         read_model(collection.version, manifest["portable_model"])
     if manifest.get("model") is not None:
         _ = collection.embedder  # the model that embeds uploads: loaded before serving
+        from indexer.modelcheck import check_collection
+
+        found = check_collection(collection)  # a model that is not the vectors': refused
+        if found.note:
+            log.info("collection %s: %s", collection.root, found.note)
     collection.warm()
 
 
