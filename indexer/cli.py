@@ -330,6 +330,21 @@ def main(verbose: bool) -> None:
     help="Column whose values are the keys, for hf: sources (default: key, else file_name, "
     "else the image files' paths, else SPLIT/ROW).",
 )
+@click.option(
+    "--storage-option",
+    "storage_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="For s3://, gs://, az:// sources: an fsspec option (endpoint_url=..., anon=true, "
+    "profile=...); repeatable. Credentials otherwise come from the store's usual places.",
+)
+@click.option(
+    "--read-concurrency",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Objects fetched at once by each decoding worker, for bucket sources.",
+)
 @click.option("--dry-run", is_flag=True, help="Print what a build would do; change nothing.")
 @click.option(
     "--retry-failed",
@@ -402,6 +417,8 @@ def build(
     split: str | None,
     image_column: str | None,
     key_column: str | None,
+    storage_options: tuple[str, ...],
+    read_concurrency: int,
     dry_run: bool,
     retry_failed: bool,
     rebuild: bool,
@@ -417,18 +434,29 @@ def build(
     concurrency: int | None,
     progress: bool | None,
 ) -> None:
-    """Embed SOURCES (folders, or hf:DATASET) into a collection at --out and index it.
+    """Embed SOURCES (folders, s3://, gs:// or az:// prefixes, or hf:DATASET) into a
+    collection at --out and index it.
 
     \b
     Example:
       indexer build ~/photos --out ~/photos.idx
+      indexer build s3://my-bucket/photos/ --out photos.idx
       indexer build hf:./my_dataset --split test --out ds.idx
     """
     from indexer.parts import parse_partition
 
     cfg = BuildConfig(
         sources=tuple(
-            SourceSpec(s, split, image_column, follow_symlinks, key_column) for s in sources
+            SourceSpec(
+                s,
+                split,
+                image_column,
+                follow_symlinks,
+                key_column,
+                parse_pairs(storage_options, "--storage-option"),
+                read_concurrency,
+            )
+            for s in sources
         ),
         out=out,
         model=ModelConfig(
@@ -1057,3 +1085,14 @@ def demo(out: Path, count: int) -> None:
 from indexer.cli_serve import serve  # noqa: E402  # its own module: cli.py stays one read
 
 main.add_command(serve)
+
+
+def parse_pairs(pairs: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE flags as pairs, or a usage error naming the one without '='."""
+    parsed = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"{flag} {pair!r}: write KEY=VALUE, e.g. endpoint_url=URL")
+        parsed.append((key.strip(), value))
+    return tuple(parsed)

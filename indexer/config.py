@@ -27,6 +27,8 @@ class SourceSpec:
     image_column: str | None = None
     follow_symlinks: bool = False  # folders: also follow links that point outside the folder
     key_column: str | None = None  # datasets: the column whose values are the keys
+    storage_options: tuple[tuple[str, str], ...] = ()  # buckets: fsspec options (never stored)
+    read_concurrency: int = 64  # buckets: objects fetched at once by each reading worker
 
 
 @dataclass(frozen=True)

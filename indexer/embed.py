@@ -871,7 +871,7 @@ def error_row(job: EmbedJob, position: int, stage: str, reason: str) -> dict[str
     """The errors-file row of an item that failed."""
     item = job.items[position]
     source = job.sources[item.source]
-    size, mtime = item.fingerprint or (None, None)
+    size, mtime = (item.fingerprint or (None, None))[:2]  # (size, mtime_ns[, etag])
     return {"key": item.key, "source": source.label, "stage": stage, "error": reason,
             "file_size": size, "mtime_ns": mtime, "url": source.url(item.locator)}  # fmt: skip
 

@@ -73,18 +73,52 @@ class ItemDataset(Dataset):
             if armed:
                 signal.setitimer(signal.ITIMER_REAL, 0)
 
-    def _prepare(self, position: int) -> dict[str, Any]:
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        """A batch: the items of sources that read many at once (object stores) fetched
+        together first, concurrently, then each item prepared as __getitem__ prepares it."""
+        fetched = self._fetch_many(positions)
+        armed = self.decode_timeout > 0 and get_worker_info() is not None
+        samples = []
+        for position in positions:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
+            try:
+                samples.append(self._prepare(position, fetched.get(position)))
+            finally:
+                if armed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        return samples
+
+    def _fetch_many(self, positions: list[int]) -> dict[int, Any]:
+        by_source: dict[int, list[int]] = {}
+        for position in positions:
+            by_source.setdefault(self.items[position].source, []).append(position)
+        fetched: dict[int, Any] = {}
+        for index, chunk in by_source.items():
+            read_many = getattr(self.sources[index], "read_many", None)
+            if read_many is None:
+                continue
+            try:
+                results = read_many([self.items[p].locator for p in chunk])
+            except Exception as exc:  # the whole request failed: each item's error row
+                results = [exc] * len(chunk)
+            fetched.update(zip(chunk, results, strict=True))
+        return fetched
+
+    def _prepare(self, position: int, fetched: Any = None) -> dict[str, Any]:
         start = time.perf_counter()
-        sample = self._sample(position)
+        sample = self._sample(position, fetched)
         sample["seconds"] = time.perf_counter() - start
         return sample
 
-    def _sample(self, position: int) -> dict[str, Any]:
+    def _sample(self, position: int, fetched: Any = None) -> dict[str, Any]:
         item = self.items[position]
         if self.hook:
             _resolve_hook(self.hook)(item.key)
         try:
-            data, meta = self.sources[item.source].read(item.locator)
+            if isinstance(fetched, BaseException):
+                raise fetched
+            data, meta = fetched or self.sources[item.source].read(item.locator)
         except SampleFailed as exc:  # never fetched upstream: nothing to read
             return {"position": position, "error": ("fetch", str(exc))}
         except Exception as exc:  # a read failure is this item's error row, not the run's end

@@ -20,7 +20,7 @@ from indexer.decide import check_asked, recorded
 from indexer.errors import CollectionError, InputError
 from indexer.history import read_runs
 from indexer.parts import in_partition
-from indexer.shards import read_hashes, read_parquet, read_shard
+from indexer.shards import read_hashes, read_parquet, read_shard, shard_columns
 from indexer.sources import Item, Source, list_items, open_sources
 
 PREV_COLUMNS = ["id", "key", "source", "file_size", "mtime_ns", "content_hash"]
@@ -32,7 +32,7 @@ class PrevRow:
 
     id: int
     source: str
-    fingerprint: tuple[int, int] | None
+    fingerprint: Any  # (size, mtime_ns), with the ETag for a stored object; None: neither
     content_hash: str
 
 
@@ -64,10 +64,14 @@ def read_prev_rows(version: Path, manifest: dict[str, Any]) -> dict[str, PrevRow
     """key -> PrevRow for every row of the published version (no embeddings are read)."""
     rows: dict[str, PrevRow] = {}
     for shard in manifest["shards"]:
-        table = read_shard(version / "shards" / shard["name"], PREV_COLUMNS)
+        path = version / "shards" / shard["name"]
+        etags = "etag" in shard_columns(path)  # a bucket's objects: size, mtime and ETag
+        table = read_shard(path, PREV_COLUMNS + (["etag"] if etags else []))
         for r in table.to_pylist():
             size, mtime = r["file_size"], r["mtime_ns"]
-            fingerprint = (size, mtime) if size is not None and mtime is not None else None
+            fingerprint: Any = (size, mtime) if size is not None and mtime is not None else None
+            if fingerprint is not None and r.get("etag") is not None:
+                fingerprint = (size, mtime, r["etag"])
             rows[r["key"]] = PrevRow(r["id"], r["source"], fingerprint, r["content_hash"])
     return rows
 

@@ -400,3 +400,17 @@ def top_labels(paths: list[Path], n: int = 5) -> list[tuple[str, int]]:
             if index:
                 counts[name[0] if name else str(index[0])] += 1
     return counts.most_common(n)
+
+
+def shard_columns(path: Path) -> list[str]:
+    """The column names a shard holds (its footer only)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as f:
+            return list(f.schema_arrow.names)
+    except (OSError, pa.ArrowException) as exc:
+        raise CollectionError(
+            f"shard {path} is damaged or unreadable ({exc}): run `indexer verify --repair` "
+            "on its collection"
+        ) from exc

@@ -17,6 +17,13 @@ def open_source(
 ) -> Source:
     """Open one source; heavy libraries are imported only for the kind that needs them.
     Image files are read up to what an image of max_pixels can need, regular files only."""
+    from indexer.sources.bucket import is_bucket_url
+
+    if is_bucket_url(spec.location):
+        from indexer.sources.bucket import BucketSource, parse_options
+
+        return BucketSource(spec.location, label, max_pixels,
+                            parse_options(spec.storage_options), spec.read_concurrency)  # fmt: skip
     if spec.location.startswith(HF_PREFIX):
         from indexer.sources.hf import HFSource
 

@@ -20,7 +20,8 @@ class Item:
     key: str
     source: int  # position of its source in the build's source list
     locator: Any  # a path for folders, a row number for datasets, a member for tars
-    fingerprint: tuple[int, int] | None = None  # (size, mtime_ns) of a file, when it has one
+    # (size, mtime_ns) of a file, (size, mtime_ns, etag) of a stored object; None: neither
+    fingerprint: tuple[int, int] | tuple[int, int, str] | None = None
 
 
 class Source(Protocol):
@@ -32,7 +33,7 @@ class Source(Protocol):
         """JSON-able description for the manifest."""
         ...
 
-    def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+    def keys_and_locators(self) -> list[tuple[str, Any, Any]]:
         """Every item as (key, locator, fingerprint), in a deterministic order."""
         ...
 

@@ -1,0 +1,198 @@
+"""Images under an object-store prefix (s3://, gs://, az://) through fsspec, listed with their
+ETags and read a batch at a time, concurrently."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from typing import Any
+
+import pyarrow as pa
+
+from indexer.config import DEFAULT_MAX_PIXELS
+from indexer.errors import InputError
+from indexer.safeio import byte_limit
+from indexer.sources.folder import is_image_name, printable_key
+
+SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+           "abfss": "adlfs"}  # fmt: skip
+EXTRA = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
+PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")  # an ETag that is the object's MD5 (no multipart)
+
+
+def is_bucket_url(location: str) -> bool:
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() in SCHEMES
+
+
+def parse_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """--storage-option KEY=VALUE pairs as fsspec keyword arguments: true/false as booleans,
+    whole numbers as ints, the rest as text."""
+    options: dict[str, Any] = {}
+    for key, value in pairs:
+        text = value.strip()
+        if text.lower() in ("true", "false"):
+            options[key] = text.lower() == "true"
+        elif re.fullmatch(r"-?\d+", text):
+            options[key] = int(text)
+        else:
+            options[key] = value
+    return options
+
+
+class ObjectChanged(Exception):
+    """The object's bytes are not the ones its listing described (overwritten meanwhile)."""
+
+
+class BucketSource:
+    """Every image object under ``url`` (a prefix): keys relative to it, `/`-separated, as
+    for folders. Each object's fingerprint is the listing's size and ETag (carried in the
+    `etag` column), so a re-run reads nothing that did not change. The filesystem is made in
+    each process that reads (fsspec's are not fork-safe); credentials come from the store's
+    standard places or ``options``, which are never described (the manifest keeps the URL)."""
+
+    def __init__(
+        self,
+        url: str,
+        label: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        options: dict[str, Any] | None = None,
+        concurrency: int = 64,
+    ) -> None:
+        scheme, _, rest = url.partition("://")
+        self.protocol = scheme.lower()
+        self.root = rest.strip("/")
+        if not self.root:
+            raise InputError(f"{url}: name a bucket (and a prefix), e.g. s3://photos/2024/")
+        self.written = f"{self.protocol}://{self.root}/"
+        self.label = label or printable_key(self.root.rsplit("/", 1)[-1]) or "bucket"
+        self.options = dict(options or {})
+        self.concurrency = max(1, concurrency)
+        self.max_bytes = byte_limit(max_pixels)
+        self._fs: Any = None
+        self._pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None, "_pid": -1}  # each process makes its own
+
+    def fs(self) -> Any:
+        if self._fs is None or self._pid != os.getpid():
+            self._fs, self._pid = open_filesystem(self.protocol, self.options), os.getpid()
+        return self._fs
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "bucket", "path": self.written, "label": self.label}
+
+    def keys_and_locators(self) -> list[tuple[str, Any, Any]]:
+        entries = self._listing()
+        listed: list[tuple[str, Any, Any]] = []
+        for path in sorted(entries):
+            info = entries[path]
+            rel = path[len(self.root) + 1 :]
+            if info.get("type") == "directory" or not is_image_name(rel) or _hidden(rel):
+                continue
+            size = int(info.get("size") or 0)
+            etag = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or "")
+            listed.append((printable_key(rel), (path, size, etag.strip('"')),
+                           (size, _mtime_ns(info), etag.strip('"'))))  # fmt: skip
+        return listed
+
+    def _listing(self) -> dict[str, dict[str, Any]]:
+        try:
+            found = self.fs().find(self.root, detail=True)
+        except FileNotFoundError:
+            raise InputError(f"{self.written} does not exist: check the bucket name") from None
+        except PermissionError as exc:
+            raise InputError(f"{self.written} cannot be listed ({exc}): check the credentials "
+                             "(see README, 'Data in buckets')") from None  # fmt: skip
+        except OSError as exc:
+            raise InputError(f"{self.written} cannot be listed: {_short(exc)}: check the "
+                             "endpoint and the credentials") from None  # fmt: skip
+        return {p.strip("/"): info for p, info in dict(found).items()}
+
+    def metadata_schema(self) -> pa.Schema:
+        return pa.schema([pa.field("etag", pa.string())])
+
+    def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
+        [result] = self.read_many([locator])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def read_many(self, locators: list[Any]) -> list[tuple[bytes, dict[str, Any]] | Exception]:
+        """Each object's bytes and metadata (or the exception reading it raised), fetched
+        `concurrency` at a time: a batch waits about one request's latency, not one each."""
+        too_big = {i for i, (_, size, _) in enumerate(locators) if size > self.max_bytes}
+        paths = [path for i, (path, _, _) in enumerate(locators) if i not in too_big]
+        got = dict(zip(paths, fetch_all(self.fs(), paths, self.concurrency), strict=True))
+        out: list[tuple[bytes, dict[str, Any]] | Exception] = []
+        for i, (path, size, etag) in enumerate(locators):
+            if i in too_big:
+                out.append(ValueError(f"object is {size} bytes, over the {self.max_bytes} an "
+                                      "image within the pixel limit can need"))  # fmt: skip
+                continue
+            data = got.get(path, FileNotFoundError(f"{path} was not returned"))
+            out.append(data if isinstance(data, Exception) else _checked(data, size, etag))
+        return out
+
+    def url(self, locator: Any) -> str | None:
+        return f"{self.protocol}://{locator[0]}"
+
+
+def _checked(data: bytes, size: int, etag: str) -> tuple[bytes, dict[str, Any]] | Exception:
+    """The bytes, if they are the listed object's: its size, and its MD5 where the ETag is one."""
+    if len(data) != size or (PLAIN_MD5.match(etag) and hashlib.md5(data).hexdigest() != etag):
+        return ObjectChanged("the object changed after it was listed (its size or ETag no "
+                             "longer match): run the build again to embed the new one")  # fmt: skip
+    return data, {"etag": etag}
+
+
+def fetch_all(fs: Any, paths: list[str], concurrency: int) -> list[Any]:
+    """Each object's bytes (or the exception), one GET each, `concurrency` in flight: an
+    async filesystem's own loop gathers them (fsspec's cat would HEAD each path first)."""
+    from fsspec.asyn import AsyncFileSystem, _run_coros_in_chunks, sync
+
+    if not isinstance(fs, AsyncFileSystem):
+        out: list[Any] = []
+        for path in paths:
+            try:
+                out.append(fs.cat_file(path))
+            except Exception as exc:  # this object's error row
+                out.append(exc)
+        return out
+    coros = [fs._cat_file(path) for path in paths]
+    return list(sync(fs.loop, _run_coros_in_chunks, coros, batch_size=concurrency,
+                     return_exceptions=True))  # fmt: skip
+
+
+def open_filesystem(protocol: str, options: dict[str, Any]) -> Any:
+    """fsspec's filesystem for the protocol, a new instance (not a cached one another process
+    made), or a one-line error naming the extra to install."""
+    import fsspec
+
+    package = SCHEMES[protocol]
+    try:
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+    except ImportError:
+        raise InputError(f"{protocol}:// needs {package}: pip install 'indexer[{EXTRA[package]}]'"
+                         ) from None  # fmt: skip
+    except TypeError as exc:
+        raise InputError(f"--storage-option: {exc}") from None
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    stamp: Any = info.get("LastModified") or info.get("mtime") or info.get("updated")
+    try:
+        return int(stamp.timestamp() * 1e9) if hasattr(stamp, "timestamp") else 0
+    except (OverflowError, ValueError, OSError):
+        return 0
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
