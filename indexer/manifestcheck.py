@@ -53,10 +53,8 @@ def source_ok(source: Any) -> bool:
     """One entry of `sources`: its kind and what names it."""
     if not isinstance(source, dict) or not text(source.get("label", "")):
         return False
-    named = {"folder": "path", "parquet": "path", "webdataset": "path", "bucket": "path",
-             "hf": "name"}.get(  # fmt: skip
-        str(source.get("kind"))
-    )
+    paths = ("folder", "parquet", "webdataset", "bucket")
+    named = {**dict.fromkeys(paths, "path"), "hf": "name"}.get(str(source.get("kind")))
     return named is not None and text(source.get(named))
 
 
