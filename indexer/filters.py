@@ -82,6 +82,12 @@ def columns_needed(conditions: list[Condition], schema: pa.Schema) -> list[str]:
                 f"{', '.join(n for n in schema.names if n != 'embedding')}"
             )
         kind = schema.field(column).type
+        nested = pa.types.is_nested(kind) or pa.types.is_binary(kind)
+        if nested and not (c.column == LABEL and column == "label_name"):
+            raise InputError(  # a vector or list as text per row: unbounded work, no meaning
+                f"--where {c}: column {c.column!r} is {kind}; filter on a column of numbers, "
+                "text or booleans"
+            )
         if c.op in NUMERIC_OPS and not _numeric(kind):
             raise InputError(f"--where {c}: {c.op} compares numbers; column {c.column!r} is {kind}")
         if _numeric(kind) and _number(c.value) is None:

@@ -280,3 +280,14 @@ def test_where_on_a_uint64_column_of_an_external_collection(tmp_path: Path) -> N
     ):
         hits = collection.query(ids=["a"], k=10, where=where)[0].hits
         assert {h.key for h in hits} == set(keep), where
+
+
+def test_vector_and_list_columns_cannot_be_filtered() -> None:
+    from indexer.filters import columns_needed
+
+    schema = pa.schema([("embedding", pa.list_(pa.float32(), 4)), ("label_name",
+                        pa.list_(pa.string())), ("n", pa.int64())])  # fmt: skip
+    for where in ("embedding=1", "label_name=cat"):
+        with pytest.raises(InputError, match="filter on a column of numbers"):
+            columns_needed(parse_where(where), schema)
+    assert columns_needed(parse_where("label=cat"), schema) == ["label_name"]  # its top label

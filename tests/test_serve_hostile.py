@@ -23,7 +23,12 @@ import uvicorn
 from PIL import Image
 
 from indexer.serve.app import ServeConfig, create_app, host_allowed
-from indexer.serve.budget import BudgetTimeout, PixelBudget, header_pixels, return_large_buffers
+from indexer.serve.budget import (
+    BudgetTimeout,
+    OverBudget,
+    PixelBudget,
+    header_pixels,
+)
 from indexer.serve.guard import ConnectionLimits, server_config
 from indexer.serve.registry import Registry
 from tests.helpers import BUILD_FLAGS, run_cli
@@ -218,12 +223,14 @@ def test_the_pixel_budget_is_never_exceeded_and_a_wait_ends() -> None:
                 held.append(budget.held)
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=take, args=(p,)) for p in (60, 50, 40, 30, 500, 1)]
+    threads = [threading.Thread(target=take, args=(p,)) for p in (60, 50, 40, 30, 100, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(GUARD_SECONDS)
     assert len(held) == 6 and max(held) <= 100 and budget.held == 0
+    with pytest.raises(OverBudget, match="max-decode-pixels"), budget.reserve(101, 0.0):
+        pass  # more than the whole budget: refused, never waited for
     with (  # the whole budget held: another waits, then gives up
         budget.reserve(100, time.monotonic() + 1),
         pytest.raises(BudgetTimeout, match="try again"),
@@ -233,31 +240,72 @@ def test_the_pixel_budget_is_never_exceeded_and_a_wait_ends() -> None:
     assert budget.held == 0
 
 
-def test_header_pixels_reads_only_the_header() -> None:
+def test_header_pixels_reads_only_the_header_and_weighs_wide_modes() -> None:
     assert header_pixels(png(300, 200, (1, 2, 3))) == 60_000
     assert header_pixels(b"not an image") == 1
+    for mode, weight in (("I;16", 8), ("LA", 4), ("RGBA", 4), ("L", 1)):
+        out = io.BytesIO()
+        Image.new(mode, (30, 20)).save(out, "PNG")
+        assert header_pixels(out.getvalue()) == 600 * weight, mode
+
+
+def test_an_upload_needing_more_than_the_budget_is_a_422(collection: Path) -> None:
+    out = io.BytesIO()
+    Image.new("I;16", (1000, 1000)).save(out, "PNG")  # 1 Mpx, 8 units each
+    body, headers = upload_body(out.getvalue())
+    cfg = ServeConfig(max_decode_pixels=4_000_000, max_upload_bytes=1 << 24)
+    with served(collection, cfg) as server:
+        status, data = server.request("POST", "/api/collections/c/search", body, headers)
+        assert status == 422 and b"max-decode-pixels" in data
+        status, _ = server.request("POST", "/api/collections/c/search",
+                                   *upload_body(png(1000, 1000, (9, 9, 9))))  # fmt: skip
+        assert status == 200
+
+
+FREED = """
+import io, resource, sys, threading
+from pathlib import Path
+from PIL import Image
+from indexer.images import decode_image
+from indexer.serve.budget import return_large_buffers
+
+if sys.argv[1] == "on" and not return_large_buffers():
+    print("not glibc"); sys.exit(0)
+out = io.BytesIO()
+Image.new("RGB", (4000, 4000), (10, 20, 30)).save(out, "PNG")  # 64 MB decoded (RGBX)
+data = out.getvalue()
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+def decode():
+    assert decode_image(data).image.size == (4000, 4000)
+
+before = rss()
+for _ in range(3):  # a new thread each time: glibc's per-thread arenas
+    t = threading.Thread(target=decode)
+    t.start()
+    t.join()
+print(rss() - before)
+"""
 
 
 def test_freed_image_memory_goes_back_to_the_system() -> None:
-    if not return_large_buffers():
+    """In a process of its own (this one's other threads allocate meanwhile): decoded
+    images' memory is held after without return_large_buffers, and given back with it."""
+    import subprocess
+    import sys
+
+    def growth(mode: str) -> str:
+        run = subprocess.run([sys.executable, "-c", FREED, mode], capture_output=True,
+                             text=True, timeout=GUARD_SECONDS, check=True)  # fmt: skip
+        return run.stdout.strip()
+
+    held = growth("on")
+    if held == "not glibc":
         pytest.skip("not glibc")
-    from indexer.images import decode_image
-
-    data = png(4000, 4000, (10, 20, 30))  # 64 MB decoded (RGBX)
-
-    def rss() -> int:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-
-    def decode() -> None:
-        image = decode_image(data).image
-        assert image.size == (4000, 4000)
-
-    before = rss()
-    for _ in range(3):  # a new thread each time: glibc's per-thread arenas
-        t = threading.Thread(target=decode)
-        t.start()
-        t.join(GUARD_SECONDS)
-    assert rss() - before < 32 << 20
+    assert int(held) < 32 << 20
+    assert int(growth("off")) > 48 << 20  # what the call prevents (glibc's default)
 
 
 # 4: a collection rebuilt from scratch never serves the old one's pictures
@@ -305,6 +353,12 @@ def _mean(jpeg: bytes) -> np.ndarray:
         ("photos.lan:8000", ("photos.lan",), True),
         ("Photos.LAN", ("photos.lan",), True),
         ("other.lan", ("photos.lan",), False),
+        ("127.0.0.1:80@evil.com", (), False),
+        ("localhost:evil", (), False),
+        ("127.0.0.1:8000:evil", (), False),
+        ("[::1]evil.com", (), False),
+        ("[::1", (), False),
+        ("evil.com#@127.0.0.1", (), False),
     ],
 )
 def test_host_allowed(host: str | None, allowed: tuple[str, ...], ok: bool) -> None:
@@ -446,3 +500,61 @@ def test_the_kubernetes_manifest_probes_readyz_with_its_metrics_token(
     finally:
         proc.terminate()
         proc.wait(GUARD_SECONDS)
+
+
+def test_a_non_ascii_token_is_compared_as_the_client_sent_it(collection: Path) -> None:
+    with served(collection, ServeConfig(token="pässwörd")) as server:
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(
+            "GET /api/collections HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Authorization: Bearer pässwörd\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")  # UTF-8 on the wire, as curl sends
+        s.close()
+        status, _ = server.request("GET", "/api/collections",
+                                   headers={"Authorization": "Bearer p\u00e4ssw"})  # fmt: skip
+        assert status == 401
+
+
+def test_thumbnails_are_private_revalidated_and_of_the_indexed_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in range(3):
+        Image.new("RGB", (64, 48), (40 * n, 200, 30)).save(src / f"{n}.png")
+    out = tmp_path / "c"
+    assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
+    with served(out) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=GUARD_SECONDS)
+        conn.request("GET", "/api/collections/c/items/1/thumbnail")
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200 and response.getheader("Cache-Control") == "private, no-cache"
+        tag = response.getheader("ETag")
+        status, _ = server.request("GET", "/api/collections/c/items/1/thumbnail",
+                                   headers={"If-None-Match": tag})  # fmt: skip
+        assert status == 304
+        key = server.registry.get("c").collection.row_of(2)["key"]
+        Image.new("RGB", (300, 200), (255, 0, 0)).save(src / key)  # not built again
+        status, data = server.request("GET", "/api/collections/c/items/2/thumbnail")
+        assert status == 404 and b"changed in its source" in data
+
+
+def test_slow_bodies_cannot_hold_more_than_the_body_budget_nor_block_probes(
+    collection: Path,
+) -> None:
+    with served(collection, ServeConfig(max_body_bytes=100)) as server:
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(b"POST /api/collections/c/search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                  + b" " * 90)  # fmt: skip
+        time.sleep(0.3)  # read by the server: 90 of its 100 bytes held
+        status, data = server.request("POST", "/api/collections/c/search",
+                                      json.dumps({"id": 1, "k": 3, "x": "y" * 20}).encode(),
+                                      {"Content-Type": "application/json"})  # fmt: skip
+        assert status == 503 and b"too many request bodies" in data
+        assert server.request("GET", "/readyz")[0] == 200
+        assert server.request("GET", "/metrics")[0] == 200
+        s.close()
+        time.sleep(0.3)  # its bytes given back
+        status, _ = server.search({"id": 1, "k": 3})
+        assert status == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import io
 import ipaddress
@@ -52,7 +53,7 @@ class ServeConfig:
     max_decode_pixels: int = 100_000_000  # pixels decoded at once, all requests together
     allowed_hosts: tuple[str, ...] = ()  # Host names answered without a token, besides
     # localhost and IP addresses (a DNS-rebinding page's Host is its own name)
-    max_inflight: int = 256  # requests answered at once; more: 503 with Retry-After
+    max_body_bytes: int = 256 << 20  # request bodies held at once, all requests; more: 503
     cpu_slots: int = max(4, 2 * (os.cpu_count() or 1))  # decode, embed, filter, search at once
     metrics_token: str | None = None  # also opens /readyz and /metrics (a probe's, a scraper's)
 
@@ -97,7 +98,7 @@ class Api:
         self.budget = PixelBudget(cfg.max_decode_pixels)
         self.thumbs = Thumbnails(self.budget)
         self._slots: anyio.CapacityLimiter | None = None  # made in the event loop
-        self._inflight = 0
+        self._held_bytes = 0  # bodies being read or answered (max_body_bytes)
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -138,11 +139,7 @@ class Api:
         self, request: Request, endpoint: str, handler: Any, probe: bool = False
     ) -> Response:
         started = time.perf_counter()
-        self._inflight += 1
         try:
-            if self._inflight > self.cfg.max_inflight:
-                raise HTTPError(503, f"the server is answering {self.cfg.max_inflight} requests "
-                                "already: try again in a second")  # fmt: skip
             self._authorize(request, probe)
             response: Response = await handler(request)
         except HTTPError as exc:
@@ -167,7 +164,7 @@ class Api:
             response = JSONResponse({"error": f"internal error ({type(exc).__name__})"},
                                     status_code=500)  # fmt: skip
         finally:
-            self._inflight -= 1
+            self._held_bytes -= getattr(request.state, "held_bytes", 0)
         self.metrics.observe(endpoint, response.status_code, time.perf_counter() - started)
         return response
 
@@ -279,17 +276,27 @@ class Api:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HTTPError(413, f"the body is over the limit of {limit} bytes")
         chunks, size = [], 0
+        request.state.held_bytes = 0  # given back when the request is answered (_answer)
         try:
             async with _time_limit(self.cfg.read_timeout):
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
                         raise HTTPError(413, f"the body is over the limit of {limit} bytes")
+                    self._hold(request, len(chunk))
                     chunks.append(chunk)
         except TimeoutError:
             raise HTTPError(408, f"the body took over {self.cfg.read_timeout:g} s to arrive: "
                             "send it at once") from None  # fmt: skip
         return b"".join(chunks)
+
+    def _hold(self, request: Request, size: int) -> None:
+        """Count a body's bytes against max_body_bytes: slow or waiting requests cannot hold
+        more memory than that, all together (503 past it)."""
+        if self._held_bytes + size > self.cfg.max_body_bytes:
+            raise HTTPError(503, "the server holds too many request bodies: try again shortly")
+        self._held_bytes += size
+        request.state.held_bytes += size
 
     async def _query(self, request: Request, body: bytes) -> dict[str, Any]:
         if _media_type(request) == "multipart/form-data":  # parsed off the event loop
@@ -316,19 +323,25 @@ class Api:
         loaded = self._loaded(request)
         item_id = _int_param(request.path_params["item_id"], "id", 0, 2**63 - 1)
         size = _int_param(request.query_params.get("size", 256), "size", 16, 1024)
+        # private (a shared cache never keeps an authorised picture); revalidated by its
+        # version's identity, so a rebuilt collection's pictures replace the old at once
+        tag = f'"{loaded.identity}-{item_id}-{size}"'
+        headers = {"Cache-Control": "private, no-cache", "ETag": tag}
+        if request.headers.get("if-none-match") == tag:
+            return Response(status_code=304, headers=headers)
         deadline = time.monotonic() + self.cfg.search_timeout
         data = await self._offload(self.thumbs.get, loaded, item_id, size, deadline)
-        return Response(data, media_type="image/jpeg",
-                        headers={"Cache-Control": "public, max-age=3600"})  # fmt: skip
+        return Response(data, media_type="image/jpeg", headers=headers)
 
 
 class Thumbnails:
     """JPEG thumbnails of stored items, read where the build read them, cached per version
     (its identity: a collection built again from scratch has a v000001 of its own)."""
 
-    def __init__(self, budget: PixelBudget, capacity: int = 2048) -> None:
+    def __init__(self, budget: PixelBudget, capacity_bytes: int = 64 << 20) -> None:
         self._cache: dict[tuple[str, str, int, int], bytes] = {}
-        self._capacity = capacity
+        self._capacity = capacity_bytes  # JPEG bytes kept, all thumbnails together
+        self._bytes = 0
         self._readers: dict[tuple[str, str], Any] = {}
         self._budget = budget
 
@@ -342,6 +355,9 @@ class Thumbnails:
         data = self._reader(loaded).read(row["key"])
         if data is None:
             raise HTTPError(404, f"item {item_id} can no longer be read from its source")
+        if row.get("content_hash") and hashlib.sha256(data).hexdigest() != row["content_hash"]:
+            raise HTTPError(404, f"item {item_id} changed in its source since it was indexed: "
+                            "build the collection again to show it")  # fmt: skip
         from PIL import Image
 
         from indexer.images import decode_image
@@ -355,10 +371,12 @@ class Thumbnails:
             image.thumbnail((size, size), Image.Resampling.BICUBIC)
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
-        if len(self._cache) >= self._capacity:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = out.getvalue()
-        return self._cache[key]
+        jpeg = out.getvalue()
+        while self._cache and self._bytes + len(jpeg) > self._capacity:
+            self._bytes -= len(self._cache.pop(next(iter(self._cache))))  # the oldest first
+        self._cache[key] = jpeg
+        self._bytes += len(jpeg)
+        return jpeg
 
     def _reader(self, loaded: Loaded) -> Any:
         from indexer.items import ItemReader
@@ -382,13 +400,9 @@ def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     --allowed-host. No Host at all (HTTP/1.0) is no browser's."""
     if host is None:
         return True
-    name = host.strip().lower()
-    if name.partition(":")[0] in ("127.0.0.1", "localhost"):  # the usual ones, at once
-        return True
-    if name.startswith("["):  # [::1]:8000
-        name = name[1 : name.find("]")] if "]" in name else name
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
+    name, port = _host_and_port(host.strip().lower())
+    if name is None or not (port == "" or port.isdigit()):
+        return False
     name = name.rstrip(".")
     if name == "localhost" or name in {h.lower().rstrip(".") for h in allowed}:
         return True
@@ -397,6 +411,19 @@ def host_allowed(host: str | None, allowed: tuple[str, ...]) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _host_and_port(host: str) -> tuple[str | None, str]:
+    """'name:port' or '[v6]:port' split; None for anything else ('a:b:c', 'x@y', '[::1]z')."""
+    if host.startswith("["):
+        inside, close, rest = host[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            return None, ""
+        return inside, rest[1:]
+    name, _, port = host.partition(":")
+    if ":" in port or any(ch in name for ch in "@/#?\\ "):
+        return None, ""
+    return name, port
 
 
 def _time_limit(seconds: float) -> Any:
@@ -434,7 +461,9 @@ def _form_fields(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
 
 def _bearer_is(request: Request, token: str) -> bool:
     scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
-    same = hmac.compare_digest(given.strip().encode(), token.encode())
+    # headers arrive as latin-1 text: back to the bytes the client sent (UTF-8 for a token
+    # like 'pässwörd'), compared with the token's UTF-8 bytes
+    same = hmac.compare_digest(given.strip().encode("latin-1"), token.encode("utf-8"))
     return scheme.lower() == "bearer" and same
 
 

@@ -313,19 +313,29 @@ def parse_json(data: bytes) -> Any:
         raise BadSample("the sample's JSON member nests too deep to parse") from exc
 
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
+_JSON_SPECIAL = re.compile(r'[\[\]{}"\\]')  # what json_depth looks at, found in one pass
 
 
 def json_depth(text: str) -> int:
     """How deep arrays and objects nest in JSON text: brackets counted outside strings, by a
     loop, never by recursion (text that is not JSON gets a number all the same)."""
     depth = deepest = 0
-    for match in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
-        if match.group() in "[{":
+    in_string, skip = False, -1
+    for match in _JSON_SPECIAL.finditer(text):  # one pass, no backtracking
+        at, ch = match.start(), match.group()
+        if at == skip:  # the character a backslash escapes
+            continue
+        if in_string:
+            if ch == "\\":
+                skip = at + 1
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
             depth += 1
             deepest = max(deepest, depth)
-        else:
+        elif ch in "]}":
             depth -= 1
     return deepest
 
