@@ -92,7 +92,8 @@ class Collection:
         try:
             return work()
         except (CollectionError, OSError) as exc:
-            if self.version.is_dir():
+            if self.version.is_dir() or self._cache_rows:  # a service's registry reloads:
+                # a Collection shared by request threads is never reopened under them
                 if isinstance(exc, OSError):
                     raise CollectionError(f"cannot read {self.root}: {exc}") from exc
                 raise
@@ -491,12 +492,25 @@ class Collection:
         from indexer.filters import allowed_ids, parse_where
 
         conditions = parse_where(where)
+        if self._cache_rows:  # a service: from the rows in memory, never the shards again
+            return self._allowed_in_memory(conditions)
         paths = self.paths.shard_paths(self.manifest)
         if not paths:
             return np.zeros(0, np.int64)
         import pyarrow.parquet as pq
 
         return allowed_ids(paths, pq.read_schema(paths[0]), conditions)
+
+    def _allowed_in_memory(self, conditions: list[Any]) -> np.ndarray:
+        from indexer.filters import columns_needed, keep_mask
+
+        if self._rows is None:
+            self._rows = self._all_rows()
+        sorted_ids, table = self._rows
+        if table.num_rows == 0:
+            return np.zeros(0, np.int64)
+        needed = sorted(set(columns_needed(conditions, table.schema)))
+        return sorted_ids[keep_mask(table.select(needed), conditions)]
 
     def query_frame(self, *args: Any, **kwargs: Any) -> Any:
         """query() as a pandas DataFrame: one row per hit, with a `query` column."""

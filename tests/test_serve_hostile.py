@@ -433,6 +433,10 @@ def test_readyz_stays_ready_when_a_build_prunes_the_served_version(
         assert server.request("GET", "/readyz")[0] == 200  # before the watcher reloads
         status, doc = server.search({"id": 1, "k": 2})
         assert status == 200 and len(doc["results"]) == 2  # answered from memory
+        status, doc = server.search({"id": 1, "k": 2, "where": "width>0"})
+        assert status == 200 and len(doc["results"]) == 2 and doc["version"] == "v000001"
+        served_now = server.registry.get("c").collection
+        assert served_now.version.name == "v000001"  # never reopened under its requests
         server.registry.refresh()
         status, data = server.request("GET", "/readyz")
         assert status == 200 and json.loads(data)["c"] == "v000002"
