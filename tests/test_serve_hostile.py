@@ -562,3 +562,13 @@ def test_slow_bodies_cannot_hold_more_than_the_body_budget_nor_block_probes(
         time.sleep(0.3)  # its bytes given back
         status, _ = server.search({"id": 1, "k": 3})
         assert status == 200
+
+
+def test_unknown_routes_and_methods_answer_json(collection: Path) -> None:
+    with served(collection) as server:
+        for method, path, status in (
+            ("GET", "/nowhere", 404),
+            ("DELETE", "/api/collections/c/search", 405),
+        ):
+            got, data = server.request(method, path)
+            assert got == status and "error" in json.loads(data), (method, path)

@@ -86,7 +86,15 @@ def create_app(registry: Registry, cfg: ServeConfig, metrics: Metrics | None = N
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins),
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization"]))  # fmt: skip
-    return Starlette(routes=routes, middleware=middleware)
+    return Starlette(routes=routes, middleware=middleware,
+                     exception_handlers={404: _json_error, 405: _json_error})  # fmt: skip
+
+
+async def _json_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405 (no such route, wrong method) as JSON errors too."""
+    status = int(getattr(exc, "status_code", 500))
+    return JSONResponse({"error": str(getattr(exc, "detail", "")) or "not found"},
+                        status_code=status, headers=getattr(exc, "headers", None))  # fmt: skip
 
 
 class Api:
