@@ -206,3 +206,39 @@ def test_a_duplicate_is_one_error_row_and_the_rest_is_indexed(tmp_path: Path, ca
     for i in (0, 2):  # its neighbours: their own picture with their own caption
         row = got[f"{i:09d}"]
         assert row["caption"] == f"scene number {i}" and row["content_hash"] == sha(jpeg(i))
+
+
+def test_link_members_are_error_rows_not_drops(tmp_path: Path) -> None:
+    """A hard link (how tar stores a file twice) and a symbolic link named like an image are
+    each their sample's error row; the regular samples are indexed."""
+    import io as _io
+    import tarfile as _tarfile
+
+    from PIL import Image as _Image
+
+    src = tmp_path / "tars"
+    src.mkdir()
+    buf = _io.BytesIO()
+    _Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "JPEG")
+    data = buf.getvalue()
+    with _tarfile.open(src / "00000.tar", "w") as tar:
+        info = _tarfile.TarInfo("000001.jpg")
+        info.size = len(data)
+        tar.addfile(info, _io.BytesIO(data))
+        for name, kind in (("000002.jpg", _tarfile.LNKTYPE), ("000003.jpg", _tarfile.SYMTYPE)):
+            link = _tarfile.TarInfo(name)
+            link.type, link.linkname = (
+                kind,
+                "000001.jpg" if kind == _tarfile.LNKTYPE else "/etc/passwd",
+            )
+            tar.addfile(link)
+    out = tmp_path / "c"
+    result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--max-failures", "0.9")
+    assert result.exit_code == 5, result.output
+    from indexer.search import Collection
+
+    c = Collection(out)
+    assert [c.row_of(i)["key"] for i in range(3) if c.row_of(i)] == ["000001"]
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sorted(e["key"] for e in errors) == ["000002", "000003"]
+    assert all("a link" in e["error"] for e in errors)

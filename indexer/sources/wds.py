@@ -246,10 +246,11 @@ def _samples(path: Path, name: str) -> dict[str, Sample | Conflict]:
         with tarfile.open(path, "r:") as tar:
             for info in tar:
                 key, ext = _split(info.name)
-                role = _role(ext) if info.isfile() else None
-                if role is not None:
+                role = _role(ext) if info.isfile() or info.islnk() or info.issym() else None
+                if role is not None:  # a link member counts too: an error row, not a drop
                     roles = found.setdefault(key, {r: [] for r in ROLES})
-                    roles[role].append((info.name, Member(info.offset_data, info.size)))
+                    size = info.size if info.isfile() else -1  # -1: a link, never read
+                    roles[role].append((info.name, Member(info.offset_data, size)))
     except (tarfile.TarError, OSError) as exc:
         raise InputError(f"cannot read the tar {path} ({exc}): replace or remove it") from exc
     return {k: _sample(name, roles) for k, roles in found.items() if roles["image"]}
@@ -265,8 +266,13 @@ def _role(ext: str) -> str | None:
 
 
 def _sample(tar: str, roles: dict[str, list[tuple[str, Member]]]) -> Sample | Conflict:
-    """One key's members as its Sample, or the first role holding two of them as a Conflict."""
+    """One key's members as its Sample, or the first role holding two of them (or a link:
+    a hard or symbolic link member, whose bytes are another member's or outside the tar) as
+    a Conflict."""
     for role in ROLES:
+        links = [n for n, m in roles[role] if m.size < 0]
+        if links:
+            return Conflict(tar, role, tuple(f"{n} (a link, not a file)" for n in links))
         if len(roles[role]) > 1:
             members = tuple(f"{n} (byte {m.offset})" for n, m in roles[role])
             return Conflict(tar, role, members)
@@ -277,6 +283,10 @@ def _sample(tar: str, roles: dict[str, list[tuple[str, Member]]]) -> Sample | Co
 
 
 def _conflict_message(conflict: Conflict) -> str:
+    if all(m.endswith("(a link, not a file)") for m in conflict.members):
+        return (f"{conflict.tar} holds {', '.join(conflict.members)} for this sample: "
+                "a link's bytes are not its own, so it is not indexed: store the file "
+                "itself")  # fmt: skip
     return (f"{conflict.tar} holds {len(conflict.members)} {conflict.role} members for this "
             f"sample: {', '.join(conflict.members)}; which one is the sample cannot be told, "
             "so none is indexed: keep one of them (or give each its own key)")  # fmt: skip
