@@ -72,6 +72,20 @@ class BucketSource:
         self.max_bytes = byte_limit(max_pixels)
         self._fs: Any = None
         self._pid = -1
+        self._check()
+
+    def _check(self) -> None:
+        """The prefix can be reached and holds something: else a one-line error before the
+        build writes anything (a wrong bucket, endpoint or credentials)."""
+        try:
+            found = self.fs().exists(self.root)
+        except InputError:
+            raise
+        except Exception as exc:  # botocore's, aiohttp's, gcsfs's own: the store said no
+            raise _unreachable(self.written, exc) from None
+        if not found:
+            raise InputError(f"{self.written} does not exist or holds nothing: check the "
+                             "bucket and the prefix")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None, "_pid": -1}  # each process makes its own
@@ -103,12 +117,8 @@ class BucketSource:
             found = self.fs().find(self.root, detail=True)
         except FileNotFoundError:
             raise InputError(f"{self.written} does not exist: check the bucket name") from None
-        except PermissionError as exc:
-            raise InputError(f"{self.written} cannot be listed ({exc}): check the credentials "
-                             "(see README, 'Data in buckets')") from None  # fmt: skip
-        except OSError as exc:
-            raise InputError(f"{self.written} cannot be listed: {_short(exc)}: check the "
-                             "endpoint and the credentials") from None  # fmt: skip
+        except Exception as exc:  # the store refused or could not be reached
+            raise _unreachable(self.written, exc) from None
         return {p.strip("/"): info for p, info in dict(found).items()}
 
     def metadata_schema(self) -> pa.Schema:
@@ -179,6 +189,14 @@ def open_filesystem(protocol: str, options: dict[str, Any]) -> Any:
                          ) from None  # fmt: skip
     except TypeError as exc:
         raise InputError(f"--storage-option: {exc}") from None
+
+
+def _unreachable(url: str, exc: BaseException) -> InputError:
+    if isinstance(exc, PermissionError):
+        return InputError(f"{url} cannot be listed ({_short(exc)}): check the credentials "
+                          "(README: 'Data in buckets')")  # fmt: skip
+    return InputError(f"{url} cannot be listed: {_short(exc)}: check the endpoint, the "
+                      "network and the credentials")  # fmt: skip
 
 
 def _mtime_ns(info: dict[str, Any]) -> int:

@@ -1,0 +1,180 @@
+"""Bucket sources (s3://) against moto's S3 server on 127.0.0.1, behind a proxy that counts
+object GETs and injects latency and 503 SlowDown: through the CLI, as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from indexer.sources.bucket import BucketSource, is_bucket_url, parse_options
+from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+from tests.s3server import S3, SECRET, Faults
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    server = S3()
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    yield server
+    server.stop()
+
+
+def upload(s3: S3, folder: Path, bucket: str = "photos", prefix: str = "pics/") -> None:
+    client = s3.client()
+    if bucket not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+        client.create_bucket(Bucket=bucket)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
+
+
+def test_a_bucket_build_equals_the_folder_build(s3: S3, corpus: Path, tmp_path: Path) -> None:
+    upload(s3, corpus)
+    folder, bucket = tmp_path / "folder", tmp_path / "bucket"
+    assert run_cli("build", corpus, "--out", folder, *BUILD_FLAGS).exit_code == 0
+    result = run_cli("build", "s3://photos/pics/", "--out", bucket, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    want, got = read_embeddings_by_key(folder), read_embeddings_by_key(bucket)
+    assert sorted(got) == sorted(want) and len(got) == 28
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+    assert s3.faults.object_gets() == 28  # each object read once, no HEAD before it
+    assert max(s3.faults.gets.values()) == 1
+
+
+def test_a_rerun_reads_nothing_and_finds_overwrites_deletes_and_additions(
+    s3: S3, corpus: Path, tmp_path: Path
+) -> None:
+    upload(s3, corpus)
+    out = tmp_path / "c"
+    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    before = s3.faults.object_gets()
+    result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0 and "Nothing changed" in result.output, result.output
+    assert s3.faults.object_gets() == before  # the listing alone: zero object GETs
+    client = s3.client()
+    original = corpus / "group0" / "scene0004.jpg"
+    replaced = tmp_path / "same-size.jpg"
+    data = bytearray(original.read_bytes())
+    assert data[6:10] == b"JFIF"
+    data[15] ^= 0x01  # same size, other bytes: the JFIF header's pixel density
+    replaced.write_bytes(bytes(data))
+    client.upload_file(str(replaced), "photos", "pics/group0/scene0004.jpg")
+    client.delete_object(Bucket="photos", Key="pics/group1/scene0005.png")
+    Image.new("RGB", (50, 40), (1, 2, 3)).save(tmp_path / "new.png")
+    client.upload_file(str(tmp_path / "new.png"), "photos", "pics/new.png")
+    s3.faults.gets.clear()
+    result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert "1 new, 1 changed, 26 unchanged, 1 deleted" in result.output, result.output
+    changed = {"/photos/pics/group0/scene0004.jpg", "/photos/pics/new.png"}
+    assert changed <= set(s3.faults.gets)  # read: the changed and the new object, and 8
+    assert len(s3.faults.gets) <= len(changed) + 8  # stored ones that check the model
+    keys = set(read_embeddings_by_key(out))
+    assert "new.png" in keys and "group1/scene0005.png" not in keys and len(keys) == 28
+
+
+def test_throttled_reads_are_retried_and_the_build_completes(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = S3(Faults(throttle=0.1, seed=1))
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        upload(server, corpus)
+        out = tmp_path / "c"
+        result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS)
+        assert result.exit_code == 0, result.output
+        assert server.faults.throttled > 0 and len(read_embeddings_by_key(out)) == 28
+    finally:
+        server.stop()
+
+
+def test_no_secret_reaches_anything_the_run_writes(s3: S3, corpus: Path, tmp_path: Path) -> None:
+    upload(s3, corpus)
+    out = tmp_path / "c"
+    result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS,
+                     "--storage-option", f"secret={SECRET}", "--storage-option",
+                     "key=testing-key-id")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert SECRET not in result.output
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "message"),
+    [
+        ("s3://missing-bucket/pics/", {}, "does not exist"),
+        ("s3://photos/pics/", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "cannot be listed"),
+        ("s3://", {}, "name a bucket"),
+    ],
+)
+def test_a_store_that_cannot_be_listed_fails_at_once_in_a_line(
+    s3: S3, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str,
+    env: dict[str, str], message: str,
+) -> None:  # fmt: skip
+    upload(s3, corpus)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    out = tmp_path / "c"
+    result = run_cli("build", url, "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (out / "current").exists() and not (out / "versions").exists()  # no version
+
+
+def test_an_object_changed_after_listing_is_an_error_row_never_a_vector(
+    s3: S3, tmp_path: Path
+) -> None:
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for n in range(3):
+        Image.new("RGB", (40, 30), (80 * n, 9, 9)).save(folder / f"{n}.png")
+    upload(s3, folder)
+    source = BucketSource("s3://photos/pics/")
+    listed = source.keys_and_locators()
+    Image.new("RGB", (41, 30), (255, 255, 255)).save(tmp_path / "other.png")
+    s3.client().upload_file(str(tmp_path / "other.png"), "photos", "pics/1.png")
+    results = source.read_many([locator for _, locator, _ in listed])
+    assert [isinstance(r, Exception) for r in results] == [False, True, False]
+    assert "changed after it was listed" in str(results[1])
+
+
+def test_urls_and_options_are_recognised() -> None:
+    assert all(map(is_bucket_url, ["s3://b/p", "gs://b", "az://c/p", "abfs://c", "S3://b"]))
+    assert not any(map(is_bucket_url, ["/data/s3://x", "hf:x", "photos", "http://x/y"]))
+    assert parse_options((("anon", "true"), ("max_pool", "32"), ("endpoint_url", "http://h"))) == {
+        "anon": True, "max_pool": 32, "endpoint_url": "http://h"}  # fmt: skip
+
+
+def test_the_manifest_keeps_the_url_and_verify_reads_the_objects(
+    s3: S3, corpus: Path, tmp_path: Path
+) -> None:
+    upload(s3, corpus)
+    out = tmp_path / "c"
+    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    import json
+
+    manifest = json.loads(((out / "current").resolve() / "manifest.json").read_text())
+    assert manifest["sources"][0]["kind"] == "bucket"
+    assert manifest["sources"][0]["path"] == "s3://photos/pics/"
+    result = run_cli("verify", out)
+    assert result.exit_code == 0 and "reproduces the stored vectors" in result.output, result.output
+    shard = next(((out / "current").resolve() / "shards").glob("*.parquet"))
+    etags = pq.read_table(shard, columns=["etag"]).column("etag").to_pylist()
+    assert all(isinstance(e, str) and len(e) == 32 for e in etags)
+    shutil.rmtree(out)
