@@ -92,7 +92,12 @@ class BucketSource:
 
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
-            self._fs, self._pid = open_filesystem(self.protocol, self.options), os.getpid()
+            options = dict(self.options)
+            if SCHEMES[self.protocol] == "s3fs":  # botocore pools 10 connections by default:
+                config = dict(options.get("config_kwargs") or {})  # a batch's GETs would
+                config.setdefault("max_pool_connections", self.concurrency)  # wait in line
+                options["config_kwargs"] = config
+            self._fs, self._pid = open_filesystem(self.protocol, options), os.getpid()
         return self._fs
 
     def describe(self) -> dict[str, Any]:
