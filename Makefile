@@ -49,6 +49,7 @@ bench: $(STAMP)  ## Throughput, memory, re-run and service benchmarks (about 17 
 	$(BIN)/python bench/heads.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/hostile.py
+	$(BIN)/python bench/objectstore.py
 	$(BIN)/python bench/ceiling.py
 	$(BIN)/python bench/ceiling.py --photos 6000  # the steady state (target >= 0.85)
 

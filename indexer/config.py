@@ -180,7 +180,14 @@ def read_job(path: Path) -> dict[str, Any]:
             settings[key] = _resolve_path(path, base, key, settings[key])
     if isinstance(settings.get("sources"), list):
         settings["sources"] = [_resolve_source(path, base, s) for s in settings["sources"]]
+    table = settings.get("storage_options")  # [storage_options] KEY = VALUE, or a list
+    if isinstance(table, dict):  # of "KEY=VALUE" as --storage-option takes them
+        settings["storage_options"] = [f"{k}={_option_text(v)}" for k, v in table.items()]
     return settings
+
+
+def _option_text(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def _one_spelling_each(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
@@ -204,6 +211,8 @@ def _resolve_path(job: Path, base: Path, key: str, value: str) -> str:
 def _resolve_source(job: Path, base: Path, source: Any) -> Any:
     if not isinstance(source, str):
         return source  # job_argv refuses it, naming the expected type
+    if "://" in source:  # a bucket (s3://, gs://, az://): not a path
+        return source
     if source.startswith("hf:"):
         name = source[3:]
         local = name.startswith((".", "/", "~"))

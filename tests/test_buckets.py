@@ -178,3 +178,19 @@ def test_the_manifest_keeps_the_url_and_verify_reads_the_objects(
     etags = pq.read_table(shard, columns=["etag"]).column("etag").to_pylist()
     assert all(isinstance(e, str) and len(e) == 32 for e in etags)
     shutil.rmtree(out)
+
+
+def test_a_job_file_builds_from_a_bucket_with_its_storage_options(
+    s3: S3, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(s3, corpus)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the job file names the endpoint instead
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'sources = ["s3://photos/pics/"]\nout = "c"\npretrained = false\nworkers = 0\n'
+        'progress = false\nprecision = "fp32"\n\n'
+        f'[storage_options]\nendpoint_url = "{s3.endpoint}"\n'
+    )
+    result = run_cli("run", job)
+    assert result.exit_code == 0, result.output
+    assert len(read_embeddings_by_key(tmp_path / "c")) == 28

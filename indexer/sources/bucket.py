@@ -1,5 +1,4 @@
-"""Images under an object-store prefix (s3://, gs://, az://) through fsspec, listed with their
-ETags and read a batch at a time, concurrently."""
+"""Images under an object-store prefix (s3://, gs://, az://), listed and read through fsspec."""
 
 from __future__ import annotations
 
