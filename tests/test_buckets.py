@@ -39,6 +39,15 @@ def upload(s3: S3, folder: Path, bucket: str = "photos", prefix: str = "pics/") 
             client.upload_file(str(path), bucket, prefix + path.relative_to(folder).as_posix())
 
 
+def built_from_bucket(s3: S3, corpus: Path, tmp_path: Path) -> Path:
+    """The corpus uploaded to s3://photos/pics/ and built from there, at tmp_path/c."""
+    upload(s3, corpus)
+    out = tmp_path / "c"
+    result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    return out
+
+
 def test_a_bucket_build_equals_the_folder_build(s3: S3, corpus: Path, tmp_path: Path) -> None:
     upload(s3, corpus)
     folder, bucket = tmp_path / "folder", tmp_path / "bucket"
@@ -56,9 +65,7 @@ def test_a_bucket_build_equals_the_folder_build(s3: S3, corpus: Path, tmp_path: 
 def test_a_rerun_reads_nothing_and_finds_overwrites_deletes_and_additions(
     s3: S3, corpus: Path, tmp_path: Path
 ) -> None:
-    upload(s3, corpus)
-    out = tmp_path / "c"
-    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    out = built_from_bucket(s3, corpus, tmp_path)
     before = s3.faults.object_gets()
     result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS)
     assert result.exit_code == 0 and "Nothing changed" in result.output, result.output
@@ -164,9 +171,7 @@ def test_urls_and_options_are_recognised() -> None:
 def test_the_manifest_keeps_the_url_and_verify_reads_the_objects(
     s3: S3, corpus: Path, tmp_path: Path
 ) -> None:
-    upload(s3, corpus)
-    out = tmp_path / "c"
-    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    out = built_from_bucket(s3, corpus, tmp_path)
     import json
 
     manifest = json.loads(((out / "current").resolve() / "manifest.json").read_text())
