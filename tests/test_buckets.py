@@ -199,3 +199,58 @@ def test_a_job_file_builds_from_a_bucket_with_its_storage_options(
     result = run_cli("run", job)
     assert result.exit_code == 0, result.output
     assert len(read_embeddings_by_key(tmp_path / "c")) == 28
+
+
+@pytest.mark.parametrize("shipped", ["kubernetes/cronjob-bucket.yaml", "cron/bucket.toml"])
+def test_the_shipped_bucket_jobs_run_against_a_store(
+    s3: S3, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shipped: str
+) -> None:
+    """The example job, its bucket, output and endpoint pointed at the test's store; the
+    Kubernetes one takes its credentials from a Secret, never from the job file."""
+    yaml = pytest.importorskip("yaml")
+    path = Path(__file__).parents[1] / "jobs" / shipped
+    if path.suffix == ".yaml":
+        config_map, cron_job = yaml.safe_load_all(path.read_text())
+        text = config_map["data"]["photos.toml"]
+        [container] = cron_job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+        secrets = {e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+        assert secrets == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    else:
+        text = path.read_text()
+    import tomllib
+
+    options = tomllib.loads(text)["storage_options"]
+    assert not {"key", "secret", "token", "password"} & set(options)  # no credential in it
+    upload(s3, corpus, bucket="photos-bucket", prefix="photos/")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    job = tmp_path / "job.toml"
+    job.write_text(_job_for_test(text, tmp_path / "c", s3.endpoint))
+    result = run_cli("run", job)
+    assert result.exit_code == 0, result.output
+    assert len(read_embeddings_by_key(tmp_path / "c")) == 28
+
+
+def _job_for_test(text: str, out: Path, endpoint: str) -> str:
+    """The shipped job with the test's output and endpoint, and the test settings (seeded
+    weights, no worker processes) placed before its [storage_options] table."""
+    head, table, rest = text.partition("[storage_options]")
+    head = head.replace("/data/photos.idx", str(out))
+    head += 'pretrained = false\nworkers = 0\nprecision = "fp32"\n\n'
+    return head + table + rest.replace("https://s3.eu-west-1.amazonaws.com", endpoint)
+
+
+def test_the_service_loads_a_bucket_collection_and_reads_its_thumbnails(
+    s3: S3, corpus: Path, tmp_path: Path
+) -> None:
+    """Loading checks the model on objects read back from the bucket; thumbnails come from
+    the objects, and one deleted since is a 404, not a traceback."""
+    from tests.test_serve_hostile import served
+
+    out = built_from_bucket(s3, corpus, tmp_path)
+    with served(out) as server:
+        status, data = server.request("GET", "/api/collections/c/items/0/thumbnail?size=64")
+        assert status == 200 and data[:2] == b"\xff\xd8"
+        key = server.registry.get("c").collection.row_of(1)["key"]
+        s3.client().delete_object(Bucket="photos", Key=f"pics/{key}")
+        status, data = server.request("GET", "/api/collections/c/items/1/thumbnail")
+        assert status == 404 and b"can no longer be read" in data
