@@ -339,6 +339,12 @@ def main(verbose: bool) -> None:
     "profile=...); repeatable. Credentials otherwise come from the store's usual places.",
 )
 @click.option(
+    "--url-column",
+    default="url",
+    show_default=True,
+    help="For a list file SOURCE (.parquet, .csv, .jsonl, .txt): the column of URLs or paths.",
+)
+@click.option(
     "--read-concurrency",
     type=click.IntRange(1, 1024),
     default=64,
@@ -418,6 +424,7 @@ def build(
     image_column: str | None,
     key_column: str | None,
     storage_options: tuple[str, ...],
+    url_column: str,
     read_concurrency: int,
     dry_run: bool,
     retry_failed: bool,
@@ -455,6 +462,7 @@ def build(
                 key_column,
                 parse_pairs(storage_options, "--storage-option"),
                 read_concurrency,
+                url_column,
             )
             for s in sources
         ),

@@ -29,6 +29,7 @@ class SourceSpec:
     key_column: str | None = None  # datasets: the column whose values are the keys
     storage_options: tuple[tuple[str, str], ...] = ()  # buckets: fsspec options (never stored)
     read_concurrency: int = 64  # buckets: objects fetched at once by each reading worker
+    url_column: str = "url"  # URL lists: the column holding each row's URL or path
 
 
 @dataclass(frozen=True)

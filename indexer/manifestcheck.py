@@ -53,7 +53,7 @@ def source_ok(source: Any) -> bool:
     """One entry of `sources`: its kind and what names it."""
     if not isinstance(source, dict) or not text(source.get("label", "")):
         return False
-    paths = ("folder", "parquet", "webdataset", "bucket")
+    paths = ("folder", "parquet", "webdataset", "bucket", "urllist")
     named = {**dict.fromkeys(paths, "path"), "hf": "name"}.get(str(source.get("kind")))
     return named is not None and text(source.get(named))
 

@@ -306,6 +306,9 @@ def source_spec(source: dict[str, Any]) -> SourceSpec:
     if source["kind"] == "hf":
         return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"],
                           key_column=source.get("key_column"))  # fmt: skip
+    if source["kind"] == "urllist":
+        return SourceSpec(source["path"], key_column=source.get("key_column"),
+                          url_column=source.get("url_column") or "url")  # fmt: skip
     return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")))
 
 

@@ -24,6 +24,16 @@ def open_source(
 
         return BucketSource(spec.location, label, max_pixels,
                             parse_options(spec.storage_options), spec.read_concurrency)  # fmt: skip
+    from indexer.sources.urllist import is_url_list
+
+    if is_url_list(spec.location):
+        from indexer.sources.bucket import parse_options
+        from indexer.sources.urllist import UrlListSource
+
+        options = parse_options(spec.storage_options)
+        return UrlListSource(Path(spec.location).expanduser(), label, max_pixels,
+                             spec.url_column, spec.key_column, options,
+                             spec.read_concurrency)  # fmt: skip
     if spec.location.startswith(HF_PREFIX):
         from indexer.sources.hf import HFSource
 

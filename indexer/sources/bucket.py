@@ -185,12 +185,13 @@ def open_filesystem(protocol: str, options: dict[str, Any]) -> Any:
     made), or a one-line error naming the extra to install."""
     import fsspec
 
-    package = SCHEMES[protocol]
+    package = SCHEMES.get(protocol, "aiohttp")
     try:
         return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     except ImportError:
-        raise InputError(f"{protocol}:// needs {package}: pip install 'indexer[{EXTRA[package]}]'"
-                         ) from None  # fmt: skip
+        extra = EXTRA.get(package)
+        how = f"pip install 'indexer[{extra}]'" if extra else f"pip install {package}"
+        raise InputError(f"{protocol}:// needs {package}: {how}") from None
     except TypeError as exc:
         raise InputError(f"--storage-option: {exc}") from None
 

@@ -1,0 +1,135 @@
+"""URL and path lists as SOURCE: each row fetched (here from an HTTP server of generated
+images on 127.0.0.1) and embedded with its columns; a failed fetch is its row's error."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from indexer.errors import InputError
+from indexer.sources.urllist import UrlListSource, redacted
+from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+
+pytest.importorskip("aiohttp")
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, int]]]:
+    """A folder of 12 images served over HTTP on 127.0.0.1 (requests counted by path)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    for n in range(12):
+        Image.new("RGB", (48, 40), (20 * n, 100, 255 - 20 * n)).save(folder / f"{n:02d}.png")
+    counts: dict[str, int] = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            counts[self.path.split("?")[0]] = counts.get(self.path.split("?")[0], 0) + 1
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder, counts
+    server.shutdown()
+    server.server_close()
+
+
+def write_list(path: Path, base: str, missing: int = 3) -> None:
+    urls = [f"{base}/{n:02d}.png?X-Amz-Signature=s3cr3tsig{n}" for n in range(12)]
+    urls += [f"{base}/missing-{n}.png?X-Amz-Signature=s3cr3tsig" for n in range(missing)]
+    captions = [f"caption {n}" for n in range(len(urls))]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), path)
+
+
+def test_a_url_list_is_fetched_and_embedded_with_its_columns(
+    images: tuple[str, Path, dict[str, int]], tmp_path: Path
+) -> None:
+    base, folder, counts = images
+    listing = tmp_path / "list.parquet"
+    write_list(listing, base)
+    out = tmp_path / "c"
+    result = run_cli("build", listing, "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0 and "3 not found" in result.output, result.output  # fetch
+    # errors, like img2dataset's failed rows, are reported, not counted against the budget
+    got = read_embeddings_by_key(out)
+    assert len(got) == 12
+    local = tmp_path / "local"
+    assert run_cli("build", folder, "--out", local, *BUILD_FLAGS).exit_code == 0
+    want = read_embeddings_by_key(local)
+    for n in range(12):
+        key = next(k for k in got if k.endswith(f"/{n:02d}.png"))
+        np.testing.assert_allclose(got[key], want[f"{n:02d}.png"], atol=1e-6)
+    shard = next(((out / "current").resolve() / "shards").glob("*.parquet"))
+    rows = pq.read_table(shard, columns=["key", "caption"]).to_pylist()
+    assert all(r["caption"] == f"caption {int(r['key'][-6:-4])}" for r in rows)
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert len(errors) == 3 and {e["stage"] for e in errors} == {"fetch"}
+    assert all(e["url"].startswith(base + "/missing-") and "?" not in e["url"] for e in errors)
+    for path in out.rglob("*"):  # a signed URL's signature is written nowhere
+        if path.is_file():
+            assert b"s3cr3tsig" not in path.read_bytes(), path
+    assert "s3cr3tsig" not in result.output
+    whole = tmp_path / "whole.parquet"  # the same rows without the missing ones
+    write_list(whole, base, missing=0)
+    out2 = tmp_path / "c2"
+    assert run_cli("build", whole, "--out", out2, *BUILD_FLAGS).exit_code == 0
+    before = dict(counts)
+    result = run_cli("build", whole, "--out", out2, *BUILD_FLAGS)
+    assert result.exit_code == 0 and "Nothing changed" in result.output, result.output
+    assert counts == before  # unchanged URLs are not fetched again
+
+
+def test_a_txt_list_of_paths_and_keys_by_column(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for n in range(3):
+        Image.new("RGB", (32, 32), (n * 80, 9, 9)).save(folder / f"{n}.png")
+    listing = tmp_path / "paths.txt"
+    listing.write_text("# my images\n" + "\n".join(str(folder / f"{n}.png") for n in range(3)))
+    out = tmp_path / "c"
+    assert run_cli("build", listing, "--out", out, *BUILD_FLAGS).exit_code == 0
+    assert len(read_embeddings_by_key(out)) == 3
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"path": str(folder / f"{n}.png"), "id": f"img{n}"})
+                               for n in range(3)))  # fmt: skip
+    out2 = tmp_path / "c2"
+    result = run_cli("build", jsonl, "--out", out2, *BUILD_FLAGS, "--url-column", "path",
+                     "--key-column", "id")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(read_embeddings_by_key(out2)) == ["img0", "img1", "img2"]
+
+
+def test_bad_lists_are_refused_in_a_line(tmp_path: Path) -> None:
+    listing = tmp_path / "l.csv"
+    listing.write_text("link,key\nhttp://x/a.png,a\n")
+    with pytest.raises(InputError, match="no column 'url'"):
+        UrlListSource(listing)
+    listing.write_text("url,key\nhttp://x/a.png,a\nhttp://x/b.png,a\n")
+    with pytest.raises(InputError, match="repeated key"):
+        UrlListSource(listing)
+    result = run_cli("build", listing, "--out", tmp_path / "c", *BUILD_FLAGS)
+    assert result.exit_code == 2 and "repeated key" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "want"),
+    [("https://u:p@h.example:8443/a/b.jpg?sig=1#f", "https://h.example:8443/a/b.jpg"),
+     ("s3://bucket/k.jpg?versionId=3", "s3://bucket/k.jpg"), ("/data/a.png", "/data/a.png")],
+)  # fmt: skip
+def test_urls_are_redacted(url: str, want: str) -> None:
+    assert redacted(url) == want
