@@ -345,6 +345,12 @@ def main(verbose: bool) -> None:
     help="For a list file SOURCE (.parquet, .csv, .jsonl, .txt): the column of URLs or paths.",
 )
 @click.option(
+    "--refetch",
+    is_flag=True,
+    help="For a list file SOURCE: fetch every row again (an image may change behind its URL; "
+    "rows whose bytes did not change keep their vectors).",
+)
+@click.option(
     "--read-concurrency",
     type=click.IntRange(1, 1024),
     default=64,
@@ -425,6 +431,7 @@ def build(
     key_column: str | None,
     storage_options: tuple[str, ...],
     url_column: str,
+    refetch: bool,
     read_concurrency: int,
     dry_run: bool,
     retry_failed: bool,
@@ -463,6 +470,7 @@ def build(
                 parse_pairs(storage_options, "--storage-option"),
                 read_concurrency,
                 url_column,
+                refetch,
             )
             for s in sources
         ),

@@ -30,6 +30,7 @@ class SourceSpec:
     storage_options: tuple[tuple[str, str], ...] = ()  # buckets: fsspec options (never stored)
     read_concurrency: int = 64  # buckets: objects fetched at once by each reading worker
     url_column: str = "url"  # URL lists: the column holding each row's URL or path
+    refetch: bool = False  # URL lists: fetch every row again (HTTP has no cheap fingerprint)
 
 
 @dataclass(frozen=True)

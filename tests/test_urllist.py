@@ -92,6 +92,10 @@ def test_a_url_list_is_fetched_and_embedded_with_its_columns(
     result = run_cli("build", whole, "--out", out2, *BUILD_FLAGS)
     assert result.exit_code == 0 and "Nothing changed" in result.output, result.output
     assert counts == before  # unchanged URLs are not fetched again
+    result = run_cli("build", whole, "--out", out2, *BUILD_FLAGS, "--refetch")
+    assert result.exit_code == 0, result.output
+    assert all(counts[f"/{n:02d}.png"] == before[f"/{n:02d}.png"] + 1 for n in range(12))
+    assert "Nothing changed" in result.output or "0 changed" in result.output, result.output
 
 
 def test_a_txt_list_of_paths_and_keys_by_column(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def open_source(
         options = parse_options(spec.storage_options)
         return UrlListSource(Path(spec.location).expanduser(), label, max_pixels,
                              spec.url_column, spec.key_column, options,
-                             spec.read_concurrency)  # fmt: skip
+                             spec.read_concurrency, spec.refetch)  # fmt: skip
     if spec.location.startswith(HF_PREFIX):
         from indexer.sources.hf import HFSource
 

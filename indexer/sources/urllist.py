@@ -51,8 +51,10 @@ class UrlListSource:
         key_column: str | None = None,
         options: dict[str, Any] | None = None,
         concurrency: int = 64,
+        refetch: bool = False,
     ) -> None:
         self.path = path.resolve()
+        self.refetch = refetch  # every row fetched again; unchanged bytes keep their vector
         self.label = label or printable_key(self.path.stem) or "list"
         self.url_column, self.key_column = url_column, key_column
         self.options = dict(options or {})
@@ -99,8 +101,9 @@ class UrlListSource:
                 "url_column": self.url_column, "key_column": self.key_column}  # fmt: skip
 
     def keys_and_locators(self) -> list[tuple[str, Any, Any]]:
-        return [(key, n, (0, 0, "url:" + hashlib.sha256(self.urls[n].encode()).hexdigest()[:32]))
-                for n, key in enumerate(self.keys)]  # fmt: skip
+        if self.refetch:  # no fingerprint: each row is read and compared by its bytes
+            return [(key, n, None) for n, key in enumerate(self.keys)]
+        return [(key, n, (0, 0, _url_print(self.urls[n]))) for n, key in enumerate(self.keys)]
 
     def metadata_schema(self) -> pa.Schema:
         return pa.schema([*self.meta.schema, pa.field("etag", pa.string())])
@@ -142,8 +145,7 @@ class UrlListSource:
             return SampleFailed(f"{len(got)} bytes, over the {self.max_bytes} an image within "
                                 "the pixel limit can need")  # fmt: skip
         meta = {name: self.meta.column(name)[n].as_py() for name in self.meta.column_names}
-        fingerprint = "url:" + hashlib.sha256(self.urls[n].encode()).hexdigest()[:32]
-        return bytes(got), {**meta, "etag": fingerprint}
+        return bytes(got), {**meta, "etag": _url_print(self.urls[n])}
 
     def url(self, locator: Any) -> str | None:
         return redacted(self.urls[locator])
@@ -169,6 +171,11 @@ def read_list(path: Path) -> pa.Table:
         return pa.table({"url": [ln for ln in lines if ln and not ln.startswith("#")]})
     except (OSError, UnicodeDecodeError, pa.ArrowException) as exc:
         raise InputError(f"cannot read the list {path}: {exc}") from exc
+
+
+def _url_print(url: str) -> str:
+    """A row's fingerprint: its URL's digest (kept in the etag column)."""
+    return "url:" + hashlib.sha256(url.encode()).hexdigest()[:32]
 
 
 def _kind(url: str) -> str:
