@@ -351,6 +351,14 @@ def main(verbose: bool) -> None:
     "rows whose bytes did not change keep their vectors).",
 )
 @click.option(
+    "--read-retries",
+    type=click.IntRange(0, 20),
+    default=3,
+    show_default=True,
+    help="For buckets and list files: tries again after a passing failure (503, 429, reset, "
+    "timeout), with backoff; then the item is an error row.",
+)
+@click.option(
     "--read-concurrency",
     type=click.IntRange(1, 1024),
     default=64,
@@ -432,6 +440,7 @@ def build(
     storage_options: tuple[str, ...],
     url_column: str,
     refetch: bool,
+    read_retries: int,
     read_concurrency: int,
     dry_run: bool,
     retry_failed: bool,
@@ -471,6 +480,7 @@ def build(
                 read_concurrency,
                 url_column,
                 refetch,
+                read_retries,
             )
             for s in sources
         ),

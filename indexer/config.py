@@ -31,6 +31,7 @@ class SourceSpec:
     read_concurrency: int = 64  # buckets: objects fetched at once by each reading worker
     url_column: str = "url"  # URL lists: the column holding each row's URL or path
     refetch: bool = False  # URL lists: fetch every row again (HTTP has no cheap fingerprint)
+    read_retries: int = 3  # buckets and lists: tries after a passing failure (503, reset)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,11 @@ def images(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, int]]]:
             pass
 
         def do_GET(self) -> None:
-            counts[self.path.split("?")[0]] = counts.get(self.path.split("?")[0], 0) + 1
+            path = self.path.split("?")[0]
+            counts[path] = counts.get(path, 0) + 1
+            if "flaky" in self.path and counts[path] == 1:  # the first try: overloaded
+                self.send_error(503, "Slow Down")
+                return
             super().do_GET()
 
     server = http.server.ThreadingHTTPServer(
@@ -137,3 +141,20 @@ def test_bad_lists_are_refused_in_a_line(tmp_path: Path) -> None:
 )  # fmt: skip
 def test_urls_are_redacted(url: str, want: str) -> None:
     assert redacted(url) == want
+
+
+@pytest.mark.parametrize(("retries", "embedded"), [(3, 4), (0, 0)])
+def test_passing_failures_are_retried_then_error_rows(
+    images: tuple[str, Path, dict[str, int]], tmp_path: Path, retries: int, embedded: int
+) -> None:
+    base, _, _ = images
+    listing = tmp_path / "flaky.csv"
+    listing.write_text("url\n" + "".join(f"{base}/{n:02d}.png?flaky={retries}\n" for n in range(4)))
+    out = tmp_path / "c"
+    result = run_cli("build", listing, "--out", out, *BUILD_FLAGS, "--read-retries", str(retries))
+    assert result.exit_code == 0, result.output
+    if embedded:
+        assert len(read_embeddings_by_key(out)) == embedded  # each after one 503
+    else:
+        errors = pq.read_table(out / "errors.parquet").to_pylist()
+        assert len(errors) == 4 and all(e["stage"] == "fetch" for e in errors)

@@ -23,7 +23,8 @@ def open_source(
         from indexer.sources.bucket import BucketSource, parse_options
 
         return BucketSource(spec.location, label, max_pixels,
-                            parse_options(spec.storage_options), spec.read_concurrency)  # fmt: skip
+                            parse_options(spec.storage_options), spec.read_concurrency,
+                            spec.read_retries)  # fmt: skip
     from indexer.sources.urllist import is_url_list
 
     if is_url_list(spec.location):
@@ -33,7 +34,8 @@ def open_source(
         options = parse_options(spec.storage_options)
         return UrlListSource(Path(spec.location).expanduser(), label, max_pixels,
                              spec.url_column, spec.key_column, options,
-                             spec.read_concurrency, spec.refetch)  # fmt: skip
+                             spec.read_concurrency, spec.refetch,
+                             spec.read_retries)  # fmt: skip
     if spec.location.startswith(HF_PREFIX):
         from indexer.sources.hf import HFSource
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import re
+import time
 from typing import Any
 
 import pyarrow as pa
@@ -58,8 +60,10 @@ class BucketSource:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         options: dict[str, Any] | None = None,
         concurrency: int = 64,
+        retries: int = 3,
     ) -> None:
         scheme, _, rest = url.partition("://")
+        self.retries = retries
         self.protocol = scheme.lower()
         self.root = rest.strip("/")
         if not self.root:
@@ -139,7 +143,8 @@ class BucketSource:
         `concurrency` at a time: a batch waits about one request's latency, not one each."""
         too_big = {i for i, (_, size, _) in enumerate(locators) if size > self.max_bytes}
         paths = [path for i, (path, _, _) in enumerate(locators) if i not in too_big]
-        got = dict(zip(paths, fetch_all(self.fs(), paths, self.concurrency), strict=True))
+        fetched = fetch_all(self.fs(), paths, self.concurrency, self.retries)
+        got = dict(zip(paths, fetched, strict=True))
         out: list[tuple[bytes, dict[str, Any]] | Exception] = []
         for i, (path, size, etag) in enumerate(locators):
             if i in too_big:
@@ -162,9 +167,34 @@ def _checked(data: bytes, size: int, etag: str) -> tuple[bytes, dict[str, Any]] 
     return data, {"etag": etag}
 
 
-def fetch_all(fs: Any, paths: list[str], concurrency: int) -> list[Any]:
-    """Each object's bytes (or the exception), one GET each, `concurrency` in flight: an
-    async filesystem's own loop gathers them (fsspec's cat would HEAD each path first)."""
+def fetch_all(fs: Any, paths: list[str], concurrency: int, retries: int = 3) -> list[Any]:
+    """Each object's bytes (or the exception), one GET each, `concurrency` in flight; the
+    ones that failed for a passing reason (throttled, reset, timed out, 5xx) tried again up
+    to `retries` times, after 0.2, 0.4, 0.8 s... with jitter. A missing or forbidden object
+    is not retried."""
+    results = _fetch_once(fs, paths, concurrency)
+    for attempt in range(retries):
+        again = [n for n, r in enumerate(results) if _passing(r)]
+        if not again:
+            break
+        time.sleep(0.2 * 2**attempt * (0.5 + random.random()))
+        for n, got in zip(again, _fetch_once(fs, [paths[n] for n in again], concurrency),
+                          strict=True):  # fmt: skip
+            results[n] = got
+    return results
+
+
+def _passing(result: Any) -> bool:
+    """A failure worth another try: not a missing, forbidden or invalid object."""
+    if not isinstance(result, Exception):
+        return False
+    if isinstance(result, FileNotFoundError | PermissionError | IsADirectoryError | ValueError):
+        return False
+    status = getattr(result, "status", None) or getattr(result, "code", None)
+    return not (isinstance(status, int) and 400 <= status < 500 and status != 429)
+
+
+def _fetch_once(fs: Any, paths: list[str], concurrency: int) -> list[Any]:
     from fsspec.asyn import AsyncFileSystem, _run_coros_in_chunks, sync
 
     if not isinstance(fs, AsyncFileSystem):

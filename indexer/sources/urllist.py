@@ -52,7 +52,9 @@ class UrlListSource:
         options: dict[str, Any] | None = None,
         concurrency: int = 64,
         refetch: bool = False,
+        retries: int = 3,
     ) -> None:
+        self.retries = retries
         self.path = path.resolve()
         self.refetch = refetch  # every row fetched again; unchanged bytes keep their vector
         self.label = label or printable_key(self.path.stem) or "list"
@@ -135,7 +137,7 @@ class UrlListSource:
         if kind not in self._fs:
             options = self.options if kind != "http" else {}
             self._fs[kind] = open_filesystem(kind, options)
-        return fetch_all(self._fs[kind], urls, self.concurrency)
+        return fetch_all(self._fs[kind], urls, self.concurrency, self.retries)
 
     def _row(self, n: int, got: Any) -> tuple[bytes, dict[str, Any]] | Exception:
         if isinstance(got, BaseException):
