@@ -158,3 +158,16 @@ def test_passing_failures_are_retried_then_error_rows(
     else:
         errors = pq.read_table(out / "errors.parquet").to_pylist()
         assert len(errors) == 4 and all(e["stage"] == "fetch" for e in errors)
+
+
+def test_fetch_errors_never_carry_a_url_secret() -> None:
+    from indexer.sources.urllist import safe_reason
+
+    url = "https://user:hunter2@h.example/a.png?X-Amz-Signature=abc123#frag"
+    for exc in (
+        OSError(f"cannot connect to {url}"),
+        TimeoutError(url.replace("https", "HTTPS")),
+        ValueError("bad host: user:hunter2@h.example?X-Amz-Signature=abc123"),
+    ):
+        reason = safe_reason(exc, url)
+        assert "hunter2" not in reason and "abc123" not in reason, reason

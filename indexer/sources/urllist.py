@@ -141,8 +141,7 @@ class UrlListSource:
 
     def _row(self, n: int, got: Any) -> tuple[bytes, dict[str, Any]] | Exception:
         if isinstance(got, BaseException):
-            reason = str(got).replace(self.urls[n], redacted(self.urls[n]))
-            return SampleFailed(f"{type(got).__name__}: {reason}"[:500])
+            return SampleFailed(safe_reason(got, self.urls[n]))
         if len(got) > self.max_bytes:
             return SampleFailed(f"{len(got)} bytes, over the {self.max_bytes} an image within "
                                 "the pixel limit can need")  # fmt: skip
@@ -151,6 +150,23 @@ class UrlListSource:
 
     def url(self, locator: Any) -> str | None:
         return redacted(self.urls[locator])
+
+
+def safe_reason(exc: BaseException, url: str) -> str:
+    """Why a fetch failed, without the URL's secrets: an HTTP status as such; otherwise the
+    exception's text with the URL, its query, fragment and password taken out, however the
+    client library spelled them."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return f"HTTP {status} {getattr(exc, 'message', '')}".strip()
+    if isinstance(exc, FileNotFoundError):
+        return "not found (404, or no such object)"
+    text = str(exc).replace(url, redacted(url))
+    parts = urlsplit(url)
+    for secret in (parts.query, parts.fragment, parts.password or ""):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return f"{type(exc).__name__}: {text}"[:500]
 
 
 def read_list(path: Path) -> pa.Table:
