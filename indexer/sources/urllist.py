@@ -160,7 +160,7 @@ def safe_reason(exc: BaseException, url: str) -> str:
     if isinstance(status, int):
         return f"HTTP {status} {getattr(exc, 'message', '')}".strip()
     if isinstance(exc, FileNotFoundError):
-        return "not found (404, or no such object)"
+        return "FileNotFoundError: not found (HTTP 404, or no such object)"
     text = str(exc).replace(url, redacted(url))
     parts = urlsplit(url)
     for secret in (parts.query, parts.fragment, parts.password or ""):
