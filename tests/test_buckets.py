@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from indexer.errors import InputError
 from indexer.sources.bucket import BucketSource, is_bucket_url, parse_options
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
@@ -254,3 +255,12 @@ def test_the_service_loads_a_bucket_collection_and_reads_its_thumbnails(
         s3.client().delete_object(Bucket="photos", Key=f"pics/{key}")
         status, data = server.request("GET", "/api/collections/c/items/1/thumbnail")
         assert status == 404 and b"can no longer be read" in data
+
+
+@pytest.mark.parametrize(
+    "url", ["s3://photos/pics/?versionId=1", "s3://photos/pics#x", "s3://a//b"]
+)
+def test_a_prefix_with_a_query_is_refused_and_never_stored(url: str) -> None:
+    with pytest.raises(InputError, match=r"without \? or #") as caught:
+        BucketSource(url)
+    assert "versionId" not in str(caught.value)

@@ -99,7 +99,7 @@ def test_a_url_list_is_fetched_and_embedded_with_its_columns(
     result = run_cli("build", whole, "--out", out2, *BUILD_FLAGS, "--refetch")
     assert result.exit_code == 0, result.output
     assert all(counts[f"/{n:02d}.png"] == before[f"/{n:02d}.png"] + 1 for n in range(12))
-    assert "Nothing changed" in result.output or "0 changed" in result.output, result.output
+    assert "0 new, 0 changed, 12 unchanged" in result.output, result.output  # same bytes
 
 
 def test_a_txt_list_of_paths_and_keys_by_column(tmp_path: Path) -> None:
@@ -171,3 +171,10 @@ def test_fetch_errors_never_carry_a_url_secret() -> None:
     ):
         reason = safe_reason(exc, url)
         assert "hunter2" not in reason and "abc123" not in reason, reason
+
+
+def test_an_img2dataset_parquet_file_is_not_taken_for_a_url_list(tmp_path: Path) -> None:
+    listing = tmp_path / "00000.parquet"
+    pq.write_table(pa.table({"url": ["http://x/a.jpg"], "jpg": pa.array([b"\xff\xd8"])}), listing)
+    result = run_cli("build", listing, "--out", tmp_path / "c", *BUILD_FLAGS)
+    assert result.exit_code == 2 and "holds images in column 'jpg'" in result.output

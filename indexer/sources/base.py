@@ -8,6 +8,14 @@ from typing import Any, Protocol
 import pyarrow as pa
 
 
+def read_one(source: Any, locator: Any) -> tuple[bytes, dict[str, Any]]:
+    """Source.read for a source whose read_many fetches a batch: one item the same way."""
+    [result] = source.read_many([locator])
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 class SampleFailed(Exception):
     """An item its downloader could not fetch (img2dataset's failed rows): an error row of
     stage "fetch", never embedded, and not counted against the build's failure budget."""

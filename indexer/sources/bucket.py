@@ -14,6 +14,7 @@ import pyarrow as pa
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.safeio import byte_limit
+from indexer.sources.base import read_one
 from indexer.sources.folder import is_image_name, printable_key
 
 SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -68,6 +69,10 @@ class BucketSource:
         self.root = rest.strip("/")
         if not self.root:
             raise InputError(f"{url}: name a bucket (and a prefix), e.g. s3://photos/2024/")
+        if any(ch in self.root for ch in "?#") or "//" in self.root:
+            raise InputError(f"{self.protocol}://{self.root.split('?')[0].split('#')[0]}...: a "
+                             "prefix is a bucket and a path, without ? or # (a query string "
+                             "is never stored): give the prefix alone")  # fmt: skip
         self.written = f"{self.protocol}://{self.root}/"
         self.label = label or printable_key(self.root.rsplit("/", 1)[-1]) or "bucket"
         self.options = dict(options or {})
@@ -133,10 +138,7 @@ class BucketSource:
         return pa.schema([pa.field("etag", pa.string())])
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
-        [result] = self.read_many([locator])
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return read_one(self, locator)
 
     def read_many(self, locators: list[Any]) -> list[tuple[bytes, dict[str, Any]] | Exception]:
         """Each object's bytes and metadata (or the exception reading it raised), fetched

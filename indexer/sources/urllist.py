@@ -13,10 +13,11 @@ import pyarrow as pa
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.safeio import byte_limit, read_bounded
-from indexer.sources.base import SampleFailed
+from indexer.sources.base import SampleFailed, read_one
 from indexer.sources.folder import printable_key
 
 SUFFIXES = (".parquet", ".csv", ".jsonl", ".txt")
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image")  # bytes: images, not a list of URLs
 
 
 def is_url_list(location: str) -> bool:
@@ -66,6 +67,12 @@ class UrlListSource:
         if url_column not in table.column_names:
             raise InputError(f"{self.path} has no column {url_column!r} (its columns: "
                              f"{', '.join(table.column_names)}): give --url-column")  # fmt: skip
+        images = [f.name for f in table.schema if f.name in IMAGE_COLUMNS and
+                  (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]  # fmt: skip
+        if images:  # img2dataset's Parquet output holds the images themselves
+            raise InputError(f"{self.path} holds images in column {images[0]!r}: pass "
+                             "its folder to index them, not the file (a URL list is "
+                             "fetched)")  # fmt: skip
         self.urls = [str(u) if u is not None else "" for u in table.column(url_column).to_pylist()]
         self.keys = self._keys(table)
         extra = [n for n in table.column_names if n not in (url_column, self._key_name(table))]
@@ -111,10 +118,7 @@ class UrlListSource:
         return pa.schema([*self.meta.schema, pa.field("etag", pa.string())])
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
-        [result] = self.read_many([locator])
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return read_one(self, locator)
 
     def read_many(self, locators: list[Any]) -> list[tuple[bytes, dict[str, Any]] | Exception]:
         """Each row's bytes and columns, fetched `concurrency` at a time per kind of URL."""
