@@ -121,9 +121,8 @@ def load_model_while_decoding(
         from indexer.runtime import RecordedRecipe
 
         return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)]), None
+    from indexer.headstart import HeadStart
     from indexer.knownexport import KnownExport
-    from indexer.loader import iter_batches
-    from indexer.model import load_embedder
 
     plan, known = resume_plan(runtime_plan(cfg, prev), prev, known)
     portable = portable_runtime(plan, prev) or (known_runtime(cfg, plan) if trust_cache else None)
@@ -131,10 +130,16 @@ def load_model_while_decoding(
         loader = cfg.loader
         preprocess = Preprocessor(portable.data_config, loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
-        batches = iter_batches(items, sources, preprocess, loader, known, positions)
+        head = HeadStart.start(items, sources, preprocess, loader, known, positions)
+        from indexer.loader import iter_batches  # torch loads while the head start decodes
+
+        batches = iter_batches(items, sources, preprocess, loader, known, positions, head=head)
         if isinstance(portable, KnownExport):
             portable.start()  # its thread starts once the workers are forked
         return portable, batches, plan
+    from indexer.loader import iter_batches
+    from indexer.model import load_embedder
+
     model = replace(cfg.model, precision=plan.single.precision if plan.single else "fp32")
     if cfg.engine.kind == "ray":  # Ray decodes and embeds; the driver's model gives the recipe
         from indexer.rayengine import ray_batches
@@ -225,10 +230,10 @@ def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
         this_machine,
     )
     from indexer.knownexport import request_identity
-    from indexer.model import resolve_device
+    from indexer.runtime import embeds_on_cuda
 
     m = cfg.model
-    machine = this_machine(resolve_device(m.device).type == "cuda")
+    machine = this_machine(embeds_on_cuda(m.device))
     built = recorded(prev.manifest)
     if built is not None:
         plan = later_plan(m.runtime, m.precision, machine, built, cfg.out)

@@ -90,7 +90,9 @@ def export_portable(
     return Exported(record)
 
 
-def check_images(embedder: Embedder, sample: np.ndarray | None) -> tuple[np.ndarray, bool]:
+def check_images(
+    embedder: Embedder | PortableEmbedder, sample: np.ndarray | None
+) -> tuple[np.ndarray, bool]:
     """The images an export is checked on (the build's first ones, made up to MIN_CHECK with
     generated scenes), and whether any are the build's own."""
     own = sample is not None and len(sample) > 0
@@ -161,27 +163,31 @@ def fidelity(
     got: np.ndarray,
     rows: list[dict[str, Any]],
     precision: str = "fp32",
+    bound: float | None = None,
+    reference: str = "torch fp32",
 ) -> dict[str, Any]:
-    """The fidelity record of a runtime's outputs (`got`, its label `rows`) against torch
-    fp32's (`want`, `probs`): FidelityError when one image's cosine is below the precision's
-    bound (fp32: FIDELITY_MIN) or a class probability is off by more than it allows."""
-    bound = FIDELITY_MIN if precision == "fp32" else BOUND[precision]
+    """The fidelity record of a runtime's outputs (`got`, its label `rows`) against the
+    reference's (torch fp32's unless said: `want`, `probs`): FidelityError when one image's
+    cosine is below the bound (the precision's unless given; fp32: FIDELITY_MIN) or a class
+    probability is off by more than the precision allows."""
+    if bound is None:
+        bound = FIDELITY_MIN if precision == "fp32" else BOUND[precision]
     found = cosines(want, got)
     if not np.all(found >= bound):
         raise FidelityError(
-            f"the exported model reproduces torch only to cosine {found.min():.6f} "
-            f"(needs {bound}) on the build's images"
+            f"the exported model reproduces {reference} only to cosine {found.min():.6f} "
+            f"(needs {bound:.6f}) on the build's images"
         )
     if probs is not None and rows:
         have = np.array([r["label_prob"] for r in rows])
         ref = np.take_along_axis(probs, np.array([r["label_index"] for r in rows]), 1)
         if np.abs(have - ref).max(initial=0.0) > LABELS_TOLERANCE[precision]:
-            raise FidelityError("the class probabilities differ from torch fp32's")
+            raise FidelityError(f"the class probabilities differ from {reference}'s")
     return {
         "images": len(found),
         "min_cosine": float(found.min()),
         "mean_cosine": float(found.mean()),
-        "reference": "torch fp32",
+        "reference": reference,
         "bound": bound,
     }
 
@@ -271,7 +277,7 @@ def cache_key(embedder: Embedder) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def fallback_images(embedder: Embedder, count: int = 16) -> np.ndarray:
+def fallback_images(embedder: Embedder | PortableEmbedder, count: int = 16) -> np.ndarray:
     """Generated scenes at the model's input size, when the build has no pixels of its own
     at hand (the Ray engine, a repair of the model file)."""
     from indexer.synthetic import scene

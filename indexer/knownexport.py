@@ -1,14 +1,16 @@
-"""A first build's model from an earlier export of the same request, confirmed against timm."""
+"""A first build's model from an earlier export of the same request, confirmed on its images."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
+import math
 import queue
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import numpy as np
 from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.configcache import cache_dir
-from indexer.decide import Choice, Decision, RuntimePlan, package_version
+from indexer.decide import BOUND, Choice, Decision, RuntimePlan, package_version
 from indexer.errors import IndexerError
 from indexer.portable import (
     EXPORTER,
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 FOLDER = "exports/known"
 MAX_ENTRY_BYTES = 64 << 20  # an entry's JSON (recipe, record, label names)
 PACKAGES = ("timm", "torch", "onnx", "onnxruntime")  # whose versions shape the export
+SOURCES = ("timm", "indexer")  # whose code, hashed, defines the model and its recipe
 CONFIRMED = ("weights_sha256", "label_set")  # besides runtime.RECIPE_FIELDS (the export's
 # computation; its precision is the runtime's, decided apart: decide.py)
 
@@ -43,8 +46,9 @@ class UnconfirmedExport(IndexerError):
 def request_identity(cfg: ModelConfig) -> dict[str, Any] | None:
     """What decides the exported computation, known before torch or timm is imported: the
     model, the weights' identity (checkpoint sha256, pretrained tag, or seed), the recipe's
-    flags and the versions of the packages that build and check it. None: no identity here
-    (a checkpoint that cannot be read: the torch path says why)."""
+    flags, the versions of the packages that build and check it and the digests of the code
+    that defines the model and its recipe (timm's and indexer's sources). None: no identity
+    here (a checkpoint that cannot be read: the torch path says why)."""
     if cfg.checkpoint is not None:
         try:
             weights: dict[str, Any] = {"checkpoint_sha256": file_sha256(cfg.checkpoint)}
@@ -59,10 +63,34 @@ def request_identity(cfg: ModelConfig) -> dict[str, Any] | None:
         **flags,
         "weights": weights,
         "versions": {name: package_version(name) for name in PACKAGES},
+        "sources": {name: source_digest(name) for name in SOURCES},
         "indexer": __version__,
         "opset": OPSET,
         "exporter": EXPORTER,
     }
+
+
+def source_digest(package: str) -> str | None:
+    """sha256 over a package's Python sources as they are on disk now (edits and editable
+    installs included; ~25 ms for timm's 300 files); None: not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        data = path.read_bytes()
+        name = path.relative_to(root).as_posix().encode()
+        digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def content_complete(identity: dict[str, Any]) -> bool:
+    """Whether the identity names everything the export computes by content: the weights by
+    their bytes (a checkpoint's sha256) or a seed, and the code by its sources. A pretrained
+    tag names weights the hub may replace: such an export is confirmed against timm."""
+    return "pretrained" not in identity["weights"] and all(identity["sources"].values())
 
 
 def _paths(identity: dict[str, Any]) -> tuple[Path, Path]:
@@ -91,9 +119,20 @@ def remember(
         log.info("cannot remember the export in %s: %s", entry.parent, exc)
 
 
-def lookup(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any], bytes] | None:
-    """The recipe, record and model bytes an earlier build exported for this request, when
-    its entry is whole (its bytes those its record names); a hint only, until confirmed."""
+@dataclass(frozen=True)
+class Entry:
+    """An earlier build's checked export of this request: what it was made for, its recipe
+    and record, the model's bytes."""
+
+    identity: dict[str, Any]
+    recipe: dict[str, Any]
+    record: dict[str, Any]
+    model: bytes
+
+
+def lookup(cfg: ModelConfig) -> Entry | None:
+    """The export an earlier build made and checked for this request, when its entry is whole
+    (its bytes those its record names) and its recipe is the request's."""
     identity = request_identity(cfg)
     if identity is None:
         return None
@@ -106,7 +145,10 @@ def lookup(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any], bytes] | N
         model = read_bounded(model_path, int(record["bytes"]), "the model's recorded size")
         if hashlib.sha256(model).hexdigest() != record["sha256"]:
             raise ValueError("its model file differs from its record (sha256)")
-        return entry["recipe"], record, model
+        mismatch = recipe_mismatch(entry["recipe"], cfg)
+        if mismatch:
+            raise ValueError(f"its recipe is another request's ({mismatch})")
+        return Entry(identity, entry["recipe"], record, model)
     except FileNotFoundError:
         return None
     except (OSError, FileRefused, ValueError, KeyError, TypeError) as exc:
@@ -114,22 +156,57 @@ def lookup(cfg: ModelConfig) -> tuple[dict[str, Any], dict[str, Any], bytes] | N
         return None
 
 
+def recipe_mismatch(recipe: dict[str, Any], cfg: ModelConfig) -> str:
+    """What in a cached recipe is not this request's (the model, its weights, its flags)."""
+    weights = recipe.get("weights") or {}
+    if cfg.checkpoint is not None:
+        want: dict[str, Any] = {"kind": "checkpoint", "sha256": file_sha256(cfg.checkpoint)}
+    elif cfg.pretrained:
+        want = {"kind": "pretrained"}
+    else:
+        want = {"kind": "random", "seed": cfg.seed}
+    asked = {"name": cfg.name, "pooling": cfg.pooling, "feature_stage": cfg.feature_stage,
+             "labels": cfg.labels, "normalize": cfg.normalize}  # fmt: skip
+    wrong = [f"weights {k}" for k, v in want.items() if weights.get(k) != v]
+    return ", ".join(wrong + [k for k, v in asked.items() if recipe.get(k) != v])
+
+
+def chained_bound(bound: float, export_min: float) -> float:
+    """The cosine a runtime must reach to the export run in fp32 so that it stays within
+    ``bound`` of torch fp32, given the export reached ``export_min`` to torch when it was
+    made: angles add (the triangle inequality on the sphere)."""
+    slack = math.acos(min(1.0, bound)) - math.acos(min(1.0, export_min))
+    return math.cos(slack) if slack >= 0 else math.inf
+
+
 class KnownExport(PortableEmbedder):
     """A cached export embedding a first build from its first batch, on the runtime and
-    precision the build's plan names (asked for, or timed before on this machine), while a
-    thread creates the model with timm. Nothing is published before that model agrees: the
-    same weights and recipe, and the runtime reproducing torch fp32 on the build's first
-    images within its precision's bound. If it does not, UnconfirmedExport: the run's
-    vectors are discarded."""
+    precision the build's plan names (asked for, or timed before on this machine).
 
-    def __init__(self, cfg: ModelConfig, found: tuple[dict[str, Any], dict[str, Any], bytes],
-                 choice: Choice, plan: RuntimePlan) -> None:  # fmt: skip
-        recipe, record, model = found
-        super().__init__(model, recipe, record, choice.runtime, None, choice.precision)
-        self._confirm = Confirmation(cfg)
+    Nothing is published before the export is confirmed on the build's own first images.
+    Where the request's identity names everything it computes by content (the weights'
+    bytes or seed, the code's sources: content_complete), the export was checked against
+    torch fp32 when it was made under that very identity; the chosen runtime must then
+    reproduce the export run in fp32 (onnxruntime) within the bound that keeps it within its
+    precision's bound of torch fp32 (chained_bound), and timm is never imported. Otherwise
+    (pretrained weights: a tag the hub may serve other bytes under) a thread creates the
+    model with timm meanwhile, and the runtime must reproduce torch fp32 itself. If either
+    check fails, UnconfirmedExport: the run's vectors are discarded."""
+
+    def __init__(self, cfg: ModelConfig, found: Entry, choice: Choice, plan: RuntimePlan) -> None:
+        super().__init__(found.model, found.recipe, found.record, choice.runtime, None,
+                         choice.precision)  # fmt: skip
+        export_min = self._export_min()
+        self.trusted = content_complete(found.identity) and (export_min or 0.0) >= BOUND["fp32"]
+        self._confirm = None if self.trusted else Confirmation(cfg)
+        self._checkpoint = cfg.checkpoint
         self._sent = False
         self._choice = choice
         self._plan = plan
+
+    def _export_min(self) -> float | None:
+        found = (self._record.get("fidelity") or {}).get("min_cosine")
+        return float(found) if isinstance(found, (int, float)) else None
 
     def settle(self, sample: np.ndarray) -> Decision:
         """The runtime this export embeds the build with: the plan's one, or, where the plan
@@ -178,29 +255,25 @@ class KnownExport(PortableEmbedder):
     def embed_with_labels(
         self, images: Any, labels: bool = True
     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        if not self._sent:
-            from indexer.export import CHECK_IMAGES
+        if self._confirm is not None:
+            if not self._sent:
+                from indexer.export import CHECK_IMAGES
 
-            self._confirm.send(np.array(np.asarray(images)[:CHECK_IMAGES]))
-            self._sent = True
-        self._confirm.check(self.recipe, wait=False)  # a wrong model stops the run at once
+                self._confirm.send(np.array(np.asarray(images)[:CHECK_IMAGES]))
+                self._sent = True
+            self._confirm.check(self.recipe, wait=False)  # a wrong model stops the run at once
         return super().embed_with_labels(images, labels)
 
     def portable_model(self, sample: np.ndarray | None, folder: Path) -> Exported:
-        """Once the model made now confirms it: the model stored in folder, its record with
-        this build's fidelity, and the recipe made now (the manifest's)."""
-        from indexer.export import FidelityError, measure_fidelity
+        """Once the export is confirmed on the build's first images: the model stored in
+        folder, its record with this build's fidelity, and the recipe (the manifest's)."""
+        from indexer.export import FidelityError
 
-        if not self._sent:
-            self._confirm.send(sample)
-        recipe = self._confirm.check(self.recipe, wait=True)
-        images, own, want_vectors, want_probs = self._confirm.reference()
         try:
-            fidelity = measure_fidelity(self, images, want_vectors, want_probs,
-                                        self._choice.precision)  # fmt: skip
+            recipe, fidelity = self._trusted_check(sample) if self.trusted else self._confirmed(
+                sample)  # fmt: skip
         except FidelityError as exc:
             raise UnconfirmedExport(f"the cached export does not reproduce torch ({exc})") from exc
-        fidelity["images_from"] = "the build" if own else "generated scenes"
         self.fidelity = fidelity
         # the same computation; the weights' path as given now; this runtime's precision
         self.recipe = {**recipe, "precision": self._choice.precision}
@@ -208,13 +281,58 @@ class KnownExport(PortableEmbedder):
                         "cached": True}  # fmt: skip
         return super().portable_model(sample, folder)
 
+    def _confirmed(self, sample: np.ndarray | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The recipe timm makes now, and the runtime's fidelity to torch fp32 on the images."""
+        from indexer.export import measure_fidelity
+
+        assert self._confirm is not None
+        if not self._sent:
+            self._confirm.send(sample)
+        recipe = self._confirm.check(self.recipe, wait=True)
+        images, own, want_vectors, want_probs = self._confirm.reference()
+        fidelity = measure_fidelity(self, images, want_vectors, want_probs, self._choice.precision)
+        fidelity["images_from"] = "the build" if own else "generated scenes"
+        return recipe, fidelity
+
+    def _trusted_check(self, sample: np.ndarray | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cached recipe (the weights' path as given now), and the runtime's fidelity to
+        the export in fp32 on the images, stated as the bound it implies to torch fp32."""
+        from indexer.export import FIDELITY_MIN, check_images, fidelity
+
+        export_min = self._export_min()
+        assert export_min is not None
+        precision = self._choice.precision
+        bound = FIDELITY_MIN if precision == "fp32" else BOUND[precision]
+        images, own = check_images(self, sample)
+        reference = PortableEmbedder(self._bytes, self.recipe, self._record, "onnxruntime")
+        outputs = reference._run(np.ascontiguousarray(images, dtype=np.uint8))
+        want = np.asarray(outputs[0], dtype=np.float32).reshape(len(images), -1)
+        probs = np.asarray(outputs[1]) if self.labels else None
+        got, rows = self.embed_with_labels(images)
+        record = fidelity(want, probs, got, rows, precision, chained_bound(bound, export_min),
+                          "the cached export in fp32 (onnxruntime)")  # fmt: skip
+        to_torch = math.cos(math.acos(min(1.0, record["min_cosine"])) + math.acos(export_min))
+        record.update(min_cosine=to_torch, bound=bound, reference="torch fp32, through the "
+                      "cached export's own check", images_from="the build" if own
+                      else "generated scenes", to_export=record["min_cosine"],
+                      export_min_cosine=export_min)  # fmt: skip
+        recipe = dict(self.recipe)
+        if self._checkpoint is not None:
+            recipe["weights"] = {**recipe["weights"], "path": str(self._checkpoint.resolve())}
+        log.info("the cached export is trusted (its identity names the weights' bytes and "
+                 "the code's sources): checked on %d images against itself in fp32, not "
+                 "against timm", len(images))  # fmt: skip
+        return recipe, record
+
     def start(self) -> None:
         """Create the model in the background from now on (once the loader's workers exist)."""
-        self._confirm.start()
+        if self._confirm is not None:
+            self._confirm.start()
 
     def close(self) -> None:
         """Let the thread end if it is still waiting for images (the run ended early)."""
-        self._confirm.stop()
+        if self._confirm is not None:
+            self._confirm.stop()
 
 
 class Confirmation:
@@ -223,9 +341,6 @@ class Confirmation:
     may hold other threads' locks can deadlock, and a thread ends with the build."""
 
     def __init__(self, cfg: ModelConfig) -> None:
-        import indexer.export  # here, not in both threads at once
-        import indexer.model  # noqa: F401
-
         self._cfg = cfg
         self._images: queue.Queue[np.ndarray | bool | None] = queue.Queue()
         self._made = threading.Event()  # the model exists (or failed)
@@ -239,6 +354,9 @@ class Confirmation:
         """Start creating the model: after the DataLoader has forked its workers, which must
         not inherit a lock this thread holds (an import's, say) and wait on it forever."""
         if self._thread.ident is None:
+            import indexer.export  # here (torch), not in both threads at once
+            import indexer.model  # noqa: F401
+
             self._thread.start()
 
     def send(self, images: np.ndarray | None) -> None:

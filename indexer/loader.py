@@ -1,167 +1,34 @@
-"""Dataset + collate + DataLoader: uint8 image batches tied to their items, plus error rows."""
+"""Collate + DataLoader: uint8 image batches tied to their items, plus error rows."""
 
 from __future__ import annotations
 
 import faulthandler
-import hashlib
-import importlib
 import logging
 import multiprocessing
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from indexer.balance import CpuShare, WorkerTime
 from indexer.config import LoaderConfig
+from indexer.dataset import ItemDataset, reason
 from indexer.embed import Batch, RawItem
-from indexer.images import DecodeError
-from indexer.jpegroute import route
-from indexer.preprocess import Preprocessor, enlarges
+from indexer.headstart import HeadStart
+from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
-from indexer.sources.base import SampleFailed
 
 log = logging.getLogger(__name__)
 PREFETCH = 4  # batches per worker decoded ahead (uint8, ~77 KB an image at 160x160)
 WORKER_NICE = 5  # measured: -0.3 s of 3.7 s on 500 photos, 2 cores (the import goes first)
 GRACE = 5.0  # seconds an isolated decode may outlive its own alarm before it is killed
 SHARE = True  # the workers decode a share of the GPU's JPEGs to keep pace (indexer.balance)
-
-
-class ItemDataset(Dataset):
-    """Reads and prepares items by position; never substitutes one item for another."""
-
-    def __init__(
-        self,
-        items: list[Item],
-        sources: list[Source],
-        preprocess: Preprocessor,
-        known_hashes: frozenset[str] = frozenset(),
-        decode_timeout: float = 0.0,
-        hook: str | None = None,
-        gpu_pixels: int | None = None,
-        share: CpuShare | None = None,
-    ) -> None:
-        self.items = items
-        self.gpu_pixels = gpu_pixels  # JPEGs the GPU may decode are passed on undecoded
-        self.share = share  # except this share of them, decoded here to keep pace
-        self.sources = sources
-        self.preprocess = preprocess
-        self.known_hashes = known_hashes  # bytes already embedded: their vector is reused
-        self.decode_timeout = decode_timeout
-        self.hook = hook
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, position: int) -> dict[str, Any]:
-        """One item; in a worker process an alarm kills the worker if it takes too long
-        (iter_batches then isolates the batch, so the item alone fails)."""
-        armed = self.decode_timeout > 0 and get_worker_info() is not None
-        if armed:
-            signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
-        try:
-            return self._prepare(position)
-        finally:
-            if armed:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
-        """A batch: the items of sources that read many at once (object stores) fetched
-        together first, concurrently, then each item prepared as __getitem__ prepares it."""
-        fetched = self._fetch_many(positions)
-        armed = self.decode_timeout > 0 and get_worker_info() is not None
-        samples = []
-        for position in positions:
-            if armed:
-                signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
-            try:
-                samples.append(self._prepare(position, fetched.get(position)))
-            finally:
-                if armed:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-        return samples
-
-    def _fetch_many(self, positions: list[int]) -> dict[int, Any]:
-        by_source: dict[int, list[int]] = {}
-        for position in positions:
-            by_source.setdefault(self.items[position].source, []).append(position)
-        fetched: dict[int, Any] = {}
-        for index, chunk in by_source.items():
-            read_many = getattr(self.sources[index], "read_many", None)
-            if read_many is None:
-                continue
-            try:
-                results = read_many([self.items[p].locator for p in chunk])
-            except Exception as exc:  # the whole request failed: each item's error row
-                results = [exc] * len(chunk)
-            fetched.update(zip(chunk, results, strict=True))
-        return fetched
-
-    def _prepare(self, position: int, fetched: Any = None) -> dict[str, Any]:
-        start = time.perf_counter()
-        sample = self._sample(position, fetched)
-        sample["seconds"] = time.perf_counter() - start
-        return sample
-
-    def _sample(self, position: int, fetched: Any = None) -> dict[str, Any]:
-        item = self.items[position]
-        if self.hook:
-            _resolve_hook(self.hook)(item.key)
-        try:
-            if isinstance(fetched, BaseException):
-                raise fetched
-            data, meta = fetched or self.sources[item.source].read(item.locator)
-        except SampleFailed as exc:  # never fetched upstream: nothing to read
-            return {"position": position, "error": ("fetch", str(exc))}
-        except Exception as exc:  # a read failure is this item's error row, not the run's end
-            return {"position": position, "error": ("read", _reason(exc))}
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in self.known_hashes:
-            return {"position": position, "reuse": digest, "meta": meta}
-        shared = False  # a JPEG the GPU could decode, decoded here to keep pace with it
-        if self.gpu_pixels is not None:
-            routed = route(data, self.gpu_pixels)
-            # an image the resize enlarges is the CPU's: cheap to decode, and the GPU's
-            # batched resize is made for shrinking (Pillow's bicubic enlarges otherwise)
-            gpu = routed.gpu and not enlarges(routed.width, routed.height, self.preprocess.cfg)
-            shared = gpu and self.share is not None and self.share.takes(position)
-            if gpu and not shared:  # read and routed here; decoded on the GPU
-                return {"position": position, "raw": data, "route": routed, "hash": digest,
-                        "meta": meta}  # fmt: skip
-        start = time.perf_counter()
-        try:
-            prepared = self.preprocess(data)
-        except DecodeError as exc:
-            return {"position": position, "error": ("decode", str(exc))}
-        except Exception as exc:
-            return {"position": position, "error": ("preprocess", _reason(exc))}
-        return {
-            "position": position,
-            "pixels": prepared.pixels,
-            "width": prepared.width,
-            "height": prepared.height,
-            "hash": digest,
-            "meta": meta,
-            "shared": time.perf_counter() - start if shared else None,
-        }
-
-
-def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _resolve_hook(spec: str) -> Callable[[str], None]:
-    module, _, name = spec.partition(":")
-    hook: Callable[[str], None] = getattr(importlib.import_module(module), name)
-    return hook
 
 
 def collate(samples: list[dict[str, Any]]) -> Batch:
@@ -220,8 +87,10 @@ def iter_batches(
     known_hashes: frozenset[str] = frozenset(),
     positions: list[int] | None = None,
     gpu_decode: bool = False,
+    head: HeadStart | None = None,
 ) -> Iterator[Batch]:
-    """Batches in item order (DataLoader keeps order across workers).
+    """Batches in item order (DataLoader keeps order across workers): with a head start,
+    its batches first (from the front of the items), then the DataLoader's.
 
     Workers start, and decode up to ``PREFETCH`` batches each, as soon as this is called. A
     worker that crashes (a segfault in a native decoder) or hangs past ``decode_timeout``
@@ -230,12 +99,36 @@ def iter_batches(
     loader goes on with the rest.
     """
     timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
+    if head is not None:  # its own dataset: the same items, preprocessing and timeout
+        taken = head.stop()
+        log.info("%d of %d items decoded while torch loaded (the head start)", taken,
+                 len(head.todo))  # fmt: skip
+        rest = head.todo[taken:]
+        later = _resilient(head.dataset, rest, cfg, _loader(head.dataset, rest, cfg))
+        return _after_head(head, timeout, later if rest else iter(()))
     gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
     share = CpuShare(cfg.workers) if gpu_pixels is not None and SHARE else None
     dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook,
                           gpu_pixels, share)  # fmt: skip
     todo = list(range(len(items))) if positions is None else list(positions)
     return _with_share(_resilient(dataset, todo, cfg, _loader(dataset, todo, cfg)), share)
+
+
+def _after_head(head: HeadStart, timeout: float, later: Iterator[Batch]) -> Iterator[Batch]:
+    """The head start's batches, then the DataLoader's (whose workers are decoding already).
+    A batch the head start's process died before delivering is decoded again item by item,
+    each in a process of its own, as a dead worker's is."""
+    try:
+        for delivered in head.results():
+            if delivered.samples is not None:
+                yield collate(delivered.samples)
+                continue
+            log.warning("the first batches' decoding process died; decoding %d items one by one",
+                        len(delivered.positions))  # fmt: skip
+            yield collate([isolated(head.dataset, p, timeout) for p in delivered.positions])
+    finally:
+        head.close()
+    yield from later
 
 
 def _with_share(batches: Iterator[Batch], share: CpuShare | None) -> Iterator[Batch]:
@@ -246,8 +139,8 @@ def _with_share(batches: Iterator[Batch], share: CpuShare | None) -> Iterator[Ba
 
 
 def _loader(dataset: ItemDataset, todo: list[int], cfg: LoaderConfig) -> Iterator[Batch]:
-    loader = DataLoader(
-        dataset,
+    loader: DataLoader[dict[str, Any]] = DataLoader(
+        cast("Dataset[dict[str, Any]]", dataset),  # map-style: __len__, __getitem(s)__
         batch_size=cfg.batch_size,
         sampler=todo,
         num_workers=cfg.workers,
@@ -321,7 +214,7 @@ def _decode_child(dataset: ItemDataset, position: int, timeout: float, send: Any
     try:
         result = dataset._prepare(position)
     except BaseException as exc:  # anything the dataset did not already turn into an error
-        result = {"position": position, "error": ("decode", _reason(exc))}
+        result = {"position": position, "error": ("decode", reason(exc))}
     signal.setitimer(signal.ITIMER_REAL, 0)
     send.send(result)
     send.close()

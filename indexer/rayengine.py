@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig
+from indexer.dataset import ItemDataset
 from indexer.embed import Batch, choose_gpu_decoding
 from indexer.errors import ModelError
 from indexer.images import DecodeError
-from indexer.loader import ItemDataset
 from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
 

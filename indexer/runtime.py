@@ -141,6 +141,9 @@ def absent_reason(manifest: dict[str, Any]) -> str:
     return str(manifest.get("portable_model_reason") or "built before models were exported")
 
 
+ROCM = "/dev/kfd"  # AMD's compute driver: torch's ROCm build answers to "cuda"
+
+
 def gpu_visible() -> bool:
     """An NVIDIA driver is loaded and not hidden from this process (told without torch)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
@@ -150,6 +153,16 @@ def gpu_visible() -> bool:
 
 def wants_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and gpu_visible())
+
+
+def embeds_on_cuda(device: str) -> bool:
+    """Whether torch embeds on CUDA for this --device; with no GPU driver in sight (NVIDIA's,
+    or ROCm's /dev/kfd) auto is the CPU, told without importing torch."""
+    if device == "cpu" or (device == "auto" and not gpu_visible() and not Path(ROCM).exists()):
+        return False
+    from indexer.model import resolve_device
+
+    return resolve_device(device).type == "cuda"
 
 
 def open_portable(

@@ -83,7 +83,8 @@ def test_workers_pass_routed_jpegs_on_undecoded(tmp_path: object) -> None:
     from pathlib import Path
 
     from indexer.config import SourceSpec
-    from indexer.loader import ItemDataset, collate
+    from indexer.dataset import ItemDataset
+    from indexer.loader import collate
     from indexer.sources import list_items, open_sources
 
     root = Path(str(tmp_path)) / "src"
@@ -302,7 +303,7 @@ def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
     """The Ray engine's split, in one process: tasks read and route, the actor decodes (here
     torchvision on the CPU stands in for nvJPEG), the CPU path where that fails."""
     from indexer.config import LoaderConfig, ModelConfig, SourceSpec
-    from indexer.loader import ItemDataset
+    from indexer.dataset import ItemDataset
     from indexer.model import load_embedder
     from indexer.rayengine import FAILED, OK, RAW, EmbedActor, decode_rows, to_batch
     from indexer.sources import list_items, open_sources

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from indexer.config import ModelConfig
-from indexer.knownexport import request_identity
+from indexer.knownexport import (
+    chained_bound,
+    content_complete,
+    recipe_mismatch,
+    request_identity,
+    source_digest,
+)
 from indexer.publish import mark_request, salvage, start_version
 from indexer.synthetic import write_corpus
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
@@ -68,9 +77,21 @@ def test_request_identity_follows_what_decides_the_export(tmp_path: Path) -> Non
 
 
 def test_first_build_embeds_with_the_known_export(
-    src: Path, tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+    src: Path,
+    tmp_path: Path,
+    cache: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import indexer.knownexport as known
+
+    caplog.set_level(logging.INFO, logger="indexer.knownexport")
     build(src, tmp_path / "a")
+
+    def no_timm(cfg: ModelConfig) -> None:
+        raise AssertionError("a trusted export is never confirmed against timm")
+
+    monkeypatch.setattr(known, "Confirmation", no_timm)
     assert last_run(tmp_path / "a")["runtime"] == "onnxruntime"
     assert len(entries(cache)) == 1
     build(src, tmp_path / "b")
@@ -82,6 +103,11 @@ def test_first_build_embeds_with_the_known_export(
     assert record["cached"] is True and record["sha256"] == a["portable_model"]["sha256"]
     assert record["fidelity"]["images_from"] == "the build"
     assert record["fidelity"]["min_cosine"] >= 0.9999
+    # a seed and this code's sources name the computation: checked against the export in
+    # fp32 on the build's images, not against timm (no model created, no thread)
+    assert "cached export is trusted" in caplog.text
+    assert record["fidelity"]["export_min_cosine"] >= 0.9999
+    assert record["fidelity"]["to_export"] >= record["fidelity"]["min_cosine"]
     model = (tmp_path / "b" / "current" / "model.onnx").read_bytes()
     assert hashlib.sha256(model).hexdigest() == record["sha256"]
     va, vb = read_embeddings_by_key(tmp_path / "a"), read_embeddings_by_key(tmp_path / "b")
@@ -104,10 +130,29 @@ def _plant(cache: Path, target: Path, donor: Path, fix_record: bool) -> None:
     target.with_suffix(".onnx").write_bytes(model)
 
 
-@pytest.mark.parametrize("tampering", ["another model", "the wrong computation", "corrupt"])
+TAMPERING = {  # what was done to the cache -> what the build says before it embeds again
+    "another model": "not usable",  # the recipe is not the request's: refused at lookup
+    "corrupt": "not usable",  # the bytes are not the record's
+    "the wrong computation": "embedding again with torch",  # timm's check (untrusted identity)
+    "a runtime off the export": "embedding again with torch",  # the trusted check on the build
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERING))
 def test_a_stale_known_export_never_decides_a_vector(
-    src: Path, tmp_path: Path, cache: Path, tampering: str, caplog: pytest.LogCaptureFixture
+    src: Path,
+    tmp_path: Path,
+    cache: Path,
+    tampering: str,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A forged entry whose record matches other bytes (the wrong computation) is caught only
+    by timm: where the identity is content-complete the cache is trusted for it (a user's own
+    cache, forged consistently, is as trusted as their installed timm), so this case runs as
+    a pretrained identity would, confirmed against timm."""
+    import indexer.knownexport as known
+
     build(src, tmp_path / "seed1", "--seed", "1")
     donor = next(iter(entries(cache).values()))
     build(src, tmp_path / "clean")  # seed 0, torch then its own export
@@ -116,11 +161,14 @@ def test_a_stale_known_export_never_decides_a_vector(
         model = bytearray(target.with_suffix(".onnx").read_bytes())
         model[len(model) // 2] ^= 0xFF
         target.with_suffix(".onnx").write_bytes(bytes(model))
+    elif tampering == "a runtime off the export":  # no runtime can reach this bound
+        monkeypatch.setattr(known, "chained_bound", lambda bound, export_min: 1.5)
     else:
         _plant(cache, target, donor, fix_record=tampering == "the wrong computation")
+    if tampering == "the wrong computation":
+        monkeypatch.setattr(known, "content_complete", lambda identity: False)
     build(src, tmp_path / "out")
-    expect = "not usable" if tampering == "corrupt" else "embedding again with torch"
-    assert expect in caplog.text
+    assert TAMPERING[tampering] in caplog.text
     assert last_run(tmp_path / "out")["runtime"] == "onnxruntime"
     assert (
         "cached"
@@ -170,3 +218,69 @@ def test_unconfirmed_shards_are_never_salvaged(tmp_path: Path) -> None:
         if confirmed:
             mark_request(building, asked)
         assert len(salvage(root, asked)) == int(confirmed)
+
+
+@pytest.mark.parametrize(
+    ("weights", "sources", "trusted"),
+    [
+        ({"checkpoint_sha256": "ab"}, {"timm": "1", "indexer": "2"}, True),
+        ({"seed": 0}, {"timm": "1", "indexer": "2"}, True),
+        ({"pretrained": "resnet50.a1_in1k"}, {"timm": "1", "indexer": "2"}, False),
+        ({"seed": 0}, {"timm": None, "indexer": "2"}, False),
+    ],
+)
+def test_content_complete(weights: dict, sources: dict, trusted: bool) -> None:
+    assert content_complete({"weights": weights, "sources": sources}) is trusted
+
+
+@pytest.mark.parametrize(
+    ("bound", "export_min", "want"),
+    [
+        (0.999, 1.0, 0.999),  # a perfect export leaves the whole bound to the runtime
+        (0.999, 0.99999, None),  # the runtime gets what the export did not use
+        (0.9999, 0.9999, 1.0),  # nothing left: the runtime must equal the export
+        (0.9999, 0.999, math.inf),  # an export below the bound can never be confirmed so
+    ],
+)
+def test_chained_bound(bound: float, export_min: float, want: float | None) -> None:
+    got = chained_bound(bound, export_min)
+    if want is not None:
+        assert got == pytest.approx(want)
+    else:
+        assert bound < got < 1.0
+        # the worst runtime it admits is still within the bound of torch fp32
+        assert math.cos(math.acos(got) + math.acos(export_min)) >= bound - 1e-12
+
+
+def test_source_digest_follows_the_code_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "tinypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("X = 1\n")
+    (package / "models.py").write_text("def f():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = source_digest("tinypkg")
+    assert first is not None and first == source_digest("tinypkg")
+    (package / "models.py").write_text("def f():\n    return 2\n")  # an edit in place
+    assert source_digest("tinypkg") != first
+    assert source_digest("no_such_package_here") is None
+    sys.modules.pop("tinypkg", None)
+
+
+def test_a_cached_recipe_must_be_the_requests(tmp_path: Path) -> None:
+    ck = tmp_path / "w.safetensors"
+    ck.write_bytes(b"weights")
+    cfg = ModelConfig(checkpoint=ck)
+    recipe = {"name": cfg.name, "pooling": cfg.pooling, "feature_stage": cfg.feature_stage,
+              "labels": cfg.labels, "normalize": cfg.normalize,
+              "weights": {"kind": "checkpoint", "sha256": hashlib.sha256(b"weights").hexdigest(),
+                          "path": "/elsewhere/w.safetensors"}}  # fmt: skip
+    assert recipe_mismatch(recipe, cfg) == ""  # the path may differ: the bytes decide
+    assert recipe_mismatch({**recipe, "name": "resnet50"}, cfg) == "name"
+    assert "weights sha256" in recipe_mismatch(recipe, ModelConfig(checkpoint=tmp_path / "x")
+                                                if (tmp_path / "x").write_bytes(b"other")
+                                                else cfg)  # fmt: skip
+    seeded = {**recipe, "weights": {"kind": "random", "seed": 1}}
+    assert recipe_mismatch(seeded, ModelConfig(pretrained=False, seed=1)) == ""
+    assert recipe_mismatch(seeded, ModelConfig(pretrained=False, seed=2)) == "weights seed"

@@ -1,0 +1,152 @@
+"""Reads and prepares one item by position, in whichever process decodes it; torch-free."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from indexer.balance import CpuShare
+from indexer.images import DecodeError
+from indexer.jpegroute import route
+from indexer.preprocess import Preprocessor, enlarges
+from indexer.sources import Item, Source
+from indexer.sources.base import SampleFailed
+
+
+class ItemDataset:
+    """Reads and prepares items by position; never substitutes one item for another. A map-style
+    dataset for torch's DataLoader that needs no torch itself (the head start uses it first)."""
+
+    def __init__(
+        self,
+        items: list[Item],
+        sources: list[Source],
+        preprocess: Preprocessor,
+        known_hashes: frozenset[str] = frozenset(),
+        decode_timeout: float = 0.0,
+        hook: str | None = None,
+        gpu_pixels: int | None = None,
+        share: CpuShare | None = None,
+    ) -> None:
+        self.items = items
+        self.gpu_pixels = gpu_pixels  # JPEGs the GPU may decode are passed on undecoded
+        self.share = share  # except this share of them, decoded here to keep pace
+        self.sources = sources
+        self.preprocess = preprocess
+        self.known_hashes = known_hashes  # bytes already embedded: their vector is reused
+        self.decode_timeout = decode_timeout
+        self.hook = hook
+        self._owner = os.getpid()  # a process forked from it (a worker) arms the decode alarm
+
+    def _armed(self) -> bool:
+        return self.decode_timeout > 0 and os.getpid() != self._owner
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> dict[str, Any]:
+        """One item; in a worker process an alarm kills the worker if it takes too long
+        (iter_batches then isolates the batch, so the item alone fails)."""
+        armed = self._armed()
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
+        try:
+            return self._prepare(position)
+        finally:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
+        """A batch: the items of sources that read many at once (object stores) fetched
+        together first, concurrently, then each item prepared as __getitem__ prepares it."""
+        fetched = self._fetch_many(positions)
+        armed = self._armed()
+        samples = []
+        for position in positions:
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
+            try:
+                samples.append(self._prepare(position, fetched.get(position)))
+            finally:
+                if armed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        return samples
+
+    def _fetch_many(self, positions: list[int]) -> dict[int, Any]:
+        by_source: dict[int, list[int]] = {}
+        for position in positions:
+            by_source.setdefault(self.items[position].source, []).append(position)
+        fetched: dict[int, Any] = {}
+        for index, chunk in by_source.items():
+            read_many = getattr(self.sources[index], "read_many", None)
+            if read_many is None:
+                continue
+            try:
+                results = read_many([self.items[p].locator for p in chunk])
+            except Exception as exc:  # the whole request failed: each item's error row
+                results = [exc] * len(chunk)
+            fetched.update(zip(chunk, results, strict=True))
+        return fetched
+
+    def _prepare(self, position: int, fetched: Any = None) -> dict[str, Any]:
+        start = time.perf_counter()
+        sample = self._sample(position, fetched)
+        sample["seconds"] = time.perf_counter() - start
+        return sample
+
+    def _sample(self, position: int, fetched: Any = None) -> dict[str, Any]:
+        item = self.items[position]
+        if self.hook:
+            _resolve_hook(self.hook)(item.key)
+        try:
+            if isinstance(fetched, BaseException):
+                raise fetched
+            data, meta = fetched or self.sources[item.source].read(item.locator)
+        except SampleFailed as exc:  # never fetched upstream: nothing to read
+            return {"position": position, "error": ("fetch", str(exc))}
+        except Exception as exc:  # a read failure is this item's error row, not the run's end
+            return {"position": position, "error": ("read", reason(exc))}
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self.known_hashes:
+            return {"position": position, "reuse": digest, "meta": meta}
+        shared = False  # a JPEG the GPU could decode, decoded here to keep pace with it
+        if self.gpu_pixels is not None:
+            routed = route(data, self.gpu_pixels)
+            # an image the resize enlarges is the CPU's: cheap to decode, and the GPU's
+            # batched resize is made for shrinking (Pillow's bicubic enlarges otherwise)
+            gpu = routed.gpu and not enlarges(routed.width, routed.height, self.preprocess.cfg)
+            shared = gpu and self.share is not None and self.share.takes(position)
+            if gpu and not shared:  # read and routed here; decoded on the GPU
+                return {"position": position, "raw": data, "route": routed, "hash": digest,
+                        "meta": meta}  # fmt: skip
+        start = time.perf_counter()
+        try:
+            prepared = self.preprocess(data)
+        except DecodeError as exc:
+            return {"position": position, "error": ("decode", str(exc))}
+        except Exception as exc:
+            return {"position": position, "error": ("preprocess", reason(exc))}
+        return {
+            "position": position,
+            "pixels": prepared.pixels,
+            "width": prepared.width,
+            "height": prepared.height,
+            "hash": digest,
+            "meta": meta,
+            "shared": time.perf_counter() - start if shared else None,
+        }
+
+
+def reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _resolve_hook(spec: str) -> Callable[[str], None]:
+    module, _, name = spec.partition(":")
+    hook: Callable[[str], None] = getattr(importlib.import_module(module), name)
+    return hook

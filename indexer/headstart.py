@@ -1,0 +1,146 @@
+"""The first batches, decoded in a process forked before torch loads (its import hides behind)."""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from indexer.config import LoaderConfig
+from indexer.dataset import ItemDataset
+from indexer.preprocess import Preprocessor
+from indexer.sources import Item, Source
+
+log = logging.getLogger(__name__)
+MAX_ITEMS = 1024  # at most this many items (ImageNet photos: ~2.4 core-s, longer than the import)
+NICE = 5  # as the loader's workers: the main process's import goes first
+POLL = 0.5  # seconds between checks that the other side is still alive
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """One batch of the head start: its positions, and its samples (None: the process died
+    before it delivered them; the loader decodes them again, one process per item)."""
+
+    positions: list[int]
+    samples: list[dict[str, Any]] | None
+
+
+class HeadStart:
+    """A process, forked from a process without torch, that decodes batches from the front
+    of ``todo`` until stop() says how many it took; those come back in order from results(),
+    the rest is the DataLoader's. Each batch is claimed under a lock before it is decoded,
+    so no item is decoded twice and none is skipped."""
+
+    def __init__(self, dataset: ItemDataset, todo: list[int], batch_size: int) -> None:
+        context = multiprocessing.get_context("fork")
+        self.dataset, self.todo = dataset, todo
+        self._batch_size = batch_size
+        self._limit = -(-min(len(todo), max(MAX_ITEMS, batch_size)) // batch_size)  # batches
+        self._claimed = context.Value("i", 0)  # batches taken; a negative count: stopped
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_run, args=(dataset, self._chunks(), self._claimed, send, os.getpid()),
+            name="indexer-head-start", daemon=True,
+        )  # fmt: skip
+        self._process.start()
+        send.close()  # ours: the pipe ends (EOFError) when the process does
+        self._taken: int | None = None
+
+    @classmethod
+    def start(
+        cls,
+        items: list[Item],
+        sources: list[Source],
+        preprocess: Preprocessor,
+        cfg: LoaderConfig,
+        known_hashes: frozenset[str] = frozenset(),
+        positions: list[int] | None = None,
+    ) -> HeadStart | None:
+        """Start decoding the first batches now (before torch loads); None where there are no
+        worker processes to hand over to (--workers 0) or nothing to decode."""
+        todo = list(range(len(items))) if positions is None else list(positions)
+        if cfg.workers <= 0 or not todo:
+            return None
+        dataset = ItemDataset(items, sources, preprocess, known_hashes, cfg.decode_timeout,
+                              cfg.decode_hook)  # fmt: skip
+        return cls(dataset, todo, cfg.batch_size)
+
+    def _chunks(self) -> list[list[int]]:
+        size = self._batch_size
+        return [self.todo[i * size : (i + 1) * size] for i in range(self._limit)]
+
+    def stop(self) -> int:
+        """Claim no more batches; the number of items claimed (the DataLoader takes the rest)."""
+        if self._taken is None:
+            with self._claimed.get_lock():
+                taken = self._claimed.value
+                self._claimed.value = -1 - taken
+            self._taken = min(taken * self._batch_size, len(self.todo))
+        return self._taken
+
+    def results(self) -> Iterator[Delivered]:
+        """The claimed batches in order; after the process dies, those it did not deliver."""
+        chunks = self._chunks()[: -(-self.stop() // self._batch_size)]
+        try:
+            for positions in chunks:
+                yield Delivered(positions, self._receive_one())
+        finally:
+            self.close()
+
+    def _receive_one(self) -> list[dict[str, Any]] | None:
+        while self._process.is_alive() or self._receive.poll(0):
+            if not self._receive.poll(POLL):
+                continue
+            try:
+                samples: list[dict[str, Any]] = self._receive.recv()
+                return samples
+            except (EOFError, OSError):
+                break
+        return None
+
+    def close(self) -> None:
+        """Stop the process now (the build ended or failed early) and wait for it."""
+        self.stop()
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        self._receive.close()
+
+
+def _run(
+    dataset: ItemDataset, chunks: list[list[int]], claimed: Any, send: Any, parent: int
+) -> None:
+    """The head start's process: claim a batch, decode it, hand it to a sending thread (so a
+    full pipe never stalls decoding), until stopped, out of batches, or orphaned."""
+    os.nice(NICE)
+    faulthandler.disable()  # a decoder's crash is reported as its item's error row
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the decode alarm ends the process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what ^C means
+    ready: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_send, args=(ready, send), daemon=True)
+    sender.start()
+    while os.getppid() == parent:
+        with claimed.get_lock():
+            number = claimed.value
+            if number < 0 or number >= len(chunks):
+                break
+            claimed.value = number + 1
+        ready.put(dataset.__getitems__(chunks[number]))
+    ready.put(None)
+    sender.join()
+
+
+def _send(ready: queue.SimpleQueue[list[dict[str, Any]] | None], send: Any) -> None:
+    while (samples := ready.get()) is not None:
+        try:
+            send.send(samples)
+        except OSError:  # the main process is gone or stopped listening
+            return
