@@ -92,7 +92,7 @@ def test_a_head_start_that_dies_costs_only_its_item(
     errors = [e for b in headed for e in b.errors]
     assert len(errors) == 1 and "crashed (SIGSEGV)" in errors[0][2]
     good = sorted(p for b in headed for p in b.positions)
-    assert sorted(good + [errors[0][0]]) == list(range(41))
+    assert sorted([*good, errors[0][0]]) == list(range(41))
 
 
 ORPHAN = """
