@@ -133,24 +133,32 @@ def test_a_head_start_ends_with_its_build(corpus: Path) -> None:
 
 
 def test_an_incremental_build_starts_decoding_before_torch(
-    corpus: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Through the CLI: a run that embeds with the collection's portable model hands its first
     batches from the head start to the DataLoader, and its vectors are the ones a run without
     workers makes."""
-    import logging
     import shutil
 
     root = tmp_path / "src"
     shutil.copytree(corpus, root)
-    flags = ("--no-pretrained", "--no-progress", "--precision", "fp32", "--batch-size", "4")
+    flags = ("--no-pretrained", "--no-progress", "--precision", "fp32", "--batch-size", "4",
+             "--runtime", "onnx")  # fmt: skip
     out = tmp_path / "c"
     assert run_cli("build", root, "--out", out, *flags, "--workers", "0").exit_code == 0
     write_corpus(root / "more", 24, seed=9)
-    caplog.set_level(logging.INFO, logger="indexer.loader")
+    handed: list[tuple[int, int]] = []  # (items the head start took, items to embed)
+    stop = HeadStart.stop
+
+    def watched(head: HeadStart) -> int:
+        taken = stop(head)
+        handed.append((taken, len(head.todo)))
+        return taken
+
+    monkeypatch.setattr(HeadStart, "stop", watched)
     result = run_cli("build", root, "--out", out, *flags, "--workers", "2")
     assert result.exit_code == 0, result.output
-    assert "decoded while torch loaded" in caplog.text
+    assert handed and handed[0][1] == 24 and handed[0][0] % 4 == 0  # whole batches
     plain = tmp_path / "plain"
     assert run_cli("build", root, "--out", plain, *flags, "--workers", "0").exit_code == 0
     got, want = read_embeddings_by_key(out), read_embeddings_by_key(plain)
