@@ -40,7 +40,8 @@ from indexer.stages import Stages
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     import torch
 
-    from indexer.decide import Decision, RuntimePlan
+    from indexer.decide import Choice, Decision, RuntimePlan
+    from indexer.knownexport import Entry
     from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -125,18 +126,25 @@ def load_model_while_decoding(
     from indexer.knownexport import KnownExport
 
     plan, known = resume_plan(runtime_plan(cfg, prev), prev, known)
-    portable = portable_runtime(plan, prev) or (known_runtime(cfg, plan) if trust_cache else None)
-    if portable is not None:
+    opening = portable_opening(cfg, plan, prev, trust_cache)
+    if opening is not None:  # decoding starts now; the runtime loads, then torch
+        recipe, open_runtime = opening
         loader = cfg.loader
-        preprocess = Preprocessor(portable.data_config, loader.preprocessing, loader.max_pixels,
+        preprocess = Preprocessor(DataConfig.from_dict(recipe["data_config"]),
+                                  loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
         head = HeadStart.start(items, sources, preprocess, loader, known, positions)
-        from indexer.loader import iter_batches  # torch loads while the head start decodes
+        portable = open_runtime()
+        if portable is not None:
+            from indexer.loader import iter_batches  # torch loads while the head start decodes
 
-        batches = iter_batches(items, sources, preprocess, loader, known, positions, head=head)
-        if isinstance(portable, KnownExport):
-            portable.start()  # its thread starts once the workers are forked
-        return portable, batches, plan
+            batches = iter_batches(items, sources, preprocess, loader, known, positions,
+                                   head=head)  # fmt: skip
+            if isinstance(portable, KnownExport):
+                portable.start()  # its thread starts once the workers are forked
+            return portable, batches, plan
+        if head is not None:  # the runtime did not load: torch's path decodes
+            head.close()
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
@@ -304,19 +312,43 @@ def resume_plan(
     return plan, replace(prev, salvaged=[]).known_hashes()
 
 
+def portable_opening(
+    cfg: BuildConfig, plan: RuntimePlan, prev: Previous, trust_cache: bool
+) -> tuple[dict[str, Any], Callable[[], Runtime | None]] | None:
+    """Where a portable model embeds this run (the collection's, or a known export): its
+    recipe, known without loading anything, and how to load it (None: torch after all)."""
+    if portable_recorded(plan, prev):
+        assert prev.manifest is not None
+        return prev.manifest["model"], lambda: portable_runtime(plan, prev)
+    found = known_entry(cfg, plan) if trust_cache else None
+    if found is None:
+        return None
+    entry, choice, known_plan = found
+    return entry.recipe, lambda: known_runtime(cfg, entry, choice, known_plan)
+
+
+def portable_recorded(plan: RuntimePlan, prev: Previous) -> bool:
+    """The collection's recorded runtime runs its published portable model."""
+    from indexer.decide import PORTABLE
+
+    choice = plan.single
+    if plan.how != "recorded" or choice is None or choice.runtime not in PORTABLE:
+        return False
+    return not (prev.folder is None or prev.manifest is None
+                or "portable_model" not in prev.manifest)  # fmt: skip
+
+
 def portable_runtime(plan: RuntimePlan, prev: Previous) -> Runtime | None:
     """The published version's portable model when the collection's recorded runtime runs it
     (None: torch loads; a damaged model file means torch, which exports it again and then
     embeds with the recorded runtime)."""
-    from indexer.decide import PORTABLE
     from indexer.errors import CollectionError
     from indexer.portable import load_portable
 
     choice = plan.single
-    if plan.how != "recorded" or choice is None or choice.runtime not in PORTABLE:
+    if not portable_recorded(plan, prev) or choice is None:
         return None
-    if prev.folder is None or prev.manifest is None or "portable_model" not in prev.manifest:
-        return None
+    assert prev.folder is not None and prev.manifest is not None
     try:
         return load_portable(prev.folder, prev.manifest, choice.runtime, choice.precision)
     except CollectionError as exc:
@@ -384,10 +416,11 @@ def choose_gpu_decoding(
     return where.gpu
 
 
-def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
+def known_entry(cfg: BuildConfig, plan: RuntimePlan) -> tuple[Entry, Choice, RuntimePlan] | None:
     """For a first build whose runtime is known (asked for, or timed before on this machine)
     and runs the exported model, an earlier build's export of exactly this request (model,
-    weights, flags, versions), if the cache holds a whole one."""
+    weights, flags, versions, sources), if the cache holds a whole one; with the runtime it
+    starts on and the plan it settles (auto: the export's runtimes, torch left out)."""
     from indexer.decide import PORTABLE
 
     if plan.how == "auto":  # several to time: those the export runs, without torch
@@ -398,14 +431,22 @@ def known_runtime(cfg: BuildConfig, plan: RuntimePlan) -> Runtime | None:
         return None
     if choice.runtime not in PORTABLE:
         return None
-    from indexer.knownexport import KnownExport, lookup
+    from indexer.knownexport import lookup
 
     found = lookup(cfg.model)
-    if found is None:
-        return None
+    return None if found is None else (found, choice, plan)
+
+
+def known_runtime(
+    cfg: BuildConfig, entry: Entry, choice: Choice, plan: RuntimePlan
+) -> Runtime | None:
+    """The known export loaded on its runtime (None: it does not load; torch's path says
+    what to do)."""
+    from indexer.knownexport import KnownExport
+
     try:
-        return KnownExport(cfg.model, found, choice, plan)
-    except IndexerError as exc:  # the runtime does not load: torch's path says what to do
+        return KnownExport(cfg.model, entry, choice, plan)
+    except IndexerError as exc:
         log.warning("the cached export cannot run on %s (%s); checking with torch first",
                     choice.label, exc)  # fmt: skip
         return None
