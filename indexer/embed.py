@@ -918,7 +918,9 @@ def error_row(job: EmbedJob, position: int, stage: str, reason: str) -> dict[str
     item = job.items[position]
     source = job.sources[item.source]
     size, mtime = (item.fingerprint or (None, None))[:2]  # (size, mtime_ns[, etag])
-    return {"key": item.key, "source": source.label, "stage": stage, "error": reason,
+    known = getattr(source, "row_metadata", None)  # what the source knows without reading
+    return {**(known(item.locator) if known is not None else {}),
+            "key": item.key, "source": source.label, "stage": stage, "error": reason,
             "file_size": size, "mtime_ns": mtime, "url": source.url(item.locator)}  # fmt: skip
 
 

@@ -10,6 +10,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from indexer.catalog import (
     CURRENT,
     ERRORS,
@@ -81,7 +83,7 @@ def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dic
         paths = CollectionPaths(building)
         paths.shards.mkdir()
         shards = _link_shards(versions, manifests, paths.shards)
-        write_errors(paths.errors, _errors(versions))
+        write_errors(paths.errors, *_errors(versions))
         manifest = _merged_manifest(manifests, shards, number, versions)
         manifest = with_portable(manifest, _merged_portable(versions, manifests, building))
         write_json_atomic(paths.manifest, manifest)
@@ -204,14 +206,18 @@ def _merged_portable(
     return Exported(None, next((r for r in reasons if r), "built before models were exported"))
 
 
-def _errors(versions: list[Path]) -> list[dict[str, Any]]:
+def _errors(versions: list[Path]) -> tuple[list[dict[str, Any]], pa.Schema]:
+    """The parts' error rows, and the columns they carry besides the contract's (a URL
+    list's); older tables lack the contract's newer columns, which become null."""
     rows: list[dict[str, Any]] = []
+    extra: list[pa.Field] = []
     for version in versions:
         path = version / ERRORS
         if path.is_file():
-            rows += read_parquet(path).to_pylist()  # written again with ERROR_SCHEMA (older
-            # tables lack its newer columns, which become null)
-    return rows
+            table = read_parquet(path)
+            rows += table.to_pylist()
+            extra += [f for f in table.schema if f.name not in {e.name for e in extra}]
+    return rows, pa.schema(extra)
 
 
 def _merged_manifest(

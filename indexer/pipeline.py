@@ -181,9 +181,18 @@ def build(cfg: BuildConfig) -> BuildReport:
                 log.warning("%s", exc)  # the run's own error is the one to report
 
 
-def unfetched(errors: list[dict[str, Any]]) -> int:
-    """Error rows of items never fetched upstream (img2dataset's failed downloads)."""
-    return sum(1 for e in errors if e.get("stage") == "fetch")
+def unfetched(errors: list[dict[str, Any]], sources: list[Source]) -> int:
+    """Error rows of items never fetched upstream (img2dataset's failed downloads), not
+    counted against the failure budget; a URL list's failed fetches are this build's own."""
+    ours = {s.label for s in sources if getattr(s, "row_metadata", None) is not None}
+    return sum(1 for e in errors if e.get("stage") == "fetch" and e.get("source") not in ours)
+
+
+def errors_extra(sources: list[Source]) -> pa.Schema:
+    """The columns error rows carry besides the contract's: what the sources know of an
+    item without reading it (a URL list's columns)."""
+    schemas = [s.row_metadata_schema() for s in sources if hasattr(s, "row_metadata_schema")]
+    return merge_metadata_schemas(schemas) if schemas else pa.schema([])
 
 
 def judge(failed: int, items: int, max_failures: float) -> str:
@@ -275,7 +284,7 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
                            time.perf_counter() - start, index, version=version,
                            reindexed=index is not None,
                            failures=count_reasons(plan.kept_errors),
-                           unfetched=unfetched(plan.kept_errors))  # fmt: skip
+                           unfetched=unfetched(plan.kept_errors, sources))  # fmt: skip
     return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start)
 
 
@@ -350,7 +359,7 @@ def update(
     new_shards += write_reused(job, reused, prev, paths, cfg.shard_size)
     check_recovered(prev.lost, sum(s.rows for s in new_shards), cfg.out)
     shards = carried + new_shards
-    write_errors(paths.errors, errors)
+    write_errors(paths.errors, errors, errors_extra(sources))
     counts = tally(plan, reused, new_errors, prev, items, len(items))
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
@@ -373,7 +382,7 @@ def update(
     log.info("published %s v%d: %d rows, %s, %.1fs", cfg.out, number, rows, counts, seconds)
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta, version=number,
                        failures=count_reasons(errors), runtime=embedded.runtime,
-                       unfetched=unfetched(errors),
+                       unfetched=unfetched(errors, sources),
                        choice=embedded.decision.record() if embedded.decision
                        else manifest.get("runtime"))  # fmt: skip
 

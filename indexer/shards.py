@@ -326,13 +326,21 @@ def read_rows(paths: list[Path], ids: set[int]) -> dict[int, dict[str, Any]]:
     return found
 
 
-def write_errors(path: Path, rows: list[dict[str, Any]]) -> None:
+def errors_schema(extra: pa.Schema | None = None) -> pa.Schema:
+    """The errors table's columns: the contract's, then the columns a source knows of an item
+    without reading it (a URL list's other columns), those whose names are not taken."""
+    fields = [f for f in (extra or []) if f.name not in ERROR_SCHEMA.names]
+    return pa.schema([*ERROR_SCHEMA, *fields])
+
+
+def write_errors(path: Path, rows: list[dict[str, Any]], extra: pa.Schema | None = None) -> None:
     """The errors table, written whole under a temporary name and renamed."""
+    schema = errors_schema(extra)
     # (an empty table from_batches: empty_table() and pa.table() import pandas, see as_numpy)
     table = (
-        pa.Table.from_pylist(rows, schema=ERROR_SCHEMA)
+        pa.Table.from_pylist(rows, schema=schema)
         if rows
-        else pa.Table.from_batches([], schema=ERROR_SCHEMA)
+        else pa.Table.from_batches([], schema=schema)
     )
     tmp = path.with_name(path.name + TMP_SUFFIX)
     pq.write_table(table, tmp)

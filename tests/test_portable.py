@@ -87,7 +87,8 @@ def test_a_model_below_the_fidelity_bound_is_not_stored(
     embedder = load_embedder(ModelConfig(pretrained=False))
     monkeypatch.setattr(export, "FIDELITY_MIN", 1.5)  # no cosine reaches it
     exported = embedder.portable_model(_images(4), tmp_path)
-    assert exported.record is None and "reproduces torch fp32 only to cosine" in str(exported.reason)
+    assert exported.record is None
+    assert "reproduces torch fp32 only to cosine" in str(exported.reason)
     assert not (tmp_path / MODEL_FILE).exists()
 
 

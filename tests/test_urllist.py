@@ -68,8 +68,11 @@ def test_a_url_list_is_fetched_and_embedded_with_its_columns(
     write_list(listing, base)
     out = tmp_path / "c"
     result = run_cli("build", listing, "--out", out, *BUILD_FLAGS)
-    assert result.exit_code == 0 and "3 not found" in result.output, result.output  # fetch
-    # errors, like img2dataset's failed rows, are reported, not counted against the budget
+    assert result.exit_code == 6 and "3 of 15 items failed" in result.output, result.output
+    # a list's failed fetches are this build's failures (img2dataset's are its downloader's):
+    # over the budget, the run fails, the collection is still written; within it, partial
+    result = run_cli("build", listing, "--out", out, *BUILD_FLAGS, "--max-failures", "3")
+    assert result.exit_code == 5 and "3 not found" in result.output, result.output
     got = read_embeddings_by_key(out)
     assert len(got) == 12
     local = tmp_path / "local"
@@ -84,6 +87,9 @@ def test_a_url_list_is_fetched_and_embedded_with_its_columns(
     errors = pq.read_table(out / "errors.parquet").to_pylist()
     assert len(errors) == 3 and {e["stage"] for e in errors} == {"fetch"}
     assert all(e["url"].startswith(base + "/missing-") and "?" not in e["url"] for e in errors)
+    listed = {r["url"].split("?")[0]: r for r in pq.read_table(listing).to_pylist()}
+    for e in errors:  # the list's other columns ride along, as in the shards
+        assert e["caption"] == listed[e["url"]]["caption"], e
     for path in out.rglob("*"):  # a signed URL's signature is written nowhere
         if path.is_file():
             assert b"s3cr3tsig" not in path.read_bytes(), path
@@ -152,10 +158,11 @@ def test_passing_failures_are_retried_then_error_rows(
     listing.write_text("url\n" + "".join(f"{base}/{n:02d}.png?flaky={retries}\n" for n in range(4)))
     out = tmp_path / "c"
     result = run_cli("build", listing, "--out", out, *BUILD_FLAGS, "--read-retries", str(retries))
-    assert result.exit_code == 0, result.output
     if embedded:
+        assert result.exit_code == 0, result.output
         assert len(read_embeddings_by_key(out)) == embedded  # each after one 503
-    else:
+    else:  # every row failed: the run says so (exit 6), and each row is an error row
+        assert result.exit_code == 6 and "4 of 4 items failed" in result.output, result.output
         errors = pq.read_table(out / "errors.parquet").to_pylist()
         assert len(errors) == 4 and all(e["stage"] == "fetch" for e in errors)
 
@@ -178,3 +185,21 @@ def test_an_img2dataset_parquet_file_is_not_taken_for_a_url_list(tmp_path: Path)
     pq.write_table(pa.table({"url": ["http://x/a.jpg"], "jpg": pa.array([b"\xff\xd8"])}), listing)
     result = run_cli("build", listing, "--out", tmp_path / "c", *BUILD_FLAGS)
     assert result.exit_code == 2 and "holds images in column 'jpg'" in result.output
+
+
+def test_error_rows_keep_the_lists_columns_through_a_merge_of_parts(
+    images: tuple[str, Path, dict[str, int]], tmp_path: Path
+) -> None:
+    base, _, _ = images
+    listing = tmp_path / "list.parquet"
+    write_list(listing, base)
+    out = tmp_path / "c"
+    for part in ("0/2", "1/2"):
+        result = run_cli("build", listing, "--out", out, *BUILD_FLAGS, "--partition", part,
+                         "--max-failures", "3")  # fmt: skip
+        assert result.exit_code in (0, 5), result.output
+    result = run_cli("index", out)
+    assert result.exit_code == 0, result.output
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert sorted(e["caption"] for e in errors) == ["caption 12", "caption 13", "caption 14"]
+    assert len(read_embeddings_by_key(out)) == 12

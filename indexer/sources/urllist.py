@@ -117,6 +117,13 @@ class UrlListSource:
     def metadata_schema(self) -> pa.Schema:
         return pa.schema([*self.meta.schema, pa.field("etag", pa.string())])
 
+    def row_metadata_schema(self) -> pa.Schema:
+        """The list's other columns: an item's error row carries them too."""
+        return self.meta.schema
+
+    def row_metadata(self, locator: Any) -> dict[str, Any]:
+        return {name: self.meta.column(name)[locator].as_py() for name in self.meta.column_names}
+
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
         return read_one(self, locator)
 
@@ -149,8 +156,7 @@ class UrlListSource:
         if len(got) > self.max_bytes:
             return SampleFailed(f"{len(got)} bytes, over the {self.max_bytes} an image within "
                                 "the pixel limit can need")  # fmt: skip
-        meta = {name: self.meta.column(name)[n].as_py() for name in self.meta.column_names}
-        return bytes(got), {**meta, "etag": _url_print(self.urls[n])}
+        return bytes(got), {**self.row_metadata(n), "etag": _url_print(self.urls[n])}
 
     def url(self, locator: Any) -> str | None:
         return redacted(self.urls[locator])
