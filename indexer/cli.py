@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from indexer import __version__
+from indexer.clioptions import parse_pairs, storage_option
 from indexer.config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -330,14 +331,7 @@ def main(verbose: bool) -> None:
     help="Column whose values are the keys, for hf: sources (default: key, else file_name, "
     "else the image files' paths, else SPLIT/ROW).",
 )
-@click.option(
-    "--storage-option",
-    "storage_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="For s3://, gs://, az:// sources: an fsspec option (endpoint_url=..., anon=true, "
-    "profile=...); repeatable. Credentials otherwise come from the store's usual places.",
-)
+@storage_option
 @click.option(
     "--url-column",
     default="url",
@@ -676,6 +670,7 @@ def below_target(meta: dict[str, Any]) -> str:
     "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
 )
 @click.option("--ef", type=click.IntRange(1), help="HNSW efSearch (default: the tuned value).")
+@storage_option
 def query(
     images: tuple[str, ...],
     root: Path,
@@ -691,6 +686,7 @@ def query(
     runtime: str,
     nprobe: int | None,
     ef: int | None,
+    storage_options: tuple[str, ...],
 ) -> None:
     """Find the K nearest items to each IMAGE (files, folders or glob patterns) or stored item.
 
@@ -715,7 +711,9 @@ def query(
 
         if grid is not None:
             check_writable(grid, "--grid")  # refused before the work, not after it
-        collection = Collection(root, device, params, runtime, strict_params=True)
+        options = parse_pairs(storage_options, "--storage-option")
+        collection = Collection(root, device, params, runtime, strict_params=True,
+                                storage_options=options)  # fmt: skip
         files = expand_images(list(images))
         return collection, collection.query(files, list(ids), k, threshold, list(where))
 
@@ -1009,7 +1007,15 @@ def describe_index(meta: dict[str, Any]) -> str:
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also draw a PNG of the largest groups.",
 )
-def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) -> None:
+@storage_option
+def dedup(
+    root: Path,
+    threshold: float,
+    out: Path,
+    k: int,
+    grid: Path | None,
+    storage_options: tuple[str, ...],
+) -> None:
     """Find groups of near-duplicate items in DIR with its index (a self k-NN join)."""
     from indexer.dedup import find_duplicates, write_groups
     from indexer.search import Collection
@@ -1020,7 +1026,8 @@ def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) ->
         check_writable(out, "--out")  # refused before the work, not after it
         if grid is not None:
             check_writable(grid, "--grid")
-        collection = Collection(root)
+        options = parse_pairs(storage_options, "--storage-option")
+        collection = Collection(root, storage_options=options)
         return collection, find_duplicates(collection, threshold, k)
 
     collection, groups = run_library(run)
@@ -1052,14 +1059,16 @@ def dedup(root: Path, threshold: float, out: Path, k: int, grid: Path | None) ->
     help="Rebuild what is damaged: the index, or the items of damaged shards (embedded again).",
 )
 @keep_option
-def verify(root: Path, repair: bool, keep: int) -> None:
+@storage_option
+def verify(root: Path, repair: bool, keep: int, storage_options: tuple[str, ...]) -> None:
     """Check the collection at DIR against its manifest: every shard's checksum, rows and ids,
     the index's checksums and ids, and that its model embeds a sample of items (read from the
     sources) as their stored vectors. Exit 0 when whole, 3 when damaged."""
     from indexer.verify import repair as mend
     from indexer.verify import verify as check
 
-    report = run_library(lambda: check(root))
+    options = parse_pairs(storage_options, "--storage-option")
+    report = run_library(lambda: check(root, options))
     if not report.problems:
         click.echo(f"{root} is whole: {report.shards} shard(s), {report.rows} rows, and the index.")
         click.echo("".join(f"  {note}\n" for note in report.notes), nl=False)
@@ -1071,8 +1080,8 @@ def verify(root: Path, repair: bool, keep: int) -> None:
         click.echo(f"Run `indexer verify --repair {root}` to rebuild what is damaged.", err=True)
         sys.exit(3)
     hook = os.environ.get(REPAIR_HOOK_ENV)
-    click.echo(run_library(lambda: mend(root, keep, load_hook(hook) if hook else None)))
-    after = run_library(lambda: check(root))
+    click.echo(run_library(lambda: mend(root, keep, load_hook(hook) if hook else None, options)))
+    after = run_library(lambda: check(root, options))
     if after.problems:
         click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)
         sys.exit(3)
@@ -1111,14 +1120,3 @@ def demo(out: Path, count: int) -> None:
 from indexer.cli_serve import serve  # noqa: E402  # its own module: cli.py stays one read
 
 main.add_command(serve)
-
-
-def parse_pairs(pairs: tuple[str, ...], flag: str) -> tuple[tuple[str, str], ...]:
-    """KEY=VALUE flags as pairs, or a usage error naming the one without '='."""
-    parsed = []
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.UsageError(f"{flag} {pair!r}: write KEY=VALUE, e.g. endpoint_url=URL")
-        parsed.append((key.strip(), value))
-    return tuple(parsed)

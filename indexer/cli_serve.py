@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from indexer.clioptions import parse_pairs, storage_option
+
 LOOPBACK_NAMES = ("localhost",)
 SWITCH_SECONDS = 0.0005
 
@@ -48,6 +50,7 @@ SWITCH_SECONDS = 0.0005
 @click.option("--runtime", default="auto", show_default=True,
               type=click.Choice(["auto", "torch", "onnx", "openvino"]),
               help="What embeds uploads (auto: the portable model on the CPU).")  # fmt: skip
+@storage_option
 def serve(
     dirs: tuple[Path, ...],
     host: str,
@@ -63,6 +66,7 @@ def serve(
     max_decode_pixels: int,
     allowed_hosts: tuple[str, ...],
     runtime: str,
+    storage_options: tuple[str, ...],
 ) -> None:
     """Serve published collections: a JSON search API, metrics and a search page.
 
@@ -104,7 +108,7 @@ def serve(
 
     if not return_large_buffers():
         logging.getLogger("indexer").info("not glibc: freed image memory may stay reserved")
-    registry = Registry(roots, runtime)
+    registry = Registry(roots, runtime, parse_pairs(storage_options, "--storage-option"))
     run_library(registry.refresh)
     if not registry.ready():
         missing = [n for n in roots if n not in {c.name for c in registry.all()}]

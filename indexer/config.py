@@ -18,6 +18,9 @@ RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what embeds (indexer.runtime
 POOLINGS = ("head", "avg", "max", "gem")
 
 
+StorageOptions = tuple[tuple[str, str], ...]  # --storage-option KEY=VALUE pairs, in order
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """One SOURCE argument: a folder path or ``hf:PATH_OR_NAME``, plus dataset options."""
@@ -27,7 +30,7 @@ class SourceSpec:
     image_column: str | None = None
     follow_symlinks: bool = False  # folders: also follow links that point outside the folder
     key_column: str | None = None  # datasets: the column whose values are the keys
-    storage_options: tuple[tuple[str, str], ...] = ()  # buckets: fsspec options (never stored)
+    storage_options: StorageOptions = ()  # buckets: fsspec options (never stored)
     read_concurrency: int = 64  # buckets: objects fetched at once by each reading worker
     url_column: str = "url"  # URL lists: the column holding each row's URL or path
     refetch: bool = False  # URL lists: fetch every row again (HTTP has no cheap fingerprint)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from indexer.config import StorageOptions
 from indexer.errors import IndexerError
 from indexer.sources import Item, Source
 
@@ -16,8 +17,9 @@ class ItemReader:
     sources are opened and listed on first use (once), so pictures of a few results cost a
     listing, not a pass over the data."""
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
+    def __init__(self, manifest: dict[str, Any], storage_options: StorageOptions = ()) -> None:
         self._manifest = manifest
+        self._options = storage_options  # buckets: --storage-option, as the build had them
         self._sources: list[Source] | None = None
         self._items: dict[str, Item] = {}
         self._folders = False  # every source a folder: items found from their keys
@@ -66,7 +68,7 @@ class ItemReader:
         from indexer.verify import source_spec
 
         try:
-            specs = tuple(source_spec(s) for s in self._manifest["sources"])
+            specs = tuple(source_spec(s, self._options) for s in self._manifest["sources"])
             sources = open_sources(specs)
             kinds = {s.get("kind") for s in self._manifest["sources"]}
             self._folders = kinds == {"folder"}

@@ -108,7 +108,10 @@ def check_collection(collection: Collection, sample: int = CHEAP_SAMPLE) -> Mode
     manifest = collection.manifest
     if manifest.get("model") is None:
         return unchecked("the collection holds vectors indexed from Parquet, with no model")
-    found = check_model(collection.version, manifest, collection.embedder, None, sample)
+    from indexer.items import ItemReader
+
+    read = ItemReader(manifest, collection.storage_options).read
+    found = check_model(collection.version, manifest, collection.embedder, read, sample)
     return refuse_unless_reproduced(found, collection.root)
 
 

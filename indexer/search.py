@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexer.catalog import CollectionPaths, open_version, read_manifest
+from indexer.config import StorageOptions
 from indexer.errors import CollectionError, InputError
 from indexer.index import apply_params, load_index, search_param, whole_number
 from indexer.shards import as_numpy, positions, read_rows, read_shard
@@ -59,8 +60,10 @@ class Collection:
         runtime: str = "auto",
         strict_params: bool = False,
         cache_rows: bool = False,
+        storage_options: StorageOptions = (),
     ) -> None:
         self.root = Path(root)
+        self.storage_options = storage_options  # buckets: to read items back (never stored)
         self.device = device
         self._strict = strict_params  # a parameter the index lacks: an error (the CLI's flags)
         self._cache_rows = cache_rows  # keep every row in memory (a service): no shard reads
@@ -330,7 +333,7 @@ class Collection:
         if self._items is None:
             from indexer.items import ItemReader
 
-            self._items = ItemReader(self.manifest)
+            self._items = ItemReader(self.manifest, self.storage_options)
         return self._items.read(key)
 
     def row_of(self, item_id: int) -> dict[str, Any] | None:

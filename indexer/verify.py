@@ -18,6 +18,7 @@ from indexer.config import (
     LoaderConfig,
     ModelConfig,
     SourceSpec,
+    StorageOptions,
     file_sha256,
 )
 from indexer.errors import IndexerError, InputError
@@ -49,10 +50,11 @@ class Report:
     notes: tuple[str, ...] = ()  # what was checked beyond the problems (the model's check)
 
 
-def verify(root: Path) -> Report:
+def verify(root: Path, storage_options: StorageOptions = ()) -> Report:
     """Every shard against its recorded checksum and row count, ids unique and below next_id,
     the index against its checksums, its size, its record of the shards and their ids, and
-    the portable model against a sample of the stored vectors (modelcheck.py)."""
+    the portable model against a sample of the stored vectors (modelcheck.py; items read from
+    their sources with ``storage_options``)."""
     version = open_version(root)
     manifest = parse_manifest(version)
     shards, dim = manifest["shards"], int(manifest["embedding_dim"])
@@ -70,7 +72,7 @@ def verify(root: Path) -> Report:
     problems += check_portable(version, manifest)
     notes: list[str] = []
     if not any(p.part in ("shard", "shards", "model") for p in problems):
-        problems += check_reproduces(version, manifest, notes)
+        problems += check_reproduces(version, manifest, notes, storage_options)
     return Report(root, version, len(shards), len(every), problems, tuple(notes))
 
 
@@ -95,7 +97,9 @@ def check_portable(version: Path, manifest: dict[str, Any]) -> list[Problem]:
     return []
 
 
-def check_reproduces(version: Path, manifest: dict[str, Any], notes: list[str]) -> list[Problem]:
+def check_reproduces(
+    version: Path, manifest: dict[str, Any], notes: list[str], storage_options: StorageOptions = ()
+) -> list[Problem]:
     """The portable model, run on the collection's runtime and precision, embeds a sample of
     stored items (read from their sources) as their stored vectors (modelcheck.py); what it
     found goes into notes, a model that does not reproduce them is a problem."""
@@ -106,7 +110,9 @@ def check_reproduces(version: Path, manifest: dict[str, Any], notes: list[str]) 
 
     name = str(manifest["portable_model"]["path"])
     try:
-        found = check_model(version, manifest)
+        from indexer.items import ItemReader
+
+        found = check_model(version, manifest, read=ItemReader(manifest, storage_options).read)
     except CollectionError as exc:  # the runtime cannot load the file
         return [Problem("model", name, f"cannot be run ({exc})")]
     except InputError as exc:  # no portable runtime installed here
@@ -224,7 +230,12 @@ def index_ids(index: Any) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def repair(root: Path, keep: int, before_lock: Callable[[], None] | None = None) -> str:
+def repair(
+    root: Path,
+    keep: int,
+    before_lock: Callable[[], None] | None = None,
+    storage_options: StorageOptions = (),
+) -> str:
     """Under the lock from the start: check the published version again, then publish one
     version with every item (the index rebuilt; damaged shards' items embedded or copied
     again). If it cannot finish, nothing is published and the damage stays reported."""
@@ -233,16 +244,16 @@ def repair(root: Path, keep: int, before_lock: Callable[[], None] | None = None)
     if before_lock is not None:
         before_lock()  # tests: a build may publish here, between the caller's check and ours
     with os_errors_as(f"repairing {root}"), CollectionLock(root, "repair"):
-        report = verify(root)  # what is published now, not what the caller saw
+        report = verify(root, storage_options)  # what is published now, not what the caller saw
         if not report.problems:
             return f"{root} needs no repair now: its published version is whole."
         try:
-            return mend(report, keep)
+            return mend(report, keep, storage_options)
         except IndexerError as exc:
             raise type(exc)(f"nothing was repaired and the damage remains: {exc}") from exc
 
 
-def mend(report: Report, keep: int) -> str:
+def mend(report: Report, keep: int, storage_options: StorageOptions = ()) -> str:
     """Repair what report found, holding the lock: one version published, or none."""
     from indexer.pipeline import build_unlocked, reindex_unlocked
 
@@ -268,17 +279,21 @@ def mend(report: Report, keep: int) -> str:
         return f"Rebuilt the index of {report.root} from its shards" + (
             " and exported its model again." if model else "."
         )
-    build_unlocked(replace(build_config(report.root, manifest, keep), drop_shards=bad))
+    rebuild = build_config(report.root, manifest, keep, storage_options)
+    build_unlocked(replace(rebuild, drop_shards=bad))
     return (
         f"Embedded the items of {len(bad)} damaged shard(s) of {report.root} again and "
         "published them with the rest as one version."
     )
 
 
-def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig:
-    """The `indexer build` that made this collection, from what its manifest recorded."""
+def build_config(
+    root: Path, manifest: dict[str, Any], keep: int, storage_options: StorageOptions = ()
+) -> BuildConfig:
+    """The `indexer build` that made this collection, from what its manifest recorded (and
+    the storage options given now)."""
     asked, weights = manifest["request"], manifest["model"]["weights"]
-    sources = tuple(source_spec(s) for s in manifest["sources"])
+    sources = tuple(source_spec(s, storage_options) for s in manifest["sources"])
     decode = manifest["decode"]
     model = ModelConfig(
         name=asked["model"],
@@ -301,15 +316,18 @@ def build_config(root: Path, manifest: dict[str, Any], keep: int) -> BuildConfig
     return BuildConfig(sources, root, model, loader, index, keep=keep, partition=part_of(root))
 
 
-def source_spec(source: dict[str, Any]) -> SourceSpec:
-    """The SOURCE argument a manifest's source entry was built from."""
+def source_spec(source: dict[str, Any], storage_options: StorageOptions = ()) -> SourceSpec:
+    """The SOURCE argument a manifest's source entry was built from, with the storage
+    options given now (never stored: they may hold secrets)."""
     if source["kind"] == "hf":
         return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"],
                           key_column=source.get("key_column"))  # fmt: skip
     if source["kind"] == "urllist":
         return SourceSpec(source["path"], key_column=source.get("key_column"),
-                          url_column=source.get("url_column") or "url")  # fmt: skip
-    return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")))
+                          url_column=source.get("url_column") or "url",
+                          storage_options=storage_options)  # fmt: skip
+    return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")),
+                      storage_options=storage_options)  # fmt: skip
 
 
 def external_config(root: Path, manifest: dict[str, Any], keep: int) -> Any:

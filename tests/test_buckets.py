@@ -264,3 +264,35 @@ def test_a_prefix_with_a_query_is_refused_and_never_stored(url: str) -> None:
     with pytest.raises(InputError, match=r"without \? or #") as caught:
         BucketSource(url)
     assert "versionId" not in str(caught.value)
+
+
+def test_items_are_read_back_with_the_storage_options_given_now(
+    s3: S3, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No endpoint in the environment: build, verify, query, the API and the service each take
+    --storage-option (never stored) and read the objects back through it."""
+    from indexer.search import Collection
+    from tests.test_serve_hostile import served
+
+    upload(s3, corpus)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    option = ("--storage-option", f"endpoint_url={s3.endpoint}")
+    out = tmp_path / "c"
+    result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS, *option)
+    assert result.exit_code == 0, result.output
+    result = run_cli("verify", out, *option)
+    assert result.exit_code == 0 and "reproduces the stored vectors" in result.output, result.output
+    options = (("endpoint_url", s3.endpoint),)
+    collection = Collection(out, storage_options=options)
+    key = collection.row_of(0)["key"]
+    stored = s3.client().get_object(Bucket="photos", Key=f"pics/{key}")["Body"].read()
+    assert collection.image_of(key) == stored
+    grid = tmp_path / "grid.png"
+    result = run_cli("query", "--id", key, "--index", out, "-k", "3", "--grid", grid, *option)
+    assert result.exit_code == 0 and grid.stat().st_size > 0, result.output
+    with served(out, storage_options=options) as server:
+        status, data = server.request("GET", "/api/collections/c/items/0/thumbnail?size=64")
+        assert status == 200 and data[:2] == b"\xff\xd8"
+    for path in out.rglob("*"):  # the endpoint was given, never written
+        if path.is_file():
+            assert s3.endpoint.encode() not in path.read_bytes(), path

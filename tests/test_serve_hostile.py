@@ -70,9 +70,9 @@ class Served:
 
 
 @contextmanager
-def served(root: Path, cfg: ServeConfig | None = None,
-           limits: ConnectionLimits | None = None) -> Iterator[Served]:  # fmt: skip
-    registry = Registry({"c": root})
+def served(root: Path, cfg: ServeConfig | None = None, limits: ConnectionLimits | None = None,
+           storage_options: tuple[tuple[str, str], ...] = ()) -> Iterator[Served]:  # fmt: skip
+    registry = Registry({"c": root}, storage_options=storage_options)
     registry.refresh()
     server = Served(registry, cfg or ServeConfig(), limits or ConnectionLimits())
     try:

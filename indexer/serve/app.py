@@ -392,7 +392,8 @@ class Thumbnails:
         key = (loaded.name, loaded.identity)
         if key not in self._readers:
             self._readers = {k: v for k, v in self._readers.items() if k[0] != loaded.name}
-            self._readers[key] = ItemReader(loaded.collection.manifest)
+            collection = loaded.collection
+            self._readers[key] = ItemReader(collection.manifest, collection.storage_options)
         return self._readers[key]
 
 

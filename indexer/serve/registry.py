@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from indexer.config import StorageOptions
 from indexer.errors import IndexerError, InputError
 from indexer.search import Collection
 
@@ -48,9 +49,12 @@ class Registry:
     one, checks it (manifest, index, the model that embeds queries), and replaces the one
     reference; a version that fails to load is logged and counted, the old one keeps serving."""
 
-    def __init__(self, roots: dict[str, Path], runtime: str = "auto") -> None:
+    def __init__(
+        self, roots: dict[str, Path], runtime: str = "auto", storage_options: StorageOptions = ()
+    ) -> None:
         self.roots = roots
         self.runtime = runtime
+        self.storage_options = storage_options  # buckets: items read back (never stored)
         self._loaded: dict[str, Loaded] = {}
         self._lock = threading.Lock()
         self.reloads = 0
@@ -91,7 +95,8 @@ class Registry:
         if self._refused.get(name) == target:  # counted and logged once, not every poll
             return
         try:
-            collection = Collection(root, runtime=self.runtime, cache_rows=True)
+            collection = Collection(root, runtime=self.runtime, cache_rows=True,
+                                    storage_options=self.storage_options)  # fmt: skip
             check_loadable(collection)
         except (IndexerError, OSError, ValueError) as exc:
             self.failures += 1
