@@ -42,6 +42,9 @@ def main() -> None:
     folder.mkdir(parents=True)
     for p in photos:
         shutil.copyfile(p, folder / p.name)
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs each request
     s3 = S3()
     try:
         client = s3.client()
@@ -72,27 +75,39 @@ def main() -> None:
                          "the same cores")  # fmt: skip
         del env
         s3.faults.latency = 0.0
-        lines.append(listing_rate(s3))
+        lines += listing_rate(s3)
     finally:
         s3.stop()
     print("\n".join(lines))
 
 
-def listing_rate(s3: S3, count: int = 3000) -> str:
-    """Objects listed per second (paged ListObjectsV2 through fsspec) over `count` objects."""
-    from indexer.sources.bucket import BucketSource
+def listing_rate(s3: S3, count: int = 3000) -> list[str]:
+    """Objects listed per second over `count` objects in 30 sub-prefixes, at 0 and 50 ms a
+    request: one flat paged listing (fsspec's find, the baseline) and indexer's split one
+    (the sub-prefixes at once)."""
+    from indexer.sources.bucket import BucketSource, open_filesystem
 
     client = s3.client()
     for n in range(count):
         client.put_object(Bucket="bench", Key=f"many/{n // 100:03d}/{n:06d}.jpg", Body=b"x")
-    start = time.perf_counter()
-    listed = BucketSource("s3://bench/many/").keys_and_locators()
-    seconds = time.perf_counter() - start
-    return (
-        f"{'listing':>22}: {len(listed):,} objects in {seconds:.2f} s, "
-        f"{len(listed) / seconds:,.0f} objects/s (100M objects: "
-        f"{100e6 / (len(listed) / seconds) / 3600:.1f} h at this rate)"
-    )
+    lines = []
+    for latency in (0.0, 0.050):
+        s3.faults.latency = latency
+        start = time.perf_counter()
+        flat = open_filesystem("s3", {}).find("bench/many", detail=True)
+        flat_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        listed = BucketSource("s3://bench/many/").keys_and_locators()
+        seconds = time.perf_counter() - start
+        assert len(listed) == len(flat) == count
+        lines.append(
+            f"{f'listing, +{latency * 1000:.0f} ms':>22}: {count:,} objects: flat "
+            f"{count / flat_seconds:,.0f} objects/s, split {count / seconds:,.0f} objects/s "
+            f"({flat_seconds / seconds:.2f}x; 100M objects: "
+            f"{100e6 / (count / seconds) / 3600:.1f} h at this rate)"
+        )
+    s3.faults.latency = 0.0
+    return lines
 
 
 if __name__ == "__main__":

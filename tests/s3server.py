@@ -24,6 +24,9 @@ class Faults:
     cached: dict[str, tuple[int, bytes, dict[str, str]]] = field(default_factory=dict)
     throttled: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    listing: int = 0  # listing requests in flight now
+    most_listing: int = 0  # the most that were ever in flight at once
+    lists: int = 0  # listing requests passed on
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
@@ -103,6 +106,20 @@ def _proxy(host: str, port: int, faults: Faults) -> http.server.ThreadingHTTPSer
             pass
 
         def _forward(self) -> None:
+            is_list = self.command == "GET" and "list-type=" in self.path
+            if is_list:
+                with faults.lock:
+                    faults.listing += 1
+                    faults.lists += 1
+                    faults.most_listing = max(faults.most_listing, faults.listing)
+            try:
+                self._pass_on()
+            finally:
+                if is_list:
+                    with faults.lock:
+                        faults.listing -= 1
+
+        def _pass_on(self) -> None:
             time.sleep(faults.latency)
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else None

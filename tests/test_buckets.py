@@ -296,3 +296,33 @@ def test_items_are_read_back_with_the_storage_options_given_now(
     for path in out.rglob("*"):  # the endpoint was given, never written
         if path.is_file():
             assert s3.endpoint.encode() not in path.read_bytes(), path
+
+
+def test_a_prefix_is_listed_in_parts_at_once_as_one_listing_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects at the top, a chain of single sub-prefixes, then many sub-prefixes: the split
+    listing finds exactly what one flat listing finds, and lists the parts concurrently."""
+    from indexer.sources.bucket import BucketSource
+
+    server = S3(Faults(latency=0.05))
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        client = server.client()
+        client.create_bucket(Bucket="deep")
+        keys = ["top.jpg", "notes.txt", "only/.hidden.jpg"]
+        keys += [f"only/one/d{d}/e{e}/img{n}.png" for d in range(6) for e in range(2)
+                 for n in range(3)]  # fmt: skip
+        for key in keys:
+            client.put_object(Bucket="deep", Key=key, Body=b"\x89PNG" + key.encode())
+        source = BucketSource("s3://deep/")
+        listed = source.keys_and_locators()
+        flat = source.fs().find("deep", detail=True)
+        want = sorted(p.split("/", 1)[1] for p in flat
+                      if p.endswith((".jpg", ".png")) and "/." not in p)  # fmt: skip
+        assert [key for key, _, _ in listed] == want and len(want) == 37
+        assert all(fp[2] == loc[2] and len(fp[2]) == 32 for _, loc, fp in listed)  # ETags
+        assert server.faults.most_listing >= 2  # the six d* parts were listed at once
+    finally:
+        server.stop()

@@ -20,6 +20,8 @@ from indexer.sources.folder import is_image_name, printable_key
 SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
            "abfss": "adlfs"}  # fmt: skip
 EXTRA = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
+LIST_CONCURRENCY = 16  # sub-prefixes listed at once (each one paged, a request at a time)
+SPLIT_DEPTH = 4  # levels of single sub-prefixes a listing descends through before splitting
 PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")  # an ETag that is the object's MD5 (no multipart)
 
 
@@ -126,8 +128,14 @@ class BucketSource:
         return listed
 
     def _listing(self) -> dict[str, dict[str, Any]]:
+        from fsspec.asyn import AsyncFileSystem, sync
+
+        fs = self.fs()
         try:
-            found = self.fs().find(self.root, detail=True)
+            if isinstance(fs, AsyncFileSystem):
+                found = sync(fs.loop, split_find, fs, self.root, LIST_CONCURRENCY)
+            else:
+                found = fs.find(self.root, detail=True)
         except FileNotFoundError:
             raise InputError(f"{self.written} does not exist: check the bucket name") from None
         except Exception as exc:  # the store refused or could not be reached
@@ -159,6 +167,32 @@ class BucketSource:
 
     def url(self, locator: Any) -> str | None:
         return f"{self.protocol}://{locator[0]}"
+
+
+async def split_find(fs: Any, root: str, concurrency: int) -> dict[str, dict[str, Any]]:
+    """Every object under root, as fs.find gives them, the prefix split by the store's
+    delimiter: the objects directly under it from one delimited listing, then each
+    sub-prefix listed whole, `concurrency` at once (a listing is paged, 1,000 keys a page:
+    one prefix is one request after another). A level holding a single sub-prefix and
+    nothing else is split below it instead (up to SPLIT_DEPTH levels)."""
+    from fsspec.asyn import _run_coros_in_chunks
+
+    found: dict[str, dict[str, Any]] = {}
+    parts = [root]
+    for _ in range(SPLIT_DEPTH):
+        if len(parts) != 1:
+            break
+        top = await fs._ls(parts[0], detail=True)
+        subs = [i["name"] for i in top if i.get("type") == "directory"]
+        found.update({i["name"]: i for i in top if i.get("type") != "directory"})
+        parts = subs
+    listings = [fs._find(part, detail=True) for part in parts]
+    for result in await _run_coros_in_chunks(listings, batch_size=concurrency,
+                                             return_exceptions=True):  # fmt: skip
+        if isinstance(result, BaseException):
+            raise result
+        found.update(result)
+    return found
 
 
 def _checked(data: bytes, size: int, etag: str) -> tuple[bytes, dict[str, Any]] | Exception:
