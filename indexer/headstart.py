@@ -20,6 +20,7 @@ from indexer.sources import Item, Source
 
 log = logging.getLogger(__name__)
 MAX_ITEMS = 1024  # at most this many items (ImageNet photos: ~2.4 core-s, longer than the import)
+MAX_BYTES = 128 << 20  # and at most this many bytes of pixels waiting for the main process
 NICE = 5  # as the loader's workers: the main process's import goes first
 POLL = 0.5  # seconds between checks that the other side is still alive
 
@@ -43,7 +44,9 @@ class HeadStart:
         context = multiprocessing.get_context("fork")
         self.dataset, self.todo = dataset, todo
         self._batch_size = batch_size
-        self._limit = -(-min(len(todo), max(MAX_ITEMS, batch_size)) // batch_size)  # batches
+        _, height, width = dataset.preprocess.cfg.input_size
+        most = max(batch_size, min(MAX_ITEMS, MAX_BYTES // (3 * height * width)))
+        self._limit = -(-min(len(todo), most) // batch_size)  # batches it may claim
         self._claimed = context.Value("i", 0)  # batches taken; a negative count: stopped
         self._receive, send = context.Pipe(duplex=False)
         self._process = context.Process(
