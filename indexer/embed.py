@@ -126,6 +126,11 @@ def load_model_while_decoding(
     from indexer.knownexport import KnownExport
 
     plan, known = resume_plan(runtime_plan(cfg, prev), prev, known)
+    if cfg.engine.kind == "ray":  # Ray decodes and embeds, with what the local engine would
+        from indexer.rayengine import ray_batches, ray_runtime
+
+        runtime, plan = ray_runtime(cfg, plan, prev)
+        return runtime, ray_batches(items, sources, cfg, known, positions, runtime), plan
     opening = portable_opening(cfg, plan, prev, trust_cache)
     if opening is not None:  # decoding starts now; the runtime loads, then torch
         recipe, open_runtime = opening
@@ -149,13 +154,6 @@ def load_model_while_decoding(
     from indexer.model import load_embedder
 
     model = replace(cfg.model, precision=plan.single.precision if plan.single else "fp32")
-    if cfg.engine.kind == "ray":  # Ray decodes and embeds; the driver's model gives the recipe
-        from indexer.rayengine import ray_batches
-
-        embedder = load_embedder(model)
-        ray_cfg = replace(cfg, model=model)
-        return embedder, ray_batches(items, sources, ray_cfg, known, positions, embedder), plan
-
     gpu = gpu_decoding(cfg)  # --decode gpu was refused before the build began (check_decode)
 
     def start(data_config: DataConfig) -> Iterator[Batch]:
@@ -188,8 +186,6 @@ def check_runtime(cfg: BuildConfig) -> None:
     from indexer.runtime import wants_cuda
 
     m = cfg.model
-    if cfg.engine.kind == "ray" and m.runtime not in ("auto", "torch"):
-        raise InputError(f"--engine ray embeds with torch: drop --runtime {m.runtime}")
     candidates(m.runtime, m.precision, this_machine(wants_cuda(m.device)))
     if m.runtime in ("onnx", "openvino"):  # installed but broken: said now, not after decoding
         check_importable(NAME_OF[m.runtime])
@@ -227,10 +223,9 @@ def recorded_of(cfg: BuildConfig) -> Any:
 
 def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
     """The runtime and precision this run embeds with, or the candidates its first batch
-    chooses among: a later run keeps the collection's; the Ray engine embeds with torch."""
+    chooses among (the Ray engine's driver, on generated scenes): a later run keeps the
+    collection's."""
     from indexer.decide import (
-        Choice,
-        RuntimePlan,
         cache_key,
         first_plan,
         later_plan,
@@ -244,21 +239,9 @@ def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
     machine = this_machine(embeds_on_cuda(m.device))
     built = recorded(prev.manifest)
     if built is not None:
-        plan = later_plan(m.runtime, m.precision, machine, built, cfg.out)
-    elif cfg.engine.kind == "ray":
-        precision = m.precision if m.precision != "auto" else "bf16" if machine.cuda else "fp32"
-        choice = Choice("torch", precision)
-        return RuntimePlan((choice,), "engine", "the Ray engine's actors embed with torch")
-    else:
-        key = cache_key(request_identity(m), m.runtime, m.precision)
-        plan = first_plan(m.runtime, m.precision, machine, key)
-    if cfg.engine.kind == "ray" and plan.single != Choice("torch", built.precision if built
-                                                          else "fp32"):  # fmt: skip
-        raise InputError(
-            f"--engine ray embeds with torch, and {cfg.out} embeds with "
-            f"{plan.candidates[0].label}: build it without --engine ray, or pass --rebuild"
-        )
-    return plan
+        return later_plan(m.runtime, m.precision, machine, built, cfg.out)
+    key = cache_key(request_identity(m), m.runtime, m.precision)
+    return first_plan(m.runtime, m.precision, machine, key)
 
 
 PRECHECK_ITEMS = 1000  # at most this many items are hashed here before a model is loaded
@@ -499,6 +482,7 @@ class Embedding:
         self.decision: Decision | None = None
         self.first_done = 0.0  # when the first batch was embedded
         self.after_first = 0  # images embedded since
+        self.remote = False  # the Ray engine's actors embed (the driver settled beforehand)
 
     def __call__(self, pixels: Any) -> tuple[np.ndarray, list[dict[str, Any]]]:
         first = self.sample is None
@@ -545,13 +529,13 @@ class Embedding:
         plan = self.plan
         if self.decision is not None or plan is None or (single := plan.single) is None:
             return self.decision
-        if plan.how == "cached":  # a choice nothing here confirmed: the next run decides
-            return None
+        if plan.how == "cached" and not self.remote:  # nothing here confirmed it: the next
+            return None  # run decides (the Ray driver checked it on generated scenes)
         return Decision(single, plan.how, plan.why)
 
     @property
     def names(self) -> str | None:
-        return self.runtime.name if self.sample is not None else None
+        return self.runtime.name if self.sample is not None or self.remote else None
 
     def log_rate(self) -> float | None:
         """Images/s after the first batch, logged (None: no image after it)."""
@@ -848,6 +832,7 @@ def embed_items(
     embed = Embedding(job.embedder, job.runtime_plan, paths.root)
     if cfg.engine.kind == "ray" and job.runtime_plan and (ray := job.runtime_plan.single):
         mark_runtime(paths.root, ray)  # its actors embed: no first batch settles it here
+        embed.remote = True
     stages = Stages()
     raw = RawDecoding(cfg, stages)
     if job.embedder.on_cuda and cfg.loader.decode != "cpu":

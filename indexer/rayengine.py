@@ -6,7 +6,8 @@ import functools
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +21,9 @@ from indexer.preprocess import Preprocessor
 from indexer.sources import Item, Source
 
 if TYPE_CHECKING:
-    from indexer.model import Embedder
+    from indexer.decide import RuntimePlan
+    from indexer.plan import Previous
+    from indexer.runtime import Runtime
 
 log = logging.getLogger(__name__)
 OK, FAILED, REUSE, RAW = 0, 1, 2, 3  # what a decoded row is (RAW: for the actor to decode)
@@ -63,19 +66,52 @@ def ray_plan(cfg: BuildConfig) -> RayPlan:
     return RayPlan(gpus, decode)
 
 
+def ray_runtime(cfg: BuildConfig, plan: RuntimePlan, prev: Previous) -> tuple[Runtime, RuntimePlan]:
+    """What the actors embed with, settled in the driver before any item is read, as the
+    local engine would on this machine: the collection's recorded runtime (its portable
+    model), or a first build's plan, its candidates checked against torch fp32 (and timed,
+    for auto) on generated scenes; and the plan naming that one choice."""
+    from indexer.decide import RuntimePlan
+    from indexer.embed import portable_recorded, portable_runtime
+    from indexer.model import load_embedder
+    from indexer.portable import PortableEmbedder
+
+    if portable_recorded(plan, prev):
+        recorded = portable_runtime(plan, prev)
+        if recorded is not None:
+            return recorded, plan
+    model = replace(cfg.model, precision=plan.single.precision if plan.single else "fp32")
+    embedder = load_embedder(model)
+    if plan.single is not None and plan.single.runtime == "torch":
+        return embedder, plan
+    import tempfile
+
+    from indexer.trial import settle
+
+    with tempfile.TemporaryDirectory(prefix="indexer-ray-") as folder:
+        runtime, decision, _ = settle(plan, embedder, None, Path(folder))
+    if isinstance(runtime, PortableEmbedder):  # its bytes, not the temporary file
+        chosen = decision.choice
+        runtime = PortableEmbedder(runtime._bytes, runtime.recipe, runtime._record,
+                                   chosen.runtime, None, chosen.precision)  # fmt: skip
+    return runtime, RuntimePlan((decision.choice,), decision.how, decision.why, plan.key)
+
+
 def ray_batches(
     items: list[Item],
     sources: list[Source],
     cfg: BuildConfig,
     known: frozenset[str],
     positions: list[int],
-    embedder: Embedder,
+    embedder: Runtime,
     plan: RayPlan | None = None,
 ) -> Iterator[Batch]:
-    """Batches with their vectors computed by Ray: the same rows the local engine makes.
-    With GPUs in the cluster and --decode gpu, the decode tasks only read and route JPEGs,
-    and the GPU actors decode them (indexer.gpudecode) before embedding. The plan is the
-    cluster's unless one is given."""
+    """Batches with their vectors computed by Ray: the same rows the local engine makes,
+    embedded by the same runtime at the same precision (a portable model's bytes shipped to
+    the actors, or torch's weights made there and checked against the driver's). With GPUs
+    in the cluster and --decode gpu, the decode tasks only read and route JPEGs, and the GPU
+    actors decode them (indexer.gpudecode) before embedding. The plan is the cluster's unless
+    one is given."""
     import ray
 
     plan = plan or ray_plan(cfg)
@@ -89,13 +125,15 @@ def ray_batches(
     rows = ray.data.from_items([{"position": p} for p in positions])
     decode = functools.partial(decode_rows, dataset=dataset)  # shipped with each task
     decoded = rows.map_batches(decode, batch_size=loader.batch_size, batch_format="numpy")
+    model = replace(cfg.model, precision=str(embedder.recipe.get("precision") or "fp32"))
     embedded = decoded.map_batches(
         EmbedActor,
         fn_constructor_kwargs={
-            "model": cfg.model,
+            "model": model,
             "state_sha256": embedder.recipe["state_sha256"],
             "loader": loader,
             "gpu_decode": routed,
+            "portable": portable_spec(embedder),
         },
         batch_size=loader.batch_size,
         batch_format="numpy",
@@ -106,16 +144,31 @@ def ray_batches(
         yield to_batch(batch)
 
 
+def portable_spec(runtime: Runtime) -> dict[str, Any] | None:
+    """What an actor needs to run the portable model as the driver does (None: torch)."""
+    from indexer.portable import PortableEmbedder
+
+    if not isinstance(runtime, PortableEmbedder):
+        return None
+    return {"model": runtime._bytes, "recipe": runtime.recipe, "record": runtime._record,
+            "runtime": runtime.name, "precision": runtime.recipe["precision"]}  # fmt: skip
+
+
 def decode_rows(batch: dict[str, np.ndarray], dataset: ItemDataset) -> dict[str, np.ndarray]:
-    """Read and decode a block's items (or, routed to the GPU, only read them); a failure is
-    that item's row, never the block's."""
+    """Read a block's items (a store's together, concurrently) and decode them (or, routed
+    to the GPU, only read them); a failure is that item's row, never the block's."""
     h, w = dataset.preprocess.cfg.input_size[1:]
-    out = []
-    for position in batch["position"].tolist():
-        try:
-            out.append(dataset[int(position)])
-        except Exception as exc:  # anything the dataset did not already turn into an error
-            out.append({"position": position, "error": ("decode", f"{type(exc).__name__}: {exc}")})
+    positions = [int(p) for p in batch["position"].tolist()]
+    try:
+        out = dataset.__getitems__(positions)
+    except Exception:  # one by one: each failure its own item's row
+        out = []
+        for position in positions:
+            try:
+                out.append(dataset[position])
+            except Exception as exc:  # anything the dataset did not already turn into an error
+                out.append({"position": position,
+                            "error": ("decode", f"{type(exc).__name__}: {exc}")})  # fmt: skip
     routes = [s.get("route") for s in out]
     return {
         "position": np.array([s["position"] for s in out], np.int64),
@@ -149,20 +202,20 @@ def _status(sample: dict[str, object]) -> int:
 
 
 class EmbedActor:
-    """One model per actor; refuses to run weights that differ from the driver's. With
-    gpu_decode, it decodes the rows the tasks left RAW on its device first (those the GPU
-    cannot decode on the CPU, here; an error row if that fails too)."""
+    """One model per actor: the driver's portable model on the driver's runtime and
+    precision (no timm, no torch model), or torch's, refused when its weights differ from
+    the driver's. With gpu_decode, it decodes the rows the tasks left RAW on its device
+    first (those the GPU cannot decode on the CPU, here; an error row if that fails too)."""
 
-    def __init__(self, model: ModelConfig, state_sha256: str, loader: LoaderConfig,
-                 gpu_decode: bool = False) -> None:  # fmt: skip
-        from indexer.model import load_embedder
-
-        self.embedder = load_embedder(model)
-        if self.embedder.recipe["state_sha256"] != state_sha256:
-            raise ModelError(
-                "a Ray worker made other weights than the driver (different timm or torch, "
-                "or a checkpoint that differs there): install the same versions everywhere"
-            )
+    def __init__(
+        self,
+        model: ModelConfig,
+        state_sha256: str,
+        loader: LoaderConfig,
+        gpu_decode: bool = False,
+        portable: dict[str, Any] | None = None,
+    ) -> None:
+        self.embedder: Any = _actor_model(model, state_sha256, portable)
         cfg = self.embedder.data_config
         self.cpu = Preprocessor(cfg, loader.preprocessing, loader.max_pixels,
                                 loader.allow_truncated)  # fmt: skip
@@ -235,6 +288,33 @@ class EmbedActor:
             except Exception as exc:
                 batch["status"][n], batch["stage"][n] = FAILED, "preprocess"
                 batch["reason"][n] = f"{type(exc).__name__}: {exc}"
+
+
+def _actor_model(model: ModelConfig, state_sha256: str, portable: dict[str, Any] | None) -> Any:
+    """The actor's runtime: the shipped portable model where the machine runs its runtime and
+    precision natively (else a one-line ModelError: a cluster's workers must offer what the
+    driver chose), or torch's model with the driver's weights."""
+    if portable is not None:
+        from indexer.decide import Choice, candidates, this_machine
+        from indexer.portable import PortableEmbedder
+
+        choice = Choice(portable["runtime"], portable["precision"])
+        offered = candidates("auto", "auto", this_machine(cuda=False))
+        if choice not in offered:
+            raise ModelError(f"a Ray worker cannot run {choice.label} natively, which the "
+                             "driver chose: give every worker the same CPU features and "
+                             "packages, or pass --runtime and --precision it offers")  # fmt: skip
+        return PortableEmbedder(portable["model"], portable["recipe"], portable["record"],
+                                choice.runtime, None, choice.precision)  # fmt: skip
+    from indexer.model import load_embedder
+
+    embedder = load_embedder(model)
+    if embedder.recipe["state_sha256"] != state_sha256:
+        raise ModelError(
+            "a Ray worker made other weights than the driver (different timm or torch, "
+            "or a checkpoint that differs there): install the same versions everywhere"
+        )
+    return embedder
 
 
 def to_batch(batch: dict[str, np.ndarray]) -> Batch:

@@ -32,7 +32,7 @@ MIN_TIMED = 8  # images in a timed pass, at the least
 
 
 def settle(
-    plan: RuntimePlan, torch_runtime: Embedder, sample: np.ndarray, folder: Path
+    plan: RuntimePlan, torch_runtime: Embedder, sample: np.ndarray | None, folder: Path
 ) -> tuple[Runtime, Decision, Exported | None]:
     """The runtime that embeds the build (first batch included), how it was decided, and the
     portable model exported into folder (None when no candidate needed it). Every candidate
@@ -104,7 +104,7 @@ def timing_size(images: int, slowest_first: float) -> int:
     return max(MIN_TIMED, min(images, int(images * PASS_SECONDS / slowest_first)))
 
 
-def _reference(torch_runtime: Embedder, sample: np.ndarray) -> export.Reference:
+def _reference(torch_runtime: Embedder, sample: np.ndarray | None) -> export.Reference:
     """The check images, whether they are the build's, and torch fp32's outputs on them. On
     CUDA the model itself runs them in fp32 on its device (no copy of a large model run on
     the CPU, which the export at the end makes anyway), vectors only; on the CPU, the
@@ -119,7 +119,7 @@ def _reference(torch_runtime: Embedder, sample: np.ndarray) -> export.Reference:
 def _exported(
     plan: RuntimePlan,
     torch_runtime: Embedder,
-    sample: np.ndarray,
+    sample: np.ndarray | None,
     folder: Path,
     reference: export.Reference,
 ) -> tuple[Exported | None, tuple[Choice, ...]]:

@@ -93,3 +93,85 @@ def test_ray_decode_gpu_without_gpus_is_refused(corpus: Path, tmp_path: Path,
     assert result.exit_code == 2, result.output
     assert "--decode gpu needs GPUs in the Ray cluster" in result.output
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def _cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+    keys = sorted(a)
+    x, y = np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys])
+    return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+
+
+def _runtime(out: Path) -> tuple[str, str, str | None]:
+    import json
+
+    manifest = json.loads(((out / "current").resolve() / "manifest.json").read_text())
+    last = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    return manifest["runtime"]["name"], manifest["runtime"]["precision"], last["runtime"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_both_engines_embed_with_one_runtime_and_precision(
+    corpus: Path, tmp_path: Path, local_ray: None, precision: str
+) -> None:
+    """The Ray engine's actors run what the local engine runs on this machine (the portable
+    model at auto's precision: bf16 where the CPU has it), and the run records it; the two
+    collections' vectors agree within cosine 0.99999. A later Ray run keeps the collection's."""
+    flags = ("--no-pretrained", "--no-progress", "--precision", precision, "--batch-size", "8")
+    local = run_cli("build", corpus, "--out", tmp_path / "local", *flags)
+    assert local.exit_code == 0, local.output
+    remote = run_cli("build", corpus, "--out", tmp_path / "ray", *flags, "--engine", "ray")
+    assert remote.exit_code == 0, remote.output
+    assert _runtime(tmp_path / "ray") == _runtime(tmp_path / "local")
+    name, chosen, recorded = _runtime(tmp_path / "ray")
+    assert recorded == name != "torch"  # the portable model, on the actors too
+    a, b = read_embeddings_by_key(tmp_path / "local"), read_embeddings_by_key(tmp_path / "ray")
+    assert a.keys() == b.keys() and len(a) == 28
+    assert _cosines(a, b).min() >= 0.99999, (chosen, _cosines(a, b).min())
+    copy = tmp_path / "more"
+    shutil.copytree(corpus, copy)
+    (copy / "group0" / "extra.png").write_bytes((corpus / "group1" / "scene0005.png").read_bytes())
+    again = run_cli("build", copy, "--out", tmp_path / "ray", *flags, "--engine", "ray")
+    assert again.exit_code == 0, again.output
+    assert _runtime(tmp_path / "ray")[:2] == (name, chosen)
+
+
+def test_ray_workers_read_a_bucket_themselves(
+    corpus: Path, tmp_path: Path, local_ray: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3:// through the Ray engine: the driver lists, the tasks fetch their own objects (the
+    endpoint given as a storage option travels with the source, never the bytes through the
+    driver), and the collection equals the local engine's from the same bucket."""
+    pytest.importorskip("moto")
+    from tests.s3server import S3
+    from tests.test_buckets import upload
+
+    server = S3()
+    try:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("AWS_ENDPOINT_URL")
+        upload(server, corpus)
+        env = server.env()  # the workers started before it: options travel, not the env
+        options = {"endpoint_url": server.endpoint, "key": env["AWS_ACCESS_KEY_ID"],
+                   "secret": env["AWS_SECRET_ACCESS_KEY"]}  # fmt: skip
+        flags = (
+            "--no-pretrained",
+            "--no-progress",
+            "--precision",
+            "fp32",
+            "--batch-size",
+            "8",
+            *(x for k, v in options.items() for x in ("--storage-option", f"{k}={v}")),
+        )
+        local = run_cli("build", "s3://photos/pics/", "--out", tmp_path / "local", *flags)
+        assert local.exit_code == 0, local.output
+        before = server.faults.object_gets()
+        remote = run_cli("build", "s3://photos/pics/", "--out", tmp_path / "ray", *flags,
+                         "--engine", "ray")  # fmt: skip
+        assert remote.exit_code == 0, remote.output
+        assert server.faults.object_gets() - before == 28  # each object read once, by a task
+        a, b = read_embeddings_by_key(tmp_path / "local"), read_embeddings_by_key(tmp_path / "ray")
+        assert a.keys() == b.keys() and len(a) == 28
+        assert _cosines(a, b).min() >= 0.99999
+    finally:
+        server.stop()
