@@ -139,15 +139,20 @@ def load_model_while_decoding(
                                   loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
         head = HeadStart.start(items, sources, preprocess, loader, known, positions)
-        portable = open_runtime()
-        if portable is not None:
-            from indexer.loader import iter_batches  # torch loads while the head start decodes
+        try:
+            portable = open_runtime()
+            if portable is not None:
+                from indexer.loader import iter_batches  # torch loads meanwhile
 
-            batches = iter_batches(items, sources, preprocess, loader, known, positions,
-                                   head=head)  # fmt: skip
-            if isinstance(portable, KnownExport):
-                portable.start()  # its thread starts once the workers are forked
-            return portable, batches, plan
+                batches = iter_batches(items, sources, preprocess, loader, known, positions,
+                                       head=head)  # fmt: skip
+                if isinstance(portable, KnownExport):
+                    portable.start()  # its thread starts once the workers are forked
+                return portable, batches, plan
+        except BaseException:  # interrupted (SIGTERM) or failed before the handover
+            if head is not None:
+                head.close()
+            raise
         if head is not None:  # the runtime did not load: torch's path decodes
             head.close()
     from indexer.loader import iter_batches

@@ -50,7 +50,8 @@ class HeadStart:
         self._claimed = context.Value("i", 0)  # batches taken; a negative count: stopped
         self._receive, send = context.Pipe(duplex=False)
         self._process = context.Process(
-            target=_run, args=(dataset, self._chunks(), self._claimed, send, os.getpid()),
+            target=_run,
+            args=(dataset, self._chunks(), self._claimed, send, self._receive, os.getpid()),
             name="indexer-head-start", daemon=True,
         )  # fmt: skip
         self._process.start()
@@ -119,14 +120,22 @@ class HeadStart:
 
 
 def _run(
-    dataset: ItemDataset, chunks: list[list[int]], claimed: Any, send: Any, parent: int
+    dataset: ItemDataset,
+    chunks: list[list[int]],
+    claimed: Any,
+    send: Any,
+    receive: Any,
+    parent: int,
 ) -> None:
     """The head start's process: claim a batch, decode it, hand it to a sending thread (so a
     full pipe never stalls decoding), until stopped, out of batches, or orphaned."""
+    receive.close()  # the main process's end: with it closed here, a write to a pipe whose
+    # reader died fails (EPIPE) instead of waiting forever
     os.nice(NICE)
     faulthandler.disable()  # a decoder's crash is reported as its item's error row
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the decode alarm ends the process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what ^C means
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a group's SIGTERM ends it quietly
     ready: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
     sender = threading.Thread(target=_send, args=(ready, send), daemon=True)
     sender.start()

@@ -153,7 +153,7 @@ def lookup(cfg: ModelConfig) -> Entry | None:
         return Entry(identity, entry["recipe"], record, model)
     except FileNotFoundError:
         return None
-    except (OSError, FileRefused, ValueError, KeyError, TypeError) as exc:
+    except (OSError, FileRefused, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("the cached export %s is not usable (%s); ignoring it", entry_path, exc)
         return None
 
@@ -173,11 +173,16 @@ def recipe_mismatch(recipe: dict[str, Any], cfg: ModelConfig) -> str:
     return ", ".join(wrong + [k for k, v in asked.items() if recipe.get(k) != v])
 
 
+def angle(cosine: float) -> float:
+    """The angle of a cosine, rounding's excursions past +-1 clipped."""
+    return math.acos(max(-1.0, min(1.0, cosine)))
+
+
 def chained_bound(bound: float, export_min: float) -> float:
     """The cosine a runtime must reach to the export run in fp32 so that it stays within
     ``bound`` of torch fp32, given the export reached ``export_min`` to torch when it was
     made: angles add (the triangle inequality on the sphere)."""
-    slack = math.acos(min(1.0, bound)) - math.acos(min(1.0, export_min))
+    slack = angle(bound) - angle(export_min)
     return math.cos(slack) if slack >= 0 else math.inf
 
 
@@ -210,8 +215,16 @@ class KnownExport(PortableEmbedder):
         self._got: tuple[np.ndarray, list[dict[str, Any]]] | None = None  # the runtime's
 
     def _export_min(self) -> float | None:
-        found = (self._record.get("fidelity") or {}).get("min_cosine")
-        return float(found) if isinstance(found, (int, float)) else None
+        """The export's recorded cosine to torch fp32 (at most 1: float rounding clipped);
+        None where the record holds no plausible one (a bool, NaN, past 1 by more than
+        rounding): such an entry is confirmed against timm, not trusted."""
+        fidelity = self._record.get("fidelity")
+        found = fidelity.get("min_cosine") if isinstance(fidelity, dict) else None
+        if isinstance(found, bool) or not isinstance(found, (int, float)):
+            return None
+        if not -1.0 <= found <= 1.0 + 1e-6:  # NaN fails both
+            return None
+        return min(1.0, float(found))
 
     def settle(self, sample: np.ndarray) -> Decision:
         """The runtime this export embeds the build with: the plan's one, or, where the plan
@@ -341,7 +354,7 @@ class KnownExport(PortableEmbedder):
         got, rows = self._got if self._got is not None else self.embed_with_labels(images)
         record = fidelity(want, probs, got, rows, precision, chained_bound(bound, export_min),
                           "the cached export in fp32 (onnxruntime)")  # fmt: skip
-        to_torch = math.cos(math.acos(min(1.0, record["min_cosine"])) + math.acos(export_min))
+        to_torch = math.cos(angle(record["min_cosine"]) + angle(export_min))
         record.update(min_cosine=to_torch, bound=bound, reference="torch fp32, through the "
                       "cached export's own check", images_from="the build" if own
                       else "generated scenes", to_export=record["min_cosine"],
