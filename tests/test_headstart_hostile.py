@@ -348,24 +348,49 @@ def test_every_new_item_is_read_once_and_embeds_as_without_workers(
     flags: tuple[str, ...],
     claim: int,
 ) -> None:
-    from tests.helpers import read_embeddings_by_key
-
     names = [f"{i:02d}.png" for i in range(new)]
+    out, plain, reads, handed = _headed_run(base, tmp_path, monkeypatch, names, claim,
+                                            "counting", *flags)  # fmt: skip
+    assert handed and handed[0][1] == new and handed[0][0] > 0  # the head start took some
+    counts = _reads(reads)
+    assert counts == {f"new/{n}": 1 for n in names}, counts
+    _all_but(out, plain)
+
+
+def _headed_run(
+    base: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    names: list[str],
+    claims: int,
+    hook: str,
+    *flags: str,
+) -> tuple[Path, Path, Path, list[tuple[int, int]]]:
+    """New items `names` built incrementally (the decode hook `hook` counting reads) with a
+    head start held until it claimed `claims` batches; the same built without workers
+    (plain). Returns out, plain, the reads file and the handovers."""
     src, out = _copy_new(base, tmp_path, names)
     plain = tmp_path / "plain"
     shutil.copytree(out, plain, symlinks=True)
     _cli_build(src, plain, "--workers", "0")
     reads = tmp_path / "reads.txt"
     monkeypatch.setenv("ADV_COUNT_FILE", str(reads))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{HOOK}:counting")
-    handed = _claim_first(monkeypatch, claim)
-    _cli_build(src, out, *flags)
-    assert handed and handed[0][1] == new and handed[0][0] > 0  # the head start took some
-    counts = _reads(reads)
-    assert counts == {f"new/{n}": 1 for n in names}, counts
+    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{HOOK}:{hook}")
+    handed = _claim_first(monkeypatch, claims)
+    _cli_build(src, out, *flags, codes=(0, 5))  # 5: partial
+    return out, plain, reads, handed
+
+
+HOSTILE = ("--workers", "2", "--batch-size", "2", "--max-failures", "0.5")
+
+
+def _all_but(out: Path, plain: Path, failed: str | None = None) -> None:
+    """Every other item embedded as the build without workers embedded it."""
+    from tests.helpers import read_embeddings_by_key
+
     got, want = read_embeddings_by_key(out), read_embeddings_by_key(plain)
-    assert got.keys() == want.keys() and len(got) == 12 + new
-    assert max(float(abs(got[k] - want[k]).max()) for k in want) < 1e-5
+    assert got.keys() == want.keys() - {failed}
+    assert max(float(abs(got[k] - want[k]).max()) for k in got) < 1e-5
     assert not _children_left(), "decoding processes outlived the build"
 
 
@@ -374,31 +399,17 @@ def test_a_crash_in_a_later_head_start_batch_costs_only_its_item(
 ) -> None:
     """The head start decodes batches 0 and 1 (2 x 77 KB each: batch 0 is half in the pipe,
     batch 1 queued), then crashes on an item of batch 2: only that item fails."""
-    from tests.helpers import read_embeddings_by_key
-
     names = [f"{i:02d}.png" for i in range(10)]
     names[5] = "05-crash.png"
-    src, out = _copy_new(base, tmp_path, names)
-    plain = tmp_path / "plain"
-    shutil.copytree(out, plain, symlinks=True)
-    _cli_build(src, plain, "--workers", "0")
-    reads = tmp_path / "reads.txt"
-    monkeypatch.setenv("ADV_COUNT_FILE", str(reads))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{HOOK}:counting_hostile")
-    handed = _claim_first(monkeypatch, 3)
-    _cli_build(
-        src, out, "--workers", "2", "--batch-size", "2", "--max-failures", "0.5", codes=(0, 5)
-    )  # 5: partial
+    out, plain, reads, handed = _headed_run(base, tmp_path, monkeypatch, names, 3,
+                                            "counting_hostile", *HOSTILE)  # fmt: skip
     assert handed and handed[0] == (6, 10), handed  # 3 batches claimed, the last one crashed
     errors = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
     assert errors["failed"] == 1, errors
-    got, want = read_embeddings_by_key(out), read_embeddings_by_key(plain)
-    assert got.keys() == want.keys() - {"new/05-crash.png"}
-    assert max(float(abs(got[k] - want[k]).max()) for k in got) < 1e-5
+    _all_but(out, plain, "new/05-crash.png")
     counts = _reads(reads)
     assert all(counts.get(f"new/{n}", 0) >= 1 for n in names), counts
     assert all(counts[f"new/{n}"] == 1 for n in names[6:]), counts  # the loader's: once
-    assert not _children_left(), "decoding processes outlived the build"
 
 
 def _errors(out: Path) -> dict[str, str]:
@@ -412,30 +423,16 @@ def test_a_hanging_item_in_the_head_start_times_out_alone(
     base: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An item that hangs in the head start's second batch with --decode-timeout 2: that item
-    fails as timed out, every other embeds, and the build ends in well under a minute."""
-    from tests.helpers import read_embeddings_by_key
-
+    fails as timed out and every other embeds."""
     names = [f"{i:02d}.png" for i in range(8)]
     names[3] = "03-hang.png"
-    src, out = _copy_new(base, tmp_path, names)
-    plain = tmp_path / "plain"
-    shutil.copytree(out, plain, symlinks=True)
-    _cli_build(src, plain, "--workers", "0")
-    reads = tmp_path / "reads.txt"
-    monkeypatch.setenv("ADV_COUNT_FILE", str(reads))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{HOOK}:counting_hostile")
-    handed = _claim_first(monkeypatch, 2)
-    start = time.monotonic()
-    _cli_build(src, out, "--workers", "2", "--batch-size", "2", "--decode-timeout", "2",
-               "--max-failures", "0.5", codes=(0, 5))  # fmt: skip
-    assert time.monotonic() - start < 40
+    out, plain, _, handed = _headed_run(
+        base, tmp_path, monkeypatch, names, 2, "counting_hostile", *HOSTILE, "--decode-timeout", "2"
+    )
     assert handed and handed[0][0] == 4, handed
     errors = _errors(out)
     assert list(errors) == ["new/03-hang.png"] and "longer than 2s" in errors["new/03-hang.png"]
-    got, want = read_embeddings_by_key(out), read_embeddings_by_key(plain)
-    assert got.keys() == want.keys() - {"new/03-hang.png"}
-    assert max(float(abs(got[k] - want[k]).max()) for k in got) < 1e-5
-    assert not _children_left(), "decoding processes outlived the build"
+    _all_but(out, plain, "new/03-hang.png")
 
 
 # --- the head start on remote sources ----------------------------------------------------------
@@ -647,36 +644,26 @@ def _build_known(known_cache: tuple[Path, Path, Path], out: Path) -> None:
     assert max(float(abs(got[k] - want[k]).max()) for k in want) < 1e-5
 
 
-MIN_COSINES = {
-    # cosines() of two equal float32 vectors, in float64, can be this (export.cosines has no
-    # clip): an export whose record says so is trusted, then math.acos(export_min) raises
-    "one ulp over 1": 1.0000000000000002,
-    "huge": 1e308,
-    "NaN": float("nan"),
-    "a string": "0.99999",
-    "missing": None,
-}
+def _min_cosine(value: object) -> object:
+    def change(entry: dict) -> None:
+        fidelity = entry["record"].setdefault("fidelity", {})
+        if value is None:
+            fidelity.pop("min_cosine", None)
+        else:
+            fidelity["min_cosine"] = value
+
+    return change
 
 
-@pytest.mark.parametrize("value", list(MIN_COSINES))
-def test_a_cached_record_min_cosine_of_any_value_never_fails_the_build(
-    known_cache: tuple[Path, Path, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    value: str,
-) -> None:
-    entry_path = _tampered_cache(known_cache, tmp_path, monkeypatch)
-    entry = json.loads(entry_path.read_text())
-    fidelity = entry["record"].setdefault("fidelity", {})
-    if MIN_COSINES[value] is None:
-        fidelity.pop("min_cosine", None)
-    else:
-        fidelity["min_cosine"] = MIN_COSINES[value]
-    entry_path.write_text(json.dumps(entry))
-    _build_known(known_cache, tmp_path / "out")
-
-
-SHAPES = {  # a cache entry whose JSON holds the wrong types: "not usable", never a crash
+TAMPERED = {  # a cache entry a build did not write: used, confirmed or ignored, never a crash
+    # cosines() of two equal float32 vectors, in float64, can be one ulp over 1: an export
+    # whose record says so is trusted (its angle clipped)
+    "min_cosine one ulp over 1": _min_cosine(1.0000000000000002),
+    "min_cosine huge": _min_cosine(1e308),
+    "min_cosine NaN": _min_cosine(float("nan")),
+    "min_cosine a string": _min_cosine("0.99999"),
+    "min_cosine a bool": _min_cosine(True),
+    "min_cosine missing": _min_cosine(None),
     "recipe a list": lambda e: e.update(recipe=[]),
     "recipe a string": lambda e: e.update(recipe="x"),
     "recipe weights a string": lambda e: e["recipe"].update(weights="x"),
@@ -685,16 +672,16 @@ SHAPES = {  # a cache entry whose JSON holds the wrong types: "not usable", neve
 }
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_a_cache_entry_of_the_wrong_shape_is_ignored(
+@pytest.mark.parametrize("tampering", list(TAMPERED))
+def test_a_tampered_cache_entry_never_fails_the_build(
     known_cache: tuple[Path, Path, Path],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    shape: str,
+    tampering: str,
 ) -> None:
     entry_path = _tampered_cache(known_cache, tmp_path, monkeypatch)
     entry = json.loads(entry_path.read_text())
-    SHAPES[shape](entry)
+    TAMPERED[tampering](entry)
     entry_path.write_text(json.dumps([1, 2] if entry.get("_list") else entry))
     _build_known(known_cache, tmp_path / "out")
 

@@ -109,21 +109,23 @@ def _runtime(out: Path) -> tuple[str, str, str | None]:
     return manifest["runtime"]["name"], manifest["runtime"]["precision"], last["runtime"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "auto"])
+@pytest.mark.parametrize(("runtime", "precision"), [("onnx", "fp32"), ("auto", "auto")])
 def test_both_engines_embed_with_one_runtime_and_precision(
-    corpus: Path, tmp_path: Path, local_ray: None, precision: str
+    corpus: Path, tmp_path: Path, local_ray: None, runtime: str, precision: str
 ) -> None:
-    """The Ray engine's actors run what the local engine runs on this machine (the portable
-    model at auto's precision: bf16 where the CPU has it), and the run records it; the two
-    collections' vectors agree within cosine 0.99999. A later Ray run keeps the collection's."""
-    flags = ("--no-pretrained", "--no-progress", "--precision", precision, "--batch-size", "8")
+    """The Ray engine's actors run what the local engine runs on this machine (auto: what it
+    chose, at bf16 where the CPU has it), and the run records it; the two collections'
+    vectors agree within cosine 0.99999. A later Ray run keeps the collection's."""
+    flags = ("--no-pretrained", "--no-progress", "--precision", precision, "--batch-size", "8",
+             "--runtime", runtime)  # fmt: skip
     local = run_cli("build", corpus, "--out", tmp_path / "local", *flags)
     assert local.exit_code == 0, local.output
     remote = run_cli("build", corpus, "--out", tmp_path / "ray", *flags, "--engine", "ray")
     assert remote.exit_code == 0, remote.output
     assert _runtime(tmp_path / "ray") == _runtime(tmp_path / "local")
     name, chosen, recorded = _runtime(tmp_path / "ray")
-    assert recorded == name != "torch"  # the portable model, on the actors too
+    assert recorded == name and (runtime == "auto" or name == "onnxruntime")  # the portable
+    # model, on the actors too
     a, b = read_embeddings_by_key(tmp_path / "local"), read_embeddings_by_key(tmp_path / "ray")
     assert a.keys() == b.keys() and len(a) == 28
     assert _cosines(a, b).min() >= 0.99999, (chosen, _cosines(a, b).min())
