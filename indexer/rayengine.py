@@ -71,7 +71,7 @@ def ray_runtime(cfg: BuildConfig, plan: RuntimePlan, prev: Previous) -> tuple[Ru
     local engine would on this machine: the collection's recorded runtime (its portable
     model), or a first build's plan, its candidates checked against torch fp32 (and timed,
     for auto) on generated scenes; and the plan naming that one choice."""
-    from indexer.decide import RuntimePlan
+    from indexer.decide import Choice, RuntimePlan
     from indexer.embed import portable_recorded, portable_runtime
     from indexer.model import load_embedder
     from indexer.portable import PortableEmbedder
@@ -80,6 +80,10 @@ def ray_runtime(cfg: BuildConfig, plan: RuntimePlan, prev: Previous) -> tuple[Ru
         recorded = portable_runtime(plan, prev)
         if recorded is not None:
             return recorded, plan
+    if prev.manifest is None and ray_plan(cfg).gpus and cfg.model.runtime in ("auto", "torch"):
+        precision = "fp32" if cfg.model.precision == "fp32" else "bf16"  # the GPUs' default
+        why = "the Ray cluster has GPUs: its actors embed with torch on them"
+        plan = RuntimePlan((Choice("torch", precision),), "engine", why)
     model = replace(cfg.model, precision=plan.single.precision if plan.single else "fp32")
     embedder = load_embedder(model)
     if plan.single is not None and plan.single.runtime == "torch":
