@@ -147,7 +147,7 @@ def lookup(cfg: ModelConfig) -> Entry | None:
         model = read_bounded(model_path, int(record["bytes"]), "the model's recorded size")
         if hashlib.sha256(model).hexdigest() != record["sha256"]:
             raise ValueError("its model file differs from its record (sha256)")
-        mismatch = recipe_mismatch(entry["recipe"], cfg)
+        mismatch = recipe_mismatch(entry["recipe"], cfg, identity)
         if mismatch:
             raise ValueError(f"its recipe is another request's ({mismatch})")
         return Entry(identity, entry["recipe"], record, model)
@@ -158,11 +158,13 @@ def lookup(cfg: ModelConfig) -> Entry | None:
         return None
 
 
-def recipe_mismatch(recipe: dict[str, Any], cfg: ModelConfig) -> str:
-    """What in a cached recipe is not this request's (the model, its weights, its flags)."""
+def recipe_mismatch(recipe: dict[str, Any], cfg: ModelConfig, identity: dict[str, Any]) -> str:
+    """What in a cached recipe is not this request's (identity: request_identity(cfg)): the
+    model, its weights, its flags."""
     weights = recipe.get("weights") or {}
-    if cfg.checkpoint is not None:
-        want: dict[str, Any] = {"kind": "checkpoint", "sha256": file_sha256(cfg.checkpoint)}
+    if cfg.checkpoint is not None:  # hashed once, for the identity
+        sha = identity["weights"]["checkpoint_sha256"]
+        want: dict[str, Any] = {"kind": "checkpoint", "sha256": sha}
     elif cfg.pretrained:
         want = {"kind": "pretrained"}
     else:

@@ -276,11 +276,16 @@ def test_a_cached_recipe_must_be_the_requests(tmp_path: Path) -> None:
               "labels": cfg.labels, "normalize": cfg.normalize,
               "weights": {"kind": "checkpoint", "sha256": hashlib.sha256(b"weights").hexdigest(),
                           "path": "/elsewhere/w.safetensors"}}  # fmt: skip
-    assert recipe_mismatch(recipe, cfg) == ""  # the path may differ: the bytes decide
-    assert recipe_mismatch({**recipe, "name": "resnet50"}, cfg) == "name"
-    assert "weights sha256" in recipe_mismatch(recipe, ModelConfig(checkpoint=tmp_path / "x")
-                                                if (tmp_path / "x").write_bytes(b"other")
-                                                else cfg)  # fmt: skip
+
+    def mismatch(recipe: dict, cfg: ModelConfig) -> str:
+        identity = request_identity(cfg)
+        assert identity is not None
+        return recipe_mismatch(recipe, cfg, identity)
+
+    assert mismatch(recipe, cfg) == ""  # the path may differ: the bytes decide
+    assert mismatch({**recipe, "name": "resnet50"}, cfg) == "name"
+    (tmp_path / "x").write_bytes(b"other")
+    assert mismatch(recipe, ModelConfig(checkpoint=tmp_path / "x")) == "weights sha256"
     seeded = {**recipe, "weights": {"kind": "random", "seed": 1}}
-    assert recipe_mismatch(seeded, ModelConfig(pretrained=False, seed=1)) == ""
-    assert recipe_mismatch(seeded, ModelConfig(pretrained=False, seed=2)) == "weights seed"
+    assert mismatch(seeded, ModelConfig(pretrained=False, seed=1)) == ""
+    assert mismatch(seeded, ModelConfig(pretrained=False, seed=2)) == "weights seed"
