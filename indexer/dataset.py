@@ -15,7 +15,7 @@ from indexer.images import DecodeError
 from indexer.jpegroute import route
 from indexer.preprocess import Preprocessor, enlarges
 from indexer.sources import Item, Source
-from indexer.sources.base import SampleFailed
+from indexer.sources.base import SampleFailed, read_together
 
 
 class ItemDataset:
@@ -64,7 +64,7 @@ class ItemDataset:
     def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
         """A batch: the items of sources that read many at once (object stores) fetched
         together first, concurrently, then each item prepared as __getitem__ prepares it."""
-        fetched = self._fetch_many(positions)
+        fetched = read_together(self.items, self.sources, positions)
         armed = self._armed()
         samples = []
         for position in positions:
@@ -76,22 +76,6 @@ class ItemDataset:
                 if armed:
                     signal.setitimer(signal.ITIMER_REAL, 0)
         return samples
-
-    def _fetch_many(self, positions: list[int]) -> dict[int, Any]:
-        by_source: dict[int, list[int]] = {}
-        for position in positions:
-            by_source.setdefault(self.items[position].source, []).append(position)
-        fetched: dict[int, Any] = {}
-        for index, chunk in by_source.items():
-            read_many = getattr(self.sources[index], "read_many", None)
-            if read_many is None:
-                continue
-            try:
-                results = read_many([self.items[p].locator for p in chunk])
-            except Exception as exc:  # the whole request failed: each item's error row
-                results = [exc] * len(chunk)
-            fetched.update(zip(chunk, results, strict=True))
-        return fetched
 
     def _prepare(self, position: int, fetched: Any = None) -> dict[str, Any]:
         start = time.perf_counter()

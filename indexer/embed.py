@@ -250,6 +250,7 @@ def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
 
 
 PRECHECK_ITEMS = 1000  # at most this many items are hashed here before a model is loaded
+PRECHECK_CHUNK = 64  # read together at most (a bucket's or a list's: concurrently)
 
 
 def already_stored(
@@ -260,18 +261,28 @@ def already_stored(
     torch and no workers. None as soon as one does not (or cannot be read here)."""
     if prev.manifest is None or not positions or len(positions) > PRECHECK_ITEMS:
         return None
+    from indexer.sources.base import read_together
+
     known = prev.known_hashes()
     found = []
-    for position in positions:
-        item = items[position]
-        try:
-            data, meta = sources[item.source].read(item.locator)
-        except Exception:  # the loader reads it again and makes its error row
-            return None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest not in known:
-            return None
-        found.append((position, digest, meta))
+    done, size = 0, 1  # 1 item first (a run with new bytes stops there), then 2, 4 ... 64
+    while done < len(positions):
+        chunk = positions[done : done + size]
+        fetched = read_together(items, sources, chunk)  # a store's: concurrently
+        for position in chunk:
+            item = items[position]
+            try:
+                got = fetched.get(position) or sources[item.source].read(item.locator)
+                if isinstance(got, BaseException):
+                    raise got
+            except Exception:  # the loader reads it again and makes its error row
+                return None
+            data, meta = got
+            digest = hashlib.sha256(data).hexdigest()
+            if digest not in known:
+                return None
+            found.append((position, digest, meta))
+        done, size = done + len(chunk), min(2 * size, PRECHECK_CHUNK)
     return found
 
 

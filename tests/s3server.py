@@ -24,6 +24,8 @@ class Faults:
     cached: dict[str, tuple[int, bytes, dict[str, str]]] = field(default_factory=dict)
     throttled: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    getting: int = 0  # object GETs in flight now
+    most_getting: int = 0  # the most that were ever in flight at once
     listing: int = 0  # listing requests in flight now
     most_listing: int = 0  # the most that were ever in flight at once
     lists: int = 0  # listing requests passed on
@@ -107,17 +109,21 @@ def _proxy(host: str, port: int, faults: Faults) -> http.server.ThreadingHTTPSer
 
         def _forward(self) -> None:
             is_list = self.command == "GET" and "list-type=" in self.path
-            if is_list:
-                with faults.lock:
+            is_get = self.command == "GET" and "?" not in self.path and self.path.count("/") >= 2
+            with faults.lock:
+                if is_list:
                     faults.listing += 1
                     faults.lists += 1
                     faults.most_listing = max(faults.most_listing, faults.listing)
+                if is_get:
+                    faults.getting += 1
+                    faults.most_getting = max(faults.most_getting, faults.getting)
             try:
                 self._pass_on()
             finally:
-                if is_list:
-                    with faults.lock:
-                        faults.listing -= 1
+                with faults.lock:
+                    faults.listing -= is_list
+                    faults.getting -= is_get
 
         def _pass_on(self) -> None:
             time.sleep(faults.latency)

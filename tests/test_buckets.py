@@ -326,3 +326,31 @@ def test_a_prefix_is_listed_in_parts_at_once_as_one_listing_would(
         assert server.faults.most_listing >= 2  # the six d* parts were listed at once
     finally:
         server.stop()
+
+
+def test_renamed_objects_are_read_together_once_and_keep_their_vectors(
+    s3: S3, corpus: Path, tmp_path: Path
+) -> None:
+    """Objects moved to other keys: the run reads each once, several at a time (not one
+    request after another), finds every one's bytes stored, and embeds nothing."""
+    out = built_from_bucket(s3, corpus, tmp_path)
+    before = read_embeddings_by_key(out)
+    client = s3.client()
+    moved = sorted(k for k in before if k.startswith("group2/"))
+    for key in moved:
+        client.copy_object(Bucket="photos", Key=f"pics/moved/{key}",
+                           CopySource={"Bucket": "photos", "Key": f"pics/{key}"})  # fmt: skip
+        client.delete_object(Bucket="photos", Key=f"pics/{key}")
+    s3.faults.gets.clear()
+    s3.faults.most_getting = 0
+    result = run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert s3.faults.lists and set(s3.faults.gets) == {f"/photos/pics/moved/{k}" for k in moved}
+    assert all(n == 1 for n in s3.faults.gets.values()), s3.faults.gets
+    assert s3.faults.most_getting >= 2  # read together
+    after = read_embeddings_by_key(out)
+    assert set(after) == {k for k in before if k not in moved} | {f"moved/{k}" for k in moved}
+    runs = (out / "runs.jsonl").read_text().splitlines()
+    assert '"reused": 6' in runs[-1] and len(moved) == 6, runs[-1]  # no vector made again
+    for key in moved:
+        assert np.array_equal(after[f"moved/{key}"], before[key])

@@ -16,6 +16,26 @@ def read_one(source: Any, locator: Any) -> tuple[bytes, dict[str, Any]]:
     return result
 
 
+def read_together(items: list[Item], sources: list[Any], positions: list[int]) -> dict[int, Any]:
+    """The bytes and metadata (or the exception) of those items whose source reads many at
+    once (object stores, URL lists: concurrently, one request's latency for all); the other
+    items are left to Source.read."""
+    by_source: dict[int, list[int]] = {}
+    for position in positions:
+        by_source.setdefault(items[position].source, []).append(position)
+    fetched: dict[int, Any] = {}
+    for index, chunk in by_source.items():
+        read_many = getattr(sources[index], "read_many", None)
+        if read_many is None:
+            continue
+        try:
+            results = read_many([items[p].locator for p in chunk])
+        except Exception as exc:  # the whole request failed: each item's error row
+            results = [exc] * len(chunk)
+        fetched.update(zip(chunk, results, strict=True))
+    return fetched
+
+
 class SampleFailed(Exception):
     """An item its downloader could not fetch (img2dataset's failed rows): an error row of
     stage "fetch", never embedded, and not counted against the build's failure budget."""
