@@ -11,11 +11,30 @@ from collections.abc import Callable
 from typing import Any
 
 from indexer.balance import CpuShare
+from indexer.config import LoaderConfig
 from indexer.images import DecodeError
 from indexer.jpegroute import route
 from indexer.preprocess import Preprocessor, enlarges
 from indexer.sources import Item, Source
 from indexer.sources.base import SampleFailed, read_together
+
+
+def loader_work(
+    items: list[Item],
+    sources: list[Source],
+    preprocess: Preprocessor,
+    cfg: LoaderConfig,
+    known_hashes: frozenset[str] = frozenset(),
+    positions: list[int] | None = None,
+    gpu_pixels: int | None = None,
+    share: CpuShare | None = None,
+) -> tuple[ItemDataset, list[int]]:
+    """The dataset a build's decoding processes read (the decode alarm armed where there are
+    worker processes), and the positions to read: every item unless given."""
+    timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
+    dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook,
+                          gpu_pixels, share)  # fmt: skip
+    return dataset, list(range(len(items))) if positions is None else list(positions)
 
 
 class ItemDataset:

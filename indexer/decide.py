@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,17 @@ class RuntimePlan:
     @property
     def single(self) -> Choice | None:
         return self.candidates[0] if len(self.candidates) == 1 else None
+
+
+def angle(cosine: float) -> float:
+    """The angle of a cosine, rounding's excursions past +-1 clipped."""
+    return math.acos(max(-1.0, min(1.0, cosine)))
+
+
+def joined(a: float, b: float) -> float:
+    """The least cosine between two computations, each within cosine a and b of a third
+    (torch fp32, say): their angles add (the triangle inequality on the sphere)."""
+    return math.cos(angle(a) + angle(b))
 
 
 def candidates(runtime: str, precision: str, machine: Machine) -> tuple[Choice, ...]:

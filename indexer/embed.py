@@ -122,23 +122,28 @@ def load_model_while_decoding(
         from indexer.runtime import RecordedRecipe
 
         return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)]), None
+    from indexer.dataset import loader_work
+    from indexer.decide import recorded
     from indexer.headstart import HeadStart
-    from indexer.knownexport import KnownExport
+    from indexer.knownexport import KnownExport, request_identity
 
-    plan, known = resume_plan(runtime_plan(cfg, prev), prev, known)
+    # a first build's request, by content (checkpoint sha256, sources): computed once here
+    identity = request_identity(cfg.model) if recorded(prev.manifest) is None else None
+    plan, known = resume_plan(runtime_plan(cfg, prev, identity), prev, known)
     if cfg.engine.kind == "ray":  # Ray decodes and embeds, with what the local engine would
         from indexer.rayengine import ray_batches, ray_runtime
 
         runtime, plan = ray_runtime(cfg, plan, prev)
         return runtime, ray_batches(items, sources, cfg, known, positions, runtime), plan
-    opening = portable_opening(cfg, plan, prev, trust_cache)
+    opening = portable_opening(cfg, plan, prev, trust_cache, identity)
     if opening is not None:  # decoding starts now; the runtime loads, then torch
         recipe, open_runtime = opening
         loader = cfg.loader
         preprocess = Preprocessor(DataConfig.from_dict(recipe["data_config"]),
                                   loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
-        head = HeadStart.start(items, sources, preprocess, loader, known, positions)
+        head = HeadStart.start(*loader_work(items, sources, preprocess, loader, known,
+                                            positions), loader)  # fmt: skip
         try:
             portable = open_runtime()
             if portable is not None:
@@ -226,10 +231,12 @@ def recorded_of(cfg: BuildConfig) -> Any:
         return None
 
 
-def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
+def runtime_plan(
+    cfg: BuildConfig, prev: Previous, identity: dict[str, Any] | None = None
+) -> RuntimePlan:
     """The runtime and precision this run embeds with, or the candidates its first batch
     chooses among (the Ray engine's driver, on generated scenes): a later run keeps the
-    collection's."""
+    collection's; a first build's choice is cached under its request's identity."""
     from indexer.decide import (
         cache_key,
         first_plan,
@@ -237,7 +244,6 @@ def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
         recorded,
         this_machine,
     )
-    from indexer.knownexport import request_identity
     from indexer.runtime import embeds_on_cuda
 
     m = cfg.model
@@ -245,7 +251,7 @@ def runtime_plan(cfg: BuildConfig, prev: Previous) -> RuntimePlan:
     built = recorded(prev.manifest)
     if built is not None:
         return later_plan(m.runtime, m.precision, machine, built, cfg.out)
-    key = cache_key(request_identity(m), m.runtime, m.precision)
+    key = cache_key(identity, m.runtime, m.precision)
     return first_plan(m.runtime, m.precision, machine, key)
 
 
@@ -312,14 +318,18 @@ def resume_plan(
 
 
 def portable_opening(
-    cfg: BuildConfig, plan: RuntimePlan, prev: Previous, trust_cache: bool
+    cfg: BuildConfig,
+    plan: RuntimePlan,
+    prev: Previous,
+    trust_cache: bool,
+    identity: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], Callable[[], Runtime | None]] | None:
     """Where a portable model embeds this run (the collection's, or a known export): its
     recipe, known without loading anything, and how to load it (None: torch after all)."""
     if portable_recorded(plan, prev):
         assert prev.manifest is not None
         return prev.manifest["model"], lambda: portable_runtime(plan, prev)
-    found = known_entry(cfg, plan) if trust_cache else None
+    found = known_entry(cfg, plan, identity) if trust_cache and identity is not None else None
     if found is None:
         return None
     entry, choice, known_plan = found
@@ -415,7 +425,9 @@ def choose_gpu_decoding(
     return where.gpu
 
 
-def known_entry(cfg: BuildConfig, plan: RuntimePlan) -> tuple[Entry, Choice, RuntimePlan] | None:
+def known_entry(
+    cfg: BuildConfig, plan: RuntimePlan, identity: dict[str, Any]
+) -> tuple[Entry, Choice, RuntimePlan] | None:
     """For a first build whose runtime is known (asked for, or timed before on this machine)
     and runs the exported model, an earlier build's export of exactly this request (model,
     weights, flags, versions, sources), if the cache holds a whole one; with the runtime it
@@ -432,7 +444,7 @@ def known_entry(cfg: BuildConfig, plan: RuntimePlan) -> tuple[Entry, Choice, Run
         return None
     from indexer.knownexport import lookup
 
-    found = lookup(cfg.model)
+    found = lookup(cfg.model, identity)
     return None if found is None else (found, choice, plan)
 
 

@@ -15,8 +15,6 @@ from typing import Any
 
 from indexer.config import LoaderConfig
 from indexer.dataset import ItemDataset
-from indexer.preprocess import Preprocessor
-from indexer.sources import Item, Source
 
 log = logging.getLogger(__name__)
 MAX_ITEMS = 1024  # at most this many items (ImageNet photos: ~2.4 core-s, longer than the import)
@@ -59,22 +57,11 @@ class HeadStart:
         self._taken: int | None = None
 
     @classmethod
-    def start(
-        cls,
-        items: list[Item],
-        sources: list[Source],
-        preprocess: Preprocessor,
-        cfg: LoaderConfig,
-        known_hashes: frozenset[str] = frozenset(),
-        positions: list[int] | None = None,
-    ) -> HeadStart | None:
+    def start(cls, dataset: ItemDataset, todo: list[int], cfg: LoaderConfig) -> HeadStart | None:
         """Start decoding the first batches now (before torch loads); None where there are no
         worker processes to hand over to (--workers 0) or nothing to decode."""
-        todo = list(range(len(items))) if positions is None else list(positions)
         if cfg.workers <= 0 or not todo:
             return None
-        dataset = ItemDataset(items, sources, preprocess, known_hashes, cfg.decode_timeout,
-                              cfg.decode_hook)  # fmt: skip
         return cls(dataset, todo, cfg.batch_size)
 
     def _chunks(self) -> list[list[int]]:

@@ -19,7 +19,15 @@ import numpy as np
 from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.configcache import cache_dir
-from indexer.decide import BOUND, Choice, Decision, RuntimePlan, package_version
+from indexer.decide import (
+    BOUND,
+    Choice,
+    Decision,
+    RuntimePlan,
+    angle,
+    joined,
+    package_version,
+)
 from indexer.errors import IndexerError
 from indexer.portable import (
     EXPORTER,
@@ -132,12 +140,10 @@ class Entry:
     model: bytes
 
 
-def lookup(cfg: ModelConfig) -> Entry | None:
-    """The export an earlier build made and checked for this request, when its entry is whole
-    (its bytes those its record names) and its recipe is the request's."""
-    identity = request_identity(cfg)
-    if identity is None:
-        return None
+def lookup(cfg: ModelConfig, identity: dict[str, Any]) -> Entry | None:
+    """The export an earlier build made and checked for this request (identity:
+    request_identity(cfg)), when its entry is whole (its bytes those its record names) and
+    its recipe is the request's."""
     entry_path, model_path = _paths(identity)
     try:
         entry = json.loads(read_bounded(entry_path, MAX_ENTRY_BYTES, "a cache entry"))
@@ -173,11 +179,6 @@ def recipe_mismatch(recipe: dict[str, Any], cfg: ModelConfig, identity: dict[str
              "labels": cfg.labels, "normalize": cfg.normalize}  # fmt: skip
     wrong = [f"weights {k}" for k, v in want.items() if weights.get(k) != v]
     return ", ".join(wrong + [k for k, v in asked.items() if recipe.get(k) != v])
-
-
-def angle(cosine: float) -> float:
-    """The angle of a cosine, rounding's excursions past +-1 clipped."""
-    return math.acos(max(-1.0, min(1.0, cosine)))
 
 
 def chained_bound(bound: float, export_min: float) -> float:
@@ -356,7 +357,7 @@ class KnownExport(PortableEmbedder):
         got, rows = self._got if self._got is not None else self.embed_with_labels(images)
         record = fidelity(want, probs, got, rows, precision, chained_bound(bound, export_min),
                           "the cached export in fp32 (onnxruntime)")  # fmt: skip
-        to_torch = math.cos(angle(record["min_cosine"]) + angle(export_min))
+        to_torch = joined(record["min_cosine"], export_min)
         record.update(min_cosine=to_torch, bound=bound, reference="torch fp32, through the "
                       "cached export's own check", images_from="the build" if own
                       else "generated scenes", to_export=record["min_cosine"],

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from indexer.balance import CpuShare, WorkerTime
 from indexer.config import LoaderConfig
-from indexer.dataset import ItemDataset, reason
+from indexer.dataset import ItemDataset, loader_work, reason
 from indexer.embed import Batch, RawItem
 from indexer.headstart import HeadStart
 from indexer.preprocess import Preprocessor
@@ -98,19 +98,17 @@ def iter_batches(
     a process of its own, the item that kills its process becomes an error row, and a new
     loader goes on with the rest.
     """
-    timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
     if head is not None:  # its own dataset: the same items, preprocessing and timeout
         taken = head.stop()
         log.info("%d of %d items decoded while torch loaded (the head start)", taken,
                  len(head.todo))  # fmt: skip
         rest = head.todo[taken:]
         later = _resilient(head.dataset, rest, cfg, _loader(head.dataset, rest, cfg))
-        return _after_head(head, timeout, later if rest else iter(()))
+        return _after_head(head, head.dataset.decode_timeout, later if rest else iter(()))
     gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
     share = CpuShare(cfg.workers) if gpu_pixels is not None and SHARE else None
-    dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook,
-                          gpu_pixels, share)  # fmt: skip
-    todo = list(range(len(items))) if positions is None else list(positions)
+    dataset, todo = loader_work(items, sources, preprocess, cfg, known_hashes, positions,
+                                gpu_pixels, share)  # fmt: skip
     return _with_share(_resilient(dataset, todo, cfg, _loader(dataset, todo, cfg)), share)
 
 

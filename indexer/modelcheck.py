@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexer.catalog import CollectionPaths
-from indexer.decide import BOUND, PORTABLE, Choice, recorded
+from indexer.decide import BOUND, PORTABLE, Choice, joined, recorded
 from indexer.errors import CollectionError, InputError, ModelMismatchError
 
 if TYPE_CHECKING:
@@ -196,8 +195,7 @@ def bound(stored: Choice | None, checked: Choice) -> float:
     own = BOUND.get(checked.precision, BOUND["bf16"])
     if stored is None or stored == checked:
         return own
-    theirs = BOUND.get(stored.precision, BOUND["bf16"])
-    return math.cos(math.acos(own) + math.acos(theirs))
+    return joined(own, BOUND.get(stored.precision, BOUND["bf16"]))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

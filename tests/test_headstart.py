@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer.config import LoaderConfig, SourceSpec
+from indexer.dataset import loader_work
 from indexer.headstart import HeadStart
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
@@ -42,7 +43,7 @@ def batches(root: Path, loader: LoaderConfig, head_batches: int | None) -> list:
     prep = Preprocessor(CFG, "fast")
     head = None
     if head_batches is not None:
-        head = HeadStart.start(items, sources, prep, loader)
+        head = HeadStart.start(*loader_work(items, sources, prep, loader), loader)
         assert head is not None
         deadline = time.monotonic() + 60
         while head._claimed.value < head_batches and time.monotonic() < deadline:
@@ -72,8 +73,10 @@ def test_no_head_start_without_workers(corpus: Path) -> None:
     sources = open_sources((SourceSpec(str(corpus)),))
     items = list_items(sources)
     prep = Preprocessor(CFG, "fast")
-    assert HeadStart.start(items, sources, prep, LoaderConfig(workers=0)) is None
-    assert HeadStart.start([], sources, prep, LoaderConfig(workers=2)) is None
+    none = LoaderConfig(workers=0)
+    assert HeadStart.start(*loader_work(items, sources, prep, none), none) is None
+    two = LoaderConfig(workers=2)
+    assert HeadStart.start(*loader_work([], sources, prep, two), two) is None
 
 
 def test_a_head_start_that_dies_costs_only_its_item(
@@ -99,6 +102,7 @@ ORPHAN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from indexer.config import LoaderConfig, SourceSpec
+from indexer.dataset import loader_work
 from indexer.headstart import HeadStart
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
@@ -106,8 +110,8 @@ sources = open_sources((SourceSpec({root!r}),))
 items = list_items(sources)
 prep = Preprocessor(DataConfig((3, 64, 64), "bicubic", 0.875, "center", (0.5,) * 3, (0.5,) * 3),
                     "fast")
-head = HeadStart.start(items, sources, prep,
-                       LoaderConfig(batch_size=1, workers=2, decode_hook="tests.hooks:slow"))
+cfg = LoaderConfig(batch_size=1, workers=2, decode_hook="tests.hooks:slow")
+head = HeadStart.start(*loader_work(items, sources, prep, cfg), cfg)
 print(head._process.pid, flush=True)
 time.sleep(0.3)
 os._exit(0)  # killed: no exit handlers end the head start

@@ -159,6 +159,7 @@ ORPHAN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from indexer.config import LoaderConfig, SourceSpec
+from indexer.dataset import loader_work
 from indexer.headstart import HeadStart
 from indexer.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
@@ -166,7 +167,8 @@ sources = open_sources((SourceSpec({root!r}),))
 items = list_items(sources)
 prep = Preprocessor(DataConfig((3, 160, 160), "bicubic", 0.875, "center", (0.5,) * 3,
                                (0.5,) * 3), "fast")
-head = HeadStart.start(items, sources, prep, LoaderConfig(batch_size=2, workers=2))
+cfg = LoaderConfig(batch_size=2, workers=2)
+head = HeadStart.start(*loader_work(items, sources, prep, cfg), cfg)
 print(head._process.pid, flush=True)
 time.sleep(1.0)  # a batch (2 x 77 KB at 160x160) is decoded and waits in the pipe
 os._exit(0)  # SIGKILL, OOM: no exit handler ends the head start

@@ -96,9 +96,10 @@ def test_ray_decode_gpu_without_gpus_is_refused(corpus: Path, tmp_path: Path,
 
 
 def _cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
+    from indexer.export import cosines
+
     keys = sorted(a)
-    x, y = np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys])
-    return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    return cosines(np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys]))
 
 
 def _runtime(out: Path) -> tuple[str, str, str | None]:
