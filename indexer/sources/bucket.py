@@ -81,6 +81,7 @@ class BucketSource:
         self.concurrency = max(1, concurrency)
         self.max_bytes = byte_limit(max_pixels)
         self._fs: Any = None
+        self._inherited: Any = None
         self._pid = -1
         self._check()
 
@@ -98,7 +99,9 @@ class BucketSource:
                              "bucket and the prefix")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": -1}  # each process makes its own
+        return {**self.__dict__, "_fs": None, "_pid": -1, "_inherited": None}  # each process
+        # makes its own. One inherited by fork is kept referenced: closing it here (when it
+        # is collected) would run on the parent's event loop, which does not run here
 
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
@@ -107,6 +110,7 @@ class BucketSource:
                 config = dict(options.get("config_kwargs") or {})  # a batch's GETs would
                 config.setdefault("max_pool_connections", self.concurrency)  # wait in line
                 options["config_kwargs"] = config
+            self._inherited = self._fs  # a parent's, inherited by fork: kept, never closed
             self._fs, self._pid = open_filesystem(self.protocol, options), os.getpid()
         return self._fs
 
@@ -241,9 +245,18 @@ def _fetch_once(fs: Any, paths: list[str], concurrency: int) -> list[Any]:
             except Exception as exc:  # this object's error row
                 out.append(exc)
         return out
-    coros = [fs._cat_file(path) for path in paths]
+    # s3fs asks for an object's size (a HEAD, a second round trip) before a GET whose
+    # max_concurrency may split it into ranges; one GET whole is what an image needs
+    whole = {"max_concurrency": 1} if "max_concurrency" in _parameters(fs._cat_file) else {}
+    coros = [fs._cat_file(path, **whole) for path in paths]
     return list(sync(fs.loop, _run_coros_in_chunks, coros, batch_size=concurrency,
                      return_exceptions=True))  # fmt: skip
+
+
+def _parameters(function: Any) -> Any:
+    import inspect
+
+    return inspect.signature(function).parameters
 
 
 def open_filesystem(protocol: str, options: dict[str, Any]) -> Any:

@@ -78,10 +78,12 @@ class UrlListSource:
         extra = [n for n in table.column_names if n not in (url_column, self._key_name(table))]
         self.meta = table.select(extra)
         self._fs: dict[str, Any] = {}
+        self._inherited: dict[str, Any] = {}
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": {}, "_pid": -1}  # each process makes its own
+        return {**self.__dict__, "_fs": {}, "_pid": -1, "_inherited": {}}  # each process
+        # makes its own
 
     def _key_name(self, table: pa.Table) -> str | None:
         if self.key_column is not None:
@@ -143,8 +145,8 @@ class UrlListSource:
             return [_read_local(u, self.max_bytes) for u in urls]
         from indexer.sources.bucket import fetch_all, open_filesystem
 
-        if self._pid != os.getpid():
-            self._fs, self._pid = {}, os.getpid()
+        if self._pid != os.getpid():  # the parent's are kept, never closed (BucketSource)
+            self._inherited, self._fs, self._pid = self._fs, {}, os.getpid()
         if kind not in self._fs:
             options = self.options if kind != "http" else {}
             self._fs[kind] = open_filesystem(kind, options)
