@@ -83,7 +83,18 @@ class ItemDataset:
     def __getitems__(self, positions: list[int]) -> list[dict[str, Any]]:
         """A batch: the items of sources that read many at once (object stores) fetched
         together first, concurrently, then each item prepared as __getitem__ prepares it."""
-        fetched = read_together(self.items, self.sources, positions)
+        return self.prepare_many(positions, self.fetch(positions))
+
+    def reads_many(self) -> bool:
+        """Whether a source fetches a batch at once (an object store, a URL list)."""
+        return any(hasattr(source, "read_many") for source in self.sources)
+
+    def fetch(self, positions: list[int]) -> dict[int, Any]:
+        """The bytes (or exception) of those items whose source reads many at once."""
+        return read_together(self.items, self.sources, positions)
+
+    def prepare_many(self, positions: list[int], fetched: dict[int, Any]) -> list[dict[str, Any]]:
+        """The batch's samples, from what fetch() returned for it (the rest read one by one)."""
         armed = self._armed()
         samples = []
         for position in positions:

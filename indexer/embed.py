@@ -29,6 +29,7 @@ from indexer.preprocess import DataConfig, Preprocessor
 from indexer.shards import (
     ShardInfo,
     ShardWriter,
+    column_array,
     embedding_array,
     int_array,
     rows_by_hash,
@@ -990,6 +991,7 @@ def rows_table(job: EmbedJob, rows: list[NewRow], vectors: np.ndarray) -> pa.Tab
                               pa.int64()),
     }  # fmt: skip
     for name in job.schema.names[len(columns) :]:
-        columns[name] = pa.array([r.meta.get(name) for r in rows], job.schema.field(name).type)
+        values = [r.meta.get(name) for r in rows]
+        columns[name] = column_array(values, job.schema.field(name).type)
     return pa.Table.from_arrays(list(columns.values()), names=list(columns))  # not pa.table:
     # it imports pandas (shards.as_numpy)

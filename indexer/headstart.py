@@ -9,7 +9,9 @@ import os
 import queue
 import signal
 import threading
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,15 +128,31 @@ def _run(
     ready: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
     sender = threading.Thread(target=_send, args=(ready, send), daemon=True)
     sender.start()
-    while os.getppid() == parent:
-        with claimed.get_lock():
-            number = claimed.value
-            if number < 0 or number >= len(chunks):
+    ahead = 1 if dataset.reads_many() else 0  # an object store's next batch is fetched
+    pending: deque[tuple[int, Future[dict[int, Any]]]] = deque()  # while this one decodes
+    with ThreadPoolExecutor(1) as fetcher:
+        while True:
+            while len(pending) <= ahead and os.getppid() == parent:
+                number = _claim(claimed, len(chunks))
+                if number is None:
+                    break
+                pending.append((number, fetcher.submit(dataset.fetch, chunks[number])))
+            if not pending:
                 break
-            claimed.value = number + 1
-        ready.put(dataset.__getitems__(chunks[number]))
+            number, fetched = pending.popleft()
+            ready.put(dataset.prepare_many(chunks[number], fetched.result()))
     ready.put(None)
     sender.join()
+
+
+def _claim(claimed: Any, batches: int) -> int | None:
+    """The next batch's number, taken; None when stopped or out of batches."""
+    with claimed.get_lock():
+        number = claimed.value
+        if number < 0 or number >= batches:
+            return None
+        claimed.value = number + 1
+    return int(number)
 
 
 def _send(ready: queue.SimpleQueue[list[dict[str, Any]] | None], send: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,12 @@ def _onnxruntime(model: bytes) -> Any:
 
 
 def _openvino(model: bytes, hint: str) -> Any:
+    # `import openvino` loads its model converter, whose telemetry sends an event to Google
+    # Analytics and rewrites ~/intel/stats at every import unless the user opted out: a
+    # batch job's data tool sends nothing and writes only its collection. Blocking the
+    # telemetry package makes OpenVINO use its own no-op stub (and saves ~0.1 s a start);
+    # a process that loaded it already keeps it.
+    sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
     try:
         import openvino as ov
     except ImportError as exc:

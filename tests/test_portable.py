@@ -557,3 +557,27 @@ def test_the_portable_model_embeds_from_several_threads_at_once(
         got = list(pool.map(lambda n: portable.embed(images[n % 8 :][:4]), range(32)))
     for n, vectors in enumerate(got):
         assert np.allclose(vectors, want[n % 8 :][:4], atol=1e-6)
+
+
+def test_openvino_sends_no_telemetry_and_writes_nothing_home(
+    collection: Path, corpus: Path, tmp_path: Path
+) -> None:
+    """`import openvino` loads its converter's telemetry, which sends an event to Google
+    Analytics and counts imports in ~/intel/stats: a query with OpenVINO writes nothing under
+    HOME and never loads the telemetry package (OpenVINO's no-op stub stands in)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    image = sorted(corpus.rglob("*.png"))[0]
+    script = (
+        "import sys\n"
+        "from indexer.search import Collection\n"
+        f"c = Collection.open({str(collection)!r}, runtime='openvino', device='cpu')\n"
+        f"print(c.search_images([{str(image)!r}], k=3)[1].shape[1])\n"
+        "print(sys.modules.get('openvino_telemetry'), 'openvino' in sys.modules)\n"
+    )
+    env = {**os.environ, "HOME": str(home), "CI": ""}  # (its CI check would hide a send)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["3", "None", "True"], done.stdout
+    assert not any(home.iterdir()), sorted(home.rglob("*"))

@@ -237,3 +237,68 @@ def test_json_text_is_strict_utf8_json(doc: object, expected: str) -> None:
     assert text == expected
     text.encode("utf-8")  # strict: no lone surrogate survives
     json.loads(text)
+
+
+COLUMNS = [  # values, Arrow type: what a source's metadata column may hold
+    (["a", None, "ü", ""], pa.string()),
+    ([None, None], pa.string()),
+    ([], pa.string()),
+    ([True, None, False] * 5, pa.bool_()),
+    ([None] * 9 + [True], pa.bool_()),
+    ([1, None, -3, 2**40], pa.int64()),
+    ([0, None, 255], pa.uint8()),
+    ([-(2**31), None], pa.int32()),
+    ([1.5, None, 2], pa.float64()),
+    ([0.25, None], pa.float32()),
+    ([None], pa.float64()),
+]
+
+
+@pytest.mark.parametrize(("values", "kind"), COLUMNS)
+def test_column_array_equals_pyarrows(values: list, kind: pa.DataType) -> None:
+    """Metadata columns are built without pa.array (whose first call imports pandas, 0.45 s
+    of a build): the same array, nulls where the values are None."""
+    from indexer.shards import column_array
+
+    got = column_array(values, kind)
+    got.validate(full=True)
+    assert got.type == kind and got.equals(pa.array(values, kind)), (got, values)
+
+
+@pytest.mark.parametrize(("values", "kind"), [([300], pa.uint8()), (["x"], pa.int64()),
+                                              ([1, "x"], pa.string())])  # fmt: skip
+def test_column_array_refuses_what_pyarrow_refuses(values: list, kind: pa.DataType) -> None:
+    from indexer.shards import column_array
+
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)) as want:
+        pa.array(values, kind)
+    with pytest.raises(type(want.value)):
+        column_array(values, kind)
+
+
+def test_a_build_with_metadata_columns_never_imports_pandas(tmp_path: Path) -> None:
+    """The shard rows of a source with metadata columns (a URL list's, a bucket's etag) are
+    made without loading pandas."""
+    import subprocess
+    import sys
+
+    from indexer.synthetic import scene
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for n in range(3):
+        scene(n).save(pics / f"{n}.png")
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url,caption\n" + "".join(f"{pics / f'{n}.png'},c{n}\n" for n in range(3)))
+    script = (
+        "import sys\nfrom indexer.cli import main\n"
+        f"main(['build', {str(urls)!r}, '--out', {str(tmp_path / 'out')!r}, '--no-pretrained',"
+        " '--no-progress', '--workers', '0'], standalone_mode=False)\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "False", done.stdout
+    table = pq.read_table(next((tmp_path / "out").rglob("shards/*.parquet")))
+    assert sorted(table.column("caption").to_pylist()) == ["c0", "c1", "c2"]

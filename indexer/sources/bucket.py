@@ -83,20 +83,6 @@ class BucketSource:
         self._fs: Any = None
         self._inherited: Any = None
         self._pid = -1
-        self._check()
-
-    def _check(self) -> None:
-        """The prefix can be reached and holds something: else a one-line error before the
-        build writes anything (a wrong bucket, endpoint or credentials)."""
-        try:
-            found = self.fs().exists(self.root)
-        except InputError:
-            raise
-        except Exception as exc:  # botocore's, aiohttp's, gcsfs's own: the store said no
-            raise _unreachable(self.written, exc) from None
-        if not found:
-            raise InputError(f"{self.written} does not exist or holds nothing: check the "
-                             "bucket and the prefix")  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_fs": None, "_pid": -1, "_inherited": None}  # each process
@@ -141,9 +127,14 @@ class BucketSource:
             else:
                 found = fs.find(self.root, detail=True)
         except FileNotFoundError:
-            raise InputError(f"{self.written} does not exist: check the bucket name") from None
-        except Exception as exc:  # the store refused or could not be reached
+            found = {}
+        except InputError:
+            raise
+        except Exception as exc:  # botocore's, aiohttp's, gcsfs's own: the store said no
             raise _unreachable(self.written, exc) from None
+        if not found:  # (before the build writes anything: a wrong bucket or prefix)
+            raise InputError(f"{self.written} does not exist or holds nothing: check the "
+                             "bucket and the prefix")  # fmt: skip
         return {p.strip("/"): info for p, info in dict(found).items()}
 
     def metadata_schema(self) -> pa.Schema:
