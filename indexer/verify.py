@@ -319,9 +319,10 @@ def build_config(
 def source_spec(source: dict[str, Any], storage_options: StorageOptions = ()) -> SourceSpec:
     """The SOURCE argument a manifest's source entry was built from, with the storage
     options given now (never stored: they may hold secrets)."""
-    if source["kind"] == "hf":
+    if source["kind"] == "hf":  # (Parquet files in a bucket: read with today's options)
         return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"],
-                          key_column=source.get("key_column"))  # fmt: skip
+                          key_column=source.get("key_column"),
+                          storage_options=storage_options)  # fmt: skip
     if source["kind"] == "urllist":
         return SourceSpec(source["path"], key_column=source.get("key_column"),
                           url_column=source.get("url_column") or "url",

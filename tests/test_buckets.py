@@ -354,3 +354,69 @@ def test_renamed_objects_are_read_together_once_and_keep_their_vectors(
     assert '"reused": 6' in runs[-1] and len(moved) == 6, runs[-1]  # no vector made again
     for key in moved:
         assert np.array_equal(after[f"moved/{key}"], before[key])
+
+
+def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(
+    s3: S3, tmp_path: Path
+) -> None:
+    """img2dataset's parquet output under a prefix is a dataset, as the same files in a
+    folder are: the same keys, vectors, columns and error rows; a re-run reads no object
+    (datasets keeps each file by its ETag); an overwritten file's rows are found."""
+    import json
+
+    from tests.shapes import write_i2d_parquet
+
+    folder = tmp_path / "i2d"
+    write_i2d_parquet(folder, 0, 10, failed=(4,))
+    write_i2d_parquet(folder, 1, 5)
+    upload(s3, folder, prefix="i2d/")
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert run_cli("build", folder, "--out", local, *BUILD_FLAGS).exit_code == 0
+    result = run_cli("build", "s3://photos/i2d/", "--out", remote, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    want, got = read_embeddings_by_key(local), read_embeddings_by_key(remote)
+    assert sorted(got) == sorted(want) and len(got) == 14
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+    rows = {r["key"]: r for r in pq.read_table(remote / "shards").to_pylist()}
+    assert rows["000000001"]["caption"] == "scene number 1"
+    failed = pq.read_table(remote / "errors.parquet").to_pylist()
+    assert [(r["key"], r["url"]) for r in failed] == [("000000004",
+                                                       "http://127.0.0.1:9/img/4.jpg")]  # fmt: skip
+    source = json.loads((remote / "manifest.json").read_text())["sources"][0]
+    assert source["kind"] == "hf" and source["name"] == "s3://photos/i2d/"
+    assert s3.faults.gets == {"/photos/i2d/00000.parquet": 1, "/photos/i2d/00001.parquet": 1}
+
+    again = run_cli("build", "s3://photos/i2d/", "--out", remote, *BUILD_FLAGS)
+    assert again.exit_code == 0 and "14 items unchanged" in again.output, again.output
+    assert s3.faults.object_gets() == 2  # nothing read again
+    write_i2d_parquet(folder, 1, 6)  # a sixth row in the second file
+    s3.client().upload_file(str(folder / "00001.parquet"), "photos", "i2d/00001.parquet")
+    changed = run_cli("build", "s3://photos/i2d/", "--out", remote, *BUILD_FLAGS)
+    assert changed.exit_code == 0, changed.output
+    assert len(read_embeddings_by_key(remote)) == 15, changed.output
+    shown = run_cli("query", "--id", "000010005", "--index", remote, "-k", "1", "--json")
+    assert shown.exit_code == 0 and "000010005" in shown.output, shown.output
+    from indexer.configcache import cache_dir
+
+    copies = sorted(p.name[17:] for p in (cache_dir() / "objects").rglob("*.parquet"))
+    assert copies == ["00000.parquet", "00001.parquet"]  # one copy a file: the newest
+
+
+def test_a_bucket_of_parquet_files_under_hf_or_not_is_the_same_source(s3: S3,
+                                                                     tmp_path: Path) -> None:
+    from indexer.config import SourceSpec
+    from indexer.sources import open_source
+    from tests.shapes import write_i2d_parquet
+
+    write_i2d_parquet(tmp_path / "i2d", 0, 3)
+    upload(s3, tmp_path / "i2d", prefix="i2d/")
+    upload(s3, tmp_path / "i2d", prefix="mixed/")
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    upload(s3, tmp_path, prefix="mixed/")  # (i2d/ beside x.png: images, not a dataset)
+    plain, named = (open_source(SourceSpec(u)) for u in ("s3://photos/i2d/",
+                                                          "hf:s3://photos/i2d/"))  # fmt: skip
+    assert plain.describe() == named.describe() and plain.describe()["kind"] == "hf"
+    assert open_source(SourceSpec("s3://photos/mixed/")).describe()["kind"] == "bucket"
+    with pytest.raises(InputError, match="holds no Parquet files alone"):
+        open_source(SourceSpec("hf:s3://photos/mixed/"))

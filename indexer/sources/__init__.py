@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec
-from indexer.sources.base import Item, Source
-
-HF_PREFIX = "hf:"
+from indexer.sources.base import HF_PREFIX, Item, Source
 
 __all__ = ["HF_PREFIX", "Item", "Source", "list_items", "open_source", "open_sources"]
 
@@ -19,12 +17,10 @@ def open_source(
     Image files are read up to what an image of max_pixels can need, regular files only."""
     from indexer.sources.bucket import is_bucket_url
 
-    if is_bucket_url(spec.location):
-        from indexer.sources.bucket import BucketSource, parse_options
+    if is_bucket_url(spec.location.removeprefix(HF_PREFIX)):
+        from indexer.sources.bucket import open_bucket
 
-        return BucketSource(spec.location, label, max_pixels,
-                            parse_options(spec.storage_options), spec.read_concurrency,
-                            spec.read_retries)  # fmt: skip
+        return open_bucket(spec, label, max_pixels)
     from indexer.sources.urllist import is_url_list
 
     if is_url_list(spec.location):

@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+HF_PREFIX = "hf:"  # a SOURCE that is a Hugging Face dataset (a hub name, or its files)
+
 
 def read_one(source: Any, locator: Any) -> tuple[bytes, dict[str, Any]]:
     """Source.read for a source whose read_many fetches a batch: one item the same way."""

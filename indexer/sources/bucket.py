@@ -7,14 +7,15 @@ import os
 import random
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from indexer.config import DEFAULT_MAX_PIXELS
+from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec
 from indexer.errors import InputError
 from indexer.safeio import byte_limit
-from indexer.sources.base import read_one
+from indexer.sources.base import HF_PREFIX, read_one
 from indexer.sources.folder import is_image_name, printable_key
 
 SCHEMES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
@@ -43,6 +44,27 @@ def parse_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
         else:
             options[key] = value
     return options
+
+
+def open_bucket(spec: SourceSpec, label: str | None, max_pixels: int) -> Any:
+    """The source a prefix holds, told from its listing as for a folder: Parquet files
+    alone (img2dataset's parquet output, a Parquet dataset) are a dataset, .tar files alone
+    (webdataset shards) are samples, anything else is images."""
+    url = spec.location.removeprefix(HF_PREFIX)
+    options = parse_options(spec.storage_options)
+    bucket = BucketSource(url, label, max_pixels, options, spec.read_concurrency,
+                          spec.read_retries)  # fmt: skip
+    kind, files = bucket.holds()
+    if kind == "parquet":  # (datasets' own cache of remote files is not keyed by ETag:
+        from indexer.sources.hf import HFSource  # an overwritten file would be read stale)
+
+        staged = tuple(str(path) for path in bucket.stage(files))
+        return HFSource(bucket.written, spec.split, spec.image_column, label, max_pixels,
+                        spec.key_column, staged)  # fmt: skip
+    if spec.location.startswith(HF_PREFIX):
+        raise InputError(f"{spec.location}: the prefix holds no Parquet files alone (a "
+                         "dataset): give it without hf: to index its images")  # fmt: skip
+    return bucket
 
 
 class ObjectChanged(Exception):
@@ -82,10 +104,12 @@ class BucketSource:
         self.max_bytes = byte_limit(max_pixels)
         self._fs: Any = None
         self._inherited: Any = None
+        self._listed: tuple[int, dict[str, dict[str, Any]]] | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": -1, "_inherited": None}  # each process
+        return {**self.__dict__, "_fs": None, "_pid": -1, "_inherited": None,
+                "_listed": None}  # each process
         # makes its own. One inherited by fork is kept referenced: closing it here (when it
         # is collected) would run on the parent's event loop, which does not run here
 
@@ -103,6 +127,57 @@ class BucketSource:
     def describe(self) -> dict[str, Any]:
         return {"kind": "bucket", "path": self.written, "label": self.label}
 
+    def holds(self) -> tuple[str, list[str]]:
+        """What the prefix holds, as a folder's kinds are told: ("parquet", its .parquet
+        objects) when Parquet files are all there is to index at its top (no sub-prefixes,
+        no images), else ("images", [])."""
+        entries = self._listing()
+        top = [p for p in entries if "/" not in p[len(self.root) + 1 :]]
+        names = [p[len(self.root) + 1 :] for p in top]
+        nested = len(top) < len(entries)
+        plain = not nested and not any(is_image_name(n) for n in names if not _hidden(n))
+        parquet = [p for p, n in zip(top, names, strict=True)
+                   if n.lower().endswith(".parquet") and not _hidden(n)]  # fmt: skip
+        return ("parquet", sorted(parquet)) if plain and parquet else ("images", [])
+
+    def stage(self, paths: list[str]) -> list[Path]:
+        """Local copies of whole objects (a dataset's Parquet files) in indexer's cache, each
+        named by its URL, size and ETag: fetched (streamed to disk) only when new or changed,
+        so a re-run of the same objects reads nothing; older copies of a URL are removed."""
+        from indexer.configcache import cache_dir
+
+        entries, copies = self._listing(), []
+        for path in paths:
+            size, etag = int(entries[path].get("size") or 0), _etag(entries[path])
+            url = f"{self.protocol}://{path}"
+            folder = cache_dir() / "objects" / hashlib.sha256(url.encode()).hexdigest()[:32]
+            version = hashlib.sha256(f"{size}:{etag}".encode()).hexdigest()[:16]
+            target = folder / f"{version}-{printable_key(path.rsplit('/', 1)[-1])}"
+            if not (target.is_file() and target.stat().st_size == size):
+                self._download(path, size, etag, target)
+            copies.append(target)
+        return copies
+
+    def _download(self, path: str, size: int, etag: str, target: Path) -> None:
+        url = f"{self.protocol}://{path}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        try:
+            self.fs().get_file(path, str(partial))
+            if _changed(partial, size, etag):
+                raise InputError(f"{url} changed while it was read: run the build again")
+            os.replace(partial, target)
+        except InputError:
+            raise
+        except Exception as exc:  # the store's error, or the disk's
+            raise InputError(f"cannot read {url}: {_short(exc)}: check the credentials "
+                             "and the space in indexer's cache") from None  # fmt: skip
+        finally:
+            partial.unlink(missing_ok=True)
+        for older in target.parent.iterdir():  # (another run's partial copy: left to it)
+            if older != target and not older.name.startswith("."):
+                older.unlink(missing_ok=True)
+
     def keys_and_locators(self) -> list[tuple[str, Any, Any]]:
         entries = self._listing()
         listed: list[tuple[str, Any, Any]] = []
@@ -111,13 +186,19 @@ class BucketSource:
             rel = path[len(self.root) + 1 :]
             if info.get("type") == "directory" or not is_image_name(rel) or _hidden(rel):
                 continue
-            size = int(info.get("size") or 0)
-            etag = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or "")
-            listed.append((printable_key(rel), (path, size, etag.strip('"')),
-                           (size, _mtime_ns(info), etag.strip('"'))))  # fmt: skip
+            size, etag = int(info.get("size") or 0), _etag(info)
+            listed.append((printable_key(rel), (path, size, etag),
+                           (size, _mtime_ns(info), etag)))  # fmt: skip
         return listed
 
     def _listing(self) -> dict[str, dict[str, Any]]:
+        """Every object under the prefix (listed once in a process: open_bucket tells the
+        kind from it, the build then lists its items)."""
+        if self._listed is None or self._listed[0] != os.getpid():
+            self._listed = (os.getpid(), self._list())
+        return self._listed[1]
+
+    def _list(self) -> dict[str, dict[str, Any]]:
         from fsspec.asyn import AsyncFileSystem, sync
 
         fs = self.fs()
@@ -272,6 +353,24 @@ def _unreachable(url: str, exc: BaseException) -> InputError:
                           "(README: 'Data in buckets')")  # fmt: skip
     return InputError(f"{url} cannot be listed: {_short(exc)}: check the endpoint, the "
                       "network and the credentials")  # fmt: skip
+
+
+def _etag(info: dict[str, Any]) -> str:
+    """The listing's ETag (S3, Azure) or MD5 (GCS) of an object, unquoted."""
+    return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or "").strip('"')
+
+
+def _changed(copy: Path, size: int, etag: str) -> bool:
+    """A downloaded copy whose size (or MD5, where the ETag is one) is not the listed one's."""
+    if copy.stat().st_size != size:
+        return True
+    if not PLAIN_MD5.match(etag):
+        return False
+    digest = hashlib.md5()
+    with open(copy, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest() != etag
 
 
 def _mtime_ns(info: dict[str, Any]) -> int:

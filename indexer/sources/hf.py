@@ -1,4 +1,4 @@
-"""A Hugging Face ``datasets`` dataset: a save_to_disk folder, local data files, or a hub name."""
+"""A Hugging Face dataset: a save_to_disk folder, data files (local or in a bucket), a hub name."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ class HFSource:
         label: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         key_column: str | None = None,
+        files: tuple[str, ...] | None = None,
     ) -> None:
         import datasets
 
         local = Path(name).expanduser()
-        self.name = str(local.resolve()) if local.exists() else name  # found from anywhere
-        dataset = _load(name)
+        self.name = str(local.resolve()) if local.exists() and files is None else name
+        dataset = _load(name) if files is None else _load_files(name, files)
         if isinstance(dataset, datasets.DatasetDict):
             self.split = _pick_split(name, list(dataset.keys()), split)
             dataset = dataset[self.split]
@@ -105,6 +106,22 @@ class HFSource:
             return None
         value = self.dataset[int(locator)]["url"]
         return value if isinstance(value, str) else None
+
+
+def _load_files(name: str, files: tuple[str, ...]) -> Any:
+    """Parquet files (a bucket prefix's, staged locally by their ETag) as one dataset."""
+    import datasets
+
+    try:
+        return datasets.load_dataset("parquet", data_files=list(files))
+    except Exception as exc:  # a file that is not Parquet, or Parquet files that disagree
+        raise InputError(f"cannot open the Parquet files under {name}: {_gist(exc)}: check "
+                         "them") from None  # fmt: skip
+
+
+def _gist(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _load(name: str) -> Any:
