@@ -933,7 +933,8 @@ def error_row(job: EmbedJob, position: int, stage: str, reason: str) -> dict[str
     source = job.sources[item.source]
     size, mtime = (item.fingerprint or (None, None))[:2]  # (size, mtime_ns[, etag])
     known = getattr(source, "row_metadata", None)  # what the source knows without reading
-    return {**(known(item.locator) if known is not None else {}),
+    etag = {"etag": item.fingerprint[2]} if item.fingerprint and len(item.fingerprint) > 2 else {}
+    return {**(known(item.locator) if known is not None else {}), **etag,
             "key": item.key, "source": source.label, "stage": stage, "error": reason,
             "file_size": size, "mtime_ns": mtime, "url": source.url(item.locator)}  # fmt: skip
 

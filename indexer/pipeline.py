@@ -192,7 +192,9 @@ def errors_extra(sources: list[Source]) -> pa.Schema:
     """The columns error rows carry besides the contract's: what the sources know of an
     item without reading it (a URL list's columns)."""
     schemas = [s.row_metadata_schema() for s in sources if hasattr(s, "row_metadata_schema")]
-    return merge_metadata_schemas(schemas) if schemas else pa.schema([])
+    if any(getattr(s, "etags", False) for s in sources):  # a stored object's ETag: a failed
+        schemas.append(pa.schema([pa.field("etag", pa.string())]))  # one is retried when it
+    return merge_metadata_schemas(schemas) if schemas else pa.schema([])  # changes
 
 
 def judge(failed: int, items: int, max_failures: float) -> str:

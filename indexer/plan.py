@@ -156,7 +156,9 @@ def make_plan(
         row = prev.get(item.key)
         failed = (prev_errors or {}).get(item.key)
         if row is None and failed is not None and failed["source"] == label:
-            was = (failed.get("file_size"), failed.get("mtime_ns"))
+            was: tuple[Any, ...] = (failed.get("file_size"), failed.get("mtime_ns"))
+            if failed.get("etag") is not None:  # a stored object's: its ETag too
+                was = (*was, failed["etag"])
             unchanged_row = item.fingerprint is None and label in same_datasets
             if unchanged_row or (item.fingerprint is not None and item.fingerprint == was):
                 plan.kept_errors.append(failed)  # failed, and unchanged since: not retried

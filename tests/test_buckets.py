@@ -356,9 +356,8 @@ def test_renamed_objects_are_read_together_once_and_keep_their_vectors(
         assert np.array_equal(after[f"moved/{key}"], before[key])
 
 
-def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(
-    s3: S3, tmp_path: Path
-) -> None:
+@pytest.mark.usefixtures("fresh_cache")  # (the staged files are kept there by ETag)
+def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(s3: S3, tmp_path: Path) -> None:
     """img2dataset's parquet output under a prefix is a dataset, as the same files in a
     folder are: the same keys, vectors, columns and error rows; a re-run reads no object
     (datasets keeps each file by its ETag); an overwritten file's rows are found."""
@@ -403,8 +402,9 @@ def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(
     assert copies == ["00000.parquet", "00001.parquet"]  # one copy a file: the newest
 
 
-def test_a_bucket_of_parquet_files_under_hf_or_not_is_the_same_source(s3: S3,
-                                                                     tmp_path: Path) -> None:
+def test_a_bucket_of_parquet_files_under_hf_or_not_is_the_same_source(
+    s3: S3, tmp_path: Path
+) -> None:
     from indexer.config import SourceSpec
     from indexer.sources import open_source
     from tests.shapes import write_i2d_parquet
@@ -420,3 +420,111 @@ def test_a_bucket_of_parquet_files_under_hf_or_not_is_the_same_source(s3: S3,
     assert open_source(SourceSpec("s3://photos/mixed/")).describe()["kind"] == "bucket"
     with pytest.raises(InputError, match="holds no Parquet files alone"):
         open_source(SourceSpec("hf:s3://photos/mixed/"))
+
+
+@pytest.mark.usefixtures("fresh_cache")  # (member indexes are kept there by ETag)
+@pytest.mark.parametrize("sidecar", [True, False])
+def test_webdataset_tars_in_a_bucket_build_as_their_local_copy(
+    s3: S3, tmp_path: Path, sidecar: bool
+) -> None:
+    """webdataset shards under a prefix are samples, as the same tars in a folder are (the
+    same keys, vectors, columns, error rows); a tar's member index is kept by its ETag, so
+    a re-run reads no object, and an overwritten tar's samples are found and read again."""
+    from tests.shapes import write_webdataset
+
+    folder = tmp_path / "wds"
+    write_webdataset(folder, 0, 12, failed=(3,), sidecar=sidecar)
+    write_webdataset(folder, 1, 8, sidecar=sidecar)
+    upload(s3, folder, prefix="wds/")
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert run_cli("build", folder, "--out", local, *BUILD_FLAGS).exit_code == 0
+    result = run_cli("build", "s3://photos/wds/", "--out", remote, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    want, got = read_embeddings_by_key(local), read_embeddings_by_key(remote)
+    assert sorted(got) == sorted(want) and len(got) == 19
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+    local_rows = {r["key"]: r for r in pq.read_table(local / "shards").to_pylist()}
+    rows = {r["key"]: r for r in pq.read_table(remote / "shards").to_pylist()}
+    drop = ("embedding", "etag", "mtime_ns", "file_size", "id")
+    assert {k: {c: v for c, v in r.items() if c not in drop} for k, r in rows.items()} == {
+        k: {c: v for c, v in r.items() if c not in drop} for k, r in local_rows.items()
+    }
+    assert rows["000000001"]["caption"] == "scene number 1"
+    if sidecar:
+        failed = pq.read_table(remote / "errors.parquet").to_pylist()
+        want_failed = [("000000003", "http://127.0.0.1:9/img/3.jpg")]
+        assert [(r["key"], r["url"]) for r in failed] == want_failed
+    tars = {p: n for p, n in s3.faults.gets.items() if p.endswith(".tar")}
+    assert set(tars) == {"/photos/wds/00000.tar", "/photos/wds/00001.tar"}
+    # each tar read whole once for its index, then each sample's members as one range (and,
+    # without sidecars naming the columns, the first tar's JSON members to learn them)
+    assert tars["/photos/wds/00000.tar"] == 1 + 11 + (0 if sidecar else 11)
+    assert tars["/photos/wds/00001.tar"] == 1 + 8
+
+    reads = s3.faults.object_gets()
+    again = run_cli("build", "s3://photos/wds/", "--out", remote, *BUILD_FLAGS)
+    assert again.exit_code == 0 and "19 items unchanged" in again.output, again.output
+    assert s3.faults.object_gets() == reads  # nothing read: the index is kept by ETag
+    write_webdataset(folder, 1, 9, sidecar=sidecar)  # the second tar rewritten, one more
+    s3.client().upload_file(str(folder / "00001.tar"), "photos", "wds/00001.tar")
+    if sidecar:
+        s3.client().upload_file(str(folder / "00001.parquet"), "photos", "wds/00001.parquet")
+    changed = run_cli("build", "s3://photos/wds/", "--out", remote, *BUILD_FLAGS)
+    assert changed.exit_code == 0, changed.output
+    assert len(read_embeddings_by_key(remote)) == 20, changed.output
+    assert "1 new" in changed.output, changed.output
+    after = {p: n for p, n in s3.faults.gets.items() if p.endswith(".tar")}
+    # the first tar: only the model check's stored samples (8 at most, one range each)
+    assert after["/photos/wds/00000.tar"] - tars["/photos/wds/00000.tar"] <= 8
+    assert after["/photos/wds/00001.tar"] - tars["/photos/wds/00001.tar"] >= 1 + 9
+    shown = run_cli("query", "--id", "000010008", "--index", remote, "-k", "1", "--json")
+    assert shown.exit_code == 0 and "000010008" in shown.output, shown.output
+
+
+def test_a_bucket_tar_that_is_not_a_tar_is_refused_in_a_line(s3: S3, tmp_path: Path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "00000.tar").write_bytes(b"not a tar at all" * 100)
+    upload(s3, folder, prefix="bad/")
+    out = tmp_path / "c"
+    result = run_cli("build", "s3://photos/bad/", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 2 and "cannot read the tar s3://photos/bad/00000.tar" in \
+        result.output, result.output  # fmt: skip
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (out / "current").exists()
+
+
+@pytest.mark.usefixtures("fresh_cache")
+def test_a_tar_rewritten_after_indexing_is_never_read_as_the_indexed_one(
+    s3: S3, tmp_path: Path
+) -> None:
+    """A tar overwritten between its indexing and the reading of its samples (other bytes
+    under the same keys): each sample read is an error (its header differs) or the very
+    bytes indexed, never another image under the key."""
+    import io
+    import tarfile
+
+    from indexer.config import SourceSpec
+    from indexer.sources import open_source
+    from indexer.sources.wds import TarChanged
+    from tests.shapes import jpeg, write_webdataset
+
+    images = write_webdataset(tmp_path / "wds", 0, 10, sidecar=False)
+    upload(s3, tmp_path / "wds", prefix="wds/")
+    source = open_source(SourceSpec("s3://photos/wds/"))
+    listed = source.keys_and_locators()
+    other = io.BytesIO()
+    with tarfile.open(fileobj=other, mode="w") as tar:
+        for key in sorted(images, reverse=True):  # the same keys, other images, other order
+            data = jpeg(int(key) + 500)
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    s3.client().put_object(Bucket="photos", Key="wds/00000.tar", Body=other.getvalue())
+    results = source.read_many([locator for _, locator, _ in listed])  # type: ignore[attr-defined]
+    assert len(results) == 10
+    for (key, _, _), got in zip(listed, results, strict=True):
+        assert isinstance(got, ValueError | OSError) or got[0] == images[key], (key, got)
+    assert sum(isinstance(got, Exception) for got in results) >= 9  # (past its end: OSError)
+    assert any(isinstance(got, TarChanged) for got in results)

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,10 @@ def open_bucket(spec: SourceSpec, label: str | None, max_pixels: int) -> Any:
         staged = tuple(str(path) for path in bucket.stage(files))
         return HFSource(bucket.written, spec.split, spec.image_column, label, max_pixels,
                         spec.key_column, staged)  # fmt: skip
+    if kind == "tars" and not spec.location.startswith(HF_PREFIX):
+        from indexer.sources.buckettars import BucketTars, BucketWebDatasetSource
+
+        return BucketWebDatasetSource(BucketTars(bucket, files), label, max_pixels)
     if spec.location.startswith(HF_PREFIX):
         raise InputError(f"{spec.location}: the prefix holds no Parquet files alone (a "
                          "dataset): give it without hf: to index its images")  # fmt: skip
@@ -104,12 +109,17 @@ class BucketSource:
         self.max_bytes = byte_limit(max_pixels)
         self._fs: Any = None
         self._inherited: Any = None
-        self._listed: tuple[int, dict[str, dict[str, Any]]] | None = None
+        self._listed: dict[str, dict[str, Any]] | None = None
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fs": None, "_pid": -1, "_inherited": None,
-                "_listed": None}  # each process
+        return {
+            **self.__dict__,
+            "_fs": None,
+            "_pid": -1,
+            "_inherited": None,
+            "_listed": None,
+        }  # each process
         # makes its own. One inherited by fork is kept referenced: closing it here (when it
         # is collected) would run on the parent's event loop, which does not run here
 
@@ -124,21 +134,37 @@ class BucketSource:
             self._fs, self._pid = open_filesystem(self.protocol, options), os.getpid()
         return self._fs
 
+    etags = True  # an item's fingerprint holds its ETag (its error row keeps it too)
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "bucket", "path": self.written, "label": self.label}
 
     def holds(self) -> tuple[str, list[str]]:
-        """What the prefix holds, as a folder's kinds are told: ("parquet", its .parquet
-        objects) when Parquet files are all there is to index at its top (no sub-prefixes,
-        no images), else ("images", [])."""
+        """What the prefix holds, as a folder's kinds are told, when no sub-prefix and no
+        image is at its top: ("tars", its .tar objects) where it has any (webdataset
+        shards, with their sidecars), else ("parquet", its .parquet objects); otherwise
+        ("images", [])."""
         entries = self._listing()
-        top = [p for p in entries if "/" not in p[len(self.root) + 1 :]]
-        names = [p[len(self.root) + 1 :] for p in top]
-        nested = len(top) < len(entries)
-        plain = not nested and not any(is_image_name(n) for n in names if not _hidden(n))
-        parquet = [p for p, n in zip(top, names, strict=True)
-                   if n.lower().endswith(".parquet") and not _hidden(n)]  # fmt: skip
-        return ("parquet", sorted(parquet)) if plain and parquet else ("images", [])
+        top = {p: p[len(self.root) + 1 :] for p in entries if "/" not in p[len(self.root) + 1 :]}
+        visible = {p: n for p, n in top.items() if not _hidden(n)}
+        if len(top) < len(entries) or any(is_image_name(n) for n in visible.values()):
+            return "images", []
+        for kind, suffix in (("tars", ".tar"), ("parquet", ".parquet")):
+            found = sorted(
+                p
+                for p, n in visible.items()  # (as in a folder: .tar exactly,
+                if (n if kind == "tars" else n.lower()).endswith(suffix)
+            )  # .parquet in any case)
+            if found:
+                return kind, found
+        return "images", []
+
+    def entry(self, path: str) -> tuple[int, int, str] | None:
+        """An object's (size, mtime_ns, ETag) from the listing; None when it is not listed."""
+        info = self._listing().get(path)
+        if info is None:
+            return None
+        return int(info.get("size") or 0), _mtime_ns(info), _etag(info)
 
     def stage(self, paths: list[str]) -> list[Path]:
         """Local copies of whole objects (a dataset's Parquet files) in indexer's cache, each
@@ -192,11 +218,11 @@ class BucketSource:
         return listed
 
     def _listing(self) -> dict[str, dict[str, Any]]:
-        """Every object under the prefix (listed once in a process: open_bucket tells the
-        kind from it, the build then lists its items)."""
-        if self._listed is None or self._listed[0] != os.getpid():
-            self._listed = (os.getpid(), self._list())
-        return self._listed[1]
+        """Every object under the prefix (listed once: open_bucket tells the kind from it,
+        the build then lists its items; not pickled, it may be large)."""
+        if self._listed is None:
+            self._listed = self._list()
+        return self._listed
 
     def _list(self) -> dict[str, dict[str, Any]]:
         from fsspec.asyn import AsyncFileSystem, sync
@@ -279,7 +305,10 @@ def _checked(data: bytes, size: int, etag: str) -> tuple[bytes, dict[str, Any]] 
     return data, {"etag": etag}
 
 
-def fetch_all(fs: Any, paths: list[str], concurrency: int, retries: int = 3) -> list[Any]:
+Request = str | tuple[str, int, int]  # an object's path, or (path, offset, size): a range
+
+
+def fetch_all(fs: Any, paths: Sequence[Request], concurrency: int, retries: int = 3) -> list[Any]:
     """Each object's bytes (or the exception), one GET each, `concurrency` in flight; the
     ones that failed for a passing reason (throttled, reset, timed out, 5xx) tried again up
     to `retries` times, after 0.2, 0.4, 0.8 s... with jitter. A missing or forbidden object
@@ -306,21 +335,24 @@ def _passing(result: Any) -> bool:
     return not (isinstance(status, int) and 400 <= status < 500 and status != 429)
 
 
-def _fetch_once(fs: Any, paths: list[str], concurrency: int) -> list[Any]:
+def _fetch_once(fs: Any, paths: Sequence[Request], concurrency: int) -> list[Any]:
     from fsspec.asyn import AsyncFileSystem, _run_coros_in_chunks, sync
 
     if not isinstance(fs, AsyncFileSystem):
         out: list[Any] = []
         for path in paths:
             try:
-                out.append(fs.cat_file(path))
+                out.append(fs.cat_file(path) if isinstance(path, str) else
+                           fs.cat_file(path[0], start=path[1], end=path[1] + path[2]))  # fmt: skip
             except Exception as exc:  # this object's error row
                 out.append(exc)
         return out
     # s3fs asks for an object's size (a HEAD, a second round trip) before a GET whose
     # max_concurrency may split it into ranges; one GET whole is what an image needs
     whole = {"max_concurrency": 1} if "max_concurrency" in _parameters(fs._cat_file) else {}
-    coros = [fs._cat_file(path, **whole) for path in paths]
+    coros = [fs._cat_file(path, **whole) if isinstance(path, str) else
+             fs._cat_file(path[0], start=path[1], end=path[1] + path[2])
+             for path in paths]  # fmt: skip
     return list(sync(fs.loop, _run_coros_in_chunks, coros, batch_size=concurrency,
                      return_exceptions=True))  # fmt: skip
 

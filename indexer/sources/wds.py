@@ -7,9 +7,11 @@ import logging
 import os
 import re
 import tarfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 
@@ -25,6 +27,7 @@ MAX_JSON_BYTES = 1 << 20  # a sample's JSON or text member
 MAX_JSON_DEPTH = 64  # arrays and objects nested in a JSON member (img2dataset's: 1 or 2)
 SCHEMA_SAMPLES = 200  # JSON members read to learn the columns when no sidecar names them
 SUCCESS = "success"
+ETAG = "etag"  # a bucket's tars: the tar's ETag, a column (the fingerprint holds it)
 ROLES = ("image", "JSON", "text")  # what a member is to its sample (one of each at most)
 
 
@@ -32,6 +35,7 @@ ROLES = ("image", "JSON", "text")  # what a member is to its sample (one of each
 class Member:
     offset: int
     size: int
+    crc: int = -1  # CRC-32 of its bytes, where the index was made reading them (a bucket's)
 
 
 @dataclass(frozen=True)
@@ -96,39 +100,38 @@ class WebDatasetSource:
     """
 
     def __init__(
-        self, root: Path, label: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> None:
-        if not is_webdataset(root):
-            raise InputError(f"{root} holds no .tar files: pass the folder of webdataset shards")
-        self.root = root.resolve()
-        self.tars = sorted(p.name for p in self.root.iterdir() if _is_tar(p))
-        self.label = label or printable_key(self.root.name) or "root"
+        self, root: Path | TarStore, label: str | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:  # fmt: skip
+        self.store = LocalTars(root) if isinstance(root, Path) else root
+        self.tars = self.store.names()
+        self.label = label or printable_key(self.store.name) or "root"
         self.max_bytes = byte_limit(max_pixels)
         fields = self._fields()
         self.types = {f.name: f.type for f in fields}
         self.columns = metadata_names(list(self.types))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "webdataset", "path": str(self.root), "label": self.label,
+        return {"kind": "webdataset", "path": self.store.location, "label": self.label,
                 "tars": len(self.tars)}  # fmt: skip
 
-    def keys_and_locators(self) -> list[tuple[str, Any, tuple[int, int] | None]]:
+    def keys_and_locators(self) -> list[tuple[str, Any, Any]]:
         """Every sample of every tar (a key in two tars is refused), then the sidecars' failed
-        samples that no tar holds; fingerprinted by their tar's size and mtime."""
-        listed: dict[str, tuple[str, Any, tuple[int, int] | None]] = {}
+        samples that no tar holds; fingerprinted by their tar's (size, mtime[, ETag])."""
+        listed: dict[str, tuple[str, Any, Any]] = {}
         where: dict[str, str] = {}
-        stats = {tar: os.stat(self.root / tar) for tar in self.tars}
-        for tar, st in stats.items():
-            for key, sample in _samples(self.root / tar, tar).items():
+        stats = {tar: self.store.fingerprint(tar) for tar in self.tars}
+        for tar, print_ in stats.items():
+            for key, sample in self.store.samples(tar).items():
                 if key in listed:
                     raise InputError(
                         f"sample key {key!r} is in both {where[key]} and {tar}: keys must be "
                         "unique; put the tars in separate folders and build them as two sources"
                     )
-                listed[key], where[key] = (key, sample, (st.st_size, st.st_mtime_ns)), tar
-        for tar, st in stats.items():
+                listed[key], where[key] = (key, sample, print_), tar
+        for tar, print_ in stats.items():
             for key, failed in self._failures(tar).items():
-                listed.setdefault(key, (key, failed, (st.st_size, st.st_mtime_ns)))
+                listed.setdefault(key, (key, failed, print_))
         return [listed[k] for k in sorted(listed)]
 
     def metadata_schema(self) -> pa.Schema:
@@ -137,19 +140,26 @@ class WebDatasetSource:
         )
 
     def read(self, locator: Any) -> tuple[bytes, dict[str, Any]]:
+        self._check(locator)
+        [pieces] = self.store.read([locator])
+        if isinstance(pieces, Exception):
+            raise pieces
+        return self.sample_of(locator, pieces)
+
+    def _check(self, locator: Any) -> None:
+        """Raise what a sample that is not read is: failed upstream, in conflict, too big."""
         if isinstance(locator, Failed):
             raise SampleFailed(f"not fetched by its downloader ({locator.status}: "
                                f"{locator.message})")  # fmt: skip
         if isinstance(locator, Conflict):
             raise BadSample(_conflict_message(locator))
-        sample: Sample = locator
-        if sample.image.size > self.max_bytes:
-            raise ValueError(f"the image member is {sample.image.size} bytes, over the limit "
+        if locator.image.size > self.max_bytes:
+            raise ValueError(f"the image member is {locator.image.size} bytes, over the limit "
                              f"of {self.max_bytes} bytes")  # fmt: skip
-        with open(self.root / sample.tar, "rb") as f:
-            data = _pread(f, sample.image)
-            meta = self._metadata(f, sample)
-        return data, meta
+
+    def sample_of(self, sample: Sample, pieces: Pieces) -> tuple[bytes, dict[str, Any]]:
+        """The image's bytes and the columns, from the pieces of the tar read for it."""
+        return pieces.member(sample.image), self._metadata(pieces, sample)
 
     def url(self, locator: Any) -> str | None:
         """The sample's url (for its error row), where its record gives one."""
@@ -157,23 +167,25 @@ class WebDatasetSource:
             return locator.url
         if isinstance(locator, Conflict):
             return None  # whose url: the members disagree on what the sample is
+        [pieces] = self.store.read([locator])
         try:
-            with open(self.root / locator.tar, "rb") as f:
-                url = self._metadata(f, locator).get(self.columns.get("url", "url"))
+            if isinstance(pieces, Exception):
+                raise pieces
+            url = self._metadata(pieces, locator).get(self.columns.get("url", "url"))
         except (OSError, ValueError):
             return None
         return url if isinstance(url, str) else None
 
-    def _metadata(self, f: Any, sample: Sample) -> dict[str, Any]:
+    def _metadata(self, pieces: Pieces, sample: Sample) -> dict[str, Any]:
         """The sample's columns; a JSON or text member that cannot be read leaves them null
         (logged): the image is still the sample. One over the size or depth bound raises
         BadSample: the sample is an error row."""
         record: dict[str, Any] = {}
         try:
             if sample.json is not None:
-                record = _flatten(parse_json(_bounded(f, sample.json, "JSON")))
+                record = _flatten(parse_json(_bounded(pieces, sample.json, "JSON")))
             if sample.text is not None and record.get("caption") is None:
-                text = _bounded(f, sample.text, "text")
+                text = _bounded(pieces, sample.text, "text")
                 record["caption"] = text.decode("utf-8", "replace")
         except BadSample:
             raise
@@ -187,19 +199,19 @@ class WebDatasetSource:
         first tar's JSON members; a caption column whenever samples carry text."""
         fields: dict[str, pa.Field] = {}
         for tar in self.tars:
-            sidecar = self.root / Path(tar).with_suffix(".parquet")
-            if sidecar.is_file():
+            sidecar = self.store.sidecar(tar)
+            if sidecar is not None:
                 for f in _sidecar_schema(sidecar):
                     if not pa.types.is_binary(f.type) and not pa.types.is_large_binary(f.type):
                         fields.setdefault(f.name, pa.field(f.name, _scalar(f.type)))
         if not fields and self.tars:
-            fields = _json_fields(self.root / self.tars[0], self.tars[0])
+            fields = self.store.json_fields(self.tars[0])
         fields.setdefault("caption", pa.field("caption", pa.string()))
         return list(fields.values())
 
     def _failures(self, tar: str) -> dict[str, Failed]:
-        sidecar = self.root / Path(tar).with_suffix(".parquet")
-        if not sidecar.is_file():
+        sidecar = self.store.sidecar(tar)
+        if sidecar is None:
             return {}
         import pyarrow.parquet as pq
 
@@ -216,6 +228,120 @@ class WebDatasetSource:
                                   r.get("url"))
             for r in rows if r["status"] not in (SUCCESS, None) and r["key"] is not None
         }  # fmt: skip
+
+
+class TarStore(Protocol):
+    """Where a webdataset's tars are, and how their members are read."""
+
+    name: str  # the folder's or the prefix's last part (the source's label)
+    location: str  # for the manifest: the folder's path, the prefix's URL
+
+    def names(self) -> list[str]:
+        """The tars, sorted."""
+        ...
+
+    def fingerprint(self, tar: str) -> tuple[Any, ...]:
+        """What changes when the tar does: (size, mtime_ns), with the ETag in a bucket."""
+        ...
+
+    def samples(self, tar: str) -> dict[str, Sample | Conflict]:
+        """The tar's samples by key (see _samples)."""
+        ...
+
+    def sidecar(self, tar: str) -> Path | None:
+        """The local path of the tar's img2dataset sidecar (NAME.parquet), if it has one."""
+        ...
+
+    def json_fields(self, tar: str) -> dict[str, pa.Field]:
+        """The columns the tar's first JSON members hold (see _json_fields)."""
+        ...
+
+    def read(self, samples: list[Sample]) -> list[Pieces | Exception]:
+        """Each sample's members (within the bounds), or the exception reading them raised."""
+        ...
+
+
+class Pieces:
+    """The parts of one tar read for a sample: (offset, bytes) runs covering its members."""
+
+    def __init__(self, runs: list[tuple[int, bytes]]) -> None:
+        self.runs = runs
+
+    def member(self, member: Member) -> bytes:
+        """The member's bytes; ValueError if the tar ends inside it, ObjectChanged-like
+        ValueError if they are not the bytes indexed (their CRC-32 differs)."""
+        for start, data in self.runs:
+            if start <= member.offset < start + max(len(data), 1):
+                at = member.offset - start
+                if at + member.size > len(data):
+                    break
+                found = data[at : at + member.size]
+                if member.crc >= 0 and zlib.crc32(found) != member.crc:
+                    raise TarChanged("the tar changed after its members were indexed (a "
+                                     "member's bytes differ): run the build again")  # fmt: skip
+                return found
+        raise ValueError("the tar ends inside this member (truncated)")
+
+
+class TarChanged(ValueError):
+    """A tar read by range holds other bytes than the ones its member index was made from."""
+
+
+def ranges(sample: Sample, gap: int = 1 << 16) -> list[tuple[int, int]]:
+    """(offset, size) runs to read for a sample: its members within the bounds (a JSON or
+    text member over MAX_JSON_BYTES is never read), neighbours within `gap` bytes joined."""
+    members = [sample.image] + [m for m in (sample.json, sample.text)
+                                if m is not None and 0 <= m.size <= MAX_JSON_BYTES]  # fmt: skip
+    runs: list[tuple[int, int]] = []
+    for m in sorted(members, key=lambda m: m.offset):
+        if runs and m.offset - (runs[-1][0] + runs[-1][1]) <= gap:
+            start, size = runs[-1]
+            runs[-1] = (start, max(size, m.offset + m.size - start))
+        else:
+            runs.append((m.offset, m.size))
+    return runs
+
+
+class LocalTars:
+    """A folder's .tar files (and their sidecars), read with pread."""
+
+    def __init__(self, root: Path) -> None:
+        if not is_webdataset(root):
+            raise InputError(f"{root} holds no .tar files: pass the folder of webdataset shards")
+        self.root = root.resolve()
+        self.name = self.root.name
+        self.location = str(self.root)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if _is_tar(p))
+
+    def fingerprint(self, tar: str) -> tuple[Any, ...]:
+        st = os.stat(self.root / tar)
+        return (st.st_size, st.st_mtime_ns)
+
+    def samples(self, tar: str) -> dict[str, Sample | Conflict]:
+        return _samples(self.root / tar, tar)
+
+    def sidecar(self, tar: str) -> Path | None:
+        path = self.root / Path(tar).with_suffix(".parquet")
+        return path if path.is_file() else None
+
+    def json_fields(self, tar: str) -> dict[str, pa.Field]:
+        return _json_fields(self.root / tar, tar)
+
+    def read(self, samples: list[Sample]) -> list[Pieces | Exception]:
+        out: list[Pieces | Exception] = []
+        for sample in samples:
+            try:
+                with open(self.root / sample.tar, "rb") as f:
+                    out.append(_local_pieces(f, sample))
+            except OSError as exc:
+                out.append(exc)
+        return out
+
+
+def _local_pieces(f: Any, sample: Sample) -> Pieces:
+    return Pieces([(at, os.pread(f.fileno(), size, at)) for at, size in ranges(sample)])
 
 
 def _is_tar(path: Path) -> bool:
@@ -241,19 +367,36 @@ def _samples(path: Path, name: str) -> dict[str, Sample | Conflict]:
     """The tar's keys with an image member (members read as headers only): a Sample, or a
     Conflict where the key has two members in one role. Keys without an image are not
     samples (their JSON and text members are left out, as before)."""
-    found: dict[str, dict[str, list[tuple[str, Member]]]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
-            for info in tar:
-                key, ext = _split(info.name)
-                role = _role(ext) if info.isfile() or info.islnk() or info.issym() else None
-                if role is not None:  # a link member counts too: an error row, not a drop
-                    roles = found.setdefault(key, {r: [] for r in ROLES})
-                    size = info.size if info.isfile() else -1  # -1: a link, never read
-                    roles[role].append((info.name, Member(info.offset_data, size)))
+            return samples_in(tar, name)
     except (tarfile.TarError, OSError) as exc:
         raise InputError(f"cannot read the tar {path} ({exc}): replace or remove it") from exc
+
+
+def samples_in(tar: tarfile.TarFile, name: str, crc: bool = False) -> dict[str, Sample | Conflict]:
+    """_samples of an open tar (a file, or a stream read once from start to end); with
+    `crc`, each member's bytes are read too and their CRC-32 kept (a tar read later by
+    range is then checked to be the one indexed)."""
+    found: dict[str, dict[str, list[tuple[str, Member]]]] = {}
+    for info in tar:
+        key, ext = _split(info.name)
+        role = _role(ext) if info.isfile() or info.islnk() or info.issym() else None
+        if role is not None:  # a link member counts too: an error row, not a drop
+            roles = found.setdefault(key, {r: [] for r in ROLES})
+            size = info.size if info.isfile() else -1  # -1: a link, never read
+            digest = _crc(tar, info) if crc and size >= 0 else -1
+            roles[role].append((info.name, Member(info.offset_data, size, digest)))
     return {k: _sample(name, roles) for k, roles in found.items() if roles["image"]}
+
+
+def _crc(tar: tarfile.TarFile, info: tarfile.TarInfo) -> int:
+    f = tar.extractfile(info)
+    assert f is not None  # (a regular file member)
+    digest = 0
+    while block := f.read(1 << 20):
+        digest = zlib.crc32(block, digest)
+    return digest
 
 
 def _role(ext: str) -> str | None:
@@ -300,12 +443,12 @@ def _split(member: str) -> tuple[str, str]:
     return printable_key(key.removeprefix("./")), ext.lower()
 
 
-def _bounded(f: Any, member: Member, what: str) -> bytes:
+def _bounded(pieces: Pieces, member: Member, what: str) -> bytes:
     """A JSON or text member's bytes; BadSample when it is over MAX_JSON_BYTES (not read)."""
     if member.size > MAX_JSON_BYTES:
         raise BadSample(f"the sample's {what} member of {member.size} bytes is over the limit "
                         f"of {MAX_JSON_BYTES} bytes")  # fmt: skip
-    return _pread(f, member)
+    return pieces.member(member)
 
 
 def parse_json(data: bytes) -> Any:
@@ -350,13 +493,6 @@ def json_depth(text: str) -> int:
     return deepest
 
 
-def _pread(f: Any, member: Member) -> bytes:
-    data = os.pread(f.fileno(), member.size, member.offset)
-    if len(data) != member.size:
-        raise ValueError("the tar ends inside this member (truncated)")
-    return data
-
-
 def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
     """Nested objects as name_sub columns; lists as JSON text."""
     if not isinstance(record, dict):
@@ -375,18 +511,30 @@ def _flatten(record: Any, prefix: str = "") -> dict[str, Any]:
 
 def _json_fields(path: Path, name: str) -> dict[str, pa.Field]:
     """Columns of the first SCHEMA_SAMPLES JSON members: numbers, booleans, else text."""
-    samples = list(_samples(path, name).values())[:SCHEMA_SAMPLES]
-    found: dict[str, pa.DataType] = {}
     with open(path, "rb") as f:
-        for sample in samples:
-            if not isinstance(sample, Sample) or sample.json is None:
-                continue  # a Conflict's JSON members disagree: none teaches a column
-            try:
-                record = _flatten(parse_json(_bounded(f, sample.json, "JSON")))
-            except ValueError:  # (BadSample too: over the bounds, it is the sample's error)
-                continue
-            for column, value in record.items():
-                found[column] = _widen(found.get(column), _type_of(value))
+        return learn_fields(_samples(path, name), lambda s: [_local_pieces(f, s) for s in s])
+
+
+def learn_fields(
+    samples: dict[str, Sample | Conflict],
+    read: Callable[[list[Sample]], list[Pieces | Exception]],
+) -> dict[str, pa.Field]:
+    """The columns of the first SCHEMA_SAMPLES samples' JSON members, read with `read`."""
+    first = [
+        s
+        for s in list(samples.values())[:SCHEMA_SAMPLES]
+        if isinstance(s, Sample) and s.json is not None
+    ]  # (a Conflict's JSON members
+    found: dict[str, pa.DataType] = {}  # disagree: none teaches a column)
+    for sample, pieces in zip(first, read(first), strict=True):
+        try:
+            if isinstance(pieces, Exception):
+                raise pieces
+            record = _flatten(parse_json(_bounded(pieces, sample.json, "JSON")))  # type: ignore[arg-type]
+        except (ValueError, OSError):  # (BadSample too: over the bounds, the sample's error)
+            continue
+        for column, value in record.items():
+            found[column] = _widen(found.get(column), _type_of(value))
     return {n: pa.field(n, t or pa.string()) for n, t in found.items()}
 
 
