@@ -1,4 +1,4 @@
-"""Images under an object-store prefix (s3://, gs://, az://), listed and read through fsspec."""
+"""An object-store prefix (s3://, gs://, az://) through fsspec: its kind, images and objects."""
 
 from __future__ import annotations
 
