@@ -28,12 +28,14 @@ def loader_work(
     positions: list[int] | None = None,
     gpu_pixels: int | None = None,
     share: CpuShare | None = None,
+    carried: dict[int, Any] | None = None,
 ) -> tuple[ItemDataset, list[int]]:
     """The dataset a build's decoding processes read (the decode alarm armed where there are
-    worker processes), and the positions to read: every item unless given."""
+    worker processes), and the positions to read: every item unless given. `carried`: the
+    bytes of items fetched already (by the pre-check), not fetched again."""
     timeout = cfg.decode_timeout if cfg.workers > 0 else 0.0
     dataset = ItemDataset(items, sources, preprocess, known_hashes, timeout, cfg.decode_hook,
-                          gpu_pixels, share)  # fmt: skip
+                          gpu_pixels, share, carried)  # fmt: skip
     return dataset, list(range(len(items))) if positions is None else list(positions)
 
 
@@ -51,8 +53,10 @@ class ItemDataset:
         hook: str | None = None,
         gpu_pixels: int | None = None,
         share: CpuShare | None = None,
+        carried: dict[int, Any] | None = None,
     ) -> None:
         self.items = items
+        self.carried = carried or {}  # fetched already: (bytes, metadata) by position
         self.gpu_pixels = gpu_pixels  # JPEGs the GPU may decode are passed on undecoded
         self.share = share  # except this share of them, decoded here to keep pace
         self.sources = sources
@@ -75,7 +79,7 @@ class ItemDataset:
         if armed:
             signal.setitimer(signal.ITIMER_REAL, self.decode_timeout)
         try:
-            return self._prepare(position)
+            return self._prepare(position, self.carried.get(position))
         finally:
             if armed:
                 signal.setitimer(signal.ITIMER_REAL, 0)
@@ -90,8 +94,11 @@ class ItemDataset:
         return any(hasattr(source, "read_many") for source in self.sources)
 
     def fetch(self, positions: list[int]) -> dict[int, Any]:
-        """The bytes (or exception) of those items whose source reads many at once."""
-        return read_together(self.items, self.sources, positions)
+        """The bytes (or exception) of those items whose source reads many at once (those
+        fetched already are not fetched again)."""
+        rest = [p for p in positions if p not in self.carried]
+        return {**read_together(self.items, self.sources, rest),
+                **{p: self.carried[p] for p in positions if p in self.carried}}  # fmt: skip
 
     def prepare_many(self, positions: list[int], fetched: dict[int, Any]) -> list[dict[str, Any]]:
         """The batch's samples, from what fetch() returned for it (the rest read one by one)."""

@@ -118,7 +118,7 @@ def load_model_while_decoding(
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
     """
-    stored = already_stored(items, sources, positions, prev)
+    stored, carried = already_stored(items, sources, positions, prev)
     if stored is not None and prev.manifest is not None:
         from indexer.runtime import RecordedRecipe
 
@@ -144,14 +144,14 @@ def load_model_while_decoding(
                                   loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
         head = HeadStart.start(*loader_work(items, sources, preprocess, loader, known,
-                                            positions), loader)  # fmt: skip
+                                            positions, carried=carried), loader)  # fmt: skip
         try:
             portable = open_runtime()
             if portable is not None:
                 from indexer.loader import iter_batches  # torch loads meanwhile
 
                 batches = iter_batches(items, sources, preprocess, loader, known, positions,
-                                       head=head)  # fmt: skip
+                                       head=head, carried=carried)  # fmt: skip
                 if isinstance(portable, KnownExport):
                     portable.start()  # its thread starts once the workers are forked
                 return portable, batches, plan
@@ -171,7 +171,8 @@ def load_model_while_decoding(
         loader = cfg.loader
         preprocess = Preprocessor(data_config, loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
-        return iter_batches(items, sources, preprocess, cfg.loader, known, positions, gpu)
+        return iter_batches(items, sources, preprocess, cfg.loader, known, positions, gpu,
+                            carried=carried)  # fmt: skip
 
     hint = configcache.lookup(cfg.model.name)
     early = start(hint) if hint is not None else None
@@ -262,12 +263,15 @@ PRECHECK_CHUNK = 64  # read together at most (a bucket's or a list's: concurrent
 
 def already_stored(
     items: list[Item], sources: list[Source], positions: list[int], prev: Previous
-) -> list[tuple[int, str, dict[str, Any]]] | None:
+) -> tuple[list[tuple[int, str, dict[str, Any]]] | None, dict[int, Any]]:
     """When every item the plan must read holds bytes already stored (touched, renamed or
     copied files), those items with their hashes, read here: the run then needs no model, no
-    torch and no workers. None as soon as one does not (or cannot be read here)."""
+    torch and no workers. None as soon as one does not (or cannot be read here); with it,
+    what was fetched from an object store or a URL list on the way (the loader takes those
+    bytes rather than fetching them again)."""
+    carried: dict[int, Any] = {}
     if prev.manifest is None or not positions or len(positions) > PRECHECK_ITEMS:
-        return None
+        return None, carried
     from indexer.sources.base import read_together
 
     known = prev.known_hashes()
@@ -276,6 +280,8 @@ def already_stored(
     while done < len(positions):
         chunk = positions[done : done + size]
         fetched = read_together(items, sources, chunk)  # a store's: concurrently
+        carried.update({p: got for p, got in fetched.items()
+                        if not isinstance(got, BaseException)})  # fmt: skip
         for position in chunk:
             item = items[position]
             try:
@@ -283,14 +289,14 @@ def already_stored(
                 if isinstance(got, BaseException):
                     raise got
             except Exception:  # the loader reads it again and makes its error row
-                return None
+                return None, carried
             data, meta = got
             digest = hashlib.sha256(data).hexdigest()
             if digest not in known:
-                return None
+                return None, carried
             found.append((position, digest, meta))
         done, size = done + len(chunk), min(2 * size, PRECHECK_CHUNK)
-    return found
+    return found, carried
 
 
 def resume_plan(

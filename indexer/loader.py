@@ -88,6 +88,7 @@ def iter_batches(
     positions: list[int] | None = None,
     gpu_decode: bool = False,
     head: HeadStart | None = None,
+    carried: dict[int, Any] | None = None,
 ) -> Iterator[Batch]:
     """Batches in item order (DataLoader keeps order across workers): with a head start,
     its batches first (from the front of the items), then the DataLoader's.
@@ -108,7 +109,7 @@ def iter_batches(
     gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
     share = CpuShare(cfg.workers) if gpu_pixels is not None and SHARE else None
     dataset, todo = loader_work(items, sources, preprocess, cfg, known_hashes, positions,
-                                gpu_pixels, share)  # fmt: skip
+                                gpu_pixels, share, carried)  # fmt: skip
     return _with_share(_resilient(dataset, todo, cfg, _loader(dataset, todo, cfg)), share)
 
 

@@ -317,7 +317,8 @@ def update(
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out,
                      decided=recorded(prev.manifest) is not None)  # fmt: skip
     try:
-        check_before_adding(embedder, prev, sources, items, cfg.out)
+        unchanged = {items[position].key for position in plan.keep}
+        check_before_adding(embedder, prev, sources, items, cfg.out, unchanged)
     except ModelMismatchError as exc:
         getattr(batches, "close", lambda: None)()  # its workers stop now
         if not cfg.drop_shards or prev.manifest is None:

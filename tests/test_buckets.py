@@ -89,6 +89,7 @@ def test_a_rerun_reads_nothing_and_finds_overwrites_deletes_and_additions(
     changed = {"/photos/pics/group0/scene0004.jpg", "/photos/pics/new.png"}
     assert changed <= set(s3.faults.gets)  # read: the changed and the new object, and 8
     assert len(s3.faults.gets) <= len(changed) + 8  # stored ones that check the model
+    assert max(s3.faults.gets.values()) == 1  # none twice (the pre-check's bytes are kept)
     keys = set(read_embeddings_by_key(out))
     assert "new.png" in keys and "group1/scene0005.png" not in keys and len(keys) == 28
 
