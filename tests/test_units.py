@@ -302,3 +302,24 @@ def test_a_build_with_metadata_columns_never_imports_pandas(tmp_path: Path) -> N
     assert done.stdout.split()[-1] == "False", done.stdout
     table = pq.read_table(next((tmp_path / "out").rglob("shards/*.parquet")))
     assert sorted(table.column("caption").to_pylist()) == ["c0", "c1", "c2"]
+
+
+def test_tar_pieces_give_each_member_its_bytes_or_say_why_not() -> None:
+    """A sample's members from the runs read for it: an empty member is b"", one past the
+    end is truncated, one whose CRC-32 differs from the indexed one is TarChanged."""
+    import zlib
+
+    from indexer.sources.wds import Member, Pieces, Sample, TarChanged, ranges
+
+    data = bytes(range(256)) * 8
+    image, text = Member(512, 100, zlib.crc32(data[512:612])), Member(1024, 0)
+    sample = Sample("t.tar", image, None, text)
+    assert ranges(sample) == [(512, 512)]  # neighbours within the gap: one run
+    pieces = Pieces([(512, data[512:1024])])
+    assert pieces.member(image) == data[512:612] and pieces.member(text) == b""
+    with pytest.raises(ValueError, match="truncated"):
+        pieces.member(Member(1000, 100))
+    with pytest.raises(TarChanged):
+        Pieces([(512, data[513:1025])]).member(image)
+    far = Sample("t.tar", image, Member(1 << 20, 10))
+    assert ranges(far, gap=1000) == [(512, 100), (1 << 20, 10)]

@@ -268,13 +268,11 @@ class Pieces:
         self.runs = runs
 
     def member(self, member: Member) -> bytes:
-        """The member's bytes; ValueError if the tar ends inside it, ObjectChanged-like
-        ValueError if they are not the bytes indexed (their CRC-32 differs)."""
+        """The member's bytes; ValueError if the tar ends inside it, TarChanged (a
+        ValueError) if they are not the bytes indexed (their CRC-32 differs)."""
         for start, data in self.runs:
-            if start <= member.offset < start + max(len(data), 1):
-                at = member.offset - start
-                if at + member.size > len(data):
-                    break
+            at = member.offset - start
+            if at >= 0 and at + member.size <= len(data):  # (an empty member: b"")
                 found = data[at : at + member.size]
                 if member.crc >= 0 and zlib.crc32(found) != member.crc:
                     raise TarChanged("the tar changed after its members were indexed (a "
