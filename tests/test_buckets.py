@@ -49,6 +49,21 @@ def built_from_bucket(s3: S3, corpus: Path, tmp_path: Path) -> Path:
     return out
 
 
+def built_alike(s3: S3, folder: Path, prefix: str, tmp_path: Path, count: int) -> tuple[Path, Path]:
+    """folder uploaded to s3://photos/PREFIX, built from both: the same keys (count) and
+    vectors. The two collections, local then remote."""
+    upload(s3, folder, prefix=prefix)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert run_cli("build", folder, "--out", local, *BUILD_FLAGS).exit_code == 0
+    result = run_cli("build", f"s3://photos/{prefix}", "--out", remote, *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    want, got = read_embeddings_by_key(local), read_embeddings_by_key(remote)
+    assert sorted(got) == sorted(want) and len(got) == count
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+    return local, remote
+
+
 def test_a_bucket_build_equals_the_folder_build(s3: S3, corpus: Path, tmp_path: Path) -> None:
     upload(s3, corpus)
     folder, bucket = tmp_path / "folder", tmp_path / "bucket"
@@ -369,15 +384,7 @@ def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(s3: S3, tmp_pa
     folder = tmp_path / "i2d"
     write_i2d_parquet(folder, 0, 10, failed=(4,))
     write_i2d_parquet(folder, 1, 5)
-    upload(s3, folder, prefix="i2d/")
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    assert run_cli("build", folder, "--out", local, *BUILD_FLAGS).exit_code == 0
-    result = run_cli("build", "s3://photos/i2d/", "--out", remote, *BUILD_FLAGS)
-    assert result.exit_code == 0, result.output
-    want, got = read_embeddings_by_key(local), read_embeddings_by_key(remote)
-    assert sorted(got) == sorted(want) and len(got) == 14
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+    _, remote = built_alike(s3, folder, "i2d/", tmp_path, 14)
     rows = {r["key"]: r for r in pq.read_table(remote / "shards").to_pylist()}
     assert rows["000000001"]["caption"] == "scene number 1"
     failed = pq.read_table(remote / "errors.parquet").to_pylist()
@@ -436,15 +443,7 @@ def test_webdataset_tars_in_a_bucket_build_as_their_local_copy(
     folder = tmp_path / "wds"
     write_webdataset(folder, 0, 12, failed=(3,), sidecar=sidecar)
     write_webdataset(folder, 1, 8, sidecar=sidecar)
-    upload(s3, folder, prefix="wds/")
-    local, remote = tmp_path / "local", tmp_path / "remote"
-    assert run_cli("build", folder, "--out", local, *BUILD_FLAGS).exit_code == 0
-    result = run_cli("build", "s3://photos/wds/", "--out", remote, *BUILD_FLAGS)
-    assert result.exit_code == 0, result.output
-    want, got = read_embeddings_by_key(local), read_embeddings_by_key(remote)
-    assert sorted(got) == sorted(want) and len(got) == 19
-    for key in want:
-        np.testing.assert_allclose(got[key], want[key], atol=1e-6)
+    local, remote = built_alike(s3, folder, "wds/", tmp_path, 19)
     local_rows = {r["key"]: r for r in pq.read_table(local / "shards").to_pylist()}
     rows = {r["key"]: r for r in pq.read_table(remote / "shards").to_pylist()}
     drop = ("embedding", "etag", "mtime_ns", "file_size", "id")

@@ -144,10 +144,9 @@ class BucketSource:
         image is at its top: ("tars", its .tar objects) where it has any (webdataset
         shards, with their sidecars), else ("parquet", its .parquet objects); otherwise
         ("images", [])."""
-        entries = self._listing()
-        top = {p: p[len(self.root) + 1 :] for p in entries if "/" not in p[len(self.root) + 1 :]}
-        visible = {p: n for p, n in top.items() if not _hidden(n)}
-        if len(top) < len(entries) or any(is_image_name(n) for n in visible.values()):
+        names = {p: p[len(self.root) + 1 :] for p in self._listing()}
+        visible = {p: n for p, n in names.items() if not _hidden(n)}  # (hidden: ignored, as
+        if any("/" in n or is_image_name(n) for n in visible.values()):  # in a folder)
             return "images", []
         for kind, suffix in (("tars", ".tar"), ("parquet", ".parquet")):
             found = sorted(

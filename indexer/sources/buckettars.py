@@ -22,6 +22,7 @@ from indexer.sources.wds import (
     Member,
     Pieces,
     Sample,
+    TarChanged,
     WebDatasetSource,
     learn_fields,
     ranges,
@@ -63,11 +64,26 @@ class BucketTars:
         if cached.is_file():
             try:
                 return _samples_from(json.loads(cached.read_bytes()), tar)
-            except (ValueError, KeyError, TypeError, IndexError):
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
                 pass  # (a damaged cache entry: the tar is indexed again)
         found = self._scan(tar)
-        write_bytes_atomic(cached, json.dumps(_samples_to(found)).encode(), sync=False)
+        self._keep(cached, json.dumps(_samples_to(found)).encode())
         return found
+
+    def forget(self, tar: str) -> None:
+        """Drop the tar's member index (its bytes were not the ones it recorded): the next
+        run reads the tar again to index it."""
+        self._cache(tar, "members.json").unlink(missing_ok=True)
+
+    def _keep(self, path: Path, data: bytes) -> None:
+        """Write a cache entry; the tar's entries for other versions (size, ETag) go."""
+        try:
+            write_bytes_atomic(path, data, sync=False)
+            for older in path.parent.iterdir():
+                if not older.name.startswith((path.name.split(".")[0], ".")):
+                    older.unlink(missing_ok=True)
+        except OSError as exc:
+            raise _cache_error(path, exc) from None
 
     def _scan(self, tar: str) -> dict[str, Sample | Conflict]:
         url = f"{self.bucket.protocol}://{self.paths[tar]}"
@@ -84,8 +100,21 @@ class BucketTars:
                              "the credentials and the network") from None  # fmt: skip
 
     def sidecar(self, tar: str) -> Path | None:
+        """The sidecar's local copy, if the tar has one: a copy that is not Parquet is
+        refused in a line naming the object."""
+        import pyarrow.parquet as pq
+
         path = self.sidecars.get(tar)
-        return None if path is None else self.bucket.stage([path])[0]
+        if path is None:
+            return None
+        copy = self.bucket.stage([path])[0]
+        try:
+            pq.read_schema(copy)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"the sidecar {self.bucket.protocol}://{path} is not a readable "
+                             f"Parquet file ({exc}): replace it, or remove it to index its "
+                             "tar without it") from None  # fmt: skip
+        return copy
 
     def json_fields(self, tar: str) -> dict[str, pa.Field]:
         cached = self._cache(tar, "fields.json")
@@ -104,7 +133,7 @@ class BucketTars:
 
         fields = learn_fields(self.samples(tar), json_only)
         types = {n: str(f.type) for n, f in fields.items()}
-        write_bytes_atomic(cached, json.dumps(types).encode(), sync=False)
+        self._keep(cached, json.dumps(types).encode())
         return fields
 
     def read(self, samples: list[Sample]) -> list[Pieces | Exception]:
@@ -131,7 +160,10 @@ class BucketTars:
         url = f"{self.bucket.protocol}://{self.paths[tar]}"
         folder = cache_dir() / "tars" / hashlib.sha256(url.encode()).hexdigest()[:32]
         version = hashlib.sha256(f"{INDEX_FORMAT}:{size}:{etag}".encode()).hexdigest()[:16]
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cache_error(folder, exc) from None
         return folder / f"{version}.{what}"
 
 
@@ -167,6 +199,9 @@ class BucketWebDatasetSource(WebDatasetSource):
                 if isinstance(pieces, Exception):
                     raise pieces
                 out[n] = self.sample_of(locators[n], pieces)
+            except TarChanged as exc:  # the index does not describe the tar: made again
+                self.store.forget(locators[n].tar)  # next time
+                out[n] = exc
             except Exception as exc:  # a member that cannot be read: this sample's error row
                 out[n] = exc
         return out
@@ -181,19 +216,37 @@ def _samples_to(samples: dict[str, Sample | Conflict]) -> dict[str, Any]:
     return {"format": INDEX_FORMAT, "samples": rows}
 
 
-def _samples_from(doc: dict[str, Any], tar: str) -> dict[str, Sample | Conflict]:
-    if doc["format"] != INDEX_FORMAT:
-        raise ValueError("another format")
+def _samples_from(doc: Any, tar: str) -> dict[str, Sample | Conflict]:
+    """A cached member index, checked whole (ValueError if it is not one this version
+    writes): every member of a tar indexed from a bucket has its CRC-32."""
+    if not isinstance(doc, dict) or doc.get("format") != INDEX_FORMAT:
+        raise ValueError("not a member index of this format")
+    rows = doc["samples"]
+    if not isinstance(rows, dict):
+        raise ValueError("no samples")
 
-    def member(m: list[int] | None) -> Member | None:
-        return None if m is None else Member(int(m[0]), int(m[1]), int(m[2]))
+    def member(m: Any, required: bool = False) -> Member | None:
+        if m is None and not required:
+            return None
+        offset, size, crc = (int(v) for v in m)
+        if offset < 0 or (size >= 0 and not 0 <= crc <= 0xFFFFFFFF) or size < -1:
+            raise ValueError("a member without its place, size or CRC")
+        return Member(offset, size, crc)
 
     out: dict[str, Sample | Conflict] = {}
-    for key, row in doc["samples"].items():
+    for key, row in rows.items():
         if row[0] == "S":
-            image = member(row[1])
-            assert image is not None
+            image = member(row[1], required=True)
+            assert image is not None  # (required)
             out[str(key)] = Sample(tar, image, member(row[2]), member(row[3]))
-        else:
+        elif row[0] == "C":
             out[str(key)] = Conflict(tar, str(row[1]), tuple(str(m) for m in row[2]))
+        else:
+            raise ValueError("neither a sample nor a conflict")
     return out
+
+
+def _cache_error(path: Path, exc: OSError) -> InputError:
+    return InputError(f"indexer's cache cannot keep a tar's member index at {path} "
+                      f"({exc.strerror or exc}): set INDEXER_CACHE_DIR to a folder you may "
+                      "write to")  # fmt: skip

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +115,26 @@ def _load_files(name: str, files: tuple[str, ...]) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset("parquet", data_files=list(files))
+        with _quiet():
+            return datasets.load_dataset("parquet", data_files=list(files))
     except Exception as exc:  # a file that is not Parquet, or Parquet files that disagree
         raise InputError(f"cannot open the Parquet files under {name}: {_gist(exc)}: check "
                          "them") from None  # fmt: skip
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """datasets' own progress bars ("Generating train split") off while it loads: the
+    build's bar is the one a user sees (and --no-progress means none)."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 def _gist(exc: BaseException) -> str:
@@ -130,9 +148,11 @@ def _load(name: str) -> Any:
     path = Path(name).expanduser()
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-            return datasets.load_from_disk(str(path))
+            with _quiet():
+                return datasets.load_from_disk(str(path))
         if path.is_dir():
-            return datasets.load_dataset(str(path))
+            with _quiet():
+                return datasets.load_dataset(str(path))
         if path.exists():
             raise InputError(f"hf:{name} is a file; pass the dataset's folder or a hub name")
         if name.startswith((".", "/", "~")):
@@ -143,7 +163,8 @@ def _load(name: str) -> Any:
                 f"dataset {name} is not a local folder and the hub is unreachable ({reason}): "
                 "pass a save_to_disk folder or a folder of data files"
             )
-        return datasets.load_dataset(name)
+        with _quiet():
+            return datasets.load_dataset(name)
     except InputError:
         raise
     except Exception as exc:

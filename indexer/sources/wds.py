@@ -275,8 +275,11 @@ class Pieces:
             if at >= 0 and at + member.size <= len(data):  # (an empty member: b"")
                 found = data[at : at + member.size]
                 if member.crc >= 0 and zlib.crc32(found) != member.crc:
-                    raise TarChanged("the tar changed after its members were indexed (a "
-                                     "member's bytes differ): run the build again")  # fmt: skip
+                    raise TarChanged(
+                        "the tar's bytes are not the ones its member index recorded (it "
+                        "changed, or the cached index is damaged): the next build indexes it "
+                        "again (give --retry-failed if the tar itself did not change)"
+                    )
                 return found
         raise ValueError("the tar ends inside this member (truncated)")
 
