@@ -200,9 +200,9 @@ DAMAGED = {
     "empty": b"",
     "truncated": b'{"format": 1, "samples": {"000000000": ["S", [512, 10',
     "null": b"null",
-    # found here, fixed: AttributeError escapes _samples_from (not in BucketTars.samples' except list)
+    # fixed: AttributeError escapes _samples_from (not in BucketTars.samples' except list)
     "samples a list": b'{"format": 1, "samples": []}',
-    # found here, fixed: `assert image is not None` in _samples_from: AssertionError (and under -O, a
+    # fixed: `assert image is not None` in _samples_from: AssertionError (and under -O, a
     # Sample with image None)
     "image null": b'{"format": 1, "samples": {"000000000": ["S", null, null, null]}}',
     "short member": b'{"format": 1, "samples": {"000000000": ["S", [512], null, null]}}',
@@ -262,7 +262,7 @@ def test_a_member_index_without_a_crc_never_gives_another_samples_vector(
     result = run_cli("build", "s3://photos/wds/", "--out", out, *PARTIAL)
     assert result.exit_code in (0, 5), result.output
     got = rows(out)
-    # found here, fixed: Pieces.member skips the check when `member.crc < 0` and _samples_from accepts
+    # fixed: Pieces.member skips the check when `member.crc < 0` and _samples_from accepts
     # crc -1 for a sized member: key 000000001 is indexed with sample 2's image
     for key, row in got.items():
         assert row["content_hash"] == sha(jpeg(int(key))), key
@@ -286,7 +286,7 @@ def test_a_member_index_proved_wrong_is_made_again_on_the_next_run(
     assert sorted(rows(out)) == ["000000000", "000000002"]
     assert "changed" in errors(out)["000000001"]["error"]
     again = run_cli("build", "s3://photos/wds/", "--out", out, *PARTIAL, "--retry-failed")
-    # found here, fixed: the entry TarChanged proved wrong stays in the cache (the tar's size and ETag
+    # fixed: the entry TarChanged proved wrong stays in the cache (the tar's size and ETag
     # did not change), so "run the build again" fails the same way forever; BucketTars
     # should drop (or remake) a member index whose CRC check failed
     assert again.exit_code == 0, again.output
@@ -304,7 +304,7 @@ def test_old_member_indexes_of_a_rewritten_tar_are_not_kept_forever(
     for n in range(3):
         put(s3, "wds/00000.tar", tar_bytes(sample(0) + sample(n + 1)))
         assert len(source_of("s3://photos/wds/").keys_and_locators()) == 2
-    # found here, fixed: BucketTars._cache never removes an older version's entries (stage() does)
+    # fixed: BucketTars._cache never removes an older version's entries (stage() does)
     assert len(index_files(fresh_cache)) == 1, index_files(fresh_cache)
 
 
@@ -389,7 +389,7 @@ def test_a_garbage_sidecar_is_refused_naming_the_object(s3: S3, tmp_path: Path) 
     put(s3, "wds/00000.parquet", b"PAR1 this is not parquet PAR1")
     out = tmp_path / "c"
     result = run_cli("build", "s3://photos/wds/", "--out", out, *BUILD_FLAGS)
-    # found here, fixed: the message names the staged copy in indexer's cache (and says to remove it),
+    # fixed: the message names the staged copy in indexer's cache (and says to remove it),
     # not s3://photos/wds/00000.parquet (wds._bad_sidecar gets the local path)
     refused(result, out, "s3://photos/wds/00000.parquet")
 
@@ -413,7 +413,7 @@ def test_hidden_objects_beside_tars_leave_them_a_webdataset(s3: S3, tmp_path: Pa
     assert source.describe()["kind"] == "webdataset" and source.describe()["tars"] == 1
     assert [k for k, _, _ in source.keys_and_locators()] == ["000000000", "000000001"]
     put(s3, "wds/.meta/notes.txt", b"written by a tool")
-    # found here, fixed: BucketSource.holds counts a hidden sub-prefix as a sub-prefix ("images"): the
+    # fixed: BucketSource.holds counts a hidden sub-prefix as a sub-prefix ("images"): the
     # build says "the sources hold no images"; a folder with a .meta/ stays a webdataset
     assert source_of("s3://photos/wds/").describe()["kind"] == "webdataset"
 
@@ -443,7 +443,7 @@ def test_a_parquet_prefix_with_a_file_that_is_not_parquet_is_refused(
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "cannot open the Parquet files under s3://photos/i2d/" in result.output
     assert not (out / "current").exists() and not (out / "versions").exists()
-    # found here, fixed: --no-progress does not silence datasets' "Generating train split" bars
+    # fixed: --no-progress does not silence datasets' "Generating train split" bars
     # (hf._load_files): the one-line error comes after progress lines
     refused(result, out)
 
