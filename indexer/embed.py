@@ -482,6 +482,7 @@ class EmbedJob:
     prefix: str  # names of new shards of embedded rows: unique to this version
     reused_prefix: str  # and of rows whose vector was reused by content hash
     runtime_plan: RuntimePlan | None = None  # what the first batch settles (None: nothing)
+    confirmed: Callable[[], None] | None = None  # called once a known export is confirmed
 
 
 @dataclass(frozen=True)
@@ -874,6 +875,7 @@ def embed_items(
         batches = ahead_if_routed(batches, raw, job.embedder)
     bar = tqdm(total=len(job.plan.check), unit="img", disable=_no_bar(cfg.loader.progress))
     writer = ShardWriter(paths.shards, job.schema, cfg.shard_size, prefix=job.prefix)
+    pending = job.confirmed
     with writer, bar, closing_iterator(batches):
         for batch in stages.each(batches, "waiting for batches"):
             if batch.raw:
@@ -886,6 +888,9 @@ def embed_items(
                         vectors, labels = embed(batch.pixels)
                 with stages.timed("writing"):
                     writer.write(rows_table(job, new_rows(batch, labels), vectors))
+                if pending is not None and pending_confirmed(job.embedder):
+                    pending()  # a killed run's shards may be salvaged from now on
+                    pending = None
             errors += [error_row(job, *error) for error in batch.errors]
             reused += batch.reused
             bar.update(len(batch.positions) + len(batch.errors) + len(batch.reused))
@@ -901,6 +906,13 @@ def embed_items(
         decision = embed.settled()
         return Embedded(writer.close(), errors, reused, embed.sample, embed.exported,
                         embed.names, decision, embed.runtime.recipe)  # fmt: skip
+
+
+def pending_confirmed(runtime: Any) -> bool:
+    """Whether a known export this build embeds with is confirmed by now (asked without
+    waiting); never for other runtimes (they need no confirmation)."""
+    early = getattr(runtime, "confirmed_early", None)
+    return bool(early()) if early is not None else False
 
 
 @contextmanager

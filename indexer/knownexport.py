@@ -216,6 +216,7 @@ class KnownExport(PortableEmbedder):
         self._check: tuple[np.ndarray, bool] | None = None  # a trusted export's check images
         self._reference: Background | None = None  # the export in fp32 on them
         self._got: tuple[np.ndarray, list[dict[str, Any]]] | None = None  # the runtime's
+        self._verdict: tuple[dict[str, Any], dict[str, Any]] | None = None  # a passed check
 
     def _export_min(self) -> float | None:
         """The export's recorded cosine to torch fp32 (at most 1: float rounding clipped);
@@ -338,10 +339,32 @@ class KnownExport(PortableEmbedder):
         fidelity["images_from"] = "the build" if own else "generated scenes"
         return recipe, fidelity
 
+    def confirmed_early(self) -> bool:
+        """Whether a trusted export is confirmed already, asked without waiting: its fp32
+        reference is computed and the first batch reproduced it (FidelityError: not, and
+        the end of the build says so). A killed run's shards are salvaged once it is."""
+        from indexer.export import FidelityError
+
+        if self._verdict is not None:
+            return True
+        if not self.trusted or self._reference is None:  # (without its first images, the
+            return False  # check embeds its scenes now rather than at the end)
+        if not self._reference.done():
+            return False
+        try:
+            self._trusted_check(None)
+        except FidelityError:
+            return False
+        return True
+
     def _trusted_check(self, sample: np.ndarray | None) -> tuple[dict[str, Any], dict[str, Any]]:
         """The cached recipe (the weights' path as given now), and the runtime's fidelity to
-        the export in fp32 on the images, stated as the bound it implies to torch fp32."""
+        the export in fp32 on the images, stated as the bound it implies to torch fp32 (once:
+        a check passed early is not made again)."""
         from indexer.export import FIDELITY_MIN, fidelity
+
+        if self._verdict is not None:
+            return self._verdict
 
         export_min = self._export_min()
         assert export_min is not None
@@ -368,7 +391,8 @@ class KnownExport(PortableEmbedder):
         log.info("the cached export is trusted (its identity names the weights' bytes and "
                  "the code's sources): checked on %d images against itself in fp32, not "
                  "against timm", len(images))  # fmt: skip
-        return recipe, record
+        self._verdict = recipe, record
+        return self._verdict
 
     def start(self) -> None:
         """Create the model in the background from now on (once the loader's workers exist)."""
@@ -476,6 +500,9 @@ class Background:
             self._value = call()
         except BaseException as exc:  # the caller hears of it
             self._error = exc
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
 
     def result(self) -> Any:
         self._thread.join()

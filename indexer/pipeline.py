@@ -338,7 +338,9 @@ def update(
     carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
     prefix, reused_prefix = new_shard_prefixes(number)
     carried_model = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
-    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, runtime_plan)
+    confirmed = (lambda: mark_request(building, asked)) if known else None
+    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, runtime_plan,
+                   confirmed)  # fmt: skip
     try:
         embedded = embed_items(job, batches, paths, cfg)
         portable = (
@@ -353,8 +355,8 @@ def update(
     finally:
         if isinstance(embedder, KnownExport):
             embedder.close()
-    if known:
-        mark_request(building, asked)  # confirmed: a killed run's shards may now be salvaged
+    if known:  # confirmed (if not already during the run): a killed run's shards may now
+        mark_request(building, asked)  # be salvaged
     elif embedder.name == "torch" and carried_model is None and portable.record is not None:
         remember(cfg.model, embedder.recipe, portable.record, building)
     new_shards, new_errors, reused = embedded.shards, embedded.errors, embedded.reused

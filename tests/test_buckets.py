@@ -528,3 +528,34 @@ def test_a_tar_rewritten_after_indexing_is_never_read_as_the_indexed_one(
         assert isinstance(got, ValueError | OSError) or got[0] == images[key], (key, got)
     assert sum(isinstance(got, Exception) for got in results) >= 9  # (past its end: OSError)
     assert any(isinstance(got, TarChanged) for got in results)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_cache")
+def test_a_killed_bucket_webdataset_build_resumes_item_exactly(
+    s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL mid-build from tars in a bucket, embedding with the known export the local
+    build left (confirmed on the first batch): the next run reuses the killed run's finished
+    shards and ends with exactly the local tars' collection."""
+    import json
+
+    from tests.shapes import write_webdataset
+    from tests.test_resume import FLAGS, check_same_as_clean, kill_when_confirmed, start_build
+
+    folder = tmp_path / "wds"
+    write_webdataset(folder, 0, 14, failed=(5,))
+    write_webdataset(folder, 1, 10)
+    upload(s3, folder, prefix="wds/")
+    clean = tmp_path / "clean"
+    assert run_cli("build", folder, "--out", clean, *FLAGS).exit_code == 0  # (the export)
+    out = tmp_path / "killed"
+    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")  # (still running)
+    kill_when_confirmed(start_build("s3://photos/wds/", out), out)  # type: ignore[arg-type]
+    monkeypatch.delenv("INDEXER_TEST_DECODE_HOOK")
+    result = run_cli("build", "s3://photos/wds/", "--out", out, *FLAGS)
+    assert result.exit_code == 0, result.output
+    counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
+    assert counts["listed"] == 24, counts  # (one failed upstream)
+    assert 4 <= counts["reused"] < counts["new"], counts  # killed mid-way, its work kept
+    check_same_as_clean(out, read_embeddings_by_key(clean))

@@ -45,6 +45,22 @@ def kill_after_a_shard(proc: subprocess.Popen[bytes], out: Path, runtime: str = 
     assert finished, "the build ended before a shard was seen"
 
 
+def kill_when_confirmed(proc: subprocess.Popen[bytes], out: Path) -> None:
+    """SIGKILL the build once its version is marked with the plain request (a known export
+    it embeds with is confirmed) and it has finished a shard."""
+    deadline = time.monotonic() + 300  # a guard against a hung test, not a timing assertion
+    ready = False
+    while not ready and proc.poll() is None and time.monotonic() < deadline:
+        for building in (out / "versions").glob(".building-*"):
+            request = building / ".request.json"
+            confirmed = request.exists() and "unconfirmed_model" not in request.read_text()
+            ready = ready or (confirmed and any(building.glob("shards/part-v*.parquet")))
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert ready, "the build ended before it was confirmed with a shard finished"
+
+
 def check_same_as_clean(out: Path, clean: dict[str, np.ndarray]) -> None:
     got = read_embeddings_by_key(out)
     assert got.keys() == clean.keys()
@@ -100,6 +116,27 @@ def test_only_unfinished_work_is_redone(
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
     assert counts["reused"] >= 4  # at least the finished shard's rows: not embedded again
     assert counts["new"] == counts["listed"]
+    check_same_as_clean(out, clean)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_cache")  # the known export: the warm build's, made here
+def test_a_killed_build_with_a_known_export_resumes(
+    clean_build: tuple[Path, dict[str, np.ndarray]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """A build embedding with a known export (another build's) is killed once the export
+    is confirmed (on its first batch): its finished shards are reused, not thrown away."""
+    src, clean = clean_build
+    assert run_cli("build", src, "--out", tmp_path / "warm", *FLAGS).exit_code == 0
+    out = tmp_path / "killed"
+    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")  # (still running)
+    kill_when_confirmed(start_build(src, out), out)
+    monkeypatch.delenv("INDEXER_TEST_DECODE_HOOK")
+    result = run_cli("build", src, "--out", out, *FLAGS)
+    assert result.exit_code == 0, result.output
+    counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
+    assert 4 <= counts["reused"] < counts["new"], counts  # killed mid-way, its work kept
     check_same_as_clean(out, clean)
 
 
