@@ -83,6 +83,8 @@ class BucketSource:
     each process that reads (fsspec's are not fork-safe); credentials come from the store's
     standard places or ``options``, which are never described (the manifest keeps the URL)."""
 
+    etags = True  # an item's fingerprint holds its ETag (its error row keeps it too)
+
     def __init__(
         self,
         url: str,
@@ -113,15 +115,11 @@ class BucketSource:
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
-        return {
-            **self.__dict__,
-            "_fs": None,
-            "_pid": -1,
-            "_inherited": None,
-            "_listed": None,
-        }  # each process
-        # makes its own. One inherited by fork is kept referenced: closing it here (when it
-        # is collected) would run on the parent's event loop, which does not run here
+        # Each process makes its own filesystem. One inherited by fork is kept referenced:
+        # closing it (when it is collected) would run on the parent's event loop, which
+        # does not run here. The listing is not pickled: it may be large.
+        dropped = {"_fs": None, "_pid": -1, "_inherited": None, "_listed": None}
+        return {**self.__dict__, **dropped}
 
     def fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
@@ -134,8 +132,6 @@ class BucketSource:
             self._fs, self._pid = open_filesystem(self.protocol, options), os.getpid()
         return self._fs
 
-    etags = True  # an item's fingerprint holds its ETag (its error row keeps it too)
-
     def describe(self) -> dict[str, Any]:
         return {"kind": "bucket", "path": self.written, "label": self.label}
 
@@ -145,18 +141,12 @@ class BucketSource:
         shards, with their sidecars), else ("parquet", its .parquet objects); otherwise
         ("images", [])."""
         names = {p: p[len(self.root) + 1 :] for p in self._listing()}
-        visible = {p: n for p, n in names.items() if not _hidden(n)}  # (hidden: ignored, as
-        if any("/" in n or is_image_name(n) for n in visible.values()):  # in a folder)
-            return "images", []
-        for kind, suffix in (("tars", ".tar"), ("parquet", ".parquet")):
-            found = sorted(
-                p
-                for p, n in visible.items()  # (as in a folder: .tar exactly,
-                if (n if kind == "tars" else n.lower()).endswith(suffix)
-            )  # .parquet in any case)
-            if found:
-                return kind, found
-        return "images", []
+        visible = {p: n for p, n in names.items() if not _hidden(n)}  # as in a folder:
+        if any("/" in n or is_image_name(n) for n in visible.values()):  # hidden ignored,
+            return "images", []  # .tar exactly, .parquet in any case
+        tars = sorted(p for p, n in visible.items() if n.endswith(".tar"))
+        parquet = sorted(p for p, n in visible.items() if n.lower().endswith(".parquet"))
+        return ("tars", tars) if tars else ("parquet", parquet) if parquet else ("images", [])
 
     def entry(self, path: str) -> tuple[int, int, str] | None:
         """An object's (size, mtime_ns, ETag) from the listing; None when it is not listed."""
