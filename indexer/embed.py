@@ -280,8 +280,7 @@ def already_stored(
     while done < len(positions):
         chunk = positions[done : done + size]
         fetched = read_together(items, sources, chunk)  # a store's: concurrently
-        carried.update({p: got for p, got in fetched.items()
-                        if not isinstance(got, BaseException)})  # fmt: skip
+        carried.update(fetched)  # (a failure too: fetched with its retries, it is the row)
         for position in chunk:
             item = items[position]
             try:

@@ -179,6 +179,9 @@ def column_array(values: list[Any], kind: pa.DataType) -> pa.Array:
         else dtype is not None
         and all(isinstance(v, numbers) and not isinstance(v, bool) for v in given)
     )
+    if fits and dtype is not None and np.issubdtype(dtype, np.floating):  # an int a float
+        exact = 2 ** (np.finfo(dtype).nmant + 1)  # cannot hold exactly: pa.array refuses it
+        fits = all(abs(v) <= exact for v in given if isinstance(v, int))
     if not fits:
         return pa.array(values, kind)
     valid = pa.py_buffer(np.packbits(np.array(present, np.bool_), bitorder="little"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,3 +43,18 @@ def collection(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run_cli("build", corpus, "--out", out, *BUILD_FLAGS)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """moto's S3 server on 127.0.0.1 behind the counting, fault-injecting proxy
+    (tests/s3server.py), its address and credentials in the environment."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from tests.s3server import S3
+
+    server = S3()
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    yield server
+    server.stop()

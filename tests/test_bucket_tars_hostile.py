@@ -11,7 +11,6 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -27,15 +26,6 @@ pytest.importorskip("moto")
 from tests.s3server import S3, SECRET, Faults
 
 PARTIAL = (*BUILD_FLAGS, "--batch-size", "8", "--max-failures", "20")
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
-    server = S3()
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    yield server
-    server.stop()
 
 
 def put(s3: S3, key: str, data: bytes, bucket: str = "photos") -> None:

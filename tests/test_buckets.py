@@ -4,7 +4,6 @@ object GETs and injects latency and 503 SlowDown: through the CLI, as a user run
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,6 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
 from tests.s3server import S3, SECRET, Faults
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
-    server = S3()
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    yield server
-    server.stop()
 
 
 def upload(s3: S3, folder: Path, bucket: str = "photos", prefix: str = "pics/") -> None:
