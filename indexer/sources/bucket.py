@@ -175,7 +175,12 @@ class BucketSource:
 
     def _download(self, path: str, size: int, etag: str, target: Path) -> None:
         url = f"{self.protocol}://{path}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"indexer's cache cannot keep a copy of {url} at {target.parent} "
+                             f"({exc.strerror or exc}): set INDEXER_CACHE_DIR to a folder you "
+                             "may write to") from None  # fmt: skip
         partial = target.with_name(f".{target.name}.{os.getpid()}.part")
         try:
             self.fs().get_file(path, str(partial))
