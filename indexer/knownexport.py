@@ -217,6 +217,7 @@ class KnownExport(PortableEmbedder):
         self._reference: Background | None = None  # the export in fp32 on them
         self._got: tuple[np.ndarray, list[dict[str, Any]]] | None = None  # the runtime's
         self._verdict: tuple[dict[str, Any], dict[str, Any]] | None = None  # a passed check
+        self._failed_early = False  # the check failed when asked during the run
 
     def _export_min(self) -> float | None:
         """The export's recorded cosine to torch fp32 (at most 1: float rounding clipped);
@@ -347,13 +348,14 @@ class KnownExport(PortableEmbedder):
 
         if self._verdict is not None:
             return True
-        if not self.trusted or self._reference is None:  # (without its first images, the
-            return False  # check embeds its scenes now rather than at the end)
+        if not self.trusted or self._reference is None or self._failed_early:
+            return False  # (without its first images, the check embeds its scenes now)
         if not self._reference.done():
             return False
         try:
             self._trusted_check(None)
         except FidelityError:
+            self._failed_early = True  # asked once: the end of the build says why
             return False
         return True
 
