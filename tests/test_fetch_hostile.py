@@ -207,6 +207,14 @@ def seed_bucket(s3: S3, folder: Path) -> None:
         put(s3, f"{n}.png", folder / f"{n}.png")
 
 
+def seeded_build(s3: S3, folder: Path, tmp_path: Path) -> Path:
+    """The bucket seeded (seed_bucket) and built at tmp_path/c."""
+    seed_bucket(s3, folder)
+    out = tmp_path / "c"
+    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    return out
+
+
 def gets_of(s3: S3) -> dict[str, int]:
     with s3.faults.lock:
         return {k.removeprefix("/photos/pics/"): v for k, v in s3.faults.gets.items()}
@@ -216,9 +224,7 @@ def test_renamed_new_and_overwritten_objects_each_read_once(
     s3: S3, variants: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     folder, by_hash = variants
-    seed_bucket(s3, folder)
-    out = tmp_path / "c"
-    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    out = seeded_build(s3, folder, tmp_path)
     before = read_embeddings_by_key(out)
     client = s3.client()
     # renames sort first: the pre-check reads them (stored bytes), then stops at new bytes
@@ -245,9 +251,7 @@ def test_only_renames_need_no_model_and_read_each_object_once(
     s3: S3, variants: tuple[Path, dict[str, np.ndarray]], tmp_path: Path
 ) -> None:
     folder, by_hash = variants
-    seed_bucket(s3, folder)
-    out = tmp_path / "c"
-    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    out = seeded_build(s3, folder, tmp_path)
     client = s3.client()
     for n in (1, 4):  # a rename and a copy
         client.copy_object(Bucket="photos", Key=f"pics/copy-{n}.png",
@@ -284,9 +288,7 @@ def test_a_pre_checked_object_that_fails_is_one_right_error_row(
     """A renamed object (read by the pre-check) deleted or overwritten after the listing: its
     row is an error row (never a vector), the others are right, nothing good read twice."""
     folder, by_hash = variants
-    seed_bucket(s3, folder)
-    out = tmp_path / "c"
-    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    out = seeded_build(s3, folder, tmp_path)
     client = s3.client()
     client.copy_object(Bucket="photos", Key="pics/0a.png",
                        CopySource={"Bucket": "photos", "Key": "pics/1.png"})  # fmt: skip
@@ -324,9 +326,7 @@ def test_an_object_overwritten_after_the_pre_check_keeps_one_consistent_row(
     import indexer.embed as embed
 
     folder, by_hash = variants
-    seed_bucket(s3, folder)
-    out = tmp_path / "c"
-    assert run_cli("build", "s3://photos/pics/", "--out", out, *BUILD_FLAGS).exit_code == 0
+    out = seeded_build(s3, folder, tmp_path)
     put(s3, "zz-new.png", folder / "new.png")
     listed_etag = s3.client().head_object(Bucket="photos", Key="pics/zz-new.png")["ETag"]
     original = embed.already_stored
@@ -359,6 +359,18 @@ def test_an_object_overwritten_after_the_pre_check_keeps_one_consistent_row(
     assert rows["zz-new.png"]["content_hash"] == late
 
 
+def stock(server: S3, folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The folder's files uploaded to s3://photos/pics/ of this server (its environment
+    set): their names, sorted."""
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    server.client().create_bucket(Bucket="photos")
+    names = sorted(p.name for p in folder.iterdir())
+    for name in names:
+        put(server, name, folder / name)
+    return names
+
+
 @pytest.mark.parametrize(
     ("flags", "throttle"),
     [
@@ -374,12 +386,7 @@ def test_head_start_read_ahead_keeps_order_with_no_duplicates_or_drops(
     folder, by_hash = variants
     server = S3(Faults(throttle=throttle, seed=3))
     try:
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
-        server.client().create_bucket(Bucket="photos")
-        names = sorted(p.name for p in folder.iterdir())
-        for name in names:
-            put(server, name, folder / name)
+        names = stock(server, folder, monkeypatch)
         out = tmp_path / "c"
         base = [f for f in BUILD_FLAGS if f not in ("--workers", "0")]
         result = run_cli("build", "s3://photos/pics/", "--out", out, *base, *flags)
@@ -418,12 +425,7 @@ def test_head_start_batch_whose_fetch_raises_is_decoded_again(
 
     monkeypatch.setattr(ItemDataset, "fetch", fetch)
     try:
-        for name, value in server.env().items():
-            monkeypatch.setenv(name, value)
-        server.client().create_bucket(Bucket="photos")
-        names = sorted(p.name for p in folder.iterdir())
-        for name in names:
-            put(server, name, folder / name)
+        names = stock(server, folder, monkeypatch)
         out = tmp_path / "c"
         base = [f for f in BUILD_FLAGS if f not in ("--workers", "0")]
         result = run_cli("build", "s3://photos/pics/", "--out", out, *base, "--workers", "1",
