@@ -66,6 +66,11 @@ class ItemDataset:
         self.hook = hook
         self._owner = os.getpid()  # a process forked from it (a worker) arms the decode alarm
 
+    def owned_by(self, pid: int) -> None:
+        """Arm the decode alarm in every process but pid's (a dataset made in the process that
+        reads it, the early start's, belongs to the main process)."""
+        self._owner = pid
+
     def _armed(self) -> bool:
         return self.decode_timeout > 0 and os.getpid() != self._owner
 

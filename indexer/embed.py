@@ -41,7 +41,9 @@ from indexer.stages import Stages
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     import torch
 
+    from indexer.dataset import ItemDataset
     from indexer.decide import Choice, Decision, RuntimePlan
+    from indexer.earlystart import EarlyStart
     from indexer.knownexport import Entry
     from indexer.runtime import Runtime
 
@@ -106,6 +108,7 @@ def load_model_while_decoding(
     positions: list[int],
     prev: Previous,
     trust_cache: bool = True,
+    early: EarlyStart | None = None,
 ) -> tuple[Runtime, Iterator[Batch], RuntimePlan | None]:
     """What embeds, the batches, and what the first batch settles (None: nothing). Nothing,
     when every item to read holds stored bytes; the collection's portable model when its
@@ -117,13 +120,13 @@ def load_model_while_decoding(
     Importing timm and creating the model take seconds; the workers decode meanwhile. If the
     remembered config differs from the model's own, that work is discarded and decoding
     restarts with the right one: the hint only saves time, it never decides the pixels.
+    `early`: a first build's early start, adopted as the head start if its work is this one.
     """
     stored, carried = already_stored(items, sources, positions, prev)
     if stored is not None and prev.manifest is not None:
         from indexer.runtime import RecordedRecipe
 
         return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)]), None
-    from indexer.dataset import loader_work
     from indexer.decide import recorded
     from indexer.headstart import HeadStart
     from indexer.knownexport import KnownExport, request_identity
@@ -137,21 +140,19 @@ def load_model_while_decoding(
         runtime, plan = ray_runtime(cfg, plan, prev)
         return runtime, ray_batches(items, sources, cfg, known, positions, runtime), plan
     opening = portable_opening(cfg, plan, prev, trust_cache, identity)
-    if opening is not None:  # decoding starts now; the runtime loads, then torch
+    if opening is not None:  # decoding starts now (or started); the runtime loads, then torch
         recipe, open_runtime = opening
         loader = cfg.loader
-        preprocess = Preprocessor(DataConfig.from_dict(recipe["data_config"]),
-                                  loader.preprocessing, loader.max_pixels,
-                                  loader.allow_truncated)  # fmt: skip
-        head = HeadStart.start(*loader_work(items, sources, preprocess, loader, known,
-                                            positions, carried=carried), loader)  # fmt: skip
+        work = portable_work(items, sources, cfg, recipe, known, positions, carried)
+        head = early.adopt(*work, loader.batch_size) if early is not None else None
+        head = head or HeadStart.start(*work, loader)
         try:
             portable = open_runtime()
             if portable is not None:
                 from indexer.loader import iter_batches  # torch loads meanwhile
 
-                batches = iter_batches(items, sources, preprocess, loader, known, positions,
-                                       head=head, carried=carried)  # fmt: skip
+                batches = iter_batches(items, sources, work[0].preprocess, loader, known,
+                                       positions, head=head, carried=carried)  # fmt: skip
                 if isinstance(portable, KnownExport):
                     portable.start()  # its thread starts once the workers are forked
                 return portable, batches, plan
@@ -161,6 +162,8 @@ def load_model_while_decoding(
             raise
         if head is not None:  # the runtime did not load: torch's path decodes
             head.close()
+    if early is not None:
+        early.close()  # its work is not this path's
     from indexer.loader import iter_batches
     from indexer.model import load_embedder
 
@@ -175,18 +178,18 @@ def load_model_while_decoding(
                             carried=carried)  # fmt: skip
 
     hint = configcache.lookup(cfg.model.name)
-    early = start(hint) if hint is not None else None
+    hinted = start(hint) if hint is not None else None
     try:
         embedder = load_embedder(model)  # fails here, before anything is written
     except BaseException:
-        del early  # shuts its workers down now rather than at garbage collection
+        del hinted  # shuts its workers down now rather than at garbage collection
         raise
     configcache.store(cfg.model.name, embedder.data_config)
-    if early is not None and hint == embedder.data_config:
-        return embedder, early, plan
-    if early is not None:
+    if hinted is not None and hint == embedder.data_config:
+        return embedder, hinted, plan
+    if hinted is not None:
         log.warning("remembered data config of %s was out of date; decoding again", cfg.model.name)
-        del early  # shuts its workers down
+        del hinted  # shuts its workers down
     return embedder, start(embedder.data_config), plan
 
 
@@ -321,6 +324,24 @@ def resume_plan(
                 "shards are embedded again", choice.label,
                 ", ".join(c.label for c in plan.candidates))  # fmt: skip
     return plan, replace(prev, salvaged=[]).known_hashes()
+
+
+def portable_work(
+    items: list[Item],
+    sources: list[Source],
+    cfg: BuildConfig,
+    recipe: dict[str, Any],
+    known: frozenset[str],
+    positions: list[int],
+    carried: dict[int, Any],
+) -> tuple[ItemDataset, list[int]]:
+    """What the loader reads where a portable model's recipe says how to prepare pixels."""
+    from indexer.dataset import loader_work
+
+    loader = cfg.loader
+    preprocess = Preprocessor(DataConfig.from_dict(recipe["data_config"]), loader.preprocessing,
+                              loader.max_pixels, loader.allow_truncated)  # fmt: skip
+    return loader_work(items, sources, preprocess, loader, known, positions, carried=carried)
 
 
 def portable_opening(

@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from indexer.config import LoaderConfig
 from indexer.dataset import ItemDataset
@@ -23,6 +23,23 @@ MAX_ITEMS = 1024  # at most this many items (ImageNet photos: ~2.4 core-s, longe
 MAX_BYTES = 128 << 20  # and at most this many bytes of pixels waiting for the main process
 NICE = 5  # as the loader's workers: the main process's import goes first
 POLL = 0.5  # seconds between checks that the other side is still alive
+
+
+class Running(NamedTuple):
+    """A head start's process, its claimed-batches counter and the receiving end of its pipe."""
+
+    process: Any
+    claimed: Any
+    receive: Any
+
+
+def head_chunks(dataset: ItemDataset, todo: list[int], batch_size: int) -> list[list[int]]:
+    """The batches a head start may decode, from the front of todo: at most MAX_ITEMS items
+    and MAX_BYTES of pixels."""
+    _, height, width = dataset.preprocess.cfg.input_size
+    most = max(batch_size, min(MAX_ITEMS, MAX_BYTES // (3 * height * width)))
+    limit = -(-min(len(todo), most) // batch_size)
+    return [todo[i * batch_size : (i + 1) * batch_size] for i in range(limit)]
 
 
 @dataclass(frozen=True)
@@ -40,22 +57,28 @@ class HeadStart:
     the rest is the DataLoader's. Each batch is claimed under a lock before it is decoded,
     so no item is decoded twice and none is skipped."""
 
-    def __init__(self, dataset: ItemDataset, todo: list[int], batch_size: int) -> None:
-        context = multiprocessing.get_context("fork")
+    def __init__(self, dataset: ItemDataset, todo: list[int], batch_size: int,
+                 running: Running | None = None) -> None:  # fmt: skip
+        """Fork the process now, or take one forked earlier (`running`, the early start's),
+        which decodes its whole share: the main process is ready sooner there than the
+        loader's workers, forked without the store's client loaded, could take over."""
         self.dataset, self.todo = dataset, todo
+        self._whole = running is not None
         self._batch_size = batch_size
-        _, height, width = dataset.preprocess.cfg.input_size
-        most = max(batch_size, min(MAX_ITEMS, MAX_BYTES // (3 * height * width)))
-        self._limit = -(-min(len(todo), most) // batch_size)  # batches it may claim
-        self._claimed = context.Value("i", 0)  # batches taken; a negative count: stopped
-        self._receive, send = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_run,
-            args=(dataset, self._chunks(), self._claimed, send, self._receive, os.getpid()),
-            name="indexer-head-start", daemon=True,
-        )  # fmt: skip
-        self._process.start()
-        send.close()  # ours: the pipe ends (EOFError) when the process does
+        self._chunks = head_chunks(dataset, todo, batch_size)
+        if running is None:  # forked now
+            context = multiprocessing.get_context("fork")
+            claimed = context.Value("i", 0)  # batches taken; a negative count: stopped
+            receive, send = context.Pipe(duplex=False)
+            process = context.Process(
+                target=run_head_start,
+                args=(dataset, self._chunks, claimed, send, receive, os.getpid()),
+                name="indexer-head-start", daemon=True,
+            )  # fmt: skip
+            process.start()
+            send.close()  # ours: the pipe ends (EOFError) when the process does
+            running = Running(process, claimed, receive)
+        self._process, self._claimed, self._receive = running  # or forked earlier (earlystart)
         self._taken: int | None = None
 
     @classmethod
@@ -66,12 +89,11 @@ class HeadStart:
             return None
         return cls(dataset, todo, cfg.batch_size)
 
-    def _chunks(self) -> list[list[int]]:
-        size = self._batch_size
-        return [self.todo[i * size : (i + 1) * size] for i in range(self._limit)]
-
     def stop(self) -> int:
-        """Claim no more batches; the number of items claimed (the DataLoader takes the rest)."""
+        """Claim no more batches (an early start's: all of its share); the number of items
+        claimed (the DataLoader takes the rest)."""
+        if self._taken is None and self._whole:
+            self._taken = min(len(self._chunks) * self._batch_size, len(self.todo))
         if self._taken is None:
             with self._claimed.get_lock():
                 taken = self._claimed.value
@@ -81,7 +103,7 @@ class HeadStart:
 
     def results(self) -> Iterator[Delivered]:
         """The claimed batches in order; after the process dies, those it did not deliver."""
-        chunks = self._chunks()[: -(-self.stop() // self._batch_size)]
+        chunks = self._chunks[: -(-self.stop() // self._batch_size)]
         try:
             for positions in chunks:
                 yield Delivered(positions, self._receive_one())
@@ -108,13 +130,14 @@ class HeadStart:
         self._receive.close()
 
 
-def _run(
+def run_head_start(
     dataset: ItemDataset,
     chunks: list[list[int]],
     claimed: Any,
     send: Any,
     receive: Any,
     parent: int,
+    sender: Sender | None = None,
 ) -> None:
     """The head start's process: claim a batch, decode it, hand it to a sending thread (so a
     full pipe never stalls decoding), until stopped, out of batches, or orphaned."""
@@ -125,9 +148,7 @@ def _run(
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the decode alarm ends the process
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what ^C means
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a group's SIGTERM ends it quietly
-    ready: queue.SimpleQueue[list[dict[str, Any]] | None] = queue.SimpleQueue()
-    sender = threading.Thread(target=_send, args=(ready, send), daemon=True)
-    sender.start()
+    sender = sender or Sender(send)
     ahead = 1 if dataset.reads_many() else 0  # an object store's next batch is fetched
     pending: deque[tuple[int, Future[dict[int, Any]]]] = deque()  # while this one decodes
     with ThreadPoolExecutor(1) as fetcher:
@@ -140,9 +161,26 @@ def _run(
             if not pending:
                 break
             number, fetched = pending.popleft()
-            ready.put(dataset.prepare_many(chunks[number], fetched.result()))
-    ready.put(None)
-    sender.join()
+            sender.put(dataset.prepare_many(chunks[number], fetched.result()))
+    sender.close()
+
+
+class Sender:
+    """A thread sending what it is handed down a pipe, in order, so that a full pipe (a main
+    process busy elsewhere) never stalls the process handing it over."""
+
+    def __init__(self, send: Any) -> None:
+        self._ready: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=_send, args=(self._ready, send), daemon=True)
+        self._thread.start()
+
+    def put(self, message: Any) -> None:
+        self._ready.put(message)
+
+    def close(self) -> None:
+        """Wait until everything handed over is sent (or the pipe's reader is gone)."""
+        self._ready.put(None)
+        self._thread.join()
 
 
 def _claim(claimed: Any, batches: int) -> int | None:
@@ -155,9 +193,9 @@ def _claim(claimed: Any, batches: int) -> int | None:
     return int(number)
 
 
-def _send(ready: queue.SimpleQueue[list[dict[str, Any]] | None], send: Any) -> None:
-    while (samples := ready.get()) is not None:
+def _send(ready: queue.SimpleQueue[Any], send: Any) -> None:
+    while (message := ready.get()) is not None:
         try:
-            send.send(samples)
+            send.send(message)
         except OSError:  # the main process is gone or stopped listening
             return

@@ -30,6 +30,7 @@ from indexer.catalog import (
 )
 from indexer.config import BuildConfig, IndexConfig, IndexOverrides
 from indexer.decide import recorded
+from indexer.earlystart import EarlyStart
 from indexer.embed import (
     Embedded,
     EmbedJob,
@@ -262,7 +263,22 @@ def carried_portable(source: Path, manifest: dict[str, Any], building: Path) -> 
 def build_unlocked(cfg: BuildConfig) -> BuildReport:
     """list -> plan; then, only if something changed: load -> embed -> write -> index -> publish."""
     start = time.perf_counter()
-    planned = plan_build(cfg)
+    early = EarlyStart.start(cfg)
+    try:
+        return plan_and_update(cfg, start, early)
+    finally:
+        if early is not None:
+            early.close()  # unless adopted: its head start is stopped with the batches
+
+
+def plan_and_update(cfg: BuildConfig, start: float, early: EarlyStart | None) -> BuildReport:
+    """build_unlocked's work, with the early start's listings where it made them."""
+    listings = None
+    if early is not None:  # torch loads while it lists (a first build embeds: it is needed)
+        import indexer.loader  # noqa: F401
+
+        listings = early.listings()
+    planned = plan_build(cfg, listings)
     sources, items, asked, prev, plan = (
         planned.sources, planned.items, planned.asked, planned.prev, planned.plan
     )  # fmt: skip
@@ -287,7 +303,8 @@ def build_unlocked(cfg: BuildConfig) -> BuildReport:
                            reindexed=index is not None,
                            failures=count_reasons(plan.kept_errors),
                            unfetched=unfetched(plan.kept_errors, sources))  # fmt: skip
-    return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start)
+    return update(cfg, sources, items, plan, replace(prev, salvaged=salvaged), asked, start,
+                  early=early)  # fmt: skip
 
 
 def zero_counts(listed: int) -> dict[str, int]:
@@ -308,10 +325,11 @@ def update(
     asked: dict[str, Any],
     start: float,
     trust_cache: bool = True,
+    early: EarlyStart | None = None,
 ) -> BuildReport:
     """Embed what the plan says, then write, index and publish a new version."""
     embedder, batches, runtime_plan = load_model_while_decoding(
-        items, sources, cfg, prev.known_hashes(), plan.check, prev, trust_cache
+        items, sources, cfg, prev.known_hashes(), plan.check, prev, trust_cache, early
     )
     if prev.manifest is not None:
         check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out,

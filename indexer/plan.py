@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,9 +338,10 @@ class Planned:
     plan: Plan
 
 
-def plan_build(cfg: BuildConfig) -> Planned:
-    """list -> plan: what a build would do, reading only listings and the published version."""
-    sources = open_sources(cfg.sources, cfg.loader.max_pixels)
+def plan_build(cfg: BuildConfig, listings: Mapping[str, dict[str, Any]] | None = None) -> Planned:
+    """list -> plan: what a build would do, reading only listings and the published version
+    (`listings`: object-store prefixes' listings made already, by the SOURCE given)."""
+    sources = open_sources(cfg.sources, cfg.loader.max_pixels, listings)
     items = list_items(sources)
     check_unique_keys(items, sources)
     if not items:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec
 from indexer.sources.base import HF_PREFIX, Item, Source
@@ -11,16 +13,20 @@ __all__ = ["HF_PREFIX", "Item", "Source", "list_items", "open_source", "open_sou
 
 
 def open_source(
-    spec: SourceSpec, label: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    spec: SourceSpec,
+    label: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    listed: dict[str, Any] | None = None,
 ) -> Source:
     """Open one source; heavy libraries are imported only for the kind that needs them.
-    Image files are read up to what an image of max_pixels can need, regular files only."""
+    Image files are read up to what an image of max_pixels can need, regular files only.
+    `listed`: an object-store prefix's listing, made already (by the early start)."""
     from indexer.sources.bucket import is_bucket_url
 
     if is_bucket_url(spec.location.removeprefix(HF_PREFIX)):
         from indexer.sources.bucket import open_bucket
 
-        return open_bucket(spec, label, max_pixels)
+        return open_bucket(spec, label, max_pixels, listed)
     from indexer.sources.urllist import is_url_list
 
     if is_url_list(spec.location):
@@ -64,10 +70,15 @@ def is_parquet_dataset(root: Path) -> bool:
 
 
 def open_sources(
-    specs: tuple[SourceSpec, ...], max_pixels: int = DEFAULT_MAX_PIXELS
+    specs: tuple[SourceSpec, ...],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    listings: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[Source]:
-    """Open every source, giving each a unique label (keys are prefixed by it when several)."""
-    sources = [open_source(spec, None, max_pixels) for spec in specs]
+    """Open every source, giving each a unique label (keys are prefixed by it when several);
+    `listings`: object-store prefixes' listings made already, by the SOURCE given."""
+    listings = listings or {}
+    sources = [open_source(spec, None, max_pixels, listings.get(spec.location))
+               for spec in specs]  # fmt: skip
     labels = unique_labels([src.label for src in sources])
     for src, label in zip(sources, labels, strict=True):
         src.label = label

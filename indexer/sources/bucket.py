@@ -47,14 +47,13 @@ def parse_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     return options
 
 
-def open_bucket(spec: SourceSpec, label: str | None, max_pixels: int) -> Any:
-    """The source a prefix holds, told from its listing as for a folder: Parquet files
-    alone (img2dataset's parquet output, a Parquet dataset) are a dataset, .tar files alone
-    (webdataset shards) are samples, anything else is images."""
-    url = spec.location.removeprefix(HF_PREFIX)
-    options = parse_options(spec.storage_options)
-    bucket = BucketSource(url, label, max_pixels, options, spec.read_concurrency,
-                          spec.read_retries)  # fmt: skip
+def open_bucket(
+    spec: SourceSpec, label: str | None, max_pixels: int, listed: dict[str, Any] | None = None
+) -> Any:
+    """The source a prefix holds, told from its listing (`listed`, else listed now) as for a
+    folder: Parquet files alone (img2dataset's parquet output, a Parquet dataset) are a
+    dataset, .tar files alone (webdataset shards) are samples, anything else is images."""
+    bucket = bucket_of(spec, max_pixels, label, listed)
     kind, files = bucket.holds()
     if kind == "parquet":  # (datasets' own cache of remote files is not keyed by ETag:
         from indexer.sources.hf import HFSource  # an overwritten file would be read stale)
@@ -70,6 +69,18 @@ def open_bucket(spec: SourceSpec, label: str | None, max_pixels: int) -> Any:
         raise InputError(f"{spec.location}: the prefix holds no Parquet files alone (a "
                          "dataset): give it without hf: to index its images")  # fmt: skip
     return bucket
+
+
+def bucket_of(
+    spec: SourceSpec,
+    max_pixels: int,
+    label: str | None = None,
+    listed: dict[str, Any] | None = None,
+) -> BucketSource:
+    """The prefix a SOURCE names (hf: or not), with its listing where it was made already."""
+    options = parse_options(spec.storage_options)
+    return BucketSource(spec.location.removeprefix(HF_PREFIX), label, max_pixels, options,
+                        spec.read_concurrency, spec.read_retries, listed)  # fmt: skip
 
 
 class ObjectChanged(Exception):
@@ -93,6 +104,7 @@ class BucketSource:
         options: dict[str, Any] | None = None,
         concurrency: int = 64,
         retries: int = 3,
+        listed: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         scheme, _, rest = url.partition("://")
         self.retries = retries
@@ -111,7 +123,7 @@ class BucketSource:
         self.max_bytes = byte_limit(max_pixels)
         self._fs: Any = None
         self._inherited: Any = None
-        self._listed: dict[str, dict[str, Any]] | None = None
+        self._listed = listed  # made already (the early start's), else listed when asked
         self._pid = -1
 
     def __getstate__(self) -> dict[str, Any]:
@@ -210,6 +222,10 @@ class BucketSource:
             listed.append((printable_key(rel), (path, size, etag),
                            (size, _mtime_ns(info), etag)))  # fmt: skip
         return listed
+
+    def listing(self) -> dict[str, dict[str, Any]]:
+        """Every object under the prefix, by path, as the store lists it (once)."""
+        return self._listing()
 
     def _listing(self) -> dict[str, dict[str, Any]]:
         """Every object under the prefix (listed once: open_bucket tells the kind from it,
