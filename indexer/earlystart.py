@@ -43,18 +43,8 @@ class EarlyStart:
 
     @classmethod
     def start(cls, cfg: BuildConfig) -> EarlyStart | None:
-        """Started for a first build (nothing published, nothing left by a killed one) whose
-        every source is an object-store prefix, on the local engine with worker processes;
-        None otherwise."""
-        from indexer.catalog import CURRENT, VERSIONS
-        from indexer.sources.bucket import is_bucket_url
-
-        fresh = not (cfg.out / CURRENT).exists() and not (cfg.out / VERSIONS).exists()
-        buckets = all(is_bucket_url(s.location) for s in cfg.sources)  # (hf:s3:// are not)
-        local = cfg.engine.kind == "local" and cfg.loader.workers > 0 and not cfg.drop_shards
-        if not (fresh and buckets and local and cfg.sources):
-            return None
-        return cls(cfg)
+        """Started where wanted(cfg); None otherwise."""
+        return cls(cfg) if wanted(cfg) else None
 
     def listings(self) -> Listings | None:
         """The prefixes' listings; None when the process could not list them (the main
@@ -77,8 +67,11 @@ class EarlyStart:
         items, in the same order, prepared the same way); else it is stopped (None)."""
         message = self._next()
         if message is None or message[0] != "work" or message[1] != work_digest(dataset, todo):
+            if message is not None and message[1] is not None:
+                log.info("the early start decoded other work than this build's: stopped")
             self.close()
             return None
+        log.info("the early start's decoding is this build's head start")
         self._done = True
         return HeadStart(dataset, todo, batch_size,
                          Running(self._process, self._claimed, self._receive))  # fmt: skip
@@ -108,6 +101,19 @@ class EarlyStart:
             except (EOFError, OSError):
                 break
         return None
+
+
+def wanted(cfg: BuildConfig) -> bool:
+    """A first build (nothing published, nothing left by a killed one: a later run lists in
+    the main process, which must not load torch before it knows something changed) whose
+    every source is an object-store prefix, on the local engine with worker processes."""
+    from indexer.catalog import CURRENT, VERSIONS
+    from indexer.sources.bucket import is_bucket_url
+
+    fresh = not (cfg.out / CURRENT).exists() and not (cfg.out / VERSIONS).exists()
+    buckets = bool(cfg.sources) and all(is_bucket_url(s.location) for s in cfg.sources)
+    local = cfg.engine.kind == "local" and cfg.loader.workers > 0 and not cfg.drop_shards
+    return fresh and buckets and local
 
 
 def work_digest(dataset: ItemDataset, todo: list[int]) -> str:
