@@ -549,3 +549,29 @@ def test_a_killed_bucket_webdataset_build_resumes_item_exactly(
     assert counts["listed"] == 24, counts  # (one failed upstream)
     assert 4 <= counts["reused"] < counts["new"], counts  # killed mid-way, its work kept
     check_same_as_clean(out, read_embeddings_by_key(clean))
+
+
+def test_partial_copies_left_by_killed_downloads_are_removed(s3: S3, tmp_path: Path) -> None:
+    """A download killed before it finished (SIGKILL) leaves its partial copy in indexer's
+    cache; the next download into that folder removes it. A live process's copy stays."""
+    import hashlib
+    import os
+    import subprocess
+
+    from indexer.configcache import cache_dir
+    from tests.shapes import write_i2d_parquet
+
+    folder = tmp_path / "i2d"
+    write_i2d_parquet(folder, 0, 3)
+    upload(s3, folder, prefix="i2d/")
+    url = "s3://photos/i2d/00000.parquet"
+    copies = cache_dir() / "objects" / hashlib.sha256(url.encode()).hexdigest()[:32]
+    copies.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (copies / f".old-00000.parquet.{gone.pid}.part").write_bytes(b"half a file")
+    (copies / f".old-00000.parquet.{os.getppid()}.part").write_bytes(b"still downloading")
+    result = run_cli("build", "s3://photos/i2d/", "--out", tmp_path / "c", *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    left = sorted(p.name for p in copies.iterdir())
+    assert left[0] == f".old-00000.parquet.{os.getppid()}.part" and len(left) == 2, left

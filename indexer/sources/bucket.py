@@ -194,6 +194,7 @@ class BucketSource:
                              f"({exc.strerror or exc}): set INDEXER_CACHE_DIR to a folder you "
                              "may write to") from None  # fmt: skip
         partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+        remove_orphaned_parts(target.parent)
         try:
             self.fs().get_file(path, str(partial))
             if _changed(partial, size, etag):
@@ -395,6 +396,25 @@ def _unreachable(url: str, exc: BaseException) -> InputError:
                           "(README: 'Data in buckets')")  # fmt: skip
     return InputError(f"{url} cannot be listed: {_short(exc)}: check the endpoint, the "
                       "network and the credentials")  # fmt: skip
+
+
+def remove_orphaned_parts(folder: Path) -> None:
+    """Partial copies (.NAME.PID.part) whose process is gone: a download killed (SIGKILL, a
+    lost machine) before it finished, left in the cache. A live process's are its own."""
+    for part in folder.glob(".*.part"):
+        pid = part.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _etag(info: dict[str, Any]) -> str:
