@@ -551,7 +551,9 @@ def test_a_killed_bucket_webdataset_build_resumes_item_exactly(
     check_same_as_clean(out, read_embeddings_by_key(clean))
 
 
-def test_partial_copies_left_by_killed_downloads_are_removed(s3: S3, tmp_path: Path) -> None:
+def test_partial_copies_left_by_killed_downloads_are_removed(
+    s3: S3, tmp_path: Path, fresh_cache: Path
+) -> None:
     """A download killed before it finished (SIGKILL) leaves its partial copy in indexer's
     cache; the next download into that folder removes it. A live process's copy stays."""
     import hashlib
