@@ -98,14 +98,28 @@ class PortableEmbedder:
         return rows
 
 
-def _onnxruntime(model: bytes) -> Any:
+def import_runtime(module: str, missing: str) -> Any:
+    """The runtime's package, or `missing` as an InputError. A signal's exception raised
+    during its native initialisation (SIGTERM's Interrupted, ^C), which pybind11 turns into
+    an ImportError, is raised as itself: the run was stopped, the package is there."""
+    import importlib
+
     try:
-        import onnxruntime as ort
+        return importlib.import_module(module)
     except ImportError as exc:
-        raise InputError(
-            "the onnxruntime package is not installed: pip install onnxruntime, or use "
-            "--runtime torch"
-        ) from exc
+        cause: BaseException | None = exc
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            if isinstance(cause, KeyboardInterrupt):
+                raise cause from None
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        raise InputError(missing) from exc
+
+
+def _onnxruntime(model: bytes) -> Any:
+    ort = import_runtime("onnxruntime", "the onnxruntime package is not installed: pip "
+                         "install onnxruntime, or use --runtime torch")  # fmt: skip
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about unused initialisers are not the user's
     # Idle intra-op threads sleep instead of spinning: they would take the cores that decode
@@ -127,12 +141,8 @@ def _openvino(model: bytes, hint: str) -> Any:
     # telemetry package makes OpenVINO use its own no-op stub (and saves ~0.1 s a start);
     # a process that loaded it already keeps it.
     sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise InputError(
-            "the openvino package is not installed: pip install openvino, or use --runtime onnx"
-        ) from exc
+    ov = import_runtime("openvino", "the openvino package is not installed: pip install "
+                        "openvino, or use --runtime onnx")  # fmt: skip
     try:
         core = ov.Core()
         compiled = core.compile_model(core.read_model(model, b""), "CPU",

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -581,3 +582,34 @@ def test_openvino_sends_no_telemetry_and_writes_nothing_home(
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["3", "None", "True"], done.stdout
     assert not any(home.iterdir()), sorted(home.rglob("*"))
+
+
+@pytest.mark.parametrize("signal_exc", [None, "Interrupted", "KeyboardInterrupt"])
+def test_a_signal_during_a_runtime_import_is_the_signal_not_a_missing_package(
+    monkeypatch: pytest.MonkeyPatch, signal_exc: str | None
+) -> None:
+    """pybind11 turns an exception raised in a module's native initialisation into an
+    ImportError (its cause the original): SIGTERM's Interrupted or ^C landing there stops
+    the run; only a real ImportError says the package is missing."""
+    import importlib.abc
+    import sys
+
+    from indexer.errors import InputError, Interrupted
+    from indexer.portable import import_runtime
+
+    class Failing(importlib.abc.MetaPathFinder):
+        def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+            if name != "fake_runtime_for_a_test":
+                return None
+            if signal_exc is None:
+                raise ImportError("no module named fake_runtime_for_a_test")
+            cause = Interrupted() if signal_exc == "Interrupted" else KeyboardInterrupt()
+            raise ImportError("initialization failed") from cause
+
+    monkeypatch.setattr(sys, "meta_path", [Failing(), *sys.meta_path])
+    want: type[BaseException] = InputError
+    if signal_exc is not None:
+        want = Interrupted if signal_exc == "Interrupted" else KeyboardInterrupt
+    with pytest.raises(want) as raised:
+        import_runtime("fake_runtime_for_a_test", "fake is not installed: pip install it")
+    assert type(raised.value) is want
