@@ -45,10 +45,13 @@ def head_chunks(dataset: ItemDataset, todo: list[int], batch_size: int) -> list[
 @dataclass(frozen=True)
 class Delivered:
     """One batch of the head start: its positions, and its samples (None: the process died
-    before it delivered them; the loader decodes them again, one process per item)."""
+    before it delivered them; the loader decodes them again, one process per item). Not
+    `claimed`: batches an early start's process died before it took (it had its whole share
+    to decode), all the rest at once: the loader decodes them as its own."""
 
     positions: list[int]
     samples: list[dict[str, Any]] | None
+    claimed: bool = True
 
 
 class HeadStart:
@@ -105,8 +108,12 @@ class HeadStart:
         """The claimed batches in order; after the process dies, those it did not deliver."""
         chunks = self._chunks[: -(-self.stop() // self._batch_size)]
         try:
-            for positions in chunks:
-                yield Delivered(positions, self._receive_one())
+            for n, positions in enumerate(chunks):
+                samples = self._receive_one()
+                if samples is None and self._whole and n >= self._claimed.get_obj().value:
+                    yield Delivered([p for c in chunks[n:] for p in c], None, claimed=False)
+                    return
+                yield Delivered(positions, samples)
         finally:
             self.close()
 

@@ -105,7 +105,7 @@ def iter_batches(
                  len(head.todo))  # fmt: skip
         rest = head.todo[taken:]
         later = _resilient(head.dataset, rest, cfg, _loader(head.dataset, rest, cfg))
-        return _after_head(head, head.dataset.decode_timeout, later if rest else iter(()))
+        return _after_head(head, cfg, later if rest else iter(()))
     gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
     share = CpuShare(cfg.workers) if gpu_pixels is not None and SHARE else None
     dataset, todo = loader_work(items, sources, preprocess, cfg, known_hashes, positions,
@@ -113,14 +113,20 @@ def iter_batches(
     return _with_share(_resilient(dataset, todo, cfg, _loader(dataset, todo, cfg)), share)
 
 
-def _after_head(head: HeadStart, timeout: float, later: Iterator[Batch]) -> Iterator[Batch]:
+def _after_head(head: HeadStart, cfg: LoaderConfig, later: Iterator[Batch]) -> Iterator[Batch]:
     """The head start's batches, then the DataLoader's (whose workers are decoding already).
     A batch the head start's process died before delivering is decoded again item by item,
-    each in a process of its own, as a dead worker's is."""
+    each in a process of its own, as a dead worker's is; the batches an early start's
+    process never took, by a loader of their own."""
+    timeout = head.dataset.decode_timeout
     try:
         for delivered in head.results():
             if delivered.samples is not None:
                 yield collate(delivered.samples)
+                continue
+            if not delivered.claimed:
+                todo = delivered.positions
+                yield from _resilient(head.dataset, todo, cfg, _loader(head.dataset, todo, cfg))
                 continue
             log.warning("the first batches' decoding process died; decoding %d items one by one",
                         len(delivered.positions))  # fmt: skip
