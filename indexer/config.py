@@ -188,8 +188,20 @@ def read_job(path: Path) -> dict[str, Any]:
         settings["sources"] = [_resolve_source(path, base, s) for s in settings["sources"]]
     table = settings.get("storage_options")  # [storage_options] KEY = VALUE, or a list
     if isinstance(table, dict):  # of "KEY=VALUE" as --storage-option takes them
-        settings["storage_options"] = [f"{k}={_option_text(v)}" for k, v in table.items()]
+        settings["storage_options"] = _option_pairs(table)
     return settings
+
+
+def _option_pairs(table: dict[str, Any]) -> list[str]:
+    """A [storage_options] table as --storage-option pairs; an inner table's (such as
+    [storage_options.config_kwargs]) as TABLE.KEY=VALUE."""
+    pairs = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            pairs += [f"{key}.{inner}={_option_text(v)}" for inner, v in value.items()]
+        else:
+            pairs.append(f"{key}={_option_text(value)}")
+    return pairs
 
 
 def _option_text(value: Any) -> str:

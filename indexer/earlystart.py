@@ -131,6 +131,7 @@ def _early(cfg: BuildConfig, claimed: Any, send: Any, receive: Any, parent: int)
     receive.close()  # the main process's end (a write to a pipe whose reader died fails)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what ^C means
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    silenced = logging.root.manager.disable  # (a host program's level, kept)
     logging.disable(logging.CRITICAL)  # the main process says what the listing and plan say
     sender = Sender(send)  # (the main process reads only once torch has loaded)
     try:
@@ -149,7 +150,7 @@ def _early(cfg: BuildConfig, claimed: Any, send: Any, receive: Any, parent: int)
         return
     work = first_work(cfg, listed)
     sender.put(("work", None if work is None else work_digest(*work)))
-    logging.disable(logging.NOTSET)
+    logging.disable(silenced)
     if work is None:
         sender.close()
         return

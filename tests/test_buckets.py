@@ -175,6 +175,49 @@ def test_urls_and_options_are_recognised() -> None:
         "anon": True, "max_pool": 32, "endpoint_url": "http://h"}  # fmt: skip
 
 
+def test_table_options_are_given_key_by_key() -> None:
+    """s3fs takes config_kwargs and client_kwargs as tables: TABLE.KEY=VALUE pairs make
+    them; text where a table goes, or a table given both ways, is one line naming it."""
+    pairs = (("config_kwargs.read_timeout", "30"), ("client_kwargs.region_name", "eu-west-1"),
+             ("config_kwargs.max_pool_connections", "8"), ("anon", "false"))  # fmt: skip
+    assert parse_options(pairs) == {
+        "config_kwargs": {"read_timeout": 30, "max_pool_connections": 8},
+        "client_kwargs": {"region_name": "eu-west-1"}, "anon": False}  # fmt: skip
+    for bad in ((("config_kwargs", "x"), ("config_kwargs.a", "1")), (("config_kwargs.", "1"),)):
+        with pytest.raises(InputError, match="config_kwargs is given as text and as a table"):
+            parse_options(bad)
+    with pytest.raises(InputError, match=r"config_kwargs.KEY=VALUE"):
+        BucketSource("s3://b/p", options=parse_options((("config_kwargs", "x"),))).fs()
+
+
+def test_table_options_reach_s3fs_from_the_cli_and_a_job_file(
+    s3: S3, corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload(s3, corpus)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    result = run_cli("build", "s3://photos/pics/", "--out", tmp_path / "cli", *BUILD_FLAGS,
+                     "--storage-option", f"client_kwargs.endpoint_url={s3.endpoint}",
+                     "--storage-option", "config_kwargs.read_timeout=20")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'sources = ["s3://photos/pics/"]\nout = "job"\npretrained = false\nworkers = 0\n'
+        'progress = false\nprecision = "fp32"\n\n'
+        f'[storage_options.client_kwargs]\nendpoint_url = "{s3.endpoint}"\n'
+    )
+    result = run_cli("run", job)
+    assert result.exit_code == 0, result.output
+    assert (
+        read_embeddings_by_key(tmp_path / "job").keys()
+        == read_embeddings_by_key(tmp_path / "cli").keys()
+        and len(read_embeddings_by_key(tmp_path / "job")) == 28
+    )
+    result = run_cli("build", "s3://photos/pics/", "--out", tmp_path / "bad", *BUILD_FLAGS,
+                     "--storage-option", "config_kwargs=x")  # fmt: skip
+    assert result.exit_code == 2 and "config_kwargs.KEY=VALUE" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_the_manifest_keeps_the_url_and_verify_reads_the_objects(
     s3: S3, corpus: Path, tmp_path: Path
 ) -> None:

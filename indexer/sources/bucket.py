@@ -34,16 +34,25 @@ def is_bucket_url(location: str) -> bool:
 
 def parse_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     """--storage-option KEY=VALUE pairs as fsspec keyword arguments: true/false as booleans,
-    whole numbers as ints, the rest as text."""
+    whole numbers as ints, the rest as text; TABLE.KEY=VALUE sets a key of a table option
+    (s3fs's config_kwargs, client_kwargs)."""
     options: dict[str, Any] = {}
     for key, value in pairs:
         text = value.strip()
         if text.lower() in ("true", "false"):
-            options[key] = text.lower() == "true"
+            parsed: Any = text.lower() == "true"
         elif re.fullmatch(r"-?\d+", text):
-            options[key] = int(text)
+            parsed = int(text)
         else:
-            options[key] = value
+            parsed = value
+        table, dot, inner = key.partition(".")
+        if not dot:
+            options[key] = parsed
+        elif isinstance(options.setdefault(table, {}), dict) and inner:
+            options[table][inner] = parsed
+        else:
+            raise InputError(f"--storage-option {key}=...: {table} is given as text and as a "
+                             f"table: give {table}.KEY=VALUE pairs alone")  # fmt: skip
     return options
 
 
@@ -137,7 +146,7 @@ class BucketSource:
         if self._fs is None or self._pid != os.getpid():
             options = dict(self.options)
             if SCHEMES[self.protocol] == "s3fs":  # botocore pools 10 connections by default:
-                config = dict(options.get("config_kwargs") or {})  # a batch's GETs would
+                config = _table(options, "config_kwargs")  # a batch's GETs would
                 config.setdefault("max_pool_connections", self.concurrency)  # wait in line
                 options["config_kwargs"] = config
             self._inherited = self._fs  # a parent's, inherited by fork: kept, never closed
@@ -396,6 +405,15 @@ def _unreachable(url: str, exc: BaseException) -> InputError:
                           "(README: 'Data in buckets')")  # fmt: skip
     return InputError(f"{url} cannot be listed: {_short(exc)}: check the endpoint, the "
                       "network and the credentials")  # fmt: skip
+
+
+def _table(options: dict[str, Any], name: str) -> dict[str, Any]:
+    """A storage option that s3fs takes as a table (config_kwargs, client_kwargs)."""
+    value = options.get(name) or {}
+    if not isinstance(value, dict):
+        raise InputError(f"--storage-option {name}=...: s3fs takes a table there, not text: "
+                         f"give its keys one by one, {name}.KEY=VALUE")  # fmt: skip
+    return dict(value)
 
 
 def remove_orphaned_parts(folder: Path) -> None:
