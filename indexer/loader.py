@@ -105,12 +105,33 @@ def iter_batches(
                  len(head.todo))  # fmt: skip
         rest = head.todo[taken:]
         later = _resilient(head.dataset, rest, cfg, _loader(head.dataset, rest, cfg))
-        return _after_head(head, cfg, later if rest else iter(()))
+        return AfterHead(head, _after_head(head, cfg, later if rest else iter(())))
     gpu_pixels = preprocess.max_pixels if gpu_decode and preprocess.cfg.geometry_supported else None
     share = CpuShare(cfg.workers) if gpu_pixels is not None and SHARE else None
     dataset, todo = loader_work(items, sources, preprocess, cfg, known_hashes, positions,
                                 gpu_pixels, share, carried)  # fmt: skip
     return _with_share(_resilient(dataset, todo, cfg, _loader(dataset, todo, cfg)), share)
+
+
+class AfterHead:
+    """The head start's batches, then the DataLoader's. close() stops the head start's
+    process even before the first batch was asked for (a generator closed before it started
+    runs no finally block): a build failing in between leaves nothing decoding."""
+
+    def __init__(self, head: HeadStart, batches: Iterator[Batch]) -> None:
+        self._head, self._batches = head, batches
+
+    def __iter__(self) -> AfterHead:
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._batches)
+
+    def close(self) -> None:
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()
+        self._head.close()
 
 
 def _after_head(head: HeadStart, cfg: LoaderConfig, later: Iterator[Batch]) -> Iterator[Batch]:

@@ -7,7 +7,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from indexer.embed import (
     Embedded,
     EmbedJob,
     check_runtime,
+    close,
     embed_items,
     load_model_while_decoding,
     write_reused,
@@ -307,6 +309,16 @@ def plan_and_update(cfg: BuildConfig, start: float, early: EarlyStart | None) ->
                   early=early)  # fmt: skip
 
 
+@contextmanager
+def closed_on_error(batches: Iterator[Any]) -> Iterator[None]:
+    """The batches closed (their head start and workers stopped) if the block fails."""
+    try:
+        yield
+    except BaseException:
+        close(batches)
+        raise
+
+
 def zero_counts(listed: int) -> dict[str, int]:
     """Per listed item: new, changed, unchanged, failed; plus deleted rows; plus vectors reused
     by content hash (touched, renamed, duplicated files, and work a killed run finished)."""
@@ -331,34 +343,35 @@ def update(
     embedder, batches, runtime_plan = load_model_while_decoding(
         items, sources, cfg, prev.known_hashes(), plan.check, prev, trust_cache, early
     )
-    if prev.manifest is not None:
-        check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out,
-                     decided=recorded(prev.manifest) is not None)  # fmt: skip
-    try:
-        unchanged = {items[position].key for position in plan.keep}
-        check_before_adding(embedder, prev, sources, items, cfg.out, unchanged)
-    except ModelMismatchError as exc:
-        getattr(batches, "close", lambda: None)()  # its workers stop now
-        if not cfg.drop_shards or prev.manifest is None:
-            raise  # refused: nothing was written
-        log.warning("%s; the repair embeds with torch and exports the model again", exc)
-        prev = replace(prev, manifest=distrusted(prev.manifest))
-        return update(cfg, sources, items, plan, prev, asked, start, trust_cache)
-    metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
-    if embedder.labels:  # label columns follow the sources' columns
-        metadata = pa.unify_schemas([metadata, LABEL_SCHEMA])
-    schema = shard_schema(embedder.dim, metadata)
-    known = isinstance(embedder, KnownExport)  # its shards are salvaged only once confirmed
-    number, building = start_version(cfg.out, {**asked, "unconfirmed_model": True} if known
-                                     else asked)  # fmt: skip
-    paths = CollectionPaths(building)
-    paths.shards.mkdir()
-    carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
-    prefix, reused_prefix = new_shard_prefixes(number)
-    carried_model = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
-    confirmed = (lambda: mark_request(building, asked)) if known else None
-    job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, runtime_plan,
-                   confirmed)  # fmt: skip
+    with closed_on_error(batches):  # (a failure before embedding leaves nothing decoding)
+        if prev.manifest is not None:
+            check_recipe(embedder.recipe, cfg.loader.preprocessing, prev.manifest, cfg.out,
+                         decided=recorded(prev.manifest) is not None)  # fmt: skip
+        try:
+            unchanged = {items[position].key for position in plan.keep}
+            check_before_adding(embedder, prev, sources, items, cfg.out, unchanged)
+        except ModelMismatchError as exc:
+            getattr(batches, "close", lambda: None)()  # its workers stop now
+            if not cfg.drop_shards or prev.manifest is None:
+                raise  # refused: nothing was written
+            log.warning("%s; the repair embeds with torch and exports the model again", exc)
+            prev = replace(prev, manifest=distrusted(prev.manifest))
+            return update(cfg, sources, items, plan, prev, asked, start, trust_cache)
+        metadata = merge_metadata_schemas([s.metadata_schema() for s in sources])
+        if embedder.labels:  # label columns follow the sources' columns
+            metadata = pa.unify_schemas([metadata, LABEL_SCHEMA])
+        schema = shard_schema(embedder.dim, metadata)
+        known = isinstance(embedder, KnownExport)  # its shards are salvaged only once confirmed
+        number, building = start_version(cfg.out, {**asked, "unconfirmed_model": True} if known
+                                         else asked)  # fmt: skip
+        paths = CollectionPaths(building)
+        paths.shards.mkdir()
+        carried = carry(prev, plan.kept_ids(), paths, schema, cfg.out)
+        prefix, reused_prefix = new_shard_prefixes(number)
+        carried_model = carry_portable(prev.folder, prev.manifest, embedder.recipe, building)
+        confirmed = (lambda: mark_request(building, asked)) if known else None
+        job = EmbedJob(items, sources, plan, embedder, schema, prefix, reused_prefix, runtime_plan,
+                       confirmed)  # fmt: skip
     try:
         embedded = embed_items(job, batches, paths, cfg)
         portable = (

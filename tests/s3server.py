@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import http.server
 import random
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -179,6 +180,10 @@ def _proxy(host: str, port: int, faults: Faults) -> http.server.ThreadingHTTPSer
 
     class Server(http.server.ThreadingHTTPServer):
         request_queue_size = 1024  # clients open many connections at once (5 by default)
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            if not isinstance(sys.exc_info()[1], ConnectionError):  # a client killed mid-
+                super().handle_error(request, client_address)  # request: not the server's
 
     server = Server(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

@@ -385,18 +385,22 @@ def _parameters(function: Any) -> Any:
 
 def open_filesystem(protocol: str, options: dict[str, Any]) -> Any:
     """fsspec's filesystem for the protocol, a new instance (not a cached one another process
-    made), or a one-line error naming the extra to install."""
+    made), or a one-line error naming the extra to install. Its own retries are off where
+    it has them: indexer's (--read-retries) and the SDK's (botocore's) are the ones."""
     import fsspec
 
     package = SCHEMES.get(protocol, "aiohttp")
     try:
-        return fsspec.filesystem(protocol, skip_instance_cache=True, **options)
+        fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
     except ImportError:
         extra = EXTRA.get(package)
         how = f"pip install 'indexer[{extra}]'" if extra else f"pip install {package}"
         raise InputError(f"{protocol}:// needs {package}: {how}") from None
     except TypeError as exc:
         raise InputError(f"--storage-option: {exc}") from None
+    if package == "s3fs":  # s3fs tries a throttled or failed request 5 times by itself,
+        fs.retries = 1  # before fetch_all's --read-retries and inside botocore's own
+    return fs
 
 
 def _unreachable(url: str, exc: BaseException) -> InputError:
