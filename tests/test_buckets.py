@@ -175,6 +175,17 @@ def test_urls_and_options_are_recognised() -> None:
         "anon": True, "max_pool": 32, "endpoint_url": "http://h"}  # fmt: skip
 
 
+def bucket_job(folder: Path, out: str, options: str) -> Path:
+    """A job file in folder building s3://photos/pics/ into folder/out, with `options` (its
+    storage options' TOML)."""
+    job = folder / "job.toml"
+    job.write_text(
+        f'sources = ["s3://photos/pics/"]\nout = "{out}"\npretrained = false\nworkers = 0\n'
+        f'progress = false\nprecision = "fp32"\n\n{options}\n'
+    )
+    return job
+
+
 def test_table_options_are_given_key_by_key() -> None:
     """s3fs takes config_kwargs and client_kwargs as tables: TABLE.KEY=VALUE pairs make
     them; text where a table goes, or a table given both ways, is one line naming it."""
@@ -199,11 +210,8 @@ def test_table_options_reach_s3fs_from_the_cli_and_a_job_file(
                      "--storage-option", f"client_kwargs.endpoint_url={s3.endpoint}",
                      "--storage-option", "config_kwargs.read_timeout=20")  # fmt: skip
     assert result.exit_code == 0, result.output
-    job = tmp_path / "job.toml"
-    job.write_text(
-        'sources = ["s3://photos/pics/"]\nout = "job"\npretrained = false\nworkers = 0\n'
-        'progress = false\nprecision = "fp32"\n\n'
-        f'[storage_options.client_kwargs]\nendpoint_url = "{s3.endpoint}"\n'
+    job = bucket_job(
+        tmp_path, "job", f'[storage_options.client_kwargs]\nendpoint_url = "{s3.endpoint}"'
     )
     result = run_cli("run", job)
     assert result.exit_code == 0, result.output
@@ -240,12 +248,7 @@ def test_a_job_file_builds_from_a_bucket_with_its_storage_options(
 ) -> None:
     upload(s3, corpus)
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # the job file names the endpoint instead
-    job = tmp_path / "job.toml"
-    job.write_text(
-        'sources = ["s3://photos/pics/"]\nout = "c"\npretrained = false\nworkers = 0\n'
-        'progress = false\nprecision = "fp32"\n\n'
-        f'[storage_options]\nendpoint_url = "{s3.endpoint}"\n'
-    )
+    job = bucket_job(tmp_path, "c", f'[storage_options]\nendpoint_url = "{s3.endpoint}"')
     result = run_cli("run", job)
     assert result.exit_code == 0, result.output
     assert len(read_embeddings_by_key(tmp_path / "c")) == 28
