@@ -80,10 +80,8 @@ class EarlyStart:
         """Stop the process (unless a head start adopted it: that one stops it)."""
         if self._done:  # adopted, or closed already
             return
-        self._done = True
-        with self._claimed.get_lock():
-            self._claimed.value = -1
-        if self._process.is_alive():
+        self._done = True  # (killed, not told to stop: a process that died holding the
+        if self._process.is_alive():  # claims' lock would leave it held)
             self._process.kill()
         self._process.join()
         self._receive.close()
