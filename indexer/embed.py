@@ -145,7 +145,8 @@ def load_model_while_decoding(
         loader = cfg.loader
         work = portable_work(items, sources, cfg, recipe, known, positions, carried)
         head = early.adopt(*work, loader.batch_size) if early is not None else None
-        head = head or HeadStart.start(*work, loader)
+        if head is None:
+            head = HeadStart.start(*work, loader)
         try:
             portable = open_runtime()
             if portable is not None:

@@ -351,7 +351,7 @@ def update(
             unchanged = {items[position].key for position in plan.keep}
             check_before_adding(embedder, prev, sources, items, cfg.out, unchanged)
         except ModelMismatchError as exc:
-            getattr(batches, "close", lambda: None)()  # its workers stop now
+            close(batches)  # its workers stop now
             if not cfg.drop_shards or prev.manifest is None:
                 raise  # refused: nothing was written
             log.warning("%s; the repair embeds with torch and exports the model again", exc)
@@ -380,7 +380,7 @@ def update(
         )  # fmt: skip
     except UnconfirmedExport as exc:
         log.warning("%s: embedding again with torch", exc)
-        getattr(batches, "close", lambda: None)()  # its workers stop now
+        close(batches)  # its workers stop now
         shutil.rmtree(building, ignore_errors=True)
         return update(cfg, sources, items, plan, prev, asked, start, trust_cache=False)
     finally:
