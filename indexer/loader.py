@@ -210,10 +210,14 @@ def _resilient(
 
 
 def isolated(dataset: ItemDataset, position: int, timeout: float) -> dict[str, Any]:
-    """dataset[position] in a forked process of its own: a crash or hang fails this item only."""
+    """dataset[position] in a forked process of its own: a crash or hang fails this item only.
+    An object store's item is fetched here first, as a batch's is before its alarm: the
+    alarm times decoding, not the store (nor a client loading in a fresh process)."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_decode_child, args=(dataset, position, timeout, send))
+    fetched = dataset.fetch([position]).get(position) if dataset.reads_many() else None
+    child = context.Process(target=_decode_child,
+                            args=(dataset, position, timeout, send, fetched))  # fmt: skip
     child.start()
     send.close()
     limit = timeout + GRACE if timeout > 0 else None
@@ -232,13 +236,15 @@ def isolated(dataset: ItemDataset, position: int, timeout: float) -> dict[str, A
     return {"position": position, "error": ("decode", _death(child.exitcode, timeout))}
 
 
-def _decode_child(dataset: ItemDataset, position: int, timeout: float, send: Any) -> None:
+def _decode_child(
+    dataset: ItemDataset, position: int, timeout: float, send: Any, fetched: Any
+) -> None:
     faulthandler.disable()  # a crash here is expected and reported as the item's error
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     if timeout > 0:
         signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        result = dataset._prepare(position)
+        result = dataset._prepare(position, fetched)
     except BaseException as exc:  # anything the dataset did not already turn into an error
         result = {"position": position, "error": ("decode", reason(exc))}
     signal.setitimer(signal.ITIMER_REAL, 0)

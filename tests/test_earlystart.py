@@ -272,3 +272,25 @@ def test_a_killed_first_bucket_build_resumes_item_exactly(
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]
     assert 4 <= counts["reused"] < counts["new"] == 28, counts  # killed mid-way, work kept
     check_same_as_clean(out, read_embeddings_by_key(clean))
+
+
+def test_an_item_decoded_alone_is_fetched_outside_its_decode_alarm(s3: S3, corpus: Path) -> None:
+    """An item decoded in a process of its own (after a crash in its batch) is fetched by
+    the loader's process first: a slow store (1.5 s a request here, or a fresh process
+    loading the store's client) is not a decode timeout (1 s), and its bytes are read once."""
+    from indexer.dataset import loader_work
+    from indexer.loader import isolated
+    from indexer.preprocess import DataConfig, Preprocessor
+    from indexer.sources import list_items
+    from indexer.sources.bucket import BucketSource
+
+    upload(s3, corpus)
+    source = BucketSource(URL)
+    items = list_items([source])
+    prep = Preprocessor(DataConfig((3, 64, 64), "bicubic", 0.875, "center", (0.5,) * 3,
+                                   (0.5,) * 3), "exact")  # fmt: skip
+    dataset, _ = loader_work(items, [source], prep, LoaderConfig(workers=1, decode_timeout=1.0))
+    s3.faults.latency = 1.5
+    sample = isolated(dataset, 0, 1.0)
+    assert "error" not in sample, sample
+    assert sample["position"] == 0 and s3.faults.object_gets() == 1

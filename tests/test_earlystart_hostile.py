@@ -739,7 +739,9 @@ def test_an_adopted_early_start_killed_mid_share_loses_nothing(
     assert ADOPTED in caplog.text and "decoding process died" in caplog.text
     assert error_rows(out) == []
     same_vectors(out, known)
-    assert sorted(one_by_one) == list(range(4, 12)), one_by_one
+    # its sending thread may not have sent the first batch before the kill (a loaded machine):
+    # then that batch is decoded one by one too
+    assert sorted(one_by_one) in (list(range(4, 12)), list(range(0, 12))), one_by_one
     assert len(s3.faults.gets) == 28 and max(s3.faults.gets.values()) <= 2
 
 
