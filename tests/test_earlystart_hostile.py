@@ -31,6 +31,7 @@ pytest.importorskip("moto")
 
 from indexer import loader
 from tests.helpers import read_embeddings_by_key, run_cli
+from tests.processes import process_stat
 from tests.s3server import S3
 from tests.test_buckets import upload
 
@@ -768,19 +769,9 @@ def test_bad_images_are_the_folders_error_rows_within_and_over_the_budget(
 # --- processes, signals and logs (the console script in a subprocess) --------------------------
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of a live, non-zombie process; None when gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else (int(fields[1]), int(fields[19]))
-
-
 def descendants(root: int) -> dict[int, int]:
     """pid -> start time of every live descendant of root."""
-    table = {int(e): _stat(int(e)) for e in os.listdir("/proc") if e.isdigit()}
+    table = {int(e): process_stat(int(e)) for e in os.listdir("/proc") if e.isdigit()}
     live = {pid: st for pid, st in table.items() if st is not None}
     found: dict[int, int] = {}
     frontier = [root]
@@ -798,7 +789,7 @@ def survivors(seen: dict[int, int], seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     alive = dict(seen)
     while alive and time.monotonic() < deadline:
-        alive = {p: s for p, s in alive.items() if (_stat(p) or (0, -1))[1] == s}
+        alive = {p: s for p, s in alive.items() if (process_stat(p) or (0, -1))[1] == s}
         time.sleep(0.1)
     for pid in alive:
         with contextlib.suppress(ProcessLookupError):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import process_stat
+
 REPO = Path(__file__).resolve().parent.parent
 INDEXER = str(Path(sys.executable).parent / "indexer")
 HOOK = "tests.test_headstart_hostile"
@@ -49,25 +51,13 @@ def counting_slow(key: str) -> None:
 # --- process helpers ---------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of a live, non-zombie process; None when gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[1]), int(fields[19])
-
-
 def _descendants(root: int) -> dict[int, int]:
     """pid -> start time of every live descendant of root."""
     parents: dict[int, int] = {}
     starts: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            st = _stat(int(entry))
+            st = process_stat(int(entry))
             if st is not None:
                 parents[int(entry)], starts[int(entry)] = st
     found: dict[int, int] = {}
@@ -86,7 +76,7 @@ def _survivors(seen: dict[int, int], seconds: float) -> dict[int, str]:
     deadline = time.monotonic() + seconds
     alive = dict(seen)
     while alive and time.monotonic() < deadline:
-        alive = {p: s for p, s in alive.items() if (_stat(p) or (0, -1))[1] == s}
+        alive = {p: s for p, s in alive.items() if (process_stat(p) or (0, -1))[1] == s}
         time.sleep(0.1)
     report = {}
     for pid in alive:
@@ -188,7 +178,7 @@ def test_a_head_start_whose_build_died_with_a_batch_unsent_ends(base: tuple[Path
     pid = int(proc.stdout.readline())
     proc.wait(60)
     proc.stdout.close()
-    st = _stat(pid)
+    st = process_stat(pid)
     if st is None:
         return
     left = _survivors({pid: st[1]}, 8)
