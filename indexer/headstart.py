@@ -165,7 +165,7 @@ def run_head_start(
                 if number is None:
                     break
                 pending.append((number, fetcher.submit(dataset.fetch, chunks[number])))
-            if not pending:
+            if not pending or os.getppid() != parent:  # (orphaned: what it fetched is dropped)
                 break
             number, fetched = pending.popleft()
             sender.put(dataset.prepare_many(chunks[number], fetched.result()))
