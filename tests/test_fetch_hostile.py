@@ -4,15 +4,12 @@ early confirmation (salvage only once confirmed)."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import math
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +24,7 @@ from PIL import Image
 
 from indexer.shards import column_array
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+from tests.webserver import served
 
 # --------------------------------------------------------------------------- column_array
 
@@ -443,29 +441,8 @@ def test_head_start_batch_whose_fetch_raises_is_decoded_again(
 @pytest.fixture
 def www(variants: tuple[Path, dict[str, np.ndarray]]) -> Iterator[tuple[str, dict[str, int]]]:
     folder, _ = variants
-    counts: dict[str, int] = {}
-    lock = threading.Lock()
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0].lstrip("/")
-            with lock:
-                counts[path] = counts.get(path, 0) + 1
-            if path.startswith("forbidden"):
-                self.send_error(403, "Forbidden")
-                return
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", counts
-    server.shutdown()
-    server.server_close()
+    with served(folder, lambda path, _: 403 if path.startswith("/forbidden") else None) as got:
+        yield got
 
 
 def write_rows(path: Path, rows: list[tuple[str, str]]) -> None:
@@ -504,17 +481,17 @@ def test_url_list_repeated_urls_renames_and_a_forbidden_row(
     errors = errors_of(out)
     assert [e["key"] for e in errors] == ["k8"], errors
     assert "403" in json.dumps(errors[0], default=str)
-    assert counts.get("new.png") == 1, counts
+    assert counts.get("/new.png") == 1, counts
     # fixed: the forbidden row (HTTP 403, never retried) is fetched by the pre-check and again by
     # the loader (indexer/embed.py already_stored carries successes only)
-    assert counts.get("forbidden.png") == 1, counts
+    assert counts.get("/forbidden.png") == 1, counts
     counts.clear()  # again, unchanged: the failed row is tried again, the rest kept
     result = run_cli("build", listing, "--out", out, *BUILD_FLAGS, "--max-failures", "1")
     assert result.exit_code in (0, 5), result.output
     assert "0 new, 0 changed, 9 unchanged, 0 deleted" in result.output, result.output
     assert [e["key"] for e in errors_of(out)] == ["k8"]
     check_consistent(out, by_hash)
-    assert counts.get("forbidden.png") == 1, counts  # fixed: as above (pre-check, then loader)
+    assert counts.get("/forbidden.png") == 1, counts  # fixed: as above (pre-check, then loader)
 
 
 # --------------------------------------------------------------------------- known exports

@@ -3,10 +3,7 @@ images on 127.0.0.1) and embedded with its columns; a failed fetch is its row's 
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +16,7 @@ from PIL import Image
 from indexer.errors import InputError
 from indexer.sources.urllist import UrlListSource, redacted
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+from tests.webserver import served
 
 pytest.importorskip("aiohttp")
 
@@ -30,27 +28,12 @@ def images(tmp_path: Path) -> Iterator[tuple[str, Path, dict[str, int]]]:
     folder.mkdir()
     for n in range(12):
         Image.new("RGB", (48, 40), (20 * n, 100, 255 - 20 * n)).save(folder / f"{n:02d}.png")
-    counts: dict[str, int] = {}
 
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
+    def flaky_once(path: str, count: int) -> int | None:  # the first try: overloaded
+        return 503 if "flaky" in path and count == 1 else None
 
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0]
-            counts[path] = counts.get(path, 0) + 1
-            if "flaky" in self.path and counts[path] == 1:  # the first try: overloaded
-                self.send_error(503, "Slow Down")
-                return
-            super().do_GET()
-
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", folder, counts
-    server.shutdown()
-    server.server_close()
+    with served(folder, flaky_once) as (base, counts):
+        yield base, folder, counts
 
 
 def write_list(path: Path, base: str, missing: int = 3) -> None:
