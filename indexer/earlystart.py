@@ -66,7 +66,8 @@ class EarlyStart:
         """The process as this build's head start, if it decodes exactly this work (the same
         items, in the same order, prepared the same way); else it is stopped (None)."""
         message = self._next()
-        if message is None or message[0] != "work" or message[1] != work_digest(dataset, todo):
+        ours = work_digest(dataset, todo, batch_size)
+        if message is None or message[0] != "work" or message[1] != ours:
             if message is not None and message[1] is not None:
                 log.info("the early start decoded other work than this build's: stopped")
             self.close()
@@ -114,14 +115,16 @@ def wanted(cfg: BuildConfig) -> bool:
     return fresh and buckets and local
 
 
-def work_digest(dataset: ItemDataset, todo: list[int]) -> str:
-    """What a head start decodes: its items (keys and locators, in order) and how each is
-    read and prepared; equal digests, equal samples."""
+def work_digest(dataset: ItemDataset, todo: list[int], batch_size: int) -> str:
+    """What a head start decodes: its share's items (keys and locators, in order, of the
+    batches it may take, not the whole work list) and how each is read and prepared; equal
+    digests, equal samples."""
     prep = dataset.preprocess
-    items = [(dataset.items[p].key, repr(dataset.items[p].locator)) for p in todo]
+    share = [p for chunk in head_chunks(dataset, todo, batch_size) for p in chunk]
+    items = [(dataset.items[p].key, repr(dataset.items[p].locator)) for p in share]
     how = (repr(prep.cfg), prep.fast, prep.max_pixels, prep.allow_truncated,
            sorted(dataset.known_hashes), dataset.decode_timeout, dataset.hook)  # fmt: skip
-    return hashlib.sha256(repr((items, how)).encode()).hexdigest()
+    return hashlib.sha256(repr((items, how, batch_size)).encode()).hexdigest()
 
 
 def _early(cfg: BuildConfig, claimed: Any, send: Any, receive: Any, parent: int) -> None:
@@ -147,7 +150,8 @@ def _early(cfg: BuildConfig, claimed: Any, send: Any, receive: Any, parent: int)
         sender.close()
         return
     work = first_work(cfg, listed)
-    sender.put(("work", None if work is None else work_digest(*work)))
+    digest = None if work is None else work_digest(*work, cfg.loader.batch_size)
+    sender.put(("work", digest))
     logging.disable(silenced)
     if work is None:
         sender.close()
