@@ -242,7 +242,7 @@ def decode_ms(files: list[Path], data_config: Any) -> tuple[float, float, np.nda
     """(decode + preprocess core-ms per photo, read + sha256 core-ms per photo, the pixels):
     each photo prepared by the build's own Preprocessor in fast mode, one at a time on this
     thread, timed with its CPU clock (thread_time) as a worker spends it."""
-    from indexer.preprocess import Preprocessor
+    from indexer.decode.preprocess import Preprocessor
 
     prep = Preprocessor(data_config, "fast")
     prep(files[0].read_bytes())  # warm-up: Pillow's plugins imported
@@ -263,10 +263,10 @@ def runtime_of(collection: Path, name: str, precision: str) -> Any:
     model on onnxruntime or OpenVINO at its precision, or torch from its recipe."""
     manifest = json.loads((collection / "manifest.json").read_text())
     if name == "torch":
-        from indexer.model import embedder_from_recipe
+        from indexer.model.timm_model import embedder_from_recipe
 
         return embedder_from_recipe(manifest["model"], "cpu")
-    from indexer.portable import load_portable
+    from indexer.model.portable import load_portable
 
     return load_portable((collection / "current").resolve(), manifest, name, precision)
 
@@ -331,7 +331,7 @@ def main() -> None:
     args = parser.parse_args()
     if any("=" not in kv for kv in args.env):
         parser.error("--env takes NAME=VALUE")
-    from indexer.preprocess import DataConfig
+    from indexer.decode.preprocess import DataConfig
 
     with tempfile.TemporaryDirectory(prefix="ceiling-") as tmp:
         folder = Path(tmp)

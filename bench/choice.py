@@ -29,7 +29,7 @@ from throughput import (
     run_timed,
 )
 
-from indexer.decide import BOUND, CACHE, candidates, cpu_flags, this_machine
+from indexer.model.runtime_choice import BOUND, CACHE, candidates, cpu_flags, this_machine
 
 FLAG = {"onnxruntime": "onnx", "openvino": "openvino", "torch": "torch"}
 

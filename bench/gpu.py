@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexer.config import DEFAULT_MODEL, LoaderConfig, ModelConfig, SourceSpec
-from indexer.loader import iter_batches
-from indexer.model import load_embedder
-from indexer.preprocess import Preprocessor
+from indexer.decode.loader import iter_batches
+from indexer.decode.preprocess import Preprocessor
+from indexer.model.timm_model import load_embedder
 from indexer.sources import list_items, open_sources
 from indexer.synthetic import write_corpus
 

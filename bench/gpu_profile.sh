@@ -13,6 +13,6 @@ from throughput import write_checkpoint; write_checkpoint(Path('$W/ck.safetensor
 for n in $(seq -w 0 19); do cp -r .gpudata/photos $W/photos/copy$n; done
 chmod +x .whl/py-spy
 timeout 200 .whl/py-spy record --threads --idle -r 40 -f raw -o "$OUT/${DECODE:-gpu}.txt" -- \
-  python3 -c "from indexer.cli import entry; entry()" -v build $W/photos --out $W/out \
+  python3 -c "from indexer.cli.main import entry; entry()" -v build $W/photos --out $W/out \
   --checkpoint $W/ck.safetensors --no-progress --batch-size 256 --workers 14 \
   --decode "${DECODE:-gpu}" --device cuda 2>&1 | grep -E "after the first|decoded on|published"

@@ -21,7 +21,7 @@ timeout "${BENCH_TIMEOUT:-330}" python3 bench/gpudecode.py --photos .gpudata/pho
 if [ "${PROFILE:-0}" = 1 ] && [ -d /tmp/gpudecode/photos ]; then
   chmod +x .whl/py-spy
   timeout 120 .whl/py-spy record --threads --idle -r 20 -f raw -o "$OUT/gpu.txt" -- \
-    python3 -c "from indexer.cli import entry; entry()" -v build /tmp/gpudecode/photos \
+    python3 -c "from indexer.cli.main import entry; entry()" -v build /tmp/gpudecode/photos \
     --out /tmp/gp-out --checkpoint /tmp/gpudecode/seed0.safetensors --no-progress \
     --batch-size 256 --workers 14 --decode gpu --device cuda 2>&1 \
     | grep -E "after the first|decoded on|by stage|published"

@@ -26,16 +26,16 @@ AFTER = re.compile(r"after the first batch: (\d+) images in ([\d.]+) s, (\d+) im
 STAGES = re.compile(r"seconds by stage: (.*)")
 KEPT_PACE = re.compile(r"decoded by the workers to keep pace: (\d+) \(share at the end ([\d.]+)\)")
 OPTIONS = {
-    "gil5ms": "import indexer.embed as e; e.SWITCH_INTERVAL = None",  # Python's 5 ms
-    "gpuonly": "import indexer.loader as l; l.SHARE = False",  # no JPEG left to the workers
-    "groups": "import indexer.gpudecode as g; g.RESIZE = 'groups'",  # interpolate by shape
+    "gil5ms": "import indexer.build.embed as e; e.SWITCH_INTERVAL = None",  # Python's 5 ms
+    "gpuonly": "import indexer.decode.loader as l; l.SHARE = False",  # no JPEG left to the workers
+    "groups": "import indexer.decode.gpu as g; g.RESIZE = 'groups'",  # interpolate by shape
 }
 
 
 def build(src: Path, out: Path, ck: Path, decode: str, workers: int, batch: int = 256,
           options: str = "") -> tuple[float, str]:  # fmt: skip
     shutil.rmtree(out, ignore_errors=True)
-    code = "from indexer.cli import entry; entry()"
+    code = "from indexer.cli.main import entry; entry()"
     for option in filter(None, options.split(",")):  # A/B switches: constants set before
         code = f"{OPTIONS[option]}; {code}"
     cmd = [sys.executable, "-c", code, "-v", "build", str(src),
@@ -138,9 +138,9 @@ def micro(photos: Path, workers: int) -> list[str]:
     path in one process (times the workers for the pool's ceiling)."""
     import torch
 
-    from indexer.gpudecode import GpuDecoder, nvjpeg
-    from indexer.jpegroute import route
-    from indexer.preprocess import DataConfig, Preprocessor
+    from indexer.decode.gpu import GpuDecoder, nvjpeg
+    from indexer.decode.jpeg_route import route
+    from indexer.decode.preprocess import DataConfig, Preprocessor
 
     cfg = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.485, 0.456, 0.406),
                      (0.229, 0.224, 0.225))  # fmt: skip

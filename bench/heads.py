@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import MODEL, REPO, imagenet_corpus
 
 from indexer.config import ModelConfig
-from indexer.model import load_embedder
-from indexer.preprocess import Preprocessor
+from indexer.decode.preprocess import Preprocessor
+from indexer.model.timm_model import load_embedder
 
 VARIANTS = {
     "head (default)": {},

@@ -101,7 +101,7 @@ def reseeded_recalls(scratch: Path, queries: np.ndarray, truth: np.ndarray, npro
     import faiss
 
     from indexer.config import IndexConfig
-    from indexer.index import INDEX_FILE, build_index
+    from indexer.index.faiss_index import INDEX_FILE, build_index
 
     version = (scratch / "current").resolve()
     manifest = json.loads((version / "manifest.json").read_text())

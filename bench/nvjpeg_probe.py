@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import MODEL, count
 
-from indexer.embed import SWITCH_INTERVAL
+from indexer.build.embed import SWITCH_INTERVAL
 
-WORKER_NICE = 5  # as indexer.loader's workers
+WORKER_NICE = 5  # as indexer.decode.loader's workers
 
 
 def burn(datas: list[bytes], stop: object) -> None:
@@ -181,14 +181,14 @@ def main() -> None:
 
 
 def resizes(datas: list[bytes], device: str, reps: int) -> list[str]:
-    """The batch's two resizes (indexer.gpudecode.RESIZE) on the decoded photos: images/s,
+    """The batch's two resizes (indexer.decode.gpu.RESIZE) on the decoded photos: images/s,
     and how far each is from the CPU path's pixels (mean levels; the worst image's mean)."""
     import numpy as np
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from indexer.gpudecode import resize_crop_batch, resize_crop_groups
-    from indexer.preprocess import DataConfig, Preprocessor
+    from indexer.decode.gpu import resize_crop_batch, resize_crop_groups
+    from indexer.decode.preprocess import DataConfig, Preprocessor
 
     cfg = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.485, 0.456, 0.406),
                      (0.229, 0.224, 0.225))  # fmt: skip

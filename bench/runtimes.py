@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import MODEL, REPO, imagenet_corpus
 
 from indexer.config import ModelConfig
-from indexer.decide import cpu_has_native_bf16
-from indexer.export import export_portable
-from indexer.model import load_embedder
-from indexer.portable import MODEL_FILE, PortableEmbedder
-from indexer.preprocess import Preprocessor
+from indexer.decode.preprocess import Preprocessor
+from indexer.model.export import export_portable
+from indexer.model.portable import MODEL_FILE, PortableEmbedder
+from indexer.model.runtime_choice import cpu_has_native_bf16
+from indexer.model.timm_model import load_embedder
 
 IMPORTS = {
     "torch": "import torch",

@@ -269,14 +269,14 @@ def measure_corpus(
 def without_known_exports(work: Path) -> Path:
     """A copy of the user's indexer cache (data configs, exports) without the exports known
     by request: a first build as it runs without them (torch first, then its own export)."""
-    from indexer.knownexport import FOLDER
+    from indexer.model.known_export import FOLDER
 
     return cache_without(work / "cache-uncached", FOLDER)
 
 
 def cache_without(copy: Path, folder: str) -> Path:
     """A copy of the user's indexer cache at `copy`, less one of its folders."""
-    from indexer.configcache import cache_dir
+    from indexer.model.data_config_cache import cache_dir
 
     shutil.rmtree(copy, ignore_errors=True)
     if cache_dir().is_dir():

@@ -14,7 +14,7 @@ DEFAULT_MODEL = "test_convnext.r160_in1k"
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit (it only warns); enforced as an error
 METRICS = ("ip", "l2")
 PRECISIONS = ("auto", "fp32", "bf16")
-RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what embeds (indexer.runtime)
+RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what embeds (indexer.model.runtime)
 POOLINGS = ("head", "avg", "max", "gem")
 
 
@@ -51,7 +51,7 @@ class ModelConfig:
     pooling: str = "head"  # head: the model's own pre-logits; avg, max, gem: over a feature map
     feature_stage: int | None = None  # pool this stage's map (timm feature extraction) instead
     labels: int = 0  # store the classifier's top-K classes per item (0: none)
-    runtime: str = "auto"  # what embeds: auto, torch, onnx, openvino (indexer.runtime)
+    runtime: str = "auto"  # what embeds: auto, torch, onnx, openvino (indexer.model.runtime)
 
 
 DECODES = ("auto", "cpu", "gpu")

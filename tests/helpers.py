@@ -11,7 +11,7 @@ import timm
 import torch
 from click.testing import CliRunner, Result
 
-from indexer.cli import main
+from indexer.cli.main import main
 from indexer.config import DEFAULT_MODEL
 
 # fp32: tests that compare paths (torch, the portable model, the service) pin the precision they
@@ -104,23 +104,23 @@ def pretend_cuda(monkeypatch: Any) -> list[str]:
     """Builds whose torch model says it is on CUDA (it runs on the CPU), so embed_items takes
     the GPU-decode path; the names of the threads `embed.ahead` starts are listed in the
     returned list as they start."""
-    import indexer.embed
-    import indexer.model
+    import indexer.build.embed
+    import indexer.model.timm_model
 
-    real = indexer.model.load_embedder
+    real = indexer.model.timm_model.load_embedder
 
     def as_on_cuda(cfg: object) -> object:
         embedder = real(cfg)  # type: ignore[arg-type]
         embedder.on_cuda = True
         return embedder
 
-    monkeypatch.setattr(indexer.model, "load_embedder", as_on_cuda)
+    monkeypatch.setattr(indexer.model.timm_model, "load_embedder", as_on_cuda)
     started: list[str] = []
-    ahead = indexer.embed.ahead
+    ahead = indexer.build.embed.ahead
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         started.append(str(kwargs.get("name", args[1] if len(args) > 1 else "")))
         return ahead(*args, **kwargs)
 
-    monkeypatch.setattr(indexer.embed, "ahead", watched)
+    monkeypatch.setattr(indexer.build.embed, "ahead", watched)
     return started

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from indexer.errors import InputError
-from indexer.search import Collection
+from indexer.query.collection import Collection
 
 
 def test_search_images_takes_paths_bytes_pil_images_and_arrays(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.balance import MAX_SHARE, SMOOTHING, CpuShare, WorkerTime, balanced_share
-from indexer.preprocess import DataConfig, Preprocessor
+from indexer.decode.gpu_share import MAX_SHARE, SMOOTHING, CpuShare, WorkerTime, balanced_share
+from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.synthetic import scene
 
 CFG = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)
@@ -73,7 +73,7 @@ def test_without_workers_nothing_is_taken() -> None:
 
 def test_workers_see_the_share_change_mid_run(tmp_path: Path) -> None:
     from indexer.config import LoaderConfig, SourceSpec
-    from indexer.loader import iter_batches
+    from indexer.decode.loader import iter_batches
     from indexer.sources import list_items, open_sources
 
     root = tmp_path / "src"
@@ -108,11 +108,11 @@ def test_workers_see_the_share_change_mid_run(tmp_path: Path) -> None:
 
 
 def test_the_gpu_side_reports_its_pace_to_the_share() -> None:
+    from indexer.build.embed import Batch, RawDecoding, RawItem
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import Batch, RawDecoding, RawItem
-    from indexer.gpudecode import GpuDecoder, nvjpeg
-    from indexer.jpegroute import route
-    from indexer.loader import pack_raw
+    from indexer.decode.gpu import GpuDecoder, nvjpeg
+    from indexer.decode.jpeg_route import route
+    from indexer.decode.loader import pack_raw
 
     datas = [jpeg(s) for s in range(6)]
     raw = [RawItem(n, 0, 0, route(d, 10**8), "h", {}) for n, d in enumerate(datas)]

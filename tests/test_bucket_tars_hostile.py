@@ -515,7 +515,7 @@ def test_a_bucket_webdataset_reruns_verifies_and_answers_queries(
     shown = run_cli("query", "--id", "000010002", "--index", out, "-k", "3", "--grid", grid)
     assert shown.exit_code == 0 and "000010002" in shown.output, shown.output
     assert grid.stat().st_size > 0
-    from indexer.search import Collection
+    from indexer.query.collection import Collection
 
     assert Collection(out).image_of("000010002") == images["000010002"]
     missing = run_cli("query", "--id", "no-such-key", "--index", out, "-k", "3")

@@ -323,7 +323,7 @@ def test_items_are_read_back_with_the_storage_options_given_now(
 ) -> None:
     """No endpoint in the environment: build, verify, query, the API and the service each take
     --storage-option (never stored) and read the objects back through it."""
-    from indexer.search import Collection
+    from indexer.query.collection import Collection
     from tests.test_serve_hostile import served
 
     upload(s3, corpus)
@@ -440,7 +440,7 @@ def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(s3: S3, tmp_pa
     assert len(read_embeddings_by_key(remote)) == 15, changed.output
     shown = run_cli("query", "--id", "000010005", "--index", remote, "-k", "1", "--json")
     assert shown.exit_code == 0 and "000010005" in shown.output, shown.output
-    from indexer.configcache import cache_dir
+    from indexer.model.data_config_cache import cache_dir
 
     copies = sorted(p.name[17:] for p in (cache_dir() / "objects").rglob("*.parquet"))
     assert copies == ["00000.parquet", "00001.parquet"]  # one copy a file: the newest
@@ -606,7 +606,7 @@ def test_partial_copies_left_by_killed_downloads_are_removed(
     import os
     import subprocess
 
-    from indexer.configcache import cache_dir
+    from indexer.model.data_config_cache import cache_dir
     from tests.shapes import write_i2d_parquet
 
     folder = tmp_path / "i2d"

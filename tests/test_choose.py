@@ -5,9 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.choose import check_index_type, choose_index, nlist_for, parse_size, train_size
 from indexer.errors import InputError
-from indexer.tune import Probe, candidates, exact_neighbours, recall_bounds, tune
+from indexer.index.index_type import (
+    check_index_type,
+    choose_index,
+    nlist_for,
+    parse_size,
+    train_size,
+)
+from indexer.index.tune import Probe, candidates, exact_neighbours, recall_bounds, tune
 from tests.helpers import clustered_vectors
 
 G, M = 1024**3, 1024**2
@@ -151,7 +157,7 @@ def test_tune_reports_a_target_it_cannot_reach() -> None:
      (100, 60, np.arange(50), False), (10, 20, None, False), (1_000_000, 1000, None, False)],
 )  # fmt: skip
 def test_draw_positions(total: int, n: int, avoid: np.ndarray | None, disjoint: bool) -> None:
-    from indexer.index import draw_positions
+    from indexer.index.faiss_index import draw_positions
 
     drawn = draw_positions(total, n, seed=3, avoid=avoid)
     assert len(drawn) == min(n, total) == len(set(drawn.tolist()))
@@ -162,7 +168,7 @@ def test_draw_positions(total: int, n: int, avoid: np.ndarray | None, disjoint: 
 
 
 def test_parse_index_flags() -> None:
-    from indexer.choose import parse_index_flags
+    from indexer.index.index_type import parse_index_flags
 
     assert parse_index_flags(None, None) == (None, None)  # not given: keep what was recorded
     assert parse_index_flags("IVF64,SQ8", "1G") == ("IVF64,SQ8", G)

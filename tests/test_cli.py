@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.cli import main
+from indexer.cli.main import main
 from tests.helpers import BUILD_FLAGS, run_cli
 
 
@@ -33,7 +33,7 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 def test_help_does_not_import_heavy_libraries() -> None:
     heavy = "{'torch', 'timm', 'faiss', 'datasets'}"
-    code = f"import sys, indexer.cli; print(sorted({heavy} & set(sys.modules)))"
+    code = f"import sys, indexer.cli.main; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -171,7 +171,7 @@ def test_corrupt_manifest_is_reported(collection: Path, tmp_path: Path, corpus: 
 def test_pretrained_unavailable_fails_before_work(corpus: Path, tmp_path: Path) -> None:
     """A first build fails at once and leaves no folder; an existing collection records it."""
     out = tmp_path / "c"
-    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
     done = subprocess.run([sys.executable, "-c", code, "build", str(corpus), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 4
@@ -195,7 +195,7 @@ def test_pretrained_check_is_immediate_without_importing_torch(
         "import sys\nfor name in ('torch', 'timm'):\n    sys.modules[name] = None\n"
     )
     env = {**os.environ, "PYTHONPATH": str(blocker)}
-    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
     done = subprocess.run(
         [sys.executable, "-c", code, "build", str(corpus), "--out", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=120, env=env,

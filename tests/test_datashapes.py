@@ -204,7 +204,7 @@ def test_parquet_dataset_folders_are_recognised(
 def test_grids_show_the_pictures_of_tar_and_dataset_items(tmp_path: Path, layout: str) -> None:
     from PIL import Image
 
-    from indexer.grid import CELL, PAD, thumbnail
+    from indexer.query.contact_sheet import CELL, PAD, thumbnail
 
     folder = tmp_path / "src"
     write = write_webdataset if layout == "webdataset" else write_i2d_parquet
@@ -237,7 +237,7 @@ def test_where_on_metadata_keeps_exactly_the_matching_rows(tmp_path: Path) -> No
     out = tmp_path / "c"
     build(tmp_path / "wds", out)
     stored = rows(out)
-    from indexer.search import Collection
+    from indexer.query.collection import Collection
 
     collection = Collection.open(out)
     for where, keep in WHERE_CASES:

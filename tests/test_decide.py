@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.decide import (
+from indexer.errors import InputError, RecipeMismatchError
+from indexer.model.runtime_choice import (
     Choice,
     Decision,
     Machine,
@@ -23,7 +24,6 @@ from indexer.decide import (
     remember,
     this_machine,
 )
-from indexer.errors import InputError, RecipeMismatchError
 from tests.helpers import BUILD_FLAGS, run_cli
 
 BOTH = frozenset({"onnxruntime", "openvino"})
@@ -184,7 +184,7 @@ def test_refusals_through_the_cli_write_nothing(corpus: Path, tmp_path: Path) ->
     [(64, 0.1, 64), (64, 0.3, 64), (64, 0.6, 32), (64, 2.4, 8), (64, 60.0, 8), (8, 5.0, 8)],
 )
 def test_a_large_model_is_timed_on_fewer_images(images: int, slowest: float, expected: int) -> None:
-    from indexer.trial import timing_size
+    from indexer.model.runtime_trial import timing_size
 
     assert timing_size(images, slowest) == expected
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from indexer import decodechoice
-from indexer.decodechoice import MARGIN, MIN_IMAGES, choose_decoder, measured, record_rate
+from indexer.build import decode_choice as decodechoice
+from indexer.build.decode_choice import MARGIN, MIN_IMAGES, choose_decoder, measured, record_rate
 from indexer.errors import InputError
 
 NO_NVJPEG = "RuntimeError: no nvJPEG"
@@ -182,7 +182,7 @@ def test_a_corrupt_or_foreign_entry_is_ignored_with_a_warning(
     path = decodechoice.entry_path(KEY)
     path.parent.mkdir(parents=True)
     path.write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="indexer.decodechoice"):
+    with caplog.at_level(logging.WARNING, logger="indexer.build.decode_choice"):
         assert measured(KEY) == {}
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and warned[0].startswith(f"the decode measurement {path} is not usable")
@@ -201,7 +201,7 @@ def test_a_linked_entry_is_ignored_and_replaced_never_written_through(
     path = decodechoice.entry_path(KEY)
     path.parent.mkdir(parents=True)
     path.symlink_to(target)
-    with caplog.at_level(logging.WARNING, logger="indexer.decodechoice"):
+    with caplog.at_level(logging.WARNING, logger="indexer.build.decode_choice"):
         assert measured(KEY) == {}
     assert any("a symbolic link" in r.getMessage() for r in caplog.records)
     before = target.read_bytes()
@@ -216,11 +216,11 @@ def test_a_fifo_or_folder_at_the_entry_never_blocks_or_raises(
     path = decodechoice.entry_path(KEY)
     path.parent.mkdir(parents=True)
     os.mkfifo(path)
-    with caplog.at_level(logging.WARNING, logger="indexer.decodechoice"):
+    with caplog.at_level(logging.WARNING, logger="indexer.build.decode_choice"):
         assert measured(KEY) == {}  # refused without being opened for a writer
     path.unlink()
     path.mkdir()
-    with caplog.at_level(logging.WARNING, logger="indexer.decodechoice"):
+    with caplog.at_level(logging.WARNING, logger="indexer.build.decode_choice"):
         assert measured(KEY) == {}
         assert not record_rate(KEY, "cpu", 3142.0, 5000)  # cannot replace a folder: logged
     messages = [r.getMessage() for r in caplog.records]
@@ -234,14 +234,14 @@ def test_an_unwritable_cache_costs_only_the_measurement(
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("INDEXER_CACHE_DIR", str(blocker / "cache"))  # under a file
-    with caplog.at_level(logging.WARNING, logger="indexer.decodechoice"):
+    with caplog.at_level(logging.WARNING, logger="indexer.build.decode_choice"):
         assert not record_rate(KEY, "gpu", 9706.0, 5000)
         assert measured(KEY) == {}
     assert any("cannot keep the decode measurement" in r.getMessage() for r in caplog.records)
 
 
 def test_the_module_imports_no_torch() -> None:
-    code = "import sys, indexer.decodechoice; assert 'torch' not in sys.modules, 'torch'"
+    code = "import sys, indexer.build.decode_choice; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -252,20 +252,22 @@ STAND_IN = "Stand-in GPU 80GB"
 def stand_in_cuda(cache: Path, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """This process as if on CUDA: the device named STAND_IN, nvJPEG passing its check (each
     check recorded), the model's data config remembered from an earlier run."""
-    import indexer.gpudecode
-    import indexer.model
-    from indexer import configcache
+    import indexer.decode.gpu
+    import indexer.model.timm_model
     from indexer.config import ModelConfig
-    from indexer.preprocess import DataConfig
+    from indexer.decode.preprocess import DataConfig
+    from indexer.model import data_config_cache as configcache
 
     checks: list[bool] = []
 
     def unusable(device: object) -> None:
         checks.append(True)
 
-    monkeypatch.setattr(indexer.model, "resolve_device", lambda name: SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(
+        indexer.model.timm_model, "resolve_device", lambda name: SimpleNamespace(type="cuda")
+    )
     monkeypatch.setattr(decodechoice, "cuda_names", lambda device: STAND_IN)
-    monkeypatch.setattr(indexer.gpudecode, "unusable", unusable)
+    monkeypatch.setattr(indexer.decode.gpu, "unusable", unusable)
     data = DataConfig((3, 224, 224), "bicubic", 0.875, "center", (0.5,) * 3, (0.5,) * 3)
     configcache.store(ModelConfig().name, data)
     return checks
@@ -290,15 +292,15 @@ def test_a_build_on_cuda_decodes_where_its_machine_measured(
     """embed.gpu_decoding looks the rates up under the key a build records them under (the
     device, the remembered input size, the loader's workers and batch size), through
     record_run as embed_items calls it."""
+    from indexer.build.embed import gpu_decoding
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import gpu_decoding
 
     loader = LoaderConfig(workers=14, batch_size=256, decode=decode,
                           preprocessing="exact" if exact else "fast")  # fmt: skip
     for path, rate in rates.items():
         assert decodechoice.record_run("cuda:0", (3, 224, 224), loader, path, rate, 5000)
     cfg = BuildConfig((), Path("out"), loader=loader)
-    with caplog.at_level(logging.INFO, logger="indexer.embed"):
+    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
         assert gpu_decoding(cfg) is want
     assert stand_in_cuda == ([True] if want else [])  # nvJPEG checked where it decides
     said = [r.getMessage() for r in caplog.records if "decoding JPEGs on the" in r.getMessage()]
@@ -310,8 +312,8 @@ def test_a_build_on_cuda_decodes_where_its_machine_measured(
 def test_a_build_without_a_remembered_input_size_decodes_on_the_cpu(
     stand_in_cuda: list[bool], cache: Path
 ) -> None:
+    from indexer.build.embed import gpu_decoding
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import gpu_decoding
 
     loader = LoaderConfig(workers=14, batch_size=256)
     for path, rate in FASTER.items():
@@ -330,7 +332,7 @@ def test_the_ray_engine_decodes_in_its_cpu_tasks_unless_asked(
     pytest.importorskip("ray")
     import ray
 
-    import indexer.rayengine as rayengine
+    import indexer.build.ray_engine as rayengine
     from indexer.config import BuildConfig, EngineConfig, LoaderConfig
 
     monkeypatch.setattr(rayengine, "start_ray", lambda address: None)
@@ -356,10 +358,10 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     """Two builds as on CUDA (the model on the CPU, flagged on_cuda; torchvision decodes as
     nvJPEG would): --decode cpu keeps the CPU path's rate, a GPU-path build nvJPEG's, under
     the key gpu_decoding looks up; a CPU-path build starts no decode threads."""
-    import indexer.embed
-    import indexer.model
-    from indexer import configcache
+    import indexer.build.embed
+    import indexer.model.timm_model
     from indexer.config import ModelConfig
+    from indexer.model import data_config_cache as configcache
     from indexer.synthetic import write_corpus
     from tests.helpers import pretend_cuda, run_cli
 
@@ -371,7 +373,7 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     write_corpus(src, 40, duplicates=0, seed=5)
     flags = ("--no-pretrained", "--no-progress", "--workers", "2", "--batch-size", "4",
              "--runtime", "torch", "--device", "cpu")  # fmt: skip
-    monkeypatch.setattr(indexer.embed, "gpu_decoding", lambda cfg: False)
+    monkeypatch.setattr(indexer.build.embed, "gpu_decoding", lambda cfg: False)
     cpu = run_cli("build", src, "--out", tmp_path / "a", *flags, "--decode", "auto")
     assert cpu.exit_code == 0, cpu.output
     assert threads == []  # the CPU path, as with --decode cpu: no decode threads
@@ -379,7 +381,7 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     assert hint is not None
     key = decodechoice.machine_key(STAND_IN, hint.input_size, 2, 4)
     assert measured(key).keys() == {"cpu"}
-    monkeypatch.setattr(indexer.embed, "gpu_decoding", lambda cfg: True)
+    monkeypatch.setattr(indexer.build.embed, "gpu_decoding", lambda cfg: True)
     gpu = run_cli("build", src, "--out", tmp_path / "b", *flags, "--decode", "auto")
     assert gpu.exit_code == 0, gpu.output
     assert threads == ["gpu-decode", "gpu-resize"]

@@ -24,8 +24,8 @@ from tests.helpers import read_embeddings_by_key, run_cli
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from indexer import earlystart
-from indexer.earlystart import EarlyStart, wanted
+from indexer.build import early_start as earlystart
+from indexer.build.early_start import EarlyStart, wanted
 from tests.s3server import S3
 from tests.test_buckets import upload
 
@@ -209,7 +209,7 @@ def test_the_early_start_ends_when_the_build_is_killed_while_it_lists(
     finds itself orphaned once its listing returns and ends; it never decodes."""
     upload(s3, corpus)
     s3.faults.latency = 1.5
-    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
     proc = subprocess.Popen([sys.executable, "-c", code, "build", URL, "--out",
                              str(tmp_path / "c"), *FLAGS], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **s3.env()})  # fmt: skip
@@ -278,9 +278,9 @@ def test_an_item_decoded_alone_is_fetched_outside_its_decode_alarm(s3: S3, corpu
     """An item decoded in a process of its own (after a crash in its batch) is fetched by
     the loader's process first: a slow store (1.5 s a request here, or a fresh process
     loading the store's client) is not a decode timeout (1 s), and its bytes are read once."""
-    from indexer.dataset import loader_work
-    from indexer.loader import isolated
-    from indexer.preprocess import DataConfig, Preprocessor
+    from indexer.decode.item_dataset import loader_work
+    from indexer.decode.loader import isolated
+    from indexer.decode.preprocess import DataConfig, Preprocessor
     from indexer.sources import list_items
     from indexer.sources.bucket import BucketSource
 

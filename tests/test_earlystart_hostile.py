@@ -29,7 +29,7 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
-from indexer import loader
+from indexer.decode import loader
 from tests.helpers import read_embeddings_by_key, run_cli
 from tests.processes import process_stat
 from tests.s3server import S3
@@ -93,7 +93,7 @@ def build_logged(caplog: pytest.LogCaptureFixture, *args: Any) -> Any:
 
 
 def no_early_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    from indexer import pipeline
+    from indexer.build import pipeline
 
     monkeypatch.setattr(pipeline.EarlyStart, "start", classmethod(lambda cls, cfg: None))
 
@@ -214,8 +214,8 @@ def test_the_python_api_from_a_thread_adopts_the_early_start(
     the fork sets its signal dispositions without complaint, the early start is adopted,
     the listing is made once, the vectors are the folder's, and once it returns no process
     it started is left in the host."""
+    from indexer.build.pipeline import build
     from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
-    from indexer.pipeline import build
     from indexer.sources.bucket import BucketSource
 
     upload(s3, corpus)
@@ -254,7 +254,7 @@ def test_a_share_smaller_than_the_build_hands_the_rest_to_the_loader(
     the fork so both processes cut the same share; a share rounds up to whole batches): its
     batches, then the DataLoader's from where the share ends; every object read once, every
     key once, the folder's vectors."""
-    from indexer import headstart
+    from indexer.decode import head_start as headstart
 
     monkeypatch.setattr(headstart, "MAX_ITEMS", most)
     upload(s3, corpus)
@@ -304,7 +304,7 @@ def test_objects_changed_after_the_early_listing_are_error_rows_then_caught_up(
     overwritten object is an error row (never the new bytes under the old ETag), the deleted
     one an error row, the new one not in it; the next run (listed by the main process) ends
     with exactly the folder's collection of the store's final state."""
-    from indexer import earlystart
+    from indexer.build import early_start as earlystart
 
     upload(s3, corpus)
     other = next(corpus.rglob("*.png")).read_bytes()
@@ -848,8 +848,8 @@ class Watched:
 
 
 def lock_is_free(out: Path) -> bool:
+    from indexer.collection.lock import CollectionLock
     from indexer.errors import CollectionLockedError
-    from indexer.lock import CollectionLock
 
     try:
         with CollectionLock(out, "build"):
@@ -935,7 +935,7 @@ class _TermDuringInit:
 
     def find_spec(self, name, path=None, target=None):
         native = ("onnxruntime.capi.onnxruntime_pybind11_state", "openvino._pyopenvino")
-        if name in native and "indexer.loader" in sys.modules and not self.done:
+        if name in native and "indexer.decode.loader" in sys.modules and not self.done:
             self.done = True
             libc, timer = ctypes.CDLL(None), ctypes.c_void_p()
             event = _Event(signo=signal.SIGTERM, notify=0)
@@ -1001,7 +1001,7 @@ SILENCED = """
 import logging, sys
 from pathlib import Path
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
-from indexer.pipeline import build
+from indexer.build.pipeline import build
 
 logging.basicConfig(level=logging.INFO, format="LOG %(process)d %(name)s: %(message)s")
 logging.disable(logging.CRITICAL)  # the host application silences every log record
@@ -1040,7 +1040,7 @@ def test_a_build_failing_after_adoption_stops_the_early_start_at_once(
     API, a service, these tests)."""
     import errno
 
-    from indexer import pipeline
+    from indexer.build import pipeline
 
     def full(root: Path, request: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "versions"))

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import indexer.external as external
+import indexer.build.from_parquet as external
 from indexer.errors import InputError
 from tests.helpers import edit_manifest, read_embeddings_by_key, run_cli, write_vectors
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexer.shards import column_array
+from indexer.collection.shards import column_array
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 from tests.webserver import served
 
@@ -321,7 +321,7 @@ def test_an_object_overwritten_after_the_pre_check_keeps_one_consistent_row(
 ) -> None:  # fmt: skip
     """The carried bytes are the pre-check's: hash, etag and vector all of those bytes; the
     next run sees the overwrite and embeds the new bytes."""
-    import indexer.embed as embed
+    import indexer.build.embed as embed
 
     folder, by_hash = variants
     out = seeded_build(s3, folder, tmp_path)
@@ -409,7 +409,7 @@ def test_head_start_batch_whose_fetch_raises_is_decoded_again(
 ) -> None:  # fmt: skip
     """The head start's fetch raising (a bug, not an item's error) kills its process: the
     batches it did not deliver are decoded again, none dropped or doubled."""
-    from indexer.dataset import ItemDataset
+    from indexer.decode.item_dataset import ItemDataset
 
     folder, by_hash = variants
     server = S3()
@@ -500,9 +500,9 @@ FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size
          "--precision", "fp32", "--runtime", "onnx", "--no-progress")  # fmt: skip
 UNCONFIRMED = """
 import sys
-import indexer.knownexport as known
+import indexer.model.known_export as known
 known.KnownExport.confirmed_early = lambda self: False  # the check has not passed yet
-from indexer.cli import main
+from indexer.cli.main import main
 main(sys.argv[1:])
 """
 
@@ -511,8 +511,8 @@ main(sys.argv[1:])
 def test_known_export_killed_before_confirmation_salvages_nothing_and_a_failed_check_never_confirms(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import indexer.knownexport as known
-    import indexer.pipeline as pipeline
+    import indexer.build.pipeline as pipeline
+    import indexer.model.known_export as known
     from indexer.synthetic import write_corpus
 
     src = tmp_path / "src"

@@ -19,9 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from indexer import filters
 from indexer.errors import InputError
-from indexer.filters import MAX_CONDITION_CHARS, MAX_CONDITIONS, Condition, keep_mask, parse_where
+from indexer.query import filters
+from indexer.query.filters import (
+    MAX_CONDITION_CHARS,
+    MAX_CONDITIONS,
+    Condition,
+    keep_mask,
+    parse_where,
+)
 from tests.helpers import BUILD_FLAGS, run_cli, write_vectors
 
 # the regex the parser was until issue 28 (quadratic on "a" + spaces): the oracle of the
@@ -230,7 +236,7 @@ MTIME = 1_700_000_000_123_456_789  # a file's mtime in ns: far past 2**53, 256 a
 
 
 def test_where_on_mtime_ns_tells_neighbouring_nanoseconds_apart(tmp_path: Path) -> None:
-    from indexer.search import Collection
+    from indexer.query.collection import Collection
     from indexer.synthetic import write_corpus
 
     files = sorted(write_corpus(tmp_path / "photos", 3, seed=1))
@@ -261,7 +267,7 @@ def test_where_on_mtime_ns_tells_neighbouring_nanoseconds_apart(tmp_path: Path) 
 
 
 def test_where_on_a_uint64_column_of_an_external_collection(tmp_path: Path) -> None:
-    from indexer.search import Collection
+    from indexer.query.collection import Collection
 
     big = [2**64 - 1, 2**64 - 2, 2**63, 2**63 + 1, None]
     keys = ["a", "b", "c", "d", "e"]
@@ -283,7 +289,7 @@ def test_where_on_a_uint64_column_of_an_external_collection(tmp_path: Path) -> N
 
 
 def test_vector_and_list_columns_cannot_be_filtered() -> None:
-    from indexer.filters import columns_needed
+    from indexer.query.filters import columns_needed
 
     schema = pa.schema([("embedding", pa.list_(pa.float32(), 4)), ("label_name",
                         pa.list_(pa.string())), ("n", pa.int64())])  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.verify import verify
+from indexer.verify.check import verify
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from indexer.gpudecode import Decode, GpuDecoder, decode_split, nvjpeg, orient
-from indexer.jpegroute import route
-from indexer.preprocess import DataConfig, Preprocessor
+from indexer.decode.gpu import Decode, GpuDecoder, decode_split, nvjpeg, orient
+from indexer.decode.jpeg_route import route
+from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.synthetic import scene
 
 CFG = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)
@@ -83,8 +83,8 @@ def test_workers_pass_routed_jpegs_on_undecoded(tmp_path: object) -> None:
     from pathlib import Path
 
     from indexer.config import SourceSpec
-    from indexer.dataset import ItemDataset
-    from indexer.loader import collate
+    from indexer.decode.item_dataset import ItemDataset
+    from indexer.decode.loader import collate
     from indexer.sources import list_items, open_sources
 
     root = Path(str(tmp_path)) / "src"
@@ -109,7 +109,7 @@ def test_raw_bytes_cross_from_workers_whole(tmp_path: object) -> None:
     from pathlib import Path
 
     from indexer.config import LoaderConfig, SourceSpec
-    from indexer.loader import iter_batches
+    from indexer.decode.loader import iter_batches
     from indexer.sources import list_items, open_sources
 
     root = Path(str(tmp_path)) / "src"
@@ -130,9 +130,9 @@ def test_raw_bytes_cross_from_workers_whole(tmp_path: object) -> None:
 
 
 def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
+    from indexer.build.embed import Batch, RawDecoding, RawItem
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import Batch, RawDecoding, RawItem
-    from indexer.loader import pack_raw
+    from indexer.decode.loader import pack_raw
 
     datas = [jpeg(s) for s in range(6)]
     datas[2] = datas[2][: len(datas[2]) // 2]  # header whole, body cut: both decoders fail
@@ -189,7 +189,7 @@ def test_decode_gpu_needs_cuda(corpus: object, tmp_path: Path) -> None:
 def test_batched_resize_is_chunked_without_changing_a_pixel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import indexer.gpudecode as gd
+    import indexer.decode.gpu as gd
 
     images = [torch.from_numpy(np.array(scene(s, size))).permute(2, 0, 1)
               for s, size in enumerate([(200, 150), (150, 260), (640, 480), (90, 90)])]  # fmt: skip
@@ -202,8 +202,8 @@ def test_batched_resize_is_chunked_without_changing_a_pixel(
 
 
 def test_batches_decoded_ahead_arrive_in_order_and_errors_surface() -> None:
+    from indexer.build.embed import Batch, RawDecoding, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import Batch, RawDecoding, decoded_ahead
 
     decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
     batches = [Batch(positions=[n]) for n in range(7)]
@@ -222,9 +222,9 @@ def test_two_decode_threads_keep_order_rows_and_stop_with_the_consumer() -> None
     import threading
     import time
 
+    from indexer.build.embed import Batch, RawDecoding, RawItem, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import Batch, RawDecoding, RawItem, decoded_ahead
-    from indexer.loader import pack_raw
+    from indexer.decode.loader import pack_raw
 
     def batches() -> object:
         for b in range(6):
@@ -267,7 +267,7 @@ def test_two_decode_threads_keep_order_rows_and_stop_with_the_consumer() -> None
 
 @pytest.mark.parametrize("crop_pct", [0.95, 1.0])
 def test_an_image_resizes_the_same_whatever_shares_its_batch(crop_pct: float) -> None:
-    import indexer.gpudecode as gd
+    import indexer.decode.gpu as gd
 
     cfg = DataConfig((3, 160, 160), "bicubic", crop_pct, "center", (0.5,) * 3, (0.5,) * 3)
     sizes = [(200, 150), (90, 90), (200, 150), (640, 480), (90, 90), (150, 260), (200, 150)]
@@ -285,8 +285,8 @@ def test_an_image_resizes_the_same_whatever_shares_its_batch(crop_pct: float) ->
 def test_raw_views_are_each_items_bytes_packed_or_not() -> None:
     from dataclasses import replace
 
-    from indexer.embed import Batch, RawItem
-    from indexer.loader import pack_raw
+    from indexer.build.embed import Batch, RawItem
+    from indexer.decode.loader import pack_raw
 
     datas = [jpeg(s) for s in range(5)]
     raw, blob = pack_raw([RawItem(n, 0, 0, route(d, 10**8), "h", {}) for n, d in
@@ -302,10 +302,10 @@ def test_raw_views_are_each_items_bytes_packed_or_not() -> None:
 def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
     """The Ray engine's split, in one process: tasks read and route, the actor decodes (here
     torchvision on the CPU stands in for nvJPEG), the CPU path where that fails."""
+    from indexer.build.ray_engine import FAILED, OK, RAW, EmbedActor, decode_rows, to_batch
     from indexer.config import LoaderConfig, ModelConfig, SourceSpec
-    from indexer.dataset import ItemDataset
-    from indexer.model import load_embedder
-    from indexer.rayengine import FAILED, OK, RAW, EmbedActor, decode_rows, to_batch
+    from indexer.decode.item_dataset import ItemDataset
+    from indexer.model.timm_model import load_embedder
     from indexer.sources import list_items, open_sources
 
     root = Path(str(tmp_path)) / "src"
@@ -343,7 +343,7 @@ def test_ray_actors_decode_the_rows_the_tasks_routed(tmp_path: object) -> None:
 
 
 def test_grey_and_colour_images_of_one_size_and_odd_outputs() -> None:
-    import indexer.gpudecode as gd
+    import indexer.decode.gpu as gd
 
     colour = torch.from_numpy(np.array(scene(1, (200, 150)))).permute(2, 0, 1)
     grey = colour[:1].clone()
@@ -364,8 +364,8 @@ def test_grey_and_colour_images_of_one_size_and_odd_outputs() -> None:
 def test_the_switch_interval_comes_back_whichever_run_ends_first() -> None:
     import sys
 
+    from indexer.build.embed import Batch, RawDecoding, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import Batch, RawDecoding, decoded_ahead
 
     before = sys.getswitchinterval()
     for first_ends in ("a", "b"):
@@ -382,8 +382,8 @@ def test_the_switch_interval_comes_back_whichever_run_ends_first() -> None:
 def test_a_consumer_that_raises_leaves_no_decode_thread_running() -> None:
     import threading
 
+    from indexer.build.embed import Batch, RawDecoding, closing_iterator, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
-    from indexer.embed import Batch, RawDecoding, closing_iterator, decoded_ahead
 
     decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
     stream = decoded_ahead(iter([Batch(positions=[n]) for n in range(50)]), decoding, None)  # type: ignore[arg-type]
@@ -432,8 +432,8 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     import logging
     import re
 
-    import indexer.embed
-    import indexer.model
+    import indexer.build.embed
+    import indexer.model.timm_model
     from tests.helpers import pretend_cuda, read_embeddings_by_key, run_cli
 
     started: list[str] = []
@@ -445,8 +445,8 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     flags = ("--no-pretrained", "--no-progress", "--workers", "2", "--batch-size", "8",
              "--runtime", "torch", "--device", "cpu", "--max-failures", "0.2")  # fmt: skip
     cpu = run_cli("build", src, "--out", tmp_path / "cpu", *flags, "--decode", "cpu")
-    monkeypatch.setattr(indexer.embed, "gpu_decoding", lambda cfg: cfg.loader.decode != "cpu")
-    with caplog.at_level(logging.INFO, logger="indexer.embed"):
+    monkeypatch.setattr(indexer.build.embed, "gpu_decoding", lambda cfg: cfg.loader.decode != "cpu")
+    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
         gpu = run_cli("build", src, "--out", tmp_path / "gpu", *flags, "--decode", "auto")
     for result in (cpu, gpu):
         assert result.exit_code == 5, result.output  # some items failed, the rest published
@@ -484,7 +484,7 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
 
 
 def test_the_nvjpeg_check_passes_a_working_decoder_and_says_why_another_fails() -> None:
-    from indexer.gpudecode import unusable
+    from indexer.decode.gpu import unusable
 
     def not_built(blobs: list[torch.Tensor]) -> list[torch.Tensor]:
         raise RuntimeError("torchvision not compiled with nvJPEG support\nstack trace ...")
@@ -567,7 +567,7 @@ def test_where_jpegs_are_decoded(
 ) -> None:  # fmt: skip
     import logging
 
-    from indexer.embed import choose_gpu_decoding
+    from indexer.build.embed import choose_gpu_decoding
     from indexer.errors import InputError
 
     checked: list[bool] = []
@@ -581,7 +581,7 @@ def test_where_jpegs_are_decoded(
             choose_gpu_decoding(asked, cuda, exact, check, measured=measured)
         assert str(raised.value) == want
         return
-    with caplog.at_level(logging.INFO, logger="indexer.embed"):
+    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
         assert choose_gpu_decoding(asked, cuda, exact, check, measured=measured) is want
     counts = cuda and not exact and (asked == "gpu" or (asked == "auto" and measured == FASTER))
     assert checked == ([True] if counts else [])  # checked only when it counts
@@ -608,16 +608,16 @@ def test_where_jpegs_are_decoded(
 def test_a_ray_actor_whose_nvjpeg_fails_decodes_on_the_cpu_or_refuses(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import indexer.gpudecode
+    import indexer.decode.gpu
+    from indexer.build.ray_engine import EmbedActor
     from indexer.config import LoaderConfig, ModelConfig
     from indexer.errors import InputError
-    from indexer.model import load_embedder
-    from indexer.rayengine import EmbedActor
+    from indexer.model.timm_model import load_embedder
 
     model = ModelConfig(pretrained=False, device="cpu", precision="fp32")
     sha = load_embedder(model).recipe["state_sha256"]
     assert EmbedActor(model, sha, LoaderConfig(), gpu_decode=True).decoder is not None
-    monkeypatch.setattr(indexer.gpudecode, "unusable", lambda device: "RuntimeError: no nvJPEG")
+    monkeypatch.setattr(indexer.decode.gpu, "unusable", lambda device: "RuntimeError: no nvJPEG")
     actor = EmbedActor(model, sha, LoaderConfig(decode="auto"), gpu_decode=True)
     assert actor.decoder is None  # its RAW rows go to the CPU path
     with pytest.raises(InputError, match=r"--decode gpu: nvJPEG does not work here"):
@@ -631,7 +631,7 @@ def test_resizing_by_shape_groups_is_each_image_resized_alone(
     """resize_crop_groups: each row is exactly resize_crop of its image alone (grey ones made
     RGB), in the order given, however the runs are chunked; and within half a level of the CPU
     path on average, where the roi_align batch is further off."""
-    import indexer.gpudecode as gd
+    import indexer.decode.gpu as gd
 
     cfg = DataConfig((3, 160, 160), "bicubic", crop_pct, "center", (0.5,) * 3, (0.5,) * 3)
     sizes = [(200, 150), (90, 90), (200, 150), (640, 480), (3, 3), (150, 260), (200, 150)]
@@ -665,7 +665,7 @@ def _grey_jpeg(size: tuple[int, int]) -> bytes:
 
 
 def test_the_decoder_resizes_as_resize_says(monkeypatch: pytest.MonkeyPatch) -> None:
-    import indexer.gpudecode as gd
+    import indexer.decode.gpu as gd
 
     datas = [jpeg(s, (200 + 10 * s, 150)) for s in range(3)]
     pairs = [(data, route(data, 10**8)) for data in datas]

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer.config import LoaderConfig, SourceSpec
-from indexer.dataset import loader_work
-from indexer.headstart import HeadStart
-from indexer.preprocess import DataConfig, Preprocessor
+from indexer.decode.head_start import HeadStart
+from indexer.decode.item_dataset import loader_work
+from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
 from indexer.synthetic import write_corpus
 from tests.helpers import read_embeddings_by_key, run_cli
@@ -36,7 +36,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def batches(root: Path, loader: LoaderConfig, head_batches: int | None) -> list:
     """Every batch of a folder: with a head start that has claimed `head_batches` first (None:
     without one)."""
-    from indexer.loader import iter_batches
+    from indexer.decode.loader import iter_batches
 
     sources = open_sources((SourceSpec(str(root)),))
     items = list_items(sources)
@@ -102,9 +102,9 @@ ORPHAN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from indexer.config import LoaderConfig, SourceSpec
-from indexer.dataset import loader_work
-from indexer.headstart import HeadStart
-from indexer.preprocess import DataConfig, Preprocessor
+from indexer.decode.item_dataset import loader_work
+from indexer.decode.head_start import HeadStart
+from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
 sources = open_sources((SourceSpec({root!r}),))
 items = list_items(sources)

@@ -149,9 +149,9 @@ ORPHAN = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
 from indexer.config import LoaderConfig, SourceSpec
-from indexer.dataset import loader_work
-from indexer.headstart import HeadStart
-from indexer.preprocess import DataConfig, Preprocessor
+from indexer.decode.item_dataset import loader_work
+from indexer.decode.head_start import HeadStart
+from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
 sources = open_sources((SourceSpec({root!r}),))
 items = list_items(sources)
@@ -190,7 +190,7 @@ def test_sigkill_during_the_head_start_leaves_no_process_and_reruns(
 ) -> None:
     """An incremental build SIGKILLed while its head start decodes: every process it forked
     ends, no version is published, and a re-run completes."""
-    from indexer.verify import verify
+    from indexer.verify.check import verify
 
     src, out = _incremental(base, tmp_path, 10)
     before = os.readlink(out / "current")
@@ -276,7 +276,7 @@ def _copy_new(base: tuple[Path, Path], tmp_path: Path, names: list[str]) -> tupl
 def _claim_first(monkeypatch: pytest.MonkeyPatch, batches: int) -> list[tuple[int, int]]:
     """Hand over only once the head start claimed `batches` batches (or died): in this process
     torch is loaded already, so without this the handover comes before any batch."""
-    from indexer.headstart import HeadStart
+    from indexer.decode.head_start import HeadStart
 
     stop = HeadStart.stop
     handed: list[tuple[int, int]] = []
@@ -686,7 +686,7 @@ def test_a_killed_known_export_build_leaves_nothing_a_failed_check_would_keep(
     """A first build embedding with the known export is SIGKILLed mid-way (its shards written
     before any check); the re-run's check of the export fails: it must embed everything
     again with torch, salvaging none of the killed run's shards."""
-    import indexer.knownexport as known
+    import indexer.model.known_export as known
 
     cache = tmp_path / "cache"
     shutil.copytree(known_cache[1], cache)
@@ -714,7 +714,7 @@ def test_two_first_builds_at_once_leave_a_cache_entry_a_third_build_trusts(
 ) -> None:
     """Two first builds of one request, at once, sharing an empty cache: both succeed, and the
     entry they leave is whole (a third build embeds with it, without timm)."""
-    import indexer.knownexport as known
+    import indexer.model.known_export as known
 
     cache = tmp_path / "cache"
     env = _env(INDEXER_CACHE_DIR=str(cache))

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from indexer.collection.shards import merge_metadata_schemas, metadata_names
 from indexer.config import SourceSpec
 from indexer.errors import InputError
-from indexer.shards import merge_metadata_schemas, metadata_names
 from indexer.sources import open_source
 from indexer.sources.hf import HFSource
 from tests.helpers import BUILD_FLAGS, run_cli

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexer.failures import reason_of
-from indexer.search import Collection
+from indexer.build.failures import reason_of
+from indexer.query.collection import Collection
 from indexer.sources.folder import walk_images
 from tests.helpers import BUILD_FLAGS, run_cli
 

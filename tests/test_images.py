@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.images import DecodeError, decode_image
+from indexer.decode.images import DecodeError, decode_image
 
 
 def encode(img: Image.Image, fmt: str, **kwargs: object) -> bytes:

@@ -93,7 +93,7 @@ def test_nothing_changed_does_not_load_the_model(photos: Path, tmp_path: Path) -
     out = tmp_path / "c"
     build(photos, out)
     code = (
-        "import sys\nfrom indexer.cli import main\n"
+        "import sys\nfrom indexer.cli.main import main\n"
         "try:\n    main(sys.argv[1:])\n"
         "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
         "print(sorted({'torch', 'timm', 'faiss'} & set(sys.modules)))"

@@ -248,7 +248,7 @@ def test_an_external_collection_refuses_images(corpus: Path, tmp_path: Path) -> 
 def test_index_from_parquet_does_not_import_torch(tmp_path: Path) -> None:
     write_vectors(tmp_path / "v.parquet", np.eye(4, dtype=np.float32), keys_for(4))
     script = (
-        "import sys; from indexer.cli import main\n"
+        "import sys; from indexer.cli.main import main\n"
         "try:\n"
         f"    main(['index', '--from-parquet', {str(tmp_path / 'v.parquet')!r}, '--out', "
         f"{str(tmp_path / 'o')!r}])\n"

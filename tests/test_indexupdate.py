@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer import Collection
-from indexer.choose import choose_index
 from indexer.config import file_sha256
-from indexer.index import PROBE_FILE, Vectors, load_probe
-from indexer.indexupdate import rebuild_reason
-from indexer.tune import exact_neighbours_and_ties
+from indexer.index.faiss_index import PROBE_FILE, Vectors, load_probe
+from indexer.index.index_type import choose_index
+from indexer.index.tune import exact_neighbours_and_ties
+from indexer.index.update import rebuild_reason
 from tests.helpers import (
     BUILD_FLAGS,
     clustered_vectors,
@@ -226,7 +226,7 @@ def test_an_image_build_updates_its_index(tmp_path: Path) -> None:
 
 
 def start_index(parquet: Path, out: Path) -> subprocess.Popen[bytes]:
-    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
     argv = ["index", "--from-parquet", str(parquet), "--out", str(out), *IVF, "--keep", "9"]
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -296,7 +296,7 @@ def test_queries_during_updating_publishes_never_fail_or_mix(days: dict[str, Any
 def test_training_samples_hardly_move_when_few_rows_change(days: dict[str, Any]) -> None:
     """Rebuilds train on the rows whose ids hash lowest: 2% of rows changed moves about 2% of
     the sample, so a rebuilt index is comparable with the updated one."""
-    from indexer.index import id_hashes, lowest_hashes
+    from indexer.index.faiss_index import id_hashes, lowest_hashes
 
     out = days["day1"].parent / "vectors"
     samples = []
@@ -409,7 +409,7 @@ def test_another_vector_length_or_a_planted_probe_link_never_updates_blindly(
 
 
 def test_what_a_killed_run_left_is_cleared_once_one_publishes(days: dict[str, Any]) -> None:
-    from indexer.publish import REQUEST, new_shard_prefixes
+    from indexer.collection.versions import REQUEST, new_shard_prefixes
 
     out = days["day1"].parent / "vectors"
     assert run_cli("index", "--from-parquet", days["day1"], "--out", out, *IVF).exit_code == 0

@@ -12,10 +12,10 @@ import click
 import pytest
 import yaml
 
-from indexer.cli import build, job_argv, main
+from indexer.cli.main import build, job_argv, main
+from indexer.collection.lock import CollectionLock
 from indexer.config import read_job, setting_text, toml_kind
 from indexer.errors import InputError
-from indexer.lock import CollectionLock
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"

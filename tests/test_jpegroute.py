@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from indexer.jpegroute import exif_orientation, route
+from indexer.decode.jpeg_route import exif_orientation, route
 from indexer.synthetic import scene
 
 LIMIT = 10_000_000

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from indexer.lock import CollectionLock
+from indexer.collection.lock import CollectionLock
 from indexer.sources import unique_labels
 from indexer.sources.folder import key_to_relpath, printable_key
-from indexer.verify import verify
+from indexer.verify.check import verify
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
 

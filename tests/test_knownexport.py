@@ -13,15 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from indexer.collection.versions import mark_request, salvage, start_version
 from indexer.config import ModelConfig
-from indexer.knownexport import (
+from indexer.model.known_export import (
     chained_bound,
     content_complete,
     recipe_mismatch,
     request_identity,
     source_digest,
 )
-from indexer.publish import mark_request, salvage, start_version
 from indexer.synthetic import write_corpus
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
@@ -83,9 +83,9 @@ def test_first_build_embeds_with_the_known_export(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import indexer.knownexport as known
+    import indexer.model.known_export as known
 
-    caplog.set_level(logging.INFO, logger="indexer.knownexport")
+    caplog.set_level(logging.INFO, logger="indexer.model.known_export")
     build(src, tmp_path / "a")
 
     def no_timm(cfg: ModelConfig) -> None:
@@ -151,7 +151,7 @@ def test_a_stale_known_export_never_decides_a_vector(
     by timm: where the identity is content-complete the cache is trusted for it (a user's own
     cache, forged consistently, is as trusted as their installed timm), so this case runs as
     a pretrained identity would, confirmed against timm."""
-    import indexer.knownexport as known
+    import indexer.model.known_export as known
 
     build(src, tmp_path / "seed1", "--seed", "1")
     donor = next(iter(entries(cache).values()))
@@ -190,7 +190,7 @@ def test_the_model_that_cannot_be_created_fails_the_build_as_without_the_cache(
     entry = next(iter(entries(cache).values()))
     identity = request_identity(ModelConfig(pretrained=True))
     assert identity is not None
-    from indexer.knownexport import _paths
+    from indexer.model.known_export import _paths
 
     planted, model = _paths(identity)
     data = json.loads(entry.read_text())

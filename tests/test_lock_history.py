@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from indexer.collection.history import RunRecord, append_run, read_runs, write_metrics
+from indexer.collection.lock import CollectionLock
 from indexer.errors import CollectionLockedError, InputError
-from indexer.history import RunRecord, append_run, read_runs, write_metrics
-from indexer.lock import CollectionLock
 from tests.helpers import BUILD_FLAGS, copy_of, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ TRY_LOCK = """
 import sys
 from pathlib import Path
 from indexer.errors import CollectionLockedError
-from indexer.lock import CollectionLock
+from indexer.collection.lock import CollectionLock
 try:
     with CollectionLock(Path(sys.argv[1]), "index"):
         pass
@@ -39,7 +39,7 @@ except CollectionLockedError as exc:
 LOCK_FORK_DIE = """
 import os, signal, sys, time
 from pathlib import Path
-from indexer.lock import CollectionLock
+from indexer.collection.lock import CollectionLock
 CollectionLock(Path(sys.argv[1]), "build").__enter__()
 child = os.fork()
 if child == 0:
@@ -49,7 +49,7 @@ print(child, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 
-BUILD = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+BUILD = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
 
 
 def slow(key: str) -> None:
@@ -210,8 +210,8 @@ FULL_DISK = """
 import resource, signal, sys
 from pathlib import Path
 from indexer.errors import InputError
-from indexer.history import RunRecord, append_run, write_metrics
-from indexer.lock import CollectionLock
+from indexer.collection.history import RunRecord, append_run, write_metrics
+from indexer.collection.lock import CollectionLock
 root = Path(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # every write past byte 0 fails (EFBIG)

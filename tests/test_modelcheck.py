@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.catalog import open_version, read_manifest
-from indexer.decide import BOUND, Choice, this_machine
+from indexer.collection.layout import open_version, read_manifest
 from indexer.errors import ModelMismatchError
-from indexer.items import ItemReader
-from indexer.modelcheck import (
+from indexer.model.runtime_choice import BOUND, Choice, this_machine
+from indexer.query.collection import Collection
+from indexer.query.model_check import (
     CHEAP_SAMPLE,
     VERIFY_SAMPLE,
     ModelCheck,
@@ -27,7 +27,7 @@ from indexer.modelcheck import (
     spread,
     stored_sample,
 )
-from indexer.search import Collection
+from indexer.query.stored_items import ItemReader
 from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, read_embeddings_by_key, run_cli
 
 

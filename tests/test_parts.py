@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from indexer.build.partitions import in_partition, parse_partition
 from indexer.errors import InputError
-from indexer.parts import in_partition, parse_partition
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
 
@@ -45,7 +45,7 @@ def test_the_split_is_the_same_in_every_process() -> None:
     """Parts run as separate processes: the split must not depend on Python's hash seed."""
     keys = [f"dir/img{i}.jpg" for i in range(200)]
     script = (
-        "import sys; from indexer.parts import in_partition; "
+        "import sys; from indexer.build.partitions import in_partition; "
         "print([i for i in range(200) if in_partition(f'dir/img{i}.jpg', (1, 4))])"
     )
     runs = {

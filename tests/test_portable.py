@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import export
 from indexer.config import ModelConfig
 from indexer.errors import InputError
-from indexer.model import load_embedder
-from indexer.portable import MODEL_FILE, PortableEmbedder
-from indexer.runtime import choose_runtime
-from indexer.search import Collection
+from indexer.model import export
+from indexer.model.portable import MODEL_FILE, PortableEmbedder
+from indexer.model.runtime import choose_runtime
+from indexer.model.timm_model import load_embedder
+from indexer.query.collection import Collection
 from indexer.synthetic import scene
 from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, read_embeddings_by_key, run_cli
 
@@ -174,7 +174,7 @@ def test_query_needs_neither_torch_nor_timm(collection: Path, corpus: Path, tmp_
                              text=True, timeout=120)  # fmt: skip
     assert refused.returncode != 0  # the blocker is real: the torch path cannot run there
     api = (
-        "import json, sys\nfrom indexer.search import Collection\n"
+        "import json, sys\nfrom indexer.query.collection import Collection\n"
         "c = Collection(sys.argv[1])\nscores, keys = c.search_images(sys.argv[2:], k=5)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
         "rows = [[[k, float(s)] for k, s in zip(ks, ss)] for ks, ss in zip(keys, scores)]\n"
@@ -571,7 +571,7 @@ def test_openvino_sends_no_telemetry_and_writes_nothing_home(
     image = sorted(corpus.rglob("*.png"))[0]
     script = (
         "import sys\n"
-        "from indexer.search import Collection\n"
+        "from indexer.query.collection import Collection\n"
         f"c = Collection.open({str(collection)!r}, runtime='openvino', device='cpu')\n"
         f"print(c.search_images([{str(image)!r}], k=3)[1].shape[1])\n"
         "print(sys.modules.get('openvino_telemetry'), 'openvino' in sys.modules)\n"
@@ -595,7 +595,7 @@ def test_a_signal_during_a_runtime_import_is_the_signal_not_a_missing_package(
     import sys
 
     from indexer.errors import InputError, Interrupted
-    from indexer.portable import import_runtime
+    from indexer.model.portable import import_runtime
 
     class Failing(importlib.abc.MetaPathFinder):
         def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from indexer.decide import BOUND, candidates, this_machine
-from indexer.search import Collection
+from indexer.model.runtime_choice import BOUND, candidates, this_machine
+from indexer.query.collection import Collection
 from tests.helpers import (
     BUILD_FLAGS,
     read_embeddings_by_key,
@@ -179,8 +179,8 @@ def test_a_runtime_that_cannot_be_imported_is_refused_or_passed_over(
     import sys
 
     from indexer.config import ModelConfig
-    from indexer.decide import Choice, Decision, cache_key, remember
-    from indexer.knownexport import request_identity
+    from indexer.model.known_export import request_identity
+    from indexer.model.runtime_choice import Choice, Decision, cache_key, remember
 
     fake = tmp_path / "fake" / "openvino"
     fake.mkdir(parents=True)
@@ -243,10 +243,10 @@ def test_on_cuda_the_trial_checks_bf16_against_the_model_itself_in_fp32(tmp_path
     import numpy as np
 
     from indexer.config import ModelConfig
-    from indexer.decide import Choice, RuntimePlan
-    from indexer.export import fallback_images
-    from indexer.model import load_embedder
-    from indexer.trial import settle
+    from indexer.model.export import fallback_images
+    from indexer.model.runtime_choice import Choice, RuntimePlan
+    from indexer.model.runtime_trial import settle
+    from indexer.model.timm_model import load_embedder
 
     embedder = load_embedder(ModelConfig(pretrained=False, precision="fp32", device="cpu"))
     embedder.on_cuda = True
@@ -264,7 +264,7 @@ def test_a_first_build_runs_torch_fp32_on_its_check_images_once(
 ) -> None:
     """The trial's reference is the export's too: not a second copy of the model run on the
     same images (a large model's seconds)."""
-    from indexer import export
+    from indexer.model import export
 
     calls: list[int] = []
     real = export.reference

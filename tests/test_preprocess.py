@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from timm.data import create_transform
 
-from indexer.images import decode_image
-from indexer.preprocess import DataConfig, Preprocessor
+from indexer.decode.images import decode_image
+from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.synthetic import scene
 
 CONVNEXT = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)
@@ -94,6 +94,6 @@ def test_which_images_the_resize_enlarges(
 ) -> None:
     from dataclasses import replace
 
-    from indexer.preprocess import enlarges
+    from indexer.decode.preprocess import enlarges
 
     assert enlarges(*size, replace(CONVNEXT, crop_mode=crop_mode)) is want

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import indexer.pipeline as pipeline
+import indexer.build.pipeline as pipeline
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
-from indexer.search import Collection
+from indexer.query.collection import Collection
 from tests.helpers import BUILD_FLAGS, run_cli
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from indexer.search import Collection
+from indexer.query.collection import Collection
 from tests.helpers import run_cli
 
 DUPLICATES = {  # the corpus's planted near-duplicates and their originals
@@ -68,7 +68,7 @@ def test_threshold_and_paths_only(collection: Path, corpus: Path) -> None:
 
 
 def test_grid_is_a_png_of_the_expected_size(collection: Path, corpus: Path, tmp_path: Path) -> None:
-    from indexer.grid import CELL, LABEL, PAD
+    from indexer.query.contact_sheet import CELL, LABEL, PAD
 
     out = tmp_path / "grid.png"
     query(collection, corpus / "group0" / "scene0004.jpg", "--id", "group1/scene0001.jpg",
@@ -82,7 +82,7 @@ def test_grid_is_a_png_of_the_expected_size(collection: Path, corpus: Path, tmp_
 def test_missing_result_images_are_placeholders(
     collection: Path, corpus: Path, tmp_path: Path
 ) -> None:
-    from indexer.grid import CELL, PAD, PLACEHOLDER, Cell, draw_sheet
+    from indexer.query.contact_sheet import CELL, PAD, PLACEHOLDER, Cell, draw_sheet
 
     real = corpus / "group0" / "scene0004.jpg"
     cells = [Cell(real, ("#1", "real")), Cell(tmp_path / "gone.jpg", ("#2", "gone")),

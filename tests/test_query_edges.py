@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer.errors import InputError
-from indexer.search import Collection, capped_k
+from indexer.query.collection import Collection, capped_k
 from tests.helpers import BUILD_FLAGS, copy_of, run_cli
 
 

@@ -54,10 +54,10 @@ def test_ray_engine_equals_local_engine(corpus: Path, tmp_path: Path, local_ray:
 def test_ray_gpu_actors_decode_routed_jpegs(corpus: Path, tmp_path: Path, local_ray: None) -> None:
     """--engine ray on a cluster with GPUs: the tasks only read and route the JPEGs, the
     actors decode them. Forced here without a GPU (torchvision decodes on the actors' CPU)."""
+    from indexer.build.ray_engine import RayPlan, ray_batches
     from indexer.config import BuildConfig, EngineConfig, LoaderConfig, ModelConfig, SourceSpec
-    from indexer.model import load_embedder
-    from indexer.preprocess import Preprocessor
-    from indexer.rayengine import RayPlan, ray_batches
+    from indexer.decode.preprocess import Preprocessor
+    from indexer.model.timm_model import load_embedder
     from indexer.sources import list_items, open_sources
 
     root = tmp_path / "src"
@@ -96,7 +96,7 @@ def test_ray_decode_gpu_without_gpus_is_refused(corpus: Path, tmp_path: Path,
 
 
 def _cosines(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> np.ndarray:
-    from indexer.export import cosines
+    from indexer.model.export import cosines
 
     keys = sorted(a)
     return cosines(np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys]))

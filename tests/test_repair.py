@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.verify import repair, verify
+from indexer.verify.check import repair, verify
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
 INDEXER = str(Path(sys.executable).parent / "indexer")

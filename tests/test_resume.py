@@ -22,7 +22,7 @@ FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size
 
 
 def start_build(src: Path, out: Path, *flags: str) -> subprocess.Popen[bytes]:
-    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
     argv = ["build", str(src), "--out", str(out), *FLAGS, "--no-progress", *flags]
     return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from indexer.lock import CollectionLock
-from indexer.pipeline import judge
+from indexer.build.pipeline import judge
+from indexer.collection.lock import CollectionLock
 from tests.helpers import BUILD_FLAGS, run_cli
 
 
@@ -77,7 +77,7 @@ def test_lock_of_a_killed_run_does_not_block(corpus: Path, tmp_path: Path) -> No
     out = tmp_path / "c"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from indexer.lock import CollectionLock\n"
+         "import sys, time; from pathlib import Path; from indexer.collection.lock import CollectionLock\n"
          "with CollectionLock(Path(sys.argv[1]), 'build'):\n"
          "    print('held', flush=True); time.sleep(600)", str(out)],
         stdout=subprocess.PIPE, text=True,
@@ -93,7 +93,7 @@ def test_lock_of_a_killed_run_does_not_block(corpus: Path, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_two_real_builds_one_wins_one_exits_locked(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "c"
-    code = "import sys\nfrom indexer.cli import main\nmain(sys.argv[1:])"
+    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
     argv = ["build", str(corpus), "--out", str(out), "--no-pretrained", "--workers", "0",
             "--batch-size", "1", "--no-progress"]  # fmt: skip
     first = subprocess.Popen([sys.executable, "-c", code, *argv], stderr=subprocess.PIPE)

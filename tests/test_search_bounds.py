@@ -12,10 +12,10 @@ from click.testing import Result
 
 from indexer import Collection
 from indexer.errors import InputError
-from indexer.index import EF_LIMIT, checked_param
-from indexer.search import widths, within
+from indexer.index.faiss_index import EF_LIMIT, checked_param
+from indexer.index.tune import Probe, exact_neighbours_and_ties, query_recalls, tied_ids
+from indexer.query.collection import widths, within
 from indexer.synthetic import write_corpus
-from indexer.tune import Probe, exact_neighbours_and_ties, query_recalls, tied_ids
 from tests.helpers import BUILD_FLAGS, clustered_vectors, exact_top_k, run_cli, write_vectors
 
 

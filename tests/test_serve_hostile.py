@@ -266,7 +266,7 @@ FREED = """
 import io, resource, sys, threading
 from pathlib import Path
 from PIL import Image
-from indexer.images import decode_image
+from indexer.decode.images import decode_image
 from indexer.serve.budget import return_large_buffers
 
 if not return_large_buffers():
@@ -477,7 +477,7 @@ def test_the_kubernetes_manifest_probes_readyz_with_its_metrics_token(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cli = [sys.executable, "-c", "from indexer.cli import entry; entry()"]
+    cli = [sys.executable, "-c", "from indexer.cli.main import entry; entry()"]
     proc = subprocess.Popen([*cli, "serve", str(collection), "--port", str(port)],
                             env={**os.environ, **env}, stderr=subprocess.DEVNULL)  # fmt: skip
     try:

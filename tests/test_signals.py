@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.verify import verify
+from indexer.verify.check import verify
 from tests.helpers import BUILD_FLAGS, run_cli
 
 INDEXER = str(Path(sys.executable).parent / "indexer")

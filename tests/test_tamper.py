@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.manifestcheck import first_bad_field
+from indexer.collection.manifest_check import first_bad_field
 from tests.helpers import BUILD_FLAGS, copy_of, edit_manifest, run_cli
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import configcache
-from indexer.preprocess import DataConfig
+from indexer.decode.preprocess import DataConfig
+from indexer.model import data_config_cache as configcache
 from indexer.synthetic import scene
 from tests.helpers import (
     BUILD_FLAGS,
@@ -114,7 +114,7 @@ def test_every_build_says_where_its_time_went(
 
     from tests.helpers import BUILD_FLAGS, run_cli
 
-    with caplog.at_level(logging.INFO, logger="indexer.embed"):
+    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
         result = run_cli("build", corpus, "--out", tmp_path / "c", *BUILD_FLAGS)
     assert result.exit_code == 0, result.output
     line = next(r.getMessage() for r in caplog.records if "seconds by stage" in r.getMessage())

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from indexer.collection.shards import ShardWriter, embedding_array, shard_schema
 from indexer.config import ModelConfig, SourceSpec
 from indexer.errors import InputError, WeightsUnavailableError
 from indexer.hub import hub_unreachable_reason
-from indexer.model import (
+from indexer.model.timm_model import (
     classifier_prefix,
     create_model,
     create_pretrained,
@@ -22,7 +23,6 @@ from indexer.model import (
     resolve_device,
     state_sha256,
 )
-from indexer.shards import ShardWriter, embedding_array, shard_schema
 from indexer.sources import list_items, open_sources
 from indexer.sources.folder import walk_images
 from tests.helpers import seeded_model
@@ -184,7 +184,7 @@ def test_non_utf8_file_name_gets_a_printable_key(tmp_path: Path) -> None:
 
 
 def test_plan_table() -> None:
-    from indexer.plan import PrevRow, make_plan
+    from indexer.build.plan import PrevRow, make_plan
     from indexer.sources.base import Item
 
     class Src:
@@ -258,7 +258,7 @@ COLUMNS = [  # values, Arrow type: what a source's metadata column may hold
 def test_column_array_equals_pyarrows(values: list, kind: pa.DataType) -> None:
     """Metadata columns are built without pa.array (whose first call imports pandas, 0.45 s
     of a build): the same array, nulls where the values are None."""
-    from indexer.shards import column_array
+    from indexer.collection.shards import column_array
 
     got = column_array(values, kind)
     got.validate(full=True)
@@ -268,7 +268,7 @@ def test_column_array_equals_pyarrows(values: list, kind: pa.DataType) -> None:
 @pytest.mark.parametrize(("values", "kind"), [([300], pa.uint8()), (["x"], pa.int64()),
                                               ([1, "x"], pa.string())])  # fmt: skip
 def test_column_array_refuses_what_pyarrow_refuses(values: list, kind: pa.DataType) -> None:
-    from indexer.shards import column_array
+    from indexer.collection.shards import column_array
 
     with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)) as want:
         pa.array(values, kind)
@@ -291,7 +291,7 @@ def test_a_build_with_metadata_columns_never_imports_pandas(tmp_path: Path) -> N
     urls = tmp_path / "urls.csv"
     urls.write_text("url,caption\n" + "".join(f"{pics / f'{n}.png'},c{n}\n" for n in range(3)))
     script = (
-        "import sys\nfrom indexer.cli import main\n"
+        "import sys\nfrom indexer.cli.main import main\n"
         f"main(['build', {str(urls)!r}, '--out', {str(tmp_path / 'out')!r}, '--no-pretrained',"
         " '--no-progress', '--workers', '0'], standalone_mode=False)\n"
         "print('pandas' in sys.modules)\n"

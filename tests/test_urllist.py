@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from indexer.errors import InputError
-from indexer.sources.urllist import UrlListSource, redacted
+from indexer.sources.url_list import UrlListSource, redacted
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 from tests.webserver import served
 
@@ -151,7 +151,7 @@ def test_passing_failures_are_retried_then_error_rows(
 
 
 def test_fetch_errors_never_carry_a_url_secret() -> None:
-    from indexer.sources.urllist import safe_reason
+    from indexer.sources.url_list import safe_reason
 
     url = "https://user:hunter2@h.example/a.png?X-Amz-Signature=abc123#frag"
     for exc in (

@@ -235,7 +235,7 @@ def test_link_members_are_error_rows_not_drops(tmp_path: Path) -> None:
     out = tmp_path / "c"
     result = run_cli("build", src, "--out", out, *BUILD_FLAGS, "--max-failures", "0.9")
     assert result.exit_code == 5, result.output
-    from indexer.search import Collection
+    from indexer.query.collection import Collection
 
     c = Collection(out)
     assert [c.row_of(i)["key"] for i in range(3) if c.row_of(i)] == ["000001"]

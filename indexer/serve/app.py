@@ -26,8 +26,8 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 
 from indexer.errors import IndexerError, InputError
-from indexer.filters import parse_where
 from indexer.jsontext import json_text
+from indexer.query.filters import parse_where
 from indexer.serve.batcher import Batcher
 from indexer.serve.budget import BudgetTimeout, PixelBudget, header_pixels
 from indexer.serve.metrics import Metrics
@@ -368,7 +368,7 @@ class Thumbnails:
                             "build the collection again to show it")  # fmt: skip
         from PIL import Image
 
-        from indexer.images import decode_image
+        from indexer.decode.images import decode_image
 
         max_pixels = int(loaded.collection.manifest["decode"]["max_pixels"])
         with self._budget.reserve(header_pixels(data), deadline):
@@ -387,7 +387,7 @@ class Thumbnails:
         return jpeg
 
     def _reader(self, loaded: Loaded) -> Any:
-        from indexer.items import ItemReader
+        from indexer.query.stored_items import ItemReader
 
         key = (loaded.name, loaded.identity)
         if key not in self._readers:

@@ -13,7 +13,7 @@ from typing import Any
 
 from indexer.config import StorageOptions
 from indexer.errors import IndexerError, InputError
-from indexer.search import Collection
+from indexer.query.collection import Collection
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = 2.0  # how often `current` is looked at for a new version
@@ -135,12 +135,12 @@ def check_loadable(collection: Collection) -> None:
     (rows and vectors are kept in memory from here on)."""
     manifest = collection.manifest
     if "portable_model" in manifest and collection.runtime == "auto":
-        from indexer.portable import read_model
+        from indexer.model.portable import read_model
 
         read_model(collection.version, manifest["portable_model"])
     if manifest.get("model") is not None:
         _ = collection.embedder  # the model that embeds uploads: loaded before serving
-        from indexer.modelcheck import check_collection
+        from indexer.query.model_check import check_collection
 
         found = check_collection(collection)  # a model that is not the vectors': refused
         if found.note:

@@ -27,11 +27,11 @@ def open_source(
         from indexer.sources.bucket import open_bucket
 
         return open_bucket(spec, label, max_pixels, listed)
-    from indexer.sources.urllist import is_url_list
+    from indexer.sources.url_list import is_url_list
 
     if is_url_list(spec.location):
         from indexer.sources.bucket import parse_options
-        from indexer.sources.urllist import UrlListSource
+        from indexer.sources.url_list import UrlListSource
 
         options = parse_options(spec.storage_options)
         return UrlListSource(Path(spec.location).expanduser(), label, max_pixels,

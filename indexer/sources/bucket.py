@@ -71,7 +71,7 @@ def open_bucket(
         return HFSource(bucket.written, spec.split, spec.image_column, label, max_pixels,
                         spec.key_column, staged)  # fmt: skip
     if kind == "tars" and not spec.location.startswith(HF_PREFIX):
-        from indexer.sources.buckettars import BucketTars, BucketWebDatasetSource
+        from indexer.sources.bucket_tars import BucketTars, BucketWebDatasetSource
 
         return BucketWebDatasetSource(BucketTars(bucket, files), label, max_pixels)
     if spec.location.startswith(HF_PREFIX):
@@ -180,7 +180,7 @@ class BucketSource:
         """Local copies of whole objects (a dataset's Parquet files) in indexer's cache, each
         named by its URL, size and ETag: fetched (streamed to disk) only when new or changed,
         so a re-run of the same objects reads nothing; older copies of a URL are removed."""
-        from indexer.configcache import cache_dir
+        from indexer.model.data_config_cache import cache_dir
 
         entries, copies = self._listing(), []
         for path in paths:

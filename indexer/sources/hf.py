@@ -9,11 +9,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from indexer.collection.shards import FIXED_COLUMNS, metadata_names
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.hub import hub_unreachable_reason
 from indexer.safeio import byte_limit, read_bounded
-from indexer.shards import FIXED_COLUMNS, metadata_names
 from indexer.sources.base import SampleFailed
 from indexer.sources.folder import printable_key
 from indexer.sources.wds import SUCCESS

@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
+from indexer.collection.shards import metadata_names
 from indexer.config import DEFAULT_MAX_PIXELS
 from indexer.errors import InputError
 from indexer.safeio import byte_limit
-from indexer.shards import metadata_names
 from indexer.sources.base import SampleFailed
 from indexer.sources.folder import IMAGE_EXTENSIONS, is_image_name, printable_key
 

@@ -1,0 +1,167 @@
+"""One writer per collection: a POSIX record lock on DIR/.indexer.lock, freed if the holder dies."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar
+
+from indexer.collection.layout import LOCK
+from indexer.errors import CollectionLockedError, InputError
+from indexer.safeio import open_regular
+
+FileKey = tuple[int, int]  # (st_dev, st_ino) of a lock file
+
+
+class CollectionLock:
+    """Held for a whole build or index run; a second run fails at once, naming the holder.
+
+    A POSIX record lock (``lockf``, F_SETLK), not ``flock``: an flock belongs to the open file
+    description, which forked children (DataLoader workers) share, so after a SIGKILLed build
+    its orphaned workers kept the collection locked. A record lock belongs to the process and
+    is not passed on by fork. Nor the filelock package: its "soft" fallback outlives a holder.
+
+    Record locks never conflict within one process, and closing any descriptor of the file
+    drops them, so a class-level registry of the lock files this process holds, keyed by
+    (st_dev, st_ino), refuses a second lock here without ever opening the file.
+    """
+
+    _held: ClassVar[dict[FileKey, str]] = {}  # lock file -> holder JSON, in this process
+    _mutex: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, root: Path, command: str) -> None:
+        self.path = root / LOCK
+        self.command = command
+        self._fd: int | None = None
+        self._key: FileKey | None = None
+        self._pid = os.getpid()
+
+    def __enter__(self) -> CollectionLock:
+        with CollectionLock._mutex:
+            self._refuse_if_held_here()
+            fd = self._open()
+            try:
+                key = self._lock(fd)
+            except BaseException:
+                os.close(fd)  # nothing of this process is locked on it: closing drops nothing
+                raise
+            holder = json.dumps(holder_info(self.command))
+            _write_holder(fd, holder)
+            CollectionLock._held[key] = holder
+            self._fd, self._key, self._pid = fd, key, os.getpid()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._fd is None:
+            return
+        with CollectionLock._mutex:
+            if os.getpid() == self._pid:  # a forked child must not erase its parent's name
+                _write_holder(self._fd, "")
+            os.close(self._fd)  # drops the record lock; then another thread may take it
+            if self._key is not None and os.getpid() == self._pid:
+                CollectionLock._held.pop(self._key, None)
+            self._fd = self._key = None
+
+    def _refuse_if_held_here(self) -> None:
+        """CollectionLockedError if this process holds the lock already (the file is not opened)."""
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return  # no lock file (or none we can see): this process cannot be holding it
+        holder = CollectionLock._held.get((st.st_dev, st.st_ino))
+        if holder is not None:
+            raise self._locked(holder)
+
+    def _open(self) -> int:
+        """The lock file: regular, its own (no link of any kind), opened without blocking."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return open_regular(self.path, os.O_RDWR | os.O_CREAT, own=True)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise InputError(
+                    f"{self.path} is a symbolic link: remove it (the indexer never writes "
+                    "through a link it did not create)"
+                ) from None
+            if exc.errno in (errno.EISDIR, errno.EINVAL):
+                raise self._not_a_file() from None
+            raise InputError(
+                f"cannot write to {self.path.parent} ({exc.strerror or exc}): "
+                "choose an --out you may write to"
+            ) from exc
+
+    def _lock(self, fd: int) -> FileKey:
+        """Take the record lock on fd; CollectionLockedError naming the holder if taken."""
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (BlockingIOError, PermissionError):
+            raise self._locked(os.pread(fd, 4096, 0).decode("utf-8", "replace")) from None
+        except OSError as exc:
+            raise InputError(
+                f"cannot lock {self.path} ({exc.strerror or exc}): "
+                "choose an --out on a filesystem that supports POSIX locks"
+            ) from exc
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
+    def _locked(self, holder: str) -> CollectionLockedError:
+        return CollectionLockedError(
+            f"{self.path.parent} is being updated by {describe_holder(holder)}: try again later"
+        )
+
+    def _not_a_file(self) -> InputError:
+        return InputError(
+            f"{self.path} is not a regular file of its own (a FIFO, folder or hard link): "
+            "remove it and run again"
+        )
+
+
+def _write_holder(fd: int, text: str) -> None:
+    """Replace the file's text; a full disk only costs the holder's name, never the lock."""
+    try:
+        os.ftruncate(fd, 0)
+        if text:
+            os.pwrite(fd, text.encode(), 0)
+    except OSError:
+        pass
+
+
+def _forget_inherited_locks() -> None:
+    """In a forked child: record locks are not inherited, so neither is the registry."""
+    CollectionLock._held = {}
+    CollectionLock._mutex = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_locks)
+
+
+def holder_info(command: str) -> dict[str, object]:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "argv": sys.argv[1:4],
+        "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        where = f"pid {info['pid']} on {info['host']}, since {info['since']}"
+        return f"`indexer {info['command']}` ({where})"
+    except (ValueError, KeyError, TypeError):
+        return "another indexer run"

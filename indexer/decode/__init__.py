@@ -1,0 +1,1 @@
+"""Items to pixels: images decoded and prepared, by DataLoader workers or on the GPU."""

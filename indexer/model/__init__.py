@@ -1,0 +1,1 @@
+"""What embeds: the timm model, its ONNX export, the portable runtimes and which one runs."""

@@ -1,0 +1,1 @@
+"""Query a published collection: nearest neighbours, filters, stored items, duplicates."""

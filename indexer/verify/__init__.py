@@ -1,0 +1,1 @@
+"""Check a collection against its manifest and repair what is damaged."""
