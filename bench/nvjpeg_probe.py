@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import MODEL, count
 
-from indexer.build.embed import SWITCH_INTERVAL
+from indexer.build.threads import SWITCH_INTERVAL
 
 WORKER_NICE = 5  # as indexer.decode.loader's workers
 

@@ -1,6 +1,8 @@
 """indexer: turn image collections into searchable embedding indexes."""
 
-__version__ = "0.1.0"
+from indexer.version import __version__
+
+__all__ = ["Collection", "__version__"]
 
 
 def __getattr__(name: str) -> object:

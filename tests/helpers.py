@@ -102,9 +102,9 @@ def edit_manifest(collection: Path, change: Callable[[dict[str, Any]], None]) ->
 
 def pretend_cuda(monkeypatch: Any) -> list[str]:
     """Builds whose torch model says it is on CUDA (it runs on the CPU), so embed_items takes
-    the GPU-decode path; the names of the threads `embed.ahead` starts are listed in the
+    the GPU-decode path; the names of the threads `gpu_decoding.ahead` starts are listed in the
     returned list as they start."""
-    import indexer.build.embed
+    import indexer.build.gpu_decoding
     import indexer.model.timm_model
 
     real = indexer.model.timm_model.load_embedder
@@ -116,11 +116,11 @@ def pretend_cuda(monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(indexer.model.timm_model, "load_embedder", as_on_cuda)
     started: list[str] = []
-    ahead = indexer.build.embed.ahead
+    ahead = indexer.build.gpu_decoding.ahead
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         started.append(str(kwargs.get("name", args[1] if len(args) > 1 else "")))
         return ahead(*args, **kwargs)
 
-    monkeypatch.setattr(indexer.build.embed, "ahead", watched)
+    monkeypatch.setattr(indexer.build.gpu_decoding, "ahead", watched)
     return started

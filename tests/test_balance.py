@@ -108,8 +108,9 @@ def test_workers_see_the_share_change_mid_run(tmp_path: Path) -> None:
 
 
 def test_the_gpu_side_reports_its_pace_to_the_share() -> None:
-    from indexer.build.embed import Batch, RawDecoding, RawItem
+    from indexer.build.gpu_decoding import RawDecoding
     from indexer.config import BuildConfig, LoaderConfig
+    from indexer.decode.batch import Batch, RawItem
     from indexer.decode.gpu import GpuDecoder, nvjpeg
     from indexer.decode.jpeg_route import route
     from indexer.decode.loader import pack_raw

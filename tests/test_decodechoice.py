@@ -292,7 +292,7 @@ def test_a_build_on_cuda_decodes_where_its_machine_measured(
     """embed.gpu_decoding looks the rates up under the key a build records them under (the
     device, the remembered input size, the loader's workers and batch size), through
     record_run as embed_items calls it."""
-    from indexer.build.embed import gpu_decoding
+    from indexer.build.gpu_decoding import gpu_decoding
     from indexer.config import BuildConfig, LoaderConfig
 
     loader = LoaderConfig(workers=14, batch_size=256, decode=decode,
@@ -312,7 +312,7 @@ def test_a_build_on_cuda_decodes_where_its_machine_measured(
 def test_a_build_without_a_remembered_input_size_decodes_on_the_cpu(
     stand_in_cuda: list[bool], cache: Path
 ) -> None:
-    from indexer.build.embed import gpu_decoding
+    from indexer.build.gpu_decoding import gpu_decoding
     from indexer.config import BuildConfig, LoaderConfig
 
     loader = LoaderConfig(workers=14, batch_size=256)
@@ -358,7 +358,7 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     """Two builds as on CUDA (the model on the CPU, flagged on_cuda; torchvision decodes as
     nvJPEG would): --decode cpu keeps the CPU path's rate, a GPU-path build nvJPEG's, under
     the key gpu_decoding looks up; a CPU-path build starts no decode threads."""
-    import indexer.build.embed
+    import indexer.build.model_start
     import indexer.model.timm_model
     from indexer.config import ModelConfig
     from indexer.model import data_config_cache as configcache
@@ -373,7 +373,7 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     write_corpus(src, 40, duplicates=0, seed=5)
     flags = ("--no-pretrained", "--no-progress", "--workers", "2", "--batch-size", "4",
              "--runtime", "torch", "--device", "cpu")  # fmt: skip
-    monkeypatch.setattr(indexer.build.embed, "gpu_decoding", lambda cfg: False)
+    monkeypatch.setattr(indexer.build.model_start, "gpu_decoding", lambda cfg: False)
     cpu = run_cli("build", src, "--out", tmp_path / "a", *flags, "--decode", "auto")
     assert cpu.exit_code == 0, cpu.output
     assert threads == []  # the CPU path, as with --decode cpu: no decode threads
@@ -381,7 +381,7 @@ def test_builds_on_cuda_keep_the_rate_of_the_path_that_decoded(
     assert hint is not None
     key = decodechoice.machine_key(STAND_IN, hint.input_size, 2, 4)
     assert measured(key).keys() == {"cpu"}
-    monkeypatch.setattr(indexer.build.embed, "gpu_decoding", lambda cfg: True)
+    monkeypatch.setattr(indexer.build.model_start, "gpu_decoding", lambda cfg: True)
     gpu = run_cli("build", src, "--out", tmp_path / "b", *flags, "--decode", "auto")
     assert gpu.exit_code == 0, gpu.output
     assert threads == ["gpu-decode", "gpu-resize"]

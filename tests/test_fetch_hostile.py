@@ -321,7 +321,7 @@ def test_an_object_overwritten_after_the_pre_check_keeps_one_consistent_row(
 ) -> None:  # fmt: skip
     """The carried bytes are the pre-check's: hash, etag and vector all of those bytes; the
     next run sees the overwrite and embeds the new bytes."""
-    import indexer.build.embed as embed
+    import indexer.build.model_start as embed
 
     folder, by_hash = variants
     out = seeded_build(s3, folder, tmp_path)

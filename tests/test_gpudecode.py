@@ -130,8 +130,9 @@ def test_raw_bytes_cross_from_workers_whole(tmp_path: object) -> None:
 
 
 def test_a_batch_of_raw_and_decoded_items_keeps_every_item_once() -> None:
-    from indexer.build.embed import Batch, RawDecoding, RawItem
+    from indexer.build.gpu_decoding import RawDecoding
     from indexer.config import BuildConfig, LoaderConfig
+    from indexer.decode.batch import Batch, RawItem
     from indexer.decode.loader import pack_raw
 
     datas = [jpeg(s) for s in range(6)]
@@ -202,8 +203,9 @@ def test_batched_resize_is_chunked_without_changing_a_pixel(
 
 
 def test_batches_decoded_ahead_arrive_in_order_and_errors_surface() -> None:
-    from indexer.build.embed import Batch, RawDecoding, decoded_ahead
+    from indexer.build.gpu_decoding import RawDecoding, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
+    from indexer.decode.batch import Batch
 
     decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
     batches = [Batch(positions=[n]) for n in range(7)]
@@ -222,8 +224,9 @@ def test_two_decode_threads_keep_order_rows_and_stop_with_the_consumer() -> None
     import threading
     import time
 
-    from indexer.build.embed import Batch, RawDecoding, RawItem, decoded_ahead
+    from indexer.build.gpu_decoding import RawDecoding, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
+    from indexer.decode.batch import Batch, RawItem
     from indexer.decode.loader import pack_raw
 
     def batches() -> object:
@@ -285,7 +288,7 @@ def test_an_image_resizes_the_same_whatever_shares_its_batch(crop_pct: float) ->
 def test_raw_views_are_each_items_bytes_packed_or_not() -> None:
     from dataclasses import replace
 
-    from indexer.build.embed import Batch, RawItem
+    from indexer.decode.batch import Batch, RawItem
     from indexer.decode.loader import pack_raw
 
     datas = [jpeg(s) for s in range(5)]
@@ -364,8 +367,9 @@ def test_grey_and_colour_images_of_one_size_and_odd_outputs() -> None:
 def test_the_switch_interval_comes_back_whichever_run_ends_first() -> None:
     import sys
 
-    from indexer.build.embed import Batch, RawDecoding, decoded_ahead
+    from indexer.build.gpu_decoding import RawDecoding, decoded_ahead
     from indexer.config import BuildConfig, LoaderConfig
+    from indexer.decode.batch import Batch
 
     before = sys.getswitchinterval()
     for first_ends in ("a", "b"):
@@ -382,8 +386,10 @@ def test_the_switch_interval_comes_back_whichever_run_ends_first() -> None:
 def test_a_consumer_that_raises_leaves_no_decode_thread_running() -> None:
     import threading
 
-    from indexer.build.embed import Batch, RawDecoding, closing_iterator, decoded_ahead
+    from indexer.build.gpu_decoding import RawDecoding, decoded_ahead
+    from indexer.build.threads import closing_iterator
     from indexer.config import BuildConfig, LoaderConfig
+    from indexer.decode.batch import Batch
 
     decoding = RawDecoding(BuildConfig((), Path("x"), loader=LoaderConfig()))
     stream = decoded_ahead(iter([Batch(positions=[n]) for n in range(50)]), decoding, None)  # type: ignore[arg-type]
@@ -432,7 +438,7 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     import logging
     import re
 
-    import indexer.build.embed
+    import indexer.build.model_start
     import indexer.model.timm_model
     from tests.helpers import pretend_cuda, read_embeddings_by_key, run_cli
 
@@ -445,7 +451,8 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     flags = ("--no-pretrained", "--no-progress", "--workers", "2", "--batch-size", "8",
              "--runtime", "torch", "--device", "cpu", "--max-failures", "0.2")  # fmt: skip
     cpu = run_cli("build", src, "--out", tmp_path / "cpu", *flags, "--decode", "cpu")
-    monkeypatch.setattr(indexer.build.embed, "gpu_decoding", lambda cfg: cfg.loader.decode != "cpu")
+    gpu_when_asked = lambda cfg: cfg.loader.decode != "cpu"  # noqa: E731
+    monkeypatch.setattr(indexer.build.model_start, "gpu_decoding", gpu_when_asked)
     with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
         gpu = run_cli("build", src, "--out", tmp_path / "gpu", *flags, "--decode", "auto")
     for result in (cpu, gpu):
@@ -567,7 +574,7 @@ def test_where_jpegs_are_decoded(
 ) -> None:  # fmt: skip
     import logging
 
-    from indexer.build.embed import choose_gpu_decoding
+    from indexer.build.decode_choice import choose_gpu_decoding
     from indexer.errors import InputError
 
     checked: list[bool] = []

@@ -77,7 +77,8 @@ def test_lock_of_a_killed_run_does_not_block(corpus: Path, tmp_path: Path) -> No
     out = tmp_path / "c"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; from indexer.collection.lock import CollectionLock\n"
+         "import sys, time; from pathlib import Path\n"
+         "from indexer.collection.lock import CollectionLock\n"
          "with CollectionLock(Path(sys.argv[1]), 'build'):\n"
          "    print('held', flush=True); time.sleep(600)", str(out)],
         stdout=subprocess.PIPE, text=True,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from indexer.config import LoaderConfig
+from indexer.errors import InputError
 from indexer.model.data_config_cache import cache_dir
 from indexer.model.runtime_choice import cpu_flags, package_version, threads
-from indexer.errors import InputError
 from indexer.safeio import read_bounded, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -229,3 +229,24 @@ def _kept_rate(path: str, images_per_second: float, images: int) -> float | None
                  path, images, MIN_IMAGES)  # fmt: skip
         return None
     return rate
+
+
+def choose_gpu_decoding(
+    asked: str,
+    cuda: bool,
+    exact: bool,
+    problem: Callable[[], str | None],
+    needs: str = "a CUDA GPU",
+    measured: Mapping[str, float] | None = None,
+) -> bool:
+    """decodechoice.choose_decoder: --decode gpu where nvJPEG passes its check (refused without
+    CUDA, with exact preprocessing or failing the check); auto on the GPU only where this
+    machine measured nvJPEG faster than the CPU path (`measured`, images/s by path). auto on
+    CUDA logs why (a warning when nvJPEG fails its check or nothing is measured yet)."""
+    from indexer.build.decode_choice import choose_decoder
+
+    where = choose_decoder(asked, cuda, exact, problem, measured or {}, needs)
+    if asked == "auto" and cuda and not exact:
+        log.log(logging.WARNING if where.warn else logging.INFO, "decoding JPEGs on the %s: %s",
+                "GPU" if where.gpu else "CPU", where.why)  # fmt: skip
+    return where.gpu

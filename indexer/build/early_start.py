@@ -10,12 +10,12 @@ import signal
 from typing import TYPE_CHECKING, Any
 
 from indexer.config import BuildConfig
-from indexer.errors import IndexerError
 from indexer.decode.head_start import POLL, HeadStart, Running, Sender, head_chunks, run_head_start
+from indexer.errors import IndexerError
 
 if TYPE_CHECKING:
-    from indexer.decode.item_dataset import ItemDataset
     from indexer.build.plan import Planned
+    from indexer.decode.item_dataset import ItemDataset
 
 log = logging.getLogger(__name__)
 Listings = dict[str, dict[str, dict[str, Any]]]  # a prefix's objects, by the SOURCE given
@@ -174,9 +174,14 @@ def first_work(cfg: BuildConfig, listed: Listings) -> tuple[ItemDataset, list[in
     """The head start's work, as the main process will find it: None unless every prefix
     holds images (tars are indexed and Parquet files copied by the main process alone) and
     a known export's recipe says how to decode; nothing is written."""
-    from indexer.build.embed import portable_opening, portable_work, resume_plan, runtime_plan
-    from indexer.model.known_export import request_identity
     from indexer.build.plan import plan_build
+    from indexer.build.runtime_setup import (
+        portable_opening,
+        portable_work,
+        resume_plan,
+        runtime_plan,
+    )
+    from indexer.model.known_export import request_identity
     from indexer.sources.bucket import bucket_of
 
     try:

@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from indexer import __version__
 from indexer.collection.layout import (
     CURRENT,
     SCHEMA_VERSION,
@@ -26,13 +25,7 @@ from indexer.collection.layout import (
     parse_manifest,
     write_json_atomic,
 )
-from indexer.config import IndexConfig, file_sha256
-from indexer.errors import CollectionError, InputError
-from indexer.index.faiss_index import read_index_meta
-from indexer.index.update import Previous, index_version, previous_version
 from indexer.collection.lock import CollectionLock
-from indexer.collection.versions import clear_salvage, prune, publish, salvage, start_version
-from indexer.safeio import os_errors_as
 from indexer.collection.shards import (
     ShardWriter,
     embedding_array,
@@ -42,6 +35,13 @@ from indexer.collection.shards import (
     shard_schema,
     write_errors,
 )
+from indexer.collection.versions import clear_salvage, prune, publish, salvage, start_version
+from indexer.config import IndexConfig, file_sha256
+from indexer.errors import CollectionError, InputError
+from indexer.index.faiss_index import read_index_meta
+from indexer.index.update import Previous, index_version, previous_version
+from indexer.safeio import os_errors_as
+from indexer.version import __version__
 
 log = logging.getLogger(__name__)
 READ_ROWS = 65_536

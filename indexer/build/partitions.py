@@ -22,11 +22,11 @@ from indexer.collection.layout import (
     read_manifest,
     write_json_atomic,
 )
+from indexer.collection.shards import read_parquet, write_errors
 from indexer.config import IndexOverrides
 from indexer.errors import InputError
 from indexer.model.portable import Exported
 from indexer.model.runtime import with_portable
-from indexer.collection.shards import read_parquet, write_errors
 
 PART_NAME = re.compile(r"^(\d{5})-of-(\d{5})$")
 
@@ -65,9 +65,9 @@ def merge(root: Path, keep: int, overrides: IndexOverrides | None = None) -> dic
     """One new version of root holding every part's shards (hard links) and errors; indexed.
 
     Holds root's lock and every part's, so no part changes while it is read."""
-    from indexer.index.faiss_index import build_index, read_index_meta
     from indexer.collection.lock import CollectionLock
     from indexer.collection.versions import clear_salvage, prune, publish, salvage, start_version
+    from indexer.index.faiss_index import build_index, read_index_meta
 
     with ExitStack() as held:
         held.enter_context(CollectionLock(root, "merge"))

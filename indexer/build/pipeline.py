@@ -16,7 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from indexer import __version__
+from indexer.build.early_start import EarlyStart
+from indexer.build.embed import Embedded, embed_items
+from indexer.build.failures import count_reasons
+from indexer.build.model_start import load_model_while_decoding
+from indexer.build.partitions import part_dir
+from indexer.build.plan import (
+    Plan,
+    Previous,
+    plan_build,
+)
+from indexer.build.runtime_setup import check_before_adding, check_runtime
+from indexer.build.shard_rows import EmbedJob, write_reused
+from indexer.build.threads import close
+from indexer.collection.history import RunRecord, append_run, write_metrics
 from indexer.collection.layout import (
     ERRORS,
     MANIFEST,
@@ -29,43 +42,15 @@ from indexer.collection.layout import (
     read_manifest,
     write_json_atomic,
 )
-from indexer.config import BuildConfig, IndexConfig, IndexOverrides
-from indexer.model.runtime_choice import recorded
-from indexer.build.early_start import EarlyStart
-from indexer.build.embed import (
-    Embedded,
-    EmbedJob,
-    check_runtime,
-    close,
-    embed_items,
-    load_model_while_decoding,
-    write_reused,
-)
-from indexer.errors import (
-    CollectionLockedError,
-    IndexerError,
-    InputError,
-    ModelMismatchError,
-    RecipeMismatchError,
-    TooManyFailuresError,
-)
-from indexer.build.failures import count_reasons
-from indexer.collection.history import RunRecord, append_run, write_metrics
-from indexer.decode.images import BACKGROUND
-from indexer.index.faiss_index import read_index_meta, reuse_index
-from indexer.index.update import Previous as IndexedVersion
-from indexer.index.update import index_version, settings_changed
-from indexer.model.known_export import KnownExport, UnconfirmedExport, remember
 from indexer.collection.lock import CollectionLock
-from indexer.query.model_check import check_before_adding, distrusted
-from indexer.build.partitions import part_dir
-from indexer.build.plan import (
-    Plan,
-    Previous,
-    plan_build,
+from indexer.collection.shards import (
+    LABEL_SCHEMA,
+    ShardInfo,
+    carry_over,
+    merge_metadata_schemas,
+    shard_schema,
+    write_errors,
 )
-from indexer.model.portable import Exported
-from indexer.decode.preprocess import DRAFT_FACTOR, REDUCING_GAP
 from indexer.collection.versions import (
     clear_salvage,
     mark_request,
@@ -75,22 +60,33 @@ from indexer.collection.versions import (
     salvage,
     start_version,
 )
+from indexer.config import BuildConfig, IndexConfig, IndexOverrides
+from indexer.decode.images import BACKGROUND
+from indexer.decode.preprocess import DRAFT_FACTOR, REDUCING_GAP
+from indexer.errors import (
+    CollectionLockedError,
+    IndexerError,
+    InputError,
+    ModelMismatchError,
+    RecipeMismatchError,
+    TooManyFailuresError,
+)
+from indexer.index.faiss_index import read_index_meta, reuse_index
+from indexer.index.update import Previous as IndexedVersion
+from indexer.index.update import index_version, settings_changed
+from indexer.model.known_export import KnownExport, UnconfirmedExport, remember
+from indexer.model.portable import Exported
 from indexer.model.runtime import (
     absent_reason,
     carry_portable,
     export_from_recipe,
     with_portable,
 )
+from indexer.model.runtime_choice import recorded
+from indexer.query.model_check import distrusted
 from indexer.safeio import check_writable, os_errors_as
-from indexer.collection.shards import (
-    LABEL_SCHEMA,
-    ShardInfo,
-    carry_over,
-    merge_metadata_schemas,
-    shard_schema,
-    write_errors,
-)
 from indexer.sources import Item, Source
+from indexer.version import __version__
 
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     from indexer.model.runtime import Runtime
@@ -130,7 +126,7 @@ def build(cfg: BuildConfig) -> BuildReport:
     if cfg.metrics_file is not None:
         check_writable(cfg.metrics_file, "--metrics-file")  # before the work, not after it
     if cfg.loader.decode == "gpu":
-        from indexer.build.embed import check_decode
+        from indexer.build.gpu_decoding import check_decode
 
         check_decode(cfg)  # a cron job asking for the GPU where there is none fails every run
     check_runtime(cfg)  # a runtime or precision this machine cannot run: refused, nothing written

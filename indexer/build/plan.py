@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexer.build.partitions import in_partition
+from indexer.collection.history import read_runs
 from indexer.collection.layout import (
     CURRENT,
     ERRORS,
@@ -16,12 +18,10 @@ from indexer.collection.layout import (
     open_version,
     parse_manifest,
 )
-from indexer.config import BuildConfig, file_sha256
-from indexer.model.runtime_choice import check_asked, recorded
-from indexer.errors import CollectionError, InputError
-from indexer.collection.history import read_runs
-from indexer.build.partitions import in_partition
 from indexer.collection.shards import read_hashes, read_parquet, read_shard, shard_columns
+from indexer.config import BuildConfig, file_sha256
+from indexer.errors import CollectionError, InputError
+from indexer.model.runtime_choice import check_asked, recorded
 from indexer.sources import Item, Source, list_items, open_sources
 
 PREV_COLUMNS = ["id", "key", "source", "file_size", "mtime_ns", "content_hash"]

@@ -12,18 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from indexer.build.decode_choice import choose_gpu_decoding
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig
-from indexer.decode.item_dataset import ItemDataset
-from indexer.build.embed import Batch, choose_gpu_decoding
-from indexer.errors import ModelError
+from indexer.decode.batch import Batch
 from indexer.decode.images import DecodeError
+from indexer.decode.item_dataset import ItemDataset
 from indexer.decode.preprocess import Preprocessor
+from indexer.errors import ModelError
 from indexer.sources import Item, Source
 
 if TYPE_CHECKING:
-    from indexer.model.runtime_choice import RuntimePlan
     from indexer.build.plan import Previous
     from indexer.model.runtime import Runtime
+    from indexer.model.runtime_choice import RuntimePlan
 
 log = logging.getLogger(__name__)
 OK, FAILED, REUSE, RAW = 0, 1, 2, 3  # what a decoded row is (RAW: for the actor to decode)
@@ -71,10 +72,10 @@ def ray_runtime(cfg: BuildConfig, plan: RuntimePlan, prev: Previous) -> tuple[Ru
     local engine would on this machine: the collection's recorded runtime (its portable
     model), or a first build's plan, its candidates checked against torch fp32 (and timed,
     for auto) on generated scenes; and the plan naming that one choice."""
-    from indexer.model.runtime_choice import Choice, RuntimePlan
-    from indexer.build.embed import portable_recorded, portable_runtime
-    from indexer.model.timm_model import load_embedder
+    from indexer.build.runtime_setup import portable_recorded, portable_runtime
     from indexer.model.portable import PortableEmbedder
+    from indexer.model.runtime_choice import Choice, RuntimePlan
+    from indexer.model.timm_model import load_embedder
 
     if portable_recorded(plan, prev):
         recorded = portable_runtime(plan, prev)
@@ -299,8 +300,8 @@ def _actor_model(model: ModelConfig, state_sha256: str, portable: dict[str, Any]
     precision natively (else a one-line ModelError: a cluster's workers must offer what the
     driver chose), or torch's model with the driver's weights."""
     if portable is not None:
-        from indexer.model.runtime_choice import Choice, candidates, this_machine
         from indexer.model.portable import PortableEmbedder
+        from indexer.model.runtime_choice import Choice, candidates, this_machine
 
         choice = Choice(portable["runtime"], portable["precision"])
         offered = candidates("auto", "auto", this_machine(cuda=False))

@@ -1,1 +1,1 @@
-"""The command line: flags and job files -> config dataclasses -> the library; errors -> exit codes."""
+"""The command line: flags and job files -> config dataclasses -> library; errors -> exit codes."""

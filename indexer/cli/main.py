@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from indexer import __version__
 from indexer.cli.options import parse_pairs, storage_option
 from indexer.config import (
     DEFAULT_MAX_PIXELS,
@@ -41,6 +40,7 @@ from indexer.errors import (
     TooManyFailuresError,
 )
 from indexer.jsontext import json_text
+from indexer.version import __version__
 
 if TYPE_CHECKING:
     from indexer.build.pipeline import BuildReport

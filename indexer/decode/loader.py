@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from indexer.build.embed import Batch, RawItem
 from indexer.config import LoaderConfig
+from indexer.decode.batch import Batch, RawItem
 from indexer.decode.gpu_share import CpuShare, WorkerTime
 from indexer.decode.head_start import HeadStart
 from indexer.decode.item_dataset import ItemDataset, loader_work, reason

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from indexer import __version__
 from indexer.config import ModelConfig, file_sha256
 from indexer.errors import IndexerError
 from indexer.model.data_config_cache import cache_dir
@@ -37,6 +36,7 @@ from indexer.model.runtime_choice import (
     package_version,
 )
 from indexer.safeio import FileRefused, read_bounded, write_bytes_atomic
+from indexer.version import __version__
 
 log = logging.getLogger(__name__)
 FOLDER = "exports/known"

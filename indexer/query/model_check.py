@@ -17,11 +17,9 @@ from indexer.errors import CollectionError, InputError, ModelMismatchError
 from indexer.model.runtime_choice import BOUND, PORTABLE, Choice, joined, recorded
 
 if TYPE_CHECKING:
-    from indexer.build.plan import Previous
     from indexer.decode.preprocess import Preprocessor
     from indexer.model.runtime import Runtime
     from indexer.query.collection import Collection
-    from indexer.sources import Item, Source
 
 log = logging.getLogger(__name__)
 
@@ -112,36 +110,6 @@ def check_collection(collection: Collection, sample: int = CHEAP_SAMPLE) -> Mode
     read = ItemReader(manifest, collection.storage_options).read
     found = check_model(collection.version, manifest, collection.embedder, read, sample)
     return refuse_unless_reproduced(found, collection.root)
-
-
-def check_before_adding(
-    runtime: Runtime,
-    prev: Previous,
-    sources: list[Source],
-    items: list[Item],
-    root: Path,
-    unchanged: set[str] | None = None,
-) -> None:
-    """An incremental build embedding with the collection's stored portable model: refused
-    (ModelMismatchError, before anything is written) unless that model reproduces
-    CHEAP_SAMPLE stored vectors. Items are read from this run's own sources and listing;
-    given `unchanged` (the keys the plan keeps as they are), only those: a changed item's
-    bytes are not the stored ones, and the build reads them anyway."""
-    from indexer.model.portable import PortableEmbedder
-    from indexer.query.stored_items import ItemReader
-
-    if not isinstance(runtime, PortableEmbedder) or prev.folder is None or prev.manifest is None:
-        return
-    rows = stored_sample(prev.folder, prev.manifest, CHEAP_SAMPLE * RESERVE)
-    rows = [row for row in rows if unchanged is None or row.key in unchanged]
-    if not rows:
-        log.info("the stored model is not checked: none of the %d stored items sampled is "
-                 "unchanged", CHEAP_SAMPLE * RESERVE)  # fmt: skip
-        return
-    reader = ItemReader.listed(sources, items, {row.key for row in rows})
-    found = compare(rows, runtime, reader.read, prev.manifest, CHEAP_SAMPLE)
-    log.info("%s", found.summary())
-    refuse_unless_reproduced(found, root)
 
 
 def refuse_unless_reproduced(found: ModelCheck, root: Path) -> ModelCheck:

@@ -64,8 +64,7 @@ class ItemReader:
         return None
 
     def _open(self) -> None:
-        from indexer.sources import list_items, open_sources
-        from indexer.verify.check import source_spec
+        from indexer.sources import list_items, open_sources, source_spec
 
         try:
             specs = tuple(source_spec(s, self._options) for s in self._manifest["sources"])

@@ -1,4 +1,4 @@
-"""Pick a source implementation from a SOURCE argument (a folder, tars, Parquet, or ``hf:``)."""
+"""Pick a source implementation from a SOURCE argument, or from a manifest's source entry."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec
+from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec, StorageOptions
 from indexer.sources.base import HF_PREFIX, Item, Source
 
-__all__ = ["HF_PREFIX", "Item", "Source", "list_items", "open_source", "open_sources"]
+__all__ = [
+    "HF_PREFIX",
+    "Item",
+    "Source",
+    "list_items",
+    "open_source",
+    "open_sources",
+    "source_spec",
+]
 
 
 def open_source(
@@ -107,3 +115,18 @@ def list_items(sources: list[Source]) -> list[Item]:
         for key, locator, fingerprint in src.keys_and_locators():
             items.append(Item(f"{src.label}/{key}" if prefixed else key, i, locator, fingerprint))
     return items
+
+
+def source_spec(source: dict[str, Any], storage_options: StorageOptions = ()) -> SourceSpec:
+    """The SOURCE argument a manifest's source entry was built from, with the storage
+    options given now (never stored: they may hold secrets)."""
+    if source["kind"] == "hf":  # (Parquet files in a bucket: read with today's options)
+        return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"],
+                          key_column=source.get("key_column"),
+                          storage_options=storage_options)  # fmt: skip
+    if source["kind"] == "urllist":
+        return SourceSpec(source["path"], key_column=source.get("key_column"),
+                          url_column=source.get("url_column") or "url",
+                          storage_options=storage_options)  # fmt: skip
+    return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")),
+                      storage_options=storage_options)  # fmt: skip

@@ -19,7 +19,6 @@ from indexer.config import (
     IndexOverrides,
     LoaderConfig,
     ModelConfig,
-    SourceSpec,
     StorageOptions,
     file_sha256,
 )
@@ -27,6 +26,7 @@ from indexer.errors import IndexerError, InputError
 from indexer.index.faiss_index import INDEX_FILE, check_index_files, index_mismatch, read_index_meta
 from indexer.model.runtime import export_from_recipe
 from indexer.safeio import os_errors_as
+from indexer.sources import source_spec
 
 
 @dataclass(frozen=True)
@@ -314,21 +314,6 @@ def build_config(
     )
     index = IndexOverrides().resolve(asked["metric"], read_index_meta(open_version(root)))
     return BuildConfig(sources, root, model, loader, index, keep=keep, partition=part_of(root))
-
-
-def source_spec(source: dict[str, Any], storage_options: StorageOptions = ()) -> SourceSpec:
-    """The SOURCE argument a manifest's source entry was built from, with the storage
-    options given now (never stored: they may hold secrets)."""
-    if source["kind"] == "hf":  # (Parquet files in a bucket: read with today's options)
-        return SourceSpec(f"hf:{source['name']}", source["split"], source["image_column"],
-                          key_column=source.get("key_column"),
-                          storage_options=storage_options)  # fmt: skip
-    if source["kind"] == "urllist":
-        return SourceSpec(source["path"], key_column=source.get("key_column"),
-                          url_column=source.get("url_column") or "url",
-                          storage_options=storage_options)  # fmt: skip
-    return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")),
-                      storage_options=storage_options)  # fmt: skip
 
 
 def external_config(root: Path, manifest: dict[str, Any], keep: int) -> Any:

@@ -1,0 +1,1 @@
+"""The build: list -> plan -> embed -> write shards -> index -> publish (local engine or Ray)."""
