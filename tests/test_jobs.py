@@ -12,7 +12,8 @@ import click
 import pytest
 import yaml
 
-from indexer.cli.main import build, job_argv, main
+from indexer.cli.build import build, job_argv
+from indexer.cli.main import main
 from indexer.collection.lock import CollectionLock
 from indexer.config import read_job, setting_text, toml_kind
 from indexer.errors import InputError

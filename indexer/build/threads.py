@@ -6,10 +6,7 @@ import logging
 import os
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
-    pass
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
 
 from indexer.build.pipeline import BuildReport, build
-from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
-from indexer.errors import WeightsUnavailableError
+from indexer.config import (
+    BuildConfig,
+    LoaderConfig,
+    ModelConfig,
+    SourceSpec,
+)
+from indexer.errors import (
+    WeightsUnavailableError,
+)
 from indexer.query.collection import Collection, Hit
 from indexer.synthetic import near_duplicate, scene, write_corpus
+
+if TYPE_CHECKING:
+    from indexer.build.pipeline import BuildReport
+    from indexer.query.collection import Hit
+from indexer.cli.common import run_library
+from indexer.cli.describe import format_hits, summarize
 
 
 @dataclass(frozen=True)
@@ -54,3 +70,31 @@ def write_queries(folder: Path, seed: int) -> list[Path]:
         near_duplicate(scene(seed * 100_003 + i), kind, seed=99).save(path, quality=90)
         made.append(path)
     return made
+
+
+@click.command()
+@click.option(
+    "--out",
+    default="build/demo",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the demo images and collection go.",
+)
+@click.option(
+    "--images",
+    "count",
+    default=300,
+    show_default=True,
+    type=click.IntRange(8),
+    help="How many scenes to generate.",
+)
+def demo(out: Path, count: int) -> None:
+    """Generate a small image collection, build it, and query it with near-duplicates."""
+    from indexer.cli.demo import run_demo
+
+    result = run_library(lambda: run_demo(out, count))
+    if result.fallback:
+        click.echo(f"Pretrained weights unavailable ({result.fallback}); using --no-pretrained.")
+    click.echo(summarize(result.report))
+    for query_path, hits in zip(result.queries, result.hits, strict=True):
+        click.echo(format_hits(str(query_path), hits))

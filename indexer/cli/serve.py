@@ -75,7 +75,7 @@ def serve(
 
       indexer serve photos.idx --port 8000      then open http://127.0.0.1:8000/
     """
-    from indexer.cli.main import run_library
+    from indexer.cli.common import run_library
     from indexer.errors import InputError
     from indexer.index.index_type import parse_size
     from indexer.serve.app import ServeConfig, create_app

@@ -10,12 +10,13 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from indexer.model.data_config_cache import cache_dir
+from indexer.model.forward import class_names, embed_forward
 from indexer.model.portable import (
     EXPORTER,
     MAX_MODEL_BYTES,
@@ -26,8 +27,10 @@ from indexer.model.portable import (
     PortableEmbedder,
 )
 from indexer.model.runtime_choice import BOUND, LABELS_TOLERANCE
-from indexer.model.timm_model import Embedder, class_names, embed_forward
 from indexer.safeio import read_bounded, write_bytes_atomic
+
+if TYPE_CHECKING:  # export_portable is the torch runtime's (it imports this module)
+    from indexer.model.timm_model import Embedder
 
 log = logging.getLogger(__name__)
 FIDELITY_MIN = BOUND["fp32"]  # per-image cosine to torch fp32 below which it is not stored

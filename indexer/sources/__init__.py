@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from indexer.config import DEFAULT_MAX_PIXELS, SourceSpec, StorageOptions
+from indexer.errors import InputError
 from indexer.sources.base import HF_PREFIX, Item, Source
 
 __all__ = [
@@ -32,8 +33,6 @@ def open_source(
     from indexer.sources.bucket import is_bucket_url
 
     if is_bucket_url(spec.location.removeprefix(HF_PREFIX)):
-        from indexer.sources.bucket import open_bucket
-
         return open_bucket(spec, label, max_pixels, listed)
     from indexer.sources.url_list import is_url_list
 
@@ -130,3 +129,29 @@ def source_spec(source: dict[str, Any], storage_options: StorageOptions = ()) ->
                           storage_options=storage_options)  # fmt: skip
     return SourceSpec(source["path"], follow_symlinks=bool(source.get("follow_symlinks")),
                       storage_options=storage_options)  # fmt: skip
+
+
+def open_bucket(
+    spec: SourceSpec, label: str | None, max_pixels: int, listed: dict[str, Any] | None = None
+) -> Any:
+    """The source a prefix holds, told from its listing (`listed`, else listed now) as for a
+    folder: Parquet files alone (img2dataset's parquet output, a Parquet dataset) are a
+    dataset, .tar files alone (webdataset shards) are samples, anything else is images."""
+    from indexer.sources.bucket import bucket_of
+
+    bucket = bucket_of(spec, max_pixels, label, listed)
+    kind, files = bucket.holds()
+    if kind == "parquet":  # (datasets' own cache of remote files is not keyed by ETag:
+        from indexer.sources.hf import HFSource  # an overwritten file would be read stale)
+
+        staged = tuple(str(path) for path in bucket.stage(files))
+        return HFSource(bucket.written, spec.split, spec.image_column, label, max_pixels,
+                        spec.key_column, staged)  # fmt: skip
+    if kind == "tars" and not spec.location.startswith(HF_PREFIX):
+        from indexer.sources.bucket_tars import BucketTars, BucketWebDatasetSource
+
+        return BucketWebDatasetSource(BucketTars(bucket, files), label, max_pixels)
+    if spec.location.startswith(HF_PREFIX):
+        raise InputError(f"{spec.location}: the prefix holds no Parquet files alone (a "
+                         "dataset): give it without hf: to index its images")  # fmt: skip
+    return bucket

@@ -56,30 +56,6 @@ def parse_options(pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     return options
 
 
-def open_bucket(
-    spec: SourceSpec, label: str | None, max_pixels: int, listed: dict[str, Any] | None = None
-) -> Any:
-    """The source a prefix holds, told from its listing (`listed`, else listed now) as for a
-    folder: Parquet files alone (img2dataset's parquet output, a Parquet dataset) are a
-    dataset, .tar files alone (webdataset shards) are samples, anything else is images."""
-    bucket = bucket_of(spec, max_pixels, label, listed)
-    kind, files = bucket.holds()
-    if kind == "parquet":  # (datasets' own cache of remote files is not keyed by ETag:
-        from indexer.sources.hf import HFSource  # an overwritten file would be read stale)
-
-        staged = tuple(str(path) for path in bucket.stage(files))
-        return HFSource(bucket.written, spec.split, spec.image_column, label, max_pixels,
-                        spec.key_column, staged)  # fmt: skip
-    if kind == "tars" and not spec.location.startswith(HF_PREFIX):
-        from indexer.sources.bucket_tars import BucketTars, BucketWebDatasetSource
-
-        return BucketWebDatasetSource(BucketTars(bucket, files), label, max_pixels)
-    if spec.location.startswith(HF_PREFIX):
-        raise InputError(f"{spec.location}: the prefix holds no Parquet files alone (a "
-                         "dataset): give it without hf: to index its images")  # fmt: skip
-    return bucket
-
-
 def bucket_of(
     spec: SourceSpec,
     max_pixels: int,

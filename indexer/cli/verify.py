@@ -1,0 +1,67 @@
+"""`indexer verify [--repair]`: a collection checked against its manifest, and repaired."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from indexer.cli.options import parse_pairs, storage_option
+
+if TYPE_CHECKING:
+    pass
+from indexer.cli.common import run_library
+from indexer.cli.options import keep_option
+
+REPAIR_HOOK_ENV = "INDEXER_TEST_REPAIR_HOOK"  # module:function run before repair locks (tests)
+
+
+def load_hook(spec: str) -> Callable[[], None]:
+    """A test hook named module:function."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    hook: Callable[[], None] = getattr(importlib.import_module(module), name)
+    return hook
+
+
+@click.command()
+@click.argument("root", metavar="DIR", type=click.Path(path_type=Path))
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Rebuild what is damaged: the index, or the items of damaged shards (embedded again).",
+)
+@keep_option
+@storage_option
+def verify(root: Path, repair: bool, keep: int, storage_options: tuple[str, ...]) -> None:
+    """Check the collection at DIR against its manifest: every shard's checksum, rows and ids,
+    the index's checksums and ids, and that its model embeds a sample of items (read from the
+    sources) as their stored vectors. Exit 0 when whole, 3 when damaged."""
+    from indexer.verify.check import repair as mend
+    from indexer.verify.check import verify as check
+
+    options = parse_pairs(storage_options, "--storage-option")
+    report = run_library(lambda: check(root, options))
+    if not report.problems:
+        click.echo(f"{root} is whole: {report.shards} shard(s), {report.rows} rows, and the index.")
+        click.echo("".join(f"  {note}\n" for note in report.notes), nl=False)
+        return
+    click.echo(f"{root} is damaged ({report.version.name}):")
+    for problem in report.problems:
+        click.echo(f"  {problem}")
+    if not repair:
+        click.echo(f"Run `indexer verify --repair {root}` to rebuild what is damaged.", err=True)
+        sys.exit(3)
+    hook = os.environ.get(REPAIR_HOOK_ENV)
+    click.echo(run_library(lambda: mend(root, keep, load_hook(hook) if hook else None, options)))
+    after = run_library(lambda: check(root, options))
+    if after.problems:
+        click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)
+        sys.exit(3)
+    click.echo(f"{root} is whole again: {after.shards} shard(s), {after.rows} rows, and the index.")
+    click.echo("".join(f"  {note}\n" for note in after.notes), nl=False)
