@@ -5,11 +5,22 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
-from indexer.cli.options import parse_pairs, storage_option
+from indexer.cli.common import EXIT_PARTIAL, run_library
+from indexer.cli.describe import summarize
+from indexer.cli.options import (
+    FiniteFloat,
+    device_option,
+    index_config,
+    index_options,
+    keep_option,
+    parse_pairs,
+    runtime_option,
+    storage_option,
+)
 from indexer.config import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
@@ -25,19 +36,6 @@ from indexer.config import (
 )
 from indexer.errors import (
     InputError,
-)
-
-if TYPE_CHECKING:
-    pass
-from indexer.cli.common import EXIT_PARTIAL, run_library
-from indexer.cli.describe import summarize
-from indexer.cli.options import (
-    FiniteFloat,
-    device_option,
-    index_config,
-    index_options,
-    keep_option,
-    runtime_option,
 )
 
 DECODE_HOOK_ENV = "INDEXER_TEST_DECODE_HOOK"  # module:function run before each decode (tests)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
@@ -18,8 +18,6 @@ from indexer.errors import (
     TooManyFailuresError,
 )
 
-if TYPE_CHECKING:
-    pass
 EXIT_PARTIAL = 5  # the build finished; some items failed, within the failure budget
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
 EXIT_CODES: tuple[tuple[type[IndexerError], int], ...] = (

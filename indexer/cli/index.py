@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
+from indexer.cli.common import run_library
+from indexer.cli.describe import below_target, describe_index
+from indexer.cli.options import index_options, keep_option
 from indexer.config import (
     METRICS,
     IndexOverrides,
 )
-
-if TYPE_CHECKING:
-    pass
-from indexer.cli.common import run_library
-from indexer.cli.describe import below_target, describe_index
-from indexer.cli.options import index_options, keep_option
 
 
 @click.command(name="index")

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from indexer.jsontext import json_text
-
-if TYPE_CHECKING:
-    pass
 from indexer.cli.common import run_library
 from indexer.cli.describe import describe, describe_runs
+from indexer.jsontext import json_text
 
 
 @click.command()

@@ -6,16 +6,11 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
-from indexer.cli.options import parse_pairs, storage_option
-
-if TYPE_CHECKING:
-    pass
 from indexer.cli.common import run_library
-from indexer.cli.options import keep_option
+from indexer.cli.options import keep_option, parse_pairs, storage_option
 
 REPAIR_HOOK_ENV = "INDEXER_TEST_REPAIR_HOOK"  # module:function run before repair locks (tests)
 

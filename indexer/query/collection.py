@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
 
-from indexer.collection.layout import CollectionPaths, open_version, read_manifest
-from indexer.collection.shards import as_numpy, positions, read_rows, read_shard
-from indexer.config import StorageOptions
-from indexer.errors import CollectionError, InputError
-from indexer.index.faiss_index import apply_params, load_index, search_param, whole_number
+from indexer.errors import InputError
+from indexer.index.faiss_index import search_param, whole_number
+from indexer.query.rows import RowAccess
 
 if TYPE_CHECKING:
     from indexer.decode.preprocess import DataConfig, Preprocessor
-    from indexer.model.runtime import Runtime
-    from indexer.query.stored_items import ItemReader
 
-T = TypeVar("T")
 SCORE_TOLERANCE = 1e-6  # thresholds compare with this slack: float32 rounds identical items
 WHERE_FIRST = 200  # a filtered query first asks for this many neighbours (or 20k), then doubles
 
@@ -41,7 +34,7 @@ class Hit:
         return {"rank": self.rank, "key": self.key, "score": self.score, "id": self.id, **extra}
 
 
-class Collection:
+class Collection(RowAccess):
     """A collection's published version, opened for queries from Python or the CLI.
 
     >>> c = Collection.open("photos.idx")
@@ -52,65 +45,6 @@ class Collection:
     never mixes in. The model is recreated from the manifest on the first image query.
     """
 
-    def __init__(
-        self,
-        root: Path | str,
-        device: str = "auto",
-        params: dict[str, int] | None = None,
-        runtime: str = "auto",
-        strict_params: bool = False,
-        cache_rows: bool = False,
-        storage_options: StorageOptions = (),
-    ) -> None:
-        self.root = Path(root)
-        self.storage_options = storage_options  # buckets: to read items back (never stored)
-        self.device = device
-        self._strict = strict_params  # a parameter the index lacks: an error (the CLI's flags)
-        self._cache_rows = cache_rows  # keep every row in memory (a service): no shard reads
-        from indexer.config import RUNTIMES
-
-        if runtime not in RUNTIMES:
-            raise InputError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
-        self.runtime = runtime  # auto: the portable model on CPU when there is one, else torch
-        self._embedder: Runtime | None = None
-        self._params = dict(params or {})
-        self._open()
-
-    def _open(self) -> None:
-        """Read the published version: manifest, index (refused unless it is this version's)."""
-        self.version = open_version(self.root)
-        self.paths = CollectionPaths(self.version)
-        self.manifest = read_manifest(self.version)
-        self.index, self.index_meta = load_index(self.version, self.manifest, self.root)
-        self._keys: tuple[np.ndarray, pa.Array] | None = None
-        self._items: ItemReader | None = None  # pictures of items: the sources, listed once
-        self._rows: tuple[np.ndarray, pa.Table] | None = None  # sorted ids, rows in that order
-        self._vectors: tuple[dict[str, int], np.ndarray] | None = None  # key -> row of matrix
-        if self._params:
-            self.set_search_params(self._params, strict=self._strict)
-
-    def _again_if_pruned(self, work: Callable[[], T]) -> T:
-        """Run work; if the version it reads was deleted under it (a build published with
-        --keep 1 meanwhile), open the new published version and run it once more."""
-        try:
-            return work()
-        except (CollectionError, OSError) as exc:
-            if self.version.is_dir() or self._cache_rows:  # a service's registry reloads:
-                # a Collection shared by request threads is never reopened under them
-                if isinstance(exc, OSError):
-                    raise CollectionError(f"cannot read {self.root}: {exc}") from exc
-                raise
-        old = self.version.name
-        self._open()
-        try:
-            return work()
-        except (CollectionError, OSError) as exc:
-            raise CollectionError(
-                f"{self.root}'s version {old} was deleted while it was read, and then its "
-                f"next one too ({exc}): keep at least 2 versions (--keep 2) when queries run "
-                "during builds"
-            ) from exc
-
     @classmethod
     def open(
         cls,
@@ -120,71 +54,6 @@ class Collection:
         runtime: str = "auto",
     ) -> Collection:
         return cls(root, device, params, runtime)
-
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["embedding_dim"])
-
-    @property
-    def search_params(self) -> dict[str, int]:
-        """The tuned search parameters in use (e.g. {'nprobe': 12}); {} for exact search."""
-        return dict(self.index_meta.get("params") or {})
-
-    def set_search_params(self, params: dict[str, int], strict: bool = False) -> None:
-        """Override the tuned nprobe or efSearch. A parameter this index does not take (nprobe
-        of an exact or HNSW index) is left alone with a warning, so code written for a large
-        collection runs on a small one (strict: refused, as the CLI's flags are); an unknown
-        name is refused. nprobe above the index's nlist is nlist; efSearch above EF_LIMIT
-        (4096) is refused."""
-        own = search_param(self.index)[0]
-        if not isinstance(params, dict):
-            raise InputError(f"search parameters must be a dict such as {{'nprobe': 8}}, not "
-                             f"{params!r}")  # fmt: skip
-        usable = {}
-        for name, value in params.items():
-            if name not in SEARCH_PARAMS:
-                raise InputError(f"unknown search parameter {name!r}: use nprobe or efSearch")
-            if name != own and strict:
-                raise InputError(
-                    f"the index of {self.root} is {self.index_meta['type']} "
-                    f"({self.index_meta['factory']}): it has no {name} to set"
-                    + (f"; it takes {own}" if own else "")
-                )
-            if name != own:
-                warnings.warn(
-                    f"the index of {self.root} is {self.index_meta['type']} "
-                    f"({self.index_meta['factory']}): it has no {name}; left as it is"
-                    + (f" (it takes {own})" if own else ""),
-                    stacklevel=2,
-                )
-                continue
-            usable[name] = value
-        applied = apply_params(self.index, usable)
-        self.index_meta = {**self.index_meta, "params": {**self.search_params, **applied}}
-
-    def __len__(self) -> int:
-        """The number of items in the published version."""
-        return int(self.index.ntotal)
-
-    def __repr__(self) -> str:
-        model = (self.manifest.get("model") or {}).get("name", "vectors from Parquet")
-        return (
-            f"<Collection {str(self.root)!r} {self.version.name}: {len(self):,} items, "
-            f"{self.dim}-d, {self.index_meta.get('type')} index, {model}>"
-        )
-
-    @property
-    def embedder(self) -> Runtime:
-        if self.manifest["model"] is None:
-            raise InputError(
-                f"{self.root} holds vectors indexed from Parquet, with no model to embed "
-                "images: query it with vectors (Collection.search)"
-            )
-        if self._embedder is None or self._embedder.recipe != self.manifest["model"]:
-            from indexer.model.runtime import query_runtime
-
-            self._embedder = query_runtime(self.runtime, self.device, self.version, self.manifest)
-        return self._embedder
 
     def embed_files(self, files: list[Path]) -> np.ndarray:
         """Embed query image files with the collection's recipe (see embed_images)."""
@@ -256,126 +125,6 @@ class Collection:
         """search() for images (paths, bytes, PIL images or arrays; one or a list), embedded
         with the collection's own recipe."""
         return self.search(self.embed_images(images), k)
-
-    def keys_of(self, ids: np.ndarray) -> np.ndarray:
-        """Keys for an array of ids (object array of the same shape; None for -1)."""
-        sorted_ids, keys = self._key_map()
-        flat = ids.ravel()
-        out = np.full(flat.shape, None, dtype=object)
-        valid = flat >= 0
-        pos = np.searchsorted(sorted_ids, flat[valid])
-        pos = np.minimum(pos, max(len(sorted_ids) - 1, 0))
-        if valid.any() and not np.array_equal(sorted_ids[pos], flat[valid]):
-            raise self._stale_index()
-        out[valid] = keys.take(positions(pos)).to_pylist()
-        return out.reshape(ids.shape)
-
-    def _key_map(self) -> tuple[np.ndarray, pa.Array]:
-        """Every id (sorted) and its key: read once, ids and keys only (no vectors)."""
-        if self._keys is None:
-            tables = [read_shard(p, ["id", "key"]) for p in self.paths.shard_paths(self.manifest)]
-            table = pa.concat_tables(tables) if tables else pa.table({"id": [], "key": []})
-            order = np.argsort(as_numpy(table.column("id")), kind="stable")
-            ids = as_numpy(table.column("id"))[order]
-            self._keys = (ids, table.column("key").combine_chunks().take(positions(order)))
-        return self._keys
-
-    def vectors_of(self, keys: list[str]) -> np.ndarray:
-        """The stored vectors of items, by key (no re-embedding); InputError for an unknown key."""
-        if self._cache_rows:
-            return self._cached_vectors(keys)
-        wanted, found = set(keys), {}
-        for path in self.paths.shard_paths(self.manifest):
-            table = read_shard(path, ["key", "embedding"])
-            mask = np.isin(np.array(table.column("key").to_pylist(), dtype=object), list(wanted))
-            for row in table.take(positions(np.flatnonzero(mask))).to_pylist():
-                found[row["key"]] = np.asarray(row["embedding"], np.float32)
-        missing = [k for k in keys if k not in found]
-        if missing:
-            raise InputError(
-                f"{self.root} holds no item {missing[0]!r}: give a key as `indexer query` shows it"
-            )
-        return np.stack([found[k] for k in keys])
-
-    def warm(self) -> None:
-        """With cache_rows: read every shard now (rows and vectors, checksums verified), so
-        a damaged shard fails here, not in a query."""
-        if self._cache_rows:
-            self._read_rows(set())
-            self._cached_vectors([])
-
-    def _cached_vectors(self, keys: list[str]) -> np.ndarray:
-        """vectors_of from memory (cache_rows): every vector read once, by key."""
-        if self._vectors is None:
-            paths = self.paths.shard_paths(self.manifest)
-            tables = [read_shard(p, ["key", "embedding"]) for p in paths]
-            if tables:
-                table = pa.concat_tables(tables)
-                matrix = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
-                where = {k: n for n, k in enumerate(table.column("key").to_pylist())}
-            else:
-                matrix, where = np.zeros((0, self.dim), np.float32), {}
-            self._vectors = (where, matrix.astype(np.float32, copy=False))
-        where, matrix = self._vectors
-        missing = [k for k in keys if k not in where]
-        if missing:
-            raise InputError(
-                f"{self.root} holds no item {missing[0]!r}: give a key as `indexer query` shows it"
-            )
-        return matrix[[where[k] for k in keys]] if keys else matrix[:0]
-
-    def image_of(self, key: str) -> bytes | Path | None:
-        """An item's picture: its file (folder sources), else its bytes read from its
-        dataset row or tar member; None when its source no longer has it."""
-        path = self.path_of(key)
-        if path is not None:
-            return path
-        if self._items is None:
-            from indexer.query.stored_items import ItemReader
-
-            self._items = ItemReader(self.manifest, self.storage_options)
-        return self._items.read(key)
-
-    def row_of(self, item_id: int) -> dict[str, Any] | None:
-        """The stored row (without its vector) of the item with this id, or None."""
-        return self._read_rows({int(item_id)}).get(int(item_id))
-
-    def _read_rows(self, ids: set[int]) -> dict[int, dict[str, Any]]:
-        """Rows by id (no vectors): from the shards, or from memory with cache_rows."""
-        if not self._cache_rows:
-            return read_rows(self.paths.shard_paths(self.manifest), ids)
-        if self._rows is None:
-            self._rows = self._all_rows()
-        sorted_ids, table = self._rows
-        if not len(sorted_ids) or not ids:
-            return {}
-        wanted = np.fromiter(ids, dtype=np.int64)
-        pos = np.searchsorted(sorted_ids, wanted)
-        found = pos[sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == wanted]
-        return {int(r["id"]): r for r in table.take(positions(found)).to_pylist()}
-
-    def _all_rows(self) -> tuple[np.ndarray, pa.Table]:
-        """Every row without its vector, ordered by id, and the sorted ids."""
-        import pyarrow.parquet as pq
-
-        paths = self.paths.shard_paths(self.manifest)
-        if not paths:
-            return np.zeros(0, np.int64), pa.Table.from_batches([], pa.schema([]))
-        names = [n for n in pq.read_schema(paths[0]).names if n != "embedding"]
-        table = pa.concat_tables([read_shard(p, names) for p in paths])
-        order = np.argsort(as_numpy(table.column("id")), kind="stable")
-        return as_numpy(table.column("id"))[order], table.take(positions(order))
-
-    def path_of(self, key: str) -> Path | None:
-        """The absolute path of an item's file, for items of folder sources (else None)."""
-        from indexer.sources.folder import key_to_relpath
-
-        sources = self.manifest["sources"]
-        label, rel = key.split("/", 1) if len(sources) > 1 and "/" in key else (None, key)
-        for source in sources:
-            if source["kind"] == "folder" and (label is None or source.get("label") == label):
-                return Path(source["path"]) / key_to_relpath(rel)
-        return None
 
     def query(
         self,
@@ -523,12 +272,6 @@ class Collection:
                 for h in r.hits]  # fmt: skip
         return pd.DataFrame(rows)
 
-    def _stale_index(self) -> CollectionError:
-        return CollectionError(
-            f"the index in {self.root} names ids missing from the shards: "
-            f"rebuild it with `indexer index {self.root}`"
-        )
-
     def hits(self, vectors: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-k hits for each vector, best first, with their shard rows (the CLI's view)."""
         return self._again_if_pruned(lambda: self._hits(vectors, k))
@@ -566,7 +309,6 @@ class QueryResult:
 
 
 ImageInput = Any  # str | Path | bytes | PIL.Image.Image | np.ndarray (PIL imported lazily)
-SEARCH_PARAMS = ("nprobe", "efSearch")
 
 
 def _one_image(images: Any) -> bool:
