@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 AUTOFAISS_VENV := build/autofaiss-venv
 
-.PHONY: help install browser run test lint format bench bench-index slim-check clean
+.PHONY: help install browser run test lint docs format bench bench-index slim-check clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ lint: $(STAMP)  ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy indexer
+
+docs: $(STAMP)  ## Build the documentation site into site/ (mkdocs --strict: a warning fails)
+	$(BIN)/mkdocs build --strict
 
 format: $(STAMP)  ## Apply ruff's formatting and fixes
 	$(BIN)/ruff format .

@@ -586,9 +586,8 @@ def test_a_killed_bucket_webdataset_build_resumes_item_exactly(
     clean = tmp_path / "clean"
     assert run_cli("build", folder, "--out", clean, *FLAGS).exit_code == 0  # (the export)
     out = tmp_path / "killed"
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")  # (still running)
-    kill_when_confirmed(start_build("s3://photos/wds/", out), out)  # type: ignore[arg-type]
-    monkeypatch.delenv("INDEXER_TEST_DECODE_HOOK")
+    slow = start_build("s3://photos/wds/", out, hook="tests.hooks:slow")  # type: ignore[arg-type]
+    kill_when_confirmed(slow, out)  # (still running)
     result = run_cli("build", "s3://photos/wds/", "--out", out, *FLAGS)
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]

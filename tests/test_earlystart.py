@@ -264,9 +264,8 @@ def test_a_killed_first_bucket_build_resumes_item_exactly(
     clean = tmp_path / "clean"
     assert run_cli("build", corpus, "--out", clean, *RESUME).exit_code == 0  # (the export)
     out = tmp_path / "killed"
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")  # (still running)
-    kill_when_confirmed(start_build(URL, out, "--workers", "1"), out)  # type: ignore[arg-type]
-    monkeypatch.delenv("INDEXER_TEST_DECODE_HOOK")
+    slow = start_build(URL, out, "--workers", "1", hook="tests.hooks:slow")  # type: ignore[arg-type]
+    kill_when_confirmed(slow, out)  # (still running)
     result = run_cli("build", URL, "--out", out, *RESUME, "--workers", "1")
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]

@@ -31,6 +31,7 @@ pytest.importorskip("moto")
 
 from indexer.decode import loader
 from tests.helpers import read_embeddings_by_key, run_cli
+from tests.hooks import hooked_cli, use_decode_hook
 from tests.processes import process_stat
 from tests.s3server import S3
 from tests.test_buckets import upload
@@ -676,7 +677,7 @@ def test_a_crash_and_a_hang_in_the_adopted_decoding_are_the_folders_error_rows(
     other item is embedded as from the folder."""
     folder = with_hostile(corpus, tmp_path)
     upload(s3, folder)
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:hostile")
+    use_decode_hook(monkeypatch, "tests.hooks:hostile")
     flags = (*FLAGS, "--decode-timeout", "1", "--max-failures", "5")
     local, remote = tmp_path / "local", tmp_path / "remote"
     assert run_cli("build", folder, "--out", local, *flags).exit_code == 5
@@ -699,7 +700,7 @@ def test_a_crash_in_the_adopted_decoding_costs_its_batches_not_its_whole_share(
     loader. Not: every item of the share (up to 1,024) forked and read alone, one after
     the other, while the workers idle."""
     upload(s3, with_hostile(corpus, tmp_path, hang=False))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:hostile")
+    use_decode_hook(monkeypatch, "tests.hooks:hostile")
     one_by_one = counted_isolated(monkeypatch)
     batch = 4
     with caplog.at_level(logging.INFO, logger="indexer"):
@@ -732,7 +733,7 @@ def test_an_adopted_early_start_killed_mid_share_loses_nothing(
     per process, the rest of its share by a loader; no error row, every key once, the
     folder's vectors, no object read more than twice."""
     upload(s3, corpus)
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{__name__}:killed_early_start")
+    use_decode_hook(monkeypatch, f"{__name__}:killed_early_start")
     one_by_one = counted_isolated(monkeypatch)
     out = tmp_path / "c"
     result = build_logged(caplog, "build", URL, "--out", out, *FLAGS, "--batch-size", "4")
@@ -803,9 +804,8 @@ class Watched:
 
     def __init__(self, *argv: str, hook: str | None = None, path: Path | None = None) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(p) for p in (path, REPO) if p)}
-        if hook:
-            env["INDEXER_TEST_DECODE_HOOK"] = hook
-        self.proc = subprocess.Popen([INDEXER, "-v", *argv], env=env, text=True,
+        cli = hooked_cli(decode=hook) if hook else [INDEXER]
+        self.proc = subprocess.Popen([*cli, "-v", *argv], env=env, text=True,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)  # fmt: skip
         self.lines: list[str] = []
@@ -1048,7 +1048,7 @@ def test_a_build_failing_after_adoption_stops_the_early_start_at_once(
     monkeypatch.setattr(pipeline, "start_version", full)
     upload(s3, corpus)
     out = tmp_path / "c"
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")  # (0.5 s an item)
+    use_decode_hook(monkeypatch, "tests.hooks:slow")  # (0.5 s an item)
     result = build_logged(caplog, "build", URL, "--out", out, *FLAGS)
     assert result.exit_code != 0 and "No space left" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output

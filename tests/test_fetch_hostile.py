@@ -501,7 +501,9 @@ FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size
 UNCONFIRMED = """
 import sys
 import indexer.model.known_export as known
+from tests.hooks import install_decode_hook
 known.KnownExport.confirmed_early = lambda self: False  # the check has not passed yet
+install_decode_hook("tests.hooks:slow")
 from indexer.cli.main import main
 main(sys.argv[1:])
 """
@@ -522,7 +524,6 @@ def test_known_export_killed_before_confirmation_salvages_nothing_and_a_failed_c
     clean = read_embeddings_by_key(warm)
     # killed with a shard finished but before the check passed: nothing salvaged
     out = tmp_path / "killed"
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")
     proc = subprocess.Popen([sys.executable, "-c", UNCONFIRMED, "build", str(src), "--out",
                              str(out), *FLAGS], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -537,7 +538,6 @@ def test_known_export_killed_before_confirmation_salvages_nothing_and_a_failed_c
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    monkeypatch.delenv("INDEXER_TEST_DECODE_HOOK")
     assert seen, "the build ended before a shard was seen"
     result = run_cli("build", src, "--out", out, *FLAGS)
     assert result.exit_code == 0, result.output

@@ -21,6 +21,7 @@ from indexer.decode.preprocess import DataConfig, Preprocessor
 from indexer.sources import list_items, open_sources
 from indexer.synthetic import write_corpus
 from tests.helpers import read_embeddings_by_key, run_cli
+from tests.hooks import use_decode_hook
 
 CFG = DataConfig((3, 64, 64), "bicubic", 0.875, "center", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 REPO = Path(__file__).resolve().parent.parent
@@ -89,7 +90,7 @@ def test_a_head_start_that_dies_costs_only_its_item(
     root = tmp_path / "src"
     shutil.copytree(corpus, root)
     shutil.copy(root / "group1" / "scene0005.png", root / "group0" / "a-crash-me.png")
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:hostile")
+    use_decode_hook(monkeypatch, "tests.hooks:hostile")
     loader = LoaderConfig(batch_size=4, workers=2, decode_hook="tests.hooks:hostile")
     headed = batches(root, loader, 1)
     errors = [e for b in headed for e in b.errors]

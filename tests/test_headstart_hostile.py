@@ -2,7 +2,7 @@
 (indexer/knownexport.py): killed builds, signals to the whole process group, hostile items,
 odd batch sizes, and cache entries that are not what a build wrote.
 
-Hooks below are injected into decoding processes (INDEXER_TEST_DECODE_HOOK); this module
+Hooks below are injected into decoding processes (tests.hooks.use_decode_hook); this module
 keeps its top-level imports light, since a decoding process imports it to find them."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.hooks import hooked_cli, use_decode_hook
 from tests.processes import process_stat
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,9 +195,9 @@ def test_sigkill_during_the_head_start_leaves_no_process_and_reruns(
 
     src, out = _incremental(base, tmp_path, 10)
     before = os.readlink(out / "current")
-    env = _env(INDEXER_TEST_DECODE_HOOK="tests.hooks:slow")
-    argv = [INDEXER, "build", str(src), "--out", str(out), *FLAGS, "--workers", "2",
-            "--batch-size", "2"]  # fmt: skip
+    env = _env()
+    argv = [*hooked_cli(decode="tests.hooks:slow"), "build", str(src), "--out", str(out), *FLAGS,
+            "--workers", "2", "--batch-size", "2"]  # fmt: skip
     proc, seen = _watch_build(argv, env)
     time.sleep(1.5)  # the first batch decoded (0.5 s an item), waiting in the pipe
     seen.update(_descendants(proc.pid))
@@ -215,9 +216,9 @@ def _term_during_head_start(
     base: tuple[Path, Path], tmp_path: Path, group: bool
 ) -> tuple[subprocess.Popen[str], str, dict[int, str], Path]:
     src, out = _incremental(base, tmp_path, 10)
-    env = _env(INDEXER_TEST_DECODE_HOOK="tests.hooks:slow")
-    argv = [INDEXER, "build", str(src), "--out", str(out), *FLAGS, "--workers", "2",
-            "--batch-size", "2"]  # fmt: skip
+    env = _env()
+    argv = [*hooked_cli(decode="tests.hooks:slow"), "build", str(src), "--out", str(out), *FLAGS,
+            "--workers", "2", "--batch-size", "2"]  # fmt: skip
     proc, seen = _watch_build(argv, env, new_session=True)
     time.sleep(0.7)
     seen.update(_descendants(proc.pid))
@@ -367,7 +368,7 @@ def _headed_run(
     _cli_build(src, plain, "--workers", "0")
     reads = tmp_path / "reads.txt"
     monkeypatch.setenv("ADV_COUNT_FILE", str(reads))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{HOOK}:{hook}")
+    use_decode_hook(monkeypatch, f"{HOOK}:{hook}")
     handed = _claim_first(monkeypatch, claims)
     _cli_build(src, out, *flags, codes=(0, 5))  # 5: partial
     return out, plain, reads, handed
@@ -559,7 +560,7 @@ def test_renamed_items_reuse_their_vectors_through_the_head_start(
     scene(901, (200, 150)).save(src / "zz-new.png")  # one new item: else nothing decodes
     reads = tmp_path / "reads.txt"
     monkeypatch.setenv("ADV_COUNT_FILE", str(reads))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", f"{HOOK}:counting")
+    use_decode_hook(monkeypatch, f"{HOOK}:counting")
     handed = _claim_first(monkeypatch, 2)
     _cli_build(src, out, "--workers", "2", "--batch-size", "3")
     assert handed and handed[0][1] == 13 and handed[0][0] >= 6, handed
@@ -691,11 +692,10 @@ def test_a_killed_known_export_build_leaves_nothing_a_failed_check_would_keep(
     cache = tmp_path / "cache"
     shutil.copytree(known_cache[1], cache)
     out = tmp_path / "out"
-    argv = [INDEXER, "build", str(known_cache[0]), "--out", str(out), "--no-pretrained",
-            "--workers", "0", "--no-progress", "--precision", "fp32", "--batch-size", "2",
-            "--runtime", "onnx"]  # fmt: skip
-    killed = subprocess.run(argv, env=_env(INDEXER_CACHE_DIR=str(cache),
-                                           INDEXER_TEST_DECODE_HOOK="tests.hooks:killer"),
+    argv = [*hooked_cli(decode="tests.hooks:killer"), "build", str(known_cache[0]), "--out",
+            str(out), "--no-pretrained", "--workers", "0", "--no-progress", "--precision", "fp32",
+            "--batch-size", "2", "--runtime", "onnx"]  # fmt: skip
+    killed = subprocess.run(argv, env=_env(INDEXER_CACHE_DIR=str(cache)),
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (out / "current").exists()

@@ -19,6 +19,7 @@ from indexer.build.failures import reason_of
 from indexer.query.collection import Collection
 from indexer.sources.folder import walk_images
 from tests.helpers import BUILD_FLAGS, run_cli
+from tests.hooks import use_decode_hook
 
 OK = "embedded"
 
@@ -135,7 +136,7 @@ def test_hostile_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     expected = write_hostile(root, outside)
     replacement = tmp_path / "replacement.jpg"
     replacement.write_bytes(encode(scene(seed=9), "JPEG", quality=90))
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:vanishing")
+    use_decode_hook(monkeypatch, "tests.hooks:vanishing")
     monkeypatch.setenv("INDEXER_TEST_ROOT", str(root))
     monkeypatch.setenv("INDEXER_TEST_REPLACEMENT", str(replacement))
     listed = walk_images(root)

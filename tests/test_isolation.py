@@ -10,6 +10,7 @@ import pytest
 
 from indexer.sources.folder import walk_images
 from tests.helpers import read_embeddings_by_key, reference_embedding, run_cli, seeded_model
+from tests.hooks import use_decode_hook
 
 
 @pytest.mark.slow
@@ -22,7 +23,7 @@ def test_crashing_and_hanging_decoders_fail_only_their_items(
     shutil.copy(good, root / "group0" / "crash-me.png")  # valid images the hook sabotages
     shutil.copy(good, root / "group2" / "hang-me.png")
     (root / "group3" / "zz-empty.jpg").write_bytes(b"")  # and an ordinary failure
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:hostile")
+    use_decode_hook(monkeypatch, "tests.hooks:hostile")
     out = tmp_path / "c"
     result = run_cli(
         "build", root, "--out", out, "--no-pretrained", "--no-progress", "--workers", "2",

@@ -12,10 +12,10 @@ import click
 import pytest
 import yaml
 
-from indexer.cli.build import build, job_argv
+from indexer.cli.build import build
+from indexer.cli.jobs import check_setting, job_flags, read_job, toml_kind
 from indexer.cli.main import main
 from indexer.collection.lock import CollectionLock
-from indexer.config import read_job, setting_text, toml_kind
 from indexer.errors import InputError
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
 
@@ -166,11 +166,11 @@ def test_build_flags_have_the_expected_toml_kinds() -> None:
 @pytest.mark.parametrize(
     ("value", "kind", "many", "expected"),
     [
-        (True, "boolean", False, ["true"]),
-        (3, "integer", False, ["3"]),
-        (3, "number", False, ["3"]),
-        (0.25, "number", False, ["0.25"]),
-        ("x y", "string", False, ["x y"]),
+        (True, "boolean", False, True),
+        (3, "integer", False, 3),
+        (3, "number", False, 3),
+        (0.25, "number", False, 0.25),
+        ("x y", "string", False, "x y"),
         (["a", "b"], "string", True, ["a", "b"]),
         ([], "string", True, []),
         (1, "boolean", False, "must be true or false, not an integer"),
@@ -186,13 +186,13 @@ def test_build_flags_have_the_expected_toml_kinds() -> None:
         ([1, True], "integer", True, "must be a list of integers, not a list holding a boolean"),
     ],
 )
-def test_setting_text(value: object, kind: str, many: bool, expected: list[str] | str) -> None:
+def test_check_setting(value: object, kind: str, many: bool, expected: object) -> None:
     job = Path("j.toml")
-    if isinstance(expected, list):
-        assert setting_text(job, "s", value, kind, many) == expected
+    if not (isinstance(expected, str) and expected.startswith("must ")):
+        assert check_setting(job, "s", value, kind, many) == expected
     else:
         with pytest.raises(InputError) as info:
-            setting_text(job, "s", value, kind, many)
+            check_setting(job, "s", value, kind, many)
         assert str(info.value) == f"job file j.toml: setting 's' {expected}"
 
 
@@ -212,7 +212,7 @@ def test_read_job_resolves_paths_against_the_job_folder(tmp_path: Path) -> None:
         "metrics_file": str(base / "../m.prom"),
         "model": "./not/a/path",  # not a path setting: as written
     }
-    params = parses(job_argv(settings, job))
+    params = job_flags(settings, job, build)
     assert params["out"] == base / "o.idx" and params["metrics_file"] == base / "../m.prom"
     assert params["sources"] == tuple(settings["sources"])
 
@@ -247,7 +247,7 @@ def test_numbers_and_integers_reach_click_as_typed(tmp_path: Path) -> None:
         'sources = ["s"]\nout = "o"\nmax_failures = 3\ndecode_timeout = 0\ntarget_recall = 0.5\n'
         'seed = 7\nfeature-stage = 2\nmetric = "l2"\nprogress = false\nsplit = "--test"\n'
     )
-    params = parses(job_argv(read_job(job), job))
+    params = job_flags(read_job(job), job, build)
     numbers = (params["max_failures"], params["decode_timeout"], params["target_recall"])
     assert numbers == (3.0, 0.0, 0.5)
     assert (params["seed"], params["feature_stage"], params["metric"]) == (7, 2, "l2")
@@ -255,7 +255,7 @@ def test_numbers_and_integers_reach_click_as_typed(tmp_path: Path) -> None:
 
 
 def test_shipped_example_and_configmap_are_valid_jobs(tmp_path: Path) -> None:
-    params = parses(job_argv(read_job(JOBS / "example.toml"), JOBS / "example.toml"))
+    params = job_flags(read_job(JOBS / "example.toml"), JOBS / "example.toml", build)
     assert params["sources"] == ("/data/photos",) and params["out"] == Path("/data/photos.idx")
     assert params["rebuild"] is False and params["max_failures"] == 0.05
     docs = list(yaml.safe_load_all((JOBS / "kubernetes" / "cronjob.yaml").read_text()))
@@ -266,7 +266,7 @@ def test_shipped_example_and_configmap_are_valid_jobs(tmp_path: Path) -> None:
     job = tmp_path / "photos.toml"
     job.write_text(config_map["data"]["photos.toml"])
     assert read_job(job)["out"] == "/data/photos.idx"
-    assert parses(job_argv(read_job(job), job))["sources"] == ("/data/photos",)
+    assert job_flags(read_job(job), job, build)["sources"] == ("/data/photos",)
     service = (JOBS / "systemd" / "indexer-photos.service").read_text()
     assert "SuccessExitStatus=5 75" in service and "Type=oneshot" in service
     assert "OnCalendar=" in (JOBS / "systemd" / "indexer-photos.timer").read_text()

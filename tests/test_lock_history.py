@@ -18,6 +18,7 @@ from indexer.collection.history import RunRecord, append_run, read_runs, write_m
 from indexer.collection.lock import CollectionLock
 from indexer.errors import CollectionLockedError, InputError
 from tests.helpers import BUILD_FLAGS, copy_of, run_cli
+from tests.hooks import hooked_cli
 
 REPO = Path(__file__).resolve().parent.parent
 LOCKED = 75
@@ -53,7 +54,7 @@ BUILD = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
 
 
 def slow(key: str) -> None:
-    """Decode hook (INDEXER_TEST_DECODE_HOOK=tests.test_lock_history:slow): 0.5 s per item."""
+    """Decode hook (tests.test_lock_history:slow): 0.5 s per item."""
     time.sleep(0.5)
 
 
@@ -119,9 +120,10 @@ def test_a_build_killed_with_live_workers_does_not_block_the_next(
     out = tmp_path / "c"
     argv = ["build", corpus, "--out", out, "--no-pretrained", "--workers", "2",
             "--batch-size", "1", "--no-progress"]  # fmt: skip
-    env = {**os.environ, "INDEXER_TEST_DECODE_HOOK": "tests.test_lock_history:slow"}
     first = subprocess.Popen(
-        [sys.executable, "-c", BUILD, *map(str, argv)], cwd=REPO, env=env, stderr=subprocess.DEVNULL
+        [*hooked_cli(decode="tests.test_lock_history:slow"), *map(str, argv)],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
     )
     pids = [first.pid]
     with killed_afterwards(pids):

@@ -15,6 +15,7 @@ import pytest
 from indexer.build.partitions import in_partition, parse_partition
 from indexer.errors import InputError
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+from tests.hooks import hooked_cli
 
 
 @pytest.mark.parametrize(
@@ -105,8 +106,8 @@ def test_a_killed_part_reruns_and_completes(corpus: Path, tmp_path: Path) -> Non
         assert run_cli("build", corpus, "--out", parted, *flags, "--partition", f"{i}/3")\
             .exit_code == 0  # fmt: skip
     repo = str(Path(__file__).resolve().parents[1])  # where tests.hooks is importable from
-    env = {**os.environ, "INDEXER_TEST_DECODE_HOOK": "tests.hooks:killer", "PYTHONPATH": repo}
-    cmd = [str(Path(sys.executable).parent / "indexer"), "build", str(corpus), "--out", str(parted),
+    env = {**os.environ, "PYTHONPATH": repo}
+    cmd = [*hooked_cli(decode="tests.hooks:killer"), "build", str(corpus), "--out", str(parted),
            *flags, "--partition", "1/3"]  # fmt: skip
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr

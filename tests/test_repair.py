@@ -14,8 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.verify.check import repair, verify
+from indexer.verify.check import verify
+from indexer.verify.repair import repair
 from tests.helpers import BUILD_FLAGS, read_embeddings_by_key, run_cli
+from tests.hooks import hooked_cli
 
 INDEXER = str(Path(sys.executable).parent / "indexer")
 
@@ -60,10 +62,10 @@ def test_a_build_published_between_repairs_check_and_lock_is_kept(
     assert run_cli("build", src, "--out", out, *BUILD_FLAGS).exit_code == 0
     _damage_index(out)
     paused, resume = tmp_path / "paused", tmp_path / "resume"
-    env = {**os.environ, "INDEXER_TEST_REPAIR_HOOK": "tests.hooks:pause_before_repair",
-           "INDEXER_TEST_PAUSED": str(paused), "INDEXER_TEST_RESUME": str(resume),
+    env = {**os.environ, "INDEXER_TEST_PAUSED": str(paused), "INDEXER_TEST_RESUME": str(resume),
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # fmt: skip
-    proc = subprocess.Popen([INDEXER, "verify", "--repair", str(out)], env=env, text=True,
+    cli = hooked_cli(repair="tests.hooks:pause_before_repair")
+    proc = subprocess.Popen([*cli, "verify", "--repair", str(out)], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         _wait_for(paused, proc)  # repair has seen the damaged version and not yet locked

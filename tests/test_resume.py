@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,14 @@ FLAGS = ("--no-pretrained", "--workers", "0", "--batch-size", "2", "--shard-size
          "--precision", "fp32", "--runtime", "onnx")  # fmt: skip  # compared at 1e-6
 
 
-def start_build(src: Path, out: Path, *flags: str) -> subprocess.Popen[bytes]:
-    code = "import sys\nfrom indexer.cli.main import main\nmain(sys.argv[1:])"
+def start_build(
+    src: Path, out: Path, *flags: str, hook: str | None = None
+) -> subprocess.Popen[bytes]:
+    """The build in a subprocess (`hook`: a decode hook of tests.hooks, such as slow)."""
+    from tests.hooks import hooked_cli
+
     argv = ["build", str(src), "--out", str(out), *FLAGS, "--no-progress", *flags]
-    return subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.DEVNULL,
+    return subprocess.Popen([*hooked_cli(decode=hook), *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -130,9 +133,7 @@ def test_a_killed_build_with_a_known_export_resumes(
     src, clean = clean_build
     assert run_cli("build", src, "--out", tmp_path / "warm", *FLAGS).exit_code == 0
     out = tmp_path / "killed"
-    monkeypatch.setenv("INDEXER_TEST_DECODE_HOOK", "tests.hooks:slow")  # (still running)
-    kill_when_confirmed(start_build(src, out), out)
-    monkeypatch.delenv("INDEXER_TEST_DECODE_HOOK")
+    kill_when_confirmed(start_build(src, out, hook="tests.hooks:slow"), out)  # (still running)
     result = run_cli("build", src, "--out", out, *FLAGS)
     assert result.exit_code == 0, result.output
     counts = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])["counts"]

@@ -14,6 +14,7 @@ import pytest
 
 from indexer.verify.check import verify
 from tests.helpers import BUILD_FLAGS, run_cli
+from tests.hooks import hooked_cli
 
 INDEXER = str(Path(sys.executable).parent / "indexer")
 
@@ -33,10 +34,9 @@ def _started(out: Path, proc: subprocess.Popen[str], seconds: float = 120) -> No
 def test_sigterm_records_the_run_frees_the_lock_and_exits_143(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "c"
     assert run_cli("build", corpus / "group0", "--out", out, *BUILD_FLAGS).exit_code == 0
-    env = {**os.environ, "INDEXER_TEST_DECODE_HOOK": "tests.hooks:slow",
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # fmt: skip
-    argv = [INDEXER, "build", str(corpus), "--out", str(out), "--no-pretrained", "--workers",
-            "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    argv = [*hooked_cli(decode="tests.hooks:slow"), "build", str(corpus), "--out", str(out),
+            "--no-pretrained", "--workers", "2", "--batch-size", "2", "--no-progress"]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)  # fmt: skip
     try:

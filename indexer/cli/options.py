@@ -108,3 +108,14 @@ runtime_option = click.option(
     help="What embeds images: torch, onnx (onnxruntime) or openvino (the exported model); "
     "auto: the collection's own (a first build times each on its first batch).",
 )
+
+
+def with_options(*decorators: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Several click options as one decorator, listed in the order --help shows them."""
+
+    def decorate(fn: Any) -> Any:
+        for option in reversed(decorators):
+            fn = option(fn)
+        return fn
+
+    return decorate

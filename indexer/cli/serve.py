@@ -38,7 +38,7 @@ SWITCH_SECONDS = 0.0005
 @click.option("--batch-window-ms", default=3.0, show_default=True, type=click.FloatRange(0, 100),
               help="Embed uploads arriving this close together in one batch (0: off).")  # fmt: skip
 @click.option("--search-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds a search may take, decoding an upload included; then 422.")  # fmt: skip
+              help="Seconds a search may take, decoding an upload included; then 503.")  # fmt: skip
 @click.option("--max-decode-pixels", default=100_000_000, show_default=True,
               type=click.IntRange(1_000_000),
               help="Pixels decoded at once by all requests together (uploads, "

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from indexer.cli.common import run_library
 from indexer.cli.options import keep_option, parse_pairs, storage_option
-
-REPAIR_HOOK_ENV = "INDEXER_TEST_REPAIR_HOOK"  # module:function run before repair locks (tests)
-
-
-def load_hook(spec: str) -> Callable[[], None]:
-    """A test hook named module:function."""
-    import importlib
-
-    module, _, name = spec.partition(":")
-    hook: Callable[[], None] = getattr(importlib.import_module(module), name)
-    return hook
 
 
 @click.command()
@@ -37,8 +24,8 @@ def verify(root: Path, repair: bool, keep: int, storage_options: tuple[str, ...]
     """Check the collection at DIR against its manifest: every shard's checksum, rows and ids,
     the index's checksums and ids, and that its model embeds a sample of items (read from the
     sources) as their stored vectors. Exit 0 when whole, 3 when damaged."""
-    from indexer.verify.check import repair as mend
     from indexer.verify.check import verify as check
+    from indexer.verify.repair import repair as mend
 
     options = parse_pairs(storage_options, "--storage-option")
     report = run_library(lambda: check(root, options))
@@ -52,8 +39,7 @@ def verify(root: Path, repair: bool, keep: int, storage_options: tuple[str, ...]
     if not repair:
         click.echo(f"Run `indexer verify --repair {root}` to rebuild what is damaged.", err=True)
         sys.exit(3)
-    hook = os.environ.get(REPAIR_HOOK_ENV)
-    click.echo(run_library(lambda: mend(root, keep, load_hook(hook) if hook else None, options)))
+    click.echo(run_library(lambda: mend(root, keep, storage_options=options)))
     after = run_library(lambda: check(root, options))
     if after.problems:
         click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from indexer.collection.shards import as_numpy, positions, read_rows, read_shard
 from indexer.errors import InputError
-
-if TYPE_CHECKING:
-    pass
 from indexer.query.opened import OpenedCollection
 
 

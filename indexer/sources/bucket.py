@@ -382,7 +382,7 @@ def open_filesystem(protocol: str, options: dict[str, Any]) -> Any:
 def _unreachable(url: str, exc: BaseException) -> InputError:
     if isinstance(exc, PermissionError):
         return InputError(f"{url} cannot be listed ({_short(exc)}): check the credentials "
-                          "(README: 'Data in buckets')")  # fmt: skip
+                          "(docs/buckets.md)")  # fmt: skip
     return InputError(f"{url} cannot be listed: {_short(exc)}: check the endpoint, the "
                       "network and the credentials")  # fmt: skip
 
