@@ -154,3 +154,46 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The model's resolved preprocessing (timm's data config), as recorded in the manifest."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    crop_pct: float
+    crop_mode: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        return cls(
+            input_size=(int(d["input_size"][0]), int(d["input_size"][1]), int(d["input_size"][2])),
+            interpolation=str(d["interpolation"]),
+            crop_pct=float(d["crop_pct"]),
+            crop_mode=str(d.get("crop_mode") or "center"),
+            mean=(float(d["mean"][0]), float(d["mean"][1]), float(d["mean"][2])),
+            std=(float(d["std"][0]), float(d["std"][1]), float(d["std"][2])),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_size": list(self.input_size),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @property
+    def geometry_supported(self) -> bool:
+        """Whether our one-step resize reproduces timm's eval transform for this config.
+
+        Other configs ("border", non-square centre crops, crop_pct > 1) run timm's transform.
+        """
+        _, h, w = self.input_size
+        square_center = self.crop_mode == "center" and h == w
+        return (square_center or self.crop_mode == "squash") and self.crop_pct <= 1.0

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from indexer.config import DataConfig
 from indexer.decode.gpu_share import MAX_SHARE, SMOOTHING, CpuShare, WorkerTime, balanced_share
-from indexer.decode.preprocess import DataConfig, Preprocessor
+from indexer.decode.preprocess import Preprocessor
 from indexer.synthetic import scene
 
 CFG = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)

@@ -254,8 +254,7 @@ def stand_in_cuda(cache: Path, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     check recorded), the model's data config remembered from an earlier run."""
     import indexer.decode.gpu
     import indexer.model.timm_model
-    from indexer.config import ModelConfig
-    from indexer.decode.preprocess import DataConfig
+    from indexer.config import DataConfig, ModelConfig
     from indexer.model import data_config_cache as configcache
 
     checks: list[bool] = []
@@ -300,7 +299,7 @@ def test_a_build_on_cuda_decodes_where_its_machine_measured(
     for path, rate in rates.items():
         assert decodechoice.record_run("cuda:0", (3, 224, 224), loader, path, rate, 5000)
     cfg = BuildConfig((), Path("out"), loader=loader)
-    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
+    with caplog.at_level(logging.INFO, logger="indexer.build.decode_choice"):
         assert gpu_decoding(cfg) is want
     assert stand_in_cuda == ([True] if want else [])  # nvJPEG checked where it decides
     said = [r.getMessage() for r in caplog.records if "decoding JPEGs on the" in r.getMessage()]

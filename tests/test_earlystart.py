@@ -277,9 +277,10 @@ def test_an_item_decoded_alone_is_fetched_outside_its_decode_alarm(s3: S3, corpu
     """An item decoded in a process of its own (after a crash in its batch) is fetched by
     the loader's process first: a slow store (1.5 s a request here, or a fresh process
     loading the store's client) is not a decode timeout (1 s), and its bytes are read once."""
+    from indexer.config import DataConfig
     from indexer.decode.item_dataset import loader_work
     from indexer.decode.loader import isolated
-    from indexer.decode.preprocess import DataConfig, Preprocessor
+    from indexer.decode.preprocess import Preprocessor
     from indexer.sources import list_items
     from indexer.sources.bucket import BucketSource
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from indexer.config import DataConfig
 from indexer.decode.gpu import Decode, GpuDecoder, decode_split, nvjpeg, orient
 from indexer.decode.jpeg_route import route
-from indexer.decode.preprocess import DataConfig, Preprocessor
+from indexer.decode.preprocess import Preprocessor
 from indexer.synthetic import scene
 
 CFG = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)
@@ -453,7 +454,7 @@ def test_a_whole_build_on_the_gpu_path_matches_the_cpu_build(
     cpu = run_cli("build", src, "--out", tmp_path / "cpu", *flags, "--decode", "cpu")
     gpu_when_asked = lambda cfg: cfg.loader.decode != "cpu"  # noqa: E731
     monkeypatch.setattr(indexer.build.model_start, "gpu_decoding", gpu_when_asked)
-    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
+    with caplog.at_level(logging.INFO, logger="indexer.build.gpu_decoding"):
         gpu = run_cli("build", src, "--out", tmp_path / "gpu", *flags, "--decode", "auto")
     for result in (cpu, gpu):
         assert result.exit_code == 5, result.output  # some items failed, the rest published
@@ -588,7 +589,7 @@ def test_where_jpegs_are_decoded(
             choose_gpu_decoding(asked, cuda, exact, check, measured=measured)
         assert str(raised.value) == want
         return
-    with caplog.at_level(logging.INFO, logger="indexer.build.embed"):
+    with caplog.at_level(logging.INFO, logger="indexer.build.decode_choice"):
         assert choose_gpu_decoding(asked, cuda, exact, check, measured=measured) is want
     counts = cuda and not exact and (asked == "gpu" or (asked == "auto" and measured == FASTER))
     assert checked == ([True] if counts else [])  # checked only when it counts

@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.config import LoaderConfig, SourceSpec
+from indexer.config import DataConfig, LoaderConfig, SourceSpec
 from indexer.decode.head_start import HeadStart
 from indexer.decode.item_dataset import loader_work
-from indexer.decode.preprocess import DataConfig, Preprocessor
+from indexer.decode.preprocess import Preprocessor
 from indexer.sources import list_items, open_sources
 from indexer.synthetic import write_corpus
 from tests.helpers import read_embeddings_by_key, run_cli

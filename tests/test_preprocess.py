@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 from timm.data import create_transform
 
+from indexer.config import DataConfig
 from indexer.decode.images import decode_image
-from indexer.decode.preprocess import DataConfig, Preprocessor
+from indexer.decode.preprocess import Preprocessor
 from indexer.synthetic import scene
 
 CONVNEXT = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.5,) * 3, (0.5,) * 3)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer.decode.preprocess import DataConfig
+from indexer.config import DataConfig
 from indexer.model import data_config_cache as configcache
 from indexer.synthetic import scene
 from tests.helpers import (

@@ -9,8 +9,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from indexer.build.plan import Previous
-from indexer.config import BuildConfig
-from indexer.decode.preprocess import DataConfig, Preprocessor
+from indexer.config import BuildConfig, DataConfig
+from indexer.decode.preprocess import Preprocessor
 from indexer.model import data_config_cache as configcache
 from indexer.sources import Item, Source
 

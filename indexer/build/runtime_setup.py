@@ -8,9 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from indexer.build.plan import Previous
-from indexer.config import BuildConfig
-from indexer.decode.preprocess import DataConfig, Preprocessor
+from indexer.config import BuildConfig, DataConfig
+from indexer.decode.preprocess import Preprocessor
 from indexer.errors import IndexerError, InputError
 from indexer.query.model_check import (
     CHEAP_SAMPLE,

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import click
 
-from indexer.build.pipeline import BuildReport, build
 from indexer.config import (
     BuildConfig,
     LoaderConfig,
@@ -18,7 +17,6 @@ from indexer.config import (
 from indexer.errors import (
     WeightsUnavailableError,
 )
-from indexer.query.collection import Collection, Hit
 from indexer.synthetic import near_duplicate, scene, write_corpus
 
 if TYPE_CHECKING:
@@ -39,6 +37,9 @@ class DemoResult:
 
 def run_demo(out: Path, count: int = 300, progress: bool | None = None) -> DemoResult:
     """Build a collection over generated scenes and query it with two unseen near-duplicates."""
+    from indexer.build.pipeline import build
+    from indexer.query.collection import Collection
+
     images = out / "images"
     if not (images / "near-duplicates").is_dir():
         write_corpus(images, count, duplicates=max(4, count // 10), seed=7)

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
+from indexer.config import DataConfig
 from indexer.decode.jpeg_route import Route
-from indexer.decode.preprocess import DataConfig, crop_box, resized_size
+from indexer.decode.preprocess import crop_box, resized_size
 
 Decode = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}

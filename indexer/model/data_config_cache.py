@@ -9,7 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from indexer.decode.preprocess import DataConfig
+from indexer.config import DataConfig
 from indexer.safeio import write_bytes_atomic
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from indexer.decode.preprocess import DataConfig
+from indexer.config import DataConfig
 from indexer.errors import CollectionError, InputError
 
 MODEL_FILE = "model.onnx"

@@ -9,8 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from indexer.config import RUNTIMES
-from indexer.decode.preprocess import DataConfig
+from indexer.config import RUNTIMES, DataConfig
 from indexer.errors import CollectionError, IndexerError, InputError
 from indexer.model.portable import MODEL_FILE, Exported
 from indexer.model.runtime_choice import PORTABLE, Choice, Machine

@@ -12,8 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.config import PRECISIONS, ModelConfig, file_sha256
-from indexer.decode.preprocess import DataConfig
+from indexer.config import PRECISIONS, DataConfig, ModelConfig, file_sha256
 from indexer.errors import InputError, ModelError, WeightsUnavailableError
 from indexer.hub import WEIGHTS_HINT, hub_unreachable_reason
 from indexer.model.forward import (

@@ -15,7 +15,8 @@ from indexer.index.faiss_index import search_param, whole_number
 from indexer.query.rows import RowAccess
 
 if TYPE_CHECKING:
-    from indexer.decode.preprocess import DataConfig, Preprocessor
+    from indexer.config import DataConfig
+    from indexer.decode.preprocess import Preprocessor
 
 SCORE_TOLERANCE = 1e-6  # thresholds compare with this slack: float32 rounds identical items
 WHERE_FIRST = 200  # a filtered query first asks for this many neighbours (or 20k), then doubles
