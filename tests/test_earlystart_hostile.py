@@ -1040,12 +1040,12 @@ def test_a_build_failing_after_adoption_stops_the_early_start_at_once(
     API, a service, these tests)."""
     import errno
 
-    from indexer.build import pipeline
+    from indexer.build import new_version
 
     def full(root: Path, request: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "versions"))
 
-    monkeypatch.setattr(pipeline, "start_version", full)
+    monkeypatch.setattr(new_version, "start_version", full)
     upload(s3, corpus)
     out = tmp_path / "c"
     use_decode_hook(monkeypatch, "tests.hooks:slow")  # (0.5 s an item)

@@ -513,7 +513,7 @@ main(sys.argv[1:])
 def test_known_export_killed_before_confirmation_salvages_nothing_and_a_failed_check_never_confirms(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import indexer.build.pipeline as pipeline
+    import indexer.build.new_version as new_version
     import indexer.model.known_export as known
     from indexer.synthetic import write_corpus
 
@@ -549,13 +549,13 @@ def test_known_export_killed_before_confirmation_salvages_nothing_and_a_failed_c
         np.testing.assert_allclose(got[key], clean[key], atol=1e-5)
     # a known export whose trusted check fails: the version is never marked confirmed
     marked: list[tuple[Path, dict]] = []
-    real_mark = pipeline.mark_request
+    real_mark = new_version.mark_request
 
     def mark(building: Path, request: dict) -> None:
         marked.append((building, dict(request)))
         real_mark(building, request)
 
-    monkeypatch.setattr(pipeline, "mark_request", mark)
+    monkeypatch.setattr(new_version, "mark_request", mark)
     monkeypatch.setattr(known, "chained_bound", lambda bound, export_min: 1.5)
     failing = tmp_path / "failing"
     result = run_cli("build", src, "--out", failing, *FLAGS)

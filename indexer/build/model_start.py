@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from indexer.decode.batch import Batch
 
 if TYPE_CHECKING:
     from indexer.build.plan import Previous
+    from indexer.decode.item_dataset import ItemDataset
     from indexer.decode.preprocess import Preprocessor
     from indexer.model.runtime import Runtime
     from indexer.sources import Item, Source
@@ -60,8 +61,7 @@ def load_model_while_decoding(
         from indexer.model.runtime import RecordedRecipe
 
         return RecordedRecipe(prev.manifest), iter([Batch(reused=stored)]), None
-    from indexer.decode.head_start import HeadStart
-    from indexer.model.known_export import KnownExport, request_identity
+    from indexer.model.known_export import request_identity
     from indexer.model.runtime_choice import recorded
 
     # a first build's request, by content (checkpoint sha256, sources): computed once here
@@ -74,30 +74,67 @@ def load_model_while_decoding(
         return runtime, ray_batches(items, sources, cfg, known, positions, runtime), plan
     opening = portable_opening(cfg, plan, prev, trust_cache, identity)
     if opening is not None:  # decoding starts now (or started); the runtime loads, then torch
-        recipe, open_runtime = opening
-        loader = cfg.loader
-        work = portable_work(items, sources, cfg, recipe, known, positions, carried)
-        head = early.adopt(*work, loader.batch_size) if early is not None else None
-        if head is None:
-            head = HeadStart.start(*work, loader)
-        try:
-            portable = open_runtime()
-            if portable is not None:
-                from indexer.decode.loader import iter_batches  # torch loads meanwhile
-
-                batches = iter_batches(items, sources, work[0].preprocess, loader, known,
-                                       positions, head=head, carried=carried)  # fmt: skip
-                if isinstance(portable, KnownExport):
-                    portable.start()  # its thread starts once the workers are forked
-                return portable, batches, plan
-        except BaseException:  # interrupted (SIGTERM) or failed before the handover
-            if head is not None:
-                head.close()
-            raise
-        if head is not None:  # the runtime did not load: torch's path decodes
-            head.close()
+        work = portable_work(items, sources, cfg, opening[0], known, positions, carried)
+        started = portable_batches(work, opening[1], items, sources, cfg, known, positions,
+                                   carried, early)  # fmt: skip
+        if started is not None:
+            return started[0], started[1], plan
     if early is not None:
         early.close()  # its work is not this path's
+    return torch_batches(items, sources, cfg, known, positions, carried, plan)
+
+
+def portable_batches(
+    work: tuple[ItemDataset, list[int]],
+    open_runtime: Callable[[], Runtime | None],
+    items: list[Item],
+    sources: list[Source],
+    cfg: BuildConfig,
+    known: frozenset[str],
+    positions: list[int],
+    carried: dict[int, Any],
+    early: EarlyStart | None,
+) -> tuple[Runtime, Iterator[Batch]] | None:
+    """The portable runtime (or known export) and its batches, their decoding started by the
+    early start (adopted) or a head start while it loads; None when it does not load (the
+    early start then closed: torch's path decodes with the model's own data config)."""
+    from indexer.decode.head_start import HeadStart
+    from indexer.model.known_export import KnownExport
+
+    loader = cfg.loader
+    head = early.adopt(*work, loader.batch_size) if early is not None else None
+    if head is None:
+        head = HeadStart.start(*work, loader)
+    try:
+        portable = open_runtime()
+        if portable is not None:
+            from indexer.decode.loader import iter_batches  # torch loads meanwhile
+
+            batches = iter_batches(items, sources, work[0].preprocess, loader, known,
+                                   positions, head=head, carried=carried)  # fmt: skip
+            if isinstance(portable, KnownExport):
+                portable.start()  # its thread starts once the workers are forked
+            return portable, batches
+    except BaseException:  # interrupted (SIGTERM) or failed before the handover
+        if head is not None:
+            head.close()
+        raise
+    if head is not None:  # the runtime did not load: torch's path decodes
+        head.close()
+    return None
+
+
+def torch_batches(
+    items: list[Item],
+    sources: list[Source],
+    cfg: BuildConfig,
+    known: frozenset[str],
+    positions: list[int],
+    carried: dict[int, Any],
+    plan: RuntimePlan,
+) -> tuple[Runtime, Iterator[Batch], RuntimePlan]:
+    """timm's model, loaded while the workers decode with the remembered data config (the
+    work discarded and decoding restarted if the model's own config differs)."""
     from indexer.decode.loader import iter_batches
     from indexer.model.timm_model import load_embedder
 

@@ -20,7 +20,7 @@ from indexer.errors import (
 from indexer.synthetic import near_duplicate, scene, write_corpus
 
 if TYPE_CHECKING:
-    from indexer.build.pipeline import BuildReport
+    from indexer.build.new_version import BuildReport
     from indexer.query.collection import Hit
 from indexer.cli.common import run_library
 from indexer.cli.describe import format_hits, summarize

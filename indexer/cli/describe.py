@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from indexer.build.pipeline import BuildReport
+    from indexer.build.new_version import BuildReport
     from indexer.query.collection import Hit
 
 

@@ -8,42 +8,55 @@ import click
 
 from indexer.cli.common import run_library
 from indexer.cli.describe import below_target, describe_index
-from indexer.cli.options import index_options, keep_option
+from indexer.cli.options import index_options, keep_option, with_options
 from indexer.config import (
     METRICS,
     IndexOverrides,
 )
 
+INDEX_COMMAND_OPTIONS = (
+    click.option(
+        "--from-parquet",
+        is_flag=True,
+        help="Index embeddings made elsewhere: the arguments are Parquet files or folders of them.",
+    ),
+    click.option(
+        "--out", type=click.Path(path_type=Path), help="Collection to create (--from-parquet)."
+    ),
+    click.option(
+        "--embedding-column", default="embedding", show_default=True, help="List of floats."
+    ),
+    click.option("--key-column", default="key", show_default=True, help="Unique string or int."),
+    click.option(
+        "--normalize", is_flag=True, help="L2-normalise the vectors on the way in (--from-parquet)."
+    ),
+    click.option(
+        "--metric",
+        type=click.Choice(METRICS),
+        default="ip",
+        show_default=True,
+        help="Index metric (--from-parquet; a collection keeps its own).",
+    ),
+    click.option(
+        "--shard-size",
+        default=50_000,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Rows per Parquet shard (--from-parquet).",
+    ),
+    index_options(defaults=False),
+    click.option(
+        "--rebuild-index",
+        is_flag=True,
+        help="Build the index from scratch instead of updating the previous version's.",
+    ),
+    keep_option,
+)
+
 
 @click.command(name="index")
 @click.argument("paths", metavar="DIR | PARQUET...", nargs=-1, type=click.Path(path_type=Path))
-@click.option(
-    "--from-parquet",
-    is_flag=True,
-    help="Index embeddings made elsewhere: the arguments are Parquet files or folders of them.",
-)
-@click.option(
-    "--out", type=click.Path(path_type=Path), help="Collection to create (--from-parquet)."
-)
-@click.option("--embedding-column", default="embedding", show_default=True, help="List of floats.")
-@click.option("--key-column", default="key", show_default=True, help="Unique string or int.")
-@click.option(
-    "--normalize", is_flag=True, help="L2-normalise the vectors on the way in (--from-parquet)."
-)
-@click.option(
-    "--metric", type=click.Choice(METRICS), default="ip", show_default=True,
-    help="Index metric (--from-parquet; a collection keeps its own).",
-)  # fmt: skip
-@click.option(
-    "--shard-size", default=50_000, show_default=True, type=click.IntRange(1),
-    help="Rows per Parquet shard (--from-parquet).",
-)  # fmt: skip
-@index_options(defaults=False)
-@click.option(
-    "--rebuild-index", is_flag=True,
-    help="Build the index from scratch instead of updating the previous version's.",
-)  # fmt: skip
-@keep_option
+@with_options(*INDEX_COMMAND_OPTIONS)
 def index_cmd(
     paths: tuple[Path, ...],
     from_parquet: bool,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from indexer.cli.options import parse_pairs, storage_option
+from indexer.cli.options import parse_pairs, storage_option, with_options
 from indexer.jsontext import json_text
 
 if TYPE_CHECKING:
@@ -16,49 +16,55 @@ from indexer.cli.common import run_library
 from indexer.cli.describe import format_hits
 from indexer.cli.options import device_option, runtime_option
 
+QUERY_OPTIONS = (
+    click.option(
+        "--index",
+        "root",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Collection directory made by `indexer build`.",
+    ),
+    click.option(
+        "--id", "ids", multiple=True, help="Query with a stored item, by key (repeatable)."
+    ),
+    click.option(
+        "-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query."
+    ),
+    click.option(
+        "--threshold", type=float, help="Keep results with score >= T (ip) or distance <= T (l2)."
+    ),
+    click.option(
+        "--where",
+        multiple=True,
+        help="Keep results whose row satisfies this: COL=VALUE, COL!=VALUE, COL<N, COL>N (<=, >=) "
+        "on any shard column; label=NAME for the top predicted label. Repeat to AND them.",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+    click.option("--jsonl", is_flag=True, help="Print one JSON line per query."),
+    click.option(
+        "--paths-only",
+        is_flag=True,
+        help="Print each result's absolute path, one a line (items of datasets and tar shards have "
+        "no file of their own: their key).",
+    ),
+    click.option(
+        "--grid",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Also draw a PNG: each query beside its results, labelled with rank, score and key.",
+    ),
+    device_option,
+    runtime_option,
+    click.option(
+        "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
+    ),
+    click.option("--ef", type=click.IntRange(1), help="HNSW efSearch (default: the tuned value)."),
+    storage_option,
+)
+
 
 @click.command()
 @click.argument("images", nargs=-1)
-@click.option(
-    "--index",
-    "root",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Collection directory made by `indexer build`.",
-)
-@click.option("--id", "ids", multiple=True, help="Query with a stored item, by key (repeatable).")
-@click.option(
-    "-k", default=10, show_default=True, type=click.IntRange(1), help="Results per query."
-)
-@click.option(
-    "--threshold", type=float, help="Keep results with score >= T (ip) or distance <= T (l2)."
-)
-@click.option(
-    "--where",
-    multiple=True,
-    help="Keep results whose row satisfies this: COL=VALUE, COL!=VALUE, COL<N, COL>N (<=, >=) "
-    "on any shard column; label=NAME for the top predicted label. Repeat to AND them.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-@click.option("--jsonl", is_flag=True, help="Print one JSON line per query.")
-@click.option(
-    "--paths-only",
-    is_flag=True,
-    help="Print each result's absolute path, one a line (items of datasets and tar shards have "
-    "no file of their own: their key).",
-)
-@click.option(
-    "--grid",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Also draw a PNG: each query beside its results, labelled with rank, score and key.",
-)
-@device_option
-@runtime_option
-@click.option(
-    "--nprobe", type=click.IntRange(1), help="IVF lists to scan (default: the tuned value)."
-)
-@click.option("--ef", type=click.IntRange(1), help="HNSW efSearch (default: the tuned value).")
-@storage_option
+@with_options(*QUERY_OPTIONS)
 def query(
     images: tuple[str, ...],
     root: Path,

@@ -9,48 +9,95 @@ from pathlib import Path
 
 import click
 
-from indexer.cli.options import parse_pairs, storage_option
+from indexer.cli.options import parse_pairs, storage_option, with_options
 
 LOOPBACK_NAMES = ("localhost",)
 SWITCH_SECONDS = 0.0005
 
 
+SERVE_OPTIONS = (
+    click.option(
+        "--host",
+        default="127.0.0.1",
+        show_default=True,
+        help="Address to bind; a non-loopback one needs --token or --insecure.",
+    ),
+    click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535)),
+    click.option(
+        "--name",
+        "names",
+        multiple=True,
+        help="Name of each DIR in URLs, in order (default: its folder name).",
+    ),
+    click.option(
+        "--token",
+        envvar="INDEXER_TOKEN",
+        help="Require 'Authorization: Bearer TOKEN' (or set $INDEXER_TOKEN).",
+    ),
+    click.option(
+        "--metrics-token",
+        envvar="INDEXER_METRICS_TOKEN",
+        help="A second token that opens /readyz and /metrics only (for probes "
+        "and scrapers; or set $INDEXER_METRICS_TOKEN). Without it they need "
+        "--token.",
+    ),
+    click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token."),
+    click.option(
+        "--cors-origin",
+        "cors",
+        multiple=True,
+        help="Allow browser requests from this origin (none by default).",
+    ),
+    click.option(
+        "--max-upload",
+        default="20M",
+        show_default=True,
+        help="Largest upload accepted (bytes, or with K/M/G); larger: 413.",
+    ),
+    click.option(
+        "--batch-window-ms",
+        default=3.0,
+        show_default=True,
+        type=click.FloatRange(0, 100),
+        help="Embed uploads arriving this close together in one batch (0: off).",
+    ),
+    click.option(
+        "--search-timeout",
+        default=30.0,
+        show_default=True,
+        type=click.FloatRange(0.1),
+        help="Seconds a search may take, decoding an upload included; then 503.",
+    ),
+    click.option(
+        "--max-decode-pixels",
+        default=100_000_000,
+        show_default=True,
+        type=click.IntRange(1_000_000),
+        help="Pixels decoded at once by all requests together (uploads, "
+        "thumbnails); ~8 bytes each: the default fits 1 GiB. Larger images wait "
+        "their turn.",
+    ),
+    click.option(
+        "--allowed-host",
+        "allowed_hosts",
+        multiple=True,
+        help="Without --token, answer requests for this Host name too (besides "
+        "localhost and IP addresses).",
+    ),
+    click.option(
+        "--runtime",
+        default="auto",
+        show_default=True,
+        type=click.Choice(["auto", "torch", "onnx", "openvino"]),
+        help="What embeds uploads (auto: the portable model on the CPU).",
+    ),
+    storage_option,
+)
+
+
 @click.command()
-@click.argument("dirs", metavar="DIR...", nargs=-1, required=True,
-                type=click.Path(path_type=Path))  # fmt: skip
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind; a non-loopback one needs --token or --insecure.")  # fmt: skip
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option("--name", "names", multiple=True,
-              help="Name of each DIR in URLs, in order (default: its folder name).")  # fmt: skip
-@click.option("--token", envvar="INDEXER_TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' (or set $INDEXER_TOKEN).")  # fmt: skip
-@click.option("--metrics-token", envvar="INDEXER_METRICS_TOKEN",
-              help="A second token that opens /readyz and /metrics only (for probes "
-                   "and scrapers; or set $INDEXER_METRICS_TOKEN). Without it they need "
-                   "--token.")  # fmt: skip
-@click.option("--insecure", is_flag=True,
-              help="Allow a non-loopback --host without a token.")  # fmt: skip
-@click.option("--cors-origin", "cors", multiple=True,
-              help="Allow browser requests from this origin (none by default).")  # fmt: skip
-@click.option("--max-upload", default="20M", show_default=True,
-              help="Largest upload accepted (bytes, or with K/M/G); larger: 413.")  # fmt: skip
-@click.option("--batch-window-ms", default=3.0, show_default=True, type=click.FloatRange(0, 100),
-              help="Embed uploads arriving this close together in one batch (0: off).")  # fmt: skip
-@click.option("--search-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1),
-              help="Seconds a search may take, decoding an upload included; then 503.")  # fmt: skip
-@click.option("--max-decode-pixels", default=100_000_000, show_default=True,
-              type=click.IntRange(1_000_000),
-              help="Pixels decoded at once by all requests together (uploads, "
-                   "thumbnails); ~8 bytes each: the default fits 1 GiB. Larger images wait "
-                   "their turn.")  # fmt: skip
-@click.option("--allowed-host", "allowed_hosts", multiple=True,
-              help="Without --token, answer requests for this Host name too (besides "
-                   "localhost and IP addresses).")  # fmt: skip
-@click.option("--runtime", default="auto", show_default=True,
-              type=click.Choice(["auto", "torch", "onnx", "openvino"]),
-              help="What embeds uploads (auto: the portable model on the CPU).")  # fmt: skip
-@storage_option
+@click.argument("dirs", metavar="DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@with_options(*SERVE_OPTIONS)
 def serve(
     dirs: tuple[Path, ...],
     host: str,
