@@ -331,7 +331,7 @@ def main() -> None:
     args = parser.parse_args()
     if any("=" not in kv for kv in args.env):
         parser.error("--env takes NAME=VALUE")
-    from indexer.decode.preprocess import DataConfig
+    from indexer.config import DataConfig
 
     with tempfile.TemporaryDirectory(prefix="ceiling-") as tmp:
         folder = Path(tmp)

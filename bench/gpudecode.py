@@ -138,9 +138,10 @@ def micro(photos: Path, workers: int) -> list[str]:
     path in one process (times the workers for the pool's ceiling)."""
     import torch
 
+    from indexer.config import DataConfig
     from indexer.decode.gpu import GpuDecoder, nvjpeg
     from indexer.decode.jpeg_route import route
-    from indexer.decode.preprocess import DataConfig, Preprocessor
+    from indexer.decode.preprocess import Preprocessor
 
     cfg = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.485, 0.456, 0.406),
                      (0.229, 0.224, 0.225))  # fmt: skip

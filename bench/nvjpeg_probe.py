@@ -187,8 +187,9 @@ def resizes(datas: list[bytes], device: str, reps: int) -> list[str]:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    from indexer.config import DataConfig
     from indexer.decode.gpu import resize_crop_batch, resize_crop_groups
-    from indexer.decode.preprocess import DataConfig, Preprocessor
+    from indexer.decode.preprocess import Preprocessor
 
     cfg = DataConfig((3, 160, 160), "bicubic", 0.95, "center", (0.485, 0.456, 0.406),
                      (0.229, 0.224, 0.225))  # fmt: skip

@@ -116,11 +116,11 @@ def pretend_cuda(monkeypatch: Any) -> list[str]:
 
     monkeypatch.setattr(indexer.model.timm_model, "load_embedder", as_on_cuda)
     started: list[str] = []
-    ahead = indexer.build.gpu_decoding.ahead
+    produce_ahead = indexer.build.gpu_decoding.produce_ahead
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         started.append(str(kwargs.get("name", args[1] if len(args) > 1 else "")))
-        return ahead(*args, **kwargs)
+        return produce_ahead(*args, **kwargs)
 
-    monkeypatch.setattr(indexer.build.gpu_decoding, "ahead", watched)
+    monkeypatch.setattr(indexer.build.gpu_decoding, "produce_ahead", watched)
     return started

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer.build.pipeline import judge
+from indexer.build.pipeline import run_status
 from indexer.collection.lock import CollectionLock
 from tests.helpers import BUILD_FLAGS, run_cli
 
@@ -34,7 +34,7 @@ def runs(root: Path) -> list[dict]:
     ],
 )
 def test_failure_budget(failed: int, items: int, budget: float, status: str) -> None:
-    assert judge(failed, items, budget) == status
+    assert run_status(failed, items, budget) == status
 
 
 def test_history_records_each_run_and_survives_rebuilds(corpus: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from indexer import Collection
 from indexer.errors import InputError
 from indexer.index.faiss_index import EF_LIMIT, checked_param
 from indexer.index.tune import Probe, exact_neighbours_and_ties, query_recalls, tied_ids
-from indexer.query.collection import widths, within
+from indexer.query.collection import passes_threshold, search_widths
 from indexer.synthetic import write_corpus
 from tests.helpers import BUILD_FLAGS, clustered_vectors, exact_top_k, run_cli, write_vectors
 
@@ -191,7 +191,7 @@ def test_recall_counts_ties_far_past_the_first_candidates(tmp_path: Path) -> Non
      (100.00005, 100.0, "l2", True), (100.01, 100.0, "l2", False)],
 )  # fmt: skip
 def test_within_the_threshold(score: float, threshold: float, metric: str, expected: bool) -> None:
-    assert within(score, threshold, metric) is expected
+    assert passes_threshold(score, threshold, metric) is expected
 
 
 @pytest.mark.parametrize(("metric", "threshold"), [("ip", "1"), ("l2", "0")])
@@ -225,7 +225,7 @@ def test_every_exact_duplicate_meets_the_strictest_threshold(
      (50, 5000, [1000, 2000, 4000, 5000]), (10, 200, [200]), (3, 0, [1])],
 )  # fmt: skip
 def test_widths_double_up_to_the_collection(k: int, total: int, expected: list[int]) -> None:
-    assert list(widths(k, total)) == expected
+    assert list(search_widths(k, total)) == expected
 
 
 @pytest.fixture(scope="module")

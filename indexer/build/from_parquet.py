@@ -39,7 +39,7 @@ from indexer.collection.versions import clear_salvage, prune, publish, salvage, 
 from indexer.config import IndexConfig, file_sha256
 from indexer.errors import CollectionError, InputError
 from indexer.index.faiss_index import read_index_meta
-from indexer.index.update import Previous, index_version, previous_version
+from indexer.index.update import IndexedVersion, index_version, previous_version
 from indexer.safeio import os_errors_as
 from indexer.version import __version__
 
@@ -269,7 +269,7 @@ class KnownKeys:
     hashes: pa.Array  # each key's content hash (of its vector) then
 
 
-def known_keys(cfg: ExternalConfig, previous: Previous | None) -> KnownKeys | None:
+def known_keys(cfg: ExternalConfig, previous: IndexedVersion | None) -> KnownKeys | None:
     """The ids the published version gave its keys, when it was copied from Parquet under the
     same key column (None: ids start at 0). A repair (cfg.expect) skips damaged shards: their
     keys get new ids."""

@@ -20,7 +20,7 @@ from indexer.model import data_config_cache as configcache
 if TYPE_CHECKING:  # torch-heavy: imported only when a build has something to embed
     from indexer.model.runtime import Runtime
 from indexer.build.decode_choice import choose_gpu_decoding
-from indexer.build.threads import SWITCH_INTERVAL, ahead, close
+from indexer.build.threads import SWITCH_INTERVAL, close, produce_ahead
 from indexer.decode.batch import Batch, RawItem
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def gpu_decoding(cfg: BuildConfig) -> bool:
 
 
 @dataclass(frozen=True)
-class Decoded:
+class GpuDecoded:
     """A batch's raw items as nvJPEG left them (None: failed), and the seconds it took."""
 
     images: list[Any]
@@ -94,11 +94,11 @@ class RawDecoding:
         """The batch's raw items decoded and added to its rows (both steps at once)."""
         self.prepare(batch, self.decode_only(batch, runtime))
 
-    def decode_only(self, batch: Batch, runtime: Runtime) -> Decoded:
+    def decode_only(self, batch: Batch, runtime: Runtime) -> GpuDecoded:
         """Step one: the raw items decoded by nvJPEG, which returns when done (and lets
         the GIL go meanwhile); a None for each item it could not decode."""
         if not batch.raw:
-            return Decoded([], 0.0)
+            return GpuDecoded([], 0.0)
         if self.decoder is None:
             self._start(runtime)
         pairs = [
@@ -109,9 +109,9 @@ class RawDecoding:
             images = list(self.decoder.decode(pairs))
         seconds = time.perf_counter() - start
         self.stages.add("GPU decode", seconds)
-        return Decoded(images, seconds)
+        return GpuDecoded(images, seconds)
 
-    def prepare(self, batch: Batch, decoded: Decoded) -> None:
+    def prepare(self, batch: Batch, decoded: GpuDecoded) -> None:
         """Step two: the decoded images oriented, resized and cropped, the failed ones
         decoded on the CPU, and all of them added to the batch's rows, in order. The GPU
         side's time is reported to the share of JPEGs the workers decode."""
@@ -228,9 +228,9 @@ def decoded_ahead(batches: Iterator[Batch], raw: RawDecoding, runtime: Runtime,
     lowered = previous if SWITCH_INTERVAL is None else min(previous, SWITCH_INTERVAL)
     sys.setswitchinterval(lowered)
     taken = stages.each(batches, "waiting for workers")
-    decoded = ahead(((b, raw.decode_only(b, runtime)) for b in taken), "gpu-decode", 1,
+    decoded = produce_ahead(((b, raw.decode_only(b, runtime)) for b in taken), "gpu-decode", 1,
                     lambda: stages.timed("decode waiting for resize"))  # fmt: skip
-    prepared = ahead(_prepared(decoded, raw), "gpu-resize", depth,
+    prepared = produce_ahead(_prepared(decoded, raw), "gpu-resize", depth,
                      lambda: stages.timed("waiting for the model"))  # fmt: skip
     try:
         yield from prepared
@@ -258,7 +258,7 @@ def ahead_if_routed(batches: Iterator[Batch], raw: RawDecoding,
         close(batches)
 
 
-def _prepared(decoded: Iterator[tuple[Batch, Decoded]], raw: RawDecoding) -> Iterator[Batch]:
+def _prepared(decoded: Iterator[tuple[Batch, GpuDecoded]], raw: RawDecoding) -> Iterator[Batch]:
     try:
         for batch, images in decoded:
             raw.prepare(batch, images)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from indexer.build.plan import Previous
+from indexer.build.plan import PublishedVersion
 from indexer.config import BuildConfig, DataConfig
 from indexer.decode.preprocess import Preprocessor
 from indexer.model import data_config_cache as configcache
@@ -24,7 +24,7 @@ from indexer.build.gpu_decoding import gpu_decoding
 from indexer.decode.batch import Batch
 
 if TYPE_CHECKING:
-    from indexer.build.plan import Previous
+    from indexer.build.plan import PublishedVersion
     from indexer.decode.item_dataset import ItemDataset
     from indexer.decode.preprocess import Preprocessor
     from indexer.model.runtime import Runtime
@@ -40,7 +40,7 @@ def load_model_while_decoding(
     cfg: BuildConfig,
     known: frozenset[str],
     positions: list[int],
-    prev: Previous,
+    prev: PublishedVersion,
     trust_cache: bool = True,
     early: EarlyStart | None = None,
 ) -> tuple[Runtime, Iterator[Batch], RuntimePlan | None]:
@@ -169,7 +169,7 @@ PRECHECK_CHUNK = 64  # read together at most (a bucket's or a list's: concurrent
 
 
 def already_stored(
-    items: list[Item], sources: list[Source], positions: list[int], prev: Previous
+    items: list[Item], sources: list[Source], positions: list[int], prev: PublishedVersion
 ) -> tuple[list[tuple[int, str, dict[str, Any]]] | None, dict[int, Any]]:
     """When every item the plan must read holds bytes already stored (touched, renamed or
     copied files), those items with their hashes, read here: the run then needs no model, no

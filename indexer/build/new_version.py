@@ -15,7 +15,7 @@ from indexer.build.embed import Embedded
 from indexer.build.failures import count_reasons
 from indexer.build.plan import (
     Plan,
-    Previous,
+    PublishedVersion,
 )
 from indexer.build.shard_rows import EmbedJob, write_reused
 from indexer.collection.layout import (
@@ -48,8 +48,7 @@ from indexer.errors import (
     InputError,
 )
 from indexer.index.faiss_index import read_index_meta, reuse_index
-from indexer.index.update import Previous as IndexedVersion
-from indexer.index.update import index_version, settings_changed
+from indexer.index.update import IndexedVersion, index_version, settings_changed
 from indexer.model.known_export import KnownExport, remember
 from indexer.model.portable import Exported
 from indexer.model.runtime import (
@@ -130,7 +129,7 @@ def row_schema(embedder: Runtime, sources: list[Source]) -> pa.Schema:
 
 
 def start_new_version(
-    cfg: BuildConfig, job: EmbedJob, prev: Previous, asked: dict[str, Any]
+    cfg: BuildConfig, job: EmbedJob, prev: PublishedVersion, asked: dict[str, Any]
 ) -> tuple[EmbedJob, NewVersion]:
     """The version's folder started (the request recorded, unconfirmed while a known export
     is not), the previous version's kept shards and model carried in; the job's shard names."""
@@ -139,7 +138,7 @@ def start_new_version(
                                      else asked)  # fmt: skip
     paths = CollectionPaths(building)
     paths.shards.mkdir()
-    carried = carry(prev, job.plan.kept_ids(), paths, job.schema, cfg.out)
+    carried = carry_kept_shards(prev, job.plan.kept_ids(), paths, job.schema, cfg.out)
     prefix, reused_prefix = new_shard_prefixes(number)
     carried_model = carry_portable(prev.folder, prev.manifest, job.embedder.recipe, building)
     confirmed = (lambda: mark_request(building, asked)) if known else None
@@ -153,7 +152,7 @@ def publish_version(
     version: NewVersion,
     embedded: Embedded,
     portable: Exported,
-    prev: Previous,
+    prev: PublishedVersion,
     asked: dict[str, Any],
     start: float,
 ) -> BuildReport:
@@ -170,7 +169,7 @@ def publish_version(
     check_recovered(prev.lost, sum(s.rows for s in new_shards), cfg.out)
     shards = version.carried + new_shards
     write_errors(paths.errors, errors, errors_extra(sources))
-    counts = tally(plan, reused, new_errors, prev, items, len(items))
+    counts = count_outcomes(plan, reused, new_errors, prev, items, len(items))
     counts["failed"] += len(plan.kept_errors)
     manifest = make_manifest(cfg, embedder, sources, shards, len(items), len(errors))
     manifest.update(version=version.number, next_id=plan.next_id, request=asked)
@@ -227,7 +226,7 @@ def rebuild_why(cfg: BuildConfig) -> str | None:
     return "a repair: vectors were embedded again" if cfg.drop_shards else None
 
 
-def indexed_version(prev: Previous) -> IndexedVersion | None:
+def indexed_version(prev: PublishedVersion) -> IndexedVersion | None:
     if prev.folder is None or prev.manifest is None:
         return None
     return IndexedVersion(prev.folder, prev.manifest)
@@ -237,7 +236,7 @@ def same_vectors_index(
     cfg: BuildConfig,
     plan: Plan,
     reused: list[tuple[int, str, dict[str, Any]]],
-    prev: Previous,
+    prev: PublishedVersion,
     items: list[Item],
     building: Path,
     manifest: dict[str, Any],
@@ -268,8 +267,12 @@ def check_recovered(lost: int, embedded: int, root: Path) -> None:
         )
 
 
-def carry(
-    prev: Previous, keep_ids: set[int], paths: CollectionPaths, schema: pa.Schema, root: Path
+def carry_kept_shards(
+    prev: PublishedVersion,
+    keep_ids: set[int],
+    paths: CollectionPaths,
+    schema: pa.Schema,
+    root: Path,
 ) -> list[ShardInfo]:
     if prev.folder is None or prev.manifest is None or not keep_ids:
         return []
@@ -282,11 +285,11 @@ def carry(
         ) from exc
 
 
-def tally(
+def count_outcomes(
     plan: Plan,
     reused: list[tuple[int, str, dict[str, Any]]],
     errors: list[dict[str, Any]],
-    prev: Previous,
+    prev: PublishedVersion,
     items: list[Item],
     listed: int,
 ) -> dict[str, int]:

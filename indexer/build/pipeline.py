@@ -28,7 +28,7 @@ from indexer.build.new_version import (
 from indexer.build.partitions import part_dir
 from indexer.build.plan import (
     Plan,
-    Previous,
+    PublishedVersion,
     plan_build,
 )
 from indexer.build.runtime_setup import check_before_adding, check_runtime
@@ -64,8 +64,7 @@ from indexer.errors import (
     TooManyFailuresError,
 )
 from indexer.index.faiss_index import read_index_meta
-from indexer.index.update import Previous as IndexedVersion
-from indexer.index.update import index_version, settings_changed
+from indexer.index.update import IndexedVersion, index_version, settings_changed
 from indexer.model.known_export import KnownExport, UnconfirmedExport
 from indexer.model.portable import Exported
 from indexer.model.runtime import (
@@ -112,7 +111,7 @@ def build(cfg: BuildConfig) -> BuildReport:
             report = build_unlocked(cfg)
         unfetched = report.unfetched  # failed upstream: not this build's failures
         failed, listed = report.counts["failed"] - unfetched, report.counts["listed"] - unfetched
-        status = judge(failed, listed, cfg.max_failures)
+        status = run_status(failed, listed, cfg.max_failures)
         if status == "failed":
             raise TooManyFailuresError(
                 f"{failed} of {listed} items failed, over the failure budget "
@@ -147,7 +146,7 @@ def build(cfg: BuildConfig) -> BuildReport:
                 log.warning("%s", exc)  # the run's own error is the one to report
 
 
-def judge(failed: int, items: int, max_failures: float) -> str:
+def run_status(failed: int, items: int, max_failures: float) -> str:
     """success, partial (failures within the budget) or failed (over it)."""
     if failed == 0:
         return "success"
@@ -271,7 +270,7 @@ def embed_and_publish(
     sources: list[Source],
     items: list[Item],
     plan: Plan,
-    prev: Previous,
+    prev: PublishedVersion,
     asked: dict[str, Any],
     start: float,
     trust_cache: bool = True,

@@ -276,7 +276,7 @@ def _show(request: dict[str, Any] | None, keys: list[str]) -> str:
 
 
 @dataclass(frozen=True)
-class Previous:
+class PublishedVersion:
     """The published version a build updates (empty for a first build or --rebuild)."""
 
     folder: Path | None
@@ -301,7 +301,7 @@ class Previous:
         return frozenset({r.content_hash for r in self.rows.values()} | salvaged)
 
     @classmethod
-    def of(cls, cfg: BuildConfig, sources: list[Source], asked: dict[str, Any]) -> Previous:
+    def of(cls, cfg: BuildConfig, sources: list[Source], asked: dict[str, Any]) -> PublishedVersion:
         if cfg.rebuild or not (cfg.out / CURRENT).exists():
             return cls(None, None, {})
         folder = open_version(cfg.out)
@@ -334,7 +334,7 @@ class Planned:
     sources: list[Source]
     items: list[Item]
     asked: dict[str, Any]
-    prev: Previous
+    prev: PublishedVersion
     plan: Plan
 
 
@@ -352,7 +352,7 @@ def plan_build(cfg: BuildConfig, listings: Mapping[str, dict[str, Any]] | None =
             raise InputError(f"part {cfg.partition[0]}/{cfg.partition[1]} holds no items")
     check_build_dir(cfg.out)
     asked = request(cfg)
-    prev = Previous.of(cfg, sources, asked)
+    prev = PublishedVersion.of(cfg, sources, asked)
     same = unchanged_datasets(sources, prev.manifest) if prev.manifest else set()
     prev_errors = None if cfg.retry_failed else prev.errors()
     if cfg.drop_shards:

@@ -22,7 +22,7 @@ from indexer.errors import ModelError
 from indexer.sources import Item, Source
 
 if TYPE_CHECKING:
-    from indexer.build.plan import Previous
+    from indexer.build.plan import PublishedVersion
     from indexer.model.runtime import Runtime
     from indexer.model.runtime_choice import RuntimePlan
 
@@ -67,7 +67,9 @@ def ray_plan(cfg: BuildConfig) -> RayPlan:
     return RayPlan(gpus, decode)
 
 
-def ray_runtime(cfg: BuildConfig, plan: RuntimePlan, prev: Previous) -> tuple[Runtime, RuntimePlan]:
+def ray_runtime(
+    cfg: BuildConfig, plan: RuntimePlan, prev: PublishedVersion
+) -> tuple[Runtime, RuntimePlan]:
     """What the actors embed with, settled in the driver before any item is read, as the
     local engine would on this machine: the collection's recorded runtime (its portable
     model), or a first build's plan, its candidates checked against torch fp32 (and timed,

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from indexer.model.runtime_choice import Choice
 
 if TYPE_CHECKING:
-    from indexer.build.plan import Previous
+    from indexer.build.plan import PublishedVersion
     from indexer.decode.preprocess import Preprocessor
     from indexer.model.runtime import Runtime
     from indexer.sources import Item, Source
@@ -84,7 +84,7 @@ def recorded_of(cfg: BuildConfig) -> Any:
 
 
 def runtime_plan(
-    cfg: BuildConfig, prev: Previous, identity: dict[str, Any] | None = None
+    cfg: BuildConfig, prev: PublishedVersion, identity: dict[str, Any] | None = None
 ) -> RuntimePlan:
     """The runtime and precision this run embeds with, or the candidates its first batch
     chooses among (the Ray engine's driver, on generated scenes): a later run keeps the
@@ -108,7 +108,7 @@ def runtime_plan(
 
 
 def resume_plan(
-    plan: RuntimePlan, prev: Previous, known: frozenset[str]
+    plan: RuntimePlan, prev: PublishedVersion, known: frozenset[str]
 ) -> tuple[RuntimePlan, frozenset[str]]:
     """A killed run's finished shards are reused only by a run embedding with the runtime
     they were made with: a first build takes it (when this machine offers it), a later run
@@ -153,7 +153,7 @@ def portable_work(
 def portable_opening(
     cfg: BuildConfig,
     plan: RuntimePlan,
-    prev: Previous,
+    prev: PublishedVersion,
     trust_cache: bool,
     identity: dict[str, Any] | None,
 ) -> tuple[dict[str, Any], Callable[[], Runtime | None]] | None:
@@ -169,7 +169,7 @@ def portable_opening(
     return entry.recipe, lambda: known_runtime(cfg, entry, choice, known_plan)
 
 
-def portable_recorded(plan: RuntimePlan, prev: Previous) -> bool:
+def portable_recorded(plan: RuntimePlan, prev: PublishedVersion) -> bool:
     """The collection's recorded runtime runs its published portable model."""
     from indexer.model.runtime_choice import PORTABLE
 
@@ -180,7 +180,7 @@ def portable_recorded(plan: RuntimePlan, prev: Previous) -> bool:
                 or "portable_model" not in prev.manifest)  # fmt: skip
 
 
-def portable_runtime(plan: RuntimePlan, prev: Previous) -> Runtime | None:
+def portable_runtime(plan: RuntimePlan, prev: PublishedVersion) -> Runtime | None:
     """The published version's portable model when the collection's recorded runtime runs it
     (None: torch loads; a damaged model file means torch, which exports it again and then
     embeds with the recorded runtime)."""
@@ -245,7 +245,7 @@ def mark_runtime(folder: Path, choice: Any) -> None:
 
 def check_before_adding(
     runtime: Runtime,
-    prev: Previous,
+    prev: PublishedVersion,
     sources: list[Source],
     items: list[Item],
     root: Path,

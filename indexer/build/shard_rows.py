@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from indexer.build.plan import Plan, Previous
+from indexer.build.plan import Plan, PublishedVersion
 from indexer.collection.layout import CollectionPaths
 from indexer.collection.shards import (
     ShardInfo,
@@ -73,7 +73,7 @@ def error_row(job: EmbedJob, position: int, stage: str, reason: str) -> dict[str
 def write_reused(
     job: EmbedJob,
     reused: list[tuple[int, str, dict[str, Any]]],
-    prev: Previous,
+    prev: PublishedVersion,
     paths: CollectionPaths,
     shard_size: int,
 ) -> list[ShardInfo]:

@@ -18,7 +18,7 @@ SWITCH_INTERVAL: float | None = 0.0005
 JOIN_SECONDS = 10.0  # how long a stopped producer thread is waited for
 
 
-def ahead(items: Iterator[Any], name: str, depth: int,
+def produce_ahead(items: Iterator[Any], name: str, depth: int,
           waiting: Any = nullcontext) -> Generator[Any, None, None]:  # fmt: skip
     """items, produced by a thread of their own up to `depth` ahead of the consumer; an
     error raised producing them is raised here, in order. The producer stops (and closes

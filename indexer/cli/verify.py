@@ -25,7 +25,7 @@ def verify(root: Path, repair: bool, keep: int, storage_options: tuple[str, ...]
     the index's checksums and ids, and that its model embeds a sample of items (read from the
     sources) as their stored vectors. Exit 0 when whole, 3 when damaged."""
     from indexer.verify.check import verify as check
-    from indexer.verify.repair import repair as mend
+    from indexer.verify.repair import repair as repair_collection
 
     options = parse_pairs(storage_options, "--storage-option")
     report = run_library(lambda: check(root, options))
@@ -39,7 +39,7 @@ def verify(root: Path, repair: bool, keep: int, storage_options: tuple[str, ...]
     if not repair:
         click.echo(f"Run `indexer verify --repair {root}` to rebuild what is damaged.", err=True)
         sys.exit(3)
-    click.echo(run_library(lambda: mend(root, keep, storage_options=options)))
+    click.echo(run_library(lambda: repair_collection(root, keep, storage_options=options)))
     after = run_library(lambda: check(root, options))
     if after.problems:
         click.echo(f"Still damaged: {'; '.join(map(str, after.problems))}", err=True)

@@ -49,7 +49,7 @@ NEW_QUERY_SHARE = 0.05  # of the probe's queries, at least this share is drawn f
 
 
 @dataclass(frozen=True)
-class Previous:
+class IndexedVersion:
     """The published version a new one may update the index of."""
 
     folder: Path
@@ -117,7 +117,7 @@ def index_version(
     root: Path,
     manifest: dict[str, Any],
     cfg: IndexConfig,
-    previous: Previous | None,
+    previous: IndexedVersion | None,
     force: str | None = None,
 ) -> dict[str, Any]:
     """The index of the version at root: the previous version's updated when the rules allow
@@ -138,7 +138,7 @@ def index_version(
 
 
 def update_index(
-    previous: Previous, root: Path, manifest: dict[str, Any], cfg: IndexConfig
+    previous: IndexedVersion, root: Path, manifest: dict[str, Any], cfg: IndexConfig
 ) -> dict[str, Any] | str:
     """The previous index with the removed ids taken out and the added vectors put in, saved
     into root's index folder and tuned; or why it must be rebuilt instead."""
@@ -211,7 +211,7 @@ def update_index(
                       new_probe, manifest)  # fmt: skip
 
 
-def _whole_meta(previous: Previous) -> dict[str, Any] | None:
+def _whole_meta(previous: IndexedVersion) -> dict[str, Any] | None:
     """The previous index's metadata when the index is whole and its own (every file's size and
     sha256 as recorded, built from its version's shards); None otherwise."""
     meta = read_index_meta(previous.folder)
@@ -262,7 +262,7 @@ def _open_copy(source: Path) -> Any:
     return faiss.read_index(str(source / INDEX_FILE))
 
 
-def diff(previous: Previous, root: Path, manifest: dict[str, Any]) -> Delta:
+def diff(previous: IndexedVersion, root: Path, manifest: dict[str, Any]) -> Delta:
     """Rows by (id, content hash): those of shards both versions share (same name and sha256)
     are unchanged; of the others, a pair in one version only is removed or added (a row
     without a hash never counts as unchanged)."""
@@ -358,7 +358,7 @@ class _ProbeUpdate:
     carried query whose remaining candidates no longer settle its top k (or its ties) is
     searched again over every vector."""
 
-    def __init__(self, previous: Previous, delta: Delta, vectors: Vectors, cfg: IndexConfig,
+    def __init__(self, previous: IndexedVersion, delta: Delta, vectors: Vectors, cfg: IndexConfig,
                  manifest: dict[str, Any]) -> None:  # fmt: skip
         self.vectors, self.cfg = vectors, cfg
         self.rng = np.random.default_rng([cfg.seed, int(manifest.get("version") or 0)])
@@ -534,12 +534,12 @@ def _join(parts: list[tuple[Any, ...]], k: int) -> Probe:
                  cands[order])  # fmt: skip
 
 
-def previous_version(root: Path) -> Previous | None:
+def previous_version(root: Path) -> IndexedVersion | None:
     """The collection's published version, when it has one with a readable manifest."""
     from indexer.collection.layout import open_version, parse_manifest
 
     try:
         folder = open_version(root)
-        return Previous(folder, parse_manifest(folder))
+        return IndexedVersion(folder, parse_manifest(folder))
     except CollectionError:
         return None

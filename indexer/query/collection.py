@@ -211,7 +211,7 @@ class Collection(RowAccess):
         scores = np.full((len(vectors), k), np.nan, np.float32)
         ids = np.full((len(vectors), k), -1, np.int64)
         todo = np.arange(len(vectors))
-        for width in widths(k, total):
+        for width in search_widths(k, total):
             found_s, found_i = self._search_wide(vectors[todo], width)
             match = (found_i >= 0) & np.isin(found_i, allowed)
             enough = (match.sum(axis=1) >= k) | (width >= total)
@@ -392,17 +392,17 @@ def keep_above(hits: list[Hit], threshold: float | None, metric: str) -> list[Hi
     """Hits at least as close as threshold: score >= t for ip, distance <= t for l2."""
     if threshold is None:
         return hits
-    return [h for h in hits if within(h.score, threshold, metric)]
+    return [h for h in hits if passes_threshold(h.score, threshold, metric)]
 
 
-def within(score: float, threshold: float, metric: str) -> bool:
+def passes_threshold(score: float, threshold: float, metric: str) -> bool:
     """score >= threshold (ip) or <= threshold (l2), give or take float32 rounding: identical
     vectors score 0.99999994, not 1 (SCORE_TOLERANCE, relative to the threshold above 1)."""
     slack = SCORE_TOLERANCE * max(1.0, abs(threshold))
     return score >= threshold - slack if metric == "ip" else score <= threshold + slack
 
 
-def widths(k: int, total: int) -> Iterator[int]:
+def search_widths(k: int, total: int) -> Iterator[int]:
     """How many neighbours a filtered query asks for, try after try: WHERE_FIRST (or 20k)
     first, then doubling, ending at the whole collection."""
     width = max(1, min(total, max(WHERE_FIRST, 20 * k)))

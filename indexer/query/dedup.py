@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from indexer.collection.shards import iter_embeddings
 from indexer.errors import InputError
-from indexer.query.collection import Collection, capped_k, check_threshold, within
+from indexer.query.collection import Collection, capped_k, check_threshold, passes_threshold
 from indexer.safeio import os_errors_as, write_bytes_atomic
 
 DEDUP_SCHEMA = pa.schema([("group", pa.int64()), ("key", pa.string()), ("score", pa.float32())])
@@ -43,7 +43,7 @@ def find_duplicates(collection: Collection, threshold: float, k: int = 10) -> Gr
         scores, found = collection.index.search(vectors, k)
         for own, row_scores, row_ids in zip(ids.tolist(), scores, found, strict=True):
             for score, other in zip(row_scores.tolist(), row_ids.tolist(), strict=True):
-                if other >= 0 and other != own and within(score, threshold, metric):
+                if other >= 0 and other != own and passes_threshold(score, threshold, metric):
                     _union(parent, own, int(other))
                     for item in (own, int(other)):
                         best[item] = pick(best.get(item, score), score)

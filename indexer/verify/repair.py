@@ -44,12 +44,12 @@ def repair(
         if not report.problems:
             return f"{root} needs no repair now: its published version is whole."
         try:
-            return mend(report, keep, storage_options)
+            return repair_locked(report, keep, storage_options)
         except IndexerError as exc:
             raise type(exc)(f"nothing was repaired and the damage remains: {exc}") from exc
 
 
-def mend(report: Report, keep: int, storage_options: StorageOptions = ()) -> str:
+def repair_locked(report: Report, keep: int, storage_options: StorageOptions = ()) -> str:
     """Repair what report found, holding the lock: one version published, or none."""
     from indexer.build.pipeline import build_unlocked, reindex_unlocked
 
