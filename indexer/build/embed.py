@@ -1,4 +1,4 @@
-"""The embedding step of a build: the model loaded while workers decode, batches into shards."""
+"""The embedding loop of a build: batches through the runtime into shards, timed by stage."""
 
 from __future__ import annotations
 
