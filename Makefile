@@ -31,10 +31,12 @@ run: $(STAMP)  ## Generate a demo collection, build it and query it
 test: lint browser  ## Lint, then run the whole test suite
 	$(BIN)/pytest
 
-lint: $(STAMP)  ## ruff check, ruff format --check, mypy
+lint: $(STAMP)  ## ruff, mypy, the layering (import-linter) and the package's shape (.ci/structure.py)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy indexer
+	$(BIN)/lint-imports
+	$(BIN)/python .ci/structure.py indexer
 
 docs: $(STAMP)  ## Build the documentation site into site/ (mkdocs --strict: a warning fails)
 	$(BIN)/mkdocs build --strict

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from indexer.cache_dir import cache_dir
 from indexer.config import LoaderConfig
 from indexer.errors import InputError
-from indexer.model.data_config_cache import cache_dir
 from indexer.model.runtime_choice import cpu_flags, package_version, threads
 from indexer.safeio import read_bounded, write_bytes_atomic
 

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from indexer.cache_dir import cache_dir
 from indexer.config import DataConfig
 from indexer.safeio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 FILENAME = "data-configs.json"
-
-
-def cache_dir() -> Path:
-    """$INDEXER_CACHE_DIR, else $XDG_CACHE_HOME/indexer, else ~/.cache/indexer."""
-    explicit = os.environ.get("INDEXER_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "indexer"
 
 
 def _key(model_name: str) -> str:

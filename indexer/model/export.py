@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from indexer.model.data_config_cache import cache_dir
+from indexer.cache_dir import cache_dir
 from indexer.model.forward import class_names, embed_forward
 from indexer.model.portable import (
     EXPORTER,

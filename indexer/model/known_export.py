@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from indexer.cache_dir import cache_dir
 from indexer.config import ModelConfig, file_sha256
 from indexer.errors import IndexerError
-from indexer.model.data_config_cache import cache_dir
 from indexer.model.portable import (
     EXPORTER,
     MODEL_FILE,

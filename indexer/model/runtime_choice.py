@@ -293,7 +293,7 @@ def package_version(package: str) -> str | None:
 
 
 def _entry(key: str) -> Path:
-    from indexer.model.data_config_cache import cache_dir
+    from indexer.cache_dir import cache_dir
 
     return cache_dir() / CACHE / f"{key}.json"
 

@@ -156,7 +156,7 @@ class BucketSource:
         """Local copies of whole objects (a dataset's Parquet files) in indexer's cache, each
         named by its URL, size and ETag: fetched (streamed to disk) only when new or changed,
         so a re-run of the same objects reads nothing; older copies of a URL are removed."""
-        from indexer.model.data_config_cache import cache_dir
+        from indexer.cache_dir import cache_dir
 
         entries, copies = self._listing(), []
         for path in paths:

@@ -154,7 +154,7 @@ class BucketTars:
         return out
 
     def _cache(self, tar: str, what: str) -> Path:
-        from indexer.model.data_config_cache import cache_dir
+        from indexer.cache_dir import cache_dir
 
         size, _, etag = self.fingerprint(tar)
         url = f"{self.bucket.protocol}://{self.paths[tar]}"
