@@ -276,7 +276,7 @@ def without_known_exports(work: Path) -> Path:
 
 def cache_without(copy: Path, folder: str) -> Path:
     """A copy of the user's indexer cache at `copy`, less one of its folders."""
-    from indexer.model.data_config_cache import cache_dir
+    from indexer.cache_dir import cache_dir
 
     shutil.rmtree(copy, ignore_errors=True)
     if cache_dir().is_dir():

@@ -440,7 +440,7 @@ def test_img2dataset_parquet_in_a_bucket_builds_as_its_local_copy(s3: S3, tmp_pa
     assert len(read_embeddings_by_key(remote)) == 15, changed.output
     shown = run_cli("query", "--id", "000010005", "--index", remote, "-k", "1", "--json")
     assert shown.exit_code == 0 and "000010005" in shown.output, shown.output
-    from indexer.model.data_config_cache import cache_dir
+    from indexer.cache_dir import cache_dir
 
     copies = sorted(p.name[17:] for p in (cache_dir() / "objects").rglob("*.parquet"))
     assert copies == ["00000.parquet", "00001.parquet"]  # one copy a file: the newest
@@ -605,7 +605,7 @@ def test_partial_copies_left_by_killed_downloads_are_removed(
     import os
     import subprocess
 
-    from indexer.model.data_config_cache import cache_dir
+    from indexer.cache_dir import cache_dir
     from tests.shapes import write_i2d_parquet
 
     folder = tmp_path / "i2d"
