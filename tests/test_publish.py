@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import indexer.build.new_version as new_version
 import indexer.build.pipeline as pipeline
 from indexer.config import BuildConfig, LoaderConfig, ModelConfig, SourceSpec
 from indexer.query.collection import Collection
@@ -49,7 +50,7 @@ def test_a_failed_build_leaves_the_published_version(
     def broken_index(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline, "index_version", broken_index)
+    monkeypatch.setattr(new_version, "index_version", broken_index)
     result = run_cli("build", corpus / "group1", "--out", out, "--rebuild", *BUILD_FLAGS)
     assert result.exit_code != 0
     assert os.readlink(out / "current") == "versions/v000001"

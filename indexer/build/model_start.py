@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from indexer.build.plan import PublishedVersion
@@ -74,25 +74,33 @@ def load_model_while_decoding(
         return runtime, ray_batches(items, sources, cfg, known, positions, runtime), plan
     opening = portable_opening(cfg, plan, prev, trust_cache, identity)
     if opening is not None:  # decoding starts now (or started); the runtime loads, then torch
+        read = ToRead(items, sources, cfg, known, positions, carried)
         work = portable_work(items, sources, cfg, opening[0], known, positions, carried)
-        started = portable_batches(work, opening[1], items, sources, cfg, known, positions,
-                                   carried, early)  # fmt: skip
+        started = portable_batches(read, work, opening[1], early)
         if started is not None:
             return started[0], started[1], plan
     if early is not None:
         early.close()  # its work is not this path's
-    return torch_batches(items, sources, cfg, known, positions, carried, plan)
+    return torch_batches(ToRead(items, sources, cfg, known, positions, carried), plan)
+
+
+@dataclass(frozen=True)
+class ToRead:
+    """What a build's loader reads: the items at `positions` (the hashes in `known` and the
+    bytes `carried` from the pre-check need no second read), as `cfg` says."""
+
+    items: list[Item]
+    sources: list[Source]
+    cfg: BuildConfig
+    known: frozenset[str]
+    positions: list[int]
+    carried: dict[int, Any]
 
 
 def portable_batches(
+    read: ToRead,
     work: tuple[ItemDataset, list[int]],
     open_runtime: Callable[[], Runtime | None],
-    items: list[Item],
-    sources: list[Source],
-    cfg: BuildConfig,
-    known: frozenset[str],
-    positions: list[int],
-    carried: dict[int, Any],
     early: EarlyStart | None,
 ) -> tuple[Runtime, Iterator[Batch]] | None:
     """The portable runtime (or known export) and its batches, their decoding started by the
@@ -101,7 +109,7 @@ def portable_batches(
     from indexer.decode.head_start import HeadStart
     from indexer.model.known_export import KnownExport
 
-    loader = cfg.loader
+    loader = read.cfg.loader
     head = early.adopt(*work, loader.batch_size) if early is not None else None
     if head is None:
         head = HeadStart.start(*work, loader)
@@ -110,8 +118,9 @@ def portable_batches(
         if portable is not None:
             from indexer.decode.loader import iter_batches  # torch loads meanwhile
 
-            batches = iter_batches(items, sources, work[0].preprocess, loader, known,
-                                   positions, head=head, carried=carried)  # fmt: skip
+            batches = iter_batches(read.items, read.sources, work[0].preprocess, loader,
+                                   read.known, read.positions, head=head,
+                                   carried=read.carried)  # fmt: skip
             if isinstance(portable, KnownExport):
                 portable.start()  # its thread starts once the workers are forked
             return portable, batches
@@ -124,20 +133,13 @@ def portable_batches(
     return None
 
 
-def torch_batches(
-    items: list[Item],
-    sources: list[Source],
-    cfg: BuildConfig,
-    known: frozenset[str],
-    positions: list[int],
-    carried: dict[int, Any],
-    plan: RuntimePlan,
-) -> tuple[Runtime, Iterator[Batch], RuntimePlan]:
+def torch_batches(read: ToRead, plan: RuntimePlan) -> tuple[Runtime, Iterator[Batch], RuntimePlan]:
     """timm's model, loaded while the workers decode with the remembered data config (the
     work discarded and decoding restarted if the model's own config differs)."""
     from indexer.decode.loader import iter_batches
     from indexer.model.timm_model import load_embedder
 
+    cfg = read.cfg
     model = replace(cfg.model, precision=plan.single.precision if plan.single else "fp32")
     gpu = gpu_decoding(cfg)  # --decode gpu was refused before the build began (check_decode)
 
@@ -145,8 +147,8 @@ def torch_batches(
         loader = cfg.loader
         preprocess = Preprocessor(data_config, loader.preprocessing, loader.max_pixels,
                                   loader.allow_truncated)  # fmt: skip
-        return iter_batches(items, sources, preprocess, cfg.loader, known, positions, gpu,
-                            carried=carried)  # fmt: skip
+        return iter_batches(read.items, read.sources, preprocess, cfg.loader, read.known,
+                            read.positions, gpu, carried=read.carried)  # fmt: skip
 
     hint = configcache.lookup(cfg.model.name)
     hinted = start(hint) if hint is not None else None
