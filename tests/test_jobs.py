@@ -12,7 +12,7 @@ import click
 import pytest
 import yaml
 
-from indexer.cli.build import build
+from indexer.cli.build import build, build_config
 from indexer.cli.jobs import check_setting, job_flags, read_job, toml_kind
 from indexer.cli.main import main
 from indexer.collection.lock import CollectionLock
@@ -67,6 +67,8 @@ def test_a_job_equals_the_same_build_flags(corpus: Path, tmp_path: Path) -> None
         ('out = "o"\n', "Missing argument 'SOURCES...'"),
         ('sources = ["x"]\nout = "o"\npretrained = "yes"\n', "must be true or false"),
         ("sources = [\n", "not valid TOML"),
+        ('sources = ["x"]\nout = "o"\nstorage_options = ["bad"]\n', "'bad': write KEY=VALUE"),
+        ('sources = []\nout = "o"\n', "Missing argument 'SOURCES...'"),
     ],
 )
 def test_bad_job_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -305,3 +307,23 @@ def test_shipped_rayjob_runs_the_ray_engine() -> None:
     assert entry[:2] == ["indexer", "build"]
     params = parses(entry[2:])  # the flags exist and their values are valid
     assert params["engine"] == "ray" and params["concurrency"] == 4
+
+
+def test_a_job_and_its_flags_make_the_same_config(tmp_path: Path) -> None:
+    """A job file goes straight into the build's configuration, the same one its flags make;
+    every setting left out is the flag's default."""
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'sources = ["pics", "hf:user/set"]\nout = "o.idx"\nbatch_size = 8\nworkers = 0\n'
+        'pretrained = false\nmetric = "l2"\nindex_type = "hnsw"\ntarget_recall = 0.9\n'
+        'storage_options = ["anon=true"]\nexact_preprocessing = true\npartition = "1/4"\n'
+    )
+    from_job = build_config(job_flags(read_job(job), job, build))
+    argv = [str(tmp_path / "pics"), "hf:user/set", "--out", str(tmp_path / "o.idx"),
+            "--batch-size", "8", "--workers", "0", "--no-pretrained", "--metric", "l2",
+            "--index-type", "hnsw", "--target-recall", "0.9", "--storage-option", "anon=true",
+            "--exact-preprocessing", "--partition", "1/4"]  # fmt: skip
+    assert from_job == build_config(parses(argv))
+    assert from_job.model.precision == "fp32" and from_job.loader.preprocessing == "exact"
+    assert from_job.sources[0].storage_options == (("anon", "true"),)
+    assert from_job.partition is not None and from_job.loader.decode == "auto"

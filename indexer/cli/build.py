@@ -35,6 +35,7 @@ from indexer.config import (
     ModelConfig,
     SourceSpec,
 )
+from indexer.errors import InputError
 
 MODEL_OPTIONS = (  # The model and how it embeds: ModelConfig (and the preprocessing it reads).
     click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Any timm model name."),
@@ -279,7 +280,7 @@ def build(**flags: Any) -> None:
       indexer build s3://my-bucket/photos/ --out photos.idx
       indexer build hf:./my_dataset --split test --out ds.idx
     """
-    run_build(flags)
+    run_build(build_config(flags), flags["dry_run"])
 
 
 @click.command(name="run")
@@ -293,17 +294,26 @@ def run_job(job: Path) -> None:
     from indexer.cli.jobs import job_flags, read_job
 
     settings = run_library(lambda: read_job(job))
-    run_build(run_library(lambda: job_flags(settings, job, build)))
+    flags = run_library(lambda: job_flags(settings, job, build))
+    run_build(run_library(lambda: job_config(flags, job)), flags["dry_run"])
 
 
-def run_build(flags: Mapping[str, Any]) -> None:
-    """The build (or its dry run) the flags ask for, summarised on stdout."""
+def job_config(flags: Mapping[str, Any], job: Path) -> BuildConfig:
+    """build_config, its usage errors (a --storage-option that is not KEY=VALUE) naming the
+    job file, on one line: a job has no command line to show the usage of."""
+    try:
+        return build_config(flags)
+    except click.UsageError as exc:
+        raise InputError(f"job file {job}: {exc.format_message()}") from exc
+
+
+def run_build(cfg: BuildConfig, dry_run: bool) -> None:
+    """The build (or its dry run, nothing changed), summarised on stdout."""
     from indexer.build.pipeline import build as run
-    from indexer.build.plan import dry_run
+    from indexer.build.plan import dry_run as plan_only
 
-    cfg = build_config(flags)
-    if flags["dry_run"]:
-        plan = run_library(lambda: dry_run(cfg))
+    if dry_run:
+        plan = run_library(lambda: plan_only(cfg))
         eta = plan["estimated_seconds"]
         click.echo(
             f"Dry run for {cfg.out}: {plan['listed']} listed; {plan['to_check']} to read "
