@@ -32,7 +32,8 @@ def test_real_photos_find_themselves(tmp_path: Path) -> None:
     result = run_cli("build", SAMPLE, "--out", out, "--no-pretrained", "--no-progress")
     assert result.exit_code == 0, result.output
     photos = sorted(SAMPLE.glob("*.JPEG"))
-    assert f"{len(photos)} embedded, 0 failed" in result.output
+    assert f"{len(photos)} embedded, 0 reused" in result.output
+    assert f"0 failed of {len(photos)} listed" in result.output
     query = run_cli("query", *photos, "--index", out, "-k", "1", "--json")
     assert query.exit_code == 0, query.output
     tops = [entry["results"][0]["key"] for entry in json.loads(query.stdout)]

@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -166,10 +167,29 @@ def test_hostile_corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         row = by_key[f"orient-{n}.jpg"]
         assert (row["width"], row["height"]) == ((40, 80) if n >= 5 else (80, 40)), n
 
-    summary = result.output.split("Failed: ")[1]
-    assert "2 truncated" in summary and "2 symlink loop" in summary and "2 too large" in summary
+    summary = result.output.split("Failed: ")[1]  # per stage, with its most common reason
+    for stage, n in Counter(e["stage"] for e in errors.values()).items():
+        assert f"{stage} {n} (" in summary, summary
+    assert str(out / "errors.parquet") in summary
     run = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
     assert sum(run["failures"].values()) == len(errors) and run["failures"]["not found"] == 2
+    assert run["failures"]["truncated"] == run["failures"]["symlink loop"] == 2
+    assert run["failures"]["too large"] == 2
+
+
+def test_failures_are_described_per_stage_with_the_most_common_reason() -> None:
+    from indexer.build.failures import count_stages, describe_stages
+
+    errors = [{"stage": "fetch", "error": "HTTP 404 Not Found"}] * 4 + [
+        {"stage": "fetch", "error": "HTTP 503"},
+        {"stage": "decode", "error": "image file is truncated"},
+    ]
+    stages = count_stages(errors)
+    assert stages == {"fetch": {"HTTP 404 not found": 4, "HTTP 503 unavailable": 1},
+                      "decode": {"truncated": 1}}  # fmt: skip
+    assert describe_stages(stages) == (
+        "fetch 5 (4 HTTP 404 not found, 1 HTTP 503 unavailable), decode 1 (1 truncated)"
+    )
 
 
 def test_truncated_files_can_be_allowed(tmp_path: Path) -> None:
@@ -220,6 +240,13 @@ def test_max_image_pixels_is_enforced_and_recorded(tmp_path: Path) -> None:
          "outside the source folder"),
         ("read", "IsADirectoryError: [Errno 21] Is a directory", "is a folder"),
         ("preprocess", "ValueError: something new", "other preprocess error"),
+        ("fetch", "HTTP 404 Not Found", "HTTP 404 not found"),
+        ("fetch", "HTTP 403", "HTTP 403 forbidden"),
+        ("fetch", "HTTP 599 odd", "HTTP 599 error"),
+        ("fetch", "ClientConnectorError: Cannot connect: Connection refused", "connection refused"),
+        ("fetch", "TimeoutError: read timed out", "timed out"),
+        ("fetch", "FileNotFoundError: not found (HTTP 404, or no such object)",
+         "HTTP 404 not found"),
     ],
 )  # fmt: skip
 def test_failure_reasons(stage: str, error: str, reason: str) -> None:

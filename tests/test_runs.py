@@ -46,19 +46,19 @@ def test_history_records_each_run_and_survives_rebuilds(corpus: Path, tmp_path: 
     assert run_cli("build", corpus / "group0", "--out", out, "--rebuild", *flags).exit_code == 0
     assert run_cli("build", corpus / "group0", "--out", out, *flags).exit_code == 0
     history = runs(out)
-    assert [r["status"] for r in history] == ["success", "failed", "success", "success"]
+    assert [r["status"] for r in history] == ["success", "success", "success"]  # (refused: none)
     n = len(list((corpus / "group0").iterdir()))
     assert history[0]["counts"] == {
-        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0, "reused": 0
+        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0,
+        "reused": 0, "embedded": n,
     }  # fmt: skip
-    assert history[1]["error"].startswith("InputError") and "--rebuild" in history[1]["error"]
-    assert history[2]["images_per_second"] > 0 and history[2]["seconds"] > 0
-    assert history[3]["counts"]["unchanged"] == n and history[3]["counts"]["new"] == 0
+    assert history[1]["images_per_second"] > 0 and history[1]["seconds"] > 0
+    assert history[2]["counts"]["unchanged"] == n and history[2]["counts"]["new"] == 0
     text = metrics.read_text()
     assert f'indexer_last_run_success{{collection="{out}"}} 1' in text
     assert f'indexer_last_run_items{{collection="{out}",state="unchanged"}} {n}' in text
     info = run_cli("info", out)
-    assert "last runs:" in info.output and info.output.count(" build ") == 4
+    assert "last runs:" in info.output and info.output.count(" build ") == 3
 
 
 def test_second_run_exits_locked_naming_the_holder(corpus: Path, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def test_a_url_list_is_fetched_and_embedded_with_its_columns(
     # a list's failed fetches are this build's failures (img2dataset's are its downloader's):
     # over the budget, the run fails, the collection is still written; within it, partial
     result = run_cli("build", listing, "--out", out, *BUILD_FLAGS, "--max-failures", "3")
-    assert result.exit_code == 5 and "3 not found" in result.output, result.output
+    assert result.exit_code == 5 and "fetch 3 (3 HTTP 404 not found)" in result.output
     got = read_embeddings_by_key(out)
     assert len(got) == 12
     local = tmp_path / "local"
@@ -88,7 +88,7 @@ def test_a_url_list_is_fetched_and_embedded_with_its_columns(
     result = run_cli("build", whole, "--out", out2, *BUILD_FLAGS, "--refetch")
     assert result.exit_code == 0, result.output
     assert all(counts[f"/{n:02d}.png"] == before[f"/{n:02d}.png"] + 1 for n in range(12))
-    assert "0 new, 0 changed, 12 unchanged" in result.output, result.output  # same bytes
+    assert "0 embedded, 0 reused (renamed or copied), 12 unchanged" in result.output  # same bytes
 
 
 def test_a_txt_list_of_paths_and_keys_by_column(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from indexer.collection.layout import (
     parse_manifest,
     write_json_atomic,
 )
-from indexer.collection.lock import CollectionLock
+from indexer.collection.lock import locked_run
 from indexer.collection.shards import (
     ShardWriter,
     embedding_array,
@@ -156,7 +157,7 @@ def index_parquet(cfg: ExternalConfig) -> dict[str, Any]:
     """Copy the vectors into a new version of the collection at cfg.out, index it, publish it."""
     check_build_dir(cfg.out)
     _refuse_image_collection(cfg.out)
-    with os_errors_as(f"indexing into {cfg.out}"), CollectionLock(cfg.out, "index"):
+    with os_errors_as(f"indexing into {cfg.out}"), locked_run(cfg.out, "index"):
         return index_parquet_unlocked(cfg)
 
 
@@ -180,8 +181,12 @@ def index_parquet_unlocked(cfg: ExternalConfig) -> dict[str, Any]:
     number, building = start_version(cfg.out, request)
     paths = CollectionPaths(building)
     start = time.perf_counter()
-    copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata), known)
-    check_unchanged(files)
+    try:
+        copied = copy_vectors(files, cfg, paths, shard_schema(dim, metadata), known)
+        check_unchanged(files)
+    except InputError:  # a bad row or a file changed: copied vectors are never reused
+        shutil.rmtree(building, ignore_errors=True)
+        raise
     write_errors(paths.errors, [])
     manifest = external_manifest(cfg, files, copied, dim, number, request)
     write_json_atomic(paths.manifest, manifest)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from indexer.build.embed import Embedded
-from indexer.build.failures import count_reasons
+from indexer.build.failures import count_reasons, count_stages
 from indexer.build.plan import (
     Plan,
     PublishedVersion,
@@ -76,6 +76,7 @@ class BuildReport:
     version: int | None = None
     reindexed: bool = False  # nothing changed, but the index settings did: only re-indexed
     failures: dict[str, int] = field(default_factory=dict)  # failed items per reason
+    failed_stages: dict[str, dict[str, int]] = field(default_factory=dict)  # per stage, reason
     runtime: str | None = None  # what embedded: torch, onnxruntime, openvino (None: nothing)
     unfetched: int = 0  # of the failed: items their downloader never fetched (stage "fetch")
     choice: dict[str, Any] | None = None  # the collection's runtime record (decide.Decision)
@@ -103,10 +104,11 @@ def errors_extra(sources: list[Source]) -> pa.Schema:
 
 def zero_counts(listed: int) -> dict[str, int]:
     """Per listed item: new, changed, unchanged, failed; plus deleted rows; plus vectors reused
-    by content hash (touched, renamed, duplicated files, and work a killed run finished)."""
+    by content hash (touched, renamed, duplicated files, and work a killed run finished); of
+    the new and changed, those embedded by this run."""
     return {
         "listed": listed, "new": 0, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0,
-        "reused": 0,
+        "reused": 0, "embedded": 0,
     }  # fmt: skip
 
 
@@ -192,6 +194,7 @@ def publish_version(
              seconds)  # fmt: skip
     return BuildReport(cfg.out, counts, rows, len(shards), seconds, index_meta,
                        version=version.number, failures=count_reasons(errors),
+                       failed_stages=count_stages(errors),
                        runtime=embedded.runtime, unfetched=unfetched(errors, sources),
                        choice=embedded.decision.record() if embedded.decision
                        else manifest.get("runtime"))  # fmt: skip
@@ -293,7 +296,8 @@ def count_outcomes(
     items: list[Item],
     listed: int,
 ) -> dict[str, int]:
-    """What the run did, per listed item: new, changed, unchanged (incl. touched), failed."""
+    """What the run did, per listed item: new, changed, unchanged (incl. touched), failed;
+    of the new and changed, how many were embedded (the rest reused a stored vector)."""
     counts = {**zero_counts(listed), "unchanged": len(plan.keep), "deleted": plan.deleted,
               "reused": len(reused)}  # fmt: skip
     failed_keys = {e["key"] for e in errors}
@@ -302,15 +306,16 @@ def count_outcomes(
         if p in plan.known and prev.rows[items[p].key].content_hash == digest
     }  # fmt: skip
 
+    carried = {p for p, _, _ in reused}  # vectors copied by content hash, not embedded
     for position in plan.check:
         if items[position].key in failed_keys:
             counts["failed"] += 1
-        elif position in touched:
+            continue
+        if position in touched:
             counts["unchanged"] += 1
-        elif position in plan.known:
-            counts["changed"] += 1
-        else:
-            counts["new"] += 1
+            continue
+        counts["changed" if position in plan.known else "new"] += 1
+        counts["embedded"] += position not in carried
     return counts
 
 

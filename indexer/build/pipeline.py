@@ -37,6 +37,7 @@ from indexer.build.threads import close
 from indexer.collection.history import RunRecord, append_run, write_metrics
 from indexer.collection.layout import (
     ERRORS,
+    LOCK,
     MANIFEST,
     PARTS,
     SHARDS,
@@ -46,7 +47,7 @@ from indexer.collection.layout import (
     read_manifest,
     write_json_atomic,
 )
-from indexer.collection.lock import CollectionLock
+from indexer.collection.lock import Run, locked_run
 from indexer.collection.versions import (
     clear_salvage,
     prune,
@@ -106,8 +107,9 @@ def build(cfg: BuildConfig) -> BuildReport:
         )
     started, status, error = time.time(), "failed", None
     report: BuildReport | None = None
+    run = Run()
     try:
-        with os_errors_as(f"building {cfg.out}"), CollectionLock(cfg.out, "build"):
+        with os_errors_as(f"building {cfg.out}"), locked_run(cfg.out, "build") as run:
             report = build_unlocked(cfg)
         unfetched = report.unfetched  # failed upstream: not this build's failures
         failed, listed = report.counts["failed"] - unfetched, report.counts["listed"] - unfetched
@@ -130,20 +132,28 @@ def build(cfg: BuildConfig) -> BuildReport:
         error = error or f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        counts = report.counts if report is not None else {}
-        failures = report.failures if report is not None else {}
-        runtime = report.runtime if report is not None else None
-        choice = report.choice if report is not None else None
-        record = RunRecord("build", started, time.time(), status, counts, error, failures,
-                           runtime, choice)  # fmt: skip
-        append_run(cfg.out, record)  # never raises: a failure here must not hide the first
-        if cfg.metrics_file is not None:
-            try:
-                write_metrics(cfg.metrics_file, cfg.out, record)
-            except IndexerError as exc:
-                if error is None:
-                    raise
-                log.warning("%s", exc)  # the run's own error is the one to report
+        if not run.refused:  # a refused run leaves no trace: no folder, no lock, no history
+            record_run(cfg, started, status, error, report)
+
+
+def record_run(
+    cfg: BuildConfig, started: float, status: str, error: str | None, report: BuildReport | None
+) -> None:
+    """The run in the collection's history, and in the metrics file when asked for."""
+    counts = report.counts if report is not None else {}
+    failures = report.failures if report is not None else {}
+    runtime = report.runtime if report is not None else None
+    choice = report.choice if report is not None else None
+    record = RunRecord("build", started, time.time(), status, counts, error, failures,
+                       runtime, choice)  # fmt: skip
+    append_run(cfg.out, record)  # never raises: a failure here must not hide the first
+    if cfg.metrics_file is not None:
+        try:
+            write_metrics(cfg.metrics_file, cfg.out, record)
+        except IndexerError as exc:
+            if error is None:
+                raise
+            log.warning("%s", exc)  # the run's own error is the one to report
 
 
 def run_status(failed: int, items: int, max_failures: float) -> str:
@@ -156,7 +166,9 @@ def run_status(failed: int, items: int, max_failures: float) -> str:
 
 def reindex(root: Path, keep: int = 2, overrides: IndexOverrides | None = None) -> dict[str, Any]:
     """Publish a new version of the collection with the same shards and a rebuilt index."""
-    with os_errors_as(f"indexing {root}"), CollectionLock(root, "index"):
+    if not (root / LOCK).exists():  # not one of ours: refused before a lock file is made in
+        open_version(root)  # it (with one, a first build may be running: locked says so)
+    with os_errors_as(f"indexing {root}"), locked_run(root, "index"):
         source = open_version(root)
         manifest = read_manifest(source)
         cfg = (overrides or IndexOverrides()).resolve(manifest["metric"], read_index_meta(source))

@@ -22,21 +22,22 @@ def summarize(report: BuildReport) -> str:
             f"No item changed in {report.root}; re-indexed with the new index settings as "
             f"version {report.version}: {describe_index(report.index)}."
         )
-    done = c["new"] + c["changed"]
-    rate = done / report.seconds if report.seconds else 0.0
+    embedded = c.get("embedded", c["new"] + c["changed"])
+    reused = c["new"] + c["changed"] - embedded
+    rate = f", {embedded / report.seconds:.1f} images/s embedded" if embedded else ""
     text = (
-        f"Built {report.root}: {report.rows} embedded, {c['failed']} failed "
-        f"({c['new']} new, {c['changed']} changed, {c['unchanged']} unchanged, "
-        f"{c['deleted']} deleted), version {report.version}, {report.shards} shard(s), "
-        f"{report.seconds:.1f}s ({rate:.1f} images/s)."
+        f"Built {report.root}, version {report.version}: {embedded} embedded, {reused} reused "
+        f"(renamed or copied), {c['unchanged']} unchanged, {c['deleted']} deleted, "
+        f"{c['failed']} failed of {c['listed']} listed ({c['new']} new, {c['changed']} "
+        f"changed); {report.rows} items in {report.shards} shard(s); "
+        f"{report.seconds:.1f}s{rate}."
     )
     if c["failed"]:
-        from indexer.build.failures import describe_reasons
+        from indexer.build.failures import describe_reasons, describe_stages
 
-        text += (
-            f" Failed: {describe_reasons(report.failures)}; listed in "
-            f"{report.root / 'errors.parquet'}."
-        )
+        why = (describe_stages(report.failed_stages) if report.failed_stages
+               else describe_reasons(report.failures))  # fmt: skip
+        text += f" Failed: {why}; listed in {report.root / 'errors.parquet'}."
     if report.index.get("part"):
         return text + f" A part: `indexer index {report.root.parent.parent}` merges the parts."
     text += f" Index: {describe_index(report.index)}."

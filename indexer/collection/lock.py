@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -9,13 +10,21 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-from indexer.collection.layout import LOCK
-from indexer.errors import CollectionLockedError, InputError
+from indexer.collection.layout import LOCK, VERSIONS
+from indexer.errors import (
+    CollectionLockedError,
+    IndexerError,
+    InputError,
+    TooManyFailuresError,
+)
 from indexer.safeio import open_regular
 
 FileKey = tuple[int, int]  # (st_dev, st_ino) of a lock file
@@ -47,12 +56,7 @@ class CollectionLock:
     def __enter__(self) -> CollectionLock:
         with CollectionLock._mutex:
             self._refuse_if_held_here()
-            fd = self._open()
-            try:
-                key = self._lock(fd)
-            except BaseException:
-                os.close(fd)  # nothing of this process is locked on it: closing drops nothing
-                raise
+            fd, key = self._open_and_lock()
             holder = json.dumps(holder_info(self.command))
             _write_holder(fd, holder)
             CollectionLock._held[key] = holder
@@ -74,6 +78,40 @@ class CollectionLock:
             if self._key is not None and os.getpid() == self._pid:
                 CollectionLock._held.pop(self._key, None)
             self._fd = self._key = None
+
+    def _open_and_lock(self) -> tuple[int, FileKey]:
+        """The lock file opened and locked; again if it was removed or replaced before the
+        lock was ours (a refused first run removes the folder it made, lock file and all)."""
+        for _ in range(100):
+            fd = self._open()
+            try:
+                key = self._lock(fd)
+                st = os.lstat(self.path)
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except BaseException:
+                os.close(fd)  # nothing of this process is locked on it: closing drops nothing
+                raise
+            if (st.st_dev, st.st_ino) == key:
+                return fd, key
+            os.close(fd)  # locked a file no longer at the path: another run owns the new one
+        raise self._locked("another run that keeps replacing the lock file")
+
+    def discard(self, made: Path | None) -> None:
+        """Remove the lock file (still held) and every empty folder under `made` (None: none):
+        what a refused run made, so that it leaves nothing behind."""
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            return  # not ours to remove any more: leave the folders too
+        if made is None:
+            return
+        for folder, _, _ in sorted(os.walk(made), key=lambda entry: -len(entry[0])):
+            with contextlib.suppress(OSError):  # only an empty one: what is in it is not ours
+                os.rmdir(folder)
 
     def _refuse_if_held_here(self) -> None:
         """CollectionLockedError if this process holds the lock already (the file is not opened)."""
@@ -165,3 +203,46 @@ def describe_holder(text: str) -> str:
         return f"`indexer {info['command']}` ({where})"
     except (ValueError, KeyError, TypeError):
         return "another indexer run"
+
+
+@dataclass
+class Run:
+    """A locked run's outcome as far as its traces go: refused runs leave none."""
+
+    refused: bool = False
+
+
+@contextmanager
+def locked_run(root: Path, command: str) -> Iterator[Run]:
+    """The collection's lock for a run. A run refused before it wrote a version (bad input, a
+    model it cannot load, a collection it must not change) leaves nothing: the lock file if it
+    made it, the folders it made; its caller records no history (`Run.refused`). A locked
+    collection and a run over its failure budget are not refusals."""
+    made, lock_file, versions = outermost_missing(root), (root / LOCK).exists(), _versions(root)
+    run = Run()
+    with CollectionLock(root, command) as lock:
+        try:
+            yield run
+        except IndexerError as exc:
+            contention = isinstance(exc, (CollectionLockedError, TooManyFailuresError))
+            run.refused = not contention and not (_versions(root) - versions)
+            if run.refused and (made is not None or not lock_file):
+                lock.discard(made)
+            raise
+
+
+def outermost_missing(root: Path) -> Path | None:
+    """The outermost folder of root that does not exist yet (None: root exists)."""
+    if root.exists() or root.is_symlink():
+        return None
+    made = root
+    while not made.parent.exists() and made.parent != made:
+        made = made.parent
+    return made
+
+
+def _versions(root: Path) -> set[str]:
+    try:
+        return {entry.name for entry in (root / VERSIONS).iterdir()}
+    except OSError:
+        return set()

@@ -34,6 +34,12 @@ def open_source(
 
     if is_bucket_url(spec.location.removeprefix(HF_PREFIX)):
         return open_bucket(spec, label, max_pixels, listed)
+    if "://" in spec.location and not Path(spec.location).exists():
+        raise InputError(
+            f"{spec.location} is a URL: a build reads URLs from a list, so write it (and any "
+            "others) into a file, one a line (urls.txt; or a CSV, JSONL or Parquet file with a "
+            "url column), and build that file; buckets are s3://, gs:// or az:// prefixes"
+        )
     from indexer.sources.url_list import is_url_list
 
     if is_url_list(spec.location):
