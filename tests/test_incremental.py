@@ -48,7 +48,8 @@ def test_each_kind_of_change(photos: Path, tmp_path: Path) -> None:
     first = build(photos, out)
     n = first["listed"]
     assert first == {
-        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0, "reused": 0
+        "listed": n, "new": n, "changed": 0, "unchanged": 0, "deleted": 0, "failed": 0, "reused": 0,
+        "embedded": n,
     }  # fmt: skip
     before, ids_before = read_embeddings_by_key(out), ids_by_key(out)
 
@@ -63,6 +64,7 @@ def test_each_kind_of_change(photos: Path, tmp_path: Path) -> None:
     assert counts == {
         "listed": n + 1, "new": 3, "changed": 1, "unchanged": n - 3, "deleted": 2, "failed": 0,
         "reused": 3,  # the touched, the renamed and the duplicated file: no model run for them
+        "embedded": 2,  # the added and the changed file: the model ran for these alone
     }  # fmt: skip
 
     after, ids_after = read_embeddings_by_key(out), ids_by_key(out)

@@ -325,6 +325,10 @@ def run_build(cfg: BuildConfig, dry_run: bool) -> None:
         return
     report = run_library(lambda: run(cfg))
     click.echo(summarize(report))
+    if not cfg.model.pretrained and cfg.model.checkpoint is None and report.runtime is not None:
+        from indexer.collection.layout import RANDOM_WEIGHTS
+
+        click.echo(f"Note: {RANDOM_WEIGHTS}.", err=True)
     if report.status == "partial":
         sys.exit(EXIT_PARTIAL)
 

@@ -58,9 +58,10 @@ def entry() -> None:
 def main(verbose: bool) -> None:
     """Turn image folders and Hugging Face datasets into searchable embedding indexes."""
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if verbose:  # indexer's own progress; libraries (faiss's loader, datasets) say warnings only
+        logging.getLogger("indexer").setLevel(logging.INFO)
 
 
 for command in (build, run_job, query, dedup, info, index_cmd, verify, serve, demo):

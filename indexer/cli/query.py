@@ -112,6 +112,8 @@ def query(
         return collection, collection.query(files, list(ids), k, threshold, list(where))
 
     collection, results = run_library(run)
+    if not (as_json or jsonl or paths_only):  # for a program: the results alone
+        note_random_weights(collection.manifest)
     if grid is not None:
         from indexer.query.contact_sheet import Cell, draw_sheet, wrapped
 
@@ -122,6 +124,7 @@ def query(
             for r in results
         ]  # fmt: skip
         run_library(lambda: draw_sheet(rows, grid))
+        click.echo(f"Wrote the contact sheet to {grid}.", err=True)
     if as_json:
         click.echo(json_text([r.to_dict() for r in results], indent=2))
     elif jsonl:
@@ -143,7 +146,10 @@ def query(
     default=0.95,
     show_default=True,
     type=float,
-    help="Near-duplicates: score >= T (ip; cosine when normalised) or distance <= T (l2).",
+    help="Near-duplicates: score >= T (ip; cosine when normalised) or distance <= T (l2). "
+    "0.95 suits pretrained weights (near-identical pictures: crops, re-encodes, small edits); "
+    "with random weights (--no-pretrained) unrelated pictures score 0.98 and more, so no "
+    "threshold separates duplicates from the rest.",
 )
 @click.option(
     "--out",
@@ -183,6 +189,7 @@ def dedup(
         return collection, find_duplicates(collection, threshold, k)
 
     collection, groups = run_library(run)
+    note_random_weights(collection.manifest)
     run_library(lambda: write_groups(groups, out))
     sizes = [len(g) for g in groups.members]
     click.echo(
@@ -201,3 +208,12 @@ def dedup(
             for n, members in enumerate(groups.members[:12])
         ]
         run_library(lambda: draw_sheet(rows, grid))
+        click.echo(f"Wrote the contact sheet of the largest groups to {grid}.", err=True)
+
+
+def note_random_weights(manifest: dict[str, Any]) -> None:
+    """One line on stderr where results come from a model with random weights."""
+    from indexer.collection.layout import RANDOM_WEIGHTS, random_weights
+
+    if random_weights(manifest):
+        click.echo(f"Note: {RANDOM_WEIGHTS}.", err=True)

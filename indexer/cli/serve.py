@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -173,8 +174,37 @@ def serve(
     from indexer.serve.guard import ConnectionLimits, server_config
 
     limits = ConnectionLimits(max_connections=_connection_cap())
-    logging.getLogger("indexer").info("serving %s on http://%s:%d/", ", ".join(roots), host, port)
-    uvicorn.Server(server_config(app, host, port, limits)).run()
+    for loaded in registry.all():
+        click.echo(describe_served(loaded))
+    announcing(uvicorn.Server)(server_config(app, host, port, limits)).run()
+
+
+def describe_served(loaded: Any) -> str:
+    """One line per collection: its name, folder, version and size (random weights said)."""
+    from indexer.collection.layout import RANDOM_WEIGHTS, random_weights
+
+    line = (f"{loaded.name}: {loaded.root} (version {loaded.version}, "
+            f"{len(loaded.collection):,} items)")  # fmt: skip
+    return line + (f"; {RANDOM_WEIGHTS}" if random_weights(loaded.collection.manifest) else "")
+
+
+def announcing(server: type) -> type:
+    """uvicorn's Server that says, once it listens, the address to open (its real port
+    where --port 0 let the system choose)."""
+
+    class Announcing(server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.started:
+                return  # the address was taken: uvicorn said why, and it exits
+            host, port = self.config.host, self.config.port
+            for listening in getattr(self, "servers", []):
+                for sock in listening.sockets or []:
+                    port = sock.getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            click.echo(f"Ready: open http://{shown}:{port}/ (Ctrl-C stops)")
+
+    return Announcing
 
 
 def _connection_cap(wanted: int = 1024, spare: int = 256) -> int:

@@ -228,3 +228,15 @@ def _is_ours(path: Path) -> bool:
     if name == RUNS:  # written only after the lock was taken there
         return path.is_file() and not path.is_symlink() and (path.parent / LOCK).is_file()
     return False
+
+
+RANDOM_WEIGHTS = (
+    "random weights: neighbours reflect colour and texture, not content (build with pretrained "
+    "weights, or --checkpoint FILE, to search by content)"
+)
+
+
+def random_weights(manifest: dict[str, Any]) -> bool:
+    """Whether the collection's vectors come from a model with random (seeded) weights."""
+    model = manifest.get("model") or {}
+    return bool((model.get("weights") or {}).get("kind") == "random")
