@@ -23,8 +23,10 @@ import uvicorn
 from PIL import Image
 
 from indexer.serve.app import MAX_K, ServeConfig, create_app
+from indexer.serve.listing import MAX_LIMIT
 from indexer.serve.registry import Registry
 from tests.helpers import BUILD_FLAGS, run_cli
+from tests.shapes import write_webdataset
 
 
 class Server:
@@ -98,10 +100,24 @@ def served(collection: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     server.stop()
 
 
+def build_captioned(folder: Path) -> Path:
+    """A webdataset (img2dataset's shape: KEY.jpg, KEY.txt, KEY.json) built: a caption column."""
+    write_webdataset(folder / "wds", 0, 12, failed=(3,))
+    out = folder / "c"
+    result = run_cli("build", folder / "wds", "--out", out, *BUILD_FLAGS, "--batch-size", "8")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def captioned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_captioned(tmp_path_factory.mktemp("captioned"))
+
+
 def cli_json(*args: Any) -> list[dict]:
     result = run_cli("query", *args, "--json")
     assert result.exit_code == 0, result.output
-    return json.loads(result.output)[0]["results"]
+    return json.loads(result.stdout)[0]["results"]  # stderr may hold notes
 
 
 def test_search_answers_what_indexer_query_answers(
@@ -155,14 +171,27 @@ def test_search_answers_what_indexer_query_answers(
         ("GET", "/api/collections/photos/items/-1", None, 422),
         ("GET", "/api/collections/photos/items/999999/thumbnail", None, 404),
         ("GET", "/api/collections/photos/items/0/thumbnail?size=99999", None, 422),
+        ("GET", "/api/collections/nope/items", None, 404),
+        ("GET", "/api/collections/photos/items?limit=0", None, 422),
+        ("GET", f"/api/collections/photos/items?limit={MAX_LIMIT + 1}", None, 422),
+        ("GET", "/api/collections/photos/items?limit=ten", None, 422),
+        ("GET", "/api/collections/photos/items?limit=", None, 422),
+        ("GET", "/api/collections/photos/items?offset=-1", None, 422),
+        ("GET", "/api/collections/photos/items?offset=1.5", None, 422),
+        ("GET", "/api/collections/photos/items?offset=99999999999999999999", None, 422),
+        ("GET", "/api/collections/photos/items?where=nosuchcolumn%3D1", None, 422),
+        ("GET", "/api/collections/photos/items?where=width", None, 422),
+        ("GET", "/api/collections/photos/items?where=embedding%3D1", None, 422),
+        ("POST", "/api/collections/photos/items", {}, 405),
     ],
 )
 def test_bad_requests_are_4xx_with_a_reason(
     served: tuple[Server, Path], method: str, path: str, doc: Any, status: int
 ) -> None:
-    server, _ = served
+    server, root = served
     got, body = server.json(method, path, doc)
     assert got == status and body["error"], body
+    assert "\n" not in body["error"] and str(root) not in body["error"]  # a line, no path
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -462,3 +491,83 @@ def test_a_refused_version_is_counted_once(collection: Path, tmp_path: Path) -> 
     for _ in range(3):
         registry.refresh()
     assert registry.failures == 1 and registry.get("c").version == version.name
+
+
+def test_items_are_listed_in_pages(served: tuple[Server, Path]) -> None:
+    """The browsing route: every stored row once, in id order, a bounded page at a time."""
+    server, _ = served
+    status, everything = server.json("GET", "/api/collections/photos/items?limit=200")
+    assert status == 200 and everything["total"] == 28 == len(everything["items"])
+    assert (everything["collection"], everything["version"]) == ("photos", "v000001")
+    ids = [row["id"] for row in everything["items"]]
+    assert ids == sorted(ids) and len(set(ids)) == 28
+    status, first = server.json("GET", "/api/collections/photos/items")  # 60 by default
+    assert status == 200 and first["offset"] == 0 and first["limit"] == 60
+    paged = []
+    for offset in range(0, 30, 10):
+        status, doc = server.json("GET", f"/api/collections/photos/items?offset={offset}&limit=10")
+        assert status == 200 and doc["total"] == 28 and doc["offset"] == offset
+        paged += doc["items"]
+    assert paged == everything["items"]  # three pages: each row once, in order
+    _, row = server.json("GET", f"/api/collections/photos/items/{ids[7]}")
+    assert everything["items"][7] == row and "embedding" not in row  # the stored row
+    _, past = server.json("GET", "/api/collections/photos/items?offset=1000")
+    assert past["total"] == 28 and past["items"] == []
+    _, narrow = server.json("GET", "/api/collections/photos/items?where=width%3C320&where=height>0")
+    assert narrow["total"] == 2 and all(r["width"] < 320 for r in narrow["items"])
+    assert narrow["items"] == [r for r in everything["items"] if r["width"] < 320]
+
+
+def test_collections_say_weights_text_column_and_a_version_being_loaded(
+    served: tuple[Server, Path], captioned: Path
+) -> None:
+    server, root = served
+    status, (photos,) = server.json("GET", "/api/collections")
+    assert status == 200 and photos["weights"] == "random" and photos["text_column"] is None
+    assert photos["loading"] is None and photos["version"] == "v000001" and photos["count"] == 28
+    shutil.copytree(root / "versions" / "v000001", root / "versions" / "v000002")
+    (root / "current").unlink()  # published; the registry has not looked yet (no watcher)
+    (root / "current").symlink_to(Path("versions") / "v000002")
+    _, (photos,) = server.json("GET", "/api/collections")
+    assert photos["loading"] == "v000002" and photos["version"] == "v000001"
+    assert server.json("GET", "/readyz")[0] == 200  # the old version still answers
+    with serving({"captions": captioned}) as other:
+        _, (captions,) = other.json("GET", "/api/collections")
+        assert captions["text_column"] == "caption" and captions["loading"] is None
+        _, page = other.json("GET", "/api/collections/captions/items?limit=3")
+        assert [r["caption"] for r in page["items"]] == [f"scene number {n}" for n in range(3)]
+
+
+def test_a_version_loaded_or_refused_is_no_longer_loading(collection: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "c"
+    shutil.copytree(collection, copy, symlinks=True)
+    registry = Registry({"c": copy})
+    registry.refresh()
+    for name, damaged in (("v000002", False), ("v000003", True)):
+        shutil.copytree(copy / "versions" / "v000001", copy / "versions" / name)
+        if damaged:
+            (copy / "versions" / name / "index" / "index.faiss").write_bytes(b"damaged")
+        (copy / "current").unlink()
+        (copy / "current").symlink_to(Path("versions") / name)
+        assert registry.pending("c") == name
+        registry.refresh()
+        assert registry.pending("c") is None  # served, or refused (and said in the log)
+    assert registry.get("c").version == "v000002" and registry.pending("nope") is None
+
+
+def test_an_unknown_key_is_named_without_the_collections_folder(
+    served: tuple[Server, Path],
+) -> None:
+    server, root = served
+    status, doc = server.json("POST", "/api/collections/photos/search", {"key": "x", "k": 3})
+    assert status == 404 and doc["error"] == "no item with key 'x' in collection 'photos'"
+    status, doc = server.json("POST", "/api/collections/photos/search", {"key": "a" * 500})
+    assert status == 404 and len(doc["error"]) < 120  # a client's long key, cut short
+    from indexer.serve.app import Api
+    from indexer.serve.metrics import Metrics
+
+    registry = Registry({"photos": root})
+    api = Api(registry, ServeConfig(), Metrics(registry))
+    for path in (root, root.resolve(), root.absolute()):
+        message = api._public(f"cannot read {path}/versions/v000001/shards/x.parquet: gone")
+        assert message == "cannot read collection 'photos'/versions/v000001/shards/x.parquet: gone"

@@ -129,15 +129,7 @@ def serve(
     from indexer.serve.app import ServeConfig, create_app
     from indexer.serve.registry import Registry, collection_names
 
-    if token is not None and not token.strip():
-        raise click.UsageError("--token is empty: give a token, or leave it out")
-    if metrics_token is not None and (token is None or not metrics_token.strip()):
-        raise click.UsageError("--metrics-token needs --token (and must not be empty)")
-    if not _loopback(host) and token is None and not insecure:
-        raise click.UsageError(
-            f"--host {host} is reachable from other machines: give --token TOKEN (or "
-            "$INDEXER_TOKEN), or --insecure to serve without one"
-        )
+    check_access(host, token, metrics_token, insecure)
     limit = run_library(lambda: parse_size(max_upload, "--max-upload"))
     if limit < 1024:
         raise click.UsageError(f"--max-upload {max_upload} is too small for any image")
@@ -177,6 +169,20 @@ def serve(
     for loaded in registry.all():
         click.echo(describe_served(loaded))
     announcing(uvicorn.Server)(server_config(app, host, port, limits)).run()
+
+
+def check_access(host: str, token: str | None, metrics_token: str | None, insecure: bool) -> None:
+    """A token that is empty, a metrics token without one, or another machine's access
+    without a token (unless --insecure): usage errors, before anything loads."""
+    if token is not None and not token.strip():
+        raise click.UsageError("--token is empty: give a token, or leave it out")
+    if metrics_token is not None and (token is None or not metrics_token.strip()):
+        raise click.UsageError("--metrics-token needs --token (and must not be empty)")
+    if not _loopback(host) and token is None and not insecure:
+        raise click.UsageError(
+            f"--host {host} is reachable from other machines: give --token TOKEN (or "
+            "$INDEXER_TOKEN), or --insecure to serve without one"
+        )
 
 
 def describe_served(loaded: Any) -> str:

@@ -27,9 +27,10 @@ from starlette.routing import Route
 
 from indexer.errors import IndexerError, InputError
 from indexer.jsontext import json_text
-from indexer.query.filters import parse_where
+from indexer.query.filters import MAX_CONDITIONS, parse_where
 from indexer.serve.batcher import Batcher
 from indexer.serve.budget import BudgetTimeout, PixelBudget, header_pixels
+from indexer.serve.listing import DEFAULT_LIMIT, MAX_LIMIT, item_page, text_column, weights_kind
 from indexer.serve.metrics import Metrics
 from indexer.serve.registry import Loaded, Registry
 
@@ -75,6 +76,7 @@ def create_app(registry: Registry, cfg: ServeConfig, metrics: Metrics | None = N
         Route("/", api.page),
         Route("/api/collections", api.collections),
         Route("/api/collections/{name}/search", api.search, methods=["POST"]),
+        Route("/api/collections/{name}/items", api.items),
         Route("/api/collections/{name}/items/{item_id}", api.item),
         Route("/api/collections/{name}/items/{item_id}/thumbnail", api.thumbnail),
     ]
@@ -107,6 +109,7 @@ class Api:
         self.thumbs = Thumbnails(self.budget)
         self._slots: anyio.CapacityLimiter | None = None  # made in the event loop
         self._held_bytes = 0  # bodies being read or answered (max_body_bytes)
+        self._texts: dict[tuple[str, str], str | None] = {}  # (name, identity): text column
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "alive"})
@@ -137,6 +140,9 @@ class Api:
     async def search(self, request: Request) -> Response:
         return await self._answer(request, "search", self._search)
 
+    async def items(self, request: Request) -> Response:
+        return await self._answer(request, "items", self._items)
+
     async def item(self, request: Request) -> Response:
         return await self._answer(request, "item", self._item)
 
@@ -162,11 +168,11 @@ class Api:
             log.info("%s: the client disconnected before its answer", endpoint)
             response = Response(status_code=DISCONNECTED)
         except InputError as exc:
-            response = JSONResponse({"error": str(exc)}, status_code=422)
+            response = JSONResponse({"error": self._public(str(exc))}, status_code=422)
         except (IndexerError, OSError) as exc:  # a collection that cannot answer (damaged,
             log.error("%s: %s", endpoint, exc)  # deleted): not the client's fault
-            response = JSONResponse({"error": f"the collection cannot answer: {exc}"},
-                                    status_code=503)  # fmt: skip
+            message = f"the collection cannot answer: {self._public(str(exc))}"
+            response = JSONResponse({"error": message}, status_code=503)
         except Exception as exc:  # a bug: still JSON, logged with its traceback, counted
             log.exception("%s failed", endpoint)
             response = JSONResponse({"error": f"internal error ({type(exc).__name__})"},
@@ -188,6 +194,18 @@ class Api:
             tokens.append(self.cfg.metrics_token)
         if not any([_bearer_is(request, t) for t in tokens]):  # a list: both compared
             raise HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)")
+
+    def _public(self, message: str) -> str:
+        """An error for a client: a collection's folder named by the collection's name (the
+        log keeps the path; a client never learns where collections live on disk)."""
+        shown = {}
+        for name, root in self.registry.roots.items():
+            for path in {str(root.absolute()), str(root.resolve()), str(root)}:
+                if "/" in path:  # a bare relative name ('photos.idx') reveals nothing
+                    shown[path] = f"collection {name!r}"
+        for path in sorted(shown, key=len, reverse=True):  # /a/photos2 before /a/photos
+            message = message.replace(path, shown[path])
+        return message
 
     def _refusal(self, request: Request) -> Response | None:
         """The answer to a request whose Host a tokenless service does not serve, else None."""
@@ -219,7 +237,41 @@ class Api:
             raise HTTPError(404, f"no collection named {name!r}") from None
 
     async def _collections(self, request: Request) -> Response:
-        return JSONResponse([c.describe() for c in self.registry.all()])
+        return JSONResponse([self._describe(c) for c in self.registry.all()])
+
+    def _describe(self, loaded: Loaded) -> dict[str, Any]:
+        """A collection as listed: the registry's description, and what a page shows with it
+        (the weights' kind, the text column under pictures, a version being loaded)."""
+        return {
+            **loaded.describe(),
+            "weights": weights_kind(loaded.collection.manifest),
+            "text_column": self._text_column(loaded),
+            "loading": self.registry.pending(loaded.name),
+        }
+
+    def _text_column(self, loaded: Loaded) -> str | None:
+        """The version's text column, read from a Parquet footer once per version."""
+        key = (loaded.name, loaded.identity)
+        if key not in self._texts:
+            try:
+                column = text_column(loaded.collection)
+            except (OSError, ValueError):  # deleted or damaged: still listed (searches 503)
+                return None
+            self._texts = {k: v for k, v in self._texts.items() if k[0] != loaded.name}
+            self._texts[key] = column
+        return self._texts[key]
+
+    async def _items(self, request: Request) -> Response:
+        loaded = self._loaded(request)
+        params = request.query_params
+        offset = _int_param(params.get("offset", 0), "offset", 0, 2**63 - 1)
+        limit = _int_param(params.get("limit", DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
+        where = params.getlist("where") or None
+        parse_where(where)  # a bad or long filter: 422 on the loop (linear, bounded)
+        total, rows = await self._offload(item_page, loaded.collection, offset, limit, where)
+        doc = {"collection": loaded.name, "version": loaded.version, "total": total,
+               "offset": offset, "limit": limit, "items": rows}  # fmt: skip
+        return Response(_json(doc), media_type="application/json")
 
     async def _search(self, request: Request) -> Response:
         loaded = self._loaded(request)
@@ -268,8 +320,9 @@ class Api:
         try:
             return c.query(ids=[key], k=k, threshold=threshold, where=where)
         except InputError as exc:
-            if "holds no item" in str(exc):
-                raise HTTPError(404, str(exc)) from exc
+            if "holds no item" in str(exc):  # its message names the folder: not a client's
+                raise HTTPError(404, f"no item with key {_short(key)} in collection "
+                                f"{loaded.name!r}") from exc  # fmt: skip
             raise
 
     async def _body(self, request: Request) -> bytes:
@@ -451,7 +504,8 @@ def _form_fields(scope: dict[str, Any], body: bytes) -> dict[str, Any]:
         request = Request({**scope, "type": "http"})
         request._body = body  # parsed from the bytes already read (and bounded)
         try:
-            form = await request.form(max_files=1, max_fields=8, max_part_size=len(body) + 1)
+            form = await request.form(max_files=1, max_fields=8 + MAX_CONDITIONS,
+                                      max_part_size=len(body) + 1)  # fmt: skip
         except Exception as exc:  # Starlette's multipart refusals, as JSON 400s
             raise HTTPError(400, f"the multipart body cannot be read: {exc}") from None
         upload = form.get("image")

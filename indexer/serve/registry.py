@@ -81,6 +81,18 @@ class Registry:
             for name in self.roots
         )
 
+    def pending(self, name: str) -> str | None:
+        """The version published for this collection and not served yet (being loaded and
+        checked), or None: served already, refused, or nothing published."""
+        root = self.roots.get(name)
+        target = None if root is None else _current_target(root)
+        loaded = self._loaded.get(name)
+        if target is None or (loaded is not None and loaded.target == target):
+            return None
+        if self._refused.get(name) == target:
+            return None
+        return target.partition("@")[0].rstrip("/").rpartition("/")[2] or None
+
     def refresh(self) -> None:
         """Load every collection whose published version changed (or was never loaded)."""
         for name, root in self.roots.items():
