@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 AUTOFAISS_VENV := build/autofaiss-venv
 
-.PHONY: help install browser run test lint docs format bench bench-index slim-check clean
+.PHONY: help install browser run test lint docs format bench bench-index slim-check image clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +68,26 @@ slim-check: $(STAMP)  ## Query a portable collection from a venv without torch o
 	! $(SLIM)/bin/python -c "import timm" 2>/dev/null
 	$(SLIM)/bin/indexer query --index build/slim-demo/collection -k 3 \
 	  "$$(ls build/slim-demo/images/*/* | head -1)"
+
+IMAGES ?= cpu slim cuda
+IMAGE_REPO ?= indexer
+image:  ## Container images indexer:cpu, :slim, :cuda with docker or podman (IMAGES=, IMAGE_REPO=)
+	@engine=; broken=; \
+	for e in $(CONTAINER_ENGINE) docker podman; do \
+	  command -v $$e >/dev/null 2>&1 || continue; \
+	  if $$e info >/dev/null 2>&1; then engine=$$e; break; fi; broken=$${broken:-$$e}; \
+	done; \
+	if [ -n "$$broken" ] && [ -z "$$engine" ]; then \
+	  echo "make image: '$$broken info' fails: start its daemon (systemctl start docker) or install podman"; \
+	  exit 1; \
+	elif [ -z "$$engine" ]; then \
+	  echo "make image: no container engine: install docker or podman (apt-get install podman)"; \
+	  exit 1; \
+	fi; \
+	for t in $(IMAGES); do \
+	  echo "$$engine build --target $$t -t $(IMAGE_REPO):$$t ."; \
+	  $$engine build --target $$t -t $(IMAGE_REPO):$$t . || exit 1; \
+	done
 
 bench-index: $(STAMP)  ## Index benchmarks: 1M x 64 vs exact and autofaiss; the incremental day (~15 min)
 	@# autofaiss pins numpy<2, which pyarrow 18+ refuses: it gets a venv of its own.
