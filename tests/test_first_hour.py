@@ -95,3 +95,16 @@ def test_serve_says_what_it_serves_and_where_once_ready(built: Path) -> None:
         proc.terminate()
         _, err = proc.communicate(timeout=60)
     assert "INFO" not in err and "faiss" not in err, err  # nothing else at the default level
+
+
+def test_a_first_dry_run_estimates_from_what_this_machine_timed(
+    corpus: Path, tmp_path: Path, fresh_cache: Path
+) -> None:
+    src = corpus / "group2"
+    dry = run_cli("build", src, "--out", tmp_path / "new", "--dry-run", *BUILD_FLAGS)
+    assert dry.exit_code == 0 and "no estimate yet: nothing was timed" in dry.output, dry.output
+    assert not (tmp_path / "new").exists()
+    assert run_cli("build", src, "--out", tmp_path / "first", *BUILD_FLAGS).exit_code == 0
+    dry = run_cli("build", src, "--out", tmp_path / "new", "--dry-run", *BUILD_FLAGS)
+    assert "of embedding at the rate this machine timed for this model" in dry.output, dry.output
+    assert not (tmp_path / "new").exists()

@@ -383,7 +383,8 @@ def dry_run(cfg: BuildConfig) -> dict[str, Any]:
     planned = plan_build(cfg)
     plan = planned.plan
     rates = [r["images_per_second"] for r in read_runs(cfg.out, 20) if r.get("images_per_second")]
-    estimate = len(plan.check) / rates[-1] if rates and plan.check else None
+    rate, basis = (rates[-1], "runs") if rates else (timed_rate_here(cfg), "timing")
+    estimate = len(plan.check) / rate if rate and plan.check else None
     return {
         "listed": len(planned.items),
         "to_check": len(plan.check),
@@ -391,5 +392,16 @@ def dry_run(cfg: BuildConfig) -> dict[str, Any]:
         "deleted": plan.deleted,
         "failed_unchanged": len(plan.kept_errors),
         "estimated_seconds": None if estimate is None else round(estimate, 1),
+        "estimated_from": None if estimate is None else basis,
         "rebuild": planned.prev.manifest is None,
     }
+
+
+def timed_rate_here(cfg: BuildConfig) -> float | None:
+    """What this machine timed for this model and runtime request before (a first build of
+    any collection records it): images/s of the model alone, or None."""
+    from indexer.model.known_export import request_identity
+    from indexer.model.runtime_choice import cache_key, timed_rate
+
+    key = cache_key(request_identity(cfg.model), cfg.model.runtime, cfg.model.precision)
+    return None if key is None else timed_rate(key)

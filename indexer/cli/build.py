@@ -314,12 +314,10 @@ def run_build(cfg: BuildConfig, dry_run: bool) -> None:
 
     if dry_run:
         plan = run_library(lambda: plan_only(cfg))
-        eta = plan["estimated_seconds"]
         click.echo(
             f"Dry run for {cfg.out}: {plan['listed']} listed; {plan['to_check']} to read "
             f"(new or changed), {plan['unchanged']} unchanged, {plan['deleted']} to delete, "
-            f"{plan['failed_unchanged']} unchanged failures; estimated "
-            f"{'unknown (no earlier run)' if eta is None else f'{eta}s of embedding'}. "
+            f"{plan['failed_unchanged']} unchanged failures; {estimate_text(plan)}. "
             "Nothing was changed."
         )
         return
@@ -331,6 +329,21 @@ def run_build(cfg: BuildConfig, dry_run: bool) -> None:
         click.echo(f"Note: {RANDOM_WEIGHTS}.", err=True)
     if report.status == "partial":
         sys.exit(EXIT_PARTIAL)
+
+
+def estimate_text(plan: Mapping[str, Any]) -> str:
+    """How long the embedding should take, and from what."""
+    eta, basis = plan["estimated_seconds"], plan.get("estimated_from")
+    if eta is None and plan["to_check"] == 0:
+        return "nothing to embed"
+    if eta is None:
+        return ("no estimate yet: nothing was timed on this machine for this model (a build "
+                "records its rate; a later --dry-run estimates from it)")  # fmt: skip
+    took = f"{eta}s" if eta >= 1 else "under 1s"
+    if basis == "timing":
+        return (f"estimated {took} of embedding at the rate this machine timed for this model "
+                "(decoding not included: a first build takes longer)")  # fmt: skip
+    return f"estimated {took} of embedding (at the last run's rate)"
 
 
 def build_config(flags: Mapping[str, Any]) -> BuildConfig:

@@ -322,6 +322,20 @@ def lookup(key: str, among: tuple[Choice, ...]) -> Choice | None:
     return choice
 
 
+def timed_rate(key: str) -> float | None:
+    """Images/s of the choice this machine timed for this key (None: nothing timed, or an
+    entry that is not usable): the model alone, without decoding."""
+    from indexer.safeio import FileRefused, read_bounded
+
+    try:
+        entry = json.loads(read_bounded(_entry(key), MAX_ENTRY_BYTES, "a runtime decision"))
+        label = Choice(str(entry["runtime"]), str(entry["precision"])).label
+        rate = float(entry["images_per_second"][label])
+    except (OSError, FileRefused, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return rate if entry.get("key") == key and rate > 0 else None
+
+
 def remember(key: str | None, decision: Decision) -> None:
     """Keep a timed decision for later first builds on this machine; a cache that cannot be
     written costs only a timing (logged, not raised)."""
