@@ -242,6 +242,8 @@ def test_max_image_pixels_is_enforced_and_recorded(tmp_path: Path) -> None:
         ("preprocess", "ValueError: something new", "other preprocess error"),
         ("fetch", "HTTP 404 Not Found", "HTTP 404 not found"),
         ("fetch", "HTTP 403", "HTTP 403 forbidden"),
+        ("fetch", "not fetched by its downloader (failed_to_download: HTTP Error 404: File not "
+                  "found)", "HTTP 404 not found"),
         ("fetch", "HTTP 599 odd", "HTTP 599 error"),
         ("fetch", "ClientConnectorError: Cannot connect: Connection refused", "connection refused"),
         ("fetch", "TimeoutError: read timed out", "timed out"),

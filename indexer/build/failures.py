@@ -24,7 +24,7 @@ REASONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("connection refused", ("Connection refused", "ConnectionRefusedError")),
     ("host not found", ("Name or service not known", "nodename nor servname")),
 )
-HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+HTTP_STATUS = re.compile(r"\bHTTP(?: Error)? (\d{3})\b")  # ours, urllib's (img2dataset's)
 HTTP_NAMES = {400: "bad request", 401: "unauthorized", 403: "forbidden", 404: "not found",
               410: "gone", 429: "too many requests", 500: "server error",
               502: "bad gateway", 503: "unavailable", 504: "gateway timeout"}  # fmt: skip

@@ -135,7 +135,10 @@ LOADER_OPTIONS = (  # How items are read and decoded: LoaderConfig.
         help="Embed truncated files with their missing part grey (default: a failure).",
     ),
     click.option(
-        "--progress/--no-progress", default=None, help="Progress bar (default: on a tty)."
+        "--progress/--no-progress",
+        default=None,
+        help="A progress bar on stderr (default: only on a terminal; --progress shows it in "
+        "logs and CI too, --no-progress never).",
     ),
 )
 
