@@ -108,3 +108,32 @@ def test_a_first_dry_run_estimates_from_what_this_machine_timed(
     dry = run_cli("build", src, "--out", tmp_path / "new", "--dry-run", *BUILD_FLAGS)
     assert "of embedding at the rate this machine timed for this model" in dry.output, dry.output
     assert not (tmp_path / "new").exists()
+
+
+def test_the_readmes_first_screen_installs_and_says_how_to_skip_cuda_torch() -> None:
+    first_screen = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    text = "\n".join(first_screen[:60])
+    assert "pip install ." in text and "'.[s3]'" in text  # the extras named with it
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
+
+
+def test_progress_help_says_how_to_get_the_bar_in_logs() -> None:
+    text = " ".join(run_cli("build", "--help").output.split())
+    assert "only on a terminal; --progress shows it in logs and CI too" in text
+
+
+def test_a_parquet_build_prints_the_summary_alone(tmp_path: Path) -> None:
+    """datasets' own bars ("Generating train split") stay off, --progress or not."""
+    import datasets
+    from PIL import Image
+
+    pictures = [Image.new("RGB", (40, 30), (20 * i, 90, 160)) for i in range(4)]
+    data = datasets.Dataset.from_dict({"image": pictures, "caption": list("abcd")})
+    (tmp_path / "ds").mkdir()
+    data.cast_column("image", datasets.Image()).to_parquet(tmp_path / "ds" / "train.parquet")
+    result = run_cli("build", tmp_path / "ds", "--out", tmp_path / "c", *BUILD_FLAGS)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\n") == 1 and "Generating" not in result.output
+    assert result.stderr.strip().startswith(NOTE)
+    shown = run_cli("build", tmp_path / "ds", "--out", tmp_path / "d", *BUILD_FLAGS, "--progress")
+    assert shown.exit_code == 0 and "Generating" not in shown.output, shown.output
