@@ -49,7 +49,7 @@ def test_another_collections_index_is_refused_and_repaired(
     mended = run_cli("verify", "--repair", copy)
     assert mended.exit_code == 0 and "whole again" in mended.output, mended.output
     again = run_cli("query", "--id", "group0/scene0004.jpg", "--index", copy, "-k", "1")
-    assert again.exit_code == 0 and "group0/scene0004.jpg" in again.output.splitlines()[2]
+    assert again.exit_code == 0 and "group0/scene0004.jpg" in again.stdout.splitlines()[2]
 
 
 def test_current_pointing_outside_its_versions_is_refused(

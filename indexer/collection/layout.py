@@ -236,7 +236,14 @@ RANDOM_WEIGHTS = (
 )
 
 
+def weights_kind(manifest: dict[str, Any]) -> str | None:
+    """How the model's weights were made ('pretrained', 'checkpoint', 'random'); None for a
+    collection without a model (vectors indexed from Parquet)."""
+    weights = (manifest.get("model") or {}).get("weights")
+    kind = weights.get("kind") if isinstance(weights, dict) else weights
+    return str(kind) if kind is not None else None
+
+
 def random_weights(manifest: dict[str, Any]) -> bool:
     """Whether the collection's vectors come from a model with random (seeded) weights."""
-    model = manifest.get("model") or {}
-    return bool((model.get("weights") or {}).get("kind") == "random")
+    return weights_kind(manifest) == "random"

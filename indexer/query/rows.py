@@ -16,6 +16,14 @@ from indexer.query.opened import OpenedCollection
 class RowAccess(OpenedCollection):
     """Stored rows, vectors and item pictures of an opened collection, by key or id."""
 
+    def schema(self) -> pa.Schema | None:
+        """The shards' columns and their types (the first shard's footer: they share one);
+        None for a collection without shards."""
+        import pyarrow.parquet as pq
+
+        paths = self.paths.shard_paths(self.manifest)
+        return pq.read_schema(paths[0]) if paths else None
+
     def keys_of(self, ids: np.ndarray) -> np.ndarray:
         """Keys for an array of ids (object array of the same shape; None for -1)."""
         sorted_ids, keys = self._key_map()

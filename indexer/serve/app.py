@@ -25,12 +25,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from indexer.collection.layout import weights_kind
 from indexer.errors import IndexerError, InputError
 from indexer.jsontext import json_text
 from indexer.query.filters import MAX_CONDITIONS, parse_where
 from indexer.serve.batcher import Batcher
 from indexer.serve.budget import BudgetTimeout, PixelBudget, header_pixels
-from indexer.serve.listing import DEFAULT_LIMIT, MAX_LIMIT, item_page, text_column, weights_kind
+from indexer.serve.listing import DEFAULT_LIMIT, MAX_LIMIT, item_page, text_column
 from indexer.serve.metrics import Metrics
 from indexer.serve.registry import Loaded, Registry
 

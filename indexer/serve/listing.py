@@ -1,4 +1,4 @@
-"""The service's browsing: items paged in id order, a collection's text column and weights."""
+"""The service's browsing: items paged in id order, and the text column shown under them."""
 
 from __future__ import annotations
 
@@ -28,22 +28,13 @@ def item_page(
 def text_column(collection: Collection) -> str | None:
     """The first of TEXT_COLUMNS the collection's rows hold as text, or None."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    paths = collection.paths.shard_paths(collection.manifest)
-    if not paths:
+    schema = collection.schema()
+    if schema is None:
         return None
-    schema = pq.read_schema(paths[0])  # the footer only: which columns, of what type
     for name in TEXT_COLUMNS:
         if name in schema.names:
             kind = schema.field(name).type
             if pa.types.is_string(kind) or pa.types.is_large_string(kind):
                 return name
     return None
-
-
-def weights_kind(manifest: dict[str, Any]) -> str | None:
-    """How the model's weights were made ('pretrained', 'random', ...); None without a model."""
-    weights = (manifest.get("model") or {}).get("weights")
-    kind = weights.get("kind") if isinstance(weights, dict) else weights
-    return str(kind) if kind is not None else None
