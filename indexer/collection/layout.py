@@ -225,9 +225,22 @@ def _is_ours(path: Path) -> bool:
         )
     if name == LOCK:
         return path.is_file() and not path.is_symlink()
-    if name == RUNS:  # written only after the lock was taken there
-        return path.is_file() and not path.is_symlink() and (path.parent / LOCK).is_file()
+    if name == RUNS:  # ours: written after the lock was taken there, or holding our records
+        if not path.is_file() or path.is_symlink():
+            return False
+        return (path.parent / LOCK).is_file() or _holds_run_records(path)
     return False
+
+
+def _holds_run_records(path: Path) -> bool:
+    """Whether the file's first line is a run record of ours (a run locked out of a folder
+    that a refused first run then left: its history line stays, the lock file does not)."""
+    try:
+        with open(path, "rb") as f:
+            first = json.loads(f.read(4096).split(b"\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and {"command", "status", "started"} <= first.keys()
 
 
 RANDOM_WEIGHTS = (

@@ -82,8 +82,11 @@ class CollectionLock:
     def _open_and_lock(self) -> tuple[int, FileKey]:
         """The lock file opened and locked; again if it was removed or replaced before the
         lock was ours (a refused first run removes the folder it made, lock file and all)."""
-        for _ in range(100):
-            fd = self._open()
+        for attempt in range(100):
+            try:
+                fd = self._open(again=attempt < 99)
+            except FileNotFoundError:  # its folder removed under us (a refused first run's)
+                continue
             try:
                 key = self._lock(fd)
                 st = os.lstat(self.path)
@@ -98,18 +101,19 @@ class CollectionLock:
             os.close(fd)  # locked a file no longer at the path: another run owns the new one
         raise self._locked("another run that keeps replacing the lock file")
 
-    def discard(self, made: Path | None) -> None:
-        """Remove the lock file (still held) and every empty folder under `made` (None: none):
-        what a refused run made, so that it leaves nothing behind."""
+    def discard(self, made: list[Path], lock_file: bool = True) -> None:
+        """Remove the lock file (still held; `lock_file`: this run made it) and the folders
+        in `made` where empty, deepest first (with the empty folders under them): what a
+        refused run made, so that it leaves nothing behind."""
         if self._fd is None:
             return
         try:
-            os.unlink(self.path)
+            if lock_file:
+                os.unlink(self.path)
         except OSError:
             return  # not ours to remove any more: leave the folders too
-        if made is None:
-            return
-        for folder, _, _ in sorted(os.walk(made), key=lambda entry: -len(entry[0])):
+        under = [entry[0] for top in made for entry in os.walk(top)]
+        for folder in sorted({*under, *map(str, made)}, key=len, reverse=True):
             with contextlib.suppress(OSError):  # only an empty one: what is in it is not ours
                 os.rmdir(folder)
 
@@ -123,11 +127,16 @@ class CollectionLock:
         if holder is not None:
             raise self._locked(holder)
 
-    def _open(self) -> int:
-        """The lock file: regular, its own (no link of any kind), opened without blocking."""
+    def _open(self, again: bool = False) -> int:
+        """The lock file: regular, its own (no link of any kind), opened without blocking.
+        `again`: a folder removed between its mkdir and the open is FileNotFoundError."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             return open_regular(self.path, os.O_RDWR | os.O_CREAT, own=True)
+        except FileNotFoundError:
+            if again:
+                raise
+            raise self._unwritable("No such file or directory") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise InputError(
@@ -136,10 +145,12 @@ class CollectionLock:
                 ) from None
             if exc.errno in (errno.EISDIR, errno.EINVAL):
                 raise self._not_a_file() from None
-            raise InputError(
-                f"cannot write to {self.path.parent} ({exc.strerror or exc}): "
-                "choose an --out you may write to"
-            ) from exc
+            raise self._unwritable(exc.strerror or str(exc)) from exc
+
+    def _unwritable(self, why: str) -> InputError:
+        return InputError(
+            f"cannot write to {self.path.parent} ({why}): choose an --out you may write to"
+        )
 
     def _lock(self, fd: int) -> FileKey:
         """Take the record lock on fd; CollectionLockedError naming the holder if taken."""
@@ -218,26 +229,30 @@ def locked_run(root: Path, command: str) -> Iterator[Run]:
     model it cannot load, a collection it must not change) leaves nothing: the lock file if it
     made it, the folders it made; its caller records no history (`Run.refused`). A locked
     collection and a run over its failure budget are not refusals."""
-    made, lock_file, versions = outermost_missing(root), (root / LOCK).exists(), _versions(root)
+    real = Path(os.path.abspath(root))  # `a/../b` names b: what is there, and what is not
+    made, lock_file, versions = missing_folders(root), (real / LOCK).exists(), _versions(real)
     run = Run()
     with CollectionLock(root, command) as lock:
         try:
             yield run
         except IndexerError as exc:
             contention = isinstance(exc, (CollectionLockedError, TooManyFailuresError))
-            run.refused = not contention and not (_versions(root) - versions)
-            if run.refused and (made is not None or not lock_file):
-                lock.discard(made)
+            run.refused = not contention and not (_versions(real) - versions)
+            if run.refused and (made or not lock_file):
+                lock.discard(made, lock_file=not lock_file)
             raise
 
 
-def outermost_missing(root: Path) -> Path | None:
-    """The outermost folder of root that does not exist yet (None: root exists)."""
-    if root.exists() or root.is_symlink():
-        return None
-    made = root
-    while not made.parent.exists() and made.parent != made:
-        made = made.parent
+def missing_folders(root: Path) -> list[Path]:
+    """The folders that making root (mkdir -p) would create, as absolute paths: each prefix
+    of root as written (`missing/../b` makes `missing` and `b`) that does not exist yet."""
+    made: list[Path] = []
+    parts = root.parts
+    for n in range(1, len(parts) + 1):
+        prefix, real = Path(*parts[:n]), Path(os.path.abspath(Path(*parts[:n])))
+        there = prefix.exists() or prefix.is_symlink() or real.exists()
+        if parts[n - 1] not in ("..", ".") and not there:
+            made.append(real)
     return made
 
 
