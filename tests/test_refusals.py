@@ -153,3 +153,15 @@ def test_a_refused_job_writes_nothing(work: Path, tmp_path: Path, case: str) -> 
     assert result.exit_code in (2, 4), result.output
     assert one_error(result), result.output
     assert tree(work) == before
+
+
+def test_a_fifo_named_like_our_history_is_not_ours(work: Path, tmp_path: Path) -> None:
+    """A folder holding a FIFO called runs.jsonl is someone's: refused at once, not waited on."""
+    import os
+
+    out = tmp_path / "fifo-out"
+    out.mkdir()
+    os.mkfifo(out / "runs.jsonl")
+    result = run_cli("build", work / "pics", "--out", out, *BUILD_FLAGS)
+    assert result.exit_code == 2 and "is not empty and is not a collection" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["runs.jsonl"]

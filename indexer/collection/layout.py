@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,9 +236,14 @@ def _is_ours(path: Path) -> bool:
 def _holds_run_records(path: Path) -> bool:
     """Whether the file's first line is a run record of ours (a run locked out of a folder
     that a refused first run then left: its history line stays, the lock file does not)."""
+    from indexer.safeio import open_regular
+
     try:
-        with open(path, "rb") as f:
-            first = json.loads(f.read(4096).split(b"\n", 1)[0])
+        fd = open_regular(path, os.O_RDONLY)  # a FIFO swapped in is refused, never waited on
+        try:
+            first = json.loads(os.read(fd, 4096).split(b"\n", 1)[0])
+        finally:
+            os.close(fd)
     except (OSError, ValueError):
         return False
     return isinstance(first, dict) and {"command", "status", "started"} <= first.keys()
