@@ -89,7 +89,7 @@ def build(cfg: BuildConfig) -> BuildReport:
         from indexer.hub import check_pretrained_early
 
         check_pretrained_early(cfg.model.name)  # a first build offline without the weights:
-        # fail at once, leaving no folder (an existing collection records the failed run)
+        # fail at once, before torch loads (a refused run leaves no folder in any case)
     if cfg.metrics_file is not None:
         check_writable(cfg.metrics_file, "--metrics-file")  # before the work, not after it
     if cfg.loader.decode == "gpu":
