@@ -66,6 +66,9 @@ NEW_OUT_BUILDS = {
     "a missing dataset": ("hf:{w}/nodataset",),
     "an unwritable metrics file": ("{w}/pics", "--metrics-file", "{w}/a-file/m.prom"),
     "a partition of an unknown model": ("{w}/pics", "--partition", "0/2", "--model", "nope_y"),
+    "a huge batch size": ("{w}/pics", "--batch-size", "99999999999999999999"),
+    "a huge shard size": ("{w}/pics", "--shard-size", "99999999999999999999"),
+    "a huge seed": ("{w}/pics", "--seed", "99999999999999999999"),
 }  # fmt: skip
 
 
@@ -140,6 +143,9 @@ JOBS = {
     "a bad value": 'sources = ["{w}/pics"]\nout = "{w}/new"\nworkers = -1\n',
     "a bad storage option": 'sources = ["{w}/pics"]\nout = "{w}/new"\nstorage_options = ["x"]\n',
     "other weights": 'sources = ["{w}/pics"]\nout = "{w}/built"\nseed = 4\n',
+    "a huge batch size": (
+        'sources = ["{w}/pics"]\nout = "{w}/new"\nbatch_size = 9223372036854775807\n'
+    ),
 }
 
 
@@ -165,3 +171,13 @@ def test_a_fifo_named_like_our_history_is_not_ours(work: Path, tmp_path: Path) -
     result = run_cli("build", work / "pics", "--out", out, *BUILD_FLAGS)
     assert result.exit_code == 2 and "is not empty and is not a collection" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["runs.jsonl"]
+
+
+def test_a_huge_worker_count_is_refused_before_any_process(work: Path) -> None:
+    before = tree(work)
+    out = work / "new"
+    result = run_cli("build", work / "pics", "--out", out, *BUILD_FLAGS, "--workers", "10**20")
+    assert result.exit_code == 2 and "--workers" in result.output, result.output
+    huge = run_cli("build", work / "pics", "--out", out, *BUILD_FLAGS, "--workers", str(10**20))
+    assert huge.exit_code == 2 and "0<=x<=1024" in huge.output, huge.output
+    assert tree(work) == before

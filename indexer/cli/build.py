@@ -50,7 +50,13 @@ MODEL_OPTIONS = (  # The model and how it embeds: ModelConfig (and the preproces
         type=click.Path(path_type=Path, dir_okay=False),
         help="Local weights (.safetensors, .pth, .bin); overrides --pretrained.",
     ),
-    click.option("--seed", default=0, show_default=True, help="Seed for --no-pretrained weights."),
+    click.option(
+        "--seed",
+        default=0,
+        show_default=True,
+        type=click.IntRange(0, 2**63 - 1),
+        help="Seed for --no-pretrained weights.",
+    ),
     click.option(
         "--normalize/--no-normalize",
         default=True,
@@ -97,12 +103,12 @@ MODEL_OPTIONS = (  # The model and how it embeds: ModelConfig (and the preproces
 
 
 LOADER_OPTIONS = (  # How items are read and decoded: LoaderConfig.
-    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1)),
+    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 65536)),
     click.option(
         "--workers",
         default=2,
         show_default=True,
-        type=click.IntRange(0),
+        type=click.IntRange(0, 1024),
         help="DataLoader worker processes decoding images.",
     ),
     click.option(
@@ -199,7 +205,7 @@ RUN_OPTIONS = (  # The run itself: shards, failures, versions kept, partitions.
         "--shard-size",
         default=50_000,
         show_default=True,
-        type=click.IntRange(1),
+        type=click.IntRange(1, 2**31 - 1),
         help="Rows per Parquet shard.",
     ),
     click.option("--dry-run", is_flag=True, help="Print what a build would do; change nothing."),

@@ -41,7 +41,7 @@ INDEX_COMMAND_OPTIONS = (
         "--shard-size",
         default=50_000,
         show_default=True,
-        type=click.IntRange(1),
+        type=click.IntRange(1, 2**31 - 1),
         help="Rows per Parquet shard (--from-parquet).",
     ),
     index_options(defaults=False),
