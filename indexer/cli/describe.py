@@ -22,7 +22,7 @@ def summarize(report: BuildReport) -> str:
             f"No item changed in {report.root}; re-indexed with the new index settings as "
             f"version {report.version}: {describe_index(report.index)}."
         )
-    embedded = c.get("embedded", c["new"] + c["changed"])
+    embedded = c["embedded"]
     reused = c["new"] + c["changed"] - embedded
     rate = f", {embedded / report.seconds:.1f} images/s embedded" if embedded else ""
     text = (
