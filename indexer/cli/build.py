@@ -103,7 +103,7 @@ MODEL_OPTIONS = (  # The model and how it embeds: ModelConfig (and the preproces
 
 
 LOADER_OPTIONS = (  # How items are read and decoded: LoaderConfig.
-    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 65536)),
+    click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1, 1_000_000)),
     click.option(
         "--workers",
         default=2,
